@@ -1,0 +1,1 @@
+//! (being written) HBONE: HTTP/2 CONNECT over mutual TLS.

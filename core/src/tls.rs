@@ -1,0 +1,1 @@
+//! (being written) rustls configurations for HBONE mutual TLS.

@@ -1,0 +1,1 @@
+//! Placeholder for the eBPF capture programs (aya-ebpf); see the eBPF capture issue.
