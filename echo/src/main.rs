@@ -1,1 +1,81 @@
-fn main() {}
+//! `echo` binary entry point: the clap command line, tracing setup, the tokio
+//! runtime, and dispatch to the `serve`, `who` and `bench-*` subcommands.
+//! Errors are reported as one `echo: error: ...` line on stderr with exit code 1
+//! (clap usage errors exit 2).
+
+mod bench;
+mod client;
+mod serve;
+mod who;
+
+use std::io::IsTerminal as _;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+/// Sample mesh workload (WHO / ECHO / SINK server) and benchmark load client.
+#[derive(Debug, Parser)]
+#[command(name = "mesh-echo", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the WHO / ECHO / SINK protocol on one or more dual-stack ports.
+    Serve(serve::ServeArgs),
+    /// Send WHO requests and print the client's view plus each JSON reply.
+    Who(who::WhoArgs),
+    /// Benchmark: sequential request/response latency over one ECHO connection.
+    BenchRr(bench::RrArgs),
+    /// Benchmark: connection rate (connect, WHO, read reply, close) per worker.
+    BenchConn(bench::ConnArgs),
+    /// Benchmark: bulk throughput into SINK mode with byte accounting.
+    BenchBulk(bench::BulkArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The server logs a line per connection at info; client commands keep stderr
+    // quiet unless something goes wrong (override either with RUST_LOG).
+    let default_level = match cli.command {
+        Command::Serve(_) => "info",
+        _ => "warn",
+    };
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("mesh-echo: error: starting tokio runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Serve(args) => serve::run(args).await,
+            Command::Who(args) => who::run(args).await,
+            Command::BenchRr(args) => bench::run_rr(args).await,
+            Command::BenchConn(args) => bench::run_conn(args).await,
+            Command::BenchBulk(args) => bench::run_bulk(args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("mesh-echo: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,243 @@
+//! `echo serve`: dual-stack listeners (`[::]:PORT`, IPV6_V6ONLY off) and the
+//! per-connection protocol handler (WHO / ECHO / SINK / error), logging one
+//! line per connection. Runs until SIGINT or SIGTERM.
+
+use std::net::{Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use echo::{
+    ErrorReply, LineRead, MAX_LINE, ProtocolError, Request, SinkReply, WhoReply, normalize_addr,
+    parse_request, read_line_limited,
+};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::{AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{info, warn};
+
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Port to listen on as [::]:PORT (dual-stack); repeat for several ports.
+    #[arg(long = "port", value_name = "PORT", required = true)]
+    pub ports: Vec<u16>,
+    /// Name reported as `served_by` [default: $POD_NAME, else the hostname].
+    #[arg(long, env = "POD_NAME", value_name = "NAME")]
+    pub name: Option<String>,
+}
+
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let name: Arc<str> = match args.name.filter(|n| !n.is_empty()) {
+        Some(name) => name.into(),
+        None => hostname().unwrap_or_else(|| "unknown".to_owned()).into(),
+    };
+
+    // Bind everything first so a bad port fails the whole command up front.
+    let mut listeners = Vec::with_capacity(args.ports.len());
+    for &port in &args.ports {
+        let listener =
+            bind_dual_stack(port).with_context(|| format!("listening on [::]:{port}"))?;
+        listeners.push(listener);
+    }
+    for listener in listeners {
+        let addr = listener.local_addr().context("reading listener address")?;
+        info!(%addr, name = %name, "listening");
+        tokio::spawn(accept_loop(listener, name.clone()));
+    }
+
+    shutdown_signal().await?;
+    info!("shutting down");
+    Ok(())
+}
+
+/// Waits for SIGINT or SIGTERM (the latter matters when running as PID 1 in a pod).
+async fn shutdown_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    tokio::select! {
+        res = tokio::signal::ctrl_c() => res.context("waiting for SIGINT")?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}
+
+fn bind_dual_stack(port: u16) -> std::io::Result<TcpListener> {
+    let addr = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
+    let socket = Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_only_v6(false)?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
+fn hostname() -> Option<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the whole call;
+    // gethostname writes at most that many bytes.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return None;
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8(buf[..end].to_vec())
+        .ok()
+        .filter(|s| !s.is_empty())
+}
+
+async fn accept_loop(listener: TcpListener, name: Arc<str>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let name = name.clone();
+                tokio::spawn(async move { handle_conn(stream, peer, &name).await });
+            }
+            Err(err) => {
+                // E.g. EMFILE: back off briefly instead of spinning.
+                warn!(error = %err, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// What happened on one connection, for the per-connection log line.
+struct ConnStats {
+    mode: &'static str,
+    requests: u64,
+    bytes: u64,
+}
+
+async fn handle_conn(stream: TcpStream, peer: SocketAddr, name: &str) {
+    let start = Instant::now();
+    let peer = normalize_addr(peer);
+    let local = match stream.local_addr() {
+        Ok(addr) => normalize_addr(addr),
+        Err(err) => {
+            warn!(%peer, error = %err, "getsockname failed; dropping connection");
+            return;
+        }
+    };
+    // Best effort: only affects latency.
+    let _ = stream.set_nodelay(true);
+
+    let mut stats = ConnStats {
+        mode: "empty",
+        requests: 0,
+        bytes: 0,
+    };
+    let result = serve_conn(stream, peer, local, name, &mut stats).await;
+    let elapsed_us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
+    match result {
+        Ok(()) => info!(
+            %peer, %local, mode = stats.mode, requests = stats.requests,
+            bytes = stats.bytes, elapsed_us, "connection closed"
+        ),
+        Err(err) => warn!(
+            %peer, %local, mode = stats.mode, requests = stats.requests,
+            bytes = stats.bytes, elapsed_us, error = %err, "connection failed"
+        ),
+    }
+}
+
+async fn serve_conn(
+    stream: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    name: &str,
+    stats: &mut ConnStats,
+) -> std::io::Result<()> {
+    let (rd, mut wr) = stream.into_split();
+    let mut rd = BufReader::new(rd);
+    let mut line = Vec::with_capacity(256);
+
+    match read_line_limited(&mut rd, &mut line, MAX_LINE).await? {
+        LineRead::Eof => return Ok(()),
+        LineRead::TooLong => {
+            stats.mode = "invalid";
+            return reply_error(&mut wr, &ProtocolError::TooLong).await;
+        }
+        LineRead::Line => {}
+    }
+
+    match parse_request(&line) {
+        Ok(Request::Who(mut message)) => {
+            stats.mode = "who";
+            let mut reply = WhoReply {
+                served_by: name.to_owned(),
+                port: local.port(),
+                peer: peer.to_string(),
+                local: local.to_string(),
+                message: String::new(),
+            };
+            loop {
+                reply.message = message;
+                stats.requests += 1;
+                write_json_line(&mut wr, &reply).await?;
+                match read_line_limited(&mut rd, &mut line, MAX_LINE).await? {
+                    LineRead::Eof => break,
+                    LineRead::TooLong => {
+                        return reply_error(&mut wr, &ProtocolError::TooLong).await;
+                    }
+                    LineRead::Line => {}
+                }
+                match parse_request(&line) {
+                    Ok(Request::Who(next)) => message = next,
+                    Ok(_) => {
+                        let err = "only WHO requests may follow a WHO request";
+                        return reply_error(&mut wr, err).await;
+                    }
+                    Err(err) => return reply_error(&mut wr, &err).await,
+                }
+            }
+            wr.shutdown().await
+        }
+        Ok(Request::Echo) => {
+            stats.mode = "echo";
+            // copy_buf drains what BufReader already holds before reading more,
+            // so bytes sent in the same segment as `ECHO\n` are echoed too.
+            stats.bytes = tokio::io::copy_buf(&mut rd, &mut wr).await?;
+            wr.shutdown().await
+        }
+        Ok(Request::Sink) => {
+            stats.mode = "sink";
+            stats.bytes = tokio::io::copy_buf(&mut rd, &mut tokio::io::sink()).await?;
+            write_json_line(
+                &mut wr,
+                &SinkReply {
+                    received: stats.bytes,
+                },
+            )
+            .await?;
+            wr.shutdown().await
+        }
+        Err(err) => {
+            stats.mode = "invalid";
+            reply_error(&mut wr, &err).await
+        }
+    }
+}
+
+/// Sends `{"error": ...}` and shuts down our write side (the caller then closes).
+async fn reply_error<W, E>(wr: &mut W, err: &E) -> std::io::Result<()>
+where
+    W: AsyncWrite + Unpin,
+    E: std::fmt::Display + ?Sized,
+{
+    let reply = ErrorReply {
+        error: err.to_string(),
+    };
+    write_json_line(wr, &reply).await?;
+    wr.shutdown().await
+}
+
+async fn write_json_line<W, T>(wr: &mut W, value: &T) -> std::io::Result<()>
+where
+    W: AsyncWrite + Unpin,
+    T: serde::Serialize,
+{
+    let mut buf = serde_json::to_vec(value).map_err(std::io::Error::other)?;
+    buf.push(b'\n');
+    wr.write_all(&buf).await
+}
