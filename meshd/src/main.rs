@@ -1,1 +1,145 @@
-fn main() {}
+//! The `meshd` command line: `run` the control plane, or print a `node-token`.
+//!
+//! Owns argument parsing, logging setup and signal handling; everything else is in the library.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use meshd::daemon::{self, RunConfig};
+use meshd::settings::{Listen, parse_duration};
+use meshd::state;
+use meshd::translate::Settings;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(
+    name = "meshd",
+    version,
+    about = "The mesh control plane: config stream and certificate authority"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Watch a config directory and serve the config stream and the CA.
+    Run(RunArgs),
+    /// Print the token a node's ztunnel authenticates with.
+    NodeToken {
+        /// meshd's state directory (the token derives from its node secret, created if missing).
+        #[arg(long)]
+        state_dir: PathBuf,
+        /// The node name.
+        #[arg(long)]
+        node: String,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Directory of Kubernetes-style YAML/JSON manifests, watched for changes.
+    #[arg(long)]
+    config_dir: PathBuf,
+    /// Where the CA root and the node secret live (created if missing).
+    #[arg(long)]
+    state_dir: PathBuf,
+    /// unix:/path/to/meshd.sock, or IP:PORT for plaintext gRPC over TCP.
+    #[arg(long, value_parser = |s: &str| s.parse::<Listen>())]
+    listen: Listen,
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    #[arg(long, default_value = "cluster.local")]
+    cluster_domain: String,
+    /// Default and maximum workload certificate lifetime, e.g. 10s, 5m, 24h.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    cert_lifetime: Duration,
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::NodeToken { state_dir, node } => node_token(&state_dir, &node),
+        Cmd::Run(args) => run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("meshd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn node_token(state_dir: &std::path::Path, node: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !node.is_empty() && !node.contains(':'),
+        "node name must be non-empty and contain no ':'"
+    );
+    let auth = state::node_authority(state_dir)?;
+    println!("{}", auth.token(node));
+    Ok(())
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    init_logging(args.log_format);
+    let cfg = RunConfig {
+        config_dir: args.config_dir,
+        state_dir: args.state_dir,
+        listen: args.listen,
+        settings: Settings {
+            trust_domain: args.trust_domain,
+            cluster_domain: args.cluster_domain,
+        },
+        cert_lifetime: args.cert_lifetime,
+        poll_interval: Duration::from_millis(250),
+    };
+    let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
+    rt.block_on(async {
+        let shutdown = shutdown_signal()?;
+        daemon::run(cfg, shutdown)
+            .await
+            .map_err(anyhow::Error::from)
+    })
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colour codes only for a terminal: logs redirected to files are grepped.
+    let ansi = std::io::stderr().is_terminal();
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Completes on the first SIGTERM or SIGINT.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()> + Send + 'static> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("received SIGTERM"),
+            _ = int.recv() => tracing::info!("received SIGINT"),
+        }
+    })
+}

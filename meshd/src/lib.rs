@@ -1,0 +1,19 @@
+//! meshd, the mesh control plane: reads resources (a directory of Kubernetes YAML in local
+//! mode), translates them into what the data plane needs, streams that to every node over gRPC
+//! and runs the certificate authority.
+//!
+//! Data flow: `local_source` (via `parse`) → `ResourceSet` → `translate` → `MeshView` → `config_service`
+//! (via `delta`) and `ca_service`; `daemon` wires them, `main.rs` is the CLI.
+
+pub mod authn;
+pub mod ca_service;
+pub mod config_service;
+pub mod daemon;
+pub mod delta;
+pub mod local_source;
+pub mod parse;
+pub mod resources;
+pub mod schema;
+pub mod settings;
+pub mod state;
+pub mod translate;

@@ -1,0 +1,404 @@
+//! Parsing manifest text into [`Resource`]s: YAML/JSON documents, validation of the fields
+//! meshd acts on, and warnings for what it does not act on.
+//!
+//! Owns turning text into typed resources or an error naming the file, document, object and
+//! field. Does not know where text comes from, nor how resources are merged or translated.
+
+use std::net::IpAddr;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::resources::{IntOrString, ObjectMeta, Policy, PolicyKind, Resource, is_tcp};
+use crate::schema;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ParseError {
+    #[error("{file}: document {doc}: {source}")]
+    Syntax {
+        file: String,
+        doc: usize,
+        source: serde_yaml::Error,
+    },
+    #[error("{file}: document {doc} ({what}): {message}")]
+    Invalid {
+        file: String,
+        doc: usize,
+        what: String,
+        message: String,
+    },
+}
+
+/// What one file holds, plus what in it meshd does not act on.
+#[derive(Debug, Default)]
+pub struct ParsedFile {
+    pub resources: Vec<Resource>,
+    /// Human-readable, each naming the document, the object and the field.
+    pub warnings: Vec<String>,
+}
+
+/// Parses a YAML (or JSON) file of one or more `---`-separated documents. `file` only names the
+/// file in errors and warnings. Any error rejects the whole file, so a half-valid edit never
+/// applies partially.
+pub fn parse_file(file: &str, text: &str) -> Result<ParsedFile, ParseError> {
+    let mut out = ParsedFile::default();
+    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let n = i + 1;
+        let value = Value::deserialize(doc).map_err(|source| ParseError::Syntax {
+            file: file.to_string(),
+            doc: n,
+            source,
+        })?;
+        if value.is_null() {
+            continue; // empty document, e.g. a trailing `---`
+        }
+        let invalid = |what: &str, message: String| ParseError::Invalid {
+            file: file.to_string(),
+            doc: n,
+            what: what.to_string(),
+            message,
+        };
+        let Some(obj) = value.as_object() else {
+            return Err(invalid(
+                "document",
+                "is not a Kubernetes object (expected a mapping)".into(),
+            ));
+        };
+        let api_version = obj.get("apiVersion").and_then(Value::as_str).unwrap_or("");
+        let Some(kind) = obj.get("kind").and_then(Value::as_str) else {
+            return Err(invalid("document", "has no `kind`".into()));
+        };
+        let Some(schema) = schema::for_kind(api_version, kind) else {
+            out.warnings.push(format!(
+                "{file}: document {n}: kind {kind} (apiVersion {api_version:?}) is not supported by meshd; ignored"
+            ));
+            continue;
+        };
+        let resource = typed(kind, value.clone()).map_err(|e| invalid(kind, e))?;
+        let what = resource.describe();
+        if resource_name(&resource).is_empty() {
+            return Err(invalid(&what, "metadata.name is required".into()));
+        }
+        validate(&resource).map_err(|e| invalid(&what, e))?;
+        for field in schema::unsupported_fields(schema, &value) {
+            out.warnings.push(format!(
+                "{file}: document {n}: {what}: field {field} is not supported by meshd; ignored"
+            ));
+        }
+        if let Resource::Service(s) = &resource {
+            for (i, p) in s
+                .spec
+                .ports
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| !is_tcp(p.protocol.as_deref()))
+            {
+                let proto = p.protocol.as_deref().unwrap_or_default();
+                out.warnings.push(format!(
+                    "{file}: document {n}: {what}: spec.ports[{i}].protocol {proto}: the mesh carries TCP only; port left out"
+                ));
+            }
+        }
+        if matches!(resource, Resource::Namespace(_))
+            && obj
+                .get("metadata")
+                .and_then(|m| m.get("namespace"))
+                .is_some()
+        {
+            out.warnings.push(format!(
+                "{file}: document {n}: {what}: metadata.namespace on a Namespace; ignored"
+            ));
+        }
+        out.resources.push(resource);
+    }
+    Ok(out)
+}
+
+fn resource_name(r: &Resource) -> &str {
+    match r {
+        Resource::Namespace(n) => &n.metadata.name,
+        Resource::Pod(p) => &p.metadata.name,
+        Resource::Service(s) => &s.metadata.name,
+        Resource::Policy(p) => &p.metadata.name,
+    }
+}
+
+fn typed(kind: &str, value: Value) -> Result<Resource, String> {
+    let policy = |kind: PolicyKind, value: Value| -> Result<Resource, String> {
+        let metadata =
+            ObjectMeta::deserialize(value.get("metadata").cloned().unwrap_or(Value::Null))
+                .map_err(|e| format!("metadata: {e}"))?;
+        // An absent spec is `{}`: for AuthorizationPolicy that means "allow nothing", as in Istio.
+        let spec = match value.get("spec") {
+            None | Some(Value::Null) => Value::Object(Default::default()),
+            Some(s) => s.clone(),
+        };
+        Ok(Resource::Policy(Policy {
+            kind,
+            metadata,
+            spec,
+        }))
+    };
+    let mut r = match kind {
+        "Namespace" => {
+            Resource::Namespace(serde_json::from_value(value).map_err(|e| e.to_string())?)
+        }
+        "Pod" => Resource::Pod(serde_json::from_value(value).map_err(|e| e.to_string())?),
+        "Service" => Resource::Service(serde_json::from_value(value).map_err(|e| e.to_string())?),
+        "AuthorizationPolicy" => policy(PolicyKind::AuthorizationPolicy, value)?,
+        "PeerAuthentication" => policy(PolicyKind::PeerAuthentication, value)?,
+        other => return Err(format!("kind {other} has no typed form")),
+    };
+    match &mut r {
+        Resource::Namespace(_) => {}
+        Resource::Pod(p) => p.metadata.default_namespace(),
+        Resource::Service(s) => s.metadata.default_namespace(),
+        Resource::Policy(p) => p.metadata.default_namespace(),
+    }
+    Ok(r)
+}
+
+fn validate(r: &Resource) -> Result<(), String> {
+    let ip = |field: &str, s: &str| -> Result<(), String> {
+        s.parse::<IpAddr>()
+            .map(|_| ())
+            .map_err(|_| format!("{field}: {s:?} is not an IP address"))
+    };
+    match r {
+        Resource::Namespace(_) => Ok(()),
+        Resource::Pod(p) => {
+            if let Some(s) = p.status.pod_ip.as_deref().filter(|s| !s.is_empty()) {
+                ip("status.podIP", s)?;
+            }
+            for (i, a) in p.status.pod_ips.iter().enumerate() {
+                ip(&format!("status.podIPs[{i}].ip"), &a.ip)?;
+            }
+            Ok(())
+        }
+        Resource::Service(s) => {
+            if let Some(c) = s
+                .spec
+                .cluster_ip
+                .as_deref()
+                .filter(|c| !c.is_empty() && *c != "None")
+            {
+                ip("spec.clusterIP", c)?;
+            }
+            for (i, c) in s
+                .spec
+                .cluster_ips
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| c.as_str() != "None")
+            {
+                ip(&format!("spec.clusterIPs[{i}]"), c)?;
+            }
+            for (i, p) in s.spec.ports.iter().enumerate() {
+                if let Some(IntOrString::Str(name)) = &p.target_port
+                    && name.is_empty()
+                {
+                    return Err(format!("spec.ports[{i}].targetPort: empty port name"));
+                }
+            }
+            Ok(())
+        }
+        Resource::Policy(p) => validate_policy(p),
+    }
+}
+
+fn one_of(field: &str, v: Option<&Value>, allowed: &[&str]) -> Result<(), String> {
+    match v {
+        None | Some(Value::Null) => Ok(()),
+        Some(Value::String(s)) if allowed.contains(&s.as_str()) => Ok(()),
+        Some(other) => Err(format!(
+            "{field}: {other} is not one of {}",
+            allowed.join(", ")
+        )),
+    }
+}
+
+fn validate_policy(p: &Policy) -> Result<(), String> {
+    let Some(spec) = p.spec.as_object() else {
+        return Err(format!("spec: expected a mapping, got {}", p.spec));
+    };
+    if let Some(sel) = spec.get("selector").filter(|s| !s.is_null()) {
+        let labels = sel.get("matchLabels").unwrap_or(&Value::Null);
+        let ok = sel.is_object()
+            && (labels.is_null()
+                || labels
+                    .as_object()
+                    .is_some_and(|m| m.values().all(Value::is_string)));
+        if !ok {
+            return Err("spec.selector: expected {matchLabels: {label: value}}".into());
+        }
+    }
+    match p.kind {
+        PolicyKind::AuthorizationPolicy => {
+            one_of(
+                "spec.action",
+                spec.get("action"),
+                &["ALLOW", "DENY", "AUDIT", "CUSTOM"],
+            )?;
+            if let Some(rules) = spec.get("rules").filter(|r| !r.is_null())
+                && !rules.is_array()
+            {
+                return Err(format!("spec.rules: expected a list, got {rules}"));
+            }
+            if spec.get("action").and_then(Value::as_str) == Some("CUSTOM")
+                && spec
+                    .get("provider")
+                    .and_then(|p| p.get("name"))
+                    .and_then(Value::as_str)
+                    .is_none()
+            {
+                return Err("spec.provider.name: required when action is CUSTOM".into());
+            }
+            Ok(())
+        }
+        PolicyKind::PeerAuthentication => {
+            const MODES: &[&str] = &["UNSET", "STRICT", "PERMISSIVE", "DISABLE"];
+            one_of(
+                "spec.mtls.mode",
+                spec.get("mtls").and_then(|m| m.get("mode")),
+                MODES,
+            )?;
+            if let Some(ports) = spec.get("portLevelMtls").filter(|p| !p.is_null()) {
+                let Some(ports) = ports.as_object() else {
+                    return Err(format!(
+                        "spec.portLevelMtls: expected a mapping of port to {{mode}}, got {ports}"
+                    ));
+                };
+                for (port, m) in ports {
+                    if port.parse::<u16>().is_err() {
+                        return Err(format!("spec.portLevelMtls: {port:?} is not a port number"));
+                    }
+                    one_of(
+                        &format!("spec.portLevelMtls.{port}.mode"),
+                        m.get("mode"),
+                        MODES,
+                    )?;
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resources::ResourceSet;
+
+    #[test]
+    fn multi_document_file() {
+        let text = "\
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web, labels: {app: web}}
+spec:
+  nodeName: node-0
+  containers: [{name: c, image: x, ports: [{name: http, containerPort: 8080}]}]
+status: {podIP: 10.0.0.1, podIPs: [{ip: 10.0.0.1}, {ip: 'fd00::1'}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {selector: {app: web}, ports: [{port: 80, targetPort: http}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny, namespace: shop}
+spec: {action: DENY, rules: [{}]}
+---
+";
+        let parsed = parse_file("a.yaml", text).unwrap();
+        assert_eq!(parsed.resources.len(), 4, "{parsed:?}");
+        assert!(parsed.warnings.is_empty(), "{:?}", parsed.warnings);
+        let Resource::Pod(pod) = &parsed.resources[1] else {
+            panic!()
+        };
+        assert_eq!(pod.metadata.namespace.as_deref(), Some("default"));
+        assert_eq!(pod.service_account(), "default");
+        assert_eq!(pod.ips(), vec!["10.0.0.1", "fd00::1"]);
+        assert_eq!(pod.named_port("http"), Some(8080));
+        let mut set = ResourceSet::default();
+        for r in parsed.resources {
+            set.insert(r);
+        }
+        assert!(set.pods.contains_key("default/web"));
+        assert!(set.services.contains_key("shop/web"));
+        assert!(set.policies.contains_key("AuthorizationPolicy/shop/deny"));
+    }
+
+    #[test]
+    fn invalid_action_names_resource_and_field() {
+        let text = "apiVersion: security.istio.io/v1beta1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: ns1}\nspec: {action: REJECT}\n";
+        let err = parse_file("p.yaml", text).unwrap_err().to_string();
+        assert!(err.contains("p.yaml"), "{err}");
+        assert!(err.contains("AuthorizationPolicy ns1/p"), "{err}");
+        assert!(err.contains("spec.action"), "{err}");
+        assert!(err.contains("REJECT"), "{err}");
+        let text = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: pa}\nspec: {mtls: {mode: STRICTER}}\n";
+        let err = parse_file("pa.yaml", text).unwrap_err().to_string();
+        assert!(
+            err.contains("PeerAuthentication default/pa") && err.contains("spec.mtls.mode"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn malformed_yaml_names_file_and_line() {
+        let text = "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\napiVersion: v1\nkind: Namespace\nmetadata: [oops\n";
+        let err = parse_file("broken.yaml", text).unwrap_err().to_string();
+        assert!(err.contains("broken.yaml"), "{err}");
+        assert!(err.contains("document 2"), "{err}");
+        assert!(err.contains("line "), "{err}");
+    }
+
+    #[test]
+    fn bad_field_types_and_ips_are_errors() {
+        let err = parse_file(
+            "f",
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nstatus: {podIP: nope}\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("status.podIP"), "{err}");
+        let err = parse_file(
+            "f",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {ports: [{port: http}]}\n",
+        );
+        assert!(err.is_err());
+        assert!(
+            parse_file("f", "apiVersion: v1\nkind: Pod\nmetadata: {namespace: x}\n").is_err(),
+            "name required"
+        );
+    }
+
+    #[test]
+    fn unknown_kinds_and_fields_are_warned() {
+        let text = "\
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: vs}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: s, uid: abc}
+spec: {type: NodePort, ports: [{port: 80, nodePort: 30080}]}
+";
+        let parsed = parse_file("w.yaml", text).unwrap();
+        assert_eq!(parsed.resources.len(), 1);
+        let w = parsed.warnings.join("\n");
+        assert!(w.contains("w.yaml: document 1: kind VirtualService"), "{w}");
+        assert!(w.contains("Service default/s: field spec.type"), "{w}");
+        assert!(w.contains("field spec.ports[0].nodePort"), "{w}");
+        assert!(
+            !w.contains("uid"),
+            "bookkeeping metadata is not worth a warning: {w}"
+        );
+    }
+}

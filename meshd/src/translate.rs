@@ -1,0 +1,391 @@
+//! Translation from user resources to what the data plane needs: pure functions from a
+//! [`ResourceSet`] to a [`MeshView`] of proto Workloads, Services and Policies.
+//!
+//! Owns the meaning of enrollment labels, Service endpoints and port resolution. Does not know
+//! where resources come from, nor who receives the view.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use meshcore::proto::config::{Endpoint, Policy, Service, ServicePort, TrustBundle, Workload};
+
+use crate::resources::{self, IntOrString, Pod, ResourceSet};
+
+/// Namespace (and pod) label that enrolls pods in the ambient mesh.
+pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
+
+/// Mesh-wide settings translation depends on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    pub trust_domain: String,
+    pub cluster_domain: String,
+}
+
+/// Identity of a pod as the CA authorizes it: (namespace, service account).
+pub type PodIdentity = (String, String);
+
+/// Everything the data plane is told, plus what the CA needs to authorize requests.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MeshView {
+    /// By "ns/name".
+    pub workloads: BTreeMap<String, Workload>,
+    /// By "ns/name".
+    pub services: BTreeMap<String, Service>,
+    /// By "Kind/ns/name".
+    pub policies: BTreeMap<String, Policy>,
+    pub trust_bundle: TrustBundle,
+    /// Node name → identities of the (non-terminal) pods scheduled on it, IP or not: a node may
+    /// fetch a certificate before its pod has an address.
+    pub identities_by_node: BTreeMap<String, BTreeSet<PodIdentity>>,
+}
+
+/// A view as published: versions increase by one for every change.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct VersionedView {
+    pub version: u64,
+    pub view: MeshView,
+}
+
+pub fn translate(res: &ResourceSet, settings: &Settings, trust_bundle: &TrustBundle) -> MeshView {
+    let mut view = MeshView {
+        trust_bundle: trust_bundle.clone(),
+        ..Default::default()
+    };
+    for pod in res.pods.values().filter(|p| !p.is_terminal()) {
+        if let Some(node) = pod.spec.node_name.as_deref().filter(|n| !n.is_empty()) {
+            let id = (
+                pod.metadata.ns().to_string(),
+                pod.service_account().to_string(),
+            );
+            view.identities_by_node
+                .entry(node.to_string())
+                .or_default()
+                .insert(id);
+        }
+        if let Some(w) = workload(res, pod, settings) {
+            view.workloads.insert(w.uid.clone(), w);
+        }
+    }
+    for svc in res.services.values() {
+        let s = service(res, svc, settings);
+        view.services.insert(s.key.clone(), s);
+    }
+    for (key, p) in &res.policies {
+        let policy = Policy {
+            key: key.clone(),
+            kind: p.kind.as_str().to_string(),
+            namespace: p.metadata.ns().to_string(),
+            name: p.metadata.name.clone(),
+            spec_json: p.spec.to_string(),
+        };
+        view.policies.insert(key.clone(), policy);
+    }
+    view
+}
+
+/// Ambient enrollment: namespace opted in, pod not opted out, and not sharing the node's
+/// network (a hostNetwork pod's traffic is the node's, which the mesh must not capture).
+pub fn is_captured(res: &ResourceSet, pod: &Pod) -> bool {
+    let ns_ambient = res
+        .namespaces
+        .get(pod.metadata.ns())
+        .and_then(|n| n.metadata.labels.get(DATAPLANE_MODE_LABEL))
+        .is_some_and(|v| v == "ambient");
+    let opted_out = pod
+        .metadata
+        .labels
+        .get(DATAPLANE_MODE_LABEL)
+        .is_some_and(|v| v == "none");
+    ns_ambient && !opted_out && !pod.spec.host_network
+}
+
+fn workload(res: &ResourceSet, pod: &Pod, settings: &Settings) -> Option<Workload> {
+    let ips = pod.ips();
+    if ips.is_empty() {
+        return None; // not running yet: nothing can address it
+    }
+    let m = &pod.metadata;
+    Some(Workload {
+        uid: format!("{}/{}", m.ns(), m.name),
+        name: m.name.clone(),
+        namespace: m.ns().to_string(),
+        service_account: pod.service_account().to_string(),
+        node: pod.spec.node_name.clone().unwrap_or_default(),
+        ips,
+        labels: m.labels.clone().into_iter().collect(),
+        captured: is_captured(res, pod),
+        netns: m
+            .annotations
+            .get(meshcore::NETNS_ANNOTATION)
+            .cloned()
+            .unwrap_or_default(),
+        trust_domain: settings.trust_domain.clone(),
+    })
+}
+
+fn service(res: &ResourceSet, svc: &resources::Service, settings: &Settings) -> Service {
+    let m = &svc.metadata;
+    let ports: Vec<&resources::ServicePort> = svc
+        .spec
+        .ports
+        .iter()
+        .filter(|p| resources::is_tcp(p.protocol.as_deref()))
+        .collect();
+    let proto_ports = ports
+        .iter()
+        .map(|p| ServicePort {
+            port: u32::from(p.port),
+            target_port: match p.target() {
+                IntOrString::Int(t) => u32::from(t),
+                IntOrString::Str(_) => 0,
+            },
+            name: p.name.clone().unwrap_or_default(),
+        })
+        .collect();
+    let endpoints = selected_pods(res, svc)
+        .map(|pod| Endpoint {
+            workload_uid: format!("{}/{}", pod.metadata.ns(), pod.metadata.name),
+            ports: ports
+                .iter()
+                .filter_map(|p| {
+                    let target = match p.target() {
+                        IntOrString::Int(t) => Some(t),
+                        IntOrString::Str(name) => resolve_named(pod, &name),
+                    };
+                    target.map(|t| (u32::from(p.port), u32::from(t)))
+                })
+                .collect(),
+        })
+        .collect();
+    Service {
+        key: format!("{}/{}", m.ns(), m.name),
+        name: m.name.clone(),
+        namespace: m.ns().to_string(),
+        hostname: format!("{}.{}.svc.{}", m.name, m.ns(), settings.cluster_domain),
+        vips: svc.vips(),
+        ports: proto_ports,
+        endpoints,
+    }
+}
+
+/// A numeric string is accepted as a number; anything else names a container port.
+fn resolve_named(pod: &Pod, name: &str) -> Option<u16> {
+    name.parse::<u16>().ok().or_else(|| pod.named_port(name))
+}
+
+/// Running pods with addresses in the Service's namespace carrying every selector label. No or
+/// an empty selector selects nothing, as in Kubernetes (such endpoints are managed by hand).
+fn selected_pods<'a>(
+    res: &'a ResourceSet,
+    svc: &'a resources::Service,
+) -> impl Iterator<Item = &'a Pod> + 'a {
+    let selector = svc.spec.selector.as_ref().filter(|s| !s.is_empty());
+    res.pods.values().filter(move |pod| {
+        let Some(sel) = selector else { return false };
+        pod.metadata.ns() == svc.metadata.ns()
+            && !pod.is_terminal()
+            && !pod.ips().is_empty()
+            && sel
+                .iter()
+                .all(|(k, v)| pod.metadata.labels.get(k) == Some(v))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::parse::parse_file;
+
+    fn set(yaml: &str) -> ResourceSet {
+        let mut s = ResourceSet::default();
+        for r in parse_file("t.yaml", yaml).unwrap().resources {
+            s.insert(r);
+        }
+        s
+    }
+
+    fn settings() -> Settings {
+        Settings {
+            trust_domain: "td.example".into(),
+            cluster_domain: "cluster.local".into(),
+        }
+    }
+
+    fn view(yaml: &str) -> MeshView {
+        translate(&set(yaml), &settings(), &TrustBundle::default())
+    }
+
+    const PODS: &str = "
+apiVersion: v1
+kind: Namespace
+metadata: {name: amb, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: plain}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: in, namespace: amb, labels: {app: a}, annotations: {mesh.local/netns: /run/netns/in}}
+spec: {nodeName: n1, serviceAccountName: sa1}
+status: {podIP: 10.0.0.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: out, namespace: amb, labels: {app: a, istio.io/dataplane-mode: none}}
+spec: {nodeName: n1}
+status: {podIP: 10.0.0.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: host, namespace: amb}
+spec: {nodeName: n1, hostNetwork: true}
+status: {podIP: 192.168.0.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: legacy, namespace: plain}
+spec: {nodeName: n2}
+status: {podIP: 10.0.0.3}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: pending, namespace: amb}
+spec: {nodeName: n2, serviceAccountName: late}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: v6, namespace: amb}
+spec: {nodeName: n2}
+status: {podIP: 10.0.0.4, podIPs: [{ip: 10.0.0.4}, {ip: 'fd00::4'}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: v6only, namespace: amb}
+status: {podIPs: [{ip: 'fd00::5'}]}
+";
+
+    #[test]
+    fn enrollment() {
+        let v = view(PODS);
+        let w = &v.workloads["amb/in"];
+        assert!(w.captured);
+        assert_eq!(
+            (
+                w.service_account.as_str(),
+                w.node.as_str(),
+                w.netns.as_str()
+            ),
+            ("sa1", "n1", "/run/netns/in")
+        );
+        assert_eq!(w.trust_domain, "td.example");
+        assert_eq!(w.ips, vec!["10.0.0.1"]);
+        assert!(!v.workloads["amb/out"].captured, "pod opt-out");
+        assert!(!v.workloads["amb/host"].captured, "hostNetwork");
+        assert!(
+            !v.workloads["plain/legacy"].captured,
+            "namespace not ambient"
+        );
+        assert!(!v.workloads.contains_key("amb/pending"), "no IP yet");
+        assert!(v.identities_by_node["n2"].contains(&("amb".to_string(), "late".to_string())));
+    }
+
+    #[test]
+    fn ipv6_pod_ips() {
+        let v = view(PODS);
+        assert_eq!(v.workloads["amb/v6"].ips, vec!["10.0.0.4", "fd00::4"]);
+        assert_eq!(v.workloads["amb/v6only"].ips, vec!["fd00::5"]);
+        assert_eq!(v.workloads["amb/v6only"].node, "");
+    }
+
+    #[test]
+    fn service_endpoints_numeric_and_named_ports() {
+        let yaml = "
+apiVersion: v1
+kind: Pod
+metadata: {name: p1, namespace: s, labels: {app: web, tier: x}}
+spec: {containers: [{name: c, ports: [{name: http, containerPort: 8080}]}]}
+status: {podIP: 10.1.0.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: p2, namespace: s, labels: {app: web}}
+spec: {containers: [{name: c, ports: [{name: other, containerPort: 9000}]}]}
+status: {podIPs: [{ip: 'fd00::2'}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: noip, namespace: s, labels: {app: web}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: elsewhere, namespace: t, labels: {app: web}}
+status: {podIP: 10.1.0.9}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: s}
+spec:
+  clusterIPs: [10.96.0.1, 'fd00:96::1']
+  selector: {app: web}
+  ports:
+  - {name: http, port: 80, targetPort: http}
+  - {name: admin, port: 81, targetPort: 9090}
+  - {name: same, port: 82}
+  - {name: dns, port: 53, protocol: UDP}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: headless, namespace: s}
+spec: {clusterIP: None, ports: [{port: 1}]}
+";
+        let v = view(yaml);
+        let s = &v.services["s/web"];
+        assert_eq!(s.hostname, "web.s.svc.cluster.local");
+        assert_eq!(s.vips, vec!["10.96.0.1", "fd00:96::1"]);
+        let ports: Vec<(u32, u32, &str)> = s
+            .ports
+            .iter()
+            .map(|p| (p.port, p.target_port, p.name.as_str()))
+            .collect();
+        assert_eq!(
+            ports,
+            vec![(80, 0, "http"), (81, 9090, "admin"), (82, 82, "same")]
+        );
+        let eps: BTreeMap<&str, BTreeMap<u32, u32>> = s
+            .endpoints
+            .iter()
+            .map(|e| {
+                (
+                    e.workload_uid.as_str(),
+                    e.ports.clone().into_iter().collect(),
+                )
+            })
+            .collect();
+        assert_eq!(eps.len(), 2, "{eps:?}");
+        assert_eq!(
+            eps["s/p1"],
+            BTreeMap::from([(80, 8080), (81, 9090), (82, 82)])
+        );
+        assert_eq!(
+            eps["s/p2"],
+            BTreeMap::from([(81, 9090), (82, 82)]),
+            "no entry for a named port it lacks"
+        );
+        let headless = &v.services["s/headless"];
+        assert!(headless.vips.is_empty() && headless.endpoints.is_empty());
+    }
+
+    #[test]
+    fn policies_keep_spec_as_json() {
+        let v = view(
+            "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: strict, namespace: x}\nspec: {mtls: {mode: STRICT}}\n",
+        );
+        let p = &v.policies["PeerAuthentication/x/strict"];
+        assert_eq!(
+            (p.kind.as_str(), p.namespace.as_str(), p.name.as_str()),
+            ("PeerAuthentication", "x", "strict")
+        );
+        let spec: serde_json::Value = serde_json::from_str(&p.spec_json).unwrap();
+        assert_eq!(spec["mtls"]["mode"], "STRICT");
+    }
+}

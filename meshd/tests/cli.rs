@@ -1,0 +1,85 @@
+//! The `meshd` binary itself: node-token output, start-up on a unix socket, SIGTERM shutdown.
+
+mod common;
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+
+use common::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_meshd");
+
+#[test]
+fn node_token_matches_the_state_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let out = Command::new(BIN)
+        .args(["node-token", "--node", "node-7", "--state-dir"])
+        .arg(&state)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8(out.stdout).unwrap();
+    let auth = meshd::state::node_authority(&state).unwrap();
+    assert_eq!(
+        auth.verify(Some(&format!("Bearer {}", printed.trim()))),
+        Ok("node-7".to_string())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_serves_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config");
+    std::fs::create_dir(&config).unwrap();
+    std::fs::write(config.join("ns.yaml"), NAMESPACES).unwrap();
+    let sock = dir.path().join("meshd.sock");
+    // A stale socket file from a previous run must not stop start-up.
+    drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+    let mut child = Command::new(BIN)
+        .arg("run")
+        .arg("--config-dir")
+        .arg(&config)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .arg("--listen")
+        .arg(format!("unix:{}", sock.display()))
+        .args(["--cert-lifetime", "10m", "--log-format", "json"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let s = sock.clone();
+    wait_for("meshd to listen", move || {
+        let s = s.clone();
+        async move { std::os::unix::net::UnixStream::connect(&s).is_ok() }
+    })
+    .await;
+    let _channel = channel(&sock).await;
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = tokio::task::spawn_blocking(move || {
+        let status = child.wait().unwrap();
+        let mut log = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut log)
+            .unwrap();
+        (status, log)
+    });
+    let (status, log) = tokio::time::timeout(DEADLINE, exit)
+        .await
+        .expect("meshd did not exit")
+        .unwrap();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("meshd ready on unix:"), "{log}");
+    assert!(!sock.exists(), "socket removed on shutdown");
+}
