@@ -1,0 +1,244 @@
+//! The HBONE server side: one accepted TCP connection, served as mTLS + HTTP/2 CONNECT.
+//!
+//! Owns: the TLS accept, server HTTP/2 settings and keepalive, request validation (400 for
+//! anything but a well-formed CONNECT), and handing each CONNECT to the caller's handler.
+//! Must not touch: listening sockets, policy, or the upstream connection — the handler decides
+//! and does those.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::FutureExt;
+use h2::RecvStream;
+use h2::server::SendResponse;
+
+use super::stream::H2Stream;
+use super::{
+    CONNECTION_WINDOW, HboneError, MAX_FRAME_SIZE, PING_INTERVAL, PING_TIMEOUT, STREAM_WINDOW,
+};
+use crate::Identity;
+use crate::tls;
+
+/// Server tuning. [`Default`] gives Istio's values.
+#[derive(Clone, Debug)]
+pub struct ServerSettings {
+    /// Per-stream flow-control window (4 MiB).
+    pub stream_window: u32,
+    /// Per-connection flow-control window (16 MiB).
+    pub connection_window: u32,
+    /// Largest HTTP/2 frame we accept (1 MiB).
+    pub max_frame_size: u32,
+    /// Concurrent CONNECT streams a client may open on one connection (200).
+    pub max_concurrent_streams: u32,
+    /// How often we PING the client (10 s).
+    pub ping_interval: Duration,
+    /// How long a PING may go unanswered before we drop the connection (20 s).
+    pub ping_timeout: Duration,
+    /// Limit for the TLS + HTTP/2 handshakes of a new connection (10 s).
+    pub handshake_timeout: Duration,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        ServerSettings {
+            stream_window: STREAM_WINDOW,
+            connection_window: CONNECTION_WINDOW,
+            max_frame_size: MAX_FRAME_SIZE,
+            max_concurrent_streams: 200,
+            ping_interval: PING_INTERVAL,
+            ping_timeout: PING_TIMEOUT,
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// One CONNECT request that arrived, before it is answered.
+///
+/// The handler must answer it: [`accept`](InboundRequest::accept) to open the tunnel, or
+/// [`reject`](InboundRequest::reject) with 400 (bad request), 401 (denied by policy) or 503
+/// (unknown workload, upstream failed). Dropping it unanswered resets the stream.
+pub struct InboundRequest {
+    /// The `:authority`: where the client wants to go (`ip:port` or `hostname:port`).
+    pub authority: String,
+    /// The request headers (`baggage`, `forwarded`, `traceparent`, ...).
+    pub headers: http::HeaderMap,
+    /// Who the client proved to be in the TLS handshake.
+    pub peer_identity: Identity,
+    /// The client's TCP address.
+    pub peer_addr: SocketAddr,
+    respond: SendResponse<Bytes>,
+    recv: RecvStream,
+}
+
+impl std::fmt::Debug for InboundRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InboundRequest")
+            .field("authority", &self.authority)
+            .field("peer_identity", &self.peer_identity)
+            .field("peer_addr", &self.peer_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl InboundRequest {
+    /// Answers with `status` (e.g. 400, 401, 503) and ends the stream.
+    pub fn reject(mut self, status: http::StatusCode) {
+        respond_empty(&mut self.respond, status);
+    }
+
+    /// Answers 200 with `headers` and returns the tunnel's byte stream.
+    pub fn accept(mut self, headers: http::HeaderMap) -> Result<H2Stream, HboneError> {
+        let mut response = http::Response::new(());
+        *response.headers_mut() = headers;
+        let send = self.respond.send_response(response, false)?;
+        Ok(H2Stream::new(send, self.recv, None))
+    }
+}
+
+fn respond_empty(respond: &mut SendResponse<Bytes>, status: http::StatusCode) {
+    let mut response = http::Response::new(());
+    *response.status_mut() = status;
+    if let Err(e) = respond.send_response(response, true) {
+        // The client already went away; nobody is left to tell.
+        tracing::debug!(error = %e, %status, "could not send HBONE response");
+    }
+}
+
+/// Serves one accepted TCP connection until it ends.
+///
+/// TLS accept with `tls` (build it with [`tls::server_config`]), then HTTP/2 with `settings`.
+/// Each request that is not a CONNECT, or has no `:authority`, is answered 400 without calling
+/// `handler`; every other request is passed to `handler` on its own task.
+///
+/// ```no_run
+/// # async fn example(listener: tokio::net::TcpListener, tls: std::sync::Arc<rustls::ServerConfig>) {
+/// use meshcore::hbone::{serve_connection, ServerSettings};
+/// loop {
+///     let Ok((tcp, _)) = listener.accept().await else { continue };
+///     let tls = tls.clone();
+///     tokio::spawn(serve_connection(tcp, tls, ServerSettings::default(), |req| async move {
+///         // Authorize `req.peer_identity` for `req.authority`, then:
+///         if let Ok(mut tunnel) = req.accept(http::HeaderMap::new()) {
+///             let _ = tokio::io::AsyncWriteExt::shutdown(&mut tunnel).await;
+///         }
+///     }));
+/// }
+/// # }
+/// ```
+pub async fn serve_connection<H, F>(
+    tcp: tokio::net::TcpStream,
+    tls: Arc<rustls::ServerConfig>,
+    settings: ServerSettings,
+    handler: H,
+) -> Result<(), HboneError>
+where
+    H: Fn(InboundRequest) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = ()> + Send + 'static,
+{
+    let peer_addr = tcp.peer_addr()?;
+    let _ = tcp.set_nodelay(true);
+    let (peer_identity, mut connection) = match tokio::time::timeout(
+        settings.handshake_timeout,
+        handshake(tcp, tls, &settings),
+    )
+    .await
+    {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer_addr, error = %e, "HBONE handshake failed");
+            return Err(e);
+        }
+        Err(_) => return Err(HboneError::Timeout),
+    };
+    tracing::debug!(%peer_addr, %peer_identity, "HBONE connection accepted");
+
+    let keepalive = match connection.ping_pong() {
+        Some(pings) => {
+            super::keepalive(pings, settings.ping_interval, settings.ping_timeout).boxed()
+        }
+        None => futures::future::pending().boxed(),
+    };
+    tokio::pin!(keepalive);
+
+    loop {
+        let accepted = tokio::select! {
+            // Requests first: a connection that is closing normally should end as Ok.
+            biased;
+            accepted = connection.accept() => accepted,
+            e = &mut keepalive => {
+                tracing::debug!(%peer_addr, error = %e, "HBONE keepalive failed; closing connection");
+                return Err(e);
+            }
+        };
+        let (request, mut respond) = match accepted {
+            None => return Ok(()),
+            Some(Ok(r)) => r,
+            Some(Err(e)) if is_normal_close(&e) => return Ok(()),
+            Some(Err(e)) => return Err(HboneError::H2(e)),
+        };
+        let authority = request.uri().authority().map(|a| a.as_str().to_string());
+        let authority = match authority {
+            Some(a) if request.method() == http::Method::CONNECT => a,
+            _ => {
+                tracing::debug!(%peer_addr, method = %request.method(), uri = %request.uri(), "not an HBONE CONNECT; 400");
+                respond_empty(&mut respond, http::StatusCode::BAD_REQUEST);
+                continue;
+            }
+        };
+        let (parts, recv) = request.into_parts();
+        let inbound = InboundRequest {
+            authority,
+            headers: parts.headers,
+            peer_identity: peer_identity.clone(),
+            peer_addr,
+            respond,
+            recv,
+        };
+        tokio::spawn(handler(inbound));
+    }
+}
+
+type ServerConn =
+    h2::server::Connection<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, Bytes>;
+
+async fn handshake(
+    tcp: tokio::net::TcpStream,
+    tls: Arc<rustls::ServerConfig>,
+    settings: &ServerSettings,
+) -> Result<(Identity, ServerConn), HboneError> {
+    let stream = tokio_rustls::TlsAcceptor::from(tls)
+        .accept(tcp)
+        .await
+        .map_err(|e| HboneError::Tls(tls::describe_handshake_error(&e)))?;
+    // The verifier already required a SPIFFE identity; this reads it back.
+    let certs = stream.get_ref().1.peer_certificates().unwrap_or_default();
+    let peer_identity = tls::peer_identity(certs)?;
+    let connection = h2::server::Builder::new()
+        .initial_window_size(settings.stream_window)
+        .initial_connection_window_size(settings.connection_window)
+        .max_frame_size(settings.max_frame_size)
+        .max_concurrent_streams(settings.max_concurrent_streams)
+        .handshake::<_, Bytes>(stream)
+        .await?;
+    Ok((peer_identity, connection))
+}
+
+/// A client that hangs up (possibly without TLS close_notify) is the normal end of a
+/// connection, not an error worth reporting.
+fn is_normal_close(e: &h2::Error) -> bool {
+    if e.is_go_away() && e.reason() == Some(h2::Reason::NO_ERROR) {
+        return true;
+    }
+    match e.get_io() {
+        Some(io) => matches!(
+            io.kind(),
+            std::io::ErrorKind::UnexpectedEof
+                | std::io::ErrorKind::ConnectionReset
+                | std::io::ErrorKind::BrokenPipe
+        ),
+        None => false,
+    }
+}
