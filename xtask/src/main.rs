@@ -1,1 +1,171 @@
-fn main() {}
+//! `cargo xtask <command>`: the project's own commands. Each installs what a fresh machine of
+//! our kind lacks (idempotently) before doing its job.
+//!
+//! - `deps`   install system packages the mesh and its tests use
+//! - `test`   the whole test suite (what CI runs)
+//! - `demo`   the local-mode demo; `--interactive` keeps it up
+//! - `local`  run local mode with your own manifests
+//! - `bench`  raw TCP vs mesh, ratios from one run
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Project commands for the mesh")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install missing system packages (nftables, iproute2, tcpdump, python3 h2…).
+    Deps,
+    /// Build everything and run the whole test suite, then check nothing was left behind.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Run the local-mode demo. Exits 0 only if every check held.
+    Demo {
+        /// Stay up after the report and explain how to poke the mesh.
+        #[arg(long)]
+        interactive: bool,
+    },
+    /// Run local mode with your own manifests (a directory of Kubernetes YAML).
+    Local {
+        #[arg(long)]
+        manifests: PathBuf,
+        #[arg(long, default_value_t = 2)]
+        nodes: usize,
+    },
+    /// Benchmark raw TCP vs the mesh on the same path; prints ratios.
+    Bench {
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").canonicalize()?;
+    std::env::set_current_dir(&root)?;
+    match cli.cmd {
+        Cmd::Deps => deps(),
+        Cmd::Test { args } => test(&args),
+        Cmd::Demo { interactive } => {
+            need_root()?;
+            deps()?;
+            build(false)?;
+            let ok = localmesh::demo::run(localmesh::demo::DemoOptions { interactive, examples: root.join("examples/demo") })?;
+            if !ok {
+                bail!("some demo checks failed (logs are kept under /tmp/mesh-testbed)");
+            }
+            Ok(())
+        }
+        Cmd::Local { manifests, nodes } => {
+            need_root()?;
+            deps()?;
+            build(false)?;
+            local(&manifests, nodes)
+        }
+        Cmd::Bench { seconds } => {
+            need_root()?;
+            deps()?;
+            build(true)?;
+            // SAFETY: no other thread exists yet that could read the environment concurrently.
+            unsafe { std::env::set_var("MESH_BIN_DIR", root.join("target/release")) };
+            let rows = localmesh::bench::run(localmesh::bench::BenchOptions { duration: Duration::from_secs(seconds) })?;
+            localmesh::bench::print(&rows);
+            Ok(())
+        }
+    }
+}
+
+fn need_root() -> anyhow::Result<()> {
+    if !nix_is_root() {
+        bail!("local mode creates network namespaces and nftables rules: run as root");
+    }
+    Ok(())
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) == Some("0")))
+        .unwrap_or(false)
+}
+
+fn have(cmd: &str) -> bool {
+    Command::new("sh").arg("-c").arg(format!("command -v {cmd} >/dev/null 2>&1")).status().is_ok_and(|s| s.success())
+}
+
+/// Installs what is missing, and only that.
+fn deps() -> anyhow::Result<()> {
+    let wanted = [("nft", "nftables"), ("ip", "iproute2"), ("ss", "iproute2"), ("tcpdump", "tcpdump"), ("python3", "python3")];
+    let mut missing: Vec<&str> = wanted.iter().filter(|(c, _)| !have(c)).map(|(_, p)| *p).collect();
+    missing.dedup();
+    if !missing.is_empty() {
+        eprintln!("xtask: installing {}", missing.join(" "));
+        run(Command::new("apt-get").args(["update", "-qq"]))?;
+        run(Command::new("apt-get").args(["install", "-y", "-qq"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    let h2 = Command::new("python3").args(["-c", "import h2"]).output().is_ok_and(|o| o.status.success());
+    if !h2 {
+        eprintln!("xtask: installing the Python h2 package (independent HBONE peer in tests)");
+        run(Command::new("python3").args(["-m", "pip", "install", "-q", "h2"]))?;
+    }
+    Ok(())
+}
+
+fn build(release: bool) -> anyhow::Result<()> {
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.args(["build", "--workspace", "--bins"]);
+    if release {
+        cmd.arg("--release");
+    }
+    run(&mut cmd)
+}
+
+fn test(args: &[String]) -> anyhow::Result<()> {
+    need_root()?;
+    deps()?;
+    build(false)?;
+    // Two mesh tests at a time keep a 2-core machine responsive.
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.args(["test", "--workspace", "--no-fail-fast"]).args(args).env("RUST_TEST_THREADS", "2");
+    let suite = run(&mut cmd);
+    // Whatever happened, check that nothing of ours was left on the machine.
+    let mut leaks = Command::new(env!("CARGO"));
+    leaks.args(["test", "-p", "mesh-tests", "--test", "leaks", "--", "--ignored"]);
+    let leak_check = run(&mut leaks);
+    suite.context("test suite failed")?;
+    leak_check.context("leak check failed")
+}
+
+fn local(manifests: &Path, nodes: usize) -> anyhow::Result<()> {
+    let signals = localmesh::demo::block_signals()?;
+    let mesh = localmesh::LocalMesh::start(localmesh::MeshOptions { nodes, ..Default::default() })?;
+    localmesh::demo::apply_dir(&mesh, manifests)?;
+    println!("Local mode is up with {nodes} nodes. Manifests from {} are applied.", manifests.display());
+    println!("meshd watches {} — edit files there to change the mesh live.", mesh.config_dir.display());
+    for p in mesh.cluster.pods() {
+        println!("  pod {:<28} node-{}  {}  ip netns exec {} …", p.name, p.node, p.ip4, p.netns.name);
+    }
+    println!("Logs: {}/*.log. Ctrl-C stops and cleans up.", mesh.dir().display());
+    localmesh::demo::wait_for_signal(signals)
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}

@@ -1,0 +1,391 @@
+//! Local mode: the whole mesh on one Linux box — meshd, one ztunnel per node, and pods as
+//! network namespaces built by the testbed. The demo, the integration tests and the bench all
+//! drive the mesh through [`LocalMesh`], so they exercise one implementation.
+//!
+//! Layout of a run (under the testbed's run directory):
+//! `config/` is what meshd watches (rendered manifests), `state/` is meshd's CA and node
+//! secret, `meshd.sock` its API, `node-N.token` each node's credentials, `*.log` every process.
+//! Owns processes and manifests; the network itself is the testbed's.
+
+pub mod bins;
+pub mod client;
+pub mod render;
+pub mod wire;
+pub mod demo;
+pub mod bench;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+pub use bins::Bins;
+use testbed::{Cluster, ClusterConfig, Netns, Proc};
+
+/// How to bring the mesh up.
+#[derive(Clone, Debug)]
+pub struct MeshOptions {
+    pub nodes: usize,
+    pub ipv6: bool,
+    pub trust_domain: String,
+    /// meshd's `--cert-lifetime` (e.g. "24h", "10s").
+    pub cert_lifetime: String,
+    /// Extra `RUST_LOG` for mesh processes.
+    pub log: String,
+}
+
+impl Default for MeshOptions {
+    fn default() -> Self {
+        MeshOptions { nodes: 2, ipv6: true, trust_domain: "cluster.local".into(), cert_lifetime: "24h".into(), log: "info".into() }
+    }
+}
+
+/// A pod the local kubelet started.
+pub struct ScheduledPod {
+    pub namespace: String,
+    pub name: String,
+    pub file: String,
+    pub pod: testbed::Pod,
+    pub node_name: String,
+    pub procs: Vec<Proc>,
+}
+
+/// A running local-mode mesh. Dropping it stops everything and removes every trace.
+pub struct LocalMesh {
+    pub cluster: Cluster,
+    pub bins: Bins,
+    pub opts: MeshOptions,
+    pub config_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub socket: PathBuf,
+    meshd: Mutex<Option<Proc>>,
+    ztunnels: Mutex<Vec<Option<Proc>>>,
+    pods: Mutex<HashMap<String, ScheduledPod>>,
+    next_vip: AtomicU32,
+    next_node: AtomicUsize,
+}
+
+const DEADLINE: Duration = Duration::from_secs(20);
+
+impl LocalMesh {
+    /// Builds the cluster and starts meshd and every node's ztunnel.
+    pub fn start(opts: MeshOptions) -> anyhow::Result<LocalMesh> {
+        let bins = Bins::locate()?;
+        testbed::sweep_stale();
+        let cluster = Cluster::new(ClusterConfig { nodes: opts.nodes, ipv6: opts.ipv6 }).context("building the testbed cluster")?;
+        let dir = cluster.dir().to_path_buf();
+        let config_dir = dir.join("config");
+        let state_dir = dir.join("state");
+        std::fs::create_dir_all(&config_dir)?;
+        std::fs::create_dir_all(&state_dir)?;
+        let mesh = LocalMesh {
+            socket: dir.join("meshd.sock"),
+            cluster,
+            bins,
+            opts,
+            config_dir,
+            state_dir,
+            meshd: Mutex::new(None),
+            ztunnels: Mutex::new(Vec::new()),
+            pods: Mutex::new(HashMap::new()),
+            next_vip: AtomicU32::new(10),
+            next_node: AtomicUsize::new(0),
+        };
+        mesh.start_meshd()?;
+        let n = mesh.cluster.nodes().len();
+        *mesh.ztunnels.lock().unwrap_or_else(|p| p.into_inner()) = (0..n).map(|_| None).collect();
+        for i in 0..n {
+            mesh.start_ztunnel(i)?;
+        }
+        Ok(mesh)
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.cluster.dir()
+    }
+
+    /// Starts meshd (again) and waits until its socket accepts connections.
+    pub fn start_meshd(&self) -> anyhow::Result<()> {
+        let _ = std::fs::remove_file(&self.socket);
+        let mut cmd = Command::new(&self.bins.meshd);
+        cmd.arg("run")
+            .arg("--config-dir").arg(&self.config_dir)
+            .arg("--state-dir").arg(&self.state_dir)
+            .arg("--listen").arg(format!("unix:{}", self.socket.display()))
+            .arg("--trust-domain").arg(&self.opts.trust_domain)
+            .arg("--cert-lifetime").arg(&self.opts.cert_lifetime)
+            .env("RUST_LOG", &self.opts.log);
+        let host = Netns { name: "host".into(), path: "/proc/self/ns/net".into() };
+        let proc = self.cluster.spawn(&host, cmd, "meshd")?;
+        *self.meshd.lock().unwrap_or_else(|p| p.into_inner()) = Some(proc);
+        wait_for(DEADLINE, "meshd to listen", || Ok(std::os::unix::net::UnixStream::connect(&self.socket).is_ok()))
+    }
+
+    /// Stops meshd (SIGKILL: an outage, not a goodbye).
+    pub fn kill_meshd(&self) {
+        if let Some(mut p) = self.meshd.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            p.kill();
+        }
+    }
+
+    fn node_token(&self, node: &str) -> anyhow::Result<PathBuf> {
+        let path = self.dir().join(format!("{node}.token"));
+        if !path.exists() {
+            let out = Command::new(&self.bins.meshd)
+                .args(["node-token", "--node", node, "--state-dir"])
+                .arg(&self.state_dir)
+                .output()
+                .context("running meshd node-token")?;
+            if !out.status.success() {
+                bail!("meshd node-token failed: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            std::fs::write(&path, &out.stdout)?;
+        }
+        Ok(path)
+    }
+
+    /// Starts node `i`'s ztunnel inside the node's network namespace.
+    pub fn start_ztunnel(&self, i: usize) -> anyhow::Result<()> {
+        let node = self.cluster.nodes().get(i).cloned().context("no such node")?;
+        let token = self.node_token(&node.name)?;
+        let mut cmd = Command::new(&self.bins.ztunnel);
+        cmd.arg("--node").arg(&node.name)
+            .arg("--meshd").arg(format!("unix:{}", self.socket.display()))
+            .arg("--token-file").arg(&token)
+            .arg("--log-format").arg("json")
+            .env("RUST_LOG", &self.opts.log);
+        let proc = self.cluster.spawn(&node.netns, cmd, &format!("ztunnel-{}", node.name))?;
+        self.ztunnels.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(proc);
+        Ok(())
+    }
+
+    /// Stops node `i`'s ztunnel: gracefully (SIGTERM, it unenrolls) or not (SIGKILL).
+    pub fn stop_ztunnel(&self, i: usize, graceful: bool) {
+        let p = self.ztunnels.lock().unwrap_or_else(|p| p.into_inner()).get_mut(i).and_then(Option::take);
+        if let Some(mut p) = p {
+            if graceful {
+                p.terminate(Duration::from_secs(10));
+            } else {
+                p.kill();
+            }
+        }
+    }
+
+    /// Log of node `i`'s current ztunnel.
+    pub fn ztunnel_log(&self, i: usize) -> String {
+        let z = self.ztunnels.lock().unwrap_or_else(|p| p.into_inner());
+        z.get(i).and_then(|p| p.as_ref()).and_then(|p| std::fs::read_to_string(p.log_path()).ok()).unwrap_or_default()
+    }
+
+    pub fn meshd_log(&self) -> String {
+        let m = self.meshd.lock().unwrap_or_else(|p| p.into_inner());
+        m.as_ref().and_then(|p| std::fs::read_to_string(p.log_path()).ok()).unwrap_or_default()
+    }
+
+    /// Applies a manifest file: schedules its pods (starting their containers), gives its
+    /// Services VIPs, and writes the result where meshd watches. Re-applying the same file keeps
+    /// pods that are still listed and removes those that are not.
+    pub fn apply(&self, file: &str, yaml: &str) -> anyhow::Result<()> {
+        let mut docs = render::parse_docs(yaml).with_context(|| format!("{file}"))?;
+        let mut listed = Vec::new();
+        for doc in docs.iter_mut() {
+            match render::kind(doc) {
+                "Pod" => {
+                    let spec = render::pod_doc(doc).with_context(|| file.to_string())?;
+                    let key = format!("{}/{}", spec.namespace, spec.name);
+                    listed.push(key.clone());
+                    let (node, ips, netns) = self.schedule(file, &spec)?;
+                    render::set_pod_status(doc, &node, &ips, &netns);
+                }
+                "Service" => {
+                    let n = self.next_vip.fetch_add(1, Ordering::Relaxed);
+                    let mut vips = vec![format!("10.96.{}.{}", n / 250, n % 250 + 1)];
+                    if self.opts.ipv6 {
+                        vips.push(format!("fd00:96::{n:x}"));
+                    }
+                    render::assign_cluster_ips(doc, &vips);
+                }
+                _ => {}
+            }
+        }
+        let gone: Vec<String> = {
+            let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+            pods.values().filter(|p| p.file == file && !listed.contains(&format!("{}/{}", p.namespace, p.name)))
+                .map(|p| format!("{}/{}", p.namespace, p.name)).collect()
+        };
+        for key in gone {
+            self.delete_pod(&key)?;
+        }
+        let mut out = String::new();
+        for doc in &docs {
+            out.push_str("---\n");
+            out.push_str(&serde_yaml::to_string(doc)?);
+        }
+        write_atomically(&self.config_dir.join(file), &out)
+    }
+
+    /// Writes a file into meshd's config directory exactly as given (no rendering).
+    pub fn write_raw(&self, file: &str, text: &str) -> anyhow::Result<()> {
+        write_atomically(&self.config_dir.join(file), text)
+    }
+
+    /// Removes a manifest file and the pods it scheduled.
+    pub fn remove(&self, file: &str) -> anyhow::Result<()> {
+        let keys: Vec<String> = self.pods.lock().unwrap_or_else(|p| p.into_inner())
+            .values().filter(|p| p.file == file).map(|p| format!("{}/{}", p.namespace, p.name)).collect();
+        let _ = std::fs::remove_file(self.config_dir.join(file));
+        for k in keys {
+            self.delete_pod(&k)?;
+        }
+        Ok(())
+    }
+
+    fn delete_pod(&self, key: &str) -> anyhow::Result<()> {
+        if let Some(mut p) = self.pods.lock().unwrap_or_else(|p| p.into_inner()).remove(key) {
+            for proc in p.procs.iter_mut() {
+                proc.kill();
+            }
+            self.cluster.remove_pod(&p.pod.name)?;
+        }
+        Ok(())
+    }
+
+    fn schedule(&self, file: &str, spec: &render::PodDoc) -> anyhow::Result<(String, Vec<String>, String)> {
+        let key = format!("{}/{}", spec.namespace, spec.name);
+        let nodes = self.cluster.nodes();
+        if let Some(p) = self.pods.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+            return Ok((p.node_name.clone(), pod_ips(&p.pod), p.pod.netns.path.display().to_string()));
+        }
+        let node = match &spec.node {
+            Some(name) => nodes.iter().find(|n| &n.name == name)
+                .with_context(|| format!("{file}: pod {key}: spec.nodeName {name:?} is not a node of this cluster ({})",
+                    nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>().join(", ")))?.clone(),
+            None => nodes[self.next_node.fetch_add(1, Ordering::Relaxed) % nodes.len()].clone(),
+        };
+        let pod = self.cluster.add_pod(node.index, &format!("{}-{}", spec.namespace, spec.name))?;
+        let ips = pod_ips(&pod);
+        let mut procs = Vec::new();
+        for (i, argv) in spec.containers.iter().enumerate() {
+            let program = match argv[0].as_str() {
+                "mesh-echo" => self.bins.echo.clone(),
+                other => PathBuf::from(other),
+            };
+            let mut cmd = Command::new(program);
+            cmd.args(&argv[1..])
+                .env("POD_NAME", &spec.name)
+                .env("POD_NAMESPACE", &spec.namespace)
+                .env("POD_IP", &ips[0]);
+            procs.push(self.cluster.spawn(&pod.netns, cmd, &format!("{}-{}-{i}", spec.namespace, spec.name))?);
+        }
+        let netns = pod.netns.path.display().to_string();
+        self.pods.lock().unwrap_or_else(|p| p.into_inner()).insert(key, ScheduledPod {
+            namespace: spec.namespace.clone(),
+            name: spec.name.clone(),
+            file: file.to_string(),
+            pod,
+            node_name: node.name.clone(),
+            procs,
+        });
+        Ok((node.name, ips, netns))
+    }
+
+    /// The testbed pod behind `namespace/name`.
+    pub fn pod(&self, namespace: &str, name: &str) -> anyhow::Result<testbed::Pod> {
+        self.pods.lock().unwrap_or_else(|p| p.into_inner())
+            .get(&format!("{namespace}/{name}")).map(|p| p.pod.clone())
+            .with_context(|| format!("no pod {namespace}/{name}"))
+    }
+
+    /// Runs a command inside a pod's network namespace.
+    pub fn exec(&self, namespace: &str, name: &str, argv: &[&str]) -> anyhow::Result<Output> {
+        let pod = self.pod(namespace, name)?;
+        Ok(self.cluster.run(&pod.netns, argv)?)
+    }
+
+    /// Whether something listens on TCP `port` inside the pod.
+    pub fn listening(&self, namespace: &str, name: &str, port: u16) -> anyhow::Result<bool> {
+        let out = self.exec(namespace, name, &["ss", "-Hltn", &format!("sport = :{port}")])?;
+        Ok(!String::from_utf8_lossy(&out.stdout).trim().is_empty())
+    }
+
+    /// Whether ztunnel's capture table is installed in the pod.
+    pub fn captured(&self, namespace: &str, name: &str) -> anyhow::Result<bool> {
+        let out = self.exec(namespace, name, &["nft", "list", "table", "inet", "ztunnel"])?;
+        Ok(out.status.success())
+    }
+
+    /// Waits until ztunnel has enrolled the pod (capture installed and HBONE listening).
+    pub fn wait_enrolled(&self, namespace: &str, name: &str) -> anyhow::Result<()> {
+        wait_for(DEADLINE, &format!("{namespace}/{name} to be enrolled"), || {
+            Ok(self.captured(namespace, name)? && self.listening(namespace, name, meshcore::HBONE_PORT)?)
+        })
+    }
+
+    /// Waits until nothing of ztunnel remains in the pod.
+    pub fn wait_unenrolled(&self, namespace: &str, name: &str) -> anyhow::Result<()> {
+        wait_for(DEADLINE, &format!("{namespace}/{name} to be unenrolled"), || {
+            Ok(!self.captured(namespace, name)? && !self.listening(namespace, name, meshcore::HBONE_PORT)?)
+        })
+    }
+
+    /// Waits until the pod's app listens on `port`.
+    pub fn wait_listening(&self, namespace: &str, name: &str, port: u16) -> anyhow::Result<()> {
+        wait_for(DEADLINE, &format!("{namespace}/{name} to listen on {port}"), || self.listening(namespace, name, port))
+    }
+}
+
+impl Drop for LocalMesh {
+    fn drop(&mut self) {
+        // Graceful first, so ztunnels remove their capture as they would on a real node.
+        let n = self.ztunnels.lock().unwrap_or_else(|p| p.into_inner()).len();
+        for i in 0..n {
+            self.stop_ztunnel(i, true);
+        }
+        if let Some(mut p) = self.meshd.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            p.terminate(Duration::from_secs(5));
+        }
+        for (_, mut p) in self.pods.lock().unwrap_or_else(|p| p.into_inner()).drain() {
+            for proc in p.procs.iter_mut() {
+                proc.kill();
+            }
+        }
+    }
+}
+
+pub fn pod_ips(p: &testbed::Pod) -> Vec<String> {
+    let mut v = vec![p.ip4.to_string()];
+    if let Some(ip6) = p.ip6 {
+        v.push(ip6.to_string());
+    }
+    v
+}
+
+fn write_atomically(path: &Path, text: &str) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp~");
+    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))?;
+    Ok(())
+}
+
+/// Polls `cond` until it holds or `deadline` passes (then the error names what was awaited).
+pub fn wait_for(deadline: Duration, what: &str, mut cond: impl FnMut() -> anyhow::Result<bool>) -> anyhow::Result<()> {
+    let start = Instant::now();
+    let mut last_err = None;
+    let mut pause = Duration::from_millis(5);
+    while start.elapsed() < deadline {
+        match cond() {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) => last_err = Some(e),
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(200));
+    }
+    match last_err {
+        Some(e) => bail!("timed out after {deadline:?} waiting for {what} (last error: {e:#})"),
+        None => bail!("timed out after {deadline:?} waiting for {what}"),
+    }
+}

@@ -1,0 +1,141 @@
+//! Inbound: traffic arriving at an enrolled pod, on HBONE (15008) or captured plaintext (15006).
+//!
+//! HBONE: mutual TLS with the pod's own certificate (the peer's chain and trust domain are
+//! checked in `meshcore::tls`), then each CONNECT's `:authority` must name this pod — else 400
+//! — and the app is dialled inside the pod's netns — 503 if that fails — before the 200.
+//! Plaintext: delivered to the original destination (PERMISSIVE). Owns those checks and the
+//! copy; not the TLS or HTTP/2 machinery.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::{HeaderMap, HeaderValue, StatusCode};
+use meshcore::hbone::{InboundRequest, ServerSettings};
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{info, warn};
+
+use crate::proxy::{Ctx, Pod, is_mesh_port};
+
+/// Accepts HBONE connections on one of the pod's 15008 listeners until aborted.
+pub async fn serve_hbone(ctx: Arc<Ctx>, pod: Arc<Pod>, listener: TcpListener) {
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(pod = %pod.workload.uid, error = %e, "HBONE accept failed");
+                tokio::task::yield_now().await;
+                continue;
+            }
+        };
+        let (ctx, pod) = (ctx.clone(), pod.clone());
+        tokio::spawn(async move {
+            let entry = match ctx.certs.get(&pod.identity).await {
+                Ok(e) => e,
+                Err(e) => {
+                    warn!(pod = %pod.workload.uid, %peer, error = %e, "HBONE connection refused: no certificate");
+                    return;
+                }
+            };
+            let handler_pod = pod.clone();
+            let handler = move |req: InboundRequest| handle_connect(handler_pod.clone(), req);
+            if let Err(e) = meshcore::hbone::serve_connection(tcp, entry.server_tls.clone(), ServerSettings::default(), handler).await {
+                warn!(pod = %pod.workload.uid, %peer, error = %e, "HBONE connection ended with error");
+            }
+        });
+    }
+}
+
+async fn handle_connect(pod: Arc<Pod>, req: InboundRequest) {
+    let start = Instant::now();
+    let peer_identity = req.peer_identity.clone();
+    let peer = req.peer_addr;
+    let target = match req.authority.parse::<SocketAddr>() {
+        Ok(t) => t,
+        Err(_) => {
+            warn!(pod = %pod.workload.uid, authority = %req.authority, "HBONE: authority is not ip:port; 400");
+            req.reject(StatusCode::BAD_REQUEST);
+            return;
+        }
+    };
+    if !pod.owns(target.ip()) || is_mesh_port(target.port()) {
+        warn!(pod = %pod.workload.uid, %target, "HBONE: authority is not this pod's app; 400");
+        req.reject(StatusCode::BAD_REQUEST);
+        return;
+    }
+    let mut app = match pod.netns.connect(target).await {
+        Ok(a) => a,
+        Err(e) => {
+            warn!(pod = %pod.workload.uid, %target, error = %e, "HBONE: app connect failed; 503");
+            req.reject(StatusCode::SERVICE_UNAVAILABLE);
+            return;
+        }
+    };
+    let mut tunnel = match req.accept(response_headers(&pod)) {
+        Ok(t) => t,
+        Err(e) => {
+            warn!(pod = %pod.workload.uid, error = %e, "HBONE: could not answer CONNECT");
+            return;
+        }
+    };
+    let result = tokio::io::copy_bidirectional(&mut tunnel, &mut app).await;
+    let dur_ms = start.elapsed().as_millis() as u64;
+    match result {
+        Ok((received, sent)) => info!(
+            direction = "inbound", dst.workload = %pod.workload.uid, dst.identity = %pod.identity,
+            src.identity = %peer_identity, %peer, %target, protocol = "HBONE", sent, received, dur_ms, "connection complete"),
+        Err(error) => warn!(direction = "inbound", dst.workload = %pod.workload.uid, src.identity = %peer_identity,
+            %peer, %target, %error, dur_ms, "connection failed"),
+    }
+}
+
+/// Istio's ztunnel answers with baggage describing the destination.
+fn response_headers(pod: &Pod) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    let w = &pod.workload;
+    if let Ok(v) = HeaderValue::from_str(&format!("k8s.namespace.name={},k8s.pod.name={}", w.namespace, w.name)) {
+        h.insert("baggage", v);
+    }
+    h
+}
+
+/// Accepts captured plaintext on one of the pod's 15006 listeners until aborted.
+pub async fn serve_plaintext(ctx: Arc<Ctx>, pod: Arc<Pod>, listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok((tcp, peer)) => {
+                let (ctx, pod) = (ctx.clone(), pod.clone());
+                tokio::spawn(async move { plaintext(ctx, pod, tcp, peer).await });
+            }
+            Err(e) => {
+                warn!(pod = %pod.workload.uid, error = %e, "plaintext accept failed");
+                tokio::task::yield_now().await;
+            }
+        }
+    }
+}
+
+async fn plaintext(ctx: Arc<Ctx>, pod: Arc<Pod>, mut tcp: TcpStream, peer: SocketAddr) {
+    let start = Instant::now();
+    let dst = match ctx.capture.original_dst(&tcp) {
+        Ok(d) => d,
+        Err(e) => {
+            warn!(pod = %pod.workload.uid, %peer, error = %e, "inbound: cannot recover original destination; closing");
+            return;
+        }
+    };
+    if !pod.owns(dst.ip()) || is_mesh_port(dst.port()) {
+        warn!(pod = %pod.workload.uid, %peer, %dst, "inbound plaintext to a mesh port or foreign address; closing");
+        return;
+    }
+    let result = match pod.netns.connect(dst).await {
+        Ok(mut app) => tokio::io::copy_bidirectional(&mut tcp, &mut app).await.map_err(|e| e.to_string()),
+        Err(e) => Err(format!("connect {dst}: {e}")),
+    };
+    let dur_ms = start.elapsed().as_millis() as u64;
+    match result {
+        Ok((received, sent)) => info!(direction = "inbound", dst.workload = %pod.workload.uid, %peer, %dst,
+            protocol = "TCP", sent, received, dur_ms, "connection complete"),
+        Err(error) => warn!(direction = "inbound", dst.workload = %pod.workload.uid, %peer, %dst, %error, dur_ms, "connection failed"),
+    }
+}

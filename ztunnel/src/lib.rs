@@ -1,0 +1,16 @@
+//! ztunnel: the per-node agent of the ambient mesh.
+//!
+//! Flat modules named by their job: [`meshd`] (the connection to the control plane),
+//! [`config`] (the config subscription), [`certs`] (workload certificates), [`pods`]
+//! (enrollment), [`netns`] (sockets in pod namespaces), [`capture`] (redirecting pod traffic),
+//! [`outbound`] and [`inbound`] (the proxy paths), [`proxy`] (what those share).
+
+pub mod capture;
+pub mod certs;
+pub mod config;
+pub mod inbound;
+pub mod meshd;
+pub mod netns;
+pub mod outbound;
+pub mod pods;
+pub mod proxy;

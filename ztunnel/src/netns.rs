@@ -1,0 +1,101 @@
+//! Network namespaces: entering a pod's netns just long enough to create a socket there.
+//!
+//! ztunnel is a node process, but each enrolled pod's listeners and upstream sockets must live
+//! in that pod's network namespace (so egress carries the pod IP and the node's CNI still sees
+//! pod traffic). A socket stays in the namespace it was created in, so we `setns` the current
+//! thread, create the socket, and switch straight back — no await in between. Owns nothing
+//! about what the sockets are used for.
+
+use std::fs::File;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd};
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use nix::sched::{CloneFlags, setns};
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+/// The namespace ztunnel started in, to which every thread returns after creating a socket.
+static HOST_NETNS: OnceLock<File> = OnceLock::new();
+
+/// Records the current thread's netns as "home". Call once from main before any `Netns::run`.
+pub fn init_host_netns() -> io::Result<()> {
+    let f = File::open("/proc/thread-self/ns/net")?;
+    let _ = HOST_NETNS.set(f);
+    Ok(())
+}
+
+/// An open handle on a network namespace.
+#[derive(Debug)]
+pub struct Netns {
+    path: PathBuf,
+    file: File,
+}
+
+impl Netns {
+    pub fn open(path: &Path) -> io::Result<Netns> {
+        let file = File::open(path)
+            .map_err(|e| io::Error::new(e.kind(), format!("open netns {}: {e}", path.display())))?;
+        Ok(Netns { path: path.to_path_buf(), file })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Raw fd, for child processes that `setns` in `pre_exec`.
+    pub fn raw_fd(&self) -> i32 {
+        self.file.as_raw_fd()
+    }
+
+    /// Runs `f` with the current thread inside this namespace. `f` must not block or await.
+    pub fn run<T>(&self, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+        let home = HOST_NETNS
+            .get()
+            .ok_or_else(|| io::Error::other("netns::init_host_netns was not called"))?;
+        setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|e| {
+            io::Error::other(format!("setns into {}: {e}", self.path.display()))
+        })?;
+        let out = f();
+        if let Err(e) = setns(home.as_fd(), CloneFlags::CLONE_NEWNET) {
+            // A runtime thread stranded in a pod's namespace would open later sockets in the
+            // wrong place; there is no safe way on.
+            eprintln!("fatal: cannot return to the host network namespace: {e}");
+            std::process::abort();
+        }
+        out
+    }
+
+    /// A listening socket bound to `addr` inside this namespace. IPv6 sockets are v6-only so
+    /// that a v4 and a v6 listener can share a port and original-destination lookups stay
+    /// per-family.
+    pub fn listen(&self, addr: SocketAddr) -> io::Result<TcpListener> {
+        let std = self.run(|| {
+            let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+            s.set_reuse_address(true)?;
+            if addr.is_ipv6() {
+                s.set_only_v6(true)?;
+            }
+            s.set_nonblocking(true)?;
+            s.bind(&SockAddr::from(addr))?;
+            s.listen(1024)?;
+            Ok(std::net::TcpListener::from(s))
+        })?;
+        TcpListener::from_std(std)
+    }
+
+    /// Connects to `dst` from inside this namespace with the mesh's socket mark, so capture
+    /// never redirects ztunnel's own traffic.
+    pub async fn connect(&self, dst: SocketAddr) -> io::Result<TcpStream> {
+        let socket = self.run(|| {
+            let s = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
+            s.set_mark(meshcore::MESH_SOCKET_MARK)?;
+            s.set_tcp_nodelay(true)?;
+            s.set_nonblocking(true)?;
+            Ok(TcpSocket::from_std_stream(std::net::TcpStream::from(s)))
+        })?;
+        socket.connect(dst).await
+    }
+}

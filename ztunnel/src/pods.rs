@@ -1,0 +1,155 @@
+//! Enrollment: which pods of this node are in the mesh, and their in-pod listeners and capture.
+//!
+//! Reconciles the config against what is running: a local pod that is `captured` and has a
+//! network namespace gets listeners (outbound 15001 on loopback, inbound 15006 and HBONE 15008
+//! on all addresses) and then capture; a pod that leaves (label removed, deleted) loses capture
+//! first, then its listeners. On shutdown every pod is unenrolled, leaving nothing behind.
+//! Certificates are prefetched as soon as a pod appears. Owns pod lifecycles only.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use meshcore::proto::config::Workload;
+use meshcore::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{error, info, warn};
+
+use crate::netns::Netns;
+use crate::proxy::{Ctx, Pod};
+use crate::{inbound, outbound};
+
+struct Enrolled {
+    pod: Arc<Pod>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// Runs until `shutdown` flips to true, then unenrolls everything.
+pub async fn run(ctx: Arc<Ctx>, mut shutdown: watch::Receiver<bool>) {
+    let mut config = ctx.config.clone();
+    let mut enrolled: HashMap<String, Enrolled> = HashMap::new();
+    // Also retry on a timer: a pod whose netns could not be entered yet gets another chance.
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        reconcile(&ctx, &mut enrolled);
+        tokio::select! {
+            r = config.changed() => if r.is_err() { break },
+            _ = tick.tick() => {},
+            _ = shutdown.changed() => break,
+        }
+    }
+    for (uid, e) in enrolled.drain() {
+        stop(&ctx, &uid, e);
+    }
+}
+
+fn wanted(ctx: &Ctx) -> HashMap<String, Arc<Workload>> {
+    let Some(store) = ctx.config.borrow().clone() else { return HashMap::new() };
+    store
+        .local_workloads(&ctx.node)
+        .filter(|w| w.captured && !w.netns.is_empty() && !w.ips.is_empty())
+        .map(|w| (w.uid.clone(), w.clone()))
+        .collect()
+}
+
+fn reconcile(ctx: &Arc<Ctx>, enrolled: &mut HashMap<String, Enrolled>) {
+    let want = wanted(ctx);
+    let identities: HashSet<_> = want.values().map(|w| meshcore::store::workload_identity(w)).collect();
+    for id in &identities {
+        ctx.certs.prefetch(id);
+    }
+    let stale: Vec<String> = enrolled
+        .iter()
+        .filter(|(uid, e)| want.get(*uid).is_none_or(|w| !same_pod(w, &e.pod.workload)))
+        .map(|(uid, _)| uid.clone())
+        .collect();
+    for uid in stale {
+        if let Some(e) = enrolled.remove(&uid) {
+            stop(ctx, &uid, e);
+        }
+    }
+    for (uid, w) in want {
+        if enrolled.contains_key(&uid) {
+            continue;
+        }
+        match start(ctx, w) {
+            Ok(e) => {
+                info!(pod = %uid, identity = %e.pod.identity, netns = %e.pod.netns.path().display(), capture = %ctx.capture.mode(), "pod enrolled");
+                enrolled.insert(uid, e);
+            }
+            Err(err) => error!(pod = %uid, error = %err, "pod enrollment failed; will retry"),
+        }
+    }
+    ctx.certs.retain(&identities);
+}
+
+/// Whether a config change leaves the pod's proxy valid as it is.
+fn same_pod(a: &Workload, b: &Workload) -> bool {
+    a.ips == b.ips && a.netns == b.netns && a.service_account == b.service_account && a.namespace == b.namespace
+        && a.trust_domain == b.trust_domain
+}
+
+fn start(ctx: &Arc<Ctx>, w: Arc<Workload>) -> anyhow::Result<Enrolled> {
+    let netns = Netns::open(Path::new(&w.netns))?;
+    let pod = Arc::new(Pod::new(w, netns));
+    let mut tasks = Vec::new();
+    let v4_any = Ipv4Addr::UNSPECIFIED.into();
+    let v6_any = Ipv6Addr::UNSPECIFIED.into();
+    let listeners = [
+        (Kind::Outbound, SocketAddr::new(Ipv4Addr::LOCALHOST.into(), OUTBOUND_PORT)),
+        (Kind::Outbound, SocketAddr::new(Ipv6Addr::LOCALHOST.into(), OUTBOUND_PORT)),
+        (Kind::Plaintext, SocketAddr::new(v4_any, INBOUND_PLAINTEXT_PORT)),
+        (Kind::Plaintext, SocketAddr::new(v6_any, INBOUND_PLAINTEXT_PORT)),
+        (Kind::Hbone, SocketAddr::new(v4_any, HBONE_PORT)),
+        (Kind::Hbone, SocketAddr::new(v6_any, HBONE_PORT)),
+    ];
+    for (kind, addr) in listeners {
+        let listener = match pod.netns.listen(addr) {
+            Ok(l) => l,
+            // A pod without IPv6 still gets IPv4 service.
+            Err(e) if addr.is_ipv6() => {
+                warn!(pod = %pod.workload.uid, %addr, error = %e, "no IPv6 listener in pod");
+                continue;
+            }
+            Err(e) => {
+                tasks.iter().for_each(|t: &JoinHandle<()>| t.abort());
+                anyhow::bail!("listen on {addr} in {}: {e}", pod.netns.path().display());
+            }
+        };
+        let (ctx, pod) = (ctx.clone(), pod.clone());
+        tasks.push(tokio::spawn(async move {
+            match kind {
+                Kind::Outbound => outbound::serve(ctx, pod, listener).await,
+                Kind::Plaintext => inbound::serve_plaintext(ctx, pod, listener).await,
+                Kind::Hbone => inbound::serve_hbone(ctx, pod, listener).await,
+            }
+        }));
+    }
+    // Capture only once something listens, so no captured connection meets a closed port.
+    if let Err(e) = ctx.capture.enroll(&pod.netns) {
+        tasks.iter().for_each(|t| t.abort());
+        return Err(e.into());
+    }
+    Ok(Enrolled { pod, tasks })
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Outbound,
+    Plaintext,
+    Hbone,
+}
+
+fn stop(ctx: &Ctx, uid: &str, e: Enrolled) {
+    if let Err(err) = ctx.capture.unenroll(&e.pod.netns) {
+        // The namespace may already be gone with its pod; nothing of ours can remain then.
+        warn!(pod = %uid, error = %err, "removing capture failed");
+    }
+    for t in e.tasks {
+        t.abort();
+    }
+    info!(pod = %uid, "pod unenrolled");
+}
