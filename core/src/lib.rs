@@ -14,6 +14,7 @@ pub mod ca;
 pub mod hbone;
 pub mod identity;
 pub mod nodeauth;
+pub mod policy;
 pub mod proto;
 pub mod store;
 pub mod tls;

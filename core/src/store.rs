@@ -15,6 +15,8 @@ use crate::proto::config::{ConfigUpdate, Policy, Service, TrustBundle, Workload}
 #[derive(Default, Debug, Clone)]
 pub struct ConfigStore {
     pub version: u64,
+    /// Bumped whenever the set of policies changes, so consumers recompile only then.
+    pub policy_generation: u64,
     workloads: HashMap<String, Arc<Workload>>,
     services: HashMap<String, Arc<Service>>,
     policies: HashMap<String, Arc<Policy>>,
@@ -26,6 +28,9 @@ pub struct ConfigStore {
 impl ConfigStore {
     /// Applies one update from the stream. A snapshot replaces everything.
     pub fn apply(&mut self, update: ConfigUpdate) {
+        if update.snapshot || !update.policies.is_empty() || !update.removed_policies.is_empty() {
+            self.policy_generation += 1;
+        }
         if update.snapshot {
             self.workloads.clear();
             self.services.clear();

@@ -464,3 +464,44 @@ fn our_client_refuses_wrong_server_identity() {
         "expected the handshake to fail at the server too: {records:?}"
     );
 }
+
+#[test]
+fn independent_client_gets_401_when_policy_denies() {
+    if !privileged() {
+        return;
+    }
+    let mesh = server_mesh();
+    let ca = mesh_ca(&mesh);
+    let server = mesh.pod("wire", "server").unwrap();
+    let outsider = mesh.pod("outside", "outsider").unwrap();
+    let hbone = addr(server.ip4.into(), 15008);
+    let target = addr(server.ip4.into(), 8080);
+    let denied = ca.mint(&Identity::new("cluster.local", "wire", "intruder"), CERT_LIFETIME).unwrap();
+    let allowed = ca.mint(&Identity::new("cluster.local", "wire", "friend"), CERT_LIFETIME).unwrap();
+    let root = ca.root_pem().to_string();
+    let (denied_pems, allowed_pems) = (write_pems(&mesh, "intruder", &denied, &root), write_pems(&mesh, "friend", &allowed, &root));
+    mesh.apply(
+        "20-deny.yaml",
+        r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-intruders, namespace: wire}
+spec:
+  action: DENY
+  rules:
+  - from:
+    - source: {principals: ["cluster.local/ns/wire/sa/intruder"]}
+"#,
+    )
+    .unwrap();
+    // The policy reaches ztunnel asynchronously: wait until the intruder is refused.
+    let mut last = Value::Null;
+    wait_for(DEADLINE, "the DENY policy to apply", || {
+        last = hbone_client(&mesh, &outsider.netns, &hbone, &target, &denied_pems, Some("WHO hi\\n"));
+        Ok(last.get("status").and_then(Value::as_u64) == Some(401))
+    })
+    .unwrap_or_else(|e| panic!("{e}: last answer {last}"));
+    assert!(last.get("reply").is_none_or(|r| r.as_str().unwrap_or("").is_empty()), "no byte may reach the app: {last}");
+    let ok = hbone_client(&mesh, &outsider.netns, &hbone, &target, &allowed_pems, Some("WHO hi\\n"));
+    assert_eq!(ok.get("status").and_then(Value::as_u64), Some(200), "{ok}");
+}

@@ -140,7 +140,7 @@ async fn refresh_loop(meshd: Meshd, id: Identity, tx: watch::Sender<CertState>) 
                     CertState::Pending => None,
                 };
                 tx.send_replace(CertState::Failed { error, previous });
-                tokio::time::sleep(backoff.next()).await;
+                tokio::time::sleep(backoff.next_delay()).await;
             }
         }
     }

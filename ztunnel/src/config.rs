@@ -30,7 +30,7 @@ pub async fn run(meshd: Meshd, node: String, tx: watch::Sender<Option<Arc<Config
         if tx.is_closed() {
             return;
         }
-        tokio::time::sleep(backoff.next()).await;
+        tokio::time::sleep(backoff.next_delay()).await;
     }
 }
 
@@ -67,7 +67,7 @@ impl Backoff {
         Backoff { base, cap, attempt: 0 }
     }
 
-    pub fn next(&mut self) -> Duration {
+    pub fn next_delay(&mut self) -> Duration {
         let ceiling = self.base.saturating_mul(1 << self.attempt.min(16)).min(self.cap);
         self.attempt += 1;
         let ms = rand::rng().random_range(ceiling.as_millis() as u64 / 2..=ceiling.as_millis() as u64);

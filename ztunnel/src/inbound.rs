@@ -3,8 +3,10 @@
 //! HBONE: mutual TLS with the pod's own certificate (the peer's chain and trust domain are
 //! checked in `meshcore::tls`), then each CONNECT's `:authority` must name this pod — else 400
 //! — and the app is dialled inside the pod's netns — 503 if that fails — before the 200.
-//! Plaintext: delivered to the original destination (PERMISSIVE). Owns those checks and the
-//! copy; not the TLS or HTTP/2 machinery.
+//! Plaintext: refused under STRICT mTLS, else delivered to the original destination. Both are
+//! authorized (L4 AuthorizationPolicy) first: a denied CONNECT gets 401 before any byte reaches
+//! the app, denied plaintext is closed. Owns those checks and the copy; not the TLS or HTTP/2
+//! machinery, nor policy semantics (`meshcore::policy`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,7 +17,10 @@ use meshcore::hbone::{InboundRequest, ServerSettings};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{info, warn};
 
-use crate::proxy::{Ctx, Pod, is_mesh_port};
+use meshcore::policy::Connection;
+
+use crate::policy::check;
+use crate::proxy::{Ctx, Pod, copy_until, is_mesh_port};
 
 /// Accepts HBONE connections on one of the pod's 15008 listeners until aborted.
 pub async fn serve_hbone(ctx: Arc<Ctx>, pod: Arc<Pod>, listener: TcpListener) {
@@ -37,8 +42,8 @@ pub async fn serve_hbone(ctx: Arc<Ctx>, pod: Arc<Pod>, listener: TcpListener) {
                     return;
                 }
             };
-            let handler_pod = pod.clone();
-            let handler = move |req: InboundRequest| handle_connect(handler_pod.clone(), req);
+            let (handler_ctx, handler_pod) = (ctx.clone(), pod.clone());
+            let handler = move |req: InboundRequest| handle_connect(handler_ctx.clone(), handler_pod.clone(), req);
             if let Err(e) = meshcore::hbone::serve_connection(tcp, entry.server_tls.clone(), ServerSettings::default(), handler).await {
                 warn!(pod = %pod.workload.uid, %peer, error = %e, "HBONE connection ended with error");
             }
@@ -46,7 +51,7 @@ pub async fn serve_hbone(ctx: Arc<Ctx>, pod: Arc<Pod>, listener: TcpListener) {
     }
 }
 
-async fn handle_connect(pod: Arc<Pod>, req: InboundRequest) {
+async fn handle_connect(ctx: Arc<Ctx>, pod: Arc<Pod>, req: InboundRequest) {
     let start = Instant::now();
     let peer_identity = req.peer_identity.clone();
     let peer = req.peer_addr;
@@ -63,6 +68,16 @@ async fn handle_connect(pod: Arc<Pod>, req: InboundRequest) {
         req.reject(StatusCode::BAD_REQUEST);
         return;
     }
+    // Authorization happens before the 200, so a denied client never reaches the app.
+    let conn = Connection { src_identity: Some(peer_identity.clone()), src_ip: peer.ip(), dst_ip: target.ip(), dst_port: target.port() };
+    let policies = ctx.policies.borrow().clone();
+    if let Err(reason) = check(&policies, &ctx.decisions, &pod, &conn) {
+        warn!(direction = "inbound", dst.workload = %pod.workload.uid, src.identity = %peer_identity, %peer, %target,
+            response_flags = "DENY", %reason, "connection denied; 401");
+        req.reject(StatusCode::UNAUTHORIZED);
+        return;
+    }
+    let live = ctx.live.register(pod.clone(), conn);
     let mut app = match pod.netns.connect(target).await {
         Ok(a) => a,
         Err(e) => {
@@ -78,7 +93,7 @@ async fn handle_connect(pod: Arc<Pod>, req: InboundRequest) {
             return;
         }
     };
-    let result = tokio::io::copy_bidirectional(&mut tunnel, &mut app).await;
+    let result = copy_until(&mut tunnel, &mut app, &live.cancel).await;
     let dur_ms = start.elapsed().as_millis() as u64;
     match result {
         Ok((received, sent)) => info!(
@@ -128,8 +143,16 @@ async fn plaintext(ctx: Arc<Ctx>, pod: Arc<Pod>, mut tcp: TcpStream, peer: Socke
         warn!(pod = %pod.workload.uid, %peer, %dst, "inbound plaintext to a mesh port or foreign address; closing");
         return;
     }
+    let conn = Connection { src_identity: None, src_ip: peer.ip(), dst_ip: dst.ip(), dst_port: dst.port() };
+    let policies = ctx.policies.borrow().clone();
+    if let Err(reason) = check(&policies, &ctx.decisions, &pod, &conn) {
+        warn!(direction = "inbound", dst.workload = %pod.workload.uid, %peer, %dst, protocol = "TCP",
+            response_flags = "DENY", %reason, "connection denied; closed");
+        return;
+    }
+    let live = ctx.live.register(pod.clone(), conn);
     let result = match pod.netns.connect(dst).await {
-        Ok(mut app) => tokio::io::copy_bidirectional(&mut tcp, &mut app).await.map_err(|e| e.to_string()),
+        Ok(mut app) => copy_until(&mut tcp, &mut app, &live.cancel).await.map_err(|e| e.to_string()),
         Err(e) => Err(format!("connect {dst}: {e}")),
     };
     let dur_ms = start.elapsed().as_millis() as u64;

@@ -5,12 +5,17 @@
 //! (enrollment), [`netns`] (sockets in pod namespaces), [`capture`] (redirecting pod traffic),
 //! [`outbound`] and [`inbound`] (the proxy paths), [`proxy`] (what those share).
 
+pub mod admin;
 pub mod capture;
 pub mod certs;
 pub mod config;
+pub mod copy;
 pub mod inbound;
 pub mod meshd;
+pub mod metrics;
 pub mod netns;
 pub mod outbound;
 pub mod pods;
+pub mod policy;
 pub mod proxy;
+pub mod telemetry;

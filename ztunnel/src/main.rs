@@ -12,7 +12,9 @@ use ztunnel::capture::{Capture, CaptureMode};
 use ztunnel::certs::CertManager;
 use ztunnel::meshd::Meshd;
 use ztunnel::proxy::Ctx;
-use ztunnel::{config, netns, pods};
+use meshcore::policy::{DecisionCache, PolicySet};
+use ztunnel::policy::LiveConns;
+use ztunnel::{config, netns, pods, policy};
 
 #[derive(Parser, Debug)]
 #[command(about = "Per-node agent of the ambient mesh: captures enrolled pods' TCP and carries it over HBONE")]
@@ -29,6 +31,9 @@ struct Args {
     /// How pod traffic is captured.
     #[arg(long, value_enum, default_value_t = CaptureMode::Nftables)]
     capture: CaptureMode,
+    /// Istio's root namespace: policies there without a selector apply mesh-wide.
+    #[arg(long, default_value = meshcore::policy::DEFAULT_ROOT_NAMESPACE)]
+    root_namespace: String,
     /// Log format.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -56,6 +61,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let meshd = Meshd::new(&args.meshd, &token)?;
     let (config_tx, config_rx) = watch::channel(None);
     tokio::spawn(config::run(meshd.clone(), args.node.clone(), config_tx));
+    let (policies_tx, policies_rx) = watch::channel(Arc::new(PolicySet::compile([], &args.root_namespace)));
+    let live = Arc::new(LiveConns::default());
+    let decisions = Arc::new(DecisionCache::new(65536));
+    tokio::spawn(policy::run(config_rx.clone(), args.root_namespace.clone(), policies_tx, live.clone(), decisions.clone()));
     let ctx = Arc::new(Ctx {
         node: args.node.clone(),
         config: config_rx,
@@ -64,6 +73,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         // (and ours) advertise 200 concurrent streams.
         pool: Pool::new(PoolSettings { max_streams_per_conn: 200, ..PoolSettings::default() }),
         capture: Capture::new(args.capture),
+        policies: policies_rx,
+        decisions,
+        live,
     });
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let pods = tokio::spawn(pods::run(ctx, shutdown_rx));

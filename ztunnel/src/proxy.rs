@@ -11,10 +11,13 @@ use meshcore::proto::config::Workload;
 use meshcore::store::{canonical, workload_identity};
 use meshcore::Identity;
 
+use meshcore::policy::DecisionCache;
+
 use crate::capture::Capture;
 use crate::certs::CertManager;
 use crate::config::ConfigRx;
 use crate::netns::Netns;
+use crate::policy::{LiveConns, PoliciesRx};
 
 /// Node-wide state every connection handler can reach.
 pub struct Ctx {
@@ -23,6 +26,9 @@ pub struct Ctx {
     pub certs: Arc<CertManager>,
     pub pool: Pool,
     pub capture: Capture,
+    pub policies: PoliciesRx,
+    pub decisions: Arc<DecisionCache>,
+    pub live: Arc<LiveConns>,
 }
 
 /// One enrolled pod, as its listeners see it.
@@ -42,6 +48,19 @@ impl Pod {
 
     pub fn owns(&self, ip: IpAddr) -> bool {
         self.ips.contains(&canonical(ip))
+    }
+}
+
+/// Copies both ways until done, or until `cancel` is notified (a policy change denied the
+/// connection), returning bytes (a→b, b→a).
+pub async fn copy_until<A, B>(a: &mut A, b: &mut B, cancel: &tokio::sync::Notify) -> std::io::Result<(u64, u64)>
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    tokio::select! {
+        r = tokio::io::copy_bidirectional(a, b) => r,
+        _ = cancel.notified() => Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, "closed: denied by a policy change")),
     }
 }
 
