@@ -20,6 +20,7 @@ use tracing::{info, warn};
 
 use crate::config::Backoff;
 use crate::meshd::Meshd;
+use crate::metrics::Metrics;
 
 /// A certificate with the TLS server config built from it (built once, used per connection).
 pub struct CertEntry {
@@ -47,14 +48,65 @@ struct Slot {
 
 pub struct CertManager {
     meshd: Meshd,
+    metrics: Arc<Metrics>,
     /// How long `get` waits for a first certificate before failing the connection.
     wait: Duration,
     slots: Mutex<HashMap<Identity, Slot>>,
 }
 
 impl CertManager {
-    pub fn new(meshd: Meshd) -> Arc<CertManager> {
-        Arc::new(CertManager { meshd, wait: Duration::from_secs(10), slots: Mutex::new(HashMap::new()) })
+    pub fn new(meshd: Meshd, metrics: Arc<Metrics>) -> Arc<CertManager> {
+        Arc::new(CertManager { meshd, metrics, wait: Duration::from_secs(10), slots: Mutex::new(HashMap::new()) })
+    }
+
+    /// Whether a usable certificate for `id` is in hand now.
+    pub fn is_ready(&self, id: &Identity) -> bool {
+        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots.get(id).is_some_and(|s| match &*s.rx.borrow() {
+            CertState::Ready(_) => true,
+            CertState::Failed { previous: Some(e), .. } => e.cert.not_after > SystemTime::now(),
+            _ => false,
+        })
+    }
+
+    /// Every certificate this node holds, for the admin config dump.
+    pub fn status(&self) -> Vec<serde_json::Value> {
+        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let unix = |t: SystemTime| t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
+        let mut out: Vec<serde_json::Value> = slots
+            .iter()
+            .map(|(id, slot)| match &*slot.rx.borrow() {
+                CertState::Pending => serde_json::json!({"identity": id.to_string(), "state": "pending"}),
+                CertState::Ready(e) => serde_json::json!({
+                    "identity": id.to_string(), "state": "ready",
+                    "notBefore": unix(e.cert.not_before), "notAfter": unix(e.cert.not_after),
+                    "expiresInSeconds": e.cert.not_after.duration_since(SystemTime::now()).unwrap_or_default().as_secs(),
+                    "roots": e.cert.roots_pem.len(),
+                }),
+                CertState::Failed { error, previous } => serde_json::json!({
+                    "identity": id.to_string(), "state": "failing", "error": error,
+                    "notAfter": previous.as_ref().map(|e| unix(e.cert.not_after)),
+                }),
+            })
+            .collect();
+        out.sort_by_key(|v| v["identity"].as_str().unwrap_or_default().to_string());
+        out
+    }
+
+    /// Fetches every certificate again now (the trust bundle changed: new certificates carry
+    /// the new roots, so peers signed by a new root verify).
+    pub fn refresh_all(self: &Arc<Self>) {
+        let ids: Vec<Identity> = {
+            let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+            slots.drain().map(|(id, slot)| {
+                slot.task.abort();
+                id
+            }).collect()
+        };
+        // Old entries stay usable until the new ones arrive: restart with the last good state.
+        for id in ids {
+            self.prefetch(&id);
+        }
     }
 
     /// Starts fetching (and refreshing) the certificate for `id`, if not already.
@@ -68,7 +120,7 @@ impl CertManager {
             return slot.rx.clone();
         }
         let (tx, rx) = watch::channel(CertState::Pending);
-        let task = tokio::spawn(refresh_loop(self.meshd.clone(), id.clone(), tx)).abort_handle();
+        let task = tokio::spawn(refresh_loop(self.meshd.clone(), self.metrics.clone(), id.clone(), tx)).abort_handle();
         slots.insert(id.clone(), Slot { rx: rx.clone(), task });
         rx
     }
@@ -118,12 +170,13 @@ impl CertManager {
     }
 }
 
-async fn refresh_loop(meshd: Meshd, id: Identity, tx: watch::Sender<CertState>) {
+async fn refresh_loop(meshd: Meshd, metrics: Arc<Metrics>, id: Identity, tx: watch::Sender<CertState>) {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
     loop {
         match fetch(&meshd, &id).await {
             Ok(entry) => {
                 backoff.reset();
+                metrics.cert_issued(&id.to_string());
                 let (nb, na) = (entry.cert.not_before, entry.cert.not_after);
                 info!(%id, expires_in_s = na.duration_since(SystemTime::now()).unwrap_or_default().as_secs(), "workload certificate issued");
                 tx.send_replace(CertState::Ready(entry));
@@ -134,6 +187,7 @@ async fn refresh_loop(meshd: Meshd, id: Identity, tx: watch::Sender<CertState>) 
             }
             Err(error) => {
                 warn!(%id, %error, "workload certificate request failed; retrying with backoff");
+                metrics.cert_fetch_failed(&id.to_string());
                 let previous = match &*tx.borrow() {
                     CertState::Ready(e) => Some(e.clone()),
                     CertState::Failed { previous, .. } => previous.clone(),

@@ -19,8 +19,11 @@ use tracing::{info, warn};
 
 use meshcore::policy::Connection;
 
+use crate::copy::{self, Outcome, Totals};
+use crate::metrics::{FLAG_CONNECT, FLAG_DENY};
 use crate::policy::check;
-use crate::proxy::{Ctx, Pod, copy_until, is_mesh_port};
+use crate::proxy::{Ctx, Pod, is_mesh_port};
+use crate::telemetry::{End, tcp_labels};
 
 /// Accepts HBONE connections on one of the pod's 15008 listeners until aborted.
 pub async fn serve_hbone(ctx: Arc<Ctx>, pod: Arc<Pod>, listener: TcpListener) {
@@ -71,7 +74,19 @@ async fn handle_connect(ctx: Arc<Ctx>, pod: Arc<Pod>, req: InboundRequest) {
     // Authorization happens before the 200, so a denied client never reaches the app.
     let conn = Connection { src_identity: Some(peer_identity.clone()), src_ip: peer.ip(), dst_ip: target.ip(), dst_port: target.port() };
     let policies = ctx.policies.borrow().clone();
+    let store = ctx.config.borrow().clone();
+    let src_workload = store.as_ref().and_then(|s| s.workload_by_ip(peer.ip()).cloned());
+    let principal = peer_identity.to_string();
+    let labels = tcp_labels(
+        "destination",
+        End { workload: src_workload.as_deref(), principal: Some(&principal) },
+        End { workload: Some(&pod.workload), principal: None },
+        None,
+        true,
+    );
+    let mut m = ctx.metrics.open(labels);
     if let Err(reason) = check(&policies, &ctx.decisions, &pod, &conn) {
+        m.set_response_flags(FLAG_DENY);
         warn!(direction = "inbound", dst.workload = %pod.workload.uid, src.identity = %peer_identity, %peer, %target,
             response_flags = "DENY", %reason, "connection denied; 401");
         req.reject(StatusCode::UNAUTHORIZED);
@@ -81,6 +96,7 @@ async fn handle_connect(ctx: Arc<Ctx>, pod: Arc<Pod>, req: InboundRequest) {
     let mut app = match pod.netns.connect(target).await {
         Ok(a) => a,
         Err(e) => {
+            m.set_response_flags(FLAG_CONNECT);
             warn!(pod = %pod.workload.uid, %target, error = %e, "HBONE: app connect failed; 503");
             req.reject(StatusCode::SERVICE_UNAVAILABLE);
             return;
@@ -93,11 +109,18 @@ async fn handle_connect(ctx: Arc<Ctx>, pod: Arc<Pod>, req: InboundRequest) {
             return;
         }
     };
-    let result = copy_until(&mut tunnel, &mut app, &live.cancel).await;
+    let result = copy::bidirectional_until(&mut tunnel, &mut app, &m, live.cancel.notified()).await;
     let dur_ms = start.elapsed().as_millis() as u64;
     match result {
-        Ok((received, sent)) => info!(
-            direction = "inbound", dst.workload = %pod.workload.uid, dst.identity = %pod.identity,
+        Ok(Outcome::Cancelled(t)) => {
+            m.set_response_flags(FLAG_DENY);
+            warn!(direction = "inbound", dst.workload = %pod.workload.uid, src.identity = %peer_identity, %peer, %target,
+                received = t.client_to_server, sent = t.server_to_client, dur_ms, response_flags = "DENY",
+                error = "closed: denied by a policy change", "connection failed")
+        }
+        Ok(Outcome::Completed(Totals { client_to_server: received, server_to_client: sent })) => info!(
+            direction = "inbound", dst.workload = %pod.workload.uid, dst.namespace = %pod.workload.namespace, dst.identity = %pod.identity,
+            src.workload = %src_workload.as_ref().map_or("unknown", |w| w.uid.as_str()),
             src.identity = %peer_identity, %peer, %target, protocol = "HBONE", sent, received, dur_ms, "connection complete"),
         Err(error) => warn!(direction = "inbound", dst.workload = %pod.workload.uid, src.identity = %peer_identity,
             %peer, %target, %error, dur_ms, "connection failed"),
@@ -145,16 +168,38 @@ async fn plaintext(ctx: Arc<Ctx>, pod: Arc<Pod>, mut tcp: TcpStream, peer: Socke
     }
     let conn = Connection { src_identity: None, src_ip: peer.ip(), dst_ip: dst.ip(), dst_port: dst.port() };
     let policies = ctx.policies.borrow().clone();
+    let store = ctx.config.borrow().clone();
+    let src_workload = store.as_ref().and_then(|s| s.workload_by_ip(peer.ip()).cloned());
+    let labels = tcp_labels(
+        "destination",
+        End { workload: src_workload.as_deref(), principal: None },
+        End { workload: Some(&pod.workload), principal: None },
+        None,
+        false,
+    );
+    let mut m = ctx.metrics.open(labels);
     if let Err(reason) = check(&policies, &ctx.decisions, &pod, &conn) {
+        m.set_response_flags(FLAG_DENY);
         warn!(direction = "inbound", dst.workload = %pod.workload.uid, %peer, %dst, protocol = "TCP",
             response_flags = "DENY", %reason, "connection denied; closed");
         return;
     }
     let live = ctx.live.register(pod.clone(), conn);
     let result = match pod.netns.connect(dst).await {
-        Ok(mut app) => copy_until(&mut tcp, &mut app, &live.cancel).await.map_err(|e| e.to_string()),
-        Err(e) => Err(format!("connect {dst}: {e}")),
+        Ok(mut app) => match copy::bidirectional_until(&mut tcp, &mut app, &m, live.cancel.notified()).await {
+            Ok(Outcome::Completed(t)) => Ok((t.client_to_server, t.server_to_client)),
+            Ok(Outcome::Cancelled(_)) => {
+                m.set_response_flags(FLAG_DENY);
+                Err("closed: denied by a policy change".to_string())
+            }
+            Err(e) => Err(e.to_string()),
+        },
+        Err(e) => {
+            m.set_response_flags(FLAG_CONNECT);
+            Err(format!("connect {dst}: {e}"))
+        }
     };
+    drop(m);
     let dur_ms = start.elapsed().as_millis() as u64;
     match result {
         Ok((received, sent)) => info!(direction = "inbound", dst.workload = %pod.workload.uid, %peer, %dst,

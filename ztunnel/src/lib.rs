@@ -10,6 +10,7 @@ pub mod capture;
 pub mod certs;
 pub mod config;
 pub mod copy;
+pub mod dump;
 pub mod inbound;
 pub mod meshd;
 pub mod metrics;

@@ -1,20 +1,27 @@
-//! The ztunnel binary: parses flags, wires the modules together, and unenrolls on shutdown.
+//! The ztunnel binary: parses flags, wires the modules together, serves admin endpoints, and
+//! unenrolls every pod on shutdown.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
 use meshcore::hbone::{Pool, PoolSettings};
+use meshcore::policy::{DecisionCache, PolicySet};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
-use tracing::info;
+use tracing::{error, info};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, reload};
+use ztunnel::admin::{self, AdminState};
 use ztunnel::capture::{Capture, CaptureMode};
 use ztunnel::certs::CertManager;
 use ztunnel::meshd::Meshd;
-use ztunnel::proxy::Ctx;
-use meshcore::policy::{DecisionCache, PolicySet};
+use ztunnel::metrics::Metrics;
 use ztunnel::policy::LiveConns;
-use ztunnel::{config, netns, pods, policy};
+use ztunnel::proxy::Ctx;
+use ztunnel::{config, dump, netns, pods, policy};
 
 #[derive(Parser, Debug)]
 #[command(about = "Per-node agent of the ambient mesh: captures enrolled pods' TCP and carries it over HBONE")]
@@ -34,41 +41,61 @@ struct Args {
     /// Istio's root namespace: policies there without a selector apply mesh-wide.
     #[arg(long, default_value = meshcore::policy::DEFAULT_ROOT_NAMESPACE)]
     root_namespace: String,
+    /// Admin endpoint (/config_dump, /logging): localhost only.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin_addr: SocketAddr,
+    /// Prometheus metrics (/metrics).
+    #[arg(long, default_value = "[::]:15020")]
+    metrics_addr: SocketAddr,
+    /// Readiness (/healthz/ready).
+    #[arg(long, default_value = "[::]:15021")]
+    ready_addr: SocketAddr,
     /// Log format.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
 }
 
+type LogHandle = reload::Handle<EnvFilter, tracing_subscriber::Registry>;
+
+fn init_logging(format: &str) -> LogHandle {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, handle) = reload::Layer::new(filter);
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let registry = tracing_subscriber::registry().with(filter);
+    if format == "json" {
+        registry.with(tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr)).init();
+    } else {
+        registry.with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi)).init();
+    }
+    handle
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
-    if args.log_format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
+    let log = init_logging(&args.log_format);
     // Record the host netns on the main thread, before any runtime thread moves around.
     netns::init_host_netns().context("reading this process's network namespace")?;
     meshcore::tls::install_crypto_provider();
-    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(args))
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(args, log))
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
+async fn run(args: Args, log: LogHandle) -> anyhow::Result<()> {
     let token = Meshd::read_token(&args.token_file)?;
     let meshd = Meshd::new(&args.meshd, &token)?;
+    let metrics = Metrics::new();
+    metrics.set_capture_mode(&args.capture.to_string());
     let (config_tx, config_rx) = watch::channel(None);
     tokio::spawn(config::run(meshd.clone(), args.node.clone(), config_tx));
     let (policies_tx, policies_rx) = watch::channel(Arc::new(PolicySet::compile([], &args.root_namespace)));
     let live = Arc::new(LiveConns::default());
     let decisions = Arc::new(DecisionCache::new(65536));
     tokio::spawn(policy::run(config_rx.clone(), args.root_namespace.clone(), policies_tx, live.clone(), decisions.clone()));
+    let certs = CertManager::new(meshd, metrics.clone());
+    tokio::spawn(trust_bundle_watch(config_rx.clone(), certs.clone()));
     let ctx = Arc::new(Ctx {
         node: args.node.clone(),
         config: config_rx,
-        certs: CertManager::new(meshd),
+        certs,
         // A connection is full when the peer would refuse more streams: Istio's HBONE servers
         // (and ours) advertise 200 concurrent streams.
         pool: Pool::new(PoolSettings { max_streams_per_conn: 200, ..PoolSettings::default() }),
@@ -76,10 +103,31 @@ async fn run(args: Args) -> anyhow::Result<()> {
         policies: policies_rx,
         decisions,
         live,
+        metrics: metrics.clone(),
+        enrolled: Default::default(),
     });
+    let admin_state = Arc::new(AdminState {
+        metrics,
+        ready: Box::new({
+            let ctx = ctx.clone();
+            move || dump::ready(&ctx)
+        }),
+        config_dump: Box::new({
+            let ctx = ctx.clone();
+            move || dump::config_dump(&ctx)
+        }),
+        set_log_level: Box::new(move |level| {
+            let filter = EnvFilter::try_new(level).map_err(|e| format!("bad log filter {level:?}: {e}"))?;
+            log.reload(filter).map_err(|e| e.to_string())?;
+            info!(level, "log level changed");
+            Ok(())
+        }),
+    });
+    let bound = admin::bind(admin_state, args.admin_addr, args.metrics_addr, args.ready_addr).await?;
+    tokio::spawn(bound.run());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let pods = tokio::spawn(pods::run(ctx, shutdown_rx));
-    info!(node = %args.node, meshd = %args.meshd, capture = %args.capture, "ztunnel started");
+    info!(node = %args.node, meshd = %args.meshd, capture = %args.capture, admin = %args.admin_addr, metrics = %args.metrics_addr, "ztunnel started");
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     tokio::select! {
@@ -88,7 +136,28 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     info!("shutting down: unenrolling pods");
     let _ = shutdown_tx.send(true);
-    pods.await.context("pod manager")?;
+    if let Err(e) = pods.await {
+        error!(error = %e, "pod manager ended abnormally");
+    }
     info!("ztunnel stopped");
     Ok(())
+}
+
+/// When meshd's trust bundle changes (a root added or retired), fetch fresh certificates so
+/// they carry the new bundle; connections in flight are untouched.
+async fn trust_bundle_watch(mut config: ztunnel::config::ConfigRx, certs: Arc<CertManager>) {
+    let mut last: Option<Vec<String>> = None;
+    loop {
+        let roots = config.borrow_and_update().as_ref().and_then(|s| s.trust_bundle().map(|t| t.roots_pem.clone()));
+        if roots.is_some() && last.is_some() && roots != last {
+            info!(roots = roots.as_ref().map_or(0, Vec::len), "trust bundle changed; renewing certificates");
+            certs.refresh_all();
+        }
+        if roots.is_some() {
+            last = roots;
+        }
+        if config.changed().await.is_err() {
+            return;
+        }
+    }
 }

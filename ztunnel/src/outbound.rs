@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use http::{HeaderMap, HeaderValue};
-use meshcore::hbone::{ConnectRequest, Dialer, PoolKey};
+use meshcore::hbone::{ConnectRequest, Dialer, H2Stream, HboneError, PoolKey};
 use meshcore::proto::config::Workload;
 use meshcore::store::{ConfigStore, canonical, workload_identity};
 use meshcore::{HBONE_PORT, Identity};
@@ -18,7 +18,10 @@ use rand::Rng;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
+use crate::copy;
+use crate::metrics::{FLAG_CONNECT, FLAG_DENY};
 use crate::proxy::{Ctx, Pod, is_mesh_port};
+use crate::telemetry::{End, tcp_labels};
 
 /// Where a captured outbound connection goes.
 #[derive(Debug, PartialEq)]
@@ -116,37 +119,59 @@ async fn handle(ctx: Arc<Ctx>, pod: Arc<Pod>, mut tcp: TcpStream, peer: SocketAd
     };
     let route = route(&store, dst);
     debug!(pod = %pod.workload.uid, %peer, %dst, ?route, "outbound route");
+    let src = End { workload: Some(&pod.workload), principal: None };
+    let service = store.service_by_vip(dst.ip()).map(|s| s.as_ref());
+    let (dst_workload, hbone) = match &route {
+        Route::Hbone { workload, .. } => (store.workload(workload).map(|w| w.as_ref()), true),
+        Route::Passthrough(addr) => (store.workload_by_ip(addr.ip()).map(|w| w.as_ref()), false),
+        Route::Refuse(_) => (None, false),
+    };
+    let mut m = ctx.metrics.open(tcp_labels("source", src, End { workload: dst_workload, principal: None }, service, hbone));
     let result = match &route {
         Route::Passthrough(addr) => match pod.netns.connect(*addr).await {
-            Ok(mut up) => tokio::io::copy_bidirectional(&mut tcp, &mut up).await.map_err(|e| e.to_string()),
-            Err(e) => Err(format!("connect {addr}: {e}")),
+            Ok(mut up) => copy::bidirectional(&mut tcp, &mut up, &m).await.map_err(|e| e.to_string()),
+            Err(e) => {
+                m.set_response_flags(FLAG_CONNECT);
+                Err(format!("connect {addr}: {e}"))
+            }
         },
         Route::Hbone { target, hbone, identity, .. } => {
-            hbone_out(&ctx, &pod, &mut tcp, peer, *target, *hbone, identity.clone()).await
+            match hbone_out(&ctx, &pod, peer, *target, *hbone, identity.clone()).await {
+                Ok(mut stream) => copy::bidirectional(&mut tcp, &mut stream, &m).await.map_err(|e| e.to_string()),
+                Err(e) => {
+                    m.set_response_flags(if e.denied { FLAG_DENY } else { FLAG_CONNECT });
+                    Err(e.message)
+                }
+            }
         }
-        Route::Refuse(reason) => Err(reason.clone()),
+        Route::Refuse(reason) => {
+            m.set_response_flags("NR");
+            Err(reason.clone())
+        }
     };
+    drop(m);
     let dur_ms = start.elapsed().as_millis() as u64;
+    let src_ns = &pod.workload.namespace;
     match (result, route) {
         (Ok((sent, received)), Route::Hbone { workload, identity, target, .. }) => info!(
-            direction = "outbound", src.workload = %pod.workload.uid, src.identity = %pod.identity, %peer, %dst,
+            direction = "outbound", src.workload = %pod.workload.uid, src.namespace = %src_ns, src.identity = %pod.identity, %peer, %dst,
             endpoint = %target, dst.workload = %workload, dst.identity = %identity, protocol = "HBONE", sent, received, dur_ms, "connection complete"),
         (Ok((sent, received)), _) => info!(
-            direction = "outbound", src.workload = %pod.workload.uid, %peer, %dst, protocol = "TCP", sent, received, dur_ms, "connection complete"),
-        (Err(error), _) => warn!(direction = "outbound", src.workload = %pod.workload.uid, %peer, %dst, %error, dur_ms, "connection failed"),
+            direction = "outbound", src.workload = %pod.workload.uid, src.namespace = %src_ns, %peer, %dst, protocol = "TCP", sent, received, dur_ms, "connection complete"),
+        (Err(error), _) => warn!(direction = "outbound", src.workload = %pod.workload.uid, src.namespace = %src_ns, %peer, %dst, %error, dur_ms, "connection failed"),
     }
 }
 
+/// Opens the HBONE stream for one outbound connection (pooled).
 async fn hbone_out(
     ctx: &Ctx,
     pod: &Arc<Pod>,
-    tcp: &mut TcpStream,
     peer: SocketAddr,
     target: SocketAddr,
     hbone: SocketAddr,
     dst_identity: Identity,
-) -> Result<(u64, u64), String> {
-    let cert = ctx.certs.get(&pod.identity).await.map_err(|e| e.to_string())?;
+) -> Result<H2Stream, OutError> {
+    let cert = ctx.certs.get(&pod.identity).await.map_err(|e| OutError { message: e.to_string(), denied: false })?;
     let key = PoolKey {
         source: pod.workload.uid.clone(),
         src_identity: pod.identity.clone(),
@@ -159,12 +184,16 @@ async fn hbone_out(
         Box::pin(async move { pod.netns.connect(addr).await })
     });
     let req = ConnectRequest { authority: target.to_string(), headers: connect_headers(pod, peer) };
-    let mut stream = ctx
-        .pool
-        .connect(key, cert.cert.clone(), dial, req)
-        .await
-        .map_err(|e| format!("HBONE to {hbone} for {target}: {e}"))?;
-    tokio::io::copy_bidirectional(tcp, &mut stream).await.map_err(|e| e.to_string())
+    ctx.pool.connect(key, cert.cert.clone(), dial, req).await.map_err(|e| OutError {
+        denied: matches!(e, HboneError::Status(s) if s == http::StatusCode::UNAUTHORIZED),
+        message: format!("HBONE to {hbone} for {target}: {e}"),
+    })
+}
+
+/// Why an HBONE stream could not be opened; `denied` when the destination's policy said 401.
+struct OutError {
+    message: String,
+    denied: bool,
 }
 
 /// The informational headers Istio's ztunnel sends with CONNECT; receivers require none.

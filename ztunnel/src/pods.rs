@@ -77,6 +77,10 @@ fn reconcile(ctx: &Arc<Ctx>, enrolled: &mut HashMap<String, Enrolled>) {
         }
         match start(ctx, w) {
             Ok(e) => {
+                ctx.enrolled.lock().unwrap_or_else(|p| p.into_inner()).insert(uid.clone(), serde_json::json!({
+                    "uid": uid, "identity": e.pod.identity.to_string(), "ips": e.pod.workload.ips,
+                    "netns": e.pod.netns.path().display().to_string(), "capture": ctx.capture.mode().to_string(),
+                }));
                 info!(pod = %uid, identity = %e.pod.identity, netns = %e.pod.netns.path().display(), capture = %ctx.capture.mode(), "pod enrolled");
                 enrolled.insert(uid, e);
             }
@@ -144,6 +148,7 @@ enum Kind {
 }
 
 fn stop(ctx: &Ctx, uid: &str, e: Enrolled) {
+    ctx.enrolled.lock().unwrap_or_else(|p| p.into_inner()).remove(uid);
     if let Err(err) = ctx.capture.unenroll(&e.pod.netns) {
         // The namespace may already be gone with its pod; nothing of ours can remain then.
         warn!(pod = %uid, error = %err, "removing capture failed");

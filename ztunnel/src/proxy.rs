@@ -16,6 +16,7 @@ use meshcore::policy::DecisionCache;
 use crate::capture::Capture;
 use crate::certs::CertManager;
 use crate::config::ConfigRx;
+use crate::metrics::Metrics;
 use crate::netns::Netns;
 use crate::policy::{LiveConns, PoliciesRx};
 
@@ -29,6 +30,9 @@ pub struct Ctx {
     pub policies: PoliciesRx,
     pub decisions: Arc<DecisionCache>,
     pub live: Arc<LiveConns>,
+    pub metrics: Arc<Metrics>,
+    /// What each enrolled pod looks like, for the admin config dump (pod uid → details).
+    pub enrolled: std::sync::Mutex<std::collections::BTreeMap<String, serde_json::Value>>,
 }
 
 /// One enrolled pod, as its listeners see it.
@@ -48,19 +52,6 @@ impl Pod {
 
     pub fn owns(&self, ip: IpAddr) -> bool {
         self.ips.contains(&canonical(ip))
-    }
-}
-
-/// Copies both ways until done, or until `cancel` is notified (a policy change denied the
-/// connection), returning bytes (a→b, b→a).
-pub async fn copy_until<A, B>(a: &mut A, b: &mut B, cancel: &tokio::sync::Notify) -> std::io::Result<(u64, u64)>
-where
-    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    tokio::select! {
-        r = tokio::io::copy_bidirectional(a, b) => r,
-        _ = cancel.notified() => Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, "closed: denied by a policy change")),
     }
 }
 
