@@ -35,11 +35,20 @@ pub struct MeshOptions {
     pub cert_lifetime: String,
     /// Extra `RUST_LOG` for mesh processes.
     pub log: String,
+    /// ztunnel's `--capture` mode; `$MESH_CAPTURE` overrides the default.
+    pub capture: String,
 }
 
 impl Default for MeshOptions {
     fn default() -> Self {
-        MeshOptions { nodes: 2, ipv6: true, trust_domain: "cluster.local".into(), cert_lifetime: "24h".into(), log: "info".into() }
+        MeshOptions {
+            nodes: 2,
+            ipv6: true,
+            trust_domain: "cluster.local".into(),
+            cert_lifetime: "24h".into(),
+            log: "info".into(),
+            capture: std::env::var("MESH_CAPTURE").unwrap_or_else(|_| "nftables".into()),
+        }
     }
 }
 
@@ -156,6 +165,7 @@ impl LocalMesh {
             .arg("--meshd").arg(format!("unix:{}", self.socket.display()))
             .arg("--token-file").arg(&token)
             .arg("--log-format").arg("json")
+            .arg("--capture").arg(&self.opts.capture)
             .env("RUST_LOG", &self.opts.log);
         let proc = self.cluster.spawn(&node.netns, cmd, &format!("ztunnel-{}", node.name))?;
         self.ztunnels.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(proc);
@@ -311,10 +321,30 @@ impl LocalMesh {
         Ok(!String::from_utf8_lossy(&out.stdout).trim().is_empty())
     }
 
-    /// Whether ztunnel's capture table is installed in the pod.
-    pub fn captured(&self, namespace: &str, name: &str) -> anyhow::Result<bool> {
+    /// Whether an nftables table of ztunnel's exists in the pod (nftables capture mode).
+    pub fn nft_table_present(&self, namespace: &str, name: &str) -> anyhow::Result<bool> {
         let out = self.exec(namespace, name, &["nft", "list", "table", "inet", "ztunnel"])?;
         Ok(out.status.success())
+    }
+
+    /// ztunnel's admin config dump on node `i` (its admin port is local to the node's netns).
+    pub fn config_dump(&self, node: usize) -> anyhow::Result<serde_json::Value> {
+        let n = self.cluster.nodes().get(node).cloned().context("no such node")?;
+        let out = self.cluster.run(&n.netns, &["curl", "-sf", "--max-time", "5", "http://127.0.0.1:15000/config_dump"])?;
+        anyhow::ensure!(out.status.success(), "config_dump on node-{node}: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// Whether the pod's node's ztunnel reports it enrolled (capture on, whatever the mode).
+    pub fn captured(&self, namespace: &str, name: &str) -> anyhow::Result<bool> {
+        let node = self.pod(namespace, name)?.node;
+        let uid = format!("{namespace}/{name}");
+        let dump = match self.config_dump(node) {
+            Ok(d) => d,
+            Err(_) => return Ok(false), // ztunnel not up (yet): nothing is enrolled
+        };
+        let enrolled = dump["pods"].as_array().is_some_and(|pods| pods.iter().any(|p| p["uid"] == uid.as_str()));
+        Ok(enrolled)
     }
 
     /// Waits until ztunnel has enrolled the pod (capture installed and HBONE listening).
@@ -324,10 +354,12 @@ impl LocalMesh {
         })
     }
 
-    /// Waits until nothing of ztunnel remains in the pod.
+    /// Waits until nothing of ztunnel remains in the pod: not enrolled, no listener, no nft table.
     pub fn wait_unenrolled(&self, namespace: &str, name: &str) -> anyhow::Result<()> {
         wait_for(DEADLINE, &format!("{namespace}/{name} to be unenrolled"), || {
-            Ok(!self.captured(namespace, name)? && !self.listening(namespace, name, meshcore::HBONE_PORT)?)
+            Ok(!self.captured(namespace, name)?
+                && !self.listening(namespace, name, meshcore::HBONE_PORT)?
+                && !self.nft_table_present(namespace, name)?)
         })
     }
 

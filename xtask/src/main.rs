@@ -108,7 +108,7 @@ fn have(cmd: &str) -> bool {
 
 /// Installs what is missing, and only that.
 fn deps() -> anyhow::Result<()> {
-    let wanted = [("nft", "nftables"), ("ip", "iproute2"), ("ss", "iproute2"), ("tcpdump", "tcpdump"), ("python3", "python3")];
+    let wanted = [("nft", "nftables"), ("ip", "iproute2"), ("ss", "iproute2"), ("tcpdump", "tcpdump"), ("curl", "curl"), ("python3", "python3")];
     let mut missing: Vec<&str> = wanted.iter().filter(|(c, _)| !have(c)).map(|(_, p)| *p).collect();
     missing.dedup();
     if !missing.is_empty() {
