@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use meshcore::Identity;
-use meshcore::ca::{CaError, CertAuthority};
+use meshcore::ca::CaError;
 use meshcore::nodeauth::NodeAuthority;
 use meshcore::proto::ca::certificate_service_server::CertificateService;
 use meshcore::proto::ca::{CertificateRequest, CertificateResponse};
@@ -17,10 +17,11 @@ use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
 use crate::authn::authenticate;
+use crate::roots::Roots;
 use crate::translate::VersionedView;
 
 pub struct CaService {
-    ca: Arc<CertAuthority>,
+    roots: watch::Receiver<Arc<Roots>>,
     auth: Arc<NodeAuthority>,
     views: watch::Receiver<Arc<VersionedView>>,
     /// Default and maximum certificate lifetime.
@@ -29,13 +30,13 @@ pub struct CaService {
 
 impl CaService {
     pub fn new(
-        ca: Arc<CertAuthority>,
+        roots: watch::Receiver<Arc<Roots>>,
         auth: Arc<NodeAuthority>,
         views: watch::Receiver<Arc<VersionedView>>,
         lifetime: Duration,
     ) -> Self {
         CaService {
-            ca,
+            roots,
             auth,
             views,
             lifetime,
@@ -59,14 +60,16 @@ impl CertificateService for CaService {
     ) -> Result<Response<CertificateResponse>, Status> {
         let node = authenticate(&self.auth, &req)?;
         let req = req.into_inner();
+        // One consistent view of the roots for this request, even mid-rotation.
+        let roots = self.roots.borrow().clone();
         let identity: Identity = req
             .identity
             .parse()
             .map_err(|e| Status::invalid_argument(format!("{e}")))?;
-        if identity.trust_domain != self.ca.trust_domain() {
+        if identity.trust_domain != roots.signer.trust_domain() {
             return Err(Status::invalid_argument(format!(
                 "identity {identity} is not in this mesh's trust domain {:?}",
-                self.ca.trust_domain()
+                roots.signer.trust_domain()
             )));
         }
         let runs_here = {
@@ -84,8 +87,8 @@ impl CertificateService for CaService {
             )));
         }
         let validity = self.validity(req.validity_seconds);
-        let leaf = self
-            .ca
+        let leaf = roots
+            .signer
             .sign_csr(&req.csr_pem, &identity, validity)
             .map_err(|e| match e {
                 CaError::CsrPem(_)
@@ -98,7 +101,7 @@ impl CertificateService for CaService {
         info!(%node, %identity, ?validity, "issued certificate");
         Ok(Response::new(CertificateResponse {
             cert_chain_pem: vec![leaf],
-            trust_bundle_pem: vec![self.ca.root_pem().to_string()],
+            trust_bundle_pem: roots.bundle.clone(),
         }))
     }
 }

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use meshcore::ca::{CaError, CertAuthority};
+use meshcore::ca::CaError;
 use meshcore::proto::ca::certificate_service_server::CertificateServiceServer;
 use meshcore::proto::config::TrustBundle;
 use meshcore::proto::config::config_service_server::ConfigServiceServer;
@@ -19,6 +19,7 @@ use tonic::transport::Server;
 use tracing::{info, warn};
 
 use crate::ca_service::CaService;
+use crate::roots::{self, Roots};
 use crate::config_service::ConfigStream;
 use crate::local_source::{LocalSource, SourceError};
 use crate::resources::ResourceSet;
@@ -46,6 +47,8 @@ pub enum RunError {
     #[error("certificate authority in {dir}: {source}")]
     Ca { dir: String, source: CaError },
     #[error(transparent)]
+    Roots(#[from] crate::roots::RootsError),
+    #[error(transparent)]
     Source(#[from] SourceError),
     #[error("cannot listen on {addr}: {reason}")]
     Listen { addr: String, reason: String },
@@ -62,21 +65,16 @@ pub async fn run(
     state::ensure_dir(&cfg.state_dir)?;
     let auth = Arc::new(state::node_authority(&cfg.state_dir)?);
     let ca_dir = state::ca_dir(&cfg.state_dir);
-    let ca =
-        CertAuthority::load_or_create(&ca_dir, &cfg.settings.trust_domain).map_err(|source| {
-            RunError::Ca {
-                dir: ca_dir.display().to_string(),
-                source,
-            }
-        })?;
-    let ca = Arc::new(ca);
-    let trust_bundle = TrustBundle {
-        trust_domain: ca.trust_domain().to_string(),
-        roots_pem: vec![ca.root_pem().to_string()],
-    };
+    let first = roots::load(&ca_dir, &cfg.settings.trust_domain)?;
+    let roots = roots::watch(
+        ca_dir,
+        cfg.settings.trust_domain.clone(),
+        first,
+        Duration::from_millis(500),
+    );
 
     let (_source, resources) = LocalSource::start(&cfg.config_dir, cfg.poll_interval)?;
-    let views = spawn_translation(resources, cfg.settings.clone(), trust_bundle);
+    let views = spawn_translation(resources, cfg.settings.clone(), roots.clone());
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let router = Server::builder()
@@ -86,7 +84,7 @@ pub async fn run(
             stop_rx.clone(),
         )))
         .add_service(CertificateServiceServer::new(CaService::new(
-            ca,
+            roots,
             auth,
             views,
             cfg.cert_lifetime,
@@ -144,8 +142,13 @@ pub async fn run(
 fn spawn_translation(
     mut resources: watch::Receiver<Arc<ResourceSet>>,
     settings: Settings,
-    trust_bundle: TrustBundle,
+    mut roots: watch::Receiver<Arc<Roots>>,
 ) -> watch::Receiver<Arc<VersionedView>> {
+    let bundle = |r: &Roots| TrustBundle {
+        trust_domain: settings.trust_domain.clone(),
+        roots_pem: r.bundle.clone(),
+    };
+    let trust_bundle = bundle(&roots.borrow_and_update());
     let first = translate::translate(&resources.borrow_and_update(), &settings, &trust_bundle);
     info!(
         workloads = first.workloads.len(),
@@ -158,8 +161,17 @@ fn spawn_translation(
         view: first,
     }));
     tokio::spawn(async move {
-        while resources.changed().await.is_ok() {
+        loop {
+            // A new resource set or a new trust bundle (root rotation) both make a new view.
+            tokio::select! {
+                r = resources.changed() => if r.is_err() { return },
+                r = roots.changed() => if r.is_err() { return },
+            }
             let set = resources.borrow_and_update().clone();
+            let trust_bundle = TrustBundle {
+                trust_domain: settings.trust_domain.clone(),
+                roots_pem: roots.borrow_and_update().bundle.clone(),
+            };
             let view = translate::translate(&set, &settings, &trust_bundle);
             tx.send_if_modified(|cur| {
                 if cur.view == view {

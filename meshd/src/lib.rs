@@ -13,6 +13,7 @@ pub mod delta;
 pub mod local_source;
 pub mod parse;
 pub mod resources;
+pub mod roots;
 pub mod schema;
 pub mod settings;
 pub mod state;

@@ -39,6 +39,26 @@ enum Cmd {
         #[arg(long)]
         node: String,
     },
+    /// Rotate the CA root without dropping connections (a running meshd picks changes up live).
+    Ca {
+        #[command(subcommand)]
+        step: CaStep,
+        /// meshd's state directory.
+        #[arg(long, global = true, default_value = "")]
+        state_dir: PathBuf,
+        #[arg(long, global = true, default_value = "cluster.local")]
+        trust_domain: String,
+    },
+}
+
+#[derive(Subcommand, Clone, Copy)]
+enum CaStep {
+    /// Step 1: create a new root; the mesh trusts old and new, the old one still signs.
+    PrepareRotation,
+    /// Step 2: the new root signs from now on; the old one stays trusted.
+    Activate,
+    /// Step 3: stop trusting retired roots (after certificates they signed have been renewed).
+    Retire,
 }
 
 #[derive(clap::Args)]
@@ -74,6 +94,7 @@ fn main() -> ExitCode {
     let result = match cli.cmd {
         Cmd::NodeToken { state_dir, node } => node_token(&state_dir, &node),
         Cmd::Run(args) => run(args),
+        Cmd::Ca { step, state_dir, trust_domain } => ca_step(step, &state_dir, &trust_domain),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -92,6 +113,31 @@ fn node_token(state_dir: &std::path::Path, node: &str) -> anyhow::Result<()> {
     );
     let auth = state::node_authority(state_dir)?;
     println!("{}", auth.token(node));
+    Ok(())
+}
+
+fn ca_step(step: CaStep, state_dir: &std::path::Path, trust_domain: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(!state_dir.as_os_str().is_empty(), "--state-dir is required");
+    let ca_dir = state::ca_dir(state_dir);
+    anyhow::ensure!(
+        ca_dir.join("root-cert.pem").exists(),
+        "{} has no CA yet: start meshd once first",
+        ca_dir.display()
+    );
+    match step {
+        CaStep::PrepareRotation => {
+            meshd::roots::prepare(&ca_dir, trust_domain)?;
+            println!("new root created under {}/next: trusted now, not yet signing", ca_dir.display());
+        }
+        CaStep::Activate => {
+            meshd::roots::activate(&ca_dir)?;
+            println!("new root is signing; the old root stays trusted until `meshd ca retire`");
+        }
+        CaStep::Retire => {
+            let n = meshd::roots::retire(&ca_dir)?;
+            println!("retired {n} old root(s)");
+        }
+    }
     Ok(())
 }
 
