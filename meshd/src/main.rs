@@ -43,22 +43,26 @@ enum Cmd {
     Ca {
         #[command(subcommand)]
         step: CaStep,
-        /// meshd's state directory.
-        #[arg(long, global = true, default_value = "")]
-        state_dir: PathBuf,
-        #[arg(long, global = true, default_value = "cluster.local")]
-        trust_domain: String,
     },
 }
 
-#[derive(Subcommand, Clone, Copy)]
+#[derive(Subcommand)]
 enum CaStep {
     /// Step 1: create a new root; the mesh trusts old and new, the old one still signs.
-    PrepareRotation,
+    PrepareRotation(CaArgs),
     /// Step 2: the new root signs from now on; the old one stays trusted.
-    Activate,
+    Activate(CaArgs),
     /// Step 3: stop trusting retired roots (after certificates they signed have been renewed).
-    Retire,
+    Retire(CaArgs),
+}
+
+#[derive(clap::Args)]
+struct CaArgs {
+    /// meshd's state directory.
+    #[arg(long)]
+    state_dir: PathBuf,
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
 }
 
 #[derive(clap::Args)]
@@ -94,7 +98,7 @@ fn main() -> ExitCode {
     let result = match cli.cmd {
         Cmd::NodeToken { state_dir, node } => node_token(&state_dir, &node),
         Cmd::Run(args) => run(args),
-        Cmd::Ca { step, state_dir, trust_domain } => ca_step(step, &state_dir, &trust_domain),
+        Cmd::Ca { step } => ca_step(step),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -116,24 +120,24 @@ fn node_token(state_dir: &std::path::Path, node: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn ca_step(step: CaStep, state_dir: &std::path::Path, trust_domain: &str) -> anyhow::Result<()> {
-    anyhow::ensure!(!state_dir.as_os_str().is_empty(), "--state-dir is required");
-    let ca_dir = state::ca_dir(state_dir);
+fn ca_step(step: CaStep) -> anyhow::Result<()> {
+    let (CaStep::PrepareRotation(args) | CaStep::Activate(args) | CaStep::Retire(args)) = &step;
+    let ca_dir = state::ca_dir(&args.state_dir);
     anyhow::ensure!(
         ca_dir.join("root-cert.pem").exists(),
         "{} has no CA yet: start meshd once first",
         ca_dir.display()
     );
     match step {
-        CaStep::PrepareRotation => {
-            meshd::roots::prepare(&ca_dir, trust_domain)?;
+        CaStep::PrepareRotation(_) => {
+            meshd::roots::prepare(&ca_dir, &args.trust_domain)?;
             println!("new root created under {}/next: trusted now, not yet signing", ca_dir.display());
         }
-        CaStep::Activate => {
+        CaStep::Activate(_) => {
             meshd::roots::activate(&ca_dir)?;
             println!("new root is signing; the old root stays trusted until `meshd ca retire`");
         }
-        CaStep::Retire => {
+        CaStep::Retire(_) => {
             let n = meshd::roots::retire(&ca_dir)?;
             println!("retired {n} old root(s)");
         }

@@ -116,10 +116,10 @@ fn deps() -> anyhow::Result<()> {
         run(Command::new("apt-get").args(["update", "-qq"]))?;
         run(Command::new("apt-get").args(["install", "-y", "-qq"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
-    let h2 = Command::new("python3").args(["-c", "import h2"]).output().is_ok_and(|o| o.status.success());
+    let h2 = Command::new("python3").args(["-c", "import h2, prometheus_client"]).output().is_ok_and(|o| o.status.success());
     if !h2 {
         eprintln!("xtask: installing the Python h2 package (independent HBONE peer in tests)");
-        run(Command::new("python3").args(["-m", "pip", "install", "-q", "h2"]))?;
+        run(Command::new("python3").args(["-m", "pip", "install", "-q", "h2", "prometheus_client"]))?;
     }
     Ok(())
 }

@@ -14,7 +14,7 @@ use meshcore::Identity;
 use meshcore::proto::ca::CertificateRequest;
 use meshcore::proto::ca::certificate_service_client::CertificateServiceClient;
 use meshcore::tls::{self, WorkloadCert};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio::task::AbortHandle;
 use tracing::{info, warn};
 
@@ -44,6 +44,8 @@ pub enum CertError {
 struct Slot {
     rx: watch::Receiver<CertState>,
     task: AbortHandle,
+    /// Wakes the refresh task to renew now instead of at half-life.
+    renew_now: Arc<Notify>,
 }
 
 pub struct CertManager {
@@ -95,17 +97,10 @@ impl CertManager {
 
     /// Fetches every certificate again now (the trust bundle changed: new certificates carry
     /// the new roots, so peers signed by a new root verify).
-    pub fn refresh_all(self: &Arc<Self>) {
-        let ids: Vec<Identity> = {
-            let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-            slots.drain().map(|(id, slot)| {
-                slot.task.abort();
-                id
-            }).collect()
-        };
-        // Old entries stay usable until the new ones arrive: restart with the last good state.
-        for id in ids {
-            self.prefetch(&id);
+    pub fn refresh_all(&self) {
+        // The current certificates stay in use until their replacements arrive.
+        for slot in self.slots.lock().unwrap_or_else(|p| p.into_inner()).values() {
+            slot.renew_now.notify_one();
         }
     }
 
@@ -120,8 +115,10 @@ impl CertManager {
             return slot.rx.clone();
         }
         let (tx, rx) = watch::channel(CertState::Pending);
-        let task = tokio::spawn(refresh_loop(self.meshd.clone(), self.metrics.clone(), id.clone(), tx)).abort_handle();
-        slots.insert(id.clone(), Slot { rx: rx.clone(), task });
+        let renew_now = Arc::new(Notify::new());
+        let task = tokio::spawn(refresh_loop(self.meshd.clone(), self.metrics.clone(), id.clone(), tx, renew_now.clone()))
+            .abort_handle();
+        slots.insert(id.clone(), Slot { rx: rx.clone(), task, renew_now });
         rx
     }
 
@@ -170,20 +167,23 @@ impl CertManager {
     }
 }
 
-async fn refresh_loop(meshd: Meshd, metrics: Arc<Metrics>, id: Identity, tx: watch::Sender<CertState>) {
+async fn refresh_loop(meshd: Meshd, metrics: Arc<Metrics>, id: Identity, tx: watch::Sender<CertState>, renew_now: Arc<Notify>) {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
     loop {
         match fetch(&meshd, &id).await {
             Ok(entry) => {
                 backoff.reset();
                 metrics.cert_issued(&id.to_string());
-                let (nb, na) = (entry.cert.not_before, entry.cert.not_after);
-                info!(%id, expires_in_s = na.duration_since(SystemTime::now()).unwrap_or_default().as_secs(), "workload certificate issued");
+                let remaining = entry.cert.not_after.duration_since(SystemTime::now()).unwrap_or_default();
+                info!(%id, expires_in_s = remaining.as_secs(), "workload certificate issued");
                 tx.send_replace(CertState::Ready(entry));
-                // Renew at half-life, measured from issuance.
-                let half = na.duration_since(nb).unwrap_or_default() / 2;
-                let wake = (nb + half).duration_since(SystemTime::now()).unwrap_or_default();
-                tokio::time::sleep(wake.max(Duration::from_secs(1))).await;
+                // Renew at half-life counted from receipt: the CA backdates notBefore for clock
+                // skew, so notBefore would make short certificates renew almost at once.
+                let wake = remaining / 2;
+                tokio::select! {
+                    _ = tokio::time::sleep(wake.max(Duration::from_millis(500))) => {},
+                    _ = renew_now.notified() => info!(%id, "renewing certificate now (trust bundle changed)"),
+                }
             }
             Err(error) => {
                 warn!(%id, %error, "workload certificate request failed; retrying with backoff");
