@@ -41,7 +41,9 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<bool> {
         Check { title: "shop/frontend (node-0) → billing/payments pod IP (node-1), IPv6".into(), result: cross_node(&mesh, true) },
         Check { title: "shop/frontend → Service payments.billing VIP :80".into(), result: via_vip(&mesh) },
         Check { title: "shop/frontend (mesh) → legacy/inventory (not in mesh)".into(), result: mesh_to_plain(&mesh) },
-        Check { title: "legacy/inventory (not in mesh) → billing/payments (mesh, PERMISSIVE)".into(), result: plain_to_mesh(&mesh) },
+        Check { title: "legacy/inventory (not in mesh) → shop/frontend (mesh, PERMISSIVE)".into(), result: plain_to_mesh(&mesh) },
+        Check { title: "legacy/inventory (not in mesh) → billing/payments (mesh, STRICT)".into(), result: strict_refuses(&mesh) },
+        Check { title: "shop/frontend → billing/payments admin port :9090 (DENY policy)".into(), result: deny_blocks(&mesh) },
     ];
     let ok = report(&mesh, &checks);
     if let Some(set) = signals {
@@ -132,17 +134,72 @@ fn mesh_to_plain(mesh: &LocalMesh) -> anyhow::Result<Vec<String>> {
 }
 
 fn plain_to_mesh(mesh: &LocalMesh) -> anyhow::Result<Vec<String>> {
-    let pay = mesh.pod("billing", "payments")?;
-    let who = mesh.who("legacy", "inventory", &format!("{}:8080", pay.ip4), &nonce("in"))?;
-    anyhow::ensure!(who.served_by == "payments", "served by {:?}", who.served_by);
-    let entry = mesh.wait_access_log(1, "peer", &who.client_local)?;
+    let front = mesh.pod("shop", "frontend")?;
+    let who = mesh.who("legacy", "inventory", &format!("{}:8080", front.ip4), &nonce("in"))?;
+    anyhow::ensure!(who.served_by == "frontend", "served by {:?}", who.served_by);
+    let entry = mesh.wait_access_log(0, "peer", &who.client_local)?;
     anyhow::ensure!(field(&entry, "direction") == "inbound", "not seen by the destination ztunnel: {entry}");
     Ok(vec!["plaintext accepted by the destination's ztunnel (15006) and delivered".into()])
 }
 
+fn strict_refuses(mesh: &LocalMesh) -> anyhow::Result<Vec<String>> {
+    let pay = mesh.pod("billing", "payments")?;
+    match mesh.who("legacy", "inventory", &format!("{}:8080", pay.ip4), &nonce("strict")) {
+        Ok(who) => anyhow::bail!("plaintext reached {} despite STRICT mTLS", who.served_by),
+        Err(_) => {}
+    }
+    crate::wait_for(std::time::Duration::from_secs(10), "node-1's ztunnel to log the refusal", || {
+        Ok(mesh.ztunnel_log(1).lines().any(|l| l.contains("PeerAuthentication STRICT")))
+    })?;
+    // Mesh clients still get in, over mTLS.
+    let who = mesh.who("shop", "frontend", &format!("{}:8080", pay.ip4), &nonce("strict-mesh"))?;
+    anyhow::ensure!(who.served_by == "payments", "mesh client refused too");
+    Ok(vec![
+        "refused: PeerAuthentication billing/default is STRICT (examples/demo/20-policies.yaml)".into(),
+        "shop/frontend still reaches payments over mTLS".into(),
+    ])
+}
+
+fn deny_blocks(mesh: &LocalMesh) -> anyhow::Result<Vec<String>> {
+    let pay = mesh.pod("billing", "payments")?;
+    if let Ok(who) = mesh.who("shop", "frontend", &format!("{}:9090", pay.ip4), &nonce("admin")) {
+        anyhow::bail!("the admin port answered ({}) despite the DENY policy", who.served_by);
+    }
+    crate::wait_for(std::time::Duration::from_secs(10), "node-1's ztunnel to log the 401", || {
+        Ok(mesh.ztunnel_log(1).lines().any(|l| l.contains("billing/no-admin-from-frontend") && l.contains("401")))
+    })?;
+    let who = mesh.who("shop", "frontend", &format!("{}:8080", pay.ip4), &nonce("api"))?;
+    anyhow::ensure!(who.served_by == "payments", "the API port must stay open");
+    Ok(vec![
+        "HBONE CONNECT answered 401 by node-1's ztunnel: AuthorizationPolicy billing/no-admin-from-frontend".into(),
+        "the API port :8080 stays open to the frontend".into(),
+    ])
+}
+
+/// The destination-reported istio_tcp_connections_closed_total lines for billing/payments (the
+/// closed counter carries each connection's final response flags, e.g. DENY).
+fn metric_lines(mesh: &LocalMesh) -> Vec<String> {
+    let Some(node) = mesh.cluster.nodes().get(1).cloned() else { return vec![] };
+    let Ok(out) = mesh.cluster.run(&node.netns, &["curl", "-sf", "--max-time", "5", "http://127.0.0.1:15020/metrics"]) else {
+        return vec![];
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with("istio_tcp_connections_closed_total") && l.contains("destination_workload=\"payments\""))
+        .map(|l| {
+            // Keep the labels a reader cares about; the full set is on :15020/metrics.
+            let keep = ["reporter", "source_workload", "source_principal", "destination_workload", "response_flags", "connection_security_policy"];
+            let (labels, value) = l.rsplit_once(' ').unwrap_or((l, ""));
+            let inner = labels.split_once('{').map(|(_, r)| r.trim_end_matches('}')).unwrap_or("");
+            let picked: Vec<&str> = inner.split("\",").map(|kv| kv.trim_end_matches('"')).filter(|kv| keep.iter().any(|k| kv.starts_with(&format!("{k}=")))).collect();
+            format!("istio_tcp_connections_closed_total{{{}\"}} {value}", picked.join("\","))
+        })
+        .collect()
+}
+
 fn report(mesh: &LocalMesh, checks: &[Check]) -> bool {
     println!();
-    println!("Local-mode mesh: {} nodes, trust domain {}, capture nftables", mesh.cluster.nodes().len(), mesh.opts.trust_domain);
+    println!("Local-mode mesh: {} nodes, trust domain {}, capture {}", mesh.cluster.nodes().len(), mesh.opts.trust_domain, mesh.opts.capture);
     println!();
     let mut passed = 0;
     for c in checks {
@@ -155,6 +212,14 @@ fn report(mesh: &LocalMesh, checks: &[Check]) -> bool {
                 }
             }
             Err(e) => println!("  FAIL  {}\n          {e:#}", c.title),
+        }
+    }
+    let metrics = metric_lines(mesh);
+    if !metrics.is_empty() {
+        println!();
+        println!("  Metrics from node-1's ztunnel (http://127.0.0.1:15020/metrics in its netns):");
+        for m in metrics {
+            println!("    {m}");
         }
     }
     println!();

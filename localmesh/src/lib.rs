@@ -13,6 +13,7 @@ pub mod render;
 pub mod wire;
 pub mod demo;
 pub mod bench;
+pub mod bench_policy;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -47,7 +48,7 @@ impl Default for MeshOptions {
             trust_domain: "cluster.local".into(),
             cert_lifetime: "24h".into(),
             log: "info".into(),
-            capture: std::env::var("MESH_CAPTURE").unwrap_or_else(|_| "nftables".into()),
+            capture: std::env::var("MESH_CAPTURE").unwrap_or_else(|_| "ebpf".into()),
         }
     }
 }

@@ -83,6 +83,12 @@ fn main() -> anyhow::Result<()> {
             unsafe { std::env::set_var("MESH_BIN_DIR", root.join("target/release")) };
             let rows = localmesh::bench::run(localmesh::bench::BenchOptions { duration: Duration::from_secs(seconds) })?;
             localmesh::bench::print(&rows);
+            let n = 10_000;
+            let (without, with) = localmesh::bench_policy::run(Duration::from_secs(seconds), n)?;
+            println!(
+                "{:<32} {:>10.2} {:<3} {:>10.2} {:<3} {:>9.2}x   (no policy vs {n} policies)",
+                "L4 authz: new connections", without, "c/s", with, "c/s", with / without
+            );
             Ok(())
         }
     }
@@ -140,7 +146,22 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     // Two mesh tests at a time keep a 2-core machine responsive.
     let mut cmd = Command::new(env!("CARGO"));
     cmd.args(["test", "--workspace", "--no-fail-fast"]).args(args).env("RUST_TEST_THREADS", "2");
-    let suite = run(&mut cmd);
+    let mut suite = run(&mut cmd);
+    // The mesh end-to-end tests once more in the other capture mode (the default run used
+    // $MESH_CAPTURE or localmesh's default, eBPF).
+    let other = if std::env::var("MESH_CAPTURE").is_ok_and(|m| m == "nftables") { "ebpf" } else { "nftables" };
+    let mut again = Command::new(env!("CARGO"));
+    again
+        .args(["test", "-p", "mesh-tests", "--no-fail-fast", "--test", "l4", "--test", "policy", "--test", "wire_compat"])
+        .args(args)
+        .env("RUST_TEST_THREADS", "2")
+        .env("MESH_CAPTURE", other);
+    let second = run(&mut again).with_context(|| format!("mesh tests with MESH_CAPTURE={other}"));
+    if suite.is_ok() {
+        suite = second;
+    } else if let Err(e) = second {
+        eprintln!("xtask: {e:#}");
+    }
     // Whatever happened, check that nothing of ours was left on the machine.
     let mut leaks = Command::new(env!("CARGO"));
     leaks.args(["test", "-p", "mesh-tests", "--test", "leaks", "--", "--ignored"]);
