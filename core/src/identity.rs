@@ -18,7 +18,9 @@ pub struct Identity {
 pub enum IdentityError {
     #[error("identity {0:?} does not start with spiffe://")]
     NotSpiffe(String),
-    #[error("identity {0:?} is not of the form spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>")]
+    #[error(
+        "identity {0:?} is not of the form spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>"
+    )]
     BadPath(String),
 }
 
@@ -39,7 +41,11 @@ impl Identity {
 
 impl fmt::Display for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "spiffe://{}/ns/{}/sa/{}", self.trust_domain, self.namespace, self.service_account)
+        write!(
+            f,
+            "spiffe://{}/ns/{}/sa/{}",
+            self.trust_domain, self.namespace, self.service_account
+        )
     }
 }
 
@@ -66,16 +72,32 @@ mod tests {
 
     #[test]
     fn round_trips() {
-        let id: Identity = "spiffe://cluster.local/ns/default/sa/bookinfo".parse().unwrap();
+        let id: Identity = "spiffe://cluster.local/ns/default/sa/bookinfo"
+            .parse()
+            .unwrap();
         assert_eq!(id, Identity::new("cluster.local", "default", "bookinfo"));
-        assert_eq!(id.to_string(), "spiffe://cluster.local/ns/default/sa/bookinfo");
+        assert_eq!(
+            id.to_string(),
+            "spiffe://cluster.local/ns/default/sa/bookinfo"
+        );
     }
 
     #[test]
     fn rejects_other_shapes() {
-        assert!(matches!("https://x/ns/a/sa/b".parse::<Identity>(), Err(IdentityError::NotSpiffe(_))));
-        for bad in ["spiffe://td/ns/a", "spiffe://td/ns//sa/b", "spiffe:///ns/a/sa/b", "spiffe://td/ns/a/sa/b/c"] {
-            assert!(matches!(bad.parse::<Identity>(), Err(IdentityError::BadPath(_))), "{bad}");
+        assert!(matches!(
+            "https://x/ns/a/sa/b".parse::<Identity>(),
+            Err(IdentityError::NotSpiffe(_))
+        ));
+        for bad in [
+            "spiffe://td/ns/a",
+            "spiffe://td/ns//sa/b",
+            "spiffe:///ns/a/sa/b",
+            "spiffe://td/ns/a/sa/b/c",
+        ] {
+            assert!(
+                matches!(bad.parse::<Identity>(), Err(IdentityError::BadPath(_))),
+                "{bad}"
+            );
         }
     }
 }

@@ -13,7 +13,9 @@ pub const AUTH_METADATA: &str = "authorization";
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum NodeAuthError {
-    #[error("no node credentials: send `authorization: Bearer <node token>` (see `meshd node-token`)")]
+    #[error(
+        "no node credentials: send `authorization: Bearer <node token>` (see `meshd node-token`)"
+    )]
     Missing,
     #[error("malformed node token: expected `Bearer node:<node>:<hex mac>`")]
     Malformed,
@@ -28,7 +30,9 @@ pub struct NodeAuthority {
 
 impl NodeAuthority {
     pub fn new(secret: &[u8]) -> Self {
-        NodeAuthority { key: hmac::Key::new(hmac::HMAC_SHA256, secret) }
+        NodeAuthority {
+            key: hmac::Key::new(hmac::HMAC_SHA256, secret),
+        }
     }
 
     /// The token for `node`.
@@ -40,14 +44,19 @@ impl NodeAuthority {
     /// Checks an `authorization` metadata value and returns the node it proves.
     pub fn verify(&self, header: Option<&str>) -> Result<String, NodeAuthError> {
         let header = header.ok_or(NodeAuthError::Missing)?;
-        let token = header.strip_prefix("Bearer ").ok_or(NodeAuthError::Malformed)?;
-        let rest = token.strip_prefix("node:").ok_or(NodeAuthError::Malformed)?;
+        let token = header
+            .strip_prefix("Bearer ")
+            .ok_or(NodeAuthError::Malformed)?;
+        let rest = token
+            .strip_prefix("node:")
+            .ok_or(NodeAuthError::Malformed)?;
         let (node, mac) = rest.rsplit_once(':').ok_or(NodeAuthError::Malformed)?;
         let mac = hex::decode(mac).map_err(|_| NodeAuthError::Malformed)?;
         if node.is_empty() {
             return Err(NodeAuthError::Malformed);
         }
-        hmac::verify(&self.key, node.as_bytes(), &mac).map_err(|_| NodeAuthError::BadMac(node.to_string()))?;
+        hmac::verify(&self.key, node.as_bytes(), &mac)
+            .map_err(|_| NodeAuthError::BadMac(node.to_string()))?;
         Ok(node.to_string())
     }
 }
@@ -62,9 +71,15 @@ mod tests {
         let b = NodeAuthority::new(b"secret-b");
         let t = format!("Bearer {}", a.token("node-1"));
         assert_eq!(a.verify(Some(&t)), Ok("node-1".to_string()));
-        assert_eq!(b.verify(Some(&t)), Err(NodeAuthError::BadMac("node-1".into())));
+        assert_eq!(
+            b.verify(Some(&t)),
+            Err(NodeAuthError::BadMac("node-1".into()))
+        );
         assert_eq!(a.verify(None), Err(NodeAuthError::Missing));
-        assert_eq!(a.verify(Some("Bearer node:x")), Err(NodeAuthError::Malformed));
+        assert_eq!(
+            a.verify(Some("Bearer node:x")),
+            Err(NodeAuthError::Malformed)
+        );
         // A token's node name cannot be swapped for another.
         let forged = t.replace("node-1", "node-2");
         assert!(a.verify(Some(&forged)).is_err());

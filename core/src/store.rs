@@ -81,11 +81,15 @@ impl ConfigStore {
     }
 
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
-        self.workload_by_ip.get(&canonical(ip)).and_then(|uid| self.workloads.get(uid))
+        self.workload_by_ip
+            .get(&canonical(ip))
+            .and_then(|uid| self.workloads.get(uid))
     }
 
     pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<Service>> {
-        self.service_by_vip.get(&canonical(ip)).and_then(|k| self.services.get(k))
+        self.service_by_vip
+            .get(&canonical(ip))
+            .and_then(|k| self.services.get(k))
     }
 
     pub fn workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {
@@ -101,7 +105,10 @@ impl ConfigStore {
     }
 
     /// Workloads scheduled on `node`.
-    pub fn local_workloads<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Arc<Workload>> + 'a {
+    pub fn local_workloads<'a>(
+        &'a self,
+        node: &'a str,
+    ) -> impl Iterator<Item = &'a Arc<Workload>> + 'a {
         self.workloads.values().filter(move |w| w.node == node)
     }
 
@@ -128,23 +135,40 @@ mod tests {
     use super::*;
 
     fn wl(uid: &str, ip: &str) -> Workload {
-        Workload { uid: uid.into(), ips: vec![ip.into()], ..Default::default() }
+        Workload {
+            uid: uid.into(),
+            ips: vec![ip.into()],
+            ..Default::default()
+        }
     }
 
     #[test]
     fn snapshot_replaces_and_delta_edits() {
         let mut s = ConfigStore::default();
-        s.apply(ConfigUpdate { snapshot: true, workloads: vec![wl("a/x", "10.0.0.1")], ..Default::default() });
+        s.apply(ConfigUpdate {
+            snapshot: true,
+            workloads: vec![wl("a/x", "10.0.0.1")],
+            ..Default::default()
+        });
         assert!(s.workload_by_ip("10.0.0.1".parse().unwrap()).is_some());
-        assert!(s.workload_by_ip("::ffff:10.0.0.1".parse().unwrap()).is_some());
+        assert!(
+            s.workload_by_ip("::ffff:10.0.0.1".parse().unwrap())
+                .is_some()
+        );
         s.apply(ConfigUpdate {
             workloads: vec![wl("a/y", "10.0.0.2")],
             removed_workloads: vec!["a/x".into()],
             ..Default::default()
         });
         assert!(s.workload_by_ip("10.0.0.1".parse().unwrap()).is_none());
-        assert_eq!(s.workload_by_ip("10.0.0.2".parse().unwrap()).unwrap().uid, "a/y");
-        s.apply(ConfigUpdate { snapshot: true, ..Default::default() });
+        assert_eq!(
+            s.workload_by_ip("10.0.0.2".parse().unwrap()).unwrap().uid,
+            "a/y"
+        );
+        s.apply(ConfigUpdate {
+            snapshot: true,
+            ..Default::default()
+        });
         assert_eq!(s.workloads().count(), 0);
     }
 }

@@ -59,7 +59,10 @@ pub struct Row {
 }
 
 pub fn run(opts: BenchOptions) -> anyhow::Result<Vec<Row>> {
-    let mesh = LocalMesh::start(MeshOptions { log: "warn".into(), ..Default::default() })?;
+    let mesh = LocalMesh::start(MeshOptions {
+        log: "warn".into(),
+        ..Default::default()
+    })?;
     mesh.apply("00-ns.yaml", MANIFEST)?;
     mesh.apply("10-raw.yaml", &pods("bench-raw"))?;
     mesh.apply("20-mesh.yaml", &pods("bench-mesh"))?;
@@ -78,20 +81,58 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<Vec<Row>> {
         argv.extend_from_slice(&["--addr", &addr, "--duration", &secs]);
         let out = mesh.exec(ns, "client", &argv)?;
         if !out.status.success() {
-            bail!("{ns}: {:?} failed: {}", args, String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "{ns}: {:?} failed: {}",
+                args,
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
-        serde_json::from_slice(&out.stdout).with_context(|| format!("{ns}: parsing {}", String::from_utf8_lossy(&out.stdout)))
+        serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("{ns}: parsing {}", String::from_utf8_lossy(&out.stdout)))
     };
     let num = |v: &Value, k: &str| v.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
     let mut rows = Vec::new();
     // Interleave raw and mesh per figure so drift on the shared machine hits both alike.
-    let bulk = [measure("bench-raw", &["bench-bulk"])?, measure("bench-mesh", &["bench-bulk"])?];
-    rows.push(Row { name: "bulk throughput, 1 stream", unit: "Gbit/s", raw: num(&bulk[0], "gbit_per_s"), mesh: num(&bulk[1], "gbit_per_s"), higher_is_better: true });
-    let rr = [measure("bench-raw", &["bench-rr", "--size", "1024"])?, measure("bench-mesh", &["bench-rr", "--size", "1024"])?];
-    rows.push(Row { name: "1 KiB request/response p50", unit: "µs", raw: num(&rr[0], "p50_us"), mesh: num(&rr[1], "p50_us"), higher_is_better: false });
-    rows.push(Row { name: "1 KiB request/response p99", unit: "µs", raw: num(&rr[0], "p99_us"), mesh: num(&rr[1], "p99_us"), higher_is_better: false });
-    let conn = [measure("bench-raw", &["bench-conn", "--concurrency", "8"])?, measure("bench-mesh", &["bench-conn", "--concurrency", "8"])?];
-    rows.push(Row { name: "new connections (8 workers)", unit: "conn/s", raw: num(&conn[0], "per_sec"), mesh: num(&conn[1], "per_sec"), higher_is_better: true });
+    let bulk = [
+        measure("bench-raw", &["bench-bulk"])?,
+        measure("bench-mesh", &["bench-bulk"])?,
+    ];
+    rows.push(Row {
+        name: "bulk throughput, 1 stream",
+        unit: "Gbit/s",
+        raw: num(&bulk[0], "gbit_per_s"),
+        mesh: num(&bulk[1], "gbit_per_s"),
+        higher_is_better: true,
+    });
+    let rr = [
+        measure("bench-raw", &["bench-rr", "--size", "1024"])?,
+        measure("bench-mesh", &["bench-rr", "--size", "1024"])?,
+    ];
+    rows.push(Row {
+        name: "1 KiB request/response p50",
+        unit: "µs",
+        raw: num(&rr[0], "p50_us"),
+        mesh: num(&rr[1], "p50_us"),
+        higher_is_better: false,
+    });
+    rows.push(Row {
+        name: "1 KiB request/response p99",
+        unit: "µs",
+        raw: num(&rr[0], "p99_us"),
+        mesh: num(&rr[1], "p99_us"),
+        higher_is_better: false,
+    });
+    let conn = [
+        measure("bench-raw", &["bench-conn", "--concurrency", "8"])?,
+        measure("bench-mesh", &["bench-conn", "--concurrency", "8"])?,
+    ];
+    rows.push(Row {
+        name: "new connections (8 workers)",
+        unit: "conn/s",
+        raw: num(&conn[0], "per_sec"),
+        mesh: num(&conn[1], "per_sec"),
+        higher_is_better: true,
+    });
     let errors = num(&conn[1], "errors");
     if errors > 0.0 {
         eprintln!("warning: {errors} connection errors through the mesh during bench-conn");
@@ -101,11 +142,19 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<Vec<Row>> {
 
 /// Prints rows as a table with mesh/raw ratios.
 pub fn print(rows: &[Row]) {
-    println!("{:<32} {:>14} {:>14} {:>10}", "L4, cross-node (same run)", "raw TCP", "mesh (HBONE)", "mesh/raw");
+    println!(
+        "{:<32} {:>14} {:>14} {:>10}",
+        "L4, cross-node (same run)", "raw TCP", "mesh (HBONE)", "mesh/raw"
+    );
     for r in rows {
         println!(
             "{:<32} {:>10.2} {:<3} {:>10.2} {:<3} {:>9.2}x",
-            r.name, r.raw, r.unit, r.mesh, r.unit, r.mesh / r.raw
+            r.name,
+            r.raw,
+            r.unit,
+            r.mesh,
+            r.unit,
+            r.mesh / r.raw
         );
     }
 }

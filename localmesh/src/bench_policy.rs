@@ -68,7 +68,10 @@ pub fn policies(n: usize) -> String {
 
 /// Returns (conn/s without policies, conn/s with `n` policies).
 pub fn run(duration: Duration, n: usize) -> anyhow::Result<(f64, f64)> {
-    let mesh = LocalMesh::start(MeshOptions { log: "warn,ztunnel::policy=info".into(), ..Default::default() })?;
+    let mesh = LocalMesh::start(MeshOptions {
+        log: "warn,ztunnel::policy=info".into(),
+        ..Default::default()
+    })?;
     mesh.apply("00-base.yaml", BASE)?;
     mesh.wait_listening("bench", "server", 8080)?;
     mesh.wait_enrolled("bench", "client")?;
@@ -78,9 +81,25 @@ pub fn run(duration: Duration, n: usize) -> anyhow::Result<(f64, f64)> {
     let echo = mesh.bins.echo.display().to_string();
     let secs = format!("{}ms", duration.as_millis());
     let rate = || -> anyhow::Result<f64> {
-        let out = mesh.exec("bench", "client", &[&echo, "bench-conn", "--addr", &addr, "--duration", &secs, "--concurrency", "8"])?;
+        let out = mesh.exec(
+            "bench",
+            "client",
+            &[
+                &echo,
+                "bench-conn",
+                "--addr",
+                &addr,
+                "--duration",
+                &secs,
+                "--concurrency",
+                "8",
+            ],
+        )?;
         if !out.status.success() {
-            bail!("bench-conn failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "bench-conn failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         let v: Value = serde_json::from_slice(&out.stdout).context("bench-conn output")?;
         anyhow::ensure!(v["errors"].as_f64() == Some(0.0), "connections failed: {v}");
@@ -89,9 +108,11 @@ pub fn run(duration: Duration, n: usize) -> anyhow::Result<(f64, f64)> {
     let without = rate()?;
     mesh.apply("10-policies.yaml", &policies(n))?;
     let want = format!("\"policies\":{n}");
-    wait_for(Duration::from_secs(120), &format!("node-1's ztunnel to compile {n} policies"), || {
-        Ok(mesh.ztunnel_log(1).contains(&want))
-    })?;
+    wait_for(
+        Duration::from_secs(120),
+        &format!("node-1's ztunnel to compile {n} policies"),
+        || Ok(mesh.ztunnel_log(1).contains(&want)),
+    )?;
     let with = rate()?;
     Ok((without, with))
 }

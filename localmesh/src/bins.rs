@@ -27,12 +27,24 @@ impl Bins {
                 .into_iter()
                 .filter(|d| d.join("ztunnel").exists())
                 .max_by_key(|d| d.join("ztunnel").metadata().and_then(|m| m.modified()).ok())
-                .with_context(|| format!("no built ztunnel under {}: run `cargo build --bins` first", target.display()))?
+                .with_context(|| {
+                    format!(
+                        "no built ztunnel under {}: run `cargo build --bins` first",
+                        target.display()
+                    )
+                })?
         };
-        let bins = Bins { meshd: dir.join("meshd"), ztunnel: dir.join("ztunnel"), echo: dir.join("mesh-echo") };
+        let bins = Bins {
+            meshd: dir.join("meshd"),
+            ztunnel: dir.join("ztunnel"),
+            echo: dir.join("mesh-echo"),
+        };
         for b in [&bins.meshd, &bins.ztunnel, &bins.echo] {
             if !b.exists() {
-                bail!("{} is missing: run `cargo build --bins` (or set MESH_BIN_DIR)", b.display());
+                bail!(
+                    "{} is missing: run `cargo build --bins` (or set MESH_BIN_DIR)",
+                    b.display()
+                );
             }
         }
         Ok(bins)

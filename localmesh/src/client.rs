@@ -25,9 +25,28 @@ pub struct Who {
 
 impl LocalMesh {
     /// Runs `mesh-echo who --addr <addr>` inside `namespace/pod`.
-    pub fn who(&self, namespace: &str, pod: &str, addr: &str, message: &str) -> anyhow::Result<Who> {
+    pub fn who(
+        &self,
+        namespace: &str,
+        pod: &str,
+        addr: &str,
+        message: &str,
+    ) -> anyhow::Result<Who> {
         let echo = self.bins.echo.display().to_string();
-        let out = self.exec(namespace, pod, &[&echo, "who", "--addr", addr, "--message", message, "--timeout", "5s"])?;
+        let out = self.exec(
+            namespace,
+            pod,
+            &[
+                &echo,
+                "who",
+                "--addr",
+                addr,
+                "--message",
+                message,
+                "--timeout",
+                "5s",
+            ],
+        )?;
         if !out.status.success() {
             bail!(
                 "{namespace}/{pod} → {addr} failed: {}{}",
@@ -39,7 +58,12 @@ impl LocalMesh {
         let mut lines = text.lines().filter(|l| !l.trim().is_empty());
         let client: Value = serde_json::from_str(lines.next().context("no client line")?)?;
         let reply: Value = serde_json::from_str(lines.next().context("no reply line")?)?;
-        let s = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).unwrap_or_default().to_string();
+        let s = |v: &Value, k: &str| {
+            v.get(k)
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string()
+        };
         Ok(Who {
             client_local: s(&client, "client_local"),
             client_peer: s(&client, "client_peer"),
@@ -56,7 +80,10 @@ impl LocalMesh {
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
             .filter_map(|v| v.get("fields").cloned())
             .filter(|f| {
-                matches!(f.get("message").and_then(Value::as_str), Some("connection complete" | "connection failed"))
+                matches!(
+                    f.get("message").and_then(Value::as_str),
+                    Some("connection complete" | "connection failed")
+                )
             })
             .collect()
     }
@@ -64,15 +91,26 @@ impl LocalMesh {
     /// Waits for node `i`'s access-log entry whose `field` equals `value`.
     pub fn wait_access_log(&self, node: usize, field: &str, value: &str) -> anyhow::Result<Value> {
         let mut found = None;
-        wait_for(Duration::from_secs(10), &format!("ztunnel access log entry {field}={value} on node {node}"), || {
-            found = self.access_log(node).into_iter().find(|f| f.get(field).and_then(Value::as_str) == Some(value));
-            Ok(found.is_some())
-        })?;
+        wait_for(
+            Duration::from_secs(10),
+            &format!("ztunnel access log entry {field}={value} on node {node}"),
+            || {
+                found = self
+                    .access_log(node)
+                    .into_iter()
+                    .find(|f| f.get(field).and_then(Value::as_str) == Some(value));
+                Ok(found.is_some())
+            },
+        )?;
         found.context("entry vanished")
     }
 }
 
 /// A string field of an access-log entry ("" if absent).
 pub fn field(entry: &Value, name: &str) -> String {
-    entry.get(name).and_then(Value::as_str).unwrap_or_default().to_string()
+    entry
+        .get(name)
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string()
 }

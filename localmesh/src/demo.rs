@@ -26,24 +26,55 @@ pub struct DemoOptions {
 
 /// Runs the demo; `Ok(true)` only if every check held.
 pub fn run(opts: DemoOptions) -> anyhow::Result<bool> {
-    let signals = if opts.interactive { Some(block_signals()?) } else { None };
-    println!("Starting a local-mode mesh: 2 nodes (network namespaces), meshd, one ztunnel per node…");
+    let signals = if opts.interactive {
+        Some(block_signals()?)
+    } else {
+        None
+    };
+    println!(
+        "Starting a local-mode mesh: 2 nodes (network namespaces), meshd, one ztunnel per node…"
+    );
     let mesh = LocalMesh::start(MeshOptions::default())?;
     apply_dir(&mesh, &opts.examples)?;
-    for (ns, pod) in [("shop", "frontend"), ("billing", "payments"), ("legacy", "inventory")] {
+    for (ns, pod) in [
+        ("shop", "frontend"),
+        ("billing", "payments"),
+        ("legacy", "inventory"),
+    ] {
         mesh.wait_listening(ns, pod, 8080)?;
     }
     for (ns, pod) in [("shop", "frontend"), ("billing", "payments")] {
         mesh.wait_enrolled(ns, pod)?;
     }
     let checks = vec![
-        Check { title: "shop/frontend (node-0) → billing/payments pod IP (node-1), IPv4".into(), result: cross_node(&mesh, false) },
-        Check { title: "shop/frontend (node-0) → billing/payments pod IP (node-1), IPv6".into(), result: cross_node(&mesh, true) },
-        Check { title: "shop/frontend → Service payments.billing VIP :80".into(), result: via_vip(&mesh) },
-        Check { title: "shop/frontend (mesh) → legacy/inventory (not in mesh)".into(), result: mesh_to_plain(&mesh) },
-        Check { title: "legacy/inventory (not in mesh) → shop/frontend (mesh, PERMISSIVE)".into(), result: plain_to_mesh(&mesh) },
-        Check { title: "legacy/inventory (not in mesh) → billing/payments (mesh, STRICT)".into(), result: strict_refuses(&mesh) },
-        Check { title: "shop/frontend → billing/payments admin port :9090 (DENY policy)".into(), result: deny_blocks(&mesh) },
+        Check {
+            title: "shop/frontend (node-0) → billing/payments pod IP (node-1), IPv4".into(),
+            result: cross_node(&mesh, false),
+        },
+        Check {
+            title: "shop/frontend (node-0) → billing/payments pod IP (node-1), IPv6".into(),
+            result: cross_node(&mesh, true),
+        },
+        Check {
+            title: "shop/frontend → Service payments.billing VIP :80".into(),
+            result: via_vip(&mesh),
+        },
+        Check {
+            title: "shop/frontend (mesh) → legacy/inventory (not in mesh)".into(),
+            result: mesh_to_plain(&mesh),
+        },
+        Check {
+            title: "legacy/inventory (not in mesh) → shop/frontend (mesh, PERMISSIVE)".into(),
+            result: plain_to_mesh(&mesh),
+        },
+        Check {
+            title: "legacy/inventory (not in mesh) → billing/payments (mesh, STRICT)".into(),
+            result: strict_refuses(&mesh),
+        },
+        Check {
+            title: "shop/frontend → billing/payments admin port :9090 (DENY policy)".into(),
+            result: deny_blocks(&mesh),
+        },
     ];
     let ok = report(&mesh, &checks);
     if let Some(set) = signals {
@@ -62,9 +93,14 @@ pub fn apply_dir(mesh: &LocalMesh, dir: &Path) -> anyhow::Result<()> {
         .collect();
     files.sort();
     for f in files {
-        let text = std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?;
-        let name = f.file_name().and_then(|n| n.to_str()).unwrap_or("manifest.yaml");
-        mesh.apply(name, &text).with_context(|| format!("applying {}", f.display()))?;
+        let text =
+            std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?;
+        let name = f
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("manifest.yaml");
+        mesh.apply(name, &text)
+            .with_context(|| format!("applying {}", f.display()))?;
     }
     Ok(())
 }
@@ -74,39 +110,77 @@ fn nonce(tag: &str) -> String {
 }
 
 fn rand_u64() -> u64 {
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
     t.as_nanos() as u64 ^ u64::from(std::process::id()).rotate_left(32)
 }
 
 fn cross_node(mesh: &LocalMesh, v6: bool) -> anyhow::Result<Vec<String>> {
     let payments = mesh.pod("billing", "payments")?;
-    let ip = if v6 { payments.ip6.context("no IPv6 on this cluster")?.to_string() } else { payments.ip4.to_string() };
-    let addr = if v6 { format!("[{ip}]:8080") } else { format!("{ip}:8080") };
+    let ip = if v6 {
+        payments.ip6.context("no IPv6 on this cluster")?.to_string()
+    } else {
+        payments.ip4.to_string()
+    };
+    let addr = if v6 {
+        format!("[{ip}]:8080")
+    } else {
+        format!("{ip}:8080")
+    };
     let node0 = mesh.cluster.nodes()[0].clone();
-    let wire = WireCapture::start(&mesh.cluster, &node0.netns, &node0.fabric_if, &format!("demo-{}", if v6 { "v6" } else { "v4" }))?;
+    let wire = WireCapture::start(
+        &mesh.cluster,
+        &node0.netns,
+        &node0.fabric_if,
+        &format!("demo-{}", if v6 { "v6" } else { "v4" }),
+    )?;
     let secret = nonce("plaintext-that-must-not-appear");
     let who = mesh.who("shop", "frontend", &addr, &secret);
     let segments = wire.finish()?;
     let who = who?;
-    anyhow::ensure!(who.served_by == "payments", "served by {:?}, not payments", who.served_by);
+    anyhow::ensure!(
+        who.served_by == "payments",
+        "served by {:?}, not payments",
+        who.served_by
+    );
     anyhow::ensure!(who.message == secret, "reply did not echo our message");
     let entry = mesh.wait_access_log(0, "peer", &who.client_local)?;
-    anyhow::ensure!(field(&entry, "protocol") == "HBONE", "ztunnel did not use HBONE: {entry}");
-    anyhow::ensure!(tls_on_port(&segments, meshcore::HBONE_PORT), "no TLS to port 15008 seen on node-0's link");
-    anyhow::ensure!(!payload_contains(&segments, secret.as_bytes()), "the app's plaintext crossed the node link!");
+    anyhow::ensure!(
+        field(&entry, "protocol") == "HBONE",
+        "ztunnel did not use HBONE: {entry}"
+    );
+    anyhow::ensure!(
+        tls_on_port(&segments, meshcore::HBONE_PORT),
+        "no TLS to port 15008 seen on node-0's link"
+    );
+    anyhow::ensure!(
+        !payload_contains(&segments, secret.as_bytes()),
+        "the app's plaintext crossed the node link!"
+    );
     Ok(vec![
-        format!("served by payments at {addr}; the app dialled {} and getpeername() says so", who.client_peer),
+        format!(
+            "served by payments at {addr}; the app dialled {} and getpeername() says so",
+            who.client_peer
+        ),
         format!("client identity  {}", field(&entry, "src.identity")),
         format!("server identity  {}", field(&entry, "dst.identity")),
-        format!("node link: {} TCP segments, TLS on :15008, the app's plaintext never seen", segments.len()),
+        format!(
+            "node link: {} TCP segments, TLS on :15008, the app's plaintext never seen",
+            segments.len()
+        ),
     ])
 }
 
 fn service_vip(mesh: &LocalMesh) -> anyhow::Result<String> {
     let text = std::fs::read_to_string(mesh.config_dir.join("10-workloads.yaml"))?;
     for doc in crate::render::parse_docs(&text)? {
-        if crate::render::kind(&doc) == "Service" && crate::render::str_at(&doc, &["metadata", "name"]) == Some("payments") {
-            return crate::render::str_at(&doc, &["spec", "clusterIP"]).map(str::to_string).context("service has no clusterIP");
+        if crate::render::kind(&doc) == "Service"
+            && crate::render::str_at(&doc, &["metadata", "name"]) == Some("payments")
+        {
+            return crate::render::str_at(&doc, &["spec", "clusterIP"])
+                .map(str::to_string)
+                .context("service has no clusterIP");
         }
     }
     anyhow::bail!("service payments not found in rendered manifests")
@@ -117,58 +191,129 @@ fn via_vip(mesh: &LocalMesh) -> anyhow::Result<Vec<String>> {
     let who = mesh.who("shop", "frontend", &format!("{vip}:80"), &nonce("vip"))?;
     anyhow::ensure!(who.served_by == "payments", "served by {:?}", who.served_by);
     let entry = mesh.wait_access_log(0, "peer", &who.client_local)?;
-    anyhow::ensure!(field(&entry, "protocol") == "HBONE", "not carried over HBONE: {entry}");
+    anyhow::ensure!(
+        field(&entry, "protocol") == "HBONE",
+        "not carried over HBONE: {entry}"
+    );
     Ok(vec![
-        format!("{vip}:80 → endpoint {} (targetPort http), served by payments over HBONE", field(&entry, "endpoint")),
-        format!("the app still sees the VIP: getpeername() = {}", who.client_peer),
+        format!(
+            "{vip}:80 → endpoint {} (targetPort http), served by payments over HBONE",
+            field(&entry, "endpoint")
+        ),
+        format!(
+            "the app still sees the VIP: getpeername() = {}",
+            who.client_peer
+        ),
     ])
 }
 
 fn mesh_to_plain(mesh: &LocalMesh) -> anyhow::Result<Vec<String>> {
     let inv = mesh.pod("legacy", "inventory")?;
-    let who = mesh.who("shop", "frontend", &format!("{}:8080", inv.ip4), &nonce("plain"))?;
-    anyhow::ensure!(who.served_by == "inventory", "served by {:?}", who.served_by);
+    let who = mesh.who(
+        "shop",
+        "frontend",
+        &format!("{}:8080", inv.ip4),
+        &nonce("plain"),
+    )?;
+    anyhow::ensure!(
+        who.served_by == "inventory",
+        "served by {:?}",
+        who.served_by
+    );
     let entry = mesh.wait_access_log(0, "peer", &who.client_local)?;
-    anyhow::ensure!(field(&entry, "protocol") == "TCP", "expected plain TCP passthrough: {entry}");
-    Ok(vec!["captured by ztunnel and passed through as plain TCP (destination has no mesh identity)".into()])
+    anyhow::ensure!(
+        field(&entry, "protocol") == "TCP",
+        "expected plain TCP passthrough: {entry}"
+    );
+    Ok(vec![
+        "captured by ztunnel and passed through as plain TCP (destination has no mesh identity)"
+            .into(),
+    ])
 }
 
 fn plain_to_mesh(mesh: &LocalMesh) -> anyhow::Result<Vec<String>> {
     let front = mesh.pod("shop", "frontend")?;
-    let who = mesh.who("legacy", "inventory", &format!("{}:8080", front.ip4), &nonce("in"))?;
+    let who = mesh.who(
+        "legacy",
+        "inventory",
+        &format!("{}:8080", front.ip4),
+        &nonce("in"),
+    )?;
     anyhow::ensure!(who.served_by == "frontend", "served by {:?}", who.served_by);
     let entry = mesh.wait_access_log(0, "peer", &who.client_local)?;
-    anyhow::ensure!(field(&entry, "direction") == "inbound", "not seen by the destination ztunnel: {entry}");
-    Ok(vec!["plaintext accepted by the destination's ztunnel (15006) and delivered".into()])
+    anyhow::ensure!(
+        field(&entry, "direction") == "inbound",
+        "not seen by the destination ztunnel: {entry}"
+    );
+    Ok(vec![
+        "plaintext accepted by the destination's ztunnel (15006) and delivered".into(),
+    ])
 }
 
 fn strict_refuses(mesh: &LocalMesh) -> anyhow::Result<Vec<String>> {
     let pay = mesh.pod("billing", "payments")?;
-    match mesh.who("legacy", "inventory", &format!("{}:8080", pay.ip4), &nonce("strict")) {
-        Ok(who) => anyhow::bail!("plaintext reached {} despite STRICT mTLS", who.served_by),
-        Err(_) => {}
+    if let Ok(who) = mesh.who(
+        "legacy",
+        "inventory",
+        &format!("{}:8080", pay.ip4),
+        &nonce("strict"),
+    ) {
+        anyhow::bail!("plaintext reached {} despite STRICT mTLS", who.served_by);
     }
-    crate::wait_for(std::time::Duration::from_secs(10), "node-1's ztunnel to log the refusal", || {
-        Ok(mesh.ztunnel_log(1).lines().any(|l| l.contains("PeerAuthentication STRICT")))
-    })?;
+    crate::wait_for(
+        std::time::Duration::from_secs(10),
+        "node-1's ztunnel to log the refusal",
+        || {
+            Ok(mesh
+                .ztunnel_log(1)
+                .lines()
+                .any(|l| l.contains("PeerAuthentication STRICT")))
+        },
+    )?;
     // Mesh clients still get in, over mTLS.
-    let who = mesh.who("shop", "frontend", &format!("{}:8080", pay.ip4), &nonce("strict-mesh"))?;
+    let who = mesh.who(
+        "shop",
+        "frontend",
+        &format!("{}:8080", pay.ip4),
+        &nonce("strict-mesh"),
+    )?;
     anyhow::ensure!(who.served_by == "payments", "mesh client refused too");
     Ok(vec![
-        "refused: PeerAuthentication billing/default is STRICT (examples/demo/20-policies.yaml)".into(),
+        "refused: PeerAuthentication billing/default is STRICT (examples/demo/20-policies.yaml)"
+            .into(),
         "shop/frontend still reaches payments over mTLS".into(),
     ])
 }
 
 fn deny_blocks(mesh: &LocalMesh) -> anyhow::Result<Vec<String>> {
     let pay = mesh.pod("billing", "payments")?;
-    if let Ok(who) = mesh.who("shop", "frontend", &format!("{}:9090", pay.ip4), &nonce("admin")) {
-        anyhow::bail!("the admin port answered ({}) despite the DENY policy", who.served_by);
+    if let Ok(who) = mesh.who(
+        "shop",
+        "frontend",
+        &format!("{}:9090", pay.ip4),
+        &nonce("admin"),
+    ) {
+        anyhow::bail!(
+            "the admin port answered ({}) despite the DENY policy",
+            who.served_by
+        );
     }
-    crate::wait_for(std::time::Duration::from_secs(10), "node-1's ztunnel to log the 401", || {
-        Ok(mesh.ztunnel_log(1).lines().any(|l| l.contains("billing/no-admin-from-frontend") && l.contains("401")))
-    })?;
-    let who = mesh.who("shop", "frontend", &format!("{}:8080", pay.ip4), &nonce("api"))?;
+    crate::wait_for(
+        std::time::Duration::from_secs(10),
+        "node-1's ztunnel to log the 401",
+        || {
+            Ok(mesh
+                .ztunnel_log(1)
+                .lines()
+                .any(|l| l.contains("billing/no-admin-from-frontend") && l.contains("401")))
+        },
+    )?;
+    let who = mesh.who(
+        "shop",
+        "frontend",
+        &format!("{}:8080", pay.ip4),
+        &nonce("api"),
+    )?;
     anyhow::ensure!(who.served_by == "payments", "the API port must stay open");
     Ok(vec![
         "HBONE CONNECT answered 401 by node-1's ztunnel: AuthorizationPolicy billing/no-admin-from-frontend".into(),
@@ -179,27 +324,63 @@ fn deny_blocks(mesh: &LocalMesh) -> anyhow::Result<Vec<String>> {
 /// The destination-reported istio_tcp_connections_closed_total lines for billing/payments (the
 /// closed counter carries each connection's final response flags, e.g. DENY).
 fn metric_lines(mesh: &LocalMesh) -> Vec<String> {
-    let Some(node) = mesh.cluster.nodes().get(1).cloned() else { return vec![] };
-    let Ok(out) = mesh.cluster.run(&node.netns, &["curl", "-sf", "--max-time", "5", "http://127.0.0.1:15020/metrics"]) else {
+    let Some(node) = mesh.cluster.nodes().get(1).cloned() else {
+        return vec![];
+    };
+    let Ok(out) = mesh.cluster.run(
+        &node.netns,
+        &[
+            "curl",
+            "-sf",
+            "--max-time",
+            "5",
+            "http://127.0.0.1:15020/metrics",
+        ],
+    ) else {
         return vec![];
     };
     String::from_utf8_lossy(&out.stdout)
         .lines()
-        .filter(|l| l.starts_with("istio_tcp_connections_closed_total") && l.contains("destination_workload=\"payments\""))
+        .filter(|l| {
+            l.starts_with("istio_tcp_connections_closed_total")
+                && l.contains("destination_workload=\"payments\"")
+        })
         .map(|l| {
             // Keep the labels a reader cares about; the full set is on :15020/metrics.
-            let keep = ["reporter", "source_workload", "source_principal", "destination_workload", "response_flags", "connection_security_policy"];
+            let keep = [
+                "reporter",
+                "source_workload",
+                "source_principal",
+                "destination_workload",
+                "response_flags",
+                "connection_security_policy",
+            ];
             let (labels, value) = l.rsplit_once(' ').unwrap_or((l, ""));
-            let inner = labels.split_once('{').map(|(_, r)| r.trim_end_matches('}')).unwrap_or("");
-            let picked: Vec<&str> = inner.split("\",").map(|kv| kv.trim_end_matches('"')).filter(|kv| keep.iter().any(|k| kv.starts_with(&format!("{k}=")))).collect();
-            format!("istio_tcp_connections_closed_total{{{}\"}} {value}", picked.join("\","))
+            let inner = labels
+                .split_once('{')
+                .map(|(_, r)| r.trim_end_matches('}'))
+                .unwrap_or("");
+            let picked: Vec<&str> = inner
+                .split("\",")
+                .map(|kv| kv.trim_end_matches('"'))
+                .filter(|kv| keep.iter().any(|k| kv.starts_with(&format!("{k}="))))
+                .collect();
+            format!(
+                "istio_tcp_connections_closed_total{{{}\"}} {value}",
+                picked.join("\",")
+            )
         })
         .collect()
 }
 
 fn report(mesh: &LocalMesh, checks: &[Check]) -> bool {
     println!();
-    println!("Local-mode mesh: {} nodes, trust domain {}, capture {}", mesh.cluster.nodes().len(), mesh.opts.trust_domain, mesh.opts.capture);
+    println!(
+        "Local-mode mesh: {} nodes, trust domain {}, capture {}",
+        mesh.cluster.nodes().len(),
+        mesh.opts.trust_domain,
+        mesh.opts.capture
+    );
     println!();
     let mut passed = 0;
     for c in checks {
@@ -233,14 +414,32 @@ fn interact(mesh: &LocalMesh) -> anyhow::Result<()> {
     println!();
     println!("The mesh stays up until you press Ctrl-C. Things to try:");
     println!("  * Talk from a pod (every pod is a network namespace):");
-    for p in mesh.cluster.pods().iter().filter(|p| pods.contains(&p.name.as_str())) {
+    for p in mesh
+        .cluster
+        .pods()
+        .iter()
+        .filter(|p| pods.contains(&p.name.as_str()))
+    {
         println!("      {}: ip netns exec {} <command>", p.name, p.netns.name);
     }
     let front = mesh.pod("shop", "frontend")?;
-    println!("      ip netns exec {} {} who --addr {}:8080", front.netns.name, mesh.bins.echo.display(), pay.ip4);
-    println!("  * Edit the live config (meshd applies changes without restarts): {}", mesh.config_dir.display());
-    println!("      e.g. remove the istio.io/dataplane-mode label from namespace billing in 00-namespaces.yaml");
-    println!("  * Logs of meshd, each ztunnel and each pod: {}/*.log", mesh.dir().display());
+    println!(
+        "      ip netns exec {} {} who --addr {}:8080",
+        front.netns.name,
+        mesh.bins.echo.display(),
+        pay.ip4
+    );
+    println!(
+        "  * Edit the live config (meshd applies changes without restarts): {}",
+        mesh.config_dir.display()
+    );
+    println!(
+        "      e.g. remove the istio.io/dataplane-mode label from namespace billing in 00-namespaces.yaml"
+    );
+    println!(
+        "  * Logs of meshd, each ztunnel and each pod: {}/*.log",
+        mesh.dir().display()
+    );
     Ok(())
 }
 

@@ -7,13 +7,13 @@
 //! secret, `meshd.sock` its API, `node-N.token` each node's credentials, `*.log` every process.
 //! Owns processes and manifests; the network itself is the testbed's.
 
-pub mod bins;
-pub mod client;
-pub mod render;
-pub mod wire;
-pub mod demo;
 pub mod bench;
 pub mod bench_policy;
+pub mod bins;
+pub mod client;
+pub mod demo;
+pub mod render;
+pub mod wire;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -85,7 +85,11 @@ impl LocalMesh {
     pub fn start(opts: MeshOptions) -> anyhow::Result<LocalMesh> {
         let bins = Bins::locate()?;
         testbed::sweep_stale();
-        let cluster = Cluster::new(ClusterConfig { nodes: opts.nodes, ipv6: opts.ipv6 }).context("building the testbed cluster")?;
+        let cluster = Cluster::new(ClusterConfig {
+            nodes: opts.nodes,
+            ipv6: opts.ipv6,
+        })
+        .context("building the testbed cluster")?;
         let dir = cluster.dir().to_path_buf();
         let config_dir = dir.join("config");
         let state_dir = dir.join("state");
@@ -122,16 +126,26 @@ impl LocalMesh {
         let _ = std::fs::remove_file(&self.socket);
         let mut cmd = Command::new(&self.bins.meshd);
         cmd.arg("run")
-            .arg("--config-dir").arg(&self.config_dir)
-            .arg("--state-dir").arg(&self.state_dir)
-            .arg("--listen").arg(format!("unix:{}", self.socket.display()))
-            .arg("--trust-domain").arg(&self.opts.trust_domain)
-            .arg("--cert-lifetime").arg(&self.opts.cert_lifetime)
+            .arg("--config-dir")
+            .arg(&self.config_dir)
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .arg("--listen")
+            .arg(format!("unix:{}", self.socket.display()))
+            .arg("--trust-domain")
+            .arg(&self.opts.trust_domain)
+            .arg("--cert-lifetime")
+            .arg(&self.opts.cert_lifetime)
             .env("RUST_LOG", &self.opts.log);
-        let host = Netns { name: "host".into(), path: "/proc/self/ns/net".into() };
+        let host = Netns {
+            name: "host".into(),
+            path: "/proc/self/ns/net".into(),
+        };
         let proc = self.cluster.spawn(&host, cmd, "meshd")?;
         *self.meshd.lock().unwrap_or_else(|p| p.into_inner()) = Some(proc);
-        wait_for(DEADLINE, "meshd to listen", || Ok(std::os::unix::net::UnixStream::connect(&self.socket).is_ok()))
+        wait_for(DEADLINE, "meshd to listen", || {
+            Ok(std::os::unix::net::UnixStream::connect(&self.socket).is_ok())
+        })
     }
 
     /// Stops meshd (SIGKILL: an outage, not a goodbye).
@@ -150,7 +164,10 @@ impl LocalMesh {
                 .output()
                 .context("running meshd node-token")?;
             if !out.status.success() {
-                bail!("meshd node-token failed: {}", String::from_utf8_lossy(&out.stderr));
+                bail!(
+                    "meshd node-token failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
             }
             std::fs::write(&path, &out.stdout)?;
         }
@@ -159,23 +176,40 @@ impl LocalMesh {
 
     /// Starts node `i`'s ztunnel inside the node's network namespace.
     pub fn start_ztunnel(&self, i: usize) -> anyhow::Result<()> {
-        let node = self.cluster.nodes().get(i).cloned().context("no such node")?;
+        let node = self
+            .cluster
+            .nodes()
+            .get(i)
+            .cloned()
+            .context("no such node")?;
         let token = self.node_token(&node.name)?;
         let mut cmd = Command::new(&self.bins.ztunnel);
-        cmd.arg("--node").arg(&node.name)
-            .arg("--meshd").arg(format!("unix:{}", self.socket.display()))
-            .arg("--token-file").arg(&token)
-            .arg("--log-format").arg("json")
-            .arg("--capture").arg(&self.opts.capture)
+        cmd.arg("--node")
+            .arg(&node.name)
+            .arg("--meshd")
+            .arg(format!("unix:{}", self.socket.display()))
+            .arg("--token-file")
+            .arg(&token)
+            .arg("--log-format")
+            .arg("json")
+            .arg("--capture")
+            .arg(&self.opts.capture)
             .env("RUST_LOG", &self.opts.log);
-        let proc = self.cluster.spawn(&node.netns, cmd, &format!("ztunnel-{}", node.name))?;
+        let proc = self
+            .cluster
+            .spawn(&node.netns, cmd, &format!("ztunnel-{}", node.name))?;
         self.ztunnels.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(proc);
         Ok(())
     }
 
     /// Stops node `i`'s ztunnel: gracefully (SIGTERM, it unenrolls) or not (SIGKILL).
     pub fn stop_ztunnel(&self, i: usize, graceful: bool) {
-        let p = self.ztunnels.lock().unwrap_or_else(|p| p.into_inner()).get_mut(i).and_then(Option::take);
+        let p = self
+            .ztunnels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(i)
+            .and_then(Option::take);
         if let Some(mut p) = p {
             if graceful {
                 p.terminate(Duration::from_secs(10));
@@ -188,19 +222,24 @@ impl LocalMesh {
     /// Log of node `i`'s current ztunnel.
     pub fn ztunnel_log(&self, i: usize) -> String {
         let z = self.ztunnels.lock().unwrap_or_else(|p| p.into_inner());
-        z.get(i).and_then(|p| p.as_ref()).and_then(|p| std::fs::read_to_string(p.log_path()).ok()).unwrap_or_default()
+        z.get(i)
+            .and_then(|p| p.as_ref())
+            .and_then(|p| std::fs::read_to_string(p.log_path()).ok())
+            .unwrap_or_default()
     }
 
     pub fn meshd_log(&self) -> String {
         let m = self.meshd.lock().unwrap_or_else(|p| p.into_inner());
-        m.as_ref().and_then(|p| std::fs::read_to_string(p.log_path()).ok()).unwrap_or_default()
+        m.as_ref()
+            .and_then(|p| std::fs::read_to_string(p.log_path()).ok())
+            .unwrap_or_default()
     }
 
     /// Applies a manifest file: schedules its pods (starting their containers), gives its
     /// Services VIPs, and writes the result where meshd watches. Re-applying the same file keeps
     /// pods that are still listed and removes those that are not.
     pub fn apply(&self, file: &str, yaml: &str) -> anyhow::Result<()> {
-        let mut docs = render::parse_docs(yaml).with_context(|| format!("{file}"))?;
+        let mut docs = render::parse_docs(yaml).with_context(|| file.to_string())?;
         let mut listed = Vec::new();
         for doc in docs.iter_mut() {
             match render::kind(doc) {
@@ -224,8 +263,12 @@ impl LocalMesh {
         }
         let gone: Vec<String> = {
             let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
-            pods.values().filter(|p| p.file == file && !listed.contains(&format!("{}/{}", p.namespace, p.name)))
-                .map(|p| format!("{}/{}", p.namespace, p.name)).collect()
+            pods.values()
+                .filter(|p| {
+                    p.file == file && !listed.contains(&format!("{}/{}", p.namespace, p.name))
+                })
+                .map(|p| format!("{}/{}", p.namespace, p.name))
+                .collect()
         };
         for key in gone {
             self.delete_pod(&key)?;
@@ -245,8 +288,14 @@ impl LocalMesh {
 
     /// Removes a manifest file and the pods it scheduled.
     pub fn remove(&self, file: &str) -> anyhow::Result<()> {
-        let keys: Vec<String> = self.pods.lock().unwrap_or_else(|p| p.into_inner())
-            .values().filter(|p| p.file == file).map(|p| format!("{}/{}", p.namespace, p.name)).collect();
+        let keys: Vec<String> = self
+            .pods
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|p| p.file == file)
+            .map(|p| format!("{}/{}", p.namespace, p.name))
+            .collect();
         let _ = std::fs::remove_file(self.config_dir.join(file));
         for k in keys {
             self.delete_pod(&k)?;
@@ -255,7 +304,12 @@ impl LocalMesh {
     }
 
     fn delete_pod(&self, key: &str) -> anyhow::Result<()> {
-        if let Some(mut p) = self.pods.lock().unwrap_or_else(|p| p.into_inner()).remove(key) {
+        if let Some(mut p) = self
+            .pods
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key)
+        {
             for proc in p.procs.iter_mut() {
                 proc.kill();
             }
@@ -264,11 +318,24 @@ impl LocalMesh {
         Ok(())
     }
 
-    fn schedule(&self, file: &str, spec: &render::PodDoc) -> anyhow::Result<(String, Vec<String>, String)> {
+    fn schedule(
+        &self,
+        file: &str,
+        spec: &render::PodDoc,
+    ) -> anyhow::Result<(String, Vec<String>, String)> {
         let key = format!("{}/{}", spec.namespace, spec.name);
         let nodes = self.cluster.nodes();
-        if let Some(p) = self.pods.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
-            return Ok((p.node_name.clone(), pod_ips(&p.pod), p.pod.netns.path.display().to_string()));
+        if let Some(p) = self
+            .pods
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+        {
+            return Ok((
+                p.node_name.clone(),
+                pod_ips(&p.pod),
+                p.pod.netns.path.display().to_string(),
+            ));
         }
         let node = match &spec.node {
             Some(name) => nodes.iter().find(|n| &n.name == name)
@@ -276,7 +343,9 @@ impl LocalMesh {
                     nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>().join(", ")))?.clone(),
             None => nodes[self.next_node.fetch_add(1, Ordering::Relaxed) % nodes.len()].clone(),
         };
-        let pod = self.cluster.add_pod(node.index, &format!("{}-{}", spec.namespace, spec.name))?;
+        let pod = self
+            .cluster
+            .add_pod(node.index, &format!("{}-{}", spec.namespace, spec.name))?;
         let ips = pod_ips(&pod);
         let mut procs = Vec::new();
         for (i, argv) in spec.containers.iter().enumerate() {
@@ -289,24 +358,34 @@ impl LocalMesh {
                 .env("POD_NAME", &spec.name)
                 .env("POD_NAMESPACE", &spec.namespace)
                 .env("POD_IP", &ips[0]);
-            procs.push(self.cluster.spawn(&pod.netns, cmd, &format!("{}-{}-{i}", spec.namespace, spec.name))?);
+            procs.push(self.cluster.spawn(
+                &pod.netns,
+                cmd,
+                &format!("{}-{}-{i}", spec.namespace, spec.name),
+            )?);
         }
         let netns = pod.netns.path.display().to_string();
-        self.pods.lock().unwrap_or_else(|p| p.into_inner()).insert(key, ScheduledPod {
-            namespace: spec.namespace.clone(),
-            name: spec.name.clone(),
-            file: file.to_string(),
-            pod,
-            node_name: node.name.clone(),
-            procs,
-        });
+        self.pods.lock().unwrap_or_else(|p| p.into_inner()).insert(
+            key,
+            ScheduledPod {
+                namespace: spec.namespace.clone(),
+                name: spec.name.clone(),
+                file: file.to_string(),
+                pod,
+                node_name: node.name.clone(),
+                procs,
+            },
+        );
         Ok((node.name, ips, netns))
     }
 
     /// The testbed pod behind `namespace/name`.
     pub fn pod(&self, namespace: &str, name: &str) -> anyhow::Result<testbed::Pod> {
-        self.pods.lock().unwrap_or_else(|p| p.into_inner())
-            .get(&format!("{namespace}/{name}")).map(|p| p.pod.clone())
+        self.pods
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&format!("{namespace}/{name}"))
+            .map(|p| p.pod.clone())
             .with_context(|| format!("no pod {namespace}/{name}"))
     }
 
@@ -318,21 +397,47 @@ impl LocalMesh {
 
     /// Whether something listens on TCP `port` inside the pod.
     pub fn listening(&self, namespace: &str, name: &str, port: u16) -> anyhow::Result<bool> {
-        let out = self.exec(namespace, name, &["ss", "-Hltn", &format!("sport = :{port}")])?;
+        let out = self.exec(
+            namespace,
+            name,
+            &["ss", "-Hltn", &format!("sport = :{port}")],
+        )?;
         Ok(!String::from_utf8_lossy(&out.stdout).trim().is_empty())
     }
 
     /// Whether an nftables table of ztunnel's exists in the pod (nftables capture mode).
     pub fn nft_table_present(&self, namespace: &str, name: &str) -> anyhow::Result<bool> {
-        let out = self.exec(namespace, name, &["nft", "list", "table", "inet", "ztunnel"])?;
+        let out = self.exec(
+            namespace,
+            name,
+            &["nft", "list", "table", "inet", "ztunnel"],
+        )?;
         Ok(out.status.success())
     }
 
     /// ztunnel's admin config dump on node `i` (its admin port is local to the node's netns).
     pub fn config_dump(&self, node: usize) -> anyhow::Result<serde_json::Value> {
-        let n = self.cluster.nodes().get(node).cloned().context("no such node")?;
-        let out = self.cluster.run(&n.netns, &["curl", "-sf", "--max-time", "5", "http://127.0.0.1:15000/config_dump"])?;
-        anyhow::ensure!(out.status.success(), "config_dump on node-{node}: {}", String::from_utf8_lossy(&out.stderr));
+        let n = self
+            .cluster
+            .nodes()
+            .get(node)
+            .cloned()
+            .context("no such node")?;
+        let out = self.cluster.run(
+            &n.netns,
+            &[
+                "curl",
+                "-sf",
+                "--max-time",
+                "5",
+                "http://127.0.0.1:15000/config_dump",
+            ],
+        )?;
+        anyhow::ensure!(
+            out.status.success(),
+            "config_dump on node-{node}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         Ok(serde_json::from_slice(&out.stdout)?)
     }
 
@@ -344,36 +449,55 @@ impl LocalMesh {
             Ok(d) => d,
             Err(_) => return Ok(false), // ztunnel not up (yet): nothing is enrolled
         };
-        let enrolled = dump["pods"].as_array().is_some_and(|pods| pods.iter().any(|p| p["uid"] == uid.as_str()));
+        let enrolled = dump["pods"]
+            .as_array()
+            .is_some_and(|pods| pods.iter().any(|p| p["uid"] == uid.as_str()));
         Ok(enrolled)
     }
 
     /// Waits until ztunnel has enrolled the pod (capture installed and HBONE listening).
     pub fn wait_enrolled(&self, namespace: &str, name: &str) -> anyhow::Result<()> {
-        wait_for(DEADLINE, &format!("{namespace}/{name} to be enrolled"), || {
-            Ok(self.captured(namespace, name)? && self.listening(namespace, name, meshcore::HBONE_PORT)?)
-        })
+        wait_for(
+            DEADLINE,
+            &format!("{namespace}/{name} to be enrolled"),
+            || {
+                Ok(self.captured(namespace, name)?
+                    && self.listening(namespace, name, meshcore::HBONE_PORT)?)
+            },
+        )
     }
 
     /// Waits until nothing of ztunnel remains in the pod: not enrolled, no listener, no nft table.
     pub fn wait_unenrolled(&self, namespace: &str, name: &str) -> anyhow::Result<()> {
-        wait_for(DEADLINE, &format!("{namespace}/{name} to be unenrolled"), || {
-            Ok(!self.captured(namespace, name)?
-                && !self.listening(namespace, name, meshcore::HBONE_PORT)?
-                && !self.nft_table_present(namespace, name)?)
-        })
+        wait_for(
+            DEADLINE,
+            &format!("{namespace}/{name} to be unenrolled"),
+            || {
+                Ok(!self.captured(namespace, name)?
+                    && !self.listening(namespace, name, meshcore::HBONE_PORT)?
+                    && !self.nft_table_present(namespace, name)?)
+            },
+        )
     }
 
     /// Waits until the pod's app listens on `port`.
     pub fn wait_listening(&self, namespace: &str, name: &str, port: u16) -> anyhow::Result<()> {
-        wait_for(DEADLINE, &format!("{namespace}/{name} to listen on {port}"), || self.listening(namespace, name, port))
+        wait_for(
+            DEADLINE,
+            &format!("{namespace}/{name} to listen on {port}"),
+            || self.listening(namespace, name, port),
+        )
     }
 }
 
 impl Drop for LocalMesh {
     fn drop(&mut self) {
         // Graceful first, so ztunnels remove their capture as they would on a real node.
-        let n = self.ztunnels.lock().unwrap_or_else(|p| p.into_inner()).len();
+        let n = self
+            .ztunnels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len();
         for i in 0..n {
             self.stop_ztunnel(i, true);
         }
@@ -404,7 +528,11 @@ fn write_atomically(path: &Path, text: &str) -> anyhow::Result<()> {
 }
 
 /// Polls `cond` until it holds or `deadline` passes (then the error names what was awaited).
-pub fn wait_for(deadline: Duration, what: &str, mut cond: impl FnMut() -> anyhow::Result<bool>) -> anyhow::Result<()> {
+pub fn wait_for(
+    deadline: Duration,
+    what: &str,
+    mut cond: impl FnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
     let start = Instant::now();
     let mut last_err = None;
     let mut pause = Duration::from_millis(5);

@@ -45,7 +45,8 @@ pub fn str_at<'a>(doc: &'a Value, path: &[&str]) -> Option<&'a str> {
 
 /// Reads what scheduling needs from a Pod document.
 pub fn pod_doc(doc: &Value) -> anyhow::Result<PodDoc> {
-    let name = str_at(doc, &["metadata", "name"]).ok_or_else(|| anyhow::anyhow!("Pod without metadata.name"))?;
+    let name = str_at(doc, &["metadata", "name"])
+        .ok_or_else(|| anyhow::anyhow!("Pod without metadata.name"))?;
     let namespace = str_at(doc, &["metadata", "namespace"]).unwrap_or("default");
     let node = str_at(doc, &["spec", "nodeName"]).map(str::to_string);
     let mut containers = Vec::new();
@@ -62,12 +63,19 @@ pub fn pod_doc(doc: &Value) -> anyhow::Result<PodDoc> {
             }
         }
     }
-    Ok(PodDoc { namespace: namespace.to_string(), name: name.to_string(), node, containers })
+    Ok(PodDoc {
+        namespace: namespace.to_string(),
+        name: name.to_string(),
+        node,
+        containers,
+    })
 }
 
 fn mapping_at<'a>(doc: &'a mut Value, key: &str) -> &'a mut Mapping {
     let m = doc.as_mapping_mut().expect("documents are mappings");
-    let entry = m.entry(Value::from(key)).or_insert_with(|| Value::Mapping(Mapping::new()));
+    let entry = m
+        .entry(Value::from(key))
+        .or_insert_with(|| Value::Mapping(Mapping::new()));
     if !entry.is_mapping() {
         *entry = Value::Mapping(Mapping::new());
     }
@@ -78,7 +86,9 @@ fn mapping_at<'a>(doc: &'a mut Value, key: &str) -> &'a mut Mapping {
 pub fn set_pod_status(doc: &mut Value, node: &str, ips: &[String], netns: &str) {
     mapping_at(doc, "spec").insert("nodeName".into(), node.into());
     let meta = mapping_at(doc, "metadata");
-    let ann = meta.entry("annotations".into()).or_insert_with(|| Value::Mapping(Mapping::new()));
+    let ann = meta
+        .entry("annotations".into())
+        .or_insert_with(|| Value::Mapping(Mapping::new()));
     if let Some(a) = ann.as_mapping_mut() {
         a.insert(meshcore::NETNS_ANNOTATION.into(), netns.into());
     }
@@ -87,11 +97,14 @@ pub fn set_pod_status(doc: &mut Value, node: &str, ips: &[String], netns: &str) 
     if let Some(first) = ips.first() {
         status.insert("podIP".into(), first.as_str().into());
     }
-    let list: Vec<Value> = ips.iter().map(|ip| {
-        let mut m = Mapping::new();
-        m.insert("ip".into(), ip.as_str().into());
-        Value::Mapping(m)
-    }).collect();
+    let list: Vec<Value> = ips
+        .iter()
+        .map(|ip| {
+            let mut m = Mapping::new();
+            m.insert("ip".into(), ip.as_str().into());
+            Value::Mapping(m)
+        })
+        .collect();
     status.insert("podIPs".into(), Value::Sequence(list));
 }
 
@@ -104,5 +117,8 @@ pub fn assign_cluster_ips(doc: &mut Value, vips: &[String]) {
     if let Some(first) = vips.first() {
         spec.insert("clusterIP".into(), first.as_str().into());
     }
-    spec.insert("clusterIPs".into(), Value::Sequence(vips.iter().map(|v| v.as_str().into()).collect()));
+    spec.insert(
+        "clusterIPs".into(),
+        Value::Sequence(vips.iter().map(|v| v.as_str().into()).collect()),
+    );
 }

@@ -19,10 +19,10 @@ use tonic::transport::Server;
 use tracing::{info, warn};
 
 use crate::ca_service::CaService;
-use crate::roots::{self, Roots};
 use crate::config_service::ConfigStream;
 use crate::local_source::{LocalSource, SourceError};
 use crate::resources::ResourceSet;
+use crate::roots::{self, Roots};
 use crate::settings::Listen;
 use crate::state::{self, StateError};
 use crate::translate::{self, Settings, VersionedView};

@@ -131,7 +131,10 @@ fn ca_step(step: CaStep) -> anyhow::Result<()> {
     match step {
         CaStep::PrepareRotation(_) => {
             meshd::roots::prepare(&ca_dir, &args.trust_domain)?;
-            println!("new root created under {}/next: trusted now, not yet signing", ca_dir.display());
+            println!(
+                "new root created under {}/next: trusted now, not yet signing",
+                ca_dir.display()
+            );
         }
         CaStep::Activate(_) => {
             meshd::roots::activate(&ca_dir)?;

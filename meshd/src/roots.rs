@@ -26,7 +26,10 @@ pub enum RootsError {
     #[error("CA {dir}: {source}")]
     Ca { dir: String, source: CaError },
     #[error("{path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("no root is being introduced: run `meshd ca prepare-rotation` first")]
     NothingToActivate,
 }
@@ -38,11 +41,17 @@ pub struct Roots {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RootsError + '_ {
-    move |source| RootsError::Io { path: path.display().to_string(), source }
+    move |source| RootsError::Io {
+        path: path.display().to_string(),
+        source,
+    }
 }
 
 fn ca_err(dir: &Path) -> impl FnOnce(CaError) -> RootsError + '_ {
-    move |source| RootsError::Ca { dir: dir.display().to_string(), source }
+    move |source| RootsError::Ca {
+        dir: dir.display().to_string(),
+        source,
+    }
 }
 
 /// Loads the roots, creating the first signing root on a fresh state directory.
@@ -59,13 +68,19 @@ pub fn load(ca_dir: &Path, trust_domain: &str) -> Result<Roots, RootsError> {
     }
     let mut seen = std::collections::HashSet::new();
     bundle.retain(|pem| seen.insert(pem.trim().to_string()));
-    Ok(Roots { signer: Arc::new(signer), bundle })
+    Ok(Roots {
+        signer: Arc::new(signer),
+        bundle,
+    })
 }
 
 fn trusted_files(ca_dir: &Path) -> Result<Vec<PathBuf>, RootsError> {
     let dir = ca_dir.join("trusted");
     let mut files: Vec<PathBuf> = match std::fs::read_dir(&dir) {
-        Ok(rd) => rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "pem")).collect(),
+        Ok(rd) => rd
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "pem"))
+            .collect(),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
         Err(e) => return Err(io(&dir)(e)),
     };
@@ -78,7 +93,9 @@ fn fingerprint(ca_dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
     let mut out = Vec::new();
     let mut stack = vec![ca_dir.to_path_buf()];
     while let Some(dir) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&dir) else { continue };
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            continue;
+        };
         for e in rd.flatten() {
             let p = e.path();
             match e.metadata() {
@@ -94,7 +111,12 @@ fn fingerprint(ca_dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
 
 /// Polls the CA directory and publishes the roots whenever they change. A directory caught in
 /// an inconsistent state (say, mid-rotation) is logged and the last good roots stay in force.
-pub fn watch(ca_dir: PathBuf, trust_domain: String, first: Roots, every: Duration) -> watch::Receiver<Arc<Roots>> {
+pub fn watch(
+    ca_dir: PathBuf,
+    trust_domain: String,
+    first: Roots,
+    every: Duration,
+) -> watch::Receiver<Arc<Roots>> {
     let (tx, rx) = watch::channel(Arc::new(first));
     tokio::spawn(async move {
         let mut last = fingerprint(&ca_dir);
@@ -114,10 +136,15 @@ pub fn watch(ca_dir: PathBuf, trust_domain: String, first: Roots, every: Duratio
             match loaded {
                 Ok(Ok(roots)) => {
                     last = now;
-                    info!(roots = roots.bundle.len(), "CA roots changed; pushing the new trust bundle");
+                    info!(
+                        roots = roots.bundle.len(),
+                        "CA roots changed; pushing the new trust bundle"
+                    );
                     tx.send_replace(Arc::new(roots));
                 }
-                Ok(Err(e)) => error!(error = %e, "CA directory unusable right now; keeping the last good roots"),
+                Ok(Err(e)) => {
+                    error!(error = %e, "CA directory unusable right now; keeping the last good roots")
+                }
                 Err(e) => error!(error = %e, "CA reload task failed"),
             }
         }
@@ -140,7 +167,10 @@ pub fn activate(ca_dir: &Path) -> Result<(), RootsError> {
     }
     let trusted = ca_dir.join("trusted");
     std::fs::create_dir_all(&trusted).map_err(io(&trusted))?;
-    let stamp = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs();
+    let stamp = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
     let old = ca_dir.join("root-cert.pem");
     let keep = trusted.join(format!("root-{stamp}.pem"));
     let tmp = trusted.join(format!(".root-{stamp}.tmp"));
@@ -177,12 +207,23 @@ mod tests {
         prepare(&ca, "td").unwrap();
         let mid = load(&ca, "td").unwrap();
         assert_eq!(mid.bundle.len(), 2, "old and next both trusted");
-        assert_eq!(mid.signer.root_pem(), first.signer.root_pem(), "old root still signs");
+        assert_eq!(
+            mid.signer.root_pem(),
+            first.signer.root_pem(),
+            "old root still signs"
+        );
         activate(&ca).unwrap();
         let after = load(&ca, "td").unwrap();
-        assert_ne!(after.signer.root_pem(), first.signer.root_pem(), "new root signs");
+        assert_ne!(
+            after.signer.root_pem(),
+            first.signer.root_pem(),
+            "new root signs"
+        );
         assert_eq!(after.bundle.len(), 2);
-        assert!(after.bundle.iter().any(|p| p == first.signer.root_pem()), "old root still trusted");
+        assert!(
+            after.bundle.iter().any(|p| p == first.signer.root_pem()),
+            "old root still trusted"
+        );
         assert_eq!(retire(&ca).unwrap(), 1);
         let done = load(&ca, "td").unwrap();
         assert_eq!(done.bundle, vec![after.signer.root_pem().to_string()]);

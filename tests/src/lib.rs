@@ -14,13 +14,20 @@ use anyhow::Context;
 pub fn privileged() -> bool {
     let root = std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) == Some("0")))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
         .unwrap_or(false);
     if std::env::var("MESH_SKIP_PRIVILEGED").as_deref() == Ok("1") {
         eprintln!("!!! SKIPPING privileged test: MESH_SKIP_PRIVILEGED=1 !!!");
         return false;
     }
-    assert!(root, "this test needs root (network namespaces, nftables); set MESH_SKIP_PRIVILEGED=1 to skip it explicitly");
+    assert!(
+        root,
+        "this test needs root (network namespaces, nftables); set MESH_SKIP_PRIVILEGED=1 to skip it explicitly"
+    );
     true
 }
 
@@ -39,16 +46,20 @@ impl WhoConn {
             .with_context(|| format!("connect to {addr} from {}", pod.name))?;
         s.set_read_timeout(Some(Duration::from_secs(10)))?;
         let writer = s.try_clone()?;
-        Ok(WhoConn { reader: BufReader::new(s), writer })
+        Ok(WhoConn {
+            reader: BufReader::new(s),
+            writer,
+        })
     }
 
     /// Sends one WHO request and returns the parsed reply.
     pub fn who(&mut self, message: &str) -> anyhow::Result<serde_json::Value> {
-        self.writer.write_all(format!("WHO {message}\n").as_bytes())?;
+        self.writer
+            .write_all(format!("WHO {message}\n").as_bytes())?;
         let mut line = String::new();
         let n = self.reader.read_line(&mut line)?;
         anyhow::ensure!(n > 0, "connection closed before a reply");
-        Ok(serde_json::from_str(&line).with_context(|| format!("reply {line:?}"))?)
+        serde_json::from_str(&line).with_context(|| format!("reply {line:?}"))
     }
 
     pub fn local_addr(&self) -> anyhow::Result<SocketAddr> {

@@ -91,8 +91,16 @@ fn base_mesh() -> LocalMesh {
 fn vips(mesh: &LocalMesh) -> Vec<String> {
     let text = std::fs::read_to_string(mesh.config_dir.join("10-workloads.yaml")).unwrap();
     let docs = localmesh::render::parse_docs(&text).unwrap();
-    let svc = docs.iter().find(|d| localmesh::render::kind(d) == "Service").unwrap();
-    svc["spec"]["clusterIPs"].as_sequence().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect()
+    let svc = docs
+        .iter()
+        .find(|d| localmesh::render::kind(d) == "Service")
+        .unwrap();
+    svc["spec"]["clusterIPs"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect()
 }
 
 fn addr(ip: &str, port: u16) -> String {
@@ -106,12 +114,16 @@ fn cross_node_traffic_is_hbone_on_the_wire() {
     }
     let mesh = base_mesh();
     let server = mesh.pod("b", "server").unwrap();
-    let mut targets = vec![addr(&server.ip4.to_string(), 8080), addr(&server.ip6.unwrap().to_string(), 8080)];
+    let mut targets = vec![
+        addr(&server.ip4.to_string(), 8080),
+        addr(&server.ip6.unwrap().to_string(), 8080),
+    ];
     targets.extend(vips(&mesh).iter().map(|v| addr(v, 80)));
     assert_eq!(targets.len(), 4, "expected a dual-stack service");
 
     let node0 = mesh.cluster.nodes()[0].clone();
-    let wire = WireCapture::start(&mesh.cluster, &node0.netns, &node0.fabric_if, "l4-wire").unwrap();
+    let wire =
+        WireCapture::start(&mesh.cluster, &node0.netns, &node0.fabric_if, "l4-wire").unwrap();
     let mut seen = Vec::new();
     for (i, target) in targets.iter().enumerate() {
         let secret = format!("app-plaintext-{i}-{}", mesh.cluster.run_id());
@@ -119,23 +131,40 @@ fn cross_node_traffic_is_hbone_on_the_wire() {
         assert_eq!(who.served_by, "server", "{target}");
         assert_eq!(who.message, secret);
         // The app sees the address it dialled, not ztunnel's listener.
-        assert_eq!(who.client_peer, *target, "getpeername() must show the dialled address");
+        assert_eq!(
+            who.client_peer, *target,
+            "getpeername() must show the dialled address"
+        );
         seen.push((target.clone(), who.client_local.clone(), secret));
     }
     let segments = wire.finish().unwrap();
-    assert!(tls_on_port(&segments, 15008), "no TLS to :15008 on the node link");
+    assert!(
+        tls_on_port(&segments, 15008),
+        "no TLS to :15008 on the node link"
+    );
     for (target, _, secret) in &seen {
-        assert!(!payload_contains(&segments, secret.as_bytes()), "plaintext for {target} crossed the node link");
+        assert!(
+            !payload_contains(&segments, secret.as_bytes()),
+            "plaintext for {target} crossed the node link"
+        );
     }
     assert!(
-        !segments.iter().any(|s| [80, 8080].contains(&s.dport) || [80, 8080].contains(&s.sport)),
+        !segments
+            .iter()
+            .any(|s| [80, 8080].contains(&s.dport) || [80, 8080].contains(&s.sport)),
         "app ports seen on the node link: traffic bypassed the tunnel"
     );
     for (target, client_local, _) in &seen {
         let out = mesh.wait_access_log(0, "peer", client_local).unwrap();
         assert_eq!(field(&out, "protocol"), "HBONE", "{target}: {out}");
-        assert_eq!(field(&out, "src.identity"), "spiffe://cluster.local/ns/a/sa/client");
-        assert_eq!(field(&out, "dst.identity"), "spiffe://cluster.local/ns/b/sa/server");
+        assert_eq!(
+            field(&out, "src.identity"),
+            "spiffe://cluster.local/ns/a/sa/client"
+        );
+        assert_eq!(
+            field(&out, "dst.identity"),
+            "spiffe://cluster.local/ns/b/sa/server"
+        );
     }
     // The destination ztunnel saw the client's identity through mTLS.
     let inbound = mesh.access_log(1);
@@ -156,12 +185,17 @@ fn mesh_and_non_mesh_talk_both_ways() {
     let legacy = mesh.pod("plain", "legacy").unwrap();
     let server = mesh.pod("b", "server").unwrap();
     // Mesh → non-mesh: captured, then plain TCP.
-    let who = mesh.who("a", "client", &addr(&legacy.ip4.to_string(), 8080), "out").unwrap();
+    let who = mesh
+        .who("a", "client", &addr(&legacy.ip4.to_string(), 8080), "out")
+        .unwrap();
     assert_eq!(who.served_by, "legacy");
     let e = mesh.wait_access_log(0, "peer", &who.client_local).unwrap();
     assert_eq!(field(&e, "protocol"), "TCP", "{e}");
     // Non-mesh → mesh: plaintext accepted (PERMISSIVE), through the destination's ztunnel.
-    for target in [addr(&server.ip4.to_string(), 8080), addr(&server.ip6.unwrap().to_string(), 8080)] {
+    for target in [
+        addr(&server.ip4.to_string(), 8080),
+        addr(&server.ip6.unwrap().to_string(), 8080),
+    ] {
         let who = mesh.who("plain", "legacy", &target, "in").unwrap();
         assert_eq!(who.served_by, "server");
         let e = mesh.wait_access_log(1, "peer", &who.client_local).unwrap();
@@ -184,7 +218,11 @@ fn enrollment_follows_labels_and_leaves_nothing() {
     let who = mesh.who("a", "client", &target, "after-leave").unwrap();
     assert_eq!(who.served_by, "server");
     let e = mesh.wait_access_log(0, "peer", &who.client_local).unwrap();
-    assert_eq!(field(&e, "protocol"), "TCP", "destination left the mesh: {e}");
+    assert_eq!(
+        field(&e, "protocol"),
+        "TCP",
+        "destination left the mesh: {e}"
+    );
     // Back in: enrolled again, HBONE again.
     mesh.apply("00-ns.yaml", NAMESPACES).unwrap();
     mesh.wait_enrolled("b", "server").unwrap();
@@ -215,21 +253,50 @@ fn config_edits_apply_live_and_bad_files_are_reported() {
     let server = mesh.pod("b", "server").unwrap();
     let target = addr(&server.ip4.to_string(), 8080);
     // A new malformed file: reported by name, nothing else changes.
-    mesh.write_raw("99-broken.yaml", "apiVersion: v1\nkind: Namespace\nmetadata: [oops\n").unwrap();
-    wait_for(Duration::from_secs(10), "meshd to report 99-broken.yaml", || {
-        Ok(mesh.meshd_log().lines().any(|l| l.contains("99-broken.yaml") && l.to_lowercase().contains("error")))
-    })
+    mesh.write_raw(
+        "99-broken.yaml",
+        "apiVersion: v1\nkind: Namespace\nmetadata: [oops\n",
+    )
+    .unwrap();
+    wait_for(
+        Duration::from_secs(10),
+        "meshd to report 99-broken.yaml",
+        || {
+            Ok(mesh
+                .meshd_log()
+                .lines()
+                .any(|l| l.contains("99-broken.yaml") && l.to_lowercase().contains("error")))
+        },
+    )
     .unwrap();
     // An existing file broken in place: its last good content stays in force.
-    mesh.write_raw("00-ns.yaml", "apiVersion: v1\nkind: Namespace\nmetadata: {name: b\n  labels: [\n").unwrap();
-    wait_for(Duration::from_secs(10), "meshd to report 00-ns.yaml", || {
-        Ok(mesh.meshd_log().lines().any(|l| l.contains("00-ns.yaml") && l.to_lowercase().contains("error")))
-    })
+    mesh.write_raw(
+        "00-ns.yaml",
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: b\n  labels: [\n",
+    )
     .unwrap();
-    assert!(mesh.captured("b", "server").unwrap(), "a broken file must not unenroll anything");
+    wait_for(
+        Duration::from_secs(10),
+        "meshd to report 00-ns.yaml",
+        || {
+            Ok(mesh
+                .meshd_log()
+                .lines()
+                .any(|l| l.contains("00-ns.yaml") && l.to_lowercase().contains("error")))
+        },
+    )
+    .unwrap();
+    assert!(
+        mesh.captured("b", "server").unwrap(),
+        "a broken file must not unenroll anything"
+    );
     let who = mesh.who("a", "client", &target, "still-fine").unwrap();
     let e = mesh.wait_access_log(0, "peer", &who.client_local).unwrap();
-    assert_eq!(field(&e, "protocol"), "HBONE", "last good config must stay in force: {e}");
+    assert_eq!(
+        field(&e, "protocol"),
+        "HBONE",
+        "last good config must stay in force: {e}"
+    );
     // Fixing the file applies live, without restarts.
     mesh.apply("00-ns.yaml", NAMESPACES_B_LEFT).unwrap();
     mesh.wait_unenrolled("b", "server").unwrap();
@@ -251,14 +318,21 @@ fn meshd_outage_keeps_traffic_flowing() {
     // The established connection carries on, and new ones still work on the last config.
     assert_eq!(served_by(&long_lived.who("during").unwrap()), "server");
     let mut fresh = WhoConn::connect(&client, target).unwrap();
-    assert_eq!(served_by(&fresh.who("new-during-outage").unwrap()), "server");
+    assert_eq!(
+        served_by(&fresh.who("new-during-outage").unwrap()),
+        "server"
+    );
     let fresh_addr = fresh.local_addr().unwrap().to_string();
     drop(fresh);
     let e = mesh.wait_access_log(0, "peer", &fresh_addr).unwrap();
     assert_eq!(field(&e, "protocol"), "HBONE", "{e}");
 
     // meshd returns: both ztunnels resubscribe and a config change reaches them again.
-    let snapshots = |i| mesh.ztunnel_log(i).matches("config snapshot from meshd").count();
+    let snapshots = |i| {
+        mesh.ztunnel_log(i)
+            .matches("config snapshot from meshd")
+            .count()
+    };
     let before = (snapshots(0), snapshots(1));
     mesh.start_meshd().unwrap();
     wait_for(Duration::from_secs(20), "ztunnels to resubscribe", || {
@@ -276,7 +350,8 @@ fn burst_of_200_connects_opens_one_tls_connection() {
         return;
     }
     let mesh = base_mesh();
-    mesh.apply("20-burst.yaml", &pod("b", "burst", 1, "burst")).unwrap();
+    mesh.apply("20-burst.yaml", &pod("b", "burst", 1, "burst"))
+        .unwrap();
     mesh.wait_listening("b", "burst", 8080).unwrap();
     mesh.wait_enrolled("b", "burst").unwrap();
     let client = mesh.pod("a", "client").unwrap();
@@ -293,22 +368,55 @@ fn burst_of_200_connects_opens_one_tls_connection() {
                     let barrier = barrier.clone();
                     std::thread::spawn(move || -> Result<String, String> {
                         barrier.wait();
-                        let s = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(10)).map_err(|e| e.to_string())?;
-                        s.set_read_timeout(Some(Duration::from_secs(20))).map_err(|e| e.to_string())?;
+                        let s =
+                            std::net::TcpStream::connect_timeout(&target, Duration::from_secs(10))
+                                .map_err(|e| e.to_string())?;
+                        s.set_read_timeout(Some(Duration::from_secs(20)))
+                            .map_err(|e| e.to_string())?;
                         let mut w = s.try_clone().map_err(|e| e.to_string())?;
-                        std::io::Write::write_all(&mut w, format!("WHO burst-{i}\n").as_bytes()).map_err(|e| e.to_string())?;
+                        std::io::Write::write_all(&mut w, format!("WHO burst-{i}\n").as_bytes())
+                            .map_err(|e| e.to_string())?;
                         let mut line = String::new();
-                        std::io::BufRead::read_line(&mut std::io::BufReader::new(s), &mut line).map_err(|e| e.to_string())?;
+                        std::io::BufRead::read_line(&mut std::io::BufReader::new(s), &mut line)
+                            .map_err(|e| e.to_string())?;
                         Ok(line)
                     })
                 })
                 .collect();
-            threads.into_iter().map(|t| t.join().unwrap_or_else(|_| Err("panicked".into()))).collect::<Vec<_>>()
+            threads
+                .into_iter()
+                .map(|t| t.join().unwrap_or_else(|_| Err("panicked".into())))
+                .collect::<Vec<_>>()
         })
         .unwrap();
-    let failures: Vec<_> = results.iter().filter(|r| r.as_ref().map_or(true, |l| !l.contains("\"served_by\":\"burst\""))).collect();
-    assert!(failures.is_empty(), "{} of {N} connections failed: {:?}", failures.len(), &failures[..failures.len().min(5)]);
-    let out = mesh.exec("b", "burst", &["ss", "-Htn", "state", "established", "sport = :15008"]).unwrap();
-    let conns = String::from_utf8_lossy(&out.stdout).lines().filter(|l| !l.trim().is_empty()).count();
-    assert_eq!(conns, 1, "a burst of {N} connects must share one HBONE connection; ss shows:\n{}", String::from_utf8_lossy(&out.stdout));
+    let failures: Vec<_> = results
+        .iter()
+        .filter(|r| {
+            r.as_ref()
+                .map_or(true, |l| !l.contains("\"served_by\":\"burst\""))
+        })
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{} of {N} connections failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    let out = mesh
+        .exec(
+            "b",
+            "burst",
+            &["ss", "-Htn", "state", "established", "sport = :15008"],
+        )
+        .unwrap();
+    let conns = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .count();
+    assert_eq!(
+        conns,
+        1,
+        "a burst of {N} connects must share one HBONE connection; ss shows:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }

@@ -14,7 +14,11 @@ fn nothing_left_behind() {
     for entry in std::fs::read_dir("/proc").expect("read /proc").flatten() {
         let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
         if matches!(comm.trim(), "ztunnel" | "meshd" | "mesh-echo") {
-            running.push(format!("{} ({})", comm.trim(), entry.file_name().to_string_lossy()));
+            running.push(format!(
+                "{} ({})",
+                comm.trim(),
+                entry.file_name().to_string_lossy()
+            ));
         }
     }
     assert!(running.is_empty(), "processes still running: {running:?}");

@@ -51,10 +51,21 @@ fn mesh() -> LocalMesh {
     pods += &pod("b", "neighbour", 1, "neighbour", &[8080]);
     pods += &pod("plain", "legacy", 0, "default", &[8080]);
     mesh.apply("10-pods.yaml", &pods).unwrap();
-    for (ns, p) in [("a", "client"), ("a", "other"), ("b", "server"), ("b", "neighbour"), ("plain", "legacy")] {
+    for (ns, p) in [
+        ("a", "client"),
+        ("a", "other"),
+        ("b", "server"),
+        ("b", "neighbour"),
+        ("plain", "legacy"),
+    ] {
         mesh.wait_listening(ns, p, 8080).unwrap();
     }
-    for (ns, p) in [("a", "client"), ("a", "other"), ("b", "server"), ("b", "neighbour")] {
+    for (ns, p) in [
+        ("a", "client"),
+        ("a", "other"),
+        ("b", "server"),
+        ("b", "neighbour"),
+    ] {
         mesh.wait_enrolled(ns, p).unwrap();
     }
     mesh
@@ -71,9 +82,11 @@ fn reaches(mesh: &LocalMesh, from: (&str, &str), to: (&str, &str), port: u16) ->
 
 /// Waits until reachability matches `want` (policy reaches ztunnel asynchronously).
 fn eventually(mesh: &LocalMesh, from: (&str, &str), to: (&str, &str), port: u16, want: bool) {
-    wait_for(Duration::from_secs(20), &format!("{from:?} → {to:?}:{port} reachable = {want}"), || {
-        Ok(reaches(mesh, from, to, port) == want)
-    })
+    wait_for(
+        Duration::from_secs(20),
+        &format!("{from:?} → {to:?}:{port} reachable = {want}"),
+        || Ok(reaches(mesh, from, to, port) == want),
+    )
     .unwrap();
 }
 
@@ -88,18 +101,27 @@ fn peer_authentication_levels_override_as_istio_does() {
     // Default PERMISSIVE: plaintext is delivered.
     assert!(reaches(&mesh, legacy, server, 8080));
     // Mesh-wide STRICT (root namespace): plaintext refused everywhere, mesh traffic fine.
-    mesh.apply("20-pa.yaml", r#"
+    mesh.apply(
+        "20-pa.yaml",
+        r#"
 apiVersion: security.istio.io/v1
 kind: PeerAuthentication
 metadata: {name: default, namespace: istio-system}
 spec: {mtls: {mode: STRICT}}
-"#).unwrap();
+"#,
+    )
+    .unwrap();
     eventually(&mesh, legacy, server, 8080, false);
     assert!(!reaches(&mesh, legacy, neighbour, 8080));
-    assert!(reaches(&mesh, ("a", "client"), server, 8080), "mesh traffic must pass STRICT");
+    assert!(
+        reaches(&mesh, ("a", "client"), server, 8080),
+        "mesh traffic must pass STRICT"
+    );
     // Namespace PERMISSIVE beats mesh STRICT; a workload STRICT beats the namespace; a port
     // level PERMISSIVE beats the workload.
-    mesh.apply("20-pa.yaml", r#"
+    mesh.apply(
+        "20-pa.yaml",
+        r#"
 apiVersion: security.istio.io/v1
 kind: PeerAuthentication
 metadata: {name: default, namespace: istio-system}
@@ -118,10 +140,15 @@ spec:
   mtls: {mode: STRICT}
   portLevelMtls:
     "9090": {mode: PERMISSIVE}
-"#).unwrap();
+"#,
+    )
+    .unwrap();
     eventually(&mesh, legacy, neighbour, 8080, true);
     eventually(&mesh, legacy, server, 9090, true);
-    assert!(!reaches(&mesh, legacy, server, 8080), "workload STRICT must beat namespace PERMISSIVE");
+    assert!(
+        !reaches(&mesh, legacy, server, 8080),
+        "workload STRICT must beat namespace PERMISSIVE"
+    );
     assert!(reaches(&mesh, ("a", "client"), server, 8080));
 }
 
@@ -135,11 +162,14 @@ fn authorization_policy_allows_denies_and_recloses_live_connections() {
     let client_pod = mesh.pod("a", "client").unwrap();
     let server_pod = mesh.pod("b", "server").unwrap();
     // A live connection from a/client, before any policy.
-    let mut live = WhoConn::connect(&client_pod, SocketAddr::new(server_pod.ip4.into(), 8080)).unwrap();
+    let mut live =
+        WhoConn::connect(&client_pod, SocketAddr::new(server_pod.ip4.into(), 8080)).unwrap();
     assert_eq!(served_by(&live.who("before").unwrap()), "server");
 
     // ALLOW only sa/other on port 8080: client is denied (new connections), other allowed.
-    mesh.apply("30-authz.yaml", r#"
+    mesh.apply(
+        "30-authz.yaml",
+        r#"
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata: {name: only-other, namespace: b}
@@ -149,19 +179,34 @@ spec:
   rules:
   - from: [{source: {principals: ["cluster.local/ns/a/sa/other"]}}]
     to: [{operation: {ports: ["8080"]}}]
-"#).unwrap();
+"#,
+    )
+    .unwrap();
     let changed = Instant::now();
     eventually(&mesh, client, server, 8080, false);
     assert!(reaches(&mesh, other, server, 8080));
-    assert!(!reaches(&mesh, other, server, 9090), "port 9090 is not allowed");
+    assert!(
+        !reaches(&mesh, other, server, 9090),
+        "port 9090 is not allowed"
+    );
     // The live connection from client is now denied: ztunnel closes it, within bounded time.
-    wait_for(Duration::from_secs(20), "the denied live connection to be closed", || Ok(live.who("after").is_err())).unwrap();
-    eprintln!("live connection closed {:?} after the policy was written", changed.elapsed());
+    wait_for(
+        Duration::from_secs(20),
+        "the denied live connection to be closed",
+        || Ok(live.who("after").is_err()),
+    )
+    .unwrap();
+    eprintln!(
+        "live connection closed {:?} after the policy was written",
+        changed.elapsed()
+    );
     // Other workloads in the namespace are not selected: still open to everyone.
     assert!(reaches(&mesh, client, ("b", "neighbour"), 8080));
 
     // DENY beats ALLOW.
-    mesh.apply("30-authz.yaml", r#"
+    mesh.apply(
+        "30-authz.yaml",
+        r#"
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata: {name: only-other, namespace: b}
@@ -177,17 +222,26 @@ spec:
   action: DENY
   rules:
   - from: [{source: {namespaces: ["a"]}}]
-"#).unwrap();
+"#,
+    )
+    .unwrap();
     eventually(&mesh, other, server, 8080, false);
-    assert!(!reaches(&mesh, other, ("b", "neighbour"), 8080), "namespace-wide DENY applies to every pod of b");
+    assert!(
+        !reaches(&mesh, other, ("b", "neighbour"), 8080),
+        "namespace-wide DENY applies to every pod of b"
+    );
 
     // `spec: {}` allows nothing; removing every policy allows everything again.
-    mesh.apply("30-authz.yaml", r#"
+    mesh.apply(
+        "30-authz.yaml",
+        r#"
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata: {name: allow-nothing, namespace: b}
 spec: {}
-"#).unwrap();
+"#,
+    )
+    .unwrap();
     eventually(&mesh, ("plain", "legacy"), ("b", "neighbour"), 8080, false);
     mesh.remove("30-authz.yaml").unwrap();
     eventually(&mesh, client, server, 8080, true);

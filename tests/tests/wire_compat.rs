@@ -15,10 +15,10 @@ use std::time::Duration;
 
 use localmesh::client::field;
 use localmesh::{LocalMesh, MeshOptions, wait_for};
+use mesh_tests::privileged;
 use meshcore::Identity;
 use meshcore::ca::CertAuthority;
 use meshcore::tls::WorkloadCert;
-use mesh_tests::privileged;
 use serde_json::Value;
 
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -30,7 +30,11 @@ fn python() -> String {
 }
 
 fn script(name: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("py").join(name).display().to_string()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("py")
+        .join(name)
+        .display()
+        .to_string()
 }
 
 fn addr(ip: IpAddr, port: u16) -> String {
@@ -96,15 +100,38 @@ fn write_pems(mesh: &LocalMesh, label: &str, cert: &WorkloadCert, trust_anchor: 
     std::fs::write(&k, &cert.key_pem).unwrap();
     std::fs::write(&a, trust_anchor).unwrap();
     let s = |p: PathBuf| p.display().to_string();
-    Pems { cert: s(c), key: s(k), ca: s(a) }
+    Pems {
+        cert: s(c),
+        key: s(k),
+        ca: s(a),
+    }
 }
 
 /// Runs the Python HBONE client inside `netns`; returns its one JSON line.
-fn hbone_client(mesh: &LocalMesh, netns: &testbed::Netns, connect: &str, authority: &str, pems: &Pems, send: Option<&str>) -> Value {
+fn hbone_client(
+    mesh: &LocalMesh,
+    netns: &testbed::Netns,
+    connect: &str,
+    authority: &str,
+    pems: &Pems,
+    send: Option<&str>,
+) -> Value {
     let (py, client) = (python(), script("hbone_client.py"));
     let mut argv = vec![
-        py.as_str(), client.as_str(), "--connect", connect, "--authority", authority,
-        "--cert", &pems.cert, "--key", &pems.key, "--ca", &pems.ca, "--timeout", "10",
+        py.as_str(),
+        client.as_str(),
+        "--connect",
+        connect,
+        "--authority",
+        authority,
+        "--cert",
+        &pems.cert,
+        "--key",
+        &pems.key,
+        "--ca",
+        &pems.ca,
+        "--timeout",
+        "10",
     ];
     if let Some(text) = send {
         argv.extend(["--send", text]);
@@ -112,15 +139,28 @@ fn hbone_client(mesh: &LocalMesh, netns: &testbed::Netns, connect: &str, authori
     let out = mesh.cluster.run(netns, &argv).expect("run hbone_client.py");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "hbone_client.py failed ({}): {stdout}{stderr}", out.status);
-    let line = stdout.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or_else(|| panic!("no output; stderr: {stderr}"));
-    let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("bad client output {line:?}: {e}; stderr: {stderr}"));
+    assert!(
+        out.status.success(),
+        "hbone_client.py failed ({}): {stdout}{stderr}",
+        out.status
+    );
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or_else(|| panic!("no output; stderr: {stderr}"));
+    let v: Value = serde_json::from_str(line)
+        .unwrap_or_else(|e| panic!("bad client output {line:?}: {e}; stderr: {stderr}"));
     eprintln!("hbone_client.py {connect} authority {authority}: {v}");
     v
 }
 
 fn is_refused(v: &Value) -> bool {
-    v.get("status").is_none() && matches!(v.get("error").and_then(Value::as_str), Some("tls" | "closed" | "reset"))
+    v.get("status").is_none()
+        && matches!(
+            v.get("error").and_then(Value::as_str),
+            Some("tls" | "closed" | "reset")
+        )
 }
 
 /// The last `n` lines of a log, for assertion messages.
@@ -137,7 +177,13 @@ fn tail(text: &str, n: usize) -> String {
 fn server_mesh() -> LocalMesh {
     let mesh = LocalMesh::start(MeshOptions::default()).expect("start local mesh");
     mesh.apply("00-ns.yaml", NAMESPACES).unwrap();
-    let mut pods = pod("wire", "server", 1, "api", &["mesh-echo", "serve", "--port", "8080"]);
+    let mut pods = pod(
+        "wire",
+        "server",
+        1,
+        "api",
+        &["mesh-echo", "serve", "--port", "8080"],
+    );
     pods += &pod("outside", "outsider", 0, "default", &[]);
     mesh.apply("10-pods.yaml", &pods).unwrap();
     mesh.wait_listening("wire", "server", 8080).unwrap();
@@ -155,14 +201,28 @@ fn independent_client_gets_200_and_400() {
     let server = mesh.pod("wire", "server").unwrap();
     let outsider = mesh.pod("outside", "outsider").unwrap();
     let ca = mesh_ca(&mesh);
-    let cert = ca.mint(&Identity::new(&td, "outside", "wire-tester"), CERT_LIFETIME).unwrap();
+    let cert = ca
+        .mint(&Identity::new(&td, "outside", "wire-tester"), CERT_LIFETIME)
+        .unwrap();
     let pems = write_pems(&mesh, "tester", &cert, ca.root_pem());
 
     let server_ip = IpAddr::V4(server.ip4);
     let hbone = addr(server_ip, 15008);
-    let ok = hbone_client(&mesh, &outsider.netns, &hbone, &addr(server_ip, 8080), &pems, Some("WHO hi\n"));
+    let ok = hbone_client(
+        &mesh,
+        &outsider.netns,
+        &hbone,
+        &addr(server_ip, 8080),
+        &pems,
+        Some("WHO hi\n"),
+    );
     let ztunnel1 = || tail(&mesh.ztunnel_log(1), 20);
-    assert_eq!(ok["status"], 200, "CONNECT to the pod's own IP must get 200: {ok}\nztunnel-1:\n{}", ztunnel1());
+    assert_eq!(
+        ok["status"],
+        200,
+        "CONNECT to the pod's own IP must get 200: {ok}\nztunnel-1:\n{}",
+        ztunnel1()
+    );
     assert_eq!(ok["tls_version"], "TLSv1.3", "{ok}");
     assert_eq!(ok["alpn"], "h2", "{ok}");
     assert_eq!(
@@ -177,8 +237,20 @@ fn independent_client_gets_200_and_400() {
 
     // IPv6: the same listener on the pod's v6 address.
     if let Some(ip6) = server.ip6 {
-        let v6 = hbone_client(&mesh, &outsider.netns, &addr(IpAddr::V6(ip6), 15008), &addr(IpAddr::V6(ip6), 8080), &pems, Some("WHO six\n"));
-        assert_eq!(v6["status"], 200, "IPv6 CONNECT: {v6}\nztunnel-1:\n{}", ztunnel1());
+        let v6 = hbone_client(
+            &mesh,
+            &outsider.netns,
+            &addr(IpAddr::V6(ip6), 15008),
+            &addr(IpAddr::V6(ip6), 8080),
+            &pems,
+            Some("WHO six\n"),
+        );
+        assert_eq!(
+            v6["status"],
+            200,
+            "IPv6 CONNECT: {v6}\nztunnel-1:\n{}",
+            ztunnel1()
+        );
         let reply: Value = serde_json::from_str(v6["reply"].as_str().unwrap_or_default().trim())
             .unwrap_or_else(|e| panic!("IPv6 echo reply is not JSON ({e}): {v6}"));
         assert_eq!(reply["served_by"], "server", "{reply}");
@@ -187,7 +259,12 @@ fn independent_client_gets_200_and_400() {
     // An authority naming another IP than the pod behind this listener: 400, not a tunnel.
     let other = addr(IpAddr::V4(outsider.ip4), 8080);
     let bad = hbone_client(&mesh, &outsider.netns, &hbone, &other, &pems, None);
-    assert_eq!(bad["status"], 400, "CONNECT {other} at {hbone} must get 400: {bad}\nztunnel-1:\n{}", ztunnel1());
+    assert_eq!(
+        bad["status"],
+        400,
+        "CONNECT {other} at {hbone} must get 400: {bad}\nztunnel-1:\n{}",
+        ztunnel1()
+    );
 }
 
 #[test]
@@ -205,27 +282,84 @@ fn foreign_trust_domain_and_no_san_refused() {
     let ztunnel1 = || tail(&mesh.ztunnel_log(1), 20);
 
     // Control: a good certificate gets through, so the refusals below are about the certificate.
-    let good = ca.mint(&Identity::new(&td, "outside", "wire-tester"), CERT_LIFETIME).unwrap();
-    let good = hbone_client(&mesh, &outsider.netns, &hbone, &authority, &write_pems(&mesh, "good", &good, ca.root_pem()), None);
-    assert_eq!(good["status"], 200, "control with a valid mesh certificate: {good}\nztunnel-1:\n{}", ztunnel1());
+    let good = ca
+        .mint(&Identity::new(&td, "outside", "wire-tester"), CERT_LIFETIME)
+        .unwrap();
+    let good = hbone_client(
+        &mesh,
+        &outsider.netns,
+        &hbone,
+        &authority,
+        &write_pems(&mesh, "good", &good, ca.root_pem()),
+        None,
+    );
+    assert_eq!(
+        good["status"],
+        200,
+        "control with a valid mesh certificate: {good}\nztunnel-1:\n{}",
+        ztunnel1()
+    );
 
     // Another trust domain's CA: the client trusts the mesh root (so it can finish its side of
     // the handshake) and presents the foreign chain.
     let evil = CertAuthority::new_in_memory("evil.example").unwrap();
-    let evil_cert = evil.mint(&Identity::new("evil.example", "wire", "tester"), CERT_LIFETIME).unwrap();
-    let v = hbone_client(&mesh, &outsider.netns, &hbone, &authority, &write_pems(&mesh, "evil", &evil_cert, ca.root_pem()), Some("WHO evil\n"));
-    assert!(is_refused(&v), "a client certificate from another trust domain's CA must be refused at TLS: {v}\nztunnel-1:\n{}", ztunnel1());
+    let evil_cert = evil
+        .mint(
+            &Identity::new("evil.example", "wire", "tester"),
+            CERT_LIFETIME,
+        )
+        .unwrap();
+    let v = hbone_client(
+        &mesh,
+        &outsider.netns,
+        &hbone,
+        &authority,
+        &write_pems(&mesh, "evil", &evil_cert, ca.root_pem()),
+        Some("WHO evil\n"),
+    );
+    assert!(
+        is_refused(&v),
+        "a client certificate from another trust domain's CA must be refused at TLS: {v}\nztunnel-1:\n{}",
+        ztunnel1()
+    );
 
     // Signed by the mesh root but naming another trust domain: the chain verifies, the trust
     // domain check must still refuse it.
-    let foreign = ca.mint(&Identity::new("evil.example", "wire", "tester"), CERT_LIFETIME).unwrap();
-    let v = hbone_client(&mesh, &outsider.netns, &hbone, &authority, &write_pems(&mesh, "foreign-td", &foreign, ca.root_pem()), Some("WHO foreign\n"));
-    assert!(is_refused(&v), "a mesh-signed certificate for trust domain evil.example must be refused: {v}\nztunnel-1:\n{}", ztunnel1());
+    let foreign = ca
+        .mint(
+            &Identity::new("evil.example", "wire", "tester"),
+            CERT_LIFETIME,
+        )
+        .unwrap();
+    let v = hbone_client(
+        &mesh,
+        &outsider.netns,
+        &hbone,
+        &authority,
+        &write_pems(&mesh, "foreign-td", &foreign, ca.root_pem()),
+        Some("WHO foreign\n"),
+    );
+    assert!(
+        is_refused(&v),
+        "a mesh-signed certificate for trust domain evil.example must be refused: {v}\nztunnel-1:\n{}",
+        ztunnel1()
+    );
 
     // Signed by the mesh root but with no SPIFFE URI SAN at all.
     let nosan = ca.mint_without_spiffe_san(CERT_LIFETIME).unwrap();
-    let v = hbone_client(&mesh, &outsider.netns, &hbone, &authority, &write_pems(&mesh, "nosan", &nosan, ca.root_pem()), Some("WHO nosan\n"));
-    assert!(is_refused(&v), "a client certificate without SPIFFE URI SAN must be refused at TLS: {v}\nztunnel-1:\n{}", ztunnel1());
+    let v = hbone_client(
+        &mesh,
+        &outsider.netns,
+        &hbone,
+        &authority,
+        &write_pems(&mesh, "nosan", &nosan, ca.root_pem()),
+        Some("WHO nosan\n"),
+    );
+    assert!(
+        is_refused(&v),
+        "a client certificate without SPIFFE URI SAN must be refused at TLS: {v}\nztunnel-1:\n{}",
+        ztunnel1()
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -269,20 +403,47 @@ fn client_mesh(presented_sa: &str) -> (LocalMesh, FakeServer) {
 
     let td = mesh.opts.trust_domain.clone();
     let ca = mesh_ca(&mesh);
-    let cert = ca.mint(&Identity::new(&td, "wire", presented_sa), CERT_LIFETIME).unwrap();
-    let pems = write_pems(&mesh, &format!("server-{presented_sa}"), &cert, ca.root_pem());
+    let cert = ca
+        .mint(&Identity::new(&td, "wire", presented_sa), CERT_LIFETIME)
+        .unwrap();
+    let pems = write_pems(
+        &mesh,
+        &format!("server-{presented_sa}"),
+        &cert,
+        ca.root_pem(),
+    );
     let record = mesh.dir().join(format!("wire-server-{presented_sa}.jsonl"));
     let fake = mesh.pod("wire", "fake").unwrap();
     let mut cmd = Command::new(python());
     cmd.arg(script("hbone_server.py"))
-        .args(["--listen", "0.0.0.0:15008", "--cert", &pems.cert, "--key", &pems.key, "--ca", &pems.ca, "--record"])
+        .args([
+            "--listen",
+            "0.0.0.0:15008",
+            "--cert",
+            &pems.cert,
+            "--key",
+            &pems.key,
+            "--ca",
+            &pems.ca,
+            "--record",
+        ])
         .arg(&record);
-    let proc = mesh.cluster.spawn(&fake.netns, cmd, &format!("hbone-server-{presented_sa}")).unwrap();
+    let proc = mesh
+        .cluster
+        .spawn(&fake.netns, cmd, &format!("hbone-server-{presented_sa}"))
+        .unwrap();
     let log = proc.log_path().to_path_buf();
-    let server = FakeServer { _proc: proc, record, log };
+    let server = FakeServer {
+        _proc: proc,
+        record,
+        log,
+    };
     wait_for(DEADLINE, "hbone_server.py to listen", || {
         let text = server.log();
-        anyhow::ensure!(!text.contains("Traceback"), "hbone_server.py crashed:\n{text}");
+        anyhow::ensure!(
+            !text.contains("Traceback"),
+            "hbone_server.py crashed:\n{text}"
+        );
         Ok(text.lines().any(|l| l.trim() == "listening"))
     })
     .unwrap();
@@ -322,7 +483,13 @@ fn our_client_speaks_exact_hbone() {
     let client = mesh.pod("wire", "client").unwrap();
     let fake = mesh.pod("wire", "fake").unwrap();
     let target = SocketAddr::new(IpAddr::V4(fake.ip4), 8080);
-    let context = || format!("\nztunnel-0:\n{}\nhbone_server.py:\n{}", tail(&mesh.ztunnel_log(0), 20), server.log());
+    let context = || {
+        format!(
+            "\nztunnel-0:\n{}\nhbone_server.py:\n{}",
+            tail(&mesh.ztunnel_log(0), 20),
+            server.log()
+        )
+    };
 
     let mut s = connect_from(&client, target);
     let local = s.local_addr().unwrap();
@@ -332,7 +499,12 @@ fn our_client_speaks_exact_hbone() {
     if let Err(e) = s.read_exact(&mut echoed) {
         panic!("no echo through our HBONE client: {e}{}", context());
     }
-    assert_eq!(String::from_utf8_lossy(&echoed), payload, "echo through the tunnel{}", context());
+    assert_eq!(
+        String::from_utf8_lossy(&echoed),
+        payload,
+        "echo through the tunnel{}",
+        context()
+    );
     // Half-close: our FIN must end the stream, the server ends its side, and we read EOF.
     s.shutdown(Shutdown::Write).unwrap();
     let mut rest = Vec::new();
@@ -345,14 +517,25 @@ fn our_client_speaks_exact_hbone() {
     })
     .unwrap_or_else(|e| panic!("{e}: records {records:?}{}", context()));
     let requests: Vec<&Value> = records.iter().filter(|r| r["event"] == "request").collect();
-    assert_eq!(requests.len(), 1, "one TCP connection must be one CONNECT: {records:?}");
+    assert_eq!(
+        requests.len(),
+        1,
+        "one TCP connection must be one CONNECT: {records:?}"
+    );
     let rec = requests[0];
     eprintln!("hbone_server.py recorded: {rec}");
 
     assert_eq!(rec["tls_version"], "TLSv1.3", "{rec}");
     assert_eq!(rec["alpn"], "h2", "{rec}");
-    assert_eq!(rec["sni_callback_called"], true, "the server's SNI callback did not run, so SNI was not observed: {rec}");
-    assert!(rec["sni"].is_null(), "HBONE clients send no SNI, got {}", rec["sni"]);
+    assert_eq!(
+        rec["sni_callback_called"], true,
+        "the server's SNI callback did not run, so SNI was not observed: {rec}"
+    );
+    assert!(
+        rec["sni"].is_null(),
+        "HBONE clients send no SNI, got {}",
+        rec["sni"]
+    );
     let cipher = rec["cipher"].as_str().unwrap_or_default();
     assert!(
         ["TLS_AES_256_GCM_SHA384", "TLS_AES_128_GCM_SHA256"].contains(&cipher),
@@ -378,30 +561,57 @@ fn our_client_speaks_exact_hbone() {
     );
 
     // The informational headers Istio's ztunnel sends.
-    let missing: Vec<&str> =
-        ["baggage", "forwarded", "traceparent"].into_iter().filter(|h| header(rec, h).is_empty()).collect();
-    assert!(missing.is_empty(), "headers Istio sends are missing: {missing:?}; got {}", rec["headers"]);
+    let missing: Vec<&str> = ["baggage", "forwarded", "traceparent"]
+        .into_iter()
+        .filter(|h| header(rec, h).is_empty())
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "headers Istio sends are missing: {missing:?}; got {}",
+        rec["headers"]
+    );
     let forwarded = header(rec, "forwarded")[0];
-    assert_eq!(forwarded, format!("for=\"{local}\""), "forwarded must name the client's address");
+    assert_eq!(
+        forwarded,
+        format!("for=\"{local}\""),
+        "forwarded must name the client's address"
+    );
     let baggage = header(rec, "baggage")[0];
-    assert!(baggage.contains("k8s.namespace.name=wire"), "baggage {baggage:?}");
+    assert!(
+        baggage.contains("k8s.namespace.name=wire"),
+        "baggage {baggage:?}"
+    );
     let traceparent = header(rec, "traceparent")[0];
     let parts: Vec<&str> = traceparent.split('-').collect();
     assert!(
         parts.len() == 4
-            && parts.iter().zip([2, 32, 16, 2]).all(|(p, n)| p.len() == n && p.bytes().all(|b| b.is_ascii_hexdigit())),
+            && parts
+                .iter()
+                .zip([2, 32, 16, 2])
+                .all(|(p, n)| p.len() == n && p.bytes().all(|b| b.is_ascii_hexdigit())),
         "traceparent {traceparent:?} is not W3C"
     );
 
     // The outbound ztunnel logged the tunnel with both identities.
     let entry = mesh.wait_access_log(0, "peer", &local.to_string()).unwrap();
     assert_eq!(field(&entry, "protocol"), "HBONE", "{entry}");
-    assert_eq!(field(&entry, "src.identity"), format!("spiffe://{td}/ns/wire/sa/client"), "{entry}");
-    assert_eq!(field(&entry, "dst.identity"), format!("spiffe://{td}/ns/wire/sa/fake"), "{entry}");
+    assert_eq!(
+        field(&entry, "src.identity"),
+        format!("spiffe://{td}/ns/wire/sa/client"),
+        "{entry}"
+    );
+    assert_eq!(
+        field(&entry, "dst.identity"),
+        format!("spiffe://{td}/ns/wire/sa/fake"),
+        "{entry}"
+    );
 
     match half_close {
         Ok(_) => assert!(rest.is_empty(), "unexpected bytes after the echo: {rest:?}"),
-        Err(e) => panic!("after our FIN the tunnel did not end cleanly (read: {e}){}", context()),
+        Err(e) => panic!(
+            "after our FIN the tunnel did not end cleanly (read: {e}){}",
+            context()
+        ),
     }
 }
 
@@ -415,7 +625,13 @@ fn our_client_refuses_wrong_server_identity() {
     let client = mesh.pod("wire", "client").unwrap();
     let fake = mesh.pod("wire", "fake").unwrap();
     let target = SocketAddr::new(IpAddr::V4(fake.ip4), 8080);
-    let context = || format!("\nztunnel-0:\n{}\nhbone_server.py:\n{}", tail(&mesh.ztunnel_log(0), 20), server.log());
+    let context = || {
+        format!(
+            "\nztunnel-0:\n{}\nhbone_server.py:\n{}",
+            tail(&mesh.ztunnel_log(0), 20),
+            server.log()
+        )
+    };
 
     let mut s = connect_from(&client, target);
     let local = s.local_addr().unwrap();
@@ -424,9 +640,16 @@ fn our_client_refuses_wrong_server_identity() {
     let mut buf = [0u8; 64];
     match s.read(&mut buf) {
         Ok(0) => {}
-        Ok(n) => panic!("bytes came back from a server with the wrong identity: {:?}{}", String::from_utf8_lossy(&buf[..n]), context()),
+        Ok(n) => panic!(
+            "bytes came back from a server with the wrong identity: {:?}{}",
+            String::from_utf8_lossy(&buf[..n]),
+            context()
+        ),
         Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-            panic!("ztunnel neither closed nor reset the connection within 15 s: {e}{}", context())
+            panic!(
+                "ztunnel neither closed nor reset the connection within 15 s: {e}{}",
+                context()
+            )
         }
         Err(_) => {} // reset: refused
     }
@@ -444,15 +667,25 @@ fn our_client_refuses_wrong_server_identity() {
     let failed = failed.unwrap();
     eprintln!("ztunnel-0 access log: {failed}");
     let error = field(&failed, "error");
-    assert!(error.contains(&impostor), "the failure must name the identity presented ({impostor}): {failed}");
-    assert!(error.contains(&format!("spiffe://{td}/ns/wire/sa/fake")), "the failure should name the expected identity: {failed}");
+    assert!(
+        error.contains(&impostor),
+        "the failure must name the identity presented ({impostor}): {failed}"
+    );
+    assert!(
+        error.contains(&format!("spiffe://{td}/ns/wire/sa/fake")),
+        "the failure should name the expected identity: {failed}"
+    );
 
     // The Python server saw the TLS attempt fail and never got a CONNECT.
     let mut records = Vec::new();
-    wait_for(DEADLINE, "hbone_server.py to record the refused handshake", || {
-        records = server.records();
-        Ok(!records.is_empty())
-    })
+    wait_for(
+        DEADLINE,
+        "hbone_server.py to record the refused handshake",
+        || {
+            records = server.records();
+            Ok(!records.is_empty())
+        },
+    )
     .unwrap_or_else(|e| panic!("{e}{}", context()));
     eprintln!("hbone_server.py recorded: {records:?}");
     assert!(
@@ -476,10 +709,23 @@ fn independent_client_gets_401_when_policy_denies() {
     let outsider = mesh.pod("outside", "outsider").unwrap();
     let hbone = addr(server.ip4.into(), 15008);
     let target = addr(server.ip4.into(), 8080);
-    let denied = ca.mint(&Identity::new("cluster.local", "wire", "intruder"), CERT_LIFETIME).unwrap();
-    let allowed = ca.mint(&Identity::new("cluster.local", "wire", "friend"), CERT_LIFETIME).unwrap();
+    let denied = ca
+        .mint(
+            &Identity::new("cluster.local", "wire", "intruder"),
+            CERT_LIFETIME,
+        )
+        .unwrap();
+    let allowed = ca
+        .mint(
+            &Identity::new("cluster.local", "wire", "friend"),
+            CERT_LIFETIME,
+        )
+        .unwrap();
     let root = ca.root_pem().to_string();
-    let (denied_pems, allowed_pems) = (write_pems(&mesh, "intruder", &denied, &root), write_pems(&mesh, "friend", &allowed, &root));
+    let (denied_pems, allowed_pems) = (
+        write_pems(&mesh, "intruder", &denied, &root),
+        write_pems(&mesh, "friend", &allowed, &root),
+    );
     mesh.apply(
         "20-deny.yaml",
         r#"
@@ -497,11 +743,29 @@ spec:
     // The policy reaches ztunnel asynchronously: wait until the intruder is refused.
     let mut last = Value::Null;
     wait_for(DEADLINE, "the DENY policy to apply", || {
-        last = hbone_client(&mesh, &outsider.netns, &hbone, &target, &denied_pems, Some("WHO hi\\n"));
+        last = hbone_client(
+            &mesh,
+            &outsider.netns,
+            &hbone,
+            &target,
+            &denied_pems,
+            Some("WHO hi\\n"),
+        );
         Ok(last.get("status").and_then(Value::as_u64) == Some(401))
     })
     .unwrap_or_else(|e| panic!("{e}: last answer {last}"));
-    assert!(last.get("reply").is_none_or(|r| r.as_str().unwrap_or("").is_empty()), "no byte may reach the app: {last}");
-    let ok = hbone_client(&mesh, &outsider.netns, &hbone, &target, &allowed_pems, Some("WHO hi\\n"));
+    assert!(
+        last.get("reply")
+            .is_none_or(|r| r.as_str().unwrap_or("").is_empty()),
+        "no byte may reach the app: {last}"
+    );
+    let ok = hbone_client(
+        &mesh,
+        &outsider.netns,
+        &hbone,
+        &target,
+        &allowed_pems,
+        Some("WHO hi\\n"),
+    );
     assert_eq!(ok.get("status").and_then(Value::as_u64), Some(200), "{ok}");
 }

@@ -54,7 +54,9 @@ enum Cmd {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").canonicalize()?;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .canonicalize()?;
     std::env::set_current_dir(&root)?;
     match cli.cmd {
         Cmd::Deps => deps(),
@@ -63,7 +65,10 @@ fn main() -> anyhow::Result<()> {
             need_root()?;
             deps()?;
             build(false)?;
-            let ok = localmesh::demo::run(localmesh::demo::DemoOptions { interactive, examples: root.join("examples/demo") })?;
+            let ok = localmesh::demo::run(localmesh::demo::DemoOptions {
+                interactive,
+                examples: root.join("examples/demo"),
+            })?;
             if !ok {
                 bail!("some demo checks failed (logs are kept under /tmp/mesh-testbed)");
             }
@@ -81,13 +86,20 @@ fn main() -> anyhow::Result<()> {
             build(true)?;
             // SAFETY: no other thread exists yet that could read the environment concurrently.
             unsafe { std::env::set_var("MESH_BIN_DIR", root.join("target/release")) };
-            let rows = localmesh::bench::run(localmesh::bench::BenchOptions { duration: Duration::from_secs(seconds) })?;
+            let rows = localmesh::bench::run(localmesh::bench::BenchOptions {
+                duration: Duration::from_secs(seconds),
+            })?;
             localmesh::bench::print(&rows);
             let n = 10_000;
             let (without, with) = localmesh::bench_policy::run(Duration::from_secs(seconds), n)?;
             println!(
                 "{:<32} {:>10.2} {:<3} {:>10.2} {:<3} {:>9.2}x   (no policy vs {n} policies)",
-                "L4 authz: new connections", without, "c/s", with, "c/s", with / without
+                "L4 authz: new connections",
+                without,
+                "c/s",
+                with,
+                "c/s",
+                with / without
             );
             Ok(())
         }
@@ -104,28 +116,60 @@ fn need_root() -> anyhow::Result<()> {
 fn nix_is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) == Some("0")))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
         .unwrap_or(false)
 }
 
 fn have(cmd: &str) -> bool {
-    Command::new("sh").arg("-c").arg(format!("command -v {cmd} >/dev/null 2>&1")).status().is_ok_and(|s| s.success())
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {cmd} >/dev/null 2>&1"))
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 /// Installs what is missing, and only that.
 fn deps() -> anyhow::Result<()> {
-    let wanted = [("nft", "nftables"), ("ip", "iproute2"), ("ss", "iproute2"), ("tcpdump", "tcpdump"), ("curl", "curl"), ("python3", "python3")];
-    let mut missing: Vec<&str> = wanted.iter().filter(|(c, _)| !have(c)).map(|(_, p)| *p).collect();
+    let wanted = [
+        ("nft", "nftables"),
+        ("ip", "iproute2"),
+        ("ss", "iproute2"),
+        ("tcpdump", "tcpdump"),
+        ("curl", "curl"),
+        ("python3", "python3"),
+    ];
+    let mut missing: Vec<&str> = wanted
+        .iter()
+        .filter(|(c, _)| !have(c))
+        .map(|(_, p)| *p)
+        .collect();
     missing.dedup();
     if !missing.is_empty() {
         eprintln!("xtask: installing {}", missing.join(" "));
         run(Command::new("apt-get").args(["update", "-qq"]))?;
-        run(Command::new("apt-get").args(["install", "-y", "-qq"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-qq"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
-    let h2 = Command::new("python3").args(["-c", "import h2, prometheus_client"]).output().is_ok_and(|o| o.status.success());
+    let h2 = Command::new("python3")
+        .args(["-c", "import h2, prometheus_client"])
+        .output()
+        .is_ok_and(|o| o.status.success());
     if !h2 {
         eprintln!("xtask: installing the Python h2 package (independent HBONE peer in tests)");
-        run(Command::new("python3").args(["-m", "pip", "install", "-q", "h2", "prometheus_client"]))?;
+        run(Command::new("python3").args([
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "h2",
+            "prometheus_client",
+        ]))?;
     }
     Ok(())
 }
@@ -145,14 +189,31 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     build(false)?;
     // Two mesh tests at a time keep a 2-core machine responsive.
     let mut cmd = Command::new(env!("CARGO"));
-    cmd.args(["test", "--workspace", "--no-fail-fast"]).args(args).env("RUST_TEST_THREADS", "2");
+    cmd.args(["test", "--workspace", "--no-fail-fast"])
+        .args(args)
+        .env("RUST_TEST_THREADS", "2");
     let mut suite = run(&mut cmd);
     // The mesh end-to-end tests once more in the other capture mode (the default run used
     // $MESH_CAPTURE or localmesh's default, eBPF).
-    let other = if std::env::var("MESH_CAPTURE").is_ok_and(|m| m == "nftables") { "ebpf" } else { "nftables" };
+    let other = if std::env::var("MESH_CAPTURE").is_ok_and(|m| m == "nftables") {
+        "ebpf"
+    } else {
+        "nftables"
+    };
     let mut again = Command::new(env!("CARGO"));
     again
-        .args(["test", "-p", "mesh-tests", "--no-fail-fast", "--test", "l4", "--test", "policy", "--test", "wire_compat"])
+        .args([
+            "test",
+            "-p",
+            "mesh-tests",
+            "--no-fail-fast",
+            "--test",
+            "l4",
+            "--test",
+            "policy",
+            "--test",
+            "wire_compat",
+        ])
         .args(args)
         .env("RUST_TEST_THREADS", "2")
         .env("MESH_CAPTURE", other);
@@ -164,7 +225,15 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     }
     // Whatever happened, check that nothing of ours was left on the machine.
     let mut leaks = Command::new(env!("CARGO"));
-    leaks.args(["test", "-p", "mesh-tests", "--test", "leaks", "--", "--ignored"]);
+    leaks.args([
+        "test",
+        "-p",
+        "mesh-tests",
+        "--test",
+        "leaks",
+        "--",
+        "--ignored",
+    ]);
     let leak_check = run(&mut leaks);
     suite.context("test suite failed")?;
     leak_check.context("leak check failed")
@@ -172,14 +241,29 @@ fn test(args: &[String]) -> anyhow::Result<()> {
 
 fn local(manifests: &Path, nodes: usize) -> anyhow::Result<()> {
     let signals = localmesh::demo::block_signals()?;
-    let mesh = localmesh::LocalMesh::start(localmesh::MeshOptions { nodes, ..Default::default() })?;
+    let mesh = localmesh::LocalMesh::start(localmesh::MeshOptions {
+        nodes,
+        ..Default::default()
+    })?;
     localmesh::demo::apply_dir(&mesh, manifests)?;
-    println!("Local mode is up with {nodes} nodes. Manifests from {} are applied.", manifests.display());
-    println!("meshd watches {} — edit files there to change the mesh live.", mesh.config_dir.display());
+    println!(
+        "Local mode is up with {nodes} nodes. Manifests from {} are applied.",
+        manifests.display()
+    );
+    println!(
+        "meshd watches {} — edit files there to change the mesh live.",
+        mesh.config_dir.display()
+    );
     for p in mesh.cluster.pods() {
-        println!("  pod {:<28} node-{}  {}  ip netns exec {} …", p.name, p.node, p.ip4, p.netns.name);
+        println!(
+            "  pod {:<28} node-{}  {}  ip netns exec {} …",
+            p.name, p.node, p.ip4, p.netns.name
+        );
     }
-    println!("Logs: {}/*.log. Ctrl-C stops and cleans up.", mesh.dir().display());
+    println!(
+        "Logs: {}/*.log. Ctrl-C stops and cleans up.",
+        mesh.dir().display()
+    );
     localmesh::demo::wait_for_signal(signals)
 }
 

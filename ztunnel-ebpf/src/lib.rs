@@ -1,1 +1,2 @@
-//! Placeholder for the eBPF capture programs (aya-ebpf); see the eBPF capture issue.
+//! Empty: the programs are the `ztunnel-ebpf` binary (src/main.rs).
+#![no_std]

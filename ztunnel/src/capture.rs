@@ -1,22 +1,31 @@
 //! Traffic capture: making an enrolled pod's TCP reach ztunnel's in-pod listeners, and
 //! recovering where each captured connection was going.
 //!
-//! One implementation per mode behind one enum, so callers never care which is active. The
-//! `nftables` mode installs a table inside the pod's netns: locally generated TCP is
-//! REDIRECTed to the outbound listener (15001), arriving TCP other than HBONE (15008) to the
-//! inbound plaintext listener (15006); sockets carrying the mesh mark and loopback traffic
-//! are left alone. The original destination comes from conntrack (SO_ORIGINAL_DST).
-//! Owns the rules and the lookup; not the listeners.
+//! One implementation per mode behind one type, so callers never care which is active:
+//! - `ebpf` ([`crate::ebpf`]): cgroup connect/getpeername/sock_ops hooks at the cgroup2 root,
+//!   scoped to enrolled netns by cookie, plus an sk_lookup program per pod netns.
+//! - `nftables`: a table inside the pod's netns: locally generated TCP is REDIRECTed to the
+//!   outbound listener (15001), arriving TCP other than HBONE (15008) to the inbound plaintext
+//!   listener (15006); sockets carrying the mesh mark and loopback traffic are left alone. The
+//!   original destination comes from conntrack (SO_ORIGINAL_DST).
+//! - `auto`: eBPF if it loads, else nftables, with the reason logged, in the config dump
+//!   ([`Capture::fallback_reason`]) and in the metric label.
+//!
+//! Enrolling a pod in one mode removes the other mode's state from it (no double capture).
+//! Owns the rules, the programs' per-pod state and the lookup; not the listeners.
 
 use std::io::{self, Write};
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::os::fd::AsRawFd;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 
 use meshcore::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, MESH_SOCKET_MARK, OUTBOUND_PORT};
 use tokio::net::TcpStream;
+use tracing::{info, warn};
 
+pub use crate::ebpf::Exclusions;
+use crate::ebpf::{Ebpf, EbpfError};
 use crate::netns::Netns;
 
 /// The nftables table ztunnel owns inside each enrolled pod's namespace.
@@ -24,15 +33,21 @@ pub const NFT_TABLE: &str = "ztunnel";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum CaptureMode {
+    /// eBPF if the kernel and privileges allow, else nftables (the reason is reported).
+    Auto,
+    /// eBPF socket hooks (cgroup connect/getpeername/sock_ops at the cgroup2 root, sk_lookup per pod).
+    Ebpf,
     /// nftables REDIRECT inside each pod's network namespace.
     Nftables,
 }
 
 impl std::fmt::Display for CaptureMode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            CaptureMode::Nftables => f.write_str("nftables"),
-        }
+        f.write_str(match self {
+            CaptureMode::Auto => "auto",
+            CaptureMode::Ebpf => "ebpf",
+            CaptureMode::Nftables => "nftables",
+        })
     }
 }
 
@@ -42,46 +57,189 @@ pub enum CaptureError {
     Spawn { netns: String, source: io::Error },
     #[error("nft in {netns} failed: {stderr}")]
     Nft { netns: String, stderr: String },
+    #[error("eBPF capture: {0}")]
+    Ebpf(#[from] EbpfError),
 }
 
+/// What enrolling left in the kernel for one pod, needed to undo it.
 #[derive(Clone, Copy, Debug)]
+pub struct Enrollment {
+    /// The pod's netns cookie (eBPF mode).
+    netns_cookie: Option<u64>,
+}
+
 pub struct Capture {
     mode: CaptureMode,
+    fallback: Option<String>,
+    ebpf: Option<Ebpf>,
 }
 
 impl Capture {
-    pub fn new(mode: CaptureMode) -> Capture {
-        Capture { mode }
+    /// Sets up capture in `requested` mode for this ztunnel instance (`node`). An explicit mode
+    /// that cannot run is an error; `auto` falls back to nftables and says why.
+    pub fn new(requested: CaptureMode, node: &str) -> Result<Capture, CaptureError> {
+        match requested {
+            CaptureMode::Ebpf => Ok(Capture {
+                mode: CaptureMode::Ebpf,
+                fallback: None,
+                ebpf: Some(Ebpf::load(node)?),
+            }),
+            CaptureMode::Nftables => {
+                remove_ebpf_instance(node);
+                Ok(Capture {
+                    mode: CaptureMode::Nftables,
+                    fallback: None,
+                    ebpf: None,
+                })
+            }
+            CaptureMode::Auto => match Ebpf::load(node) {
+                Ok(e) => Ok(Capture {
+                    mode: CaptureMode::Ebpf,
+                    fallback: None,
+                    ebpf: Some(e),
+                }),
+                Err(e) => {
+                    let reason = e.to_string();
+                    warn!(reason = %reason, "capture auto: eBPF unavailable, falling back to nftables");
+                    remove_ebpf_instance(node);
+                    Ok(Capture {
+                        mode: CaptureMode::Nftables,
+                        fallback: Some(reason),
+                        ebpf: None,
+                    })
+                }
+            },
+        }
     }
 
+    /// nftables-only capture with no kernel setup (unit tests, tools).
+    pub fn nftables() -> Capture {
+        Capture {
+            mode: CaptureMode::Nftables,
+            fallback: None,
+            ebpf: None,
+        }
+    }
+
+    /// The effective mode (never `auto`).
     pub fn mode(&self) -> CaptureMode {
         self.mode
     }
 
-    /// Starts capturing the pod's traffic. Idempotent: replaces whatever an earlier run left.
-    pub fn enroll(&self, ns: &Netns) -> Result<(), CaptureError> {
-        match self.mode {
-            CaptureMode::Nftables => nft(ns, &nft_ruleset()),
+    /// Why `auto` did not pick eBPF, if it did not.
+    pub fn fallback_reason(&self) -> Option<&str> {
+        self.fallback.as_deref()
+    }
+
+    /// Starts capturing the pod's traffic. `inbound` are ztunnel's plaintext (15006) listeners
+    /// in the pod, `ips` its addresses. Idempotent: replaces whatever an earlier run left, including the other
+    /// mode's state.
+    pub fn enroll(
+        &self,
+        ns: &Netns,
+        inbound: &[RawFd],
+        ips: &[IpAddr],
+        excl: &Exclusions,
+    ) -> Result<Enrollment, CaptureError> {
+        match &self.ebpf {
+            Some(e) => {
+                // Leftover rules of an nftables run would capture twice.
+                nft(
+                    ns,
+                    &format!("table inet {NFT_TABLE}\ndelete table inet {NFT_TABLE}\n"),
+                )?;
+                let cookie = e.enroll(ns.file(), inbound, ips, excl)?;
+                Ok(Enrollment {
+                    netns_cookie: Some(cookie),
+                })
+            }
+            None => {
+                nft(ns, &nft_ruleset(excl))?;
+                Ok(Enrollment { netns_cookie: None })
+            }
         }
     }
 
     /// Stops capturing; leaves nothing of ours in the namespace.
-    pub fn unenroll(&self, ns: &Netns) -> Result<(), CaptureError> {
-        match self.mode {
-            // Declaring the table first makes the delete succeed even if it is already gone.
-            CaptureMode::Nftables => nft(ns, &format!("table inet {NFT_TABLE}\ndelete table inet {NFT_TABLE}\n")),
+    pub fn unenroll(&self, ns: &Netns, enrollment: Enrollment) -> Result<(), CaptureError> {
+        if let (Some(e), Some(cookie)) = (&self.ebpf, enrollment.netns_cookie) {
+            e.unenroll(cookie)?;
+        }
+        // Declaring the table first makes the delete succeed even if it is already gone.
+        nft(
+            ns,
+            &format!("table inet {NFT_TABLE}\ndelete table inet {NFT_TABLE}\n"),
+        )
+    }
+
+    /// After the first full reconcile: drops eBPF state of pods an earlier run enrolled and this
+    /// one did not.
+    pub fn sweep(&self) {
+        if let Some(e) = &self.ebpf {
+            e.sweep();
+        }
+    }
+
+    /// Graceful stop, after every pod is unenrolled: removes the pinned programs and maps.
+    pub fn shutdown(&self) {
+        if let Some(e) = &self.ebpf
+            && let Err(err) = e.remove_all()
+        {
+            warn!(error = %err, "removing eBPF pins failed; run `ztunnel cleanup`");
         }
     }
 
     /// Where a captured connection was originally going.
     pub fn original_dst(&self, stream: &TcpStream) -> io::Result<SocketAddr> {
-        match self.mode {
-            CaptureMode::Nftables => so_original_dst(stream),
+        match &self.ebpf {
+            Some(e) => e.original_dst(stream),
+            None => so_original_dst(stream),
         }
     }
 }
 
-fn nft_ruleset() -> String {
+/// Removes a (crashed) eBPF instance of this node, e.g. when switching to nftables.
+fn remove_ebpf_instance(node: &str) {
+    match crate::ebpf::instance_dir(node) {
+        Ok(dir) if dir.exists() => match crate::ebpf::remove_dir(&dir) {
+            Ok(()) => info!(dir = %dir.display(), "removed eBPF capture state of an earlier run"),
+            Err(e) => {
+                warn!(dir = %dir.display(), error = %e, "removing eBPF capture state of an earlier run failed")
+            }
+        },
+        _ => {}
+    }
+}
+
+/// v4-mapped IPv6 addresses as plain IPv4 (what the mesh's config and policies hold).
+pub fn canonical_addr(a: SocketAddr) -> SocketAddr {
+    match a.ip() {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), a.port()),
+            None => a,
+        },
+        IpAddr::V4(_) => a,
+    }
+}
+
+fn nft_ruleset(excl: &Exclusions) -> String {
+    let set = |ports: &[u16]| {
+        ports
+            .iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let out_excl = if excl.outbound.is_empty() {
+        String::new()
+    } else {
+        format!("tcp dport {{ {} }} return\n", set(&excl.outbound))
+    };
+    let in_excl = if excl.inbound.is_empty() {
+        String::new()
+    } else {
+        format!("tcp dport {{ {} }} return\n", set(&excl.inbound))
+    };
     format!(
         "table inet {t}\n\
          delete table inet {t}\n\
@@ -93,6 +251,7 @@ fn nft_ruleset() -> String {
              oifname \"lo\" return\n\
              ip daddr 127.0.0.0/8 return\n\
              ip6 daddr ::1 return\n\
+             {out_excl}\
              meta l4proto tcp redirect to :{out}\n\
            }}\n\
            chain inbound {{\n\
@@ -101,6 +260,7 @@ fn nft_ruleset() -> String {
              meta mark {mark:#x} return\n\
              iifname \"lo\" return\n\
              tcp dport {hbone} return\n\
+             {in_excl}\
              meta l4proto tcp redirect to :{inb}\n\
            }}\n\
          }}\n",
@@ -117,7 +277,10 @@ fn nft(ns: &Netns, script: &str) -> Result<(), CaptureError> {
     let netns = ns.path().display().to_string();
     let fd = ns.raw_fd();
     let mut cmd = Command::new("nft");
-    cmd.args(["-f", "-"]).stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped());
+    cmd.args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
     // SAFETY: pre_exec runs in the forked child before exec; setns is async-signal-safe and
     // `fd` stays open in the parent for the duration of the spawn.
     unsafe {
@@ -128,15 +291,29 @@ fn nft(ns: &Netns, script: &str) -> Result<(), CaptureError> {
             Ok(())
         });
     }
-    let mut child = cmd.spawn().map_err(|source| CaptureError::Spawn { netns: netns.clone(), source })?;
+    let mut child = cmd.spawn().map_err(|source| CaptureError::Spawn {
+        netns: netns.clone(),
+        source,
+    })?;
     if let Some(mut stdin) = child.stdin.take() {
         stdin
             .write_all(script.as_bytes())
-            .map_err(|source| CaptureError::Spawn { netns: netns.clone(), source })?;
+            .map_err(|source| CaptureError::Spawn {
+                netns: netns.clone(),
+                source,
+            })?;
     }
-    let out = child.wait_with_output().map_err(|source| CaptureError::Spawn { netns: netns.clone(), source })?;
+    let out = child
+        .wait_with_output()
+        .map_err(|source| CaptureError::Spawn {
+            netns: netns.clone(),
+            source,
+        })?;
     if !out.status.success() {
-        return Err(CaptureError::Nft { netns, stderr: String::from_utf8_lossy(&out.stderr).trim().to_string() });
+        return Err(CaptureError::Nft {
+            netns,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
     }
     Ok(())
 }
@@ -150,23 +327,47 @@ fn so_original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
             let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
             let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
             // SAFETY: sa is a properly sized, writable sockaddr_in.
-            let rc = unsafe { libc::getsockopt(fd, libc::SOL_IP, SO_ORIGINAL_DST, (&mut sa as *mut libc::sockaddr_in).cast(), &mut len) };
+            let rc = unsafe {
+                libc::getsockopt(
+                    fd,
+                    libc::SOL_IP,
+                    SO_ORIGINAL_DST,
+                    (&mut sa as *mut libc::sockaddr_in).cast(),
+                    &mut len,
+                )
+            };
             if rc != 0 {
                 return Err(io::Error::last_os_error());
             }
             let ip = Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr));
-            Ok(SocketAddr::V4(SocketAddrV4::new(ip, u16::from_be(sa.sin_port))))
+            Ok(SocketAddr::V4(SocketAddrV4::new(
+                ip,
+                u16::from_be(sa.sin_port),
+            )))
         }
         SocketAddr::V6(_) => {
             let mut sa: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
             let mut len = std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t;
             // SAFETY: sa is a properly sized, writable sockaddr_in6.
-            let rc = unsafe { libc::getsockopt(fd, libc::SOL_IPV6, SO_ORIGINAL_DST, (&mut sa as *mut libc::sockaddr_in6).cast(), &mut len) };
+            let rc = unsafe {
+                libc::getsockopt(
+                    fd,
+                    libc::SOL_IPV6,
+                    SO_ORIGINAL_DST,
+                    (&mut sa as *mut libc::sockaddr_in6).cast(),
+                    &mut len,
+                )
+            };
             if rc != 0 {
                 return Err(io::Error::last_os_error());
             }
             let ip = Ipv6Addr::from(sa.sin6_addr.s6_addr);
-            Ok(SocketAddr::V6(SocketAddrV6::new(ip, u16::from_be(sa.sin6_port), 0, 0)))
+            Ok(SocketAddr::V6(SocketAddrV6::new(
+                ip,
+                u16::from_be(sa.sin6_port),
+                0,
+                0,
+            )))
         }
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! Flat modules named by their job: [`meshd`] (the connection to the control plane),
 //! [`config`] (the config subscription), [`certs`] (workload certificates), [`pods`]
-//! (enrollment), [`netns`] (sockets in pod namespaces), [`capture`] (redirecting pod traffic),
+//! (enrollment), [`netns`] (sockets in pod namespaces), [`capture`] (redirecting pod traffic; [`ebpf`] loads
+//! its kernel programs),
 //! [`outbound`] and [`inbound`] (the proxy paths), [`proxy`] (what those share).
 
 pub mod admin;
@@ -11,6 +12,7 @@ pub mod certs;
 pub mod config;
 pub mod copy;
 pub mod dump;
+pub mod ebpf;
 pub mod inbound;
 pub mod meshd;
 pub mod metrics;

@@ -1,5 +1,8 @@
 //! The ztunnel binary: parses flags, wires the modules together, serves admin endpoints, and
-//! unenrolls every pod on shutdown.
+//! unenrolls every pod on shutdown (SIGTERM/SIGINT), then removes its pinned eBPF state: a
+//! graceful stop leaves nothing behind. A crash (SIGKILL) leaves the pins, so enrolled pods fail
+//! closed until ztunnel returns and adopts them, or until `ztunnel cleanup --node NAME` removes
+//! them.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,7 +13,7 @@ use meshcore::hbone::{Pool, PoolSettings};
 use meshcore::policy::{DecisionCache, PolicySet};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, reload};
@@ -24,7 +27,9 @@ use ztunnel::proxy::Ctx;
 use ztunnel::{config, dump, netns, pods, policy};
 
 #[derive(Parser, Debug)]
-#[command(about = "Per-node agent of the ambient mesh: captures enrolled pods' TCP and carries it over HBONE")]
+#[command(
+    about = "Per-node agent of the ambient mesh: captures enrolled pods' TCP and carries it over HBONE"
+)]
 struct Args {
     /// The Kubernetes node this agent serves.
     #[arg(long, env = "NODE_NAME")]
@@ -35,8 +40,8 @@ struct Args {
     /// File holding this node's token (from `meshd node-token --node <node>`).
     #[arg(long, env = "NODE_TOKEN_FILE")]
     token_file: String,
-    /// How pod traffic is captured.
-    #[arg(long, value_enum, default_value_t = CaptureMode::Nftables)]
+    /// How pod traffic is captured: `auto` prefers eBPF and falls back to nftables (saying why).
+    #[arg(long, value_enum, default_value_t = CaptureMode::Auto)]
     capture: CaptureMode,
     /// Istio's root namespace: policies there without a selector apply mesh-wide.
     #[arg(long, default_value = meshcore::policy::DEFAULT_ROOT_NAMESPACE)]
@@ -63,33 +68,81 @@ fn init_logging(format: &str) -> LogHandle {
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let registry = tracing_subscriber::registry().with(filter);
     if format == "json" {
-        registry.with(tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr)).init();
+        registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_writer(std::io::stderr),
+            )
+            .init();
     } else {
-        registry.with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi)).init();
+        registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_ansi(ansi),
+            )
+            .init();
     }
     handle
 }
 
+/// `ztunnel cleanup`: removes every eBPF program, link, pin and map a ztunnel of this node left
+/// (run it in the network namespace that ztunnel ran in, after stopping it).
+#[derive(Parser, Debug)]
+#[command(
+    name = "ztunnel cleanup",
+    about = "Remove every eBPF program, link, pin and map a stopped ztunnel left behind"
+)]
+struct CleanupArgs {
+    #[arg(long, env = "NODE_NAME")]
+    node: String,
+}
+
 fn main() -> anyhow::Result<()> {
+    if std::env::args().nth(1).as_deref() == Some("cleanup") {
+        let args = CleanupArgs::parse_from(std::env::args().skip(1));
+        init_logging("text");
+        let dir = ztunnel::ebpf::instance_dir(&args.node)?;
+        ztunnel::ebpf::remove_dir(&dir)
+            .with_context(|| format!("cleaning up {}", dir.display()))?;
+        println!("removed {}", dir.display());
+        return Ok(());
+    }
     let args = Args::parse();
     let log = init_logging(&args.log_format);
     // Record the host netns on the main thread, before any runtime thread moves around.
     netns::init_host_netns().context("reading this process's network namespace")?;
     meshcore::tls::install_crypto_provider();
-    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(args, log))
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run(args, log))
 }
 
 async fn run(args: Args, log: LogHandle) -> anyhow::Result<()> {
     let token = Meshd::read_token(&args.token_file)?;
     let meshd = Meshd::new(&args.meshd, &token)?;
+    // Capture first: an explicit mode that cannot run stops us before anything else starts.
+    let capture = Capture::new(args.capture, &args.node).context("setting up capture")?;
+    if let Some(reason) = capture.fallback_reason() {
+        warn!(requested = %args.capture, effective = %capture.mode(), %reason, "capture fell back");
+    }
     let metrics = Metrics::new();
-    metrics.set_capture_mode(&args.capture.to_string());
+    metrics.set_capture_mode(&capture.mode().to_string());
     let (config_tx, config_rx) = watch::channel(None);
     tokio::spawn(config::run(meshd.clone(), args.node.clone(), config_tx));
-    let (policies_tx, policies_rx) = watch::channel(Arc::new(PolicySet::compile([], &args.root_namespace)));
+    let (policies_tx, policies_rx) =
+        watch::channel(Arc::new(PolicySet::compile([], &args.root_namespace)));
     let live = Arc::new(LiveConns::default());
     let decisions = Arc::new(DecisionCache::new(65536));
-    tokio::spawn(policy::run(config_rx.clone(), args.root_namespace.clone(), policies_tx, live.clone(), decisions.clone()));
+    tokio::spawn(policy::run(
+        config_rx.clone(),
+        args.root_namespace.clone(),
+        policies_tx,
+        live.clone(),
+        decisions.clone(),
+    ));
     let certs = CertManager::new(meshd, metrics.clone());
     tokio::spawn(trust_bundle_watch(config_rx.clone(), certs.clone()));
     let ctx = Arc::new(Ctx {
@@ -98,8 +151,11 @@ async fn run(args: Args, log: LogHandle) -> anyhow::Result<()> {
         certs,
         // A connection is full when the peer would refuse more streams: Istio's HBONE servers
         // (and ours) advertise 200 concurrent streams.
-        pool: Pool::new(PoolSettings { max_streams_per_conn: 200, ..PoolSettings::default() }),
-        capture: Capture::new(args.capture),
+        pool: Pool::new(PoolSettings {
+            max_streams_per_conn: 200,
+            ..PoolSettings::default()
+        }),
+        capture,
         policies: policies_rx,
         decisions,
         live,
@@ -117,17 +173,24 @@ async fn run(args: Args, log: LogHandle) -> anyhow::Result<()> {
             move || dump::config_dump(&ctx)
         }),
         set_log_level: Box::new(move |level| {
-            let filter = EnvFilter::try_new(level).map_err(|e| format!("bad log filter {level:?}: {e}"))?;
+            let filter =
+                EnvFilter::try_new(level).map_err(|e| format!("bad log filter {level:?}: {e}"))?;
             log.reload(filter).map_err(|e| e.to_string())?;
             info!(level, "log level changed");
             Ok(())
         }),
     });
-    let bound = admin::bind(admin_state, args.admin_addr, args.metrics_addr, args.ready_addr).await?;
+    let bound = admin::bind(
+        admin_state,
+        args.admin_addr,
+        args.metrics_addr,
+        args.ready_addr,
+    )
+    .await?;
     tokio::spawn(bound.run());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let pods = tokio::spawn(pods::run(ctx, shutdown_rx));
-    info!(node = %args.node, meshd = %args.meshd, capture = %args.capture, admin = %args.admin_addr, metrics = %args.metrics_addr, "ztunnel started");
+    let pods = tokio::spawn(pods::run(ctx.clone(), shutdown_rx));
+    info!(node = %args.node, meshd = %args.meshd, capture = %ctx.capture.mode(), admin = %args.admin_addr, metrics = %args.metrics_addr, "ztunnel started");
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     tokio::select! {
@@ -139,6 +202,7 @@ async fn run(args: Args, log: LogHandle) -> anyhow::Result<()> {
     if let Err(e) = pods.await {
         error!(error = %e, "pod manager ended abnormally");
     }
+    ctx.capture.shutdown();
     info!("ztunnel stopped");
     Ok(())
 }
@@ -148,9 +212,15 @@ async fn run(args: Args, log: LogHandle) -> anyhow::Result<()> {
 async fn trust_bundle_watch(mut config: ztunnel::config::ConfigRx, certs: Arc<CertManager>) {
     let mut last: Option<Vec<String>> = None;
     loop {
-        let roots = config.borrow_and_update().as_ref().and_then(|s| s.trust_bundle().map(|t| t.roots_pem.clone()));
+        let roots = config
+            .borrow_and_update()
+            .as_ref()
+            .and_then(|s| s.trust_bundle().map(|t| t.roots_pem.clone()));
         if roots.is_some() && last.is_some() && roots != last {
-            info!(roots = roots.as_ref().map_or(0, Vec::len), "trust bundle changed; renewing certificates");
+            info!(
+                roots = roots.as_ref().map_or(0, Vec::len),
+                "trust bundle changed; renewing certificates"
+            );
             certs.refresh_all();
         }
         if roots.is_some() {

@@ -38,11 +38,19 @@ impl Netns {
     pub fn open(path: &Path) -> io::Result<Netns> {
         let file = File::open(path)
             .map_err(|e| io::Error::new(e.kind(), format!("open netns {}: {e}", path.display())))?;
-        Ok(Netns { path: path.to_path_buf(), file })
+        Ok(Netns {
+            path: path.to_path_buf(),
+            file,
+        })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The open namespace file (for attaching per-netns eBPF programs).
+    pub fn file(&self) -> &File {
+        &self.file
     }
 
     /// Raw fd, for child processes that `setns` in `pre_exec`.
@@ -55,9 +63,8 @@ impl Netns {
         let home = HOST_NETNS
             .get()
             .ok_or_else(|| io::Error::other("netns::init_host_netns was not called"))?;
-        setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|e| {
-            io::Error::other(format!("setns into {}: {e}", self.path.display()))
-        })?;
+        setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET)
+            .map_err(|e| io::Error::other(format!("setns into {}: {e}", self.path.display())))?;
         let out = f();
         if let Err(e) = setns(home.as_fd(), CloneFlags::CLONE_NEWNET) {
             // A runtime thread stranded in a pod's namespace would open later sockets in the

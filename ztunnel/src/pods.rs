@@ -8,6 +8,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +19,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
+use crate::capture::{Enrollment, Exclusions};
 use crate::netns::Netns;
 use crate::proxy::{Ctx, Pod};
 use crate::{inbound, outbound};
@@ -25,6 +27,7 @@ use crate::{inbound, outbound};
 struct Enrolled {
     pod: Arc<Pod>,
     tasks: Vec<JoinHandle<()>>,
+    capture: Enrollment,
 }
 
 /// Runs until `shutdown` flips to true, then unenrolls everything.
@@ -33,8 +36,15 @@ pub async fn run(ctx: Arc<Ctx>, mut shutdown: watch::Receiver<bool>) {
     let mut enrolled: HashMap<String, Enrolled> = HashMap::new();
     // Also retry on a timer: a pod whose netns could not be entered yet gets another chance.
     let mut tick = tokio::time::interval(Duration::from_secs(2));
+    let mut swept = false;
     loop {
         reconcile(&ctx, &mut enrolled);
+        // Once the first config is applied, whatever an earlier run left enrolled and we did
+        // not enroll again belongs to pods that are gone or left the mesh.
+        if !swept && ctx.config.borrow().is_some() {
+            ctx.capture.sweep();
+            swept = true;
+        }
         tokio::select! {
             r = config.changed() => if r.is_err() { break },
             _ = tick.tick() => {},
@@ -47,7 +57,9 @@ pub async fn run(ctx: Arc<Ctx>, mut shutdown: watch::Receiver<bool>) {
 }
 
 fn wanted(ctx: &Ctx) -> HashMap<String, Arc<Workload>> {
-    let Some(store) = ctx.config.borrow().clone() else { return HashMap::new() };
+    let Some(store) = ctx.config.borrow().clone() else {
+        return HashMap::new();
+    };
     store
         .local_workloads(&ctx.node)
         .filter(|w| w.captured && !w.netns.is_empty() && !w.ips.is_empty())
@@ -57,7 +69,10 @@ fn wanted(ctx: &Ctx) -> HashMap<String, Arc<Workload>> {
 
 fn reconcile(ctx: &Arc<Ctx>, enrolled: &mut HashMap<String, Enrolled>) {
     let want = wanted(ctx);
-    let identities: HashSet<_> = want.values().map(|w| meshcore::store::workload_identity(w)).collect();
+    let identities: HashSet<_> = want
+        .values()
+        .map(|w| meshcore::store::workload_identity(w))
+        .collect();
     for id in &identities {
         ctx.certs.prefetch(id);
     }
@@ -92,7 +107,10 @@ fn reconcile(ctx: &Arc<Ctx>, enrolled: &mut HashMap<String, Enrolled>) {
 
 /// Whether a config change leaves the pod's proxy valid as it is.
 fn same_pod(a: &Workload, b: &Workload) -> bool {
-    a.ips == b.ips && a.netns == b.netns && a.service_account == b.service_account && a.namespace == b.namespace
+    a.ips == b.ips
+        && a.netns == b.netns
+        && a.service_account == b.service_account
+        && a.namespace == b.namespace
         && a.trust_domain == b.trust_domain
 }
 
@@ -100,13 +118,26 @@ fn start(ctx: &Arc<Ctx>, w: Arc<Workload>) -> anyhow::Result<Enrolled> {
     let netns = Netns::open(Path::new(&w.netns))?;
     let pod = Arc::new(Pod::new(w, netns));
     let mut tasks = Vec::new();
+    let mut inbound_fds = Vec::new();
     let v4_any = Ipv4Addr::UNSPECIFIED.into();
     let v6_any = Ipv6Addr::UNSPECIFIED.into();
     let listeners = [
-        (Kind::Outbound, SocketAddr::new(Ipv4Addr::LOCALHOST.into(), OUTBOUND_PORT)),
-        (Kind::Outbound, SocketAddr::new(Ipv6Addr::LOCALHOST.into(), OUTBOUND_PORT)),
-        (Kind::Plaintext, SocketAddr::new(v4_any, INBOUND_PLAINTEXT_PORT)),
-        (Kind::Plaintext, SocketAddr::new(v6_any, INBOUND_PLAINTEXT_PORT)),
+        (
+            Kind::Outbound,
+            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), OUTBOUND_PORT),
+        ),
+        (
+            Kind::Outbound,
+            SocketAddr::new(Ipv6Addr::LOCALHOST.into(), OUTBOUND_PORT),
+        ),
+        (
+            Kind::Plaintext,
+            SocketAddr::new(v4_any, INBOUND_PLAINTEXT_PORT),
+        ),
+        (
+            Kind::Plaintext,
+            SocketAddr::new(v6_any, INBOUND_PLAINTEXT_PORT),
+        ),
         (Kind::Hbone, SocketAddr::new(v4_any, HBONE_PORT)),
         (Kind::Hbone, SocketAddr::new(v6_any, HBONE_PORT)),
     ];
@@ -123,6 +154,10 @@ fn start(ctx: &Arc<Ctx>, w: Arc<Workload>) -> anyhow::Result<Enrolled> {
                 anyhow::bail!("listen on {addr} in {}: {e}", pod.netns.path().display());
             }
         };
+        if matches!(kind, Kind::Plaintext) {
+            // The listener lives as long as its task; unenroll removes the map entry first.
+            inbound_fds.push(listener.as_raw_fd());
+        }
         let (ctx, pod) = (ctx.clone(), pod.clone());
         tasks.push(tokio::spawn(async move {
             match kind {
@@ -133,11 +168,48 @@ fn start(ctx: &Arc<Ctx>, w: Arc<Workload>) -> anyhow::Result<Enrolled> {
         }));
     }
     // Capture only once something listens, so no captured connection meets a closed port.
-    if let Err(e) = ctx.capture.enroll(&pod.netns) {
-        tasks.iter().for_each(|t| t.abort());
-        return Err(e.into());
+    let excl = exclusions(&pod.workload);
+    let ips: Vec<std::net::IpAddr> = pod.ips.iter().copied().collect();
+    match ctx.capture.enroll(&pod.netns, &inbound_fds, &ips, &excl) {
+        Ok(capture) => Ok(Enrolled {
+            pod,
+            tasks,
+            capture,
+        }),
+        Err(e) => {
+            tasks.iter().for_each(|t| t.abort());
+            Err(e.into())
+        }
     }
-    Ok(Enrolled { pod, tasks })
+}
+
+/// Istio's per-pod port exclusion annotations (comma-separated destination ports).
+pub const EXCLUDE_OUTBOUND_ANNOTATION: &str = "traffic.sidecar.istio.io/excludeOutboundPorts";
+pub const EXCLUDE_INBOUND_ANNOTATION: &str = "traffic.sidecar.istio.io/excludeInboundPorts";
+
+/// The pod's port exclusions. The Workload proto carries no annotations yet, so nothing is
+/// excluded until it does; [`exclusions_from`] is the parsing both modes use.
+fn exclusions(_w: &Workload) -> Exclusions {
+    Exclusions::default()
+}
+
+/// Parses the two annotation values (comma-separated ports; junk entries are ignored).
+pub fn exclusions_from(outbound: Option<&str>, inbound: Option<&str>) -> Exclusions {
+    let parse = |v: Option<&str>| -> Vec<u16> {
+        let mut ports: Vec<u16> = v
+            .unwrap_or_default()
+            .split(',')
+            .filter_map(|p| p.trim().parse().ok())
+            .filter(|p| *p != 0)
+            .collect();
+        ports.sort_unstable();
+        ports.dedup();
+        ports
+    };
+    Exclusions {
+        outbound: parse(outbound),
+        inbound: parse(inbound),
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -148,8 +220,11 @@ enum Kind {
 }
 
 fn stop(ctx: &Ctx, uid: &str, e: Enrolled) {
-    ctx.enrolled.lock().unwrap_or_else(|p| p.into_inner()).remove(uid);
-    if let Err(err) = ctx.capture.unenroll(&e.pod.netns) {
+    ctx.enrolled
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(uid);
+    if let Err(err) = ctx.capture.unenroll(&e.pod.netns, e.capture) {
         // The namespace may already be gone with its pod; nothing of ours can remain then.
         warn!(pod = %uid, error = %err, "removing capture failed");
     }

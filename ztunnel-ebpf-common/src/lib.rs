@@ -1,0 +1,107 @@
+//! Types shared by ztunnel's eBPF programs (`ztunnel-ebpf`) and its loader (`ztunnel::ebpf`).
+//!
+//! Every map key and value is `#[repr(C)]` with explicit padding, so both sides agree on the
+//! layout byte for byte. Addresses and ports are kept exactly as the kernel's context structs
+//! hold them (network byte order), so the programs copy without converting. Owns no logic.
+#![no_std]
+
+/// Socket mark of ztunnel's own sockets (mirrors `meshcore::MESH_SOCKET_MARK`): never captured.
+pub const MESH_SOCKET_MARK: u32 = 0x539;
+/// In-pod listener for captured outbound connections (mirrors `meshcore::OUTBOUND_PORT`).
+pub const OUTBOUND_PORT: u16 = 15001;
+/// In-pod listener for captured inbound plaintext (mirrors `meshcore::INBOUND_PLAINTEXT_PORT`).
+pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
+/// HBONE (mirrors `meshcore::HBONE_PORT`): arrives at ztunnel directly, never redirected.
+pub const HBONE_PORT: u16 = 15008;
+
+pub const AF_INET: u32 = 2;
+pub const AF_INET6: u32 = 10;
+
+/// Map names (also their pin file names under ztunnel's bpffs directory).
+pub const MAP_NETNS: &str = "ZT_NETNS";
+pub const MAP_EXCLUDED: &str = "ZT_EXCL";
+pub const MAP_SOCK_DST: &str = "ZT_SOCK_DST";
+pub const MAP_PORT_DST: &str = "ZT_PORT_DST";
+pub const MAP_LISTEN: &str = "ZT_LISTEN";
+pub const MAP_POD_IP: &str = "ZT_POD_IP";
+
+/// `ZT_NETNS` value: what ztunnel wants done in one enrolled network namespace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetnsConf {
+    /// 1 while enrolled (reserved for per-pod switches).
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// Direction of a port exclusion.
+pub const DIR_OUTBOUND: u8 = 1;
+pub const DIR_INBOUND: u8 = 2;
+
+/// `ZT_EXCL` key: a destination port (host byte order) not captured in one direction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExclKey {
+    pub netns: u64,
+    pub port: u16,
+    pub dir: u8,
+    pub _pad: [u8; 5],
+}
+
+/// Where a captured outbound connection was going, as the app dialled it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OrigDst {
+    /// IPv4 in `addr[0]` (network order), or the 16 IPv6 bytes; v4-mapped dials are stored as
+    /// IPv4 because that is the family the redirected connection uses.
+    pub addr: [u32; 4],
+    /// Port in network byte order, in the low 16 bits (as `bpf_sock_addr.user_port`).
+    pub port: u32,
+    /// `AF_INET` or `AF_INET6`: the family of the redirected connection (the listener's).
+    pub family: u32,
+    /// 1 if the app dialled on an IPv6 socket (its getpeername must answer in IPv6 form).
+    pub v6_socket: u32,
+    pub _pad: u32,
+}
+
+/// `ZT_PORT_DST` key: a captured connection as ztunnel's outbound listener sees it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortKey {
+    pub netns: u64,
+    /// The client's ephemeral port, host byte order.
+    pub port: u32,
+    /// `AF_INET` or `AF_INET6` (the listener's family).
+    pub family: u32,
+}
+
+/// `ZT_LISTEN` key: ztunnel's inbound plaintext listener of one netns and family.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ListenKey {
+    pub netns: u64,
+    pub family: u32,
+    pub _pad: u32,
+}
+
+/// `ZT_POD_IP` key: an enrolled pod's address (value: its netns cookie). sk_lookup programs
+/// cannot ask for their netns cookie, so they find the pod by the destination address; the
+/// program only runs in netns ztunnel attached it to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IpKey {
+    /// IPv4 in `addr[0]` (network order) or the 16 IPv6 bytes.
+    pub addr: [u32; 4],
+    pub family: u32,
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY (all): plain-old-data, repr(C), every bit pattern valid, explicit padding.
+    unsafe impl aya::Pod for super::NetnsConf {}
+    unsafe impl aya::Pod for super::ExclKey {}
+    unsafe impl aya::Pod for super::OrigDst {}
+    unsafe impl aya::Pod for super::PortKey {}
+    unsafe impl aya::Pod for super::ListenKey {}
+    unsafe impl aya::Pod for super::IpKey {}
+}

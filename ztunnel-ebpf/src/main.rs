@@ -1,0 +1,407 @@
+//! ztunnel's kernel programs: capture of enrolled pods' TCP, scoped by network namespace.
+//!
+//! - `zt_connect4/6` (cgroup connect, cgroup2 root): an enrolled netns's TCP connect to a
+//!   non-loopback destination is rewritten to ztunnel's in-pod outbound listener (127.0.0.1 or
+//!   ::1 :15001); the original destination is kept under the socket cookie.
+//! - `zt_sockops` (sock_ops, cgroup2 root): at TCP_CONNECT_CB the client port is known and no
+//!   SYN has left yet, so the original destination is re-keyed by (netns, family, port) — what
+//!   ztunnel's listener sees on accept.
+//! - `zt_getpeername4/6`: the app sees the peer it dialled, not the listener.
+//! - `zt_sk_lookup` (per enrolled netns): new inbound TCP (not from `lo`, not a mesh port, not
+//!   excluded) is handed to ztunnel's 15006 listener; the accepted socket keeps the original
+//!   destination as its local address. The pod is found by destination address (`ZT_POD_IP`):
+//!   sk_lookup programs may not read their netns cookie. No listener (ztunnel down) means drop: fail closed.
+//!
+//! Root attachments see every socket on the machine, including other ztunnels' pods and the
+//! host: anything whose netns is not in this instance's `ZT_NETNS` passes untouched, and
+//! sockets carrying the mesh mark (ztunnel's own) are never captured. Owns no policy.
+#![no_std]
+#![no_main]
+
+use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
+
+use aya_ebpf::EbpfContext;
+use aya_ebpf::bindings::{bpf_sock_addr, sk_action};
+use aya_ebpf::helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie};
+use aya_ebpf::macros::{cgroup_sock_addr, map, sk_lookup, sock_ops};
+use aya_ebpf::maps::{HashMap, LruHashMap, SockHash};
+use aya_ebpf::programs::{SkLookupContext, SockAddrContext, SockOpsContext};
+use ztunnel_ebpf_common::{
+    AF_INET, AF_INET6, DIR_INBOUND, DIR_OUTBOUND, ExclKey, HBONE_PORT, INBOUND_PLAINTEXT_PORT,
+    IpKey, ListenKey, MESH_SOCKET_MARK, NetnsConf, OUTBOUND_PORT, OrigDst, PortKey,
+};
+
+const SOCK_STREAM: u32 = 1;
+const IPPROTO_TCP: u32 = 6;
+const BPF_SOCK_OPS_TCP_CONNECT_CB: u32 = 3;
+const LOOPBACK_IFINDEX: u32 = 1;
+/// cgroup sock_addr verdict: let the syscall proceed (with whatever we rewrote).
+const ALLOW: i32 = 1;
+
+#[map(name = "ZT_NETNS")]
+static ZT_NETNS: HashMap<u64, NetnsConf> = HashMap::pinned(4096, 0);
+#[map(name = "ZT_EXCL")]
+static ZT_EXCL: HashMap<ExclKey, u8> = HashMap::pinned(16384, 0);
+#[map(name = "ZT_SOCK_DST")]
+static ZT_SOCK_DST: LruHashMap<u64, OrigDst> = LruHashMap::pinned(65536, 0);
+#[map(name = "ZT_PORT_DST")]
+static ZT_PORT_DST: LruHashMap<PortKey, OrigDst> = LruHashMap::pinned(65536, 0);
+#[map(name = "ZT_POD_IP")]
+static ZT_POD_IP: HashMap<IpKey, u64> = HashMap::pinned(8192, 0);
+#[map(name = "ZT_LISTEN")]
+static ZT_LISTEN: SockHash<ListenKey> = SockHash::pinned(8192, 0);
+
+#[inline(always)]
+fn enrolled(netns: u64) -> bool {
+    // SAFETY: a map lookup; the value is only tested for presence.
+    unsafe { ZT_NETNS.get(&netns).is_some() }
+}
+
+#[inline(always)]
+fn excluded(netns: u64, port: u16, dir: u8) -> bool {
+    let key = ExclKey {
+        netns,
+        port,
+        dir,
+        _pad: [0; 5],
+    };
+    // SAFETY: a map lookup; the value is only tested for presence.
+    unsafe { ZT_EXCL.get(&key).is_some() }
+}
+
+/// The common prefix of connect4/6: TCP, enrolled netns, not one of ztunnel's own sockets.
+/// Returns the netns cookie when the connect is a capture candidate.
+#[inline(always)]
+fn candidate(ctx: &SockAddrContext) -> Option<u64> {
+    let sa = ctx.sock_addr;
+    // SAFETY: `sa` is the kernel-provided context; fields are read at full width.
+    let (ty, proto) = unsafe {
+        (
+            read_volatile(addr_of!((*sa).type_)),
+            read_volatile(addr_of!((*sa).protocol)),
+        )
+    };
+    if ty != SOCK_STREAM || (proto != IPPROTO_TCP && proto != 0) {
+        return None;
+    }
+    // SAFETY: helper valid for cgroup sock_addr programs.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    if !enrolled(netns) {
+        return None;
+    }
+    // SAFETY: `sk` is always set for connect hooks; checked for null anyway.
+    let sk = unsafe { (*sa).__bindgen_anon_1.sk };
+    if sk.is_null() {
+        return None;
+    }
+    // SAFETY: `sk` is a valid PTR_TO_SOCKET for this program.
+    let mark = unsafe { read_volatile(addr_of!((*sk).mark)) };
+    if mark == MESH_SOCKET_MARK {
+        return None;
+    }
+    Some(netns)
+}
+
+/// Whether `addr` is one of the pod's own addresses (dialling yourself stays local, as with
+/// nftables where such traffic leaves through `lo`).
+#[inline(always)]
+fn own_address(netns: u64, addr: [u32; 4], family: u32) -> bool {
+    // SAFETY: map lookup, value copied out.
+    unsafe { ZT_POD_IP.get(&IpKey { addr, family }) }.is_some_and(|c| *c == netns)
+}
+
+#[inline(always)]
+fn is_loopback_v4(be: u32) -> bool {
+    let host = u32::from_be(be);
+    host >> 24 == 127 || host == 0
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn zt_connect4(ctx: SockAddrContext) -> i32 {
+    let Some(netns) = candidate(&ctx) else {
+        return ALLOW;
+    };
+    let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    // SAFETY: context fields, full-width reads.
+    let (ip, port) = unsafe {
+        (
+            read_volatile(addr_of!((*sa).user_ip4)),
+            read_volatile(addr_of!((*sa).user_port)),
+        )
+    };
+    if is_loopback_v4(ip)
+        || own_address(netns, [ip, 0, 0, 0], AF_INET)
+        || excluded(netns, u16::from_be(port as u16), DIR_OUTBOUND)
+    {
+        return ALLOW;
+    }
+    let dst = OrigDst {
+        addr: [ip, 0, 0, 0],
+        port,
+        family: AF_INET,
+        v6_socket: 0,
+        _pad: 0,
+    };
+    // SAFETY: helper valid for cgroup sock_addr programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if ZT_SOCK_DST.insert(&cookie, &dst, 0).is_err() {
+        // Without a record ztunnel could not route it: let it fail at the listener instead
+        // of going direct (fail closed).
+    }
+    // SAFETY: writable context fields of connect4.
+    unsafe {
+        write_volatile(
+            addr_of_mut!((*sa).user_ip4),
+            u32::from_be_bytes([127, 0, 0, 1]).to_be(),
+        );
+        write_volatile(
+            addr_of_mut!((*sa).user_port),
+            u32::from(OUTBOUND_PORT.to_be()),
+        );
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn zt_connect6(ctx: SockAddrContext) -> i32 {
+    let Some(netns) = candidate(&ctx) else {
+        return ALLOW;
+    };
+    let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    // SAFETY: context fields, full-width reads.
+    let (w, port) = unsafe {
+        (
+            [
+                read_volatile(addr_of!((*sa).user_ip6[0])),
+                read_volatile(addr_of!((*sa).user_ip6[1])),
+                read_volatile(addr_of!((*sa).user_ip6[2])),
+                read_volatile(addr_of!((*sa).user_ip6[3])),
+            ],
+            read_volatile(addr_of!((*sa).user_port)),
+        )
+    };
+    let mapped = w[0] == 0 && w[1] == 0 && w[2] == 0xffffu32.to_be();
+    let loopback6 = w[0] == 0 && w[1] == 0 && w[2] == 0 && (w[3] == 1u32.to_be() || w[3] == 0);
+    let own = if mapped {
+        own_address(netns, [w[3], 0, 0, 0], AF_INET)
+    } else {
+        own_address(netns, w, AF_INET6)
+    };
+    if loopback6
+        || (mapped && is_loopback_v4(w[3]))
+        || own
+        || excluded(netns, u16::from_be(port as u16), DIR_OUTBOUND)
+    {
+        return ALLOW;
+    }
+    let dst = if mapped {
+        OrigDst {
+            addr: [w[3], 0, 0, 0],
+            port,
+            family: AF_INET,
+            v6_socket: 1,
+            _pad: 0,
+        }
+    } else {
+        OrigDst {
+            addr: w,
+            port,
+            family: AF_INET6,
+            v6_socket: 1,
+            _pad: 0,
+        }
+    };
+    // SAFETY: helper valid for cgroup sock_addr programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let _ = ZT_SOCK_DST.insert(&cookie, &dst, 0);
+    // A v4-mapped dial travels as IPv4: send it to the IPv4 listener (::ffff:127.0.0.1).
+    let target = if mapped {
+        [
+            0,
+            0,
+            0xffffu32.to_be(),
+            u32::from_be_bytes([127, 0, 0, 1]).to_be(),
+        ]
+    } else {
+        [0, 0, 0, 1u32.to_be()]
+    };
+    // SAFETY: writable context fields of connect6.
+    unsafe {
+        write_volatile(addr_of_mut!((*sa).user_ip6[0]), target[0]);
+        write_volatile(addr_of_mut!((*sa).user_ip6[1]), target[1]);
+        write_volatile(addr_of_mut!((*sa).user_ip6[2]), target[2]);
+        write_volatile(addr_of_mut!((*sa).user_ip6[3]), target[3]);
+        write_volatile(
+            addr_of_mut!((*sa).user_port),
+            u32::from(OUTBOUND_PORT.to_be()),
+        );
+    }
+    ALLOW
+}
+
+#[sock_ops]
+pub fn zt_sockops(ctx: SockOpsContext) -> u32 {
+    // SAFETY: context field read at full width.
+    let op = unsafe { read_volatile(addr_of!((*ctx.ops).op)) };
+    if op != BPF_SOCK_OPS_TCP_CONNECT_CB {
+        return 1;
+    }
+    // SAFETY: helper valid for sock_ops programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: map lookup; the value is copied out at once.
+    let Some(dst) = (unsafe { ZT_SOCK_DST.get(&cookie) }).copied() else {
+        return 1;
+    };
+    // SAFETY: helper valid for sock_ops programs (5.15+); context field read at full width.
+    let (netns, port) = unsafe {
+        (
+            bpf_get_netns_cookie(ctx.as_ptr()),
+            read_volatile(addr_of!((*ctx.ops).local_port)),
+        )
+    };
+    let key = PortKey {
+        netns,
+        port,
+        family: dst.family,
+    };
+    let _ = ZT_PORT_DST.insert(&key, &dst, 0);
+    1
+}
+
+/// Shared by getpeername4/6: the original destination of a socket we redirected, if any.
+#[inline(always)]
+fn redirected(ctx: &SockAddrContext) -> Option<OrigDst> {
+    // SAFETY: helper valid for cgroup sock_addr programs.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    if !enrolled(netns) {
+        return None;
+    }
+    // SAFETY: helper valid for cgroup sock_addr programs; map value copied out.
+    unsafe {
+        ZT_SOCK_DST
+            .get(&bpf_get_socket_cookie(ctx.as_ptr()))
+            .copied()
+    }
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn zt_getpeername4(ctx: SockAddrContext) -> i32 {
+    if let Some(dst) = redirected(&ctx)
+        && dst.family == AF_INET
+    {
+        let sa = ctx.sock_addr;
+        // SAFETY: writable context fields of getpeername4.
+        unsafe {
+            write_volatile(addr_of_mut!((*sa).user_ip4), dst.addr[0]);
+            write_volatile(addr_of_mut!((*sa).user_port), dst.port);
+        }
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn zt_getpeername6(ctx: SockAddrContext) -> i32 {
+    if let Some(dst) = redirected(&ctx) {
+        let w = if dst.family == AF_INET {
+            [0, 0, 0xffffu32.to_be(), dst.addr[0]]
+        } else {
+            dst.addr
+        };
+        let sa = ctx.sock_addr;
+        // SAFETY: writable context fields of getpeername6.
+        unsafe {
+            write_volatile(addr_of_mut!((*sa).user_ip6[0]), w[0]);
+            write_volatile(addr_of_mut!((*sa).user_ip6[1]), w[1]);
+            write_volatile(addr_of_mut!((*sa).user_ip6[2]), w[2]);
+            write_volatile(addr_of_mut!((*sa).user_ip6[3]), w[3]);
+            write_volatile(addr_of_mut!((*sa).user_port), dst.port);
+        }
+    }
+    ALLOW
+}
+
+#[sk_lookup]
+pub fn zt_sk_lookup(ctx: SkLookupContext) -> u32 {
+    let l = ctx.lookup;
+    // SAFETY: context fields, full-width reads.
+    let (proto, family, port, ifindex) = unsafe {
+        (
+            read_volatile(addr_of!((*l).protocol)),
+            read_volatile(addr_of!((*l).family)),
+            read_volatile(addr_of!((*l).local_port)),
+            read_volatile(addr_of!((*l).ingress_ifindex)),
+        )
+    };
+    if proto != IPPROTO_TCP || ifindex == LOOPBACK_IFINDEX {
+        return sk_action::SK_PASS;
+    }
+    let port = port as u16;
+    if port == HBONE_PORT || port == OUTBOUND_PORT || port == INBOUND_PLAINTEXT_PORT {
+        return sk_action::SK_PASS;
+    }
+    // sk_lookup cannot call bpf_get_netns_cookie: find the pod by the address it is reached on.
+    let family = if family == AF_INET6 {
+        AF_INET6
+    } else {
+        AF_INET
+    };
+    // SAFETY: context fields, full-width reads.
+    let addr = unsafe {
+        if family == AF_INET {
+            [read_volatile(addr_of!((*l).local_ip4)), 0, 0, 0]
+        } else {
+            [
+                read_volatile(addr_of!((*l).local_ip6[0])),
+                read_volatile(addr_of!((*l).local_ip6[1])),
+                read_volatile(addr_of!((*l).local_ip6[2])),
+                read_volatile(addr_of!((*l).local_ip6[3])),
+            ]
+        }
+    };
+    // SAFETY: context fields, full-width reads.
+    let remote = unsafe {
+        if family == AF_INET {
+            [read_volatile(addr_of!((*l).remote_ip4)), 0, 0, 0]
+        } else {
+            [
+                read_volatile(addr_of!((*l).remote_ip6[0])),
+                read_volatile(addr_of!((*l).remote_ip6[1])),
+                read_volatile(addr_of!((*l).remote_ip6[2])),
+                read_volatile(addr_of!((*l).remote_ip6[3])),
+            ]
+        }
+    };
+    // Traffic from the pod to itself (ztunnel delivering to the app, or the app dialling its
+    // own address) arrives with a non-lo ifindex but the pod's own source address.
+    if remote == addr {
+        return sk_action::SK_PASS;
+    }
+    // SAFETY: map lookup, value copied out.
+    let Some(netns) = (unsafe { ZT_POD_IP.get(&IpKey { addr, family }) }).copied() else {
+        return sk_action::SK_PASS;
+    };
+    if !enrolled(netns) || excluded(netns, port, DIR_INBOUND) {
+        return sk_action::SK_PASS;
+    }
+    let key = ListenKey {
+        netns,
+        family,
+        _pad: 0,
+    };
+    match ZT_LISTEN.redirect_sk_lookup(&ctx, key, 0) {
+        Ok(()) => sk_action::SK_PASS,
+        // Enrolled but ztunnel's listener is gone (restarting): refuse rather than deliver
+        // plaintext that bypassed policy.
+        Err(_) => sk_action::SK_DROP,
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

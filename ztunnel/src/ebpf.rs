@@ -1,0 +1,642 @@
+//! The eBPF capture loader: loads `ztunnel-ebpf`, attaches and pins it, and keeps its maps.
+//!
+//! Everything of one ztunnel instance lives under one bpffs directory,
+//! `/sys/fs/bpf/ztunnel-<node>-<netns cookie of ztunnel itself>` (local mode runs several
+//! ztunnels with the same node names on one kernel, each in its own node netns): the maps
+//! (pinned by name), one link per cgroup hook (`link_*`), one sk_lookup link per enrolled pod
+//! (`sklookup_<netns cookie>`). Pinned links outlive a crash, so an enrolled pod's connects keep
+//! going to its (then closed) in-pod listener and fail: fail closed. A restarted ztunnel reuses
+//! the pinned maps and replaces the links. [`Ebpf::remove_all`] (graceful stop, `ztunnel
+//! cleanup`) deletes the directory's contents and the directory. Owns the kernel objects only;
+//! which pods are enrolled is [`crate::pods`]'s business.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use aya::maps::{HashMap as BpfHashMap, MapData, SockHash};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps};
+use tokio::net::TcpStream;
+use tracing::{info, warn};
+use ztunnel_ebpf_common::{
+    AF_INET, AF_INET6, DIR_INBOUND, DIR_OUTBOUND, ExclKey, IpKey, ListenKey, MAP_EXCLUDED,
+    MAP_LISTEN, MAP_NETNS, MAP_POD_IP, MAP_PORT_DST, NetnsConf, OrigDst, PortKey,
+};
+
+/// The compiled programs, built from `ztunnel-ebpf` by build.rs.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ztunnel-ebpf"));
+
+/// Set to a reason to make the loader refuse, as if the kernel could not run eBPF capture
+/// (tests of `auto` fallback and of the explicit-mode error).
+pub const REFUSE_ENV: &str = "ZTUNNEL_EBPF_REFUSE";
+
+const BPFFS: &str = "/sys/fs/bpf";
+const SO_NETNS_COOKIE: libc::c_int = 71;
+
+/// The cgroup hooks: (program name in the object, pin name of its link).
+const CGROUP_ADDR_HOOKS: [(&str, &str); 4] = [
+    ("zt_connect4", "link_connect4"),
+    ("zt_connect6", "link_connect6"),
+    ("zt_getpeername4", "link_getpeername4"),
+    ("zt_getpeername6", "link_getpeername6"),
+];
+const SOCKOPS: (&str, &str) = ("zt_sockops", "link_sockops");
+const SK_LOOKUP: &str = "zt_sk_lookup";
+
+#[derive(Debug, thiserror::Error)]
+pub enum EbpfError {
+    #[error("eBPF capture refused by {REFUSE_ENV}={0}")]
+    Refused(String),
+    #[error("eBPF capture needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN)")]
+    NotRoot,
+    #[error("no cgroup2 filesystem mounted (see /proc/mounts): cgroup socket hooks need cgroup v2")]
+    NoCgroup2,
+    #[error(
+        "cgroup v1 {0} controller is mounted: it disables cgroup-bpf socket hooks for tasks it classifies"
+    )]
+    CgroupV1Net(String),
+    #[error("kernel has no BTF (/sys/kernel/btf/vmlinux missing)")]
+    NoBtf,
+    #[error("bpffs is not mounted at {BPFFS} and mounting it failed: {0}")]
+    NoBpffs(String),
+    #[error("{what}: {source}")]
+    Io { what: String, source: io::Error },
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("eBPF program {name}: {source}")]
+    Program {
+        name: String,
+        source: aya::programs::ProgramError,
+    },
+    #[error("eBPF link of {name}: {source}")]
+    Link {
+        name: String,
+        source: aya::programs::links::LinkError,
+    },
+    #[error("eBPF map {name}: {source}")]
+    Map {
+        name: String,
+        source: aya::maps::MapError,
+    },
+    #[error("pinning {path}: {source}")]
+    Pin {
+        path: String,
+        source: aya::pin::PinError,
+    },
+    #[error("object is missing {0}")]
+    Missing(&'static str),
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> EbpfError {
+    let what = what.into();
+    move |source| EbpfError::Io { what, source }
+}
+
+/// Maps and programs of one loaded instance.
+struct State {
+    netns: BpfHashMap<MapData, u64, NetnsConf>,
+    excluded: BpfHashMap<MapData, ExclKey, u8>,
+    pod_ip: BpfHashMap<MapData, IpKey, u64>,
+    listen: SockHash<MapData, ListenKey>,
+    /// Enrolled netns cookies, with their exclusions (for removal).
+    enrolled: std::collections::HashMap<u64, (Vec<ExclKey>, Vec<IpKey>)>,
+    /// The object: owns the sk_lookup program attached per pod.
+    bpf: aya::Ebpf,
+}
+
+pub struct Ebpf {
+    dir: PathBuf,
+    state: Mutex<State>,
+    /// Hot path (every captured connection): its own lock.
+    port_dst: Mutex<BpfHashMap<MapData, PortKey, OrigDst>>,
+}
+
+/// This ztunnel instance's bpffs directory.
+pub fn instance_dir(node: &str) -> Result<PathBuf, EbpfError> {
+    let cookie = own_netns_cookie()?;
+    let safe: String = node
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    Ok(Path::new(BPFFS).join(format!("ztunnel-{safe}-{cookie:x}")))
+}
+
+/// Checks the environment can run eBPF capture, saying why not.
+pub fn preflight() -> Result<(), EbpfError> {
+    if let Ok(reason) = std::env::var(REFUSE_ENV)
+        && !reason.is_empty()
+    {
+        return Err(EbpfError::Refused(reason));
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(EbpfError::NotRoot);
+    }
+    cgroup2_root()?;
+    if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+        return Err(EbpfError::NoBtf);
+    }
+    ensure_bpffs()
+}
+
+/// Where cgroup v2 is mounted, from /proc/mounts; also refuses active v1 net_cls/net_prio.
+pub fn cgroup2_root() -> Result<PathBuf, EbpfError> {
+    let mounts = std::fs::read_to_string("/proc/mounts").map_err(io_err("reading /proc/mounts"))?;
+    let mut root = None;
+    for line in mounts.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (Some(path), Some(fstype), Some(opts)) = (f.get(1), f.get(2), f.get(3)) else {
+            continue;
+        };
+        if *fstype == "cgroup2" && root.is_none() {
+            root = Some(PathBuf::from(path));
+        }
+        if *fstype == "cgroup" {
+            for c in ["net_cls", "net_prio"] {
+                if opts.split(',').any(|o| o == c) {
+                    return Err(EbpfError::CgroupV1Net(c.to_string()));
+                }
+            }
+        }
+    }
+    root.ok_or(EbpfError::NoCgroup2)
+}
+
+fn ensure_bpffs() -> Result<(), EbpfError> {
+    let mounts = std::fs::read_to_string("/proc/mounts").map_err(io_err("reading /proc/mounts"))?;
+    if mounts.lines().any(|l| {
+        l.split_whitespace().nth(1) == Some(BPFFS) && l.split_whitespace().nth(2) == Some("bpf")
+    }) {
+        return Ok(());
+    }
+    let out = std::process::Command::new("mount")
+        .args(["-t", "bpf", "bpf", BPFFS])
+        .output()
+        .map_err(|e| EbpfError::NoBpffs(e.to_string()))?;
+    if !out.status.success() {
+        return Err(EbpfError::NoBpffs(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ));
+    }
+    Ok(())
+}
+
+/// The netns cookie of a socket (the namespace it was created in).
+pub fn netns_cookie(fd: RawFd) -> io::Result<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: cookie is a writable u64 and len says so.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+fn own_netns_cookie() -> Result<u64, EbpfError> {
+    let s = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)
+        .map_err(io_err("socket for SO_NETNS_COOKIE"))?;
+    netns_cookie(s.as_raw_fd()).map_err(io_err("getsockopt(SO_NETNS_COOKIE) (kernel 5.14+)"))
+}
+
+impl Ebpf {
+    /// Loads the programs (reusing pinned maps from an earlier run of this instance), attaches
+    /// the cgroup hooks at the cgroup2 root and pins their links, replacing earlier links.
+    pub fn load(node: &str) -> Result<Ebpf, EbpfError> {
+        preflight()?;
+        let cgroup = cgroup2_root()?;
+        let dir = instance_dir(node)?;
+        let adopted = dir.exists();
+        std::fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
+        match Self::load_in(dir.clone(), &cgroup, adopted) {
+            Ok(e) => Ok(e),
+            Err(err) => {
+                // A half-done first load must not leave hooks behind; an adopted state stays
+                // (its pods keep failing closed until a ztunnel that can load returns).
+                if !adopted {
+                    let _ = remove_dir(&dir);
+                }
+                Err(err)
+            }
+        }
+    }
+
+    fn load_in(dir: PathBuf, cgroup: &Path, adopted: bool) -> Result<Ebpf, EbpfError> {
+        let mut bpf = aya::EbpfLoader::new()
+            .default_map_pin_directory(&dir)
+            .load(OBJECT)?;
+        let cg = File::open(cgroup)
+            .map_err(io_err(format!("opening cgroup2 root {}", cgroup.display())))?;
+        for (name, pin) in CGROUP_ADDR_HOOKS {
+            let prog: &mut CgroupSockAddr = program(&mut bpf, name)?;
+            prog.load().map_err(prog_err(name))?;
+            let id = prog
+                .attach(cg.as_fd(), CgroupAttachMode::Single)
+                .map_err(prog_err(name))?;
+            let link = FdLink::try_from(prog.take_link(id).map_err(prog_err(name))?).map_err(
+                |source| EbpfError::Link {
+                    name: name.to_string(),
+                    source,
+                },
+            )?;
+            replace_pin(link, &dir.join(pin))?;
+        }
+        {
+            let (name, pin) = SOCKOPS;
+            let prog: &mut SockOps = program(&mut bpf, name)?;
+            prog.load().map_err(prog_err(name))?;
+            let id = prog
+                .attach(cg.as_fd(), CgroupAttachMode::Single)
+                .map_err(prog_err(name))?;
+            let link = FdLink::try_from(prog.take_link(id).map_err(prog_err(name))?).map_err(
+                |source| EbpfError::Link {
+                    name: name.to_string(),
+                    source,
+                },
+            )?;
+            replace_pin(link, &dir.join(pin))?;
+        }
+        let prog: &mut SkLookup = program(&mut bpf, SK_LOOKUP)?;
+        prog.load().map_err(prog_err(SK_LOOKUP))?;
+        let netns = take_map(&mut bpf, MAP_NETNS)?;
+        let excluded = take_map(&mut bpf, MAP_EXCLUDED)?;
+        let pod_ip = take_map(&mut bpf, MAP_POD_IP)?;
+        let port_dst = take_map(&mut bpf, MAP_PORT_DST)?;
+        let listen = bpf
+            .take_map(MAP_LISTEN)
+            .ok_or(EbpfError::Missing("ZT_LISTEN"))?;
+        let listen = SockHash::try_from(listen).map_err(|source| EbpfError::Map {
+            name: MAP_LISTEN.into(),
+            source,
+        })?;
+        info!(dir = %dir.display(), cgroup = %cgroup.display(), adopted, "eBPF capture loaded");
+        Ok(Ebpf {
+            dir,
+            state: Mutex::new(State {
+                netns,
+                excluded,
+                pod_ip,
+                listen,
+                enrolled: Default::default(),
+                bpf,
+            }),
+            port_dst: Mutex::new(port_dst),
+        })
+    }
+}
+
+impl Ebpf {
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Starts capturing in the netns of `listeners` (ztunnel's inbound plaintext listeners of
+    /// the pod, v4 and maybe v6). Idempotent: a re-enroll (e.g. after a restart) replaces the
+    /// listener sockets and the pod's sk_lookup link.
+    pub fn enroll(
+        &self,
+        netns_file: &File,
+        listeners: &[RawFd],
+        ips: &[IpAddr],
+        exclusions: &Exclusions,
+    ) -> Result<u64, EbpfError> {
+        let first = *listeners
+            .first()
+            .ok_or(EbpfError::Missing("an inbound listener"))?;
+        let cookie = netns_cookie(first)
+            .map_err(io_err("getsockopt(SO_NETNS_COOKIE) on the pod listener"))?;
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        for &fd in listeners {
+            let family = match socket_family(fd) {
+                Ok(libc::AF_INET6) => AF_INET6,
+                _ => AF_INET,
+            };
+            let key = ListenKey {
+                netns: cookie,
+                family,
+                _pad: 0,
+            };
+            st.listen
+                .insert(key, fd, 0)
+                .map_err(|source| EbpfError::Map {
+                    name: MAP_LISTEN.into(),
+                    source,
+                })?;
+        }
+        // Exclusions before enrollment, so no excluded connection is ever captured.
+        let (old, old_ips) = st.enrolled.remove(&cookie).unwrap_or_default();
+        let mut ip_keys = Vec::new();
+        for ip in ips {
+            let key = ip_key(*ip);
+            st.pod_ip
+                .insert(key, cookie, 0)
+                .map_err(|source| EbpfError::Map {
+                    name: MAP_POD_IP.into(),
+                    source,
+                })?;
+            ip_keys.push(key);
+        }
+        for k in old_ips.iter().filter(|k| !ip_keys.contains(k)) {
+            let _ = st.pod_ip.remove(k);
+        }
+        let mut keys = Vec::new();
+        for (ports, dir) in [
+            (&exclusions.outbound, DIR_OUTBOUND),
+            (&exclusions.inbound, DIR_INBOUND),
+        ] {
+            for &port in ports {
+                let key = ExclKey {
+                    netns: cookie,
+                    port,
+                    dir,
+                    _pad: [0; 5],
+                };
+                st.excluded
+                    .insert(key, 1, 0)
+                    .map_err(|source| EbpfError::Map {
+                        name: MAP_EXCLUDED.into(),
+                        source,
+                    })?;
+                keys.push(key);
+            }
+        }
+        for k in old.iter().filter(|k| !keys.contains(k)) {
+            let _ = st.excluded.remove(k);
+        }
+        let pin = self.dir.join(format!("sklookup_{cookie:x}"));
+        let prog: &mut SkLookup = program(&mut st.bpf, SK_LOOKUP)?;
+        let id = prog
+            .attach(netns_file.as_fd())
+            .map_err(prog_err(SK_LOOKUP))?;
+        let link = FdLink::from(prog.take_link(id).map_err(prog_err(SK_LOOKUP))?);
+        replace_pin(link, &pin)?;
+        st.netns
+            .insert(cookie, NetnsConf { flags: 1, _pad: 0 }, 0)
+            .map_err(|source| EbpfError::Map {
+                name: MAP_NETNS.into(),
+                source,
+            })?;
+        st.enrolled.insert(cookie, (keys, ip_keys));
+        Ok(cookie)
+    }
+
+    /// Stops capturing in `cookie`'s netns and removes every trace of it from the kernel.
+    pub fn unenroll(&self, cookie: u64) -> Result<(), EbpfError> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        // Connects first: from here on the pod dials directly.
+        let _ = st.netns.remove(&cookie);
+        remove_pin(&self.dir.join(format!("sklookup_{cookie:x}")))?;
+        for family in [AF_INET, AF_INET6] {
+            let _ = st.listen.remove(&ListenKey {
+                netns: cookie,
+                family,
+                _pad: 0,
+            });
+        }
+        let (excl, ips) = st.enrolled.remove(&cookie).unwrap_or_default();
+        for k in excl {
+            let _ = st.excluded.remove(&k);
+        }
+        for k in ips {
+            let _ = st.pod_ip.remove(&k);
+        }
+        Ok(())
+    }
+
+    /// After a restart: forgets netns enrolled by an earlier run that this run did not enroll
+    /// again (pods that left while ztunnel was down), so they stop failing closed.
+    pub fn sweep(&self) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mine: HashSet<u64> = st.enrolled.keys().copied().collect();
+        let stale: Vec<u64> = st
+            .netns
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|c| !mine.contains(c))
+            .collect();
+        let stale_excl: Vec<ExclKey> = st
+            .excluded
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !mine.contains(&k.netns))
+            .collect();
+        for c in &stale {
+            let _ = st.netns.remove(c);
+            info!(
+                netns_cookie = c,
+                "eBPF: dropped a netns enrolled before the restart and not since"
+            );
+        }
+        for k in &stale_excl {
+            let _ = st.excluded.remove(k);
+        }
+        let stale_ips: Vec<IpKey> = st
+            .pod_ip
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, c)| !mine.contains(c))
+            .map(|(k, _)| k)
+            .collect();
+        for k in &stale_ips {
+            let _ = st.pod_ip.remove(k);
+        }
+        drop(st);
+        if let Ok(entries) = std::fs::read_dir(&self.dir) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if let Some(hex) = name.strip_prefix("sklookup_")
+                    && u64::from_str_radix(hex, 16).is_ok_and(|c| !mine.contains(&c))
+                    && let Err(err) = remove_pin(&e.path())
+                {
+                    warn!(pin = %e.path().display(), error = %err, "eBPF: removing a stale sk_lookup link failed");
+                }
+            }
+        }
+    }
+
+    /// The original destination of a connection accepted on an in-pod listener: for the
+    /// outbound listener, the record connect4/6 left (consumed); for inbound (sk_lookup keeps
+    /// addresses), the accepted socket's own local address.
+    pub fn original_dst(&self, stream: &TcpStream) -> io::Result<SocketAddr> {
+        let local = stream.local_addr()?;
+        if !(local.ip().is_loopback() && local.port() == meshcore::OUTBOUND_PORT) {
+            return Ok(crate::capture::canonical_addr(local));
+        }
+        let peer = stream.peer_addr()?;
+        let netns = netns_cookie(stream.as_raw_fd())?;
+        let family = if local.is_ipv4() { AF_INET } else { AF_INET6 };
+        let key = PortKey {
+            netns,
+            port: u32::from(peer.port()),
+            family,
+        };
+        let mut map = self.port_dst.lock().unwrap_or_else(|p| p.into_inner());
+        let dst = map.get(&key, 0).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("no eBPF record for client port {}: {e}", peer.port()),
+            )
+        })?;
+        let _ = map.remove(&key);
+        drop(map);
+        Ok(decode(&dst))
+    }
+
+    /// Removes every pin of this instance, and its directory. Links whose last reference was the
+    /// pin detach now; those held by a live process detach when it exits.
+    pub fn remove_all(&self) -> Result<(), EbpfError> {
+        remove_dir(&self.dir)
+    }
+}
+
+/// Per-pod destination ports not to capture (host byte order).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Exclusions {
+    pub outbound: Vec<u16>,
+    pub inbound: Vec<u16>,
+}
+
+fn ip_key(ip: IpAddr) -> IpKey {
+    match crate::capture::canonical_addr(SocketAddr::new(ip, 0)).ip() {
+        IpAddr::V4(v4) => IpKey {
+            addr: [u32::from_ne_bytes(v4.octets()), 0, 0, 0],
+            family: AF_INET,
+        },
+        IpAddr::V6(v6) => {
+            let o = v6.octets();
+            let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+            IpKey {
+                addr: [w(0), w(4), w(8), w(12)],
+                family: AF_INET6,
+            }
+        }
+    }
+}
+
+fn decode(d: &OrigDst) -> SocketAddr {
+    let port = u16::from_be(d.port as u16);
+    let ip = if d.family == AF_INET {
+        IpAddr::V4(Ipv4Addr::from(d.addr[0].to_ne_bytes()))
+    } else {
+        let mut b = [0u8; 16];
+        for (i, w) in d.addr.iter().enumerate() {
+            b[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        IpAddr::V6(Ipv6Addr::from(b))
+    };
+    SocketAddr::new(ip, port)
+}
+
+fn socket_family(fd: RawFd) -> io::Result<libc::c_int> {
+    // SAFETY: a zeroed sockaddr_storage is a valid out-parameter of the right size.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: ss and len describe a writable buffer.
+    let rc = unsafe {
+        libc::getsockname(
+            fd,
+            (&mut ss as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(libc::c_int::from(ss.ss_family))
+}
+
+fn program<'a, T>(bpf: &'a mut aya::Ebpf, name: &'static str) -> Result<&'a mut T, EbpfError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    bpf.program_mut(name)
+        .ok_or(EbpfError::Missing(name))?
+        .try_into()
+        .map_err(prog_err(name))
+}
+
+fn prog_err(name: &str) -> impl FnOnce(aya::programs::ProgramError) -> EbpfError {
+    let name = name.to_string();
+    move |source| EbpfError::Program { name, source }
+}
+
+fn take_map<K: aya::Pod, V: aya::Pod>(
+    bpf: &mut aya::Ebpf,
+    name: &'static str,
+) -> Result<BpfHashMap<MapData, K, V>, EbpfError> {
+    let map = bpf.take_map(name).ok_or(EbpfError::Missing(name))?;
+    BpfHashMap::try_from(map).map_err(|source| EbpfError::Map {
+        name: name.into(),
+        source,
+    })
+}
+
+/// Pins `link` at `path`; an earlier link pinned there (a previous run's) is unpinned after the
+/// new one is attached, so the hook is never missing in between.
+fn replace_pin(link: FdLink, path: &Path) -> Result<(), EbpfError> {
+    remove_pin(path)?;
+    link.pin(path).map_err(|source| EbpfError::Pin {
+        path: path.display().to_string(),
+        source,
+    })?;
+    Ok(())
+}
+
+fn remove_pin(path: &Path) -> Result<(), EbpfError> {
+    match PinnedLink::from_pin(path) {
+        // Dropping the unpinned link detaches it (if nothing else holds it).
+        Ok(old) => {
+            let _ = old.unpin();
+        }
+        Err(_) if !path.exists() => {}
+        Err(_) => {
+            std::fs::remove_file(path).map_err(io_err(format!("removing {}", path.display())))?;
+        }
+    }
+    Ok(())
+}
+
+/// Removes an instance directory and everything pinned in it.
+pub fn remove_dir(dir: &Path) -> Result<(), EbpfError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => {
+            return Err(EbpfError::Io {
+                what: format!("reading {}", dir.display()),
+                source: e,
+            });
+        }
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with("link_") || name.starts_with("sklookup_") {
+            remove_pin(&path)?;
+        } else {
+            std::fs::remove_file(&path).map_err(io_err(format!("removing {}", path.display())))?;
+        }
+    }
+    std::fs::remove_dir(dir).map_err(io_err(format!("removing {}", dir.display())))?;
+    info!(dir = %dir.display(), "eBPF pins removed");
+    Ok(())
+}
