@@ -48,7 +48,7 @@ impl Default for MeshOptions {
             trust_domain: "cluster.local".into(),
             cert_lifetime: "24h".into(),
             log: "info".into(),
-            capture: std::env::var("MESH_CAPTURE").unwrap_or_else(|_| "nftables".into()),
+            capture: std::env::var("MESH_CAPTURE").unwrap_or_else(|_| "ebpf".into()),
         }
     }
 }
