@@ -375,6 +375,14 @@ fn auto_falls_back_to_nftables_and_explicit_ebpf_fails_when_refused() {
     let legacy = mesh.pod("plain", "legacy").unwrap();
     let who = mesh.who("a", "client", &format!("{}:8080", legacy.ip4), "fallback").unwrap();
     assert_eq!(who.served_by, "legacy");
-    proc.terminate(Duration::from_secs(10));
-    mesh.wait_unenrolled("a", "client").unwrap();
+    // SIGKILL the nftables ztunnel (its table stays), then switch back to eBPF: enrolling in
+    // eBPF mode removes the other mode's table, so nothing captures twice.
+    proc.kill();
+    assert!(mesh.nft_table_present("a", "client").unwrap());
+    mesh.start_ztunnel(0).unwrap();
+    wait_for(Duration::from_secs(20), "eBPF re-enrollment to remove the nft table", || {
+        Ok(mesh.config_dump(0).is_ok_and(|d| d["captureMode"] == "ebpf") && !mesh.nft_table_present("a", "client")?)
+    })
+    .unwrap();
+    mesh.who("a", "client", &format!("{}:8080", legacy.ip4), "ebpf again").unwrap();
 }

@@ -233,3 +233,16 @@ fn stop(ctx: &Ctx, uid: &str, e: Enrolled) {
     }
     info!(pod = %uid, "pod unenrolled");
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exclusion_annotations_parse_ports_and_ignore_junk() {
+        let e = exclusions_from(Some("9090, 5432,junk,0,9090"), Some("15020"));
+        assert_eq!(e.outbound, vec![5432, 9090]);
+        assert_eq!(e.inbound, vec![15020]);
+        assert_eq!(exclusions_from(None, Some("")), Exclusions::default());
+    }
+}
