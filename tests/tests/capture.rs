@@ -54,7 +54,11 @@ spec:
 "#;
 
 fn ebpf_mesh() -> LocalMesh {
-    let mesh = LocalMesh::start(MeshOptions { capture: "ebpf".into(), ..MeshOptions::default() }).expect("start mesh");
+    let mesh = LocalMesh::start(MeshOptions {
+        capture: "ebpf".into(),
+        ..MeshOptions::default()
+    })
+    .expect("start mesh");
     mesh.apply("00-all.yaml", MANIFESTS).unwrap();
     for (ns, p) in [("a", "client"), ("a", "server"), ("plain", "legacy")] {
         mesh.wait_listening(ns, p, 8080).unwrap();
@@ -69,12 +73,26 @@ fn ebpf_mesh() -> LocalMesh {
 fn addr_servers(pod: &testbed::Pod, v6: bool, ports: &[u16]) -> Vec<u16> {
     let mut bound = Vec::new();
     for &p in ports {
-        let addr: SocketAddr = if v6 { format!("[::]:{p}") } else { format!("0.0.0.0:{p}") }.parse().unwrap();
-        let l = pod.netns.enter(move || TcpListener::bind(addr)).unwrap().unwrap();
+        let addr: SocketAddr = if v6 {
+            format!("[::]:{p}")
+        } else {
+            format!("0.0.0.0:{p}")
+        }
+        .parse()
+        .unwrap();
+        let l = pod
+            .netns
+            .enter(move || TcpListener::bind(addr))
+            .unwrap()
+            .unwrap();
         bound.push(l.local_addr().unwrap().port());
         std::thread::spawn(move || {
             for s in l.incoming().flatten() {
-                let line = format!("{} {}\n", s.local_addr().map(|a| a.to_string()).unwrap_or_default(), s.peer_addr().map(|a| a.to_string()).unwrap_or_default());
+                let line = format!(
+                    "{} {}\n",
+                    s.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+                    s.peer_addr().map(|a| a.to_string()).unwrap_or_default()
+                );
                 let mut s = s;
                 let _ = s.write_all(line.as_bytes());
             }
@@ -85,7 +103,9 @@ fn addr_servers(pod: &testbed::Pod, v6: bool, ports: &[u16]) -> Vec<u16> {
 
 fn canonical(a: SocketAddr) -> SocketAddr {
     match a.ip() {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(a, |v4| SocketAddr::new(IpAddr::V4(v4), a.port())),
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(a, |v4| SocketAddr::new(IpAddr::V4(v4), a.port())),
         IpAddr::V4(_) => a,
     }
 }
@@ -124,12 +144,21 @@ fn thousand_connects(mesh: &LocalMesh, family: &str) {
             // All of them open at once before any is read.
             barrier.wait();
             for (dst, s) in conns {
-                assert_eq!(s.peer_addr()?, dst, "getpeername must show the dialled address");
+                assert_eq!(
+                    s.peer_addr()?,
+                    dst,
+                    "getpeername must show the dialled address"
+                );
                 s.set_read_timeout(Some(Duration::from_secs(10)))?;
                 let mut line = String::new();
                 BufReader::new(&s).read_line(&mut line)?;
-                let accepted: SocketAddr = line.split_whitespace().next().unwrap_or_default().parse()?;
-                assert_eq!(canonical(accepted), canonical(dst), "connection reached the wrong destination");
+                let accepted: SocketAddr =
+                    line.split_whitespace().next().unwrap_or_default().parse()?;
+                assert_eq!(
+                    canonical(accepted),
+                    canonical(dst),
+                    "connection reached the wrong destination"
+                );
             }
             Ok(())
         }));
@@ -149,9 +178,18 @@ fn original_destination_1000_concurrent_connects_v4_v6_mapped() {
         thousand_connects(&mesh, family);
     }
     // They really went through ztunnel (outbound access log on node-0).
-    wait_for(Duration::from_secs(30), "3,000 outbound access-log entries", || {
-        Ok(mesh.access_log(0).iter().filter(|e| field(e, "direction") == "outbound").count() >= 3000)
-    })
+    wait_for(
+        Duration::from_secs(30),
+        "3,000 outbound access-log entries",
+        || {
+            Ok(mesh
+                .access_log(0)
+                .iter()
+                .filter(|e| field(e, "direction") == "outbound")
+                .count()
+                >= 3000)
+        },
+    )
     .unwrap();
 }
 
@@ -166,21 +204,45 @@ fn inbound_destination_preserved_and_hbone_port_not_captured() {
         let target = SocketAddr::new(ip, 8080).to_string();
         let who = mesh.who("plain", "legacy", &target, "in").unwrap();
         assert_eq!(who.served_by, "server");
-        assert_eq!(who.client_peer.parse::<SocketAddr>().unwrap().to_string(), target);
+        assert_eq!(
+            who.client_peer.parse::<SocketAddr>().unwrap().to_string(),
+            target
+        );
         let e = mesh.wait_access_log(1, "peer", &who.client_local).unwrap();
         assert_eq!(field(&e, "direction"), "inbound", "{e}");
-        assert_eq!(field(&e, "dst"), target, "inbound original destination: {e}");
+        assert_eq!(
+            field(&e, "dst"),
+            target,
+            "inbound original destination: {e}"
+        );
         // HBONE port: reaches ztunnel's 15008 listener itself, not the plaintext path.
         let hbone = SocketAddr::new(ip, meshcore::HBONE_PORT);
         let legacy = mesh.pod("plain", "legacy").unwrap();
-        let s = legacy.netns.enter(move || TcpStream::connect_timeout(&hbone, Duration::from_secs(5))).unwrap().unwrap();
+        let s = legacy
+            .netns
+            .enter(move || TcpStream::connect_timeout(&hbone, Duration::from_secs(5)))
+            .unwrap()
+            .unwrap();
         let local = s.local_addr().unwrap();
-        wait_for(Duration::from_secs(10), "the 15008 connection at ztunnel", || {
-            let out = mesh.exec("a", "server", &["ss", "-Htn", "state", "established", "( sport = :15008 )"])?;
-            Ok(String::from_utf8_lossy(&out.stdout).contains(&local.port().to_string()))
-        })
+        wait_for(
+            Duration::from_secs(10),
+            "the 15008 connection at ztunnel",
+            || {
+                let out = mesh.exec(
+                    "a",
+                    "server",
+                    &["ss", "-Htn", "state", "established", "( sport = :15008 )"],
+                )?;
+                Ok(String::from_utf8_lossy(&out.stdout).contains(&local.port().to_string()))
+            },
+        )
         .unwrap();
-        assert!(mesh.access_log(1).iter().all(|e| field(e, "peer") != local.to_string()), "15008 went through the plaintext path");
+        assert!(
+            mesh.access_log(1)
+                .iter()
+                .all(|e| field(e, "peer") != local.to_string()),
+            "15008 went through the plaintext path"
+        );
     }
 }
 
@@ -195,18 +257,41 @@ fn loopback_non_enrolled_and_host_untouched() {
     for v6 in [false, true] {
         // Loopback inside an enrolled pod: straight to the app's listener.
         let port = addr_servers(&client, v6, &[0])[0];
-        let lo: SocketAddr = if v6 { format!("[::1]:{port}") } else { format!("127.0.0.1:{port}") }.parse().unwrap();
-        let seen = client.netns.enter(move || read_line_from(lo)).unwrap().unwrap();
+        let lo: SocketAddr = if v6 {
+            format!("[::1]:{port}")
+        } else {
+            format!("127.0.0.1:{port}")
+        }
+        .parse()
+        .unwrap();
+        let seen = client
+            .netns
+            .enter(move || read_line_from(lo))
+            .unwrap()
+            .unwrap();
         assert_eq!(seen.0, lo, "loopback was redirected");
         // A non-enrolled pod dialling out: the server sees it arrive unchanged, and nothing in
         // the non-enrolled pod is redirected (its socket's peer is the server's real listener).
         let sport = addr_servers(&client, v6, &[0])[0];
-        let dst = SocketAddr::new(if v6 { client.ip6.unwrap().into() } else { client.ip4.into() }, sport);
+        let dst = SocketAddr::new(
+            if v6 {
+                client.ip6.unwrap().into()
+            } else {
+                client.ip4.into()
+            },
+            sport,
+        );
         let before = mesh.access_log(1).len();
-        let (accepted, _) = legacy.netns.enter(move || read_line_from(dst)).unwrap().unwrap();
+        let (accepted, _) = legacy
+            .netns
+            .enter(move || read_line_from(dst))
+            .unwrap()
+            .unwrap();
         assert_eq!(accepted, dst);
         assert!(
-            mesh.access_log(1)[before..].iter().all(|e| field(e, "direction") != "outbound"),
+            mesh.access_log(1)[before..]
+                .iter()
+                .all(|e| field(e, "direction") != "outbound"),
             "node-1's ztunnel handled a non-enrolled pod's outbound connection"
         );
         // The host: a connection in the test's own namespace is not touched.
@@ -236,26 +321,41 @@ fn read_line_from(dst: SocketAddr) -> anyhow::Result<(SocketAddr, SocketAddr)> {
 
 fn instance_dirs() -> Vec<String> {
     std::fs::read_dir("/sys/fs/bpf")
-        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with("ztunnel-")).collect())
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("ztunnel-"))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
 /// The bpffs dir of node `i`'s ztunnel (the one containing a link pinned by that process).
 fn node_dir(mesh: &LocalMesh, i: usize) -> String {
     let log = mesh.ztunnel_log(i);
-    let line = log.lines().find(|l| l.contains("eBPF capture loaded")).expect("ztunnel logged its eBPF dir");
+    let line = log
+        .lines()
+        .find(|l| l.contains("eBPF capture loaded"))
+        .expect("ztunnel logged its eBPF dir");
     let v: serde_json::Value = serde_json::from_str(line).unwrap();
     v["fields"]["dir"].as_str().unwrap().to_string()
 }
 
 fn link_ids(dir: &str) -> Vec<u64> {
     let mut ids = Vec::new();
-    for e in std::fs::read_dir(dir).map(|d| d.flatten().collect::<Vec<_>>()).unwrap_or_default() {
+    for e in std::fs::read_dir(dir)
+        .map(|d| d.flatten().collect::<Vec<_>>())
+        .unwrap_or_default()
+    {
         let name = e.file_name().to_string_lossy().into_owned();
         if !(name.starts_with("link_") || name.starts_with("sklookup_")) {
             continue;
         }
-        let out = Command::new("bpftool").args(["-j", "link", "show", "pinned"]).arg(e.path()).output().unwrap();
+        let out = Command::new("bpftool")
+            .args(["-j", "link", "show", "pinned"])
+            .arg(e.path())
+            .output()
+            .unwrap();
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
         if let Some(id) = v["id"].as_u64() {
             ids.push(id);
@@ -265,7 +365,10 @@ fn link_ids(dir: &str) -> Vec<u64> {
 }
 
 fn link_exists(id: u64) -> bool {
-    Command::new("bpftool").args(["link", "show", "id", &id.to_string()]).output().is_ok_and(|o| o.status.success())
+    Command::new("bpftool")
+        .args(["link", "show", "id", &id.to_string()])
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 #[test]
@@ -279,37 +382,69 @@ fn sigkill_fails_closed_restart_resumes_and_cleanup_leaves_nothing() {
     mesh.who("a", "client", &target, "before").unwrap();
     let dir = node_dir(&mesh, 0);
     let ids = link_ids(&dir);
-    assert!(ids.len() >= 6, "expected 5 cgroup links and an sk_lookup link, got {ids:?}");
+    assert!(
+        ids.len() >= 6,
+        "expected 5 cgroup links and an sk_lookup link, got {ids:?}"
+    );
 
     mesh.stop_ztunnel(0, false);
     let node0 = mesh.cluster.nodes()[0].clone();
     let wire = WireCapture::start(&mesh.cluster, &node0.netns, &node0.fabric_if, "outage").unwrap();
     let marker = "PLAINTEXT-DURING-OUTAGE";
     for _ in 0..20 {
-        assert!(mesh.who("a", "client", &target, marker).is_err(), "a connection went direct while ztunnel was down");
+        assert!(
+            mesh.who("a", "client", &target, marker).is_err(),
+            "a connection went direct while ztunnel was down"
+        );
     }
     let segs = wire.finish().unwrap();
     assert!(
-        !segs.iter().any(|s| s.dst == IpAddr::from(legacy.ip4) && s.dport == 8080),
+        !segs
+            .iter()
+            .any(|s| s.dst == IpAddr::from(legacy.ip4) && s.dport == 8080),
         "packets left for the destination during the outage"
     );
     assert!(!localmesh::wire::payload_contains(&segs, marker.as_bytes()));
 
     // Back: adopts the pinned state and re-enrolls; new connections work.
     mesh.start_ztunnel(0).unwrap();
-    wait_for(Duration::from_secs(30), "connections through the restarted ztunnel", || {
-        Ok(mesh.who("a", "client", &target, "after").is_ok())
-    })
+    wait_for(
+        Duration::from_secs(30),
+        "connections through the restarted ztunnel",
+        || Ok(mesh.who("a", "client", &target, "after").is_ok()),
+    )
     .unwrap();
-    assert_eq!(node_dir(&mesh, 0), dir, "restart must adopt the same pinned state");
+    assert_eq!(
+        node_dir(&mesh, 0),
+        dir,
+        "restart must adopt the same pinned state"
+    );
 
     // SIGKILL again, then the cleanup command removes everything of ours.
     let ids = link_ids(&dir);
     mesh.stop_ztunnel(0, false);
-    let out = mesh.cluster.run(&node0.netns, &[mesh.bins.ztunnel.to_str().unwrap(), "cleanup", "--node", "node-0"]).unwrap();
-    assert!(out.status.success(), "cleanup: {}", String::from_utf8_lossy(&out.stderr));
+    let out = mesh
+        .cluster
+        .run(
+            &node0.netns,
+            &[
+                mesh.bins.ztunnel.to_str().unwrap(),
+                "cleanup",
+                "--node",
+                "node-0",
+            ],
+        )
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "cleanup: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!std::path::Path::new(&dir).exists(), "cleanup left {dir}");
-    wait_for(Duration::from_secs(10), "links to detach", || Ok(ids.iter().all(|id| !link_exists(*id)))).unwrap();
+    wait_for(Duration::from_secs(10), "links to detach", || {
+        Ok(ids.iter().all(|id| !link_exists(*id)))
+    })
+    .unwrap();
     // Unenrolled now (nothing captures): the pod goes direct.
     mesh.who("a", "client", &target, "direct").unwrap();
 }
@@ -323,15 +458,39 @@ fn graceful_stop_and_unenroll_leave_nothing() {
     let dir = node_dir(&mesh, 1);
     let ids = link_ids(&dir);
     let sk_lookup_pins = || {
-        std::fs::read_dir(&dir).map(|d| d.flatten().filter(|e| e.file_name().to_string_lossy().starts_with("sklookup_")).count()).unwrap_or(0)
+        std::fs::read_dir(&dir)
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().starts_with("sklookup_"))
+                    .count()
+            })
+            .unwrap_or(0)
     };
     assert_eq!(sk_lookup_pins(), 1);
     // Unenroll by removing the pod: its sk_lookup link goes.
-    mesh.apply("00-all.yaml", &MANIFESTS.replace("name: server, namespace: a", "name: server, namespace: plain")).unwrap();
-    wait_for(Duration::from_secs(20), "server's sk_lookup link to go", || Ok(sk_lookup_pins() == 0)).unwrap();
+    mesh.apply(
+        "00-all.yaml",
+        &MANIFESTS.replace(
+            "name: server, namespace: a",
+            "name: server, namespace: plain",
+        ),
+    )
+    .unwrap();
+    wait_for(
+        Duration::from_secs(20),
+        "server's sk_lookup link to go",
+        || Ok(sk_lookup_pins() == 0),
+    )
+    .unwrap();
     mesh.stop_ztunnel(1, true);
-    assert!(!std::path::Path::new(&dir).exists(), "graceful stop left {dir}");
-    wait_for(Duration::from_secs(10), "links to detach", || Ok(ids.iter().all(|id| !link_exists(*id)))).unwrap();
+    assert!(
+        !std::path::Path::new(&dir).exists(),
+        "graceful stop left {dir}"
+    );
+    wait_for(Duration::from_secs(10), "links to detach", || {
+        Ok(ids.iter().all(|id| !link_exists(*id)))
+    })
+    .unwrap();
     let _ = instance_dirs();
 }
 
@@ -347,10 +506,19 @@ fn auto_falls_back_to_nftables_and_explicit_ebpf_fails_when_refused() {
     let sock = format!("unix:{}", mesh.dir().join("meshd.sock").display());
     let base = |mode: &str| {
         let mut c = Command::new(&mesh.bins.ztunnel);
-        c.args(["--node", "node-0", "--meshd", &sock, "--log-format", "json", "--capture", mode])
-            .arg("--token-file")
-            .arg(&token)
-            .env("ZTUNNEL_EBPF_REFUSE", "simulated by the test");
+        c.args([
+            "--node",
+            "node-0",
+            "--meshd",
+            &sock,
+            "--log-format",
+            "json",
+            "--capture",
+            mode,
+        ])
+        .arg("--token-file")
+        .arg(&token)
+        .env("ZTUNNEL_EBPF_REFUSE", "simulated by the test");
         c
     };
     // Explicit eBPF: a clear error, no silent fallback.
@@ -361,28 +529,56 @@ fn auto_falls_back_to_nftables_and_explicit_ebpf_fails_when_refused() {
     let out = out.unwrap().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("eBPF capture refused") && err.contains("simulated by the test"), "{err}");
+    assert!(
+        err.contains("eBPF capture refused") && err.contains("simulated by the test"),
+        "{err}"
+    );
     // auto: falls back, says why, and captures with nftables.
-    let mut proc = mesh.cluster.spawn(&node0.netns, base("auto"), "ztunnel-auto").unwrap();
+    let mut proc = mesh
+        .cluster
+        .spawn(&node0.netns, base("auto"), "ztunnel-auto")
+        .unwrap();
     mesh.wait_enrolled("a", "client").unwrap();
     let dump = mesh.config_dump(0).unwrap();
     assert_eq!(dump["captureMode"], "nftables");
     assert!(mesh.nft_table_present("a", "client").unwrap());
     let log = std::fs::read_to_string(proc.log_path()).unwrap();
-    assert!(log.contains("falling back to nftables") && log.contains("simulated by the test"), "{log}");
-    let metrics = mesh.cluster.run(&node0.netns, &["curl", "-sf", "http://127.0.0.1:15020/metrics"]).unwrap();
-    assert!(String::from_utf8_lossy(&metrics.stdout).contains("ztunnel_capture_mode{mode=\"nftables\"} 1"));
+    assert!(
+        log.contains("falling back to nftables") && log.contains("simulated by the test"),
+        "{log}"
+    );
+    let metrics = mesh
+        .cluster
+        .run(
+            &node0.netns,
+            &["curl", "-sf", "http://127.0.0.1:15020/metrics"],
+        )
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&metrics.stdout)
+            .contains("ztunnel_capture_mode{mode=\"nftables\"} 1")
+    );
     let legacy = mesh.pod("plain", "legacy").unwrap();
-    let who = mesh.who("a", "client", &format!("{}:8080", legacy.ip4), "fallback").unwrap();
+    let who = mesh
+        .who("a", "client", &format!("{}:8080", legacy.ip4), "fallback")
+        .unwrap();
     assert_eq!(who.served_by, "legacy");
     // SIGKILL the nftables ztunnel (its table stays), then switch back to eBPF: enrolling in
     // eBPF mode removes the other mode's table, so nothing captures twice.
     proc.kill();
     assert!(mesh.nft_table_present("a", "client").unwrap());
     mesh.start_ztunnel(0).unwrap();
-    wait_for(Duration::from_secs(20), "eBPF re-enrollment to remove the nft table", || {
-        Ok(mesh.config_dump(0).is_ok_and(|d| d["captureMode"] == "ebpf") && !mesh.nft_table_present("a", "client")?)
-    })
+    wait_for(
+        Duration::from_secs(20),
+        "eBPF re-enrollment to remove the nft table",
+        || {
+            Ok(mesh
+                .config_dump(0)
+                .is_ok_and(|d| d["captureMode"] == "ebpf")
+                && !mesh.nft_table_present("a", "client")?)
+        },
+    )
     .unwrap();
-    mesh.who("a", "client", &format!("{}:8080", legacy.ip4), "ebpf again").unwrap();
+    mesh.who("a", "client", &format!("{}:8080", legacy.ip4), "ebpf again")
+        .unwrap();
 }
