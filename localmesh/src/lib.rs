@@ -501,6 +501,12 @@ impl Drop for LocalMesh {
         for i in 0..n {
             self.stop_ztunnel(i, true);
         }
+        // A ztunnel that had to be killed leaves its pinned eBPF state (fail-closed by design):
+        // the documented cleanup command removes it.
+        for node in self.cluster.nodes() {
+            let ztunnel = self.bins.ztunnel.display().to_string();
+            let _ = self.cluster.run(&node.netns, &[&ztunnel, "cleanup", "--node", &node.name]);
+        }
         if let Some(mut p) = self.meshd.lock().unwrap_or_else(|p| p.into_inner()).take() {
             p.terminate(Duration::from_secs(5));
         }

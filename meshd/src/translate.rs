@@ -119,6 +119,7 @@ fn workload(res: &ResourceSet, pod: &Pod, settings: &Settings) -> Option<Workloa
             .cloned()
             .unwrap_or_default(),
         trust_domain: settings.trust_domain.clone(),
+        annotations: m.annotations.clone().into_iter().collect(),
     })
 }
 

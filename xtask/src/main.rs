@@ -49,6 +49,9 @@ enum Cmd {
         /// Seconds per measurement.
         #[arg(long, default_value_t = 5)]
         seconds: u64,
+        /// Run only one scenario: `l4` (raw vs mesh) or `policy` (10,000 policies).
+        #[arg(long)]
+        only: Option<String>,
     },
 }
 
@@ -80,16 +83,22 @@ fn main() -> anyhow::Result<()> {
             build(false)?;
             local(&manifests, nodes)
         }
-        Cmd::Bench { seconds } => {
+        Cmd::Bench { seconds, only } => {
             need_root()?;
             deps()?;
             build(true)?;
             // SAFETY: no other thread exists yet that could read the environment concurrently.
             unsafe { std::env::set_var("MESH_BIN_DIR", root.join("target/release")) };
-            let rows = localmesh::bench::run(localmesh::bench::BenchOptions {
-                duration: Duration::from_secs(seconds),
-            })?;
-            localmesh::bench::print(&rows);
+            let want = |s: &str| only.as_deref().is_none_or(|o| o == s);
+            if want("l4") {
+                let rows = localmesh::bench::run(localmesh::bench::BenchOptions {
+                    duration: Duration::from_secs(seconds),
+                })?;
+                localmesh::bench::print(&rows);
+            }
+            if !want("policy") {
+                return Ok(());
+            }
             let n = 10_000;
             let (without, with) = localmesh::bench_policy::run(Duration::from_secs(seconds), n)?;
             println!(

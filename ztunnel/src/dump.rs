@@ -56,6 +56,7 @@ pub fn config_dump(ctx: &Ctx) -> Value {
         "node": ctx.node,
         "configVersion": version,
         "captureMode": ctx.capture.mode().to_string(),
+        "captureFallbackReason": ctx.capture.fallback_reason(),
         "trustBundle": bundle,
         "pods": pods,
         "workloads": workloads,
