@@ -8,7 +8,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,6 +28,10 @@ struct Enrolled {
     pod: Arc<Pod>,
     tasks: Vec<JoinHandle<()>>,
     capture: Enrollment,
+    /// The inbound plaintext listeners' fds (owned by `tasks`), for re-applying capture.
+    inbound_fds: Vec<RawFd>,
+    /// The exclusion annotations' raw values capture was last set up with.
+    excl_annotations: [Option<String>; 2],
 }
 
 /// Runs until `shutdown` flips to true, then unenrolls everything.
@@ -87,7 +91,8 @@ fn reconcile(ctx: &Arc<Ctx>, enrolled: &mut HashMap<String, Enrolled>) {
         }
     }
     for (uid, w) in want {
-        if enrolled.contains_key(&uid) {
+        if let Some(e) = enrolled.get_mut(&uid) {
+            update_exclusions(ctx, &uid, e, &w);
             continue;
         }
         match start(ctx, w) {
@@ -112,6 +117,33 @@ fn same_pod(a: &Workload, b: &Workload) -> bool {
         && a.service_account == b.service_account
         && a.namespace == b.namespace
         && a.trust_domain == b.trust_domain
+}
+
+fn excl_annotations(w: &Workload) -> [Option<String>; 2] {
+    [EXCLUDE_OUTBOUND_ANNOTATION, EXCLUDE_INBOUND_ANNOTATION].map(|k| w.annotations.get(k).cloned())
+}
+
+/// Applies changed exclusion annotations to an enrolled pod in place (both modes replace their
+/// per-pod state atomically), so its listeners and open connections are untouched.
+fn update_exclusions(ctx: &Ctx, uid: &str, e: &mut Enrolled, w: &Workload) {
+    let now = excl_annotations(w);
+    if now == e.excl_annotations {
+        return;
+    }
+    let excl = exclusions(w);
+    let ips: Vec<std::net::IpAddr> = e.pod.ips.iter().copied().collect();
+    match ctx
+        .capture
+        .enroll(&e.pod.netns, &e.inbound_fds, &ips, &excl)
+    {
+        Ok(capture) => {
+            e.capture = capture;
+            e.excl_annotations = now;
+            info!(pod = %uid, outbound = ?excl.outbound, inbound = ?excl.inbound, "port exclusions updated");
+        }
+        // Keep the old record: the next reconcile retries.
+        Err(err) => error!(pod = %uid, error = %err, "updating port exclusions failed; will retry"),
+    }
 }
 
 fn start(ctx: &Arc<Ctx>, w: Arc<Workload>) -> anyhow::Result<Enrolled> {
@@ -172,9 +204,11 @@ fn start(ctx: &Arc<Ctx>, w: Arc<Workload>) -> anyhow::Result<Enrolled> {
     let ips: Vec<std::net::IpAddr> = pod.ips.iter().copied().collect();
     match ctx.capture.enroll(&pod.netns, &inbound_fds, &ips, &excl) {
         Ok(capture) => Ok(Enrolled {
+            excl_annotations: excl_annotations(&pod.workload),
             pod,
             tasks,
             capture,
+            inbound_fds,
         }),
         Err(e) => {
             tasks.iter().for_each(|t| t.abort());
@@ -187,29 +221,70 @@ fn start(ctx: &Arc<Ctx>, w: Arc<Workload>) -> anyhow::Result<Enrolled> {
 pub const EXCLUDE_OUTBOUND_ANNOTATION: &str = "traffic.sidecar.istio.io/excludeOutboundPorts";
 pub const EXCLUDE_INBOUND_ANNOTATION: &str = "traffic.sidecar.istio.io/excludeInboundPorts";
 
-/// The pod's port exclusions. The Workload proto carries no annotations yet, so nothing is
-/// excluded until it does; [`exclusions_from`] is the parsing both modes use.
-fn exclusions(_w: &Workload) -> Exclusions {
-    Exclusions::default()
+/// The pod's port exclusions, from its annotations. A malformed annotation is logged (pod and
+/// annotation named) and ignored as a whole; the other annotation still applies.
+fn exclusions(w: &Workload) -> Exclusions {
+    let get = |k: &str| w.annotations.get(k).map(String::as_str);
+    let (excl, errors) = exclusions_from(
+        get(EXCLUDE_OUTBOUND_ANNOTATION),
+        get(EXCLUDE_INBOUND_ANNOTATION),
+    );
+    for e in errors {
+        warn!(pod = %w.uid, annotation = e.annotation, value = %e.value, error = %e.reason,
+            "ignoring malformed port exclusion annotation");
+    }
+    excl
 }
 
-/// Parses the two annotation values (comma-separated ports; junk entries are ignored).
-pub fn exclusions_from(outbound: Option<&str>, inbound: Option<&str>) -> Exclusions {
-    let parse = |v: Option<&str>| -> Vec<u16> {
-        let mut ports: Vec<u16> = v
-            .unwrap_or_default()
-            .split(',')
-            .filter_map(|p| p.trim().parse().ok())
-            .filter(|p| *p != 0)
-            .collect();
-        ports.sort_unstable();
-        ports.dedup();
-        ports
+/// A port exclusion annotation that could not be parsed.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{annotation}={value:?}: {reason}")]
+pub struct ExclusionError {
+    pub annotation: &'static str,
+    pub value: String,
+    pub reason: String,
+}
+
+/// Parses the two annotation values (comma-separated ports 1-65535, blanks around entries
+/// allowed). An annotation with any bad entry is ignored entirely and reported; the other one
+/// still counts.
+pub fn exclusions_from(
+    outbound: Option<&str>,
+    inbound: Option<&str>,
+) -> (Exclusions, Vec<ExclusionError>) {
+    let mut errors = Vec::new();
+    let mut parse = |annotation: &'static str, v: Option<&str>| -> Vec<u16> {
+        let Some(v) = v else { return Vec::new() };
+        match parse_ports(v) {
+            Ok(p) => p,
+            Err(reason) => {
+                errors.push(ExclusionError {
+                    annotation,
+                    value: v.to_string(),
+                    reason,
+                });
+                Vec::new()
+            }
+        }
     };
-    Exclusions {
-        outbound: parse(outbound),
-        inbound: parse(inbound),
+    let excl = Exclusions {
+        outbound: parse(EXCLUDE_OUTBOUND_ANNOTATION, outbound),
+        inbound: parse(EXCLUDE_INBOUND_ANNOTATION, inbound),
+    };
+    (excl, errors)
+}
+
+fn parse_ports(v: &str) -> Result<Vec<u16>, String> {
+    let mut ports = Vec::new();
+    for entry in v.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        match entry.parse::<u16>() {
+            Ok(p) if p != 0 => ports.push(p),
+            _ => return Err(format!("{entry:?} is not a port (1-65535)")),
+        }
     }
+    ports.sort_unstable();
+    ports.dedup();
+    Ok(ports)
 }
 
 #[derive(Clone, Copy)]
@@ -239,10 +314,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn exclusion_annotations_parse_ports_and_ignore_junk() {
-        let e = exclusions_from(Some("9090, 5432,junk,0,9090"), Some("15020"));
+    fn exclusion_annotations_parse_ports() {
+        let (e, errs) = exclusions_from(Some("9090, 5432,,9090"), Some("15020"));
+        assert!(errs.is_empty(), "{errs:?}");
         assert_eq!(e.outbound, vec![5432, 9090]);
         assert_eq!(e.inbound, vec![15020]);
-        assert_eq!(exclusions_from(None, Some("")), Exclusions::default());
+        assert_eq!(
+            exclusions_from(None, Some("")),
+            (Exclusions::default(), vec![])
+        );
+    }
+
+    #[test]
+    fn malformed_exclusion_annotation_is_ignored_alone() {
+        for bad in ["junk", "80,0", "70000", "80;81", "-1"] {
+            let (e, errs) = exclusions_from(Some(bad), Some("8080"));
+            assert_eq!(e.outbound, Vec::<u16>::new(), "{bad}");
+            assert_eq!(
+                e.inbound,
+                vec![8080],
+                "{bad}: the other annotation must still apply"
+            );
+            assert_eq!(errs.len(), 1, "{bad}");
+            assert_eq!(errs[0].annotation, EXCLUDE_OUTBOUND_ANNOTATION);
+        }
     }
 }
