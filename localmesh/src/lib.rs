@@ -38,6 +38,8 @@ pub struct MeshOptions {
     pub log: String,
     /// ztunnel's `--capture` mode; `$MESH_CAPTURE` overrides the default.
     pub capture: String,
+    /// ztunnel's `--fast-path` (same-node sockmap splice; eBPF capture only).
+    pub fast_path: bool,
 }
 
 impl Default for MeshOptions {
@@ -49,6 +51,7 @@ impl Default for MeshOptions {
             cert_lifetime: "24h".into(),
             log: "info".into(),
             capture: std::env::var("MESH_CAPTURE").unwrap_or_else(|_| "ebpf".into()),
+            fast_path: false,
         }
     }
 }
@@ -195,6 +198,9 @@ impl LocalMesh {
             .arg("--capture")
             .arg(&self.opts.capture)
             .env("RUST_LOG", &self.opts.log);
+        if self.opts.fast_path {
+            cmd.arg("--fast-path");
+        }
         let proc = self
             .cluster
             .spawn(&node.netns, cmd, &format!("ztunnel-{}", node.name))?;
@@ -505,7 +511,9 @@ impl Drop for LocalMesh {
         // the documented cleanup command removes it.
         for node in self.cluster.nodes() {
             let ztunnel = self.bins.ztunnel.display().to_string();
-            let _ = self.cluster.run(&node.netns, &[&ztunnel, "cleanup", "--node", &node.name]);
+            let _ = self
+                .cluster
+                .run(&node.netns, &[&ztunnel, "cleanup", "--node", &node.name]);
         }
         if let Some(mut p) = self.meshd.lock().unwrap_or_else(|p| p.into_inner()).take() {
             p.terminate(Duration::from_secs(5));

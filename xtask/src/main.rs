@@ -5,7 +5,7 @@
 //! - `test`   the whole test suite (what CI runs)
 //! - `demo`   the local-mode demo; `--interactive` keeps it up
 //! - `local`  run local mode with your own manifests
-//! - `bench`  raw TCP vs mesh, ratios from one run
+//! - `bench`  raw TCP vs mesh, eBPF vs nftables capture, fast path on/off: ratios from one run
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -49,7 +49,8 @@ enum Cmd {
         /// Seconds per measurement.
         #[arg(long, default_value_t = 5)]
         seconds: u64,
-        /// Run only one scenario: `l4` (raw vs mesh) or `policy` (10,000 policies).
+        /// Run only one scenario: `l4` (raw vs mesh), `capture` (eBPF vs nftables), `fastpath`
+        /// (same-node bulk with/without `--fast-path`) or `policy` (10,000 policies).
         #[arg(long)]
         only: Option<String>,
     },
@@ -95,6 +96,27 @@ fn main() -> anyhow::Result<()> {
                     duration: Duration::from_secs(seconds),
                 })?;
                 localmesh::bench::print(&rows);
+            }
+            let opts = || localmesh::bench::BenchOptions {
+                duration: Duration::from_secs(seconds),
+            };
+            if want("capture") {
+                let rows = localmesh::bench::run_capture(opts())?;
+                localmesh::bench::print_table(
+                    "capture, cross-node (same run)",
+                    "nftables",
+                    "eBPF",
+                    &rows,
+                );
+            }
+            if want("fastpath") {
+                let rows = localmesh::bench::run_fastpath(opts())?;
+                localmesh::bench::print_table(
+                    "same-node, eBPF (same run)",
+                    "no fast path",
+                    "fast path",
+                    &rows,
+                );
             }
             if !want("policy") {
                 return Ok(());
