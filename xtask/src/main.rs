@@ -58,6 +58,15 @@ enum Cmd {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // Tools from `cargo install` (bpf-linker) live in $CARGO_HOME/bin; build scripts call them
+    // by name.
+    let cargo_home = std::env::var("CARGO_HOME")
+        .unwrap_or_else(|_| format!("{}/.cargo", std::env::var("HOME").unwrap_or_default()));
+    let path = std::env::var("PATH").unwrap_or_default();
+    if !path.split(':').any(|p| p == format!("{cargo_home}/bin")) {
+        // SAFETY: first thing in main, before any other thread exists.
+        unsafe { std::env::set_var("PATH", format!("{cargo_home}/bin:{path}")) };
+    }
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("..")
         .canonicalize()?;
@@ -172,6 +181,7 @@ fn deps() -> anyhow::Result<()> {
         ("tcpdump", "tcpdump"),
         ("curl", "curl"),
         ("python3", "python3"),
+        ("bpftool", "bpftool"),
     ];
     let mut missing: Vec<&str> = wanted
         .iter()
@@ -187,6 +197,7 @@ fn deps() -> anyhow::Result<()> {
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
+    ebpf_toolchain()?;
     let h2 = Command::new("python3")
         .args(["-c", "import h2, prometheus_client"])
         .output()
@@ -201,6 +212,34 @@ fn deps() -> anyhow::Result<()> {
             "h2",
             "prometheus_client",
         ]))?;
+    }
+    Ok(())
+}
+
+/// What ztunnel's build.rs needs to compile the eBPF programs (aya-build): LLVM 22's dev files,
+/// the standard library's source (the BPF target builds `core` from source) and bpf-linker
+/// built against LLVM 22 (the LLVM rustc uses here; its default would be 23).
+fn ebpf_toolchain() -> anyhow::Result<()> {
+    if !Path::new("/usr/lib/llvm-22/lib").exists() {
+        eprintln!("xtask: installing llvm-22-dev (for bpf-linker)");
+        run(Command::new("apt-get").args(["update", "-qq"]))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-qq", "llvm-22-dev"])
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    let components = Command::new("rustup")
+        .args(["component", "list", "--installed"])
+        .output()
+        .context("running rustup (the machine's Rust toolchain manager)")?;
+    if !String::from_utf8_lossy(&components.stdout).lines().any(|l| l.starts_with("rust-src")) {
+        eprintln!("xtask: adding the rust-src component");
+        run(Command::new("rustup").args(["component", "add", "rust-src"]))?;
+    }
+    if !have("bpf-linker") {
+        eprintln!("xtask: building bpf-linker against LLVM 22 (a few minutes, once)");
+        run(Command::new(env!("CARGO"))
+            .args(["install", "bpf-linker", "--no-default-features", "--features", "llvm-22"])
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22"))?;
     }
     Ok(())
 }
