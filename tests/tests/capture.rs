@@ -835,3 +835,164 @@ fn port_exclusion_change_applies_live_nftables() {
     }
     exclusion_change_applies_live("nftables");
 }
+
+// ---- Same-node fast path (--fast-path) ----
+
+const FAST_MANIFESTS: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: f, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: f, labels: {app: client}}
+spec:
+  nodeName: node-0
+  serviceAccountName: client
+  containers: []
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: server, namespace: f, labels: {app: server}}
+spec:
+  nodeName: node-0
+  serviceAccountName: server
+  containers:
+  - {name: e, command: ["mesh-echo", "serve", "--port", "8080"]}
+"#;
+
+const FAST_DENY: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-client, namespace: f}
+spec:
+  selector: {matchLabels: {app: server}}
+  action: DENY
+  rules:
+  - from: [{source: {principals: ["cluster.local/ns/f/sa/client"]}}]
+"#;
+
+/// An ECHO connection from the client pod to `dst` (made inside the pod's netns).
+fn echo_conn(pod: &testbed::Pod, dst: SocketAddr) -> TcpStream {
+    let mut s = pod
+        .netns
+        .enter(move || TcpStream::connect_timeout(&dst, Duration::from_secs(5)))
+        .unwrap()
+        .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(b"ECHO\n").unwrap();
+    s
+}
+
+/// Sends `n` pseudo-random bytes while reading them back; asserts they come back intact.
+fn echo_intact(s: &TcpStream, n: usize, seed: u64) {
+    let data: Vec<u8> = (0..n as u64)
+        .map(|i| ((i.wrapping_mul(2654435761).wrapping_add(seed)) >> 7) as u8)
+        .collect();
+    let mut w = s.try_clone().unwrap();
+    let sent = data.clone();
+    let writer = std::thread::spawn(move || w.write_all(&sent));
+    let mut back = vec![0u8; n];
+    (&*s).read_exact(&mut back).unwrap();
+    writer.join().unwrap().unwrap();
+    assert!(back == data, "echoed bytes differ");
+}
+
+#[test]
+fn fast_path_same_node_integrity_deny_and_live_close() {
+    if !privileged() {
+        return;
+    }
+    let mesh = LocalMesh::start(MeshOptions {
+        capture: "ebpf".into(),
+        fast_path: true,
+        ..MeshOptions::default()
+    })
+    .expect("start mesh");
+    mesh.apply("00-fast.yaml", FAST_MANIFESTS).unwrap();
+    mesh.wait_listening("f", "server", 8080).unwrap();
+    mesh.wait_enrolled("f", "client").unwrap();
+    mesh.wait_enrolled("f", "server").unwrap();
+    let client = mesh.pod("f", "client").unwrap();
+    let server = mesh.pod("f", "server").unwrap();
+    for ip in [IpAddr::from(server.ip4), IpAddr::from(server.ip6.unwrap())] {
+        let dst = SocketAddr::new(ip, 8080);
+        // 8 MiB up and back: both directions through the splice, intact.
+        let s = echo_conn(&client, dst);
+        echo_intact(&s, 8 << 20, ip.is_ipv4() as u64);
+        let port = s.local_addr().unwrap().port();
+        // Half-close: our FIN reaches the server, whose FIN comes back.
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut rest = Vec::new();
+        (&s).read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
+        drop(s);
+        let e = wait_for_entry(&mesh, 0, port);
+        assert_eq!(e["fast_path"], true, "not spliced: {e}");
+        assert_eq!(field(&e, "message"), "connection complete", "{e}");
+        assert_eq!(e["received"].as_u64(), Some((8 << 20) + 5), "{e}");
+        assert_eq!(e["sent"].as_u64(), Some(8 << 20), "{e}");
+        // The server saw the client pod (identity-checked), and getpeername still lies well.
+        let who = mesh.who("f", "client", &dst.to_string(), "fast").unwrap();
+        assert_eq!(who.served_by, "server");
+        assert_eq!(who.client_peer.parse::<SocketAddr>().unwrap(), dst);
+    }
+    // A live spliced connection is closed by a policy change that now denies it.
+    let dst = SocketAddr::new(server.ip4.into(), 8080);
+    let live = echo_conn(&client, dst);
+    echo_intact(&live, 64 << 10, 7);
+    mesh.write_raw("50-deny.yaml", FAST_DENY).unwrap();
+    let mut buf = [0u8; 16];
+    let r = (&live).read(&mut buf);
+    assert!(
+        matches!(r, Ok(0) | Err(_)),
+        "spliced connection still open after DENY: {r:?}"
+    );
+    let port = live.local_addr().unwrap().port();
+    let e = wait_for_entry(&mesh, 0, port);
+    assert_eq!(field(&e, "response_flags"), "DENY", "{e}");
+    // New connections are refused while the DENY holds, in both families.
+    for ip in [IpAddr::from(server.ip4), IpAddr::from(server.ip6.unwrap())] {
+        let target = SocketAddr::new(ip, 8080).to_string();
+        assert!(
+            mesh.who("f", "client", &target, "denied").is_err(),
+            "DENY policy did not refuse the fast path to {target}"
+        );
+    }
+    let denied = mesh.access_log(0);
+    assert!(
+        denied
+            .iter()
+            .any(|e| e["fast_path"] == true && field(e, "response_flags") == "DENY"),
+        "no DENY entry for the fast path"
+    );
+    // Lifting the policy restores it.
+    mesh.write_raw("50-deny.yaml", "").unwrap();
+    wait_for(
+        Duration::from_secs(20),
+        "the fast path after lifting DENY",
+        || {
+            Ok(mesh
+                .who("f", "client", &format!("{}:8080", server.ip4), "again")
+                .is_ok())
+        },
+    )
+    .unwrap();
+}
+
+/// The outbound access-log entry of node `node` for the client port `port`.
+fn wait_for_entry(mesh: &LocalMesh, node: usize, port: u16) -> serde_json::Value {
+    let mut found = None;
+    wait_for(
+        Duration::from_secs(20),
+        &format!("access-log entry for :{port}"),
+        || {
+            found = mesh.access_log(node).into_iter().find(|e| {
+                field(e, "direction") == "outbound" && port_of(&field(e, "peer")) == port
+            });
+            Ok(found.is_some())
+        },
+    )
+    .unwrap();
+    found.unwrap()
+}

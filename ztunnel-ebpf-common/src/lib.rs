@@ -24,6 +24,12 @@ pub const MAP_SOCK_DST: &str = "ZT_SOCK_DST";
 pub const MAP_PORT_DST: &str = "ZT_PORT_DST";
 pub const MAP_LISTEN: &str = "ZT_LISTEN";
 pub const MAP_POD_IP: &str = "ZT_POD_IP";
+/// Fast path (not pinned): legs whose arriving bytes the verdict program redirects, the legs it
+/// may redirect to, each leg's peer (socket cookies) and bytes redirected per receiving leg.
+pub const MAP_SPLICE_RX: &str = "ZT_SPLICE_RX";
+pub const MAP_SPLICE_TX: &str = "ZT_SPLICE_TX";
+pub const MAP_SPLICE_PEER: &str = "ZT_SPLICE_PEER";
+pub const MAP_SPLICE_BYTES: &str = "ZT_SPLICE_BYTES";
 
 /// `ZT_NETNS` value: what ztunnel wants done in one enrolled network namespace.
 #[repr(C)]

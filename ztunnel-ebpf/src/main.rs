@@ -11,6 +11,10 @@
 //!   excluded) is handed to ztunnel's 15006 listener; the accepted socket keeps the original
 //!   destination as its local address. The pod is found by destination address (`ZT_POD_IP`):
 //!   sk_lookup programs may not read their netns cookie. No listener (ztunnel down) means drop: fail closed.
+//! - `zt_splice` (sk_skb stream verdict on `ZT_SPLICE_RX`, only with `--fast-path`): bytes
+//!   arriving on one of ztunnel's two legs of an authorized same-node connection are sent
+//!   straight out of the other leg (`ZT_SPLICE_PEER` names it, `ZT_SPLICE_TX` holds it), and
+//!   counted in `ZT_SPLICE_BYTES`. ztunnel alone fills these maps, after its policy check.
 //!
 //! Root attachments see every socket on the machine, including other ztunnels' pods and the
 //! host: anything whose netns is not in this instance's `ZT_NETNS` passes untouched, and
@@ -23,9 +27,9 @@ use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 use aya_ebpf::EbpfContext;
 use aya_ebpf::bindings::{bpf_sock_addr, sk_action};
 use aya_ebpf::helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie};
-use aya_ebpf::macros::{cgroup_sock_addr, map, sk_lookup, sock_ops};
+use aya_ebpf::macros::{cgroup_sock_addr, map, sk_lookup, sock_ops, stream_verdict};
 use aya_ebpf::maps::{HashMap, LruHashMap, SockHash};
-use aya_ebpf::programs::{SkLookupContext, SockAddrContext, SockOpsContext};
+use aya_ebpf::programs::{SkBuffContext, SkLookupContext, SockAddrContext, SockOpsContext};
 use ztunnel_ebpf_common::{
     AF_INET, AF_INET6, DIR_INBOUND, DIR_OUTBOUND, ExclKey, HBONE_PORT, INBOUND_PLAINTEXT_PORT,
     IpKey, ListenKey, MESH_SOCKET_MARK, NetnsConf, OUTBOUND_PORT, OrigDst, PortKey,
@@ -50,6 +54,16 @@ static ZT_PORT_DST: LruHashMap<PortKey, OrigDst> = LruHashMap::pinned(65536, 0);
 static ZT_POD_IP: HashMap<IpKey, u64> = HashMap::pinned(8192, 0);
 #[map(name = "ZT_LISTEN")]
 static ZT_LISTEN: SockHash<ListenKey> = SockHash::pinned(8192, 0);
+
+// Fast path: not pinned (spliced sockets are ztunnel's own and die with it).
+#[map(name = "ZT_SPLICE_RX")]
+static ZT_SPLICE_RX: SockHash<u64> = SockHash::with_max_entries(65536, 0);
+#[map(name = "ZT_SPLICE_TX")]
+static ZT_SPLICE_TX: SockHash<u64> = SockHash::with_max_entries(65536, 0);
+#[map(name = "ZT_SPLICE_PEER")]
+static ZT_SPLICE_PEER: HashMap<u64, u64> = HashMap::with_max_entries(65536, 0);
+#[map(name = "ZT_SPLICE_BYTES")]
+static ZT_SPLICE_BYTES: HashMap<u64, u64> = HashMap::with_max_entries(65536, 0);
 
 #[inline(always)]
 fn enrolled(netns: u64) -> bool {
@@ -394,6 +408,29 @@ pub fn zt_sk_lookup(ctx: SkLookupContext) -> u32 {
         // plaintext that bypassed policy.
         Err(_) => sk_action::SK_DROP,
     }
+}
+
+/// Stream verdict of the same-node fast path: redirect to the egress of the peer leg.
+#[stream_verdict]
+pub fn zt_splice(ctx: SkBuffContext) -> u32 {
+    // SAFETY: helper valid for sk_skb programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb as *mut core::ffi::c_void) };
+    // SAFETY: map lookup, value copied out.
+    let Some(mut peer) = (unsafe { ZT_SPLICE_PEER.get(&cookie) }).copied() else {
+        // Not (or no longer) spliced: leave the bytes to ztunnel's own reads.
+        return sk_action::SK_PASS;
+    };
+    let len = ctx.len();
+    let verdict = ZT_SPLICE_TX.redirect_skb(&ctx, &mut peer, 0);
+    if verdict == sk_action::SK_PASS as i64
+        && let Some(p) = ZT_SPLICE_BYTES.get_ptr_mut(&cookie)
+    {
+        // The key is the receiving socket: its bytes are verdicted one skb at a time under
+        // that socket's lock, so a plain add does not race.
+        // SAFETY: the map value is a live, aligned u64 for the duration of the program.
+        unsafe { write_volatile(p, read_volatile(p) + u64::from(len)) };
+    }
+    verdict as u32
 }
 
 #[cfg(not(test))]

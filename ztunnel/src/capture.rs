@@ -77,12 +77,16 @@ pub struct Capture {
 impl Capture {
     /// Sets up capture in `requested` mode for this ztunnel instance (`node`). An explicit mode
     /// that cannot run is an error; `auto` falls back to nftables and says why.
-    pub fn new(requested: CaptureMode, node: &str) -> Result<Capture, CaptureError> {
+    pub fn new(
+        requested: CaptureMode,
+        node: &str,
+        fast_path: bool,
+    ) -> Result<Capture, CaptureError> {
         match requested {
             CaptureMode::Ebpf => Ok(Capture {
                 mode: CaptureMode::Ebpf,
                 fallback: None,
-                ebpf: Some(Ebpf::load(node)?),
+                ebpf: Some(Ebpf::load(node, fast_path)?),
             }),
             CaptureMode::Nftables => {
                 remove_ebpf_instance(node);
@@ -92,7 +96,7 @@ impl Capture {
                     ebpf: None,
                 })
             }
-            CaptureMode::Auto => match Ebpf::load(node) {
+            CaptureMode::Auto => match Ebpf::load(node, fast_path) {
                 Ok(e) => Ok(Capture {
                     mode: CaptureMode::Ebpf,
                     fallback: None,
@@ -187,6 +191,11 @@ impl Capture {
         {
             warn!(error = %err, "removing eBPF pins failed; run `ztunnel cleanup`");
         }
+    }
+
+    /// The eBPF loader, when capture runs in eBPF mode (the fast path needs it).
+    pub fn ebpf(&self) -> Option<&Ebpf> {
+        self.ebpf.as_ref()
     }
 
     /// Where a captured connection was originally going.

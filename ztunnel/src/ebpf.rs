@@ -9,6 +9,11 @@
 //! the pinned maps and replaces the links. [`Ebpf::remove_all`] (graceful stop, `ztunnel
 //! cleanup`) deletes the directory's contents and the directory. Owns the kernel objects only;
 //! which pods are enrolled is [`crate::pods`]'s business.
+//!
+//! With `--fast-path` it also attaches the `zt_splice` stream verdict to the (unpinned)
+//! `ZT_SPLICE_RX` sockhash and offers [`Ebpf::splice`]: two of ztunnel's own sockets whose
+//! arriving bytes the kernel then forwards to each other. Which connections may be spliced is
+//! [`crate::fastpath`]'s decision.
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -20,12 +25,13 @@ use std::sync::Mutex;
 
 use aya::maps::{HashMap as BpfHashMap, MapData, SockHash};
 use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SkSkb, SockOps};
 use tokio::net::TcpStream;
 use tracing::{info, warn};
 use ztunnel_ebpf_common::{
     AF_INET, AF_INET6, DIR_INBOUND, DIR_OUTBOUND, ExclKey, IpKey, ListenKey, MAP_EXCLUDED,
-    MAP_LISTEN, MAP_NETNS, MAP_POD_IP, MAP_PORT_DST, NetnsConf, OrigDst, PortKey,
+    MAP_LISTEN, MAP_NETNS, MAP_POD_IP, MAP_PORT_DST, MAP_SPLICE_BYTES, MAP_SPLICE_PEER,
+    MAP_SPLICE_RX, MAP_SPLICE_TX, NetnsConf, OrigDst, PortKey,
 };
 
 /// The compiled programs, built from `ztunnel-ebpf` by build.rs.
@@ -47,6 +53,8 @@ const CGROUP_ADDR_HOOKS: [(&str, &str); 4] = [
 ];
 const SOCKOPS: (&str, &str) = ("zt_sockops", "link_sockops");
 const SK_LOOKUP: &str = "zt_sk_lookup";
+const SPLICE: &str = "zt_splice";
+const SO_COOKIE: libc::c_int = 57;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EbpfError {
@@ -109,8 +117,24 @@ struct State {
     bpf: aya::Ebpf,
 }
 
+/// The fast path's maps (present only with `--fast-path`).
+struct SpliceMaps {
+    rx: SockHash<MapData, u64>,
+    tx: SockHash<MapData, u64>,
+    peer: BpfHashMap<MapData, u64, u64>,
+    bytes: BpfHashMap<MapData, u64, u64>,
+}
+
+/// Two sockets spliced by [`Ebpf::splice`], by socket cookie.
+#[derive(Clone, Copy, Debug)]
+pub struct Spliced {
+    pub a: u64,
+    pub b: u64,
+}
+
 pub struct Ebpf {
     dir: PathBuf,
+    splice: Option<Mutex<SpliceMaps>>,
     state: Mutex<State>,
     /// Hot path (every captured connection): its own lock.
     port_dst: Mutex<BpfHashMap<MapData, PortKey, OrigDst>>,
@@ -221,13 +245,13 @@ fn own_netns_cookie() -> Result<u64, EbpfError> {
 impl Ebpf {
     /// Loads the programs (reusing pinned maps from an earlier run of this instance), attaches
     /// the cgroup hooks at the cgroup2 root and pins their links, replacing earlier links.
-    pub fn load(node: &str) -> Result<Ebpf, EbpfError> {
+    pub fn load(node: &str, fast_path: bool) -> Result<Ebpf, EbpfError> {
         preflight()?;
         let cgroup = cgroup2_root()?;
         let dir = instance_dir(node)?;
         let adopted = dir.exists();
         std::fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
-        match Self::load_in(dir.clone(), &cgroup, adopted) {
+        match Self::load_in(dir.clone(), &cgroup, adopted, fast_path) {
             Ok(e) => Ok(e),
             Err(err) => {
                 // A half-done first load must not leave hooks behind; an adopted state stays
@@ -240,7 +264,12 @@ impl Ebpf {
         }
     }
 
-    fn load_in(dir: PathBuf, cgroup: &Path, adopted: bool) -> Result<Ebpf, EbpfError> {
+    fn load_in(
+        dir: PathBuf,
+        cgroup: &Path,
+        adopted: bool,
+        fast_path: bool,
+    ) -> Result<Ebpf, EbpfError> {
         let mut bpf = aya::EbpfLoader::new()
             .default_map_pin_directory(&dir)
             .load(OBJECT)?;
@@ -288,9 +317,15 @@ impl Ebpf {
             name: MAP_LISTEN.into(),
             source,
         })?;
-        info!(dir = %dir.display(), cgroup = %cgroup.display(), adopted, "eBPF capture loaded");
+        let splice = if fast_path {
+            Some(Mutex::new(Self::load_splice(&mut bpf)?))
+        } else {
+            None
+        };
+        info!(dir = %dir.display(), cgroup = %cgroup.display(), adopted, fast_path, "eBPF capture loaded");
         Ok(Ebpf {
             dir,
+            splice,
             state: Mutex::new(State {
                 netns,
                 excluded,
@@ -305,6 +340,99 @@ impl Ebpf {
 }
 
 impl Ebpf {
+    fn load_splice(bpf: &mut aya::Ebpf) -> Result<SpliceMaps, EbpfError> {
+        let sockhash = |bpf: &mut aya::Ebpf, name: &'static str| {
+            let m = bpf.take_map(name).ok_or(EbpfError::Missing(name))?;
+            SockHash::<MapData, u64>::try_from(m).map_err(|source| EbpfError::Map {
+                name: name.into(),
+                source,
+            })
+        };
+        let rx = sockhash(bpf, MAP_SPLICE_RX)?;
+        let tx = sockhash(bpf, MAP_SPLICE_TX)?;
+        let peer = take_map(bpf, MAP_SPLICE_PEER)?;
+        let bytes = take_map(bpf, MAP_SPLICE_BYTES)?;
+        let prog: &mut SkSkb = program(bpf, SPLICE)?;
+        prog.load().map_err(prog_err(SPLICE))?;
+        // Attached to the map: lives as long as the map, i.e. this process.
+        prog.attach(rx.fd()).map_err(prog_err(SPLICE))?;
+        Ok(SpliceMaps {
+            rx,
+            tx,
+            peer,
+            bytes,
+        })
+    }
+
+    /// Whether `--fast-path` is on (the splice program is attached).
+    pub fn fast_path(&self) -> bool {
+        self.splice.is_some()
+    }
+
+    /// Splices two connected TCP sockets of ztunnel's: from now on bytes arriving on either are
+    /// sent out of the other by the kernel. Bytes already queued are pushed through at once.
+    pub fn splice(&self, a: RawFd, b: RawFd) -> Result<Spliced, EbpfError> {
+        let maps = self.splice.as_ref().ok_or(EbpfError::Missing(SPLICE))?;
+        let ca = socket_cookie(a).map_err(io_err("getsockopt(SO_COOKIE)"))?;
+        let cb = socket_cookie(b).map_err(io_err("getsockopt(SO_COOKIE)"))?;
+        let spliced = Spliced { a: ca, b: cb };
+        let mut m = maps.lock().unwrap_or_else(|p| p.into_inner());
+        let map_err = |name: &str| {
+            let name = name.to_string();
+            move |source| EbpfError::Map { name, source }
+        };
+        let result = (|| {
+            for (me, other) in [(ca, cb), (cb, ca)] {
+                m.bytes
+                    .insert(me, 0, 0)
+                    .map_err(map_err(MAP_SPLICE_BYTES))?;
+                m.peer
+                    .insert(me, other, 0)
+                    .map_err(map_err(MAP_SPLICE_PEER))?;
+            }
+            // Both are redirect targets before either's arriving bytes are redirected.
+            for (c, fd) in [(ca, a), (cb, b)] {
+                m.tx.insert(c, fd, 0).map_err(map_err(MAP_SPLICE_TX))?;
+            }
+            for (c, fd) in [(ca, a), (cb, b)] {
+                m.rx.insert(c, fd, 0).map_err(map_err(MAP_SPLICE_RX))?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            remove_splice(&mut m, spliced);
+            return Err(e);
+        }
+        drop(m);
+        // Bytes that arrived before the verdict was attached sit in the receive queue until the
+        // next data-ready; setting SO_RCVLOWAT signals data-ready now.
+        for fd in [a, b] {
+            set_rcvlowat(fd).map_err(io_err("setsockopt(SO_RCVLOWAT)"))?;
+        }
+        Ok(spliced)
+    }
+
+    /// Bytes the kernel forwarded that arrived on the socket with `cookie`.
+    pub fn spliced_bytes(&self, cookie: u64) -> u64 {
+        self.splice
+            .as_ref()
+            .and_then(|m| {
+                m.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .bytes
+                    .get(&cookie, 0)
+                    .ok()
+            })
+            .unwrap_or(0)
+    }
+
+    /// Undoes [`Ebpf::splice`] (closing the sockets also drops them from the sockhashes).
+    pub fn unsplice(&self, spliced: Spliced) {
+        if let Some(m) = &self.splice {
+            remove_splice(&mut m.lock().unwrap_or_else(|p| p.into_inner()), spliced);
+        }
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }
@@ -530,6 +658,52 @@ fn ip_key(ip: IpAddr) -> IpKey {
             }
         }
     }
+}
+
+fn remove_splice(m: &mut SpliceMaps, s: Spliced) {
+    for c in [s.a, s.b] {
+        let _ = m.peer.remove(&c);
+        let _ = m.rx.remove(&c);
+        let _ = m.tx.remove(&c);
+        let _ = m.bytes.remove(&c);
+    }
+}
+
+fn socket_cookie(fd: RawFd) -> io::Result<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: cookie is a writable u64 and len says so.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            SO_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+fn set_rcvlowat(fd: RawFd) -> io::Result<()> {
+    let one: libc::c_int = 1;
+    // SAFETY: a valid int option value of the stated size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn decode(d: &OrigDst) -> SocketAddr {

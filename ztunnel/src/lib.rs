@@ -12,6 +12,7 @@ pub mod certs;
 pub mod config;
 pub mod copy;
 pub mod dump;
+pub mod fastpath;
 pub mod ebpf;
 pub mod inbound;
 pub mod meshd;

@@ -43,6 +43,10 @@ struct Args {
     /// How pod traffic is captured: `auto` prefers eBPF and falls back to nftables (saying why).
     #[arg(long, value_enum, default_value_t = CaptureMode::Auto)]
     capture: CaptureMode,
+    /// Same-node fast path: an authorized connection between two enrolled pods of this node is
+    /// spliced in the kernel (sockmap) instead of going over HBONE. Needs eBPF capture.
+    #[arg(long)]
+    fast_path: bool,
     /// Istio's root namespace: policies there without a selector apply mesh-wide.
     #[arg(long, default_value = meshcore::policy::DEFAULT_ROOT_NAMESPACE)]
     root_namespace: String,
@@ -124,7 +128,11 @@ async fn run(args: Args, log: LogHandle) -> anyhow::Result<()> {
     let token = Meshd::read_token(&args.token_file)?;
     let meshd = Meshd::new(&args.meshd, &token)?;
     // Capture first: an explicit mode that cannot run stops us before anything else starts.
-    let capture = Capture::new(args.capture, &args.node).context("setting up capture")?;
+    let capture =
+        Capture::new(args.capture, &args.node, args.fast_path).context("setting up capture")?;
+    if args.fast_path && capture.ebpf().is_none_or(|e| !e.fast_path()) {
+        warn!(capture = %capture.mode(), "--fast-path needs eBPF capture; same-node traffic uses HBONE");
+    }
     if let Some(reason) = capture.fallback_reason() {
         warn!(requested = %args.capture, effective = %capture.mode(), %reason, "capture fell back");
     }
@@ -161,6 +169,7 @@ async fn run(args: Args, log: LogHandle) -> anyhow::Result<()> {
         live,
         metrics: metrics.clone(),
         enrolled: Default::default(),
+        local_pods: Default::default(),
     });
     let admin_state = Arc::new(AdminState {
         metrics,

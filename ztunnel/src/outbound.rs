@@ -119,6 +119,14 @@ async fn handle(ctx: Arc<Ctx>, pod: Arc<Pod>, mut tcp: TcpStream, peer: SocketAd
     };
     let route = route(&store, dst);
     debug!(pod = %pod.workload.uid, %peer, %dst, ?route, "outbound route");
+    // `--fast-path`: an enrolled pod of this node is spliced in the kernel after the same
+    // policy check its inbound path would make.
+    if let Route::Hbone { target, workload, .. } = &route
+        && let Some(dst_pod) = crate::fastpath::local_destination(&ctx, workload)
+    {
+        let target = *target;
+        return crate::fastpath::handle(ctx, pod, dst_pod, tcp, peer, dst, target, start).await;
+    }
     let src = End { workload: Some(&pod.workload), principal: None };
     let service = store.service_by_vip(dst.ip()).map(|s| s.as_ref());
     let (dst_workload, hbone) = match &route {

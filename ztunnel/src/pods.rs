@@ -101,6 +101,10 @@ fn reconcile(ctx: &Arc<Ctx>, enrolled: &mut HashMap<String, Enrolled>) {
                     "uid": uid, "identity": e.pod.identity.to_string(), "ips": e.pod.workload.ips,
                     "netns": e.pod.netns.path().display().to_string(), "capture": ctx.capture.mode().to_string(),
                 }));
+                ctx.local_pods
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(uid.clone(), e.pod.clone());
                 info!(pod = %uid, identity = %e.pod.identity, netns = %e.pod.netns.path().display(), capture = %ctx.capture.mode(), "pod enrolled");
                 enrolled.insert(uid, e);
             }
@@ -296,6 +300,10 @@ enum Kind {
 
 fn stop(ctx: &Ctx, uid: &str, e: Enrolled) {
     ctx.enrolled
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(uid);
+    ctx.local_pods
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .remove(uid);

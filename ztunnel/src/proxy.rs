@@ -33,6 +33,8 @@ pub struct Ctx {
     pub metrics: Arc<Metrics>,
     /// What each enrolled pod looks like, for the admin config dump (pod uid → details).
     pub enrolled: std::sync::Mutex<std::collections::BTreeMap<String, serde_json::Value>>,
+    /// Enrolled pods by uid (the fast path's destinations).
+    pub local_pods: std::sync::Mutex<std::collections::HashMap<String, Arc<Pod>>>,
 }
 
 /// One enrolled pod, as its listeners see it.

@@ -1,0 +1,324 @@
+//! Same-node fast path (`--fast-path`, eBPF capture only): a captured outbound connection whose
+//! destination is an enrolled pod of this node is, once authorized, spliced in the kernel
+//! instead of going over HBONE through this same ztunnel.
+//!
+//! Identity is what HBONE would prove, known first-hand: the source is the pod whose netns the
+//! outbound listener lives in, the destination the pod ztunnel dials inside its own netns. The
+//! destination's L4 policy is evaluated with the source's identity exactly as
+//! [`crate::inbound`] does, before any byte reaches the app, and the connection is registered
+//! in [`crate::policy::LiveConns`] so a policy change closes it. Then the two plaintext legs
+//! (the app's connection to ztunnel, ztunnel's connection to the destination app) go into the
+//! sockhashes of [`crate::ebpf::Ebpf::splice`] and bytes flow app↔app inside the kernel; this
+//! module only watches for FINs (propagating a half-close once the other leg has everything),
+//! resets and cancellation, and reports. Owns that decision and the watch; not the kernel
+//! objects ([`crate::ebpf`]) nor routing ([`crate::outbound`]).
+
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsRawFd, RawFd};
+use std::pin::pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use meshcore::policy::Connection;
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+use tracing::{info, warn};
+
+use crate::copy::{Outcome, Totals};
+use crate::ebpf::{Ebpf, Spliced};
+use crate::metrics::{FLAG_CONNECT, FLAG_DENY};
+use crate::policy::check;
+use crate::proxy::{Ctx, Pod, is_mesh_port};
+use crate::telemetry::{End, tcp_labels};
+
+/// The enrolled local pod `workload_uid`, if the fast path is on and it is one.
+pub fn local_destination(ctx: &Ctx, workload_uid: &str) -> Option<Arc<Pod>> {
+    ctx.capture.ebpf().filter(|e| e.fast_path())?;
+    ctx.local_pods
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(workload_uid)
+        .cloned()
+}
+
+#[derive(Debug, thiserror::Error)]
+enum FastPathError {
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("splice: {0}")]
+    Splice(#[from] crate::ebpf::EbpfError),
+}
+
+/// Handles one captured connection from `src` to `target` in `dst_pod` (both on this node).
+#[allow(clippy::too_many_arguments)]
+pub async fn handle(
+    ctx: Arc<Ctx>,
+    src: Arc<Pod>,
+    dst_pod: Arc<Pod>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    target: SocketAddr,
+    start: Instant,
+) {
+    let Some(ebpf) = ctx.capture.ebpf() else {
+        return;
+    };
+    if !dst_pod.owns(target.ip()) || is_mesh_port(target.port()) {
+        warn!(direction = "outbound", src.workload = %src.workload.uid, %peer, %dst, %target, fast_path = true,
+            error = "target is not the destination pod's app", "connection failed");
+        return;
+    }
+    // What the destination would see over HBONE: the source pod's address of the target's family.
+    let src_ip = source_ip(&src, target.ip());
+    let conn = Connection {
+        src_identity: Some(src.identity.clone()),
+        src_ip,
+        dst_ip: target.ip(),
+        dst_port: target.port(),
+    };
+    let store = ctx.config.borrow().clone();
+    let service = store
+        .as_ref()
+        .and_then(|s| s.service_by_vip(dst.ip()).cloned());
+    let principal = src.identity.to_string();
+    let src_end = || End {
+        workload: Some(&src.workload),
+        principal: Some(&principal),
+    };
+    let dst_end = || End {
+        workload: Some(&dst_pod.workload),
+        principal: None,
+    };
+    // Both reporters, as the HBONE path through this ztunnel would produce.
+    let mut m_src = ctx.metrics.open(tcp_labels(
+        "source",
+        src_end(),
+        dst_end(),
+        service.as_deref(),
+        true,
+    ));
+    let mut m_dst = ctx
+        .metrics
+        .open(tcp_labels("destination", src_end(), dst_end(), None, true));
+    let policies = ctx.policies.borrow().clone();
+    if let Err(reason) = check(&policies, &ctx.decisions, &dst_pod, &conn) {
+        m_src.set_response_flags(FLAG_DENY);
+        m_dst.set_response_flags(FLAG_DENY);
+        warn!(direction = "outbound", src.workload = %src.workload.uid, src.identity = %src.identity, %peer, %dst,
+            endpoint = %target, dst.workload = %dst_pod.workload.uid, fast_path = true, response_flags = "DENY",
+            error = %reason, "connection failed");
+        return;
+    }
+    let live = ctx.live.register(dst_pod.clone(), conn);
+    let app = match dst_pod.netns.connect(target).await {
+        Ok(a) => a,
+        Err(e) => {
+            m_src.set_response_flags(FLAG_CONNECT);
+            m_dst.set_response_flags(FLAG_CONNECT);
+            warn!(direction = "outbound", src.workload = %src.workload.uid, %peer, %dst, endpoint = %target,
+                fast_path = true, error = %format!("connect {target}: {e}"), "connection failed");
+            return;
+        }
+    };
+    let result = splice_until(ebpf, &tcp, &app, live.cancel.notified()).await;
+    let totals = match &result {
+        Ok(o) => o.totals(),
+        Err((_, t)) => *t,
+    };
+    for m in [&m_src, &m_dst] {
+        m.received(totals.client_to_server);
+        m.sent(totals.server_to_client);
+    }
+    let dur_ms = start.elapsed().as_millis() as u64;
+    let (received, sent) = (totals.client_to_server, totals.server_to_client);
+    match result {
+        Ok(Outcome::Completed(_)) => info!(
+            direction = "outbound", src.workload = %src.workload.uid, src.namespace = %src.workload.namespace,
+            src.identity = %src.identity, %peer, %dst, endpoint = %target, dst.workload = %dst_pod.workload.uid,
+            dst.identity = %dst_pod.identity, protocol = "TCP", fast_path = true, sent, received, dur_ms,
+            "connection complete"),
+        Ok(Outcome::Cancelled(_)) => {
+            m_src.set_response_flags(FLAG_DENY);
+            m_dst.set_response_flags(FLAG_DENY);
+            warn!(direction = "outbound", src.workload = %src.workload.uid, src.identity = %src.identity, %peer, %dst,
+                endpoint = %target, dst.workload = %dst_pod.workload.uid, fast_path = true, sent, received, dur_ms,
+                response_flags = "DENY", error = "closed: denied by a policy change", "connection failed")
+        }
+        Err((error, _)) => {
+            warn!(direction = "outbound", src.workload = %src.workload.uid, %peer, %dst,
+            endpoint = %target, fast_path = true, sent, received, dur_ms, %error, "connection failed")
+        }
+    }
+    // Dropping both legs closes them (and drops them from the sockhashes).
+    drop((tcp, app));
+}
+
+fn source_ip(src: &Pod, target: IpAddr) -> IpAddr {
+    let mut ips: Vec<IpAddr> = src.ips.iter().copied().collect();
+    ips.sort();
+    ips.iter()
+        .find(|ip| ip.is_ipv4() == target.is_ipv4())
+        .or(ips.first())
+        .copied()
+        .unwrap_or(target)
+}
+
+const TCP_CLOSE: u8 = 7;
+/// States in which the peer's FIN has arrived.
+const FIN_RECEIVED: [u8; 5] = [
+    6,  /* TIME_WAIT */
+    7,  /* CLOSE */
+    8,  /* CLOSE_WAIT */
+    9,  /* LAST_ACK */
+    11, /* CLOSING */
+];
+
+/// One leg of the splice, client (`a`, the app's connection to ztunnel) or server (`b`).
+struct Leg<'a> {
+    s: &'a TcpStream,
+    cookie: u64,
+    fin: bool,
+    forwarded: bool,
+}
+
+/// Splices `a` and `b` until both directions ended (Completed), `cancel` fires (Cancelled), or
+/// a leg fails. Totals are the bytes the kernel forwarded in each direction.
+async fn splice_until(
+    ebpf: &Ebpf,
+    a: &TcpStream,
+    b: &TcpStream,
+    cancel: impl Future<Output = ()>,
+) -> Result<Outcome, (FastPathError, Totals)> {
+    let spliced = ebpf
+        .splice(a.as_raw_fd(), b.as_raw_fd())
+        .map_err(|e| (e.into(), Totals::default()))?;
+    let r = watch(ebpf, spliced, a, b, cancel).await;
+    let totals = Totals {
+        client_to_server: ebpf.spliced_bytes(spliced.a),
+        server_to_client: ebpf.spliced_bytes(spliced.b),
+    };
+    ebpf.unsplice(spliced);
+    match r {
+        Ok(true) => Ok(Outcome::Cancelled(totals)),
+        Ok(false) => Ok(Outcome::Completed(totals)),
+        Err(e) => Err((e.into(), totals)),
+    }
+}
+
+/// Ok(true) when cancelled, Ok(false) when both directions ended.
+async fn watch(
+    ebpf: &Ebpf,
+    spliced: Spliced,
+    a: &TcpStream,
+    b: &TcpStream,
+    cancel: impl Future<Output = ()>,
+) -> io::Result<bool> {
+    let mut cancel = pin!(cancel);
+    let mut legs = [
+        Leg {
+            s: a,
+            cookie: spliced.a,
+            fin: false,
+            forwarded: false,
+        },
+        Leg {
+            s: b,
+            cookie: spliced.b,
+            fin: false,
+            forwarded: false,
+        },
+    ];
+    loop {
+        for i in 0..2 {
+            let (me, other) = (&legs[i], &legs[1 - i]);
+            let mut fin = me.fin;
+            let mut forwarded = me.forwarded;
+            if !fin {
+                match me.s.take_error()? {
+                    // After we shut this leg's write side (the other leg's FIN forwarded), the
+                    // kernel's forwarding of the FIN-carrying skb reports EPIPE here: harmless.
+                    Some(e) if e.raw_os_error() == Some(libc::EPIPE) && other.forwarded => {}
+                    Some(e) => return Err(e),
+                    None => {}
+                }
+                let (state, _) = tcp_info(me.s.as_raw_fd())?;
+                fin = FIN_RECEIVED.contains(&state);
+                if state == TCP_CLOSE && !forwarded {
+                    // Closed without our FIN being forwarded yet: only a reset does that
+                    // unless the error was already taken above.
+                    fin = true;
+                }
+            }
+            if fin && !forwarded {
+                // Half-close only once the other leg has everything that arrived before the
+                // FIN: shutting it down earlier would cut off bytes still queued in the kernel.
+                let (_, acked) = tcp_info(other.s.as_raw_fd())?;
+                if acked >= ebpf.spliced_bytes(me.cookie) {
+                    shutdown_write(other.s.as_raw_fd());
+                    forwarded = true;
+                }
+            }
+            legs[i].fin = fin;
+            legs[i].forwarded = forwarded;
+        }
+        if legs.iter().all(|l| l.forwarded) {
+            return Ok(false);
+        }
+        let draining = legs.iter().any(|l| l.fin && !l.forwarded);
+        // FINs and resets wake the readiness futures; the kernel's forwarding progress (while
+        // draining before a half-close) has no event, so it is polled.
+        let pause = if draining {
+            Duration::from_millis(1)
+        } else {
+            Duration::from_millis(200)
+        };
+        let (fa, fb) = (legs[0].fin, legs[1].fin);
+        tokio::select! {
+            biased;
+            _ = &mut cancel => return Ok(true),
+            r = a.ready(Interest::READABLE), if !fa => { r?; clear_readiness(a); }
+            r = b.ready(Interest::READABLE), if !fb => { r?; clear_readiness(b); }
+            _ = tokio::time::sleep(pause) => {}
+        }
+    }
+}
+
+fn clear_readiness(s: &TcpStream) {
+    let _ = s.try_io(Interest::READABLE, || {
+        Err::<(), _>(io::ErrorKind::WouldBlock.into())
+    });
+}
+
+fn shutdown_write(fd: RawFd) {
+    // SAFETY: shutdown on a socket fd we own; errors (peer already gone) are moot here.
+    unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+}
+
+/// (tcpi_state, tcpi_bytes_acked) of a TCP socket.
+fn tcp_info(fd: RawFd) -> io::Result<(u8, u64)> {
+    // struct tcp_info: tcpi_state at byte 0, tcpi_bytes_acked (u64) at byte 120 (Linux 4.1+).
+    const BYTES_ACKED: usize = 120;
+    let mut buf = [0u64; 32];
+    let mut len = std::mem::size_of_val(&buf) as libc::socklen_t;
+    // SAFETY: buf is writable for len bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            buf.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if (len as usize) < BYTES_ACKED + 8 {
+        return Err(io::Error::other("TCP_INFO too short (kernel < 4.1)"));
+    }
+    let state = buf[0].to_ne_bytes()[0];
+    Ok((state, buf[BYTES_ACKED / 8]))
+}
