@@ -26,11 +26,9 @@ pub struct DemoOptions {
 
 /// Runs the demo; `Ok(true)` only if every check held.
 pub fn run(opts: DemoOptions) -> anyhow::Result<bool> {
-    let signals = if opts.interactive {
-        Some(block_signals()?)
-    } else {
-        None
-    };
+    if opts.interactive {
+        install_stop_handler()?;
+    }
     println!(
         "Starting a local-mode mesh: 2 nodes (network namespaces), meshd, one ztunnel per node…"
     );
@@ -77,9 +75,9 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<bool> {
         },
     ];
     let ok = report(&mesh, &checks);
-    if let Some(set) = signals {
+    if opts.interactive {
         interact(&mesh)?;
-        wait_for_signal(set)?;
+        wait_for_stop();
     }
     Ok(ok)
 }
@@ -443,21 +441,30 @@ fn interact(mesh: &LocalMesh) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Blocks SIGINT and SIGTERM for this thread and the threads it starts later, so that
-/// [`wait_for_signal`] can take them and the caller cleans up instead of dying. Call it before
-/// starting anything. (Child processes start with an empty mask: std resets it.)
-pub fn block_signals() -> anyhow::Result<nix::sys::signal::SigSet> {
-    use nix::sys::signal::{SigSet, Signal};
-    let mut set = SigSet::empty();
-    set.add(Signal::SIGINT);
-    set.add(Signal::SIGTERM);
-    set.thread_block()?;
-    Ok(set)
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_stop_signal(_: libc::c_int) {
+    STOP.store(true, std::sync::atomic::Ordering::SeqCst);
 }
 
-/// Waits for SIGINT or SIGTERM (blocked beforehand by [`block_signals`]).
-pub fn wait_for_signal(set: nix::sys::signal::SigSet) -> anyhow::Result<()> {
-    set.wait()?;
-    println!("Stopping; removing every namespace, process and rule of this run…");
+/// Makes SIGINT and SIGTERM request a clean stop instead of killing this process, so the
+/// caller tears everything down. A handler, not a blocked mask: children inherit a signal mask,
+/// and a mesh process started with SIGTERM blocked could never be stopped gracefully.
+pub fn install_stop_handler() -> anyhow::Result<()> {
+    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+    let action = SigAction::new(SigHandler::Handler(on_stop_signal), SaFlags::SA_RESTART, SigSet::empty());
+    for sig in [Signal::SIGINT, Signal::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { sigaction(sig, &action) }?;
+    }
     Ok(())
+}
+
+/// Waits until SIGINT or SIGTERM arrives (after [`install_stop_handler`]).
+pub fn wait_for_stop() {
+    // An interactive wait, polled: nothing here races on it.
+    while !STOP.load(std::sync::atomic::Ordering::SeqCst) {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    println!("Stopping; removing every namespace, process and rule of this run…");
 }

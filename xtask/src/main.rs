@@ -310,7 +310,7 @@ fn test(args: &[String]) -> anyhow::Result<()> {
 }
 
 fn local(manifests: &Path, nodes: usize) -> anyhow::Result<()> {
-    let signals = localmesh::demo::block_signals()?;
+    localmesh::demo::install_stop_handler()?;
     let mesh = localmesh::LocalMesh::start(localmesh::MeshOptions {
         nodes,
         ..Default::default()
@@ -334,7 +334,8 @@ fn local(manifests: &Path, nodes: usize) -> anyhow::Result<()> {
         "Logs: {}/*.log. Ctrl-C stops and cleans up.",
         mesh.dir().display()
     );
-    localmesh::demo::wait_for_signal(signals)
+    localmesh::demo::wait_for_stop();
+    Ok(())
 }
 
 fn run(cmd: &mut Command) -> anyhow::Result<()> {
