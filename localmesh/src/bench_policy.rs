@@ -112,9 +112,11 @@ pub fn run(duration: Duration, n: usize) -> anyhow::Result<(f64, f64)> {
     // Both ztunnels compile the new set; measure only once both have (the first measurement
     // must not overlap the one-off work of receiving and compiling 10,000 policies).
     let want = format!("\"policies\":{n}");
-    wait_for(Duration::from_secs(120), &format!("both ztunnels to compile {n} policies"), || {
-        Ok(mesh.ztunnel_log(0).contains(&want) && mesh.ztunnel_log(1).contains(&want))
-    })?;
+    wait_for(
+        Duration::from_secs(120),
+        &format!("both ztunnels to compile {n} policies"),
+        || Ok(mesh.ztunnel_log(0).contains(&want) && mesh.ztunnel_log(1).contains(&want)),
+    )?;
     let _warm = rate()?;
     let with = rate()?;
     Ok((without, with))

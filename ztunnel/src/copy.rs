@@ -28,7 +28,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use crate::metrics::ConnMetrics;
 
 /// Bytes per direction buffer; allocated once per connection, reused for every chunk.
-pub const BUFFER_SIZE: usize = 16 * 1024;
+pub const BUFFER_SIZE: usize = 64 * 1024;
 
 /// Bytes moved in each direction.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
