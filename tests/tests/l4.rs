@@ -420,3 +420,58 @@ fn burst_of_200_connects_opens_one_tls_connection() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+#[test]
+fn connection_churn_does_not_exhaust_the_pods_ports() {
+    if !privileged() {
+        return;
+    }
+    let mesh = base_mesh();
+    // ztunnel dials the app from the pod's own IP; give that pod only 5,000 ephemeral ports,
+    // then open several times as many connections through the mesh in a few seconds.
+    let out = mesh
+        .exec(
+            "b",
+            "server",
+            &["sysctl", "-w", "net.ipv4.ip_local_port_range=40000 44999"],
+        )
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let server = mesh.pod("b", "server").unwrap();
+    let echo = mesh.bins.echo.display().to_string();
+    let target = format!("{}:8080", server.ip4);
+    let out = mesh
+        .exec(
+            "a",
+            "client",
+            &[
+                &echo,
+                "bench-conn",
+                "--addr",
+                &target,
+                "--duration",
+                "6s",
+                "--concurrency",
+                "4",
+            ],
+        )
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    let (count, errors) = (
+        report["count"].as_u64().unwrap_or(0),
+        report["errors"].as_u64().unwrap_or(u64::MAX),
+    );
+    assert!(
+        count > 6000,
+        "too few connections to exhaust 5,000 ports: {report}"
+    );
+    assert_eq!(
+        errors, 0,
+        "connections failed (ephemeral ports exhausted?): {report}"
+    );
+}

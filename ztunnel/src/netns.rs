@@ -75,6 +75,16 @@ impl Netns {
         out
     }
 
+    /// Replaces a per-namespace sysctl (`/proc/sys/net/...` resolves to the opener's
+    /// namespace) and returns its previous value, so it can be restored.
+    pub fn swap_sysctl(&self, path: &str, value: &str) -> io::Result<String> {
+        self.run(|| {
+            let old = std::fs::read_to_string(path)?;
+            std::fs::write(path, value)?;
+            Ok(old.trim().to_string())
+        })
+    }
+
     /// A listening socket bound to `addr` inside this namespace. IPv6 sockets are v6-only so
     /// that a v4 and a v6 listener can share a port and original-destination lookups stay
     /// per-family.

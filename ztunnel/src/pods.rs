@@ -32,7 +32,16 @@ struct Enrolled {
     inbound_fds: Vec<RawFd>,
     /// The exclusion annotations' raw values capture was last set up with.
     excl_annotations: [Option<String>; 2],
+    /// The pod's `tcp_tw_reuse` before enrollment, restored on unenroll.
+    tw_reuse_before: Option<String>,
 }
+
+/// ztunnel dials each inbound connection's app from the pod's own IP and, relaying the
+/// client's FIN, closes first: every connection leaves a TIME_WAIT on a pod-IP ephemeral port,
+/// and at a few thousand connections per second the ~28k ports run out (EADDRNOTAVAIL). With
+/// reuse on, a port in TIME_WAIT for over a second may be reused (safe with TCP timestamps).
+/// The setting is per network namespace, so only enrolled pods are affected.
+const TCP_TW_REUSE: &str = "/proc/sys/net/ipv4/tcp_tw_reuse";
 
 /// Runs until `shutdown` flips to true, then unenrolls everything.
 pub async fn run(ctx: Arc<Ctx>, mut shutdown: watch::Receiver<bool>) {
@@ -208,6 +217,13 @@ fn start(ctx: &Arc<Ctx>, w: Arc<Workload>) -> anyhow::Result<Enrolled> {
     let ips: Vec<std::net::IpAddr> = pod.ips.iter().copied().collect();
     match ctx.capture.enroll(&pod.netns, &inbound_fds, &ips, &excl) {
         Ok(capture) => Ok(Enrolled {
+            tw_reuse_before: match pod.netns.swap_sysctl(TCP_TW_REUSE, "1") {
+                Ok(before) => Some(before),
+                Err(e) => {
+                    warn!(pod = %pod.workload.uid, error = %e, "cannot enable tcp_tw_reuse in the pod; busy pods may run out of ports");
+                    None
+                }
+            },
             excl_annotations: excl_annotations(&pod.workload),
             pod,
             tasks,
@@ -310,6 +326,9 @@ fn stop(ctx: &Ctx, uid: &str, e: Enrolled) {
     if let Err(err) = ctx.capture.unenroll(&e.pod.netns, e.capture) {
         // The namespace may already be gone with its pod; nothing of ours can remain then.
         warn!(pod = %uid, error = %err, "removing capture failed");
+    }
+    if let Some(before) = &e.tw_reuse_before {
+        let _ = e.pod.netns.swap_sysctl(TCP_TW_REUSE, before);
     }
     for t in e.tasks {
         t.abort();
