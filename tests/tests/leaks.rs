@@ -11,9 +11,17 @@ fn nothing_left_behind() {
     assert!(left.is_empty(), "left behind by the test suite: {left:#?}");
     // No pinned eBPF state of any ztunnel.
     let pins: Vec<String> = std::fs::read_dir("/sys/fs/bpf")
-        .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with("ztunnel-")).collect())
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("ztunnel-"))
+                .collect()
+        })
         .unwrap_or_default();
-    assert!(pins.is_empty(), "eBPF pins left under /sys/fs/bpf: {pins:?}");
+    assert!(
+        pins.is_empty(),
+        "eBPF pins left under /sys/fs/bpf: {pins:?}"
+    );
     // Our binaries must not be running either.
     let mut running = Vec::new();
     for entry in std::fs::read_dir("/proc").expect("read /proc").flatten() {

@@ -231,14 +231,23 @@ fn ebpf_toolchain() -> anyhow::Result<()> {
         .args(["component", "list", "--installed"])
         .output()
         .context("running rustup (the machine's Rust toolchain manager)")?;
-    if !String::from_utf8_lossy(&components.stdout).lines().any(|l| l.starts_with("rust-src")) {
+    if !String::from_utf8_lossy(&components.stdout)
+        .lines()
+        .any(|l| l.starts_with("rust-src"))
+    {
         eprintln!("xtask: adding the rust-src component");
         run(Command::new("rustup").args(["component", "add", "rust-src"]))?;
     }
     if !have("bpf-linker") {
         eprintln!("xtask: building bpf-linker against LLVM 22 (a few minutes, once)");
         run(Command::new(env!("CARGO"))
-            .args(["install", "bpf-linker", "--no-default-features", "--features", "llvm-22"])
+            .args([
+                "install",
+                "bpf-linker",
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+            ])
             .env("LLVM_PREFIX", "/usr/lib/llvm-22"))?;
     }
     Ok(())

@@ -32,7 +32,10 @@ pub struct CertEntry {
 enum CertState {
     Pending,
     Ready(Arc<CertEntry>),
-    Failed { error: String, previous: Option<Arc<CertEntry>> },
+    Failed {
+        error: String,
+        previous: Option<Arc<CertEntry>>,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -58,7 +61,12 @@ pub struct CertManager {
 
 impl CertManager {
     pub fn new(meshd: Meshd, metrics: Arc<Metrics>) -> Arc<CertManager> {
-        Arc::new(CertManager { meshd, metrics, wait: Duration::from_secs(10), slots: Mutex::new(HashMap::new()) })
+        Arc::new(CertManager {
+            meshd,
+            metrics,
+            wait: Duration::from_secs(10),
+            slots: Mutex::new(HashMap::new()),
+        })
     }
 
     /// Whether a usable certificate for `id` is in hand now.
@@ -66,7 +74,9 @@ impl CertManager {
         let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         slots.get(id).is_some_and(|s| match &*s.rx.borrow() {
             CertState::Ready(_) => true,
-            CertState::Failed { previous: Some(e), .. } => e.cert.not_after > SystemTime::now(),
+            CertState::Failed {
+                previous: Some(e), ..
+            } => e.cert.not_after > SystemTime::now(),
             _ => false,
         })
     }
@@ -74,7 +84,11 @@ impl CertManager {
     /// Every certificate this node holds, for the admin config dump.
     pub fn status(&self) -> Vec<serde_json::Value> {
         let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        let unix = |t: SystemTime| t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
+        let unix = |t: SystemTime| {
+            t.duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs()
+        };
         let mut out: Vec<serde_json::Value> = slots
             .iter()
             .map(|(id, slot)| match &*slot.rx.borrow() {
@@ -99,7 +113,12 @@ impl CertManager {
     /// the new roots, so peers signed by a new root verify).
     pub fn refresh_all(&self) {
         // The current certificates stay in use until their replacements arrive.
-        for slot in self.slots.lock().unwrap_or_else(|p| p.into_inner()).values() {
+        for slot in self
+            .slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+        {
             slot.renew_now.notify_one();
         }
     }
@@ -116,9 +135,22 @@ impl CertManager {
         }
         let (tx, rx) = watch::channel(CertState::Pending);
         let renew_now = Arc::new(Notify::new());
-        let task = tokio::spawn(refresh_loop(self.meshd.clone(), self.metrics.clone(), id.clone(), tx, renew_now.clone()))
-            .abort_handle();
-        slots.insert(id.clone(), Slot { rx: rx.clone(), task, renew_now });
+        let task = tokio::spawn(refresh_loop(
+            self.meshd.clone(),
+            self.metrics.clone(),
+            id.clone(),
+            tx,
+            renew_now.clone(),
+        ))
+        .abort_handle();
+        slots.insert(
+            id.clone(),
+            Slot {
+                rx: rx.clone(),
+                task,
+                renew_now,
+            },
+        );
         rx
     }
 
@@ -129,7 +161,9 @@ impl CertManager {
             loop {
                 match &*rx.borrow_and_update() {
                     CertState::Ready(e) => return Ok(e.clone()),
-                    CertState::Failed { previous: Some(e), .. } if e.cert.not_after > SystemTime::now() => {
+                    CertState::Failed {
+                        previous: Some(e), ..
+                    } if e.cert.not_after > SystemTime::now() => {
                         return Ok(e.clone());
                     }
                     _ => {}
@@ -142,13 +176,19 @@ impl CertManager {
         .await;
         match wait {
             Ok(Ok(e)) => Ok(e),
-            Ok(Err(reason)) => Err(CertError::Unavailable { identity: id.clone(), reason }),
+            Ok(Err(reason)) => Err(CertError::Unavailable {
+                identity: id.clone(),
+                reason,
+            }),
             Err(_) => {
                 let reason = match &*rx.borrow() {
                     CertState::Failed { error, .. } => format!("CA request failing: {error}"),
                     _ => format!("CA did not answer within {:?}", self.wait),
                 };
-                Err(CertError::Unavailable { identity: id.clone(), reason })
+                Err(CertError::Unavailable {
+                    identity: id.clone(),
+                    reason,
+                })
             }
         }
     }
@@ -167,14 +207,24 @@ impl CertManager {
     }
 }
 
-async fn refresh_loop(meshd: Meshd, metrics: Arc<Metrics>, id: Identity, tx: watch::Sender<CertState>, renew_now: Arc<Notify>) {
+async fn refresh_loop(
+    meshd: Meshd,
+    metrics: Arc<Metrics>,
+    id: Identity,
+    tx: watch::Sender<CertState>,
+    renew_now: Arc<Notify>,
+) {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
     loop {
         match fetch(&meshd, &id).await {
             Ok(entry) => {
                 backoff.reset();
                 metrics.cert_issued(&id.to_string());
-                let remaining = entry.cert.not_after.duration_since(SystemTime::now()).unwrap_or_default();
+                let remaining = entry
+                    .cert
+                    .not_after
+                    .duration_since(SystemTime::now())
+                    .unwrap_or_default();
                 info!(%id, expires_in_s = remaining.as_secs(), "workload certificate issued");
                 tx.send_replace(CertState::Ready(entry));
                 // Renew at half-life counted from receipt: the CA backdates notBefore for clock
@@ -203,13 +253,26 @@ async fn refresh_loop(meshd: Meshd, metrics: Arc<Metrics>, id: Identity, tx: wat
 async fn fetch(meshd: &Meshd, id: &Identity) -> Result<Arc<CertEntry>, String> {
     let (key_pem, csr_pem) = meshcore::ca::generate_csr(id).map_err(|e| e.to_string())?;
     let mut client = CertificateServiceClient::new(meshd.channel.clone());
-    let req = CertificateRequest { csr_pem, identity: id.to_string(), validity_seconds: 0 };
+    let req = CertificateRequest {
+        csr_pem,
+        identity: id.to_string(),
+        validity_seconds: 0,
+    };
     let resp = client
         .create_certificate(meshd.request(req))
         .await
         .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
         .into_inner();
-    let cert = WorkloadCert::new(id.clone(), resp.cert_chain_pem, key_pem, resp.trust_bundle_pem).map_err(|e| e.to_string())?;
+    let cert = WorkloadCert::new(
+        id.clone(),
+        resp.cert_chain_pem,
+        key_pem,
+        resp.trust_bundle_pem,
+    )
+    .map_err(|e| e.to_string())?;
     let server_tls = tls::server_config(&cert).map_err(|e| e.to_string())?;
-    Ok(Arc::new(CertEntry { cert: Arc::new(cert), server_tls }))
+    Ok(Arc::new(CertEntry {
+        cert: Arc::new(cert),
+        server_tls,
+    }))
 }

@@ -25,7 +25,9 @@ pub async fn run(meshd: Meshd, node: String, tx: watch::Sender<Option<Arc<Config
     loop {
         match subscribe_once(&meshd, &node, &tx, &mut backoff).await {
             Ok(()) => warn!(%node, "config stream from meshd ended; keeping the last config"),
-            Err(status) => warn!(%node, code = ?status.code(), message = status.message(), "config stream from meshd failed; keeping the last config"),
+            Err(status) => {
+                warn!(%node, code = ?status.code(), message = status.message(), "config stream from meshd failed; keeping the last config")
+            }
         }
         if tx.is_closed() {
             return;
@@ -40,14 +42,25 @@ async fn subscribe_once(
     tx: &watch::Sender<Option<Arc<ConfigStore>>>,
     backoff: &mut Backoff,
 ) -> Result<(), tonic::Status> {
-    let mut client = ConfigServiceClient::new(meshd.channel.clone()).max_decoding_message_size(256 << 20);
-    let mut stream = client.subscribe(meshd.request(SubscribeRequest { node: node.to_string() })).await?.into_inner();
+    let mut client =
+        ConfigServiceClient::new(meshd.channel.clone()).max_decoding_message_size(256 << 20);
+    let mut stream = client
+        .subscribe(meshd.request(SubscribeRequest {
+            node: node.to_string(),
+        }))
+        .await?
+        .into_inner();
     while let Some(update) = stream.message().await? {
         let mut store = tx.borrow().as_deref().cloned().unwrap_or_default();
         let snapshot = update.snapshot;
         store.apply(update);
         if snapshot {
-            info!(version = store.version, workloads = store.workloads().count(), services = store.services().count(), "config snapshot from meshd");
+            info!(
+                version = store.version,
+                workloads = store.workloads().count(),
+                services = store.services().count(),
+                "config snapshot from meshd"
+            );
             backoff.reset();
         }
         tx.send_replace(Some(Arc::new(store)));
@@ -64,13 +77,21 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn new(base: Duration, cap: Duration) -> Backoff {
-        Backoff { base, cap, attempt: 0 }
+        Backoff {
+            base,
+            cap,
+            attempt: 0,
+        }
     }
 
     pub fn next_delay(&mut self) -> Duration {
-        let ceiling = self.base.saturating_mul(1 << self.attempt.min(16)).min(self.cap);
+        let ceiling = self
+            .base
+            .saturating_mul(1 << self.attempt.min(16))
+            .min(self.cap);
         self.attempt += 1;
-        let ms = rand::rng().random_range(ceiling.as_millis() as u64 / 2..=ceiling.as_millis() as u64);
+        let ms =
+            rand::rng().random_range(ceiling.as_millis() as u64 / 2..=ceiling.as_millis() as u64);
         Duration::from_millis(ms)
     }
 

@@ -19,7 +19,11 @@ pub fn ready(ctx: &Ctx) -> Result<(), String> {
         .filter(|id| !ctx.certs.is_ready(id))
         .map(|id| id.to_string())
         .collect();
-    if missing.is_empty() { Ok(()) } else { Err(format!("waiting for certificates: {}", missing.join(", "))) }
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("waiting for certificates: {}", missing.join(", ")))
+    }
 }
 
 /// Workloads, services, policies (with their effective L4 form), certificates and pods.
@@ -46,12 +50,20 @@ pub fn config_dump(ctx: &Ctx) -> Value {
                 }))
                 .collect();
             ss.sort_by_key(|v| v["key"].as_str().unwrap_or_default().to_string());
-            let bundle = s.trust_bundle().map(|t| json!({"trustDomain": t.trust_domain, "roots": t.roots_pem.len()}));
+            let bundle = s
+                .trust_bundle()
+                .map(|t| json!({"trustDomain": t.trust_domain, "roots": t.roots_pem.len()}));
             (ws, ss, s.version, bundle)
         }
         None => (vec![], vec![], 0, None),
     };
-    let pods: Vec<Value> = ctx.enrolled.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+    let pods: Vec<Value> = ctx
+        .enrolled
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .values()
+        .cloned()
+        .collect();
     json!({
         "node": ctx.node,
         "configVersion": version,

@@ -46,8 +46,17 @@ pub async fn serve_hbone(ctx: Arc<Ctx>, pod: Arc<Pod>, listener: TcpListener) {
                 }
             };
             let (handler_ctx, handler_pod) = (ctx.clone(), pod.clone());
-            let handler = move |req: InboundRequest| handle_connect(handler_ctx.clone(), handler_pod.clone(), req);
-            if let Err(e) = meshcore::hbone::serve_connection(tcp, entry.server_tls.clone(), ServerSettings::default(), handler).await {
+            let handler = move |req: InboundRequest| {
+                handle_connect(handler_ctx.clone(), handler_pod.clone(), req)
+            };
+            if let Err(e) = meshcore::hbone::serve_connection(
+                tcp,
+                entry.server_tls.clone(),
+                ServerSettings::default(),
+                handler,
+            )
+            .await
+            {
                 warn!(pod = %pod.workload.uid, %peer, error = %e, "HBONE connection ended with error");
             }
         });
@@ -72,15 +81,28 @@ async fn handle_connect(ctx: Arc<Ctx>, pod: Arc<Pod>, req: InboundRequest) {
         return;
     }
     // Authorization happens before the 200, so a denied client never reaches the app.
-    let conn = Connection { src_identity: Some(peer_identity.clone()), src_ip: peer.ip(), dst_ip: target.ip(), dst_port: target.port() };
+    let conn = Connection {
+        src_identity: Some(peer_identity.clone()),
+        src_ip: peer.ip(),
+        dst_ip: target.ip(),
+        dst_port: target.port(),
+    };
     let policies = ctx.policies.borrow().clone();
     let store = ctx.config.borrow().clone();
-    let src_workload = store.as_ref().and_then(|s| s.workload_by_ip(peer.ip()).cloned());
+    let src_workload = store
+        .as_ref()
+        .and_then(|s| s.workload_by_ip(peer.ip()).cloned());
     let principal = peer_identity.to_string();
     let labels = tcp_labels(
         "destination",
-        End { workload: src_workload.as_deref(), principal: Some(&principal) },
-        End { workload: Some(&pod.workload), principal: None },
+        End {
+            workload: src_workload.as_deref(),
+            principal: Some(&principal),
+        },
+        End {
+            workload: Some(&pod.workload),
+            principal: None,
+        },
         None,
         true,
     );
@@ -118,12 +140,17 @@ async fn handle_connect(ctx: Arc<Ctx>, pod: Arc<Pod>, req: InboundRequest) {
                 received = t.client_to_server, sent = t.server_to_client, dur_ms, response_flags = "DENY",
                 error = "closed: denied by a policy change", "connection failed")
         }
-        Ok(Outcome::Completed(Totals { client_to_server: received, server_to_client: sent })) => info!(
+        Ok(Outcome::Completed(Totals {
+            client_to_server: received,
+            server_to_client: sent,
+        })) => info!(
             direction = "inbound", dst.workload = %pod.workload.uid, dst.namespace = %pod.workload.namespace, dst.identity = %pod.identity,
             src.workload = %src_workload.as_ref().map_or("unknown", |w| w.uid.as_str()),
             src.identity = %peer_identity, %peer, %target, protocol = "HBONE", sent, received, dur_ms, "connection complete"),
-        Err(error) => warn!(direction = "inbound", dst.workload = %pod.workload.uid, src.identity = %peer_identity,
-            %peer, %target, %error, dur_ms, "connection failed"),
+        Err(error) => {
+            warn!(direction = "inbound", dst.workload = %pod.workload.uid, src.identity = %peer_identity,
+            %peer, %target, %error, dur_ms, "connection failed")
+        }
     }
 }
 
@@ -131,7 +158,10 @@ async fn handle_connect(ctx: Arc<Ctx>, pod: Arc<Pod>, req: InboundRequest) {
 fn response_headers(pod: &Pod) -> HeaderMap {
     let mut h = HeaderMap::new();
     let w = &pod.workload;
-    if let Ok(v) = HeaderValue::from_str(&format!("k8s.namespace.name={},k8s.pod.name={}", w.namespace, w.name)) {
+    if let Ok(v) = HeaderValue::from_str(&format!(
+        "k8s.namespace.name={},k8s.pod.name={}",
+        w.namespace, w.name
+    )) {
         h.insert("baggage", v);
     }
     h
@@ -166,14 +196,27 @@ async fn plaintext(ctx: Arc<Ctx>, pod: Arc<Pod>, mut tcp: TcpStream, peer: Socke
         warn!(pod = %pod.workload.uid, %peer, %dst, "inbound plaintext to a mesh port or foreign address; closing");
         return;
     }
-    let conn = Connection { src_identity: None, src_ip: peer.ip(), dst_ip: dst.ip(), dst_port: dst.port() };
+    let conn = Connection {
+        src_identity: None,
+        src_ip: peer.ip(),
+        dst_ip: dst.ip(),
+        dst_port: dst.port(),
+    };
     let policies = ctx.policies.borrow().clone();
     let store = ctx.config.borrow().clone();
-    let src_workload = store.as_ref().and_then(|s| s.workload_by_ip(peer.ip()).cloned());
+    let src_workload = store
+        .as_ref()
+        .and_then(|s| s.workload_by_ip(peer.ip()).cloned());
     let labels = tcp_labels(
         "destination",
-        End { workload: src_workload.as_deref(), principal: None },
-        End { workload: Some(&pod.workload), principal: None },
+        End {
+            workload: src_workload.as_deref(),
+            principal: None,
+        },
+        End {
+            workload: Some(&pod.workload),
+            principal: None,
+        },
         None,
         false,
     );
@@ -186,14 +229,16 @@ async fn plaintext(ctx: Arc<Ctx>, pod: Arc<Pod>, mut tcp: TcpStream, peer: Socke
     }
     let live = ctx.live.register(pod.clone(), conn);
     let result = match pod.netns.connect(dst).await {
-        Ok(mut app) => match copy::bidirectional_until(&mut tcp, &mut app, &m, live.cancel.notified()).await {
-            Ok(Outcome::Completed(t)) => Ok((t.client_to_server, t.server_to_client)),
-            Ok(Outcome::Cancelled(_)) => {
-                m.set_response_flags(FLAG_DENY);
-                Err("closed: denied by a policy change".to_string())
+        Ok(mut app) => {
+            match copy::bidirectional_until(&mut tcp, &mut app, &m, live.cancel.notified()).await {
+                Ok(Outcome::Completed(t)) => Ok((t.client_to_server, t.server_to_client)),
+                Ok(Outcome::Cancelled(_)) => {
+                    m.set_response_flags(FLAG_DENY);
+                    Err("closed: denied by a policy change".to_string())
+                }
+                Err(e) => Err(e.to_string()),
             }
-            Err(e) => Err(e.to_string()),
-        },
+        }
         Err(e) => {
             m.set_response_flags(FLAG_CONNECT);
             Err(format!("connect {dst}: {e}"))
@@ -202,8 +247,12 @@ async fn plaintext(ctx: Arc<Ctx>, pod: Arc<Pod>, mut tcp: TcpStream, peer: Socke
     drop(m);
     let dur_ms = start.elapsed().as_millis() as u64;
     match result {
-        Ok((received, sent)) => info!(direction = "inbound", dst.workload = %pod.workload.uid, %peer, %dst,
-            protocol = "TCP", sent, received, dur_ms, "connection complete"),
-        Err(error) => warn!(direction = "inbound", dst.workload = %pod.workload.uid, %peer, %dst, %error, dur_ms, "connection failed"),
+        Ok((received, sent)) => {
+            info!(direction = "inbound", dst.workload = %pod.workload.uid, %peer, %dst,
+            protocol = "TCP", sent, received, dur_ms, "connection complete")
+        }
+        Err(error) => {
+            warn!(direction = "inbound", dst.workload = %pod.workload.uid, %peer, %dst, %error, dur_ms, "connection failed")
+        }
     }
 }

@@ -14,7 +14,10 @@ pub enum MeshdError {
     #[error("bad meshd address {addr:?}: {reason} (use unix:/path/to/meshd.sock or host:port)")]
     Address { addr: String, reason: String },
     #[error("node token {path}: {source}")]
-    Token { path: String, source: std::io::Error },
+    Token {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("node token {0} is empty")]
     EmptyToken(String),
 }
@@ -30,26 +33,38 @@ impl Meshd {
     /// Builds a lazily connecting channel: calls made while meshd is away fail fast and the
     /// channel reconnects by itself when it returns.
     pub fn new(addr: &str, token: &str) -> Result<Meshd, MeshdError> {
-        let bad = |reason: &str| MeshdError::Address { addr: addr.to_string(), reason: reason.to_string() };
+        let bad = |reason: &str| MeshdError::Address {
+            addr: addr.to_string(),
+            reason: reason.to_string(),
+        };
         let channel = if let Some(path) = addr.strip_prefix("unix:") {
             let path = PathBuf::from(path);
-            Endpoint::from_static("http://meshd.invalid").connect_with_connector_lazy(tower::service_fn(move |_| {
-                let path = path.clone();
-                async move {
-                    let s = tokio::net::UnixStream::connect(path).await?;
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
-                }
-            }))
+            Endpoint::from_static("http://meshd.invalid").connect_with_connector_lazy(
+                tower::service_fn(move |_| {
+                    let path = path.clone();
+                    async move {
+                        let s = tokio::net::UnixStream::connect(path).await?;
+                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+                    }
+                }),
+            )
         } else {
-            Endpoint::from_shared(format!("http://{addr}")).map_err(|e| bad(&e.to_string()))?.connect_lazy()
+            Endpoint::from_shared(format!("http://{addr}"))
+                .map_err(|e| bad(&e.to_string()))?
+                .connect_lazy()
         };
-        let auth = format!("Bearer {}", token.trim()).parse().map_err(|_| bad("token is not valid ASCII metadata"))?;
+        let auth = format!("Bearer {}", token.trim())
+            .parse()
+            .map_err(|_| bad("token is not valid ASCII metadata"))?;
         Ok(Meshd { channel, auth })
     }
 
     /// Reads the node token from a file (as written by `meshd node-token`).
     pub fn read_token(path: &str) -> Result<String, MeshdError> {
-        let t = std::fs::read_to_string(path).map_err(|source| MeshdError::Token { path: path.to_string(), source })?;
+        let t = std::fs::read_to_string(path).map_err(|source| MeshdError::Token {
+            path: path.to_string(),
+            source,
+        })?;
         let t = t.trim().to_string();
         if t.is_empty() {
             return Err(MeshdError::EmptyToken(path.to_string()));

@@ -27,7 +27,12 @@ use crate::telemetry::{End, tcp_labels};
 #[derive(Debug, PartialEq)]
 pub enum Route {
     /// Over HBONE to `hbone` (the pod's 15008), asking for `target`, expecting `identity`.
-    Hbone { target: SocketAddr, hbone: SocketAddr, identity: Identity, workload: String },
+    Hbone {
+        target: SocketAddr,
+        hbone: SocketAddr,
+        identity: Identity,
+        workload: String,
+    },
     /// Plain TCP to the given address (destination not in the mesh).
     Passthrough(SocketAddr),
     /// Nowhere: the reason is logged.
@@ -49,12 +54,19 @@ pub fn route(store: &ConfigStore, dst: SocketAddr) -> Route {
             .iter()
             .filter_map(|ep| {
                 let w = store.workload(&ep.workload_uid)?;
-                let port = ep.ports.get(&u32::from(dst.port())).and_then(|p| u16::try_from(*p).ok())?;
+                let port = ep
+                    .ports
+                    .get(&u32::from(dst.port()))
+                    .and_then(|p| u16::try_from(*p).ok())?;
                 Some((w.as_ref(), port))
             })
             .collect();
         if candidates.is_empty() {
-            return Route::Refuse(format!("service {} has no endpoints for port {}", svc.key, dst.port()));
+            return Route::Refuse(format!(
+                "service {} has no endpoints for port {}",
+                svc.key,
+                dst.port()
+            ));
         }
         let (w, port) = candidates[rand::rng().random_range(0..candidates.len())];
         let Some(ep_ip) = pick_ip(w, ip) else {
@@ -84,7 +96,10 @@ fn to_workload(w: &Workload, target: SocketAddr) -> Route {
 /// An endpoint IP of the same family as the address dialled, else any.
 fn pick_ip(w: &Workload, dialled: IpAddr) -> Option<IpAddr> {
     let ips: Vec<IpAddr> = w.ips.iter().filter_map(|s| s.parse().ok()).collect();
-    ips.iter().find(|ip| ip.is_ipv4() == dialled.is_ipv4()).or(ips.first()).copied()
+    ips.iter()
+        .find(|ip| ip.is_ipv4() == dialled.is_ipv4())
+        .or(ips.first())
+        .copied()
 }
 
 /// Accepts on one of the pod's outbound listeners until the task is aborted.
@@ -121,37 +136,58 @@ async fn handle(ctx: Arc<Ctx>, pod: Arc<Pod>, mut tcp: TcpStream, peer: SocketAd
     debug!(pod = %pod.workload.uid, %peer, %dst, ?route, "outbound route");
     // `--fast-path`: an enrolled pod of this node is spliced in the kernel after the same
     // policy check its inbound path would make.
-    if let Route::Hbone { target, workload, .. } = &route
+    if let Route::Hbone {
+        target, workload, ..
+    } = &route
         && let Some(dst_pod) = crate::fastpath::local_destination(&ctx, workload)
     {
         let target = *target;
         return crate::fastpath::handle(ctx, pod, dst_pod, tcp, peer, dst, target, start).await;
     }
-    let src = End { workload: Some(&pod.workload), principal: None };
+    let src = End {
+        workload: Some(&pod.workload),
+        principal: None,
+    };
     let service = store.service_by_vip(dst.ip()).map(|s| s.as_ref());
     let (dst_workload, hbone) = match &route {
         Route::Hbone { workload, .. } => (store.workload(workload).map(|w| w.as_ref()), true),
         Route::Passthrough(addr) => (store.workload_by_ip(addr.ip()).map(|w| w.as_ref()), false),
         Route::Refuse(_) => (None, false),
     };
-    let mut m = ctx.metrics.open(tcp_labels("source", src, End { workload: dst_workload, principal: None }, service, hbone));
+    let mut m = ctx.metrics.open(tcp_labels(
+        "source",
+        src,
+        End {
+            workload: dst_workload,
+            principal: None,
+        },
+        service,
+        hbone,
+    ));
     let result = match &route {
         Route::Passthrough(addr) => match pod.netns.connect(*addr).await {
-            Ok(mut up) => copy::bidirectional(&mut tcp, &mut up, &m).await.map_err(|e| e.to_string()),
+            Ok(mut up) => copy::bidirectional(&mut tcp, &mut up, &m)
+                .await
+                .map_err(|e| e.to_string()),
             Err(e) => {
                 m.set_response_flags(FLAG_CONNECT);
                 Err(format!("connect {addr}: {e}"))
             }
         },
-        Route::Hbone { target, hbone, identity, .. } => {
-            match hbone_out(&ctx, &pod, peer, *target, *hbone, identity.clone()).await {
-                Ok(mut stream) => copy::bidirectional(&mut tcp, &mut stream, &m).await.map_err(|e| e.to_string()),
-                Err(e) => {
-                    m.set_response_flags(if e.denied { FLAG_DENY } else { FLAG_CONNECT });
-                    Err(e.message)
-                }
+        Route::Hbone {
+            target,
+            hbone,
+            identity,
+            ..
+        } => match hbone_out(&ctx, &pod, peer, *target, *hbone, identity.clone()).await {
+            Ok(mut stream) => copy::bidirectional(&mut tcp, &mut stream, &m)
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => {
+                m.set_response_flags(if e.denied { FLAG_DENY } else { FLAG_CONNECT });
+                Err(e.message)
             }
-        }
+        },
         Route::Refuse(reason) => {
             m.set_response_flags("NR");
             Err(reason.clone())
@@ -161,12 +197,22 @@ async fn handle(ctx: Arc<Ctx>, pod: Arc<Pod>, mut tcp: TcpStream, peer: SocketAd
     let dur_ms = start.elapsed().as_millis() as u64;
     let src_ns = &pod.workload.namespace;
     match (result, route) {
-        (Ok((sent, received)), Route::Hbone { workload, identity, target, .. }) => info!(
+        (
+            Ok((sent, received)),
+            Route::Hbone {
+                workload,
+                identity,
+                target,
+                ..
+            },
+        ) => info!(
             direction = "outbound", src.workload = %pod.workload.uid, src.namespace = %src_ns, src.identity = %pod.identity, %peer, %dst,
             endpoint = %target, dst.workload = %workload, dst.identity = %identity, protocol = "HBONE", sent, received, dur_ms, "connection complete"),
         (Ok((sent, received)), _) => info!(
             direction = "outbound", src.workload = %pod.workload.uid, src.namespace = %src_ns, %peer, %dst, protocol = "TCP", sent, received, dur_ms, "connection complete"),
-        (Err(error), _) => warn!(direction = "outbound", src.workload = %pod.workload.uid, src.namespace = %src_ns, %peer, %dst, %error, dur_ms, "connection failed"),
+        (Err(error), _) => {
+            warn!(direction = "outbound", src.workload = %pod.workload.uid, src.namespace = %src_ns, %peer, %dst, %error, dur_ms, "connection failed")
+        }
     }
 }
 
@@ -179,7 +225,10 @@ async fn hbone_out(
     hbone: SocketAddr,
     dst_identity: Identity,
 ) -> Result<H2Stream, OutError> {
-    let cert = ctx.certs.get(&pod.identity).await.map_err(|e| OutError { message: e.to_string(), denied: false })?;
+    let cert = ctx.certs.get(&pod.identity).await.map_err(|e| OutError {
+        message: e.to_string(),
+        denied: false,
+    })?;
     let key = PoolKey {
         source: pod.workload.uid.clone(),
         src_identity: pod.identity.clone(),
@@ -191,11 +240,17 @@ async fn hbone_out(
         let pod = netns_pod.clone();
         Box::pin(async move { pod.netns.connect(addr).await })
     });
-    let req = ConnectRequest { authority: target.to_string(), headers: connect_headers(pod, peer) };
-    ctx.pool.connect(key, cert.cert.clone(), dial, req).await.map_err(|e| OutError {
-        denied: matches!(e, HboneError::Status(s) if s == http::StatusCode::UNAUTHORIZED),
-        message: format!("HBONE to {hbone} for {target}: {e}"),
-    })
+    let req = ConnectRequest {
+        authority: target.to_string(),
+        headers: connect_headers(pod, peer),
+    };
+    ctx.pool
+        .connect(key, cert.cert.clone(), dial, req)
+        .await
+        .map_err(|e| OutError {
+            denied: matches!(e, HboneError::Status(s) if s == http::StatusCode::UNAUTHORIZED),
+            message: format!("HBONE to {hbone} for {target}: {e}"),
+        })
 }
 
 /// Why an HBONE stream could not be opened; `denied` when the destination's policy said 401.
@@ -220,8 +275,16 @@ fn connect_headers(pod: &Pod, peer: SocketAddr) -> HeaderMap {
         SocketAddr::V6(a) => format!("for=\"[{}]:{}\"", a.ip(), a.port()),
     };
     let mut rng = rand::rng();
-    let traceparent = format!("00-{:032x}-{:016x}-01", rng.random::<u128>(), rng.random::<u64>());
-    for (name, value) in [("baggage", baggage), ("forwarded", forwarded), ("traceparent", traceparent)] {
+    let traceparent = format!(
+        "00-{:032x}-{:016x}-01",
+        rng.random::<u128>(),
+        rng.random::<u64>()
+    );
+    for (name, value) in [
+        ("baggage", baggage),
+        ("forwarded", forwarded),
+        ("traceparent", traceparent),
+    ] {
         if let Ok(v) = HeaderValue::from_str(&value) {
             h.insert(name, v);
         }
@@ -252,12 +315,22 @@ mod tests {
         let mut s = ConfigStore::default();
         s.apply(ConfigUpdate {
             snapshot: true,
-            workloads: vec![wl("a/mesh", "10.1.0.2", true), wl("b/plain", "10.2.0.2", false)],
+            workloads: vec![
+                wl("a/mesh", "10.1.0.2", true),
+                wl("b/plain", "10.2.0.2", false),
+            ],
             services: vec![Service {
                 key: "a/svc".into(),
                 vips: vec!["10.96.0.10".into()],
-                ports: vec![ServicePort { port: 80, target_port: 8080, name: "http".into() }],
-                endpoints: vec![Endpoint { workload_uid: "a/mesh".into(), ports: [(80, 8080)].into() }],
+                ports: vec![ServicePort {
+                    port: 80,
+                    target_port: 8080,
+                    name: "http".into(),
+                }],
+                endpoints: vec![Endpoint {
+                    workload_uid: "a/mesh".into(),
+                    ports: [(80, 8080)].into(),
+                }],
                 ..Default::default()
             }],
             ..Default::default()
@@ -285,12 +358,21 @@ mod tests {
             Route::Hbone { target, .. } => assert_eq!(target, "10.1.0.2:8080".parse().unwrap()),
             other => panic!("{other:?}"),
         }
-        assert!(matches!(route(&store(), "10.96.0.10:81".parse().unwrap()), Route::Refuse(_)));
+        assert!(matches!(
+            route(&store(), "10.96.0.10:81".parse().unwrap()),
+            Route::Refuse(_)
+        ));
     }
 
     #[test]
     fn non_mesh_and_unknown_pass_through() {
-        assert_eq!(route(&store(), "10.2.0.2:80".parse().unwrap()), Route::Passthrough("10.2.0.2:80".parse().unwrap()));
-        assert_eq!(route(&store(), "192.0.2.1:80".parse().unwrap()), Route::Passthrough("192.0.2.1:80".parse().unwrap()));
+        assert_eq!(
+            route(&store(), "10.2.0.2:80".parse().unwrap()),
+            Route::Passthrough("10.2.0.2:80".parse().unwrap())
+        );
+        assert_eq!(
+            route(&store(), "192.0.2.1:80".parse().unwrap()),
+            Route::Passthrough("192.0.2.1:80".parse().unwrap())
+        );
     }
 }

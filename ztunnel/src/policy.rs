@@ -33,7 +33,10 @@ pub async fn run(
         if let Some(store) = store.filter(|s| s.policy_generation != generation) {
             {
                 generation = store.policy_generation;
-                let set = Arc::new(PolicySet::compile(store.policies().map(|p| p.as_ref()), &root_namespace));
+                let set = Arc::new(PolicySet::compile(
+                    store.policies().map(|p| p.as_ref()),
+                    &root_namespace,
+                ));
                 for r in set.reports() {
                     for e in &r.errors {
                         error!(policy = %r.key, "policy rejected: {e}");
@@ -45,7 +48,10 @@ pub async fn run(
                 cache.clear();
                 tx.send_replace(set.clone());
                 let closed = live.recheck(&set, &cache);
-                info!(policies = store.policies().count(), closed, "policies updated");
+                info!(
+                    policies = store.policies().count(),
+                    closed, "policies updated"
+                );
             }
         }
         if config.changed().await.is_err() {
@@ -55,8 +61,15 @@ pub async fn run(
 }
 
 /// Whether an inbound connection may proceed, with the reason when not.
-pub fn check(set: &PolicySet, cache: &DecisionCache, pod: &Pod, conn: &Connection) -> Result<(), String> {
-    if conn.src_identity.is_none() && set.mtls_mode(&pod.workload, conn.dst_port) == MtlsMode::Strict {
+pub fn check(
+    set: &PolicySet,
+    cache: &DecisionCache,
+    pod: &Pod,
+    conn: &Connection,
+) -> Result<(), String> {
+    if conn.src_identity.is_none()
+        && set.mtls_mode(&pod.workload, conn.dst_port) == MtlsMode::Strict
+    {
         return Err("PeerAuthentication STRICT: plaintext refused".to_string());
     }
     match cache.authorize(set, conn, &pod.workload) {
@@ -88,7 +101,11 @@ pub struct LiveGuard {
 
 impl Drop for LiveGuard {
     fn drop(&mut self) {
-        self.registry.map.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.id);
+        self.registry
+            .map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
     }
 }
 
@@ -96,11 +113,19 @@ impl LiveConns {
     pub fn register(self: &Arc<Self>, pod: Arc<Pod>, conn: Connection) -> LiveGuard {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let cancel = Arc::new(Notify::new());
-        self.map
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, Live { pod, conn, cancel: cancel.clone() });
-        LiveGuard { id, registry: self.clone(), cancel }
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).insert(
+            id,
+            Live {
+                pod,
+                conn,
+                cancel: cancel.clone(),
+            },
+        );
+        LiveGuard {
+            id,
+            registry: self.clone(),
+            cancel,
+        }
     }
 
     /// Closes every live connection `set` now denies; returns how many.

@@ -6,10 +6,10 @@ use std::collections::HashSet;
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use meshcore::Identity;
 use meshcore::hbone::Pool;
 use meshcore::proto::config::Workload;
 use meshcore::store::{canonical, workload_identity};
-use meshcore::Identity;
 
 use meshcore::policy::DecisionCache;
 
@@ -48,8 +48,18 @@ pub struct Pod {
 impl Pod {
     pub fn new(workload: Arc<Workload>, netns: Netns) -> Pod {
         let identity = workload_identity(&workload);
-        let ips = workload.ips.iter().filter_map(|s| s.parse().ok()).map(canonical).collect();
-        Pod { workload, identity, ips, netns }
+        let ips = workload
+            .ips
+            .iter()
+            .filter_map(|s| s.parse().ok())
+            .map(canonical)
+            .collect();
+        Pod {
+            workload,
+            identity,
+            ips,
+            netns,
+        }
     }
 
     pub fn owns(&self, ip: IpAddr) -> bool {
@@ -59,5 +69,8 @@ impl Pod {
 
 /// A mesh port that captured traffic must never be sent to (it would loop into ztunnel).
 pub fn is_mesh_port(port: u16) -> bool {
-    matches!(port, meshcore::HBONE_PORT | meshcore::OUTBOUND_PORT | meshcore::INBOUND_PLAINTEXT_PORT)
+    matches!(
+        port,
+        meshcore::HBONE_PORT | meshcore::OUTBOUND_PORT | meshcore::INBOUND_PLAINTEXT_PORT
+    )
 }

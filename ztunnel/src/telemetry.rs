@@ -20,7 +20,8 @@ pub struct End<'a> {
 }
 
 fn label<'a>(w: &'a Workload, keys: &[&str]) -> Option<&'a str> {
-    keys.iter().find_map(|k| w.labels.get(*k).map(String::as_str))
+    keys.iter()
+        .find_map(|k| w.labels.get(*k).map(String::as_str))
 }
 
 struct Described {
@@ -40,14 +41,34 @@ fn describe(end: End<'_>) -> Described {
     match end.workload {
         Some(w) => Described {
             workload: w.name.clone(),
-            canonical_service: label(w, &["service.istio.io/canonical-name", "app.kubernetes.io/name", "app"])
-                .unwrap_or(&w.name)
-                .to_string(),
-            canonical_revision: label(w, &["service.istio.io/canonical-revision", "app.kubernetes.io/version", "version"])
-                .unwrap_or("latest")
-                .to_string(),
+            canonical_service: label(
+                w,
+                &[
+                    "service.istio.io/canonical-name",
+                    "app.kubernetes.io/name",
+                    "app",
+                ],
+            )
+            .unwrap_or(&w.name)
+            .to_string(),
+            canonical_revision: label(
+                w,
+                &[
+                    "service.istio.io/canonical-revision",
+                    "app.kubernetes.io/version",
+                    "version",
+                ],
+            )
+            .unwrap_or("latest")
+            .to_string(),
             namespace: w.namespace.clone(),
-            principal: principal.unwrap_or_else(|| if w.captured { workload_identity(w).to_string() } else { unknown() }),
+            principal: principal.unwrap_or_else(|| {
+                if w.captured {
+                    workload_identity(w).to_string()
+                } else {
+                    unknown()
+                }
+            }),
             app: label(w, &["app"]).map_or_else(unknown, str::to_string),
             version: label(w, &["version"]).map_or_else(unknown, str::to_string),
             cluster: CLUSTER.to_string(),
@@ -66,7 +87,13 @@ fn describe(end: End<'_>) -> Described {
 }
 
 /// Labels for a connection as `reporter` ("source" or "destination") sees it.
-pub fn tcp_labels(reporter: &str, src: End<'_>, dst: End<'_>, service: Option<&Service>, mtls: bool) -> TcpLabels {
+pub fn tcp_labels(
+    reporter: &str,
+    src: End<'_>,
+    dst: End<'_>,
+    service: Option<&Service>,
+    mtls: bool,
+) -> TcpLabels {
     let (s, d) = (describe(src), describe(dst));
     let mut l = TcpLabels::unknown(reporter);
     l.source_workload = s.workload;
