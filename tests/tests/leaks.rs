@@ -7,7 +7,12 @@ fn nothing_left_behind() {
     if !mesh_tests::privileged() {
         return;
     }
-    let left = testbed::leftovers();
+    // Runs whose owner is still alive belong to someone else working on this machine right now
+    // (a demo, another test run), not to this suite: every test process has exited by now.
+    let left: Vec<String> = testbed::leftovers()
+        .into_iter()
+        .filter(|l| !owner_alive(l))
+        .collect();
     assert!(left.is_empty(), "left behind by the test suite: {left:#?}");
     // No pinned eBPF state of any ztunnel.
     let pins: Vec<String> = std::fs::read_dir("/sys/fs/bpf")
@@ -26,7 +31,15 @@ fn nothing_left_behind() {
     let mut running = Vec::new();
     for entry in std::fs::read_dir("/proc").expect("read /proc").flatten() {
         let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
-        if matches!(comm.trim(), "ztunnel" | "meshd" | "mesh-echo") {
+        // Orphans only: a process of a live run still has its owner as parent.
+        let ppid = std::fs::read_to_string(entry.path().join("stat"))
+            .ok()
+            .and_then(|st| {
+                st.rsplit_once(") ")
+                    .and_then(|(_, rest)| rest.split_whitespace().nth(1).map(str::to_string))
+            })
+            .unwrap_or_default();
+        if matches!(comm.trim(), "ztunnel" | "meshd" | "mesh-echo") && ppid == "1" {
             running.push(format!(
                 "{} ({})",
                 comm.trim(),
@@ -35,4 +48,18 @@ fn nothing_left_behind() {
         }
     }
     assert!(running.is_empty(), "processes still running: {running:?}");
+}
+
+/// Whether the run named in a leftover line (`… (run <pid>-<hex>)`) is owned by a live process.
+fn owner_alive(line: &str) -> bool {
+    let pid = line
+        .rsplit_once("(run ")
+        .and_then(|(_, run)| run.split('-').next())
+        .and_then(|p| p.parse::<i32>().ok());
+    match pid {
+        Some(pid) if pid as u32 != std::process::id() => {
+            std::path::Path::new(&format!("/proc/{pid}")).exists()
+        }
+        _ => false,
+    }
 }
