@@ -980,6 +980,87 @@ fn fast_path_same_node_integrity_deny_and_live_close() {
     .unwrap();
 }
 
+/// One SINK connection from the client pod to `dst`: `n` bytes written as fast as the kernel
+/// takes them (64 KiB writes), then a half-close; returns the server's byte count (its reply,
+/// which must travel back after our FIN), the reply's length and our local port.
+fn sink_half_close(pod: &testbed::Pod, dst: SocketAddr, n: usize) -> (u64, u64, u16) {
+    let s = pod
+        .netns
+        .enter(move || TcpStream::connect_timeout(&dst, Duration::from_secs(5)))
+        .unwrap()
+        .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
+    (&s).write_all(b"SINK\n").unwrap();
+    let chunk = vec![0xA5u8; 64 << 10];
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(chunk.len());
+        (&s).write_all(&chunk[..k]).unwrap();
+        left -= k;
+    }
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut reply = String::new();
+    (&s).read_to_string(&mut reply).unwrap_or_else(|e| {
+        panic!("reading the SINK reply after half-close to {dst}: {e} (got {reply:?})")
+    });
+    let v: serde_json::Value = serde_json::from_str(reply.trim())
+        .unwrap_or_else(|e| panic!("bad SINK reply {reply:?} from {dst}: {e}"));
+    (
+        v["received"].as_u64().expect("received"),
+        reply.len() as u64,
+        s.local_addr().unwrap().port(),
+    )
+}
+
+#[test]
+fn fast_path_bulk_one_way_then_half_close_v4_v6() {
+    if !privileged() {
+        return;
+    }
+    let mesh = LocalMesh::start(MeshOptions {
+        capture: "ebpf".into(),
+        fast_path: true,
+        ..MeshOptions::default()
+    })
+    .expect("start mesh");
+    mesh.apply("00-fast.yaml", FAST_MANIFESTS).unwrap();
+    mesh.wait_listening("f", "server", 8080).unwrap();
+    mesh.wait_enrolled("f", "client").unwrap();
+    mesh.wait_enrolled("f", "server").unwrap();
+    let client = mesh.pod("f", "client").unwrap();
+    let server = mesh.pod("f", "server").unwrap();
+    const N: usize = 64 << 20;
+    for ip in [IpAddr::from(server.ip4), IpAddr::from(server.ip6.unwrap())] {
+        let dst = SocketAddr::new(ip, 8080);
+        // A one-way blast far faster than the server leg drains, then our FIN: every byte must
+        // reach the server before its EOF, and its reply must come back. On failure, ztunnel's
+        // side of the story (its access-log line names the error).
+        let (received, reply_len, port) =
+            match std::panic::catch_unwind(|| sink_half_close(&client, dst, N)) {
+                Ok(r) => r,
+                Err(e) => {
+                    let log = mesh.ztunnel_log(0);
+                    let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                    panic!(
+                        "{:?}\nztunnel log tail:\n{}",
+                        e.downcast_ref::<String>(),
+                        tail.join("\n")
+                    );
+                }
+            };
+        assert_eq!(
+            received, N as u64,
+            "server counted {received} of {N} bytes via {dst}"
+        );
+        let e = wait_for_entry(&mesh, 0, port);
+        assert_eq!(e["fast_path"], true, "not spliced: {e}");
+        assert_eq!(field(&e, "message"), "connection complete", "{e}");
+        assert_eq!(e["received"].as_u64(), Some(N as u64 + 5), "{e}");
+        assert_eq!(e["sent"].as_u64(), Some(reply_len), "{e}");
+    }
+}
+
 /// The outbound access-log entry of node `node` for the client port `port`.
 fn wait_for_entry(mesh: &LocalMesh, node: usize, port: u16) -> serde_json::Value {
     let mut found = None;

@@ -376,6 +376,9 @@ impl Ebpf {
         let ca = socket_cookie(a).map_err(io_err("getsockopt(SO_COOKIE)"))?;
         let cb = socket_cookie(b).map_err(io_err("getsockopt(SO_COOKIE)"))?;
         let spliced = Spliced { a: ca, b: cb };
+        for fd in [a, b] {
+            set_splice_sndbuf(fd).map_err(io_err("setsockopt(SO_SNDBUF)"))?;
+        }
         let mut m = maps.lock().unwrap_or_else(|p| p.into_inner());
         let map_err = |name: &str| {
             let name = name.to_string();
@@ -686,6 +689,36 @@ fn socket_cookie(fd: RawFd) -> io::Result<u64> {
         return Err(io::Error::last_os_error());
     }
     Ok(cookie)
+}
+
+/// Send buffer of a spliced leg (the kernel doubles it for overhead).
+///
+/// The kernel's forwarding worker writes into a leg until its send buffer is full, then
+/// reschedules itself one jiffy later (`sk_psock_backlog`: `schedule_delayed_work(.., 1)`; a
+/// write-space wakeup cannot advance a pending delayed work). With the default autotuned
+/// buffer (`tcp_wmem` max, 4 MiB) and HZ=250 that caps a stream at about 8 Gbit/s, less in
+/// practice; the buffer must hold a jiffy's worth of the link. Set with `SO_SNDBUFFORCE`
+/// (ztunnel has CAP_NET_ADMIN), else `SO_SNDBUF` (capped by `net.core.wmem_max`).
+const SPLICE_SNDBUF: libc::c_int = 8 << 20;
+
+fn set_splice_sndbuf(fd: RawFd) -> io::Result<()> {
+    let set = |opt| {
+        // SAFETY: a valid int option value of the stated size.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                (&SPLICE_SNDBUF as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    };
+    set(libc::SO_SNDBUFFORCE).or_else(|_| set(libc::SO_SNDBUF))
 }
 
 fn set_rcvlowat(fd: RawFd) -> io::Result<()> {

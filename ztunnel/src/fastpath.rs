@@ -167,7 +167,7 @@ fn source_ip(src: &Pod, target: IpAddr) -> IpAddr {
 }
 
 const TCP_CLOSE: u8 = 7;
-/// States in which the peer's FIN has arrived.
+/// States in which the peer's FIN (or a reset: CLOSE) has arrived.
 const FIN_RECEIVED: [u8; 5] = [
     6,  /* TIME_WAIT */
     7,  /* CLOSE */
@@ -180,7 +180,12 @@ const FIN_RECEIVED: [u8; 5] = [
 struct Leg<'a> {
     s: &'a TcpStream,
     cookie: u64,
+    /// [`written`] of this leg before the splice: later growth is what the kernel forwarded
+    /// into it.
+    base: u64,
+    /// The peer's FIN has arrived on this leg.
     fin: bool,
+    /// That FIN has been passed on (the other leg's write side shut down).
     forwarded: bool,
 }
 
@@ -192,10 +197,14 @@ async fn splice_until(
     b: &TcpStream,
     cancel: impl Future<Output = ()>,
 ) -> Result<Outcome, (FastPathError, Totals)> {
+    // Taken before the splice: nothing has been written to either leg yet.
+    let bases = written(a.as_raw_fd())
+        .and_then(|wa| Ok((wa, written(b.as_raw_fd())?)))
+        .map_err(|e| (e.into(), Totals::default()))?;
     let spliced = ebpf
         .splice(a.as_raw_fd(), b.as_raw_fd())
         .map_err(|e| (e.into(), Totals::default()))?;
-    let r = watch(ebpf, spliced, a, b, cancel).await;
+    let r = watch(ebpf, spliced, [(a, bases.0), (b, bases.1)], cancel).await;
     let totals = Totals {
         client_to_server: ebpf.spliced_bytes(spliced.a),
         server_to_client: ebpf.spliced_bytes(spliced.b),
@@ -209,71 +218,87 @@ async fn splice_until(
 }
 
 /// Ok(true) when cancelled, Ok(false) when both directions ended.
-async fn watch(
+///
+/// How the kernel forwards (`sk_psock_skb_redirect`, Linux 6.x): a redirected skb is taken off
+/// the receiving leg at once (its receive window reopens, so the sender is never slowed) and
+/// queued on the *other* leg's psock, whose worker writes it into that leg's send buffer when
+/// there is room. The counter of a leg ([`Ebpf::spliced_bytes`]) therefore runs ahead of what
+/// the other leg has actually been given, by up to everything the sender managed to push. The
+/// FIN is one more skb in that queue, of length 0: when the worker reaches it (after every byte
+/// before it), "sending" it fails and the kernel reports EPIPE on the other leg and stops that
+/// psock's transmit side. Hence:
+/// - a FIN is passed on (`shutdown(SHUT_WR)` of the other leg) only once the other leg's send
+///   side holds every byte counted before it ([`written`] growth ≥ counter), polled with a
+///   short backoff while a leg drains: the queue has no event of its own;
+/// - EPIPE on a leg whose other leg has had its FIN is that marker, not a failure;
+/// - the counter is read only after the FIN state: both change in the same softirq under the
+///   receiving socket's lock, which `TCP_INFO` takes, so the count read after it is final.
+async fn watch<'a>(
     ebpf: &Ebpf,
     spliced: Spliced,
-    a: &TcpStream,
-    b: &TcpStream,
+    streams: [(&'a TcpStream, u64); 2],
     cancel: impl Future<Output = ()>,
 ) -> io::Result<bool> {
     let mut cancel = pin!(cancel);
-    let mut legs = [
-        Leg {
-            s: a,
-            cookie: spliced.a,
-            fin: false,
-            forwarded: false,
-        },
-        Leg {
-            s: b,
-            cookie: spliced.b,
-            fin: false,
-            forwarded: false,
-        },
-    ];
+    let (a, b) = (streams[0].0, streams[1].0);
+    let leg = |(s, base): (&'a TcpStream, u64), cookie| Leg {
+        s,
+        cookie,
+        base,
+        fin: false,
+        forwarded: false,
+    };
+    let mut legs = [leg(streams[0], spliced.a), leg(streams[1], spliced.b)];
+    let mut backoff = DRAIN_POLL_MIN;
     loop {
+        // FIN (or reset: CLOSE) state first, for both legs: an EPIPE below is judged against it.
+        for l in legs.iter_mut().filter(|l| !l.fin) {
+            l.fin = fin_received(l.s)?;
+        }
+        for i in 0..2 {
+            if let Some(e) = legs[i].s.take_error()? {
+                // The other leg's FIN reached the end of this leg's forwarding queue (see above);
+                // its state is re-read, as it may have changed since the pass above.
+                let other = &mut legs[1 - i];
+                if e.raw_os_error() != Some(libc::EPIPE) || !(other.fin || fin_received(other.s)?) {
+                    return Err(e);
+                }
+                other.fin = true;
+            }
+        }
+        let mut progress = false;
         for i in 0..2 {
             let (me, other) = (&legs[i], &legs[1 - i]);
-            let mut fin = me.fin;
-            let mut forwarded = me.forwarded;
-            if !fin {
-                match me.s.take_error()? {
-                    // After we shut this leg's write side (the other leg's FIN forwarded), the
-                    // kernel's forwarding of the FIN-carrying skb reports EPIPE here: harmless.
-                    Some(e) if e.raw_os_error() == Some(libc::EPIPE) && other.forwarded => {}
-                    Some(e) => return Err(e),
-                    None => {}
-                }
-                let (state, _) = tcp_info(me.s.as_raw_fd())?;
-                fin = FIN_RECEIVED.contains(&state);
-                if state == TCP_CLOSE && !forwarded {
-                    // Closed without our FIN being forwarded yet: only a reset does that
-                    // unless the error was already taken above.
-                    fin = true;
-                }
-            }
-            if fin && !forwarded {
-                // Half-close only once the other leg has everything that arrived before the
-                // FIN: shutting it down earlier would cut off bytes still queued in the kernel.
-                let (_, acked) = tcp_info(other.s.as_raw_fd())?;
-                if acked >= ebpf.spliced_bytes(me.cookie) {
+            if me.fin && !me.forwarded {
+                let counted = ebpf.spliced_bytes(me.cookie);
+                let given = written(other.s.as_raw_fd())?.wrapping_sub(other.base);
+                if given >= counted {
                     shutdown_write(other.s.as_raw_fd());
-                    forwarded = true;
+                    legs[i].forwarded = true;
+                    progress = true;
+                } else if tcp_info(other.s.as_raw_fd())?.0 == TCP_CLOSE {
+                    // Reset before it had everything (its write side is still ours to shut,
+                    // so nothing else closes it): the rest can never be delivered.
+                    return Err(io::ErrorKind::ConnectionReset.into());
                 }
             }
-            legs[i].fin = fin;
-            legs[i].forwarded = forwarded;
         }
         if legs.iter().all(|l| l.forwarded) {
             return Ok(false);
         }
         let draining = legs.iter().any(|l| l.fin && !l.forwarded);
-        // FINs and resets wake the readiness futures; the kernel's forwarding progress (while
-        // draining before a half-close) has no event, so it is polled.
+        // FINs, resets and errors wake the readiness futures; the kernel's forwarding progress
+        // (while draining before a half-close) has no event, so it is polled, backing off.
         let pause = if draining {
-            Duration::from_millis(1)
+            if progress {
+                backoff = DRAIN_POLL_MIN;
+            }
+            let p = backoff;
+            backoff = (backoff * 2).min(DRAIN_POLL_MAX);
+            p
         } else {
-            Duration::from_millis(200)
+            backoff = DRAIN_POLL_MIN;
+            IDLE_POLL
         };
         let (fa, fb) = (legs[0].fin, legs[1].fin);
         tokio::select! {
@@ -286,6 +311,14 @@ async fn watch(
     }
 }
 
+const DRAIN_POLL_MIN: Duration = Duration::from_millis(1);
+const DRAIN_POLL_MAX: Duration = Duration::from_millis(8);
+const IDLE_POLL: Duration = Duration::from_millis(200);
+
+fn fin_received(s: &TcpStream) -> io::Result<bool> {
+    Ok(FIN_RECEIVED.contains(&tcp_info(s.as_raw_fd())?.0))
+}
+
 fn clear_readiness(s: &TcpStream) {
     let _ = s.try_io(Interest::READABLE, || {
         Err::<(), _>(io::ErrorKind::WouldBlock.into())
@@ -295,6 +328,20 @@ fn clear_readiness(s: &TcpStream) {
 fn shutdown_write(fd: RawFd) {
     // SAFETY: shutdown on a socket fd we own; errors (peer already gone) are moot here.
     unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+}
+
+/// Bytes ever written into this socket's send side: acknowledged (`tcpi_bytes_acked`) plus
+/// still queued (`SIOCOUTQ`), read in that order so that a concurrent ACK can only make the
+/// sum smaller than the truth, never larger. Compared as growth since a baseline taken before
+/// splicing (the handshake may count in `tcpi_bytes_acked`).
+fn written(fd: RawFd) -> io::Result<u64> {
+    let (_, acked) = tcp_info(fd)?;
+    let mut outq: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ (= TIOCOUTQ) writes one int.
+    if unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut outq) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(acked + outq.max(0) as u64)
 }
 
 /// (tcpi_state, tcpi_bytes_acked) of a TCP socket.
