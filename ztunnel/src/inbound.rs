@@ -22,44 +22,35 @@ use meshcore::policy::Connection;
 use crate::copy::{self, Outcome, Totals};
 use crate::metrics::{FLAG_CONNECT, FLAG_DENY};
 use crate::policy::check;
-use crate::proxy::{Ctx, Pod, is_mesh_port};
+use crate::proxy::{Ctx, Pod, accept_loop, is_mesh_port};
 use crate::telemetry::{End, tcp_labels};
 
 /// Accepts HBONE connections on one of the pod's 15008 listeners until aborted.
 pub async fn serve_hbone(ctx: Arc<Ctx>, pod: Arc<Pod>, listener: TcpListener) {
-    loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                warn!(pod = %pod.workload.uid, error = %e, "HBONE accept failed");
-                tokio::task::yield_now().await;
-                continue;
-            }
-        };
-        let (ctx, pod) = (ctx.clone(), pod.clone());
-        tokio::spawn(async move {
-            let entry = match ctx.certs.get(&pod.identity).await {
-                Ok(e) => e,
-                Err(e) => {
-                    warn!(pod = %pod.workload.uid, %peer, error = %e, "HBONE connection refused: no certificate");
-                    return;
-                }
-            };
-            let (handler_ctx, handler_pod) = (ctx.clone(), pod.clone());
-            let handler = move |req: InboundRequest| {
-                handle_connect(handler_ctx.clone(), handler_pod.clone(), req)
-            };
-            if let Err(e) = meshcore::hbone::serve_connection(
-                tcp,
-                entry.server_tls.clone(),
-                ServerSettings::default(),
-                handler,
-            )
-            .await
-            {
-                warn!(pod = %pod.workload.uid, %peer, error = %e, "HBONE connection ended with error");
-            }
-        });
+    accept_loop(ctx, pod, listener, "HBONE", hbone_connection).await
+}
+
+/// One accepted HBONE connection: TLS with the pod's current certificate, then HTTP/2.
+async fn hbone_connection(ctx: Arc<Ctx>, pod: Arc<Pod>, tcp: TcpStream, peer: SocketAddr) {
+    let entry = match ctx.certs.get(&pod.identity).await {
+        Ok(e) => e,
+        Err(e) => {
+            warn!(pod = %pod.workload.uid, %peer, error = %e, "HBONE connection refused: no certificate");
+            return;
+        }
+    };
+    let (handler_ctx, handler_pod) = (ctx.clone(), pod.clone());
+    let handler =
+        move |req: InboundRequest| handle_connect(handler_ctx.clone(), handler_pod.clone(), req);
+    if let Err(e) = meshcore::hbone::serve_connection(
+        tcp,
+        entry.server_tls.clone(),
+        ServerSettings::default(),
+        handler,
+    )
+    .await
+    {
+        warn!(pod = %pod.workload.uid, %peer, error = %e, "HBONE connection ended with error");
     }
 }
 
@@ -169,18 +160,7 @@ fn response_headers(pod: &Pod) -> HeaderMap {
 
 /// Accepts captured plaintext on one of the pod's 15006 listeners until aborted.
 pub async fn serve_plaintext(ctx: Arc<Ctx>, pod: Arc<Pod>, listener: TcpListener) {
-    loop {
-        match listener.accept().await {
-            Ok((tcp, peer)) => {
-                let (ctx, pod) = (ctx.clone(), pod.clone());
-                tokio::spawn(async move { plaintext(ctx, pod, tcp, peer).await });
-            }
-            Err(e) => {
-                warn!(pod = %pod.workload.uid, error = %e, "plaintext accept failed");
-                tokio::task::yield_now().await;
-            }
-        }
-    }
+    accept_loop(ctx, pod, listener, "plaintext", plaintext).await
 }
 
 async fn plaintext(ctx: Arc<Ctx>, pod: Arc<Pod>, mut tcp: TcpStream, peer: SocketAddr) {

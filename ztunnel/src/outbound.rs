@@ -20,7 +20,7 @@ use tracing::{debug, info, warn};
 
 use crate::copy;
 use crate::metrics::{FLAG_CONNECT, FLAG_DENY};
-use crate::proxy::{Ctx, Pod, is_mesh_port};
+use crate::proxy::{Ctx, Pod, accept_loop, is_mesh_port};
 use crate::telemetry::{End, tcp_labels};
 
 /// Where a captured outbound connection goes.
@@ -104,18 +104,7 @@ fn pick_ip(w: &Workload, dialled: IpAddr) -> Option<IpAddr> {
 
 /// Accepts on one of the pod's outbound listeners until the task is aborted.
 pub async fn serve(ctx: Arc<Ctx>, pod: Arc<Pod>, listener: TcpListener) {
-    loop {
-        match listener.accept().await {
-            Ok((tcp, peer)) => {
-                let (ctx, pod) = (ctx.clone(), pod.clone());
-                tokio::spawn(async move { handle(ctx, pod, tcp, peer).await });
-            }
-            Err(e) => {
-                warn!(pod = %pod.workload.uid, error = %e, "outbound accept failed");
-                tokio::task::yield_now().await;
-            }
-        }
-    }
+    accept_loop(ctx, pod, listener, "outbound", handle).await
 }
 
 async fn handle(ctx: Arc<Ctx>, pod: Arc<Pod>, mut tcp: TcpStream, peer: SocketAddr) {

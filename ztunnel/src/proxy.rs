@@ -67,6 +67,32 @@ impl Pod {
     }
 }
 
+/// Accepts on one of a pod's listeners until the task is aborted, handling each connection
+/// on a task of its own. An accept error (e.g. out of file descriptors) is logged and retried
+/// after yielding, so one bad moment never closes the listener.
+pub async fn accept_loop<F, Fut>(
+    ctx: Arc<Ctx>,
+    pod: Arc<Pod>,
+    listener: tokio::net::TcpListener,
+    listener_kind: &'static str,
+    handle: F,
+) where
+    F: Fn(Arc<Ctx>, Arc<Pod>, tokio::net::TcpStream, std::net::SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        match listener.accept().await {
+            Ok((tcp, peer)) => {
+                tokio::spawn(handle(ctx.clone(), pod.clone(), tcp, peer));
+            }
+            Err(e) => {
+                tracing::warn!(pod = %pod.workload.uid, listener = listener_kind, error = %e, "accept failed");
+                tokio::task::yield_now().await;
+            }
+        }
+    }
+}
+
 /// A mesh port that captured traffic must never be sent to (it would loop into ztunnel).
 pub fn is_mesh_port(port: u16) -> bool {
     matches!(
