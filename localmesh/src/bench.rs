@@ -59,8 +59,6 @@ pub struct Row {
     pub unit: &'static str,
     pub raw: f64,
     pub mesh: f64,
-    /// Whether bigger is better (for the reading of the ratio).
-    pub higher_is_better: bool,
 }
 
 pub fn run(opts: BenchOptions) -> anyhow::Result<Vec<Row>> {
@@ -76,73 +74,27 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<Vec<Row>> {
     }
     mesh.wait_enrolled("bench-mesh", "client")?;
     mesh.wait_enrolled("bench-mesh", "server")?;
-    let secs = format!("{}ms", opts.duration.as_millis());
-    let measure = |ns: &str, args: &[&str]| -> anyhow::Result<Value> {
-        let server = mesh.pod(ns, "server")?;
-        let addr = format!("{}:8080", server.ip4);
-        let echo = mesh.bins.echo.display().to_string();
-        let mut argv = vec![echo.as_str()];
-        argv.extend_from_slice(args);
-        argv.extend_from_slice(&["--addr", &addr, "--duration", &secs]);
-        let out = mesh.exec(ns, "client", &argv)?;
-        if !out.status.success() {
-            bail!(
-                "{ns}: {:?} failed: {}",
-                args,
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        serde_json::from_slice(&out.stdout)
-            .with_context(|| format!("{ns}: parsing {}", String::from_utf8_lossy(&out.stdout)))
-    };
-    let num = |v: &Value, k: &str| v.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
-    let mut rows = Vec::new();
     // Interleave raw and mesh per figure so drift on the shared machine hits both alike.
-    let bulk = [
-        measure("bench-raw", &["bench-bulk"])?,
-        measure("bench-mesh", &["bench-bulk"])?,
-    ];
-    rows.push(Row {
-        name: "bulk throughput, 1 stream",
-        unit: "Gbit/s",
-        raw: num(&bulk[0], "gbit_per_s"),
-        mesh: num(&bulk[1], "gbit_per_s"),
-        higher_is_better: true,
-    });
-    let rr = [
-        measure("bench-raw", &["bench-rr", "--size", "1024"])?,
-        measure("bench-mesh", &["bench-rr", "--size", "1024"])?,
-    ];
-    rows.push(Row {
-        name: "1 KiB request/response p50",
-        unit: "µs",
-        raw: num(&rr[0], "p50_us"),
-        mesh: num(&rr[1], "p50_us"),
-        higher_is_better: false,
-    });
-    rows.push(Row {
-        name: "1 KiB request/response p99",
-        unit: "µs",
-        raw: num(&rr[0], "p99_us"),
-        mesh: num(&rr[1], "p99_us"),
-        higher_is_better: false,
-    });
-    let conn = [
-        measure("bench-raw", &["bench-conn", "--concurrency", "8"])?,
-        measure("bench-mesh", &["bench-conn", "--concurrency", "8"])?,
-    ];
-    rows.push(Row {
-        name: "new connections (8 workers)",
-        unit: "conn/s",
-        raw: num(&conn[0], "per_sec"),
-        mesh: num(&conn[1], "per_sec"),
-        higher_is_better: true,
-    });
+    let d = opts.duration;
+    let both = |args: &[&str]| -> anyhow::Result<[Value; 2]> {
+        Ok([
+            measure_pair(&mesh, "bench-raw", d, args)?,
+            measure_pair(&mesh, "bench-mesh", d, args)?,
+        ])
+    };
+    let bulk = both(&["bench-bulk"])?;
+    let rr = both(&["bench-rr", "--size", "1024"])?;
+    let conn = both(&["bench-conn", "--concurrency", "8"])?;
     let errors = num(&conn[1], "errors");
     if errors > 0.0 {
         eprintln!("warning: {errors} connection errors through the mesh during bench-conn");
     }
-    Ok(rows)
+    Ok(vec![
+        row("bulk throughput, 1 stream", "Gbit/s", &bulk, "gbit_per_s"),
+        row("1 KiB request/response p50", "µs", &rr, "p50_us"),
+        row("1 KiB request/response p99", "µs", &rr, "p99_us"),
+        row("new connections (8 workers)", "conn/s", &conn, "per_sec"),
+    ])
 }
 
 /// A mesh with one ambient client/server pair (`bench-mesh`); the server on node-1, the client
@@ -164,9 +116,13 @@ fn pair_mesh(opts: MeshOptions, same_node: bool) -> anyhow::Result<LocalMesh> {
     Ok(mesh)
 }
 
-/// Runs `mesh-echo <args>` in the pair's client against its server; the JSON report.
-fn measure_pair(mesh: &LocalMesh, duration: Duration, args: &[&str]) -> anyhow::Result<Value> {
-    let ns = "bench-mesh";
+/// Runs `mesh-echo <args>` in namespace `ns`'s client against its server; the JSON report.
+pub(crate) fn measure_pair(
+    mesh: &LocalMesh,
+    ns: &str,
+    duration: Duration,
+    args: &[&str],
+) -> anyhow::Result<Value> {
     let server = mesh.pod(ns, "server")?;
     let addr = format!("{}:8080", server.ip4);
     let secs = format!("{}ms", duration.as_millis());
@@ -176,7 +132,10 @@ fn measure_pair(mesh: &LocalMesh, duration: Duration, args: &[&str]) -> anyhow::
     argv.extend_from_slice(&["--addr", &addr, "--duration", &secs]);
     let out = mesh.exec(ns, "client", &argv)?;
     if !out.status.success() {
-        bail!("{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "{ns}: {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     serde_json::from_slice(&out.stdout)
         .with_context(|| format!("parsing {}", String::from_utf8_lossy(&out.stdout)))
@@ -184,6 +143,16 @@ fn measure_pair(mesh: &LocalMesh, duration: Duration, args: &[&str]) -> anyhow::
 
 fn num(v: &Value, k: &str) -> f64 {
     v.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN)
+}
+
+/// A row comparing figure `key` of two reports (first → `raw`, second → `mesh`).
+fn row(name: &'static str, unit: &'static str, pair: &[Value; 2], key: &str) -> Row {
+    Row {
+        name,
+        unit,
+        raw: num(&pair[0], key),
+        mesh: num(&pair[1], key),
+    }
 }
 
 /// eBPF vs nftables capture, cross-node, same run. In the rows `raw` is nftables, `mesh` eBPF.
@@ -195,43 +164,25 @@ pub fn run_capture(opts: BenchOptions) -> anyhow::Result<Vec<Row>> {
     let nft = pair_mesh(mode("nftables"), false)?;
     let ebpf = pair_mesh(mode("ebpf"), false)?;
     let d = opts.duration;
-    let mut rows = Vec::new();
-    let conn_args = ["bench-conn", "--concurrency", "8"];
-    let conn = [
-        measure_pair(&nft, d, &conn_args)?,
-        measure_pair(&ebpf, d, &conn_args)?,
-    ];
-    rows.push(Row {
-        name: "new connections (8 workers)",
-        unit: "conn/s",
-        raw: num(&conn[0], "per_sec"),
-        mesh: num(&conn[1], "per_sec"),
-        higher_is_better: true,
-    });
-    let rr_args = ["bench-rr", "--size", "1024"];
-    let rr = [
-        measure_pair(&nft, d, &rr_args)?,
-        measure_pair(&ebpf, d, &rr_args)?,
-    ];
-    for (name, k) in [
-        ("1 KiB request/response p50", "p50_us"),
-        ("1 KiB request/response p99", "p99_us"),
-    ] {
-        rows.push(Row {
-            name,
-            unit: "µs",
-            raw: num(&rr[0], k),
-            mesh: num(&rr[1], k),
-            higher_is_better: false,
-        });
-    }
+    let both = |args: &[&str]| -> anyhow::Result<[Value; 2]> {
+        Ok([
+            measure_pair(&nft, "bench-mesh", d, args)?,
+            measure_pair(&ebpf, "bench-mesh", d, args)?,
+        ])
+    };
+    let conn = both(&["bench-conn", "--concurrency", "8"])?;
+    let rr = both(&["bench-rr", "--size", "1024"])?;
     for (c, m) in [(&conn[0], "nftables"), (&conn[1], "ebpf")] {
         let errors = num(c, "errors");
         if errors > 0.0 {
             eprintln!("warning: {errors} connection errors with {m} capture during bench-conn");
         }
     }
-    Ok(rows)
+    Ok(vec![
+        row("new connections (8 workers)", "conn/s", &conn, "per_sec"),
+        row("1 KiB request/response p50", "µs", &rr, "p50_us"),
+        row("1 KiB request/response p99", "µs", &rr, "p99_us"),
+    ])
 }
 
 /// Same-node bulk throughput (eBPF capture) without and with `--fast-path`, same run. In the
@@ -246,16 +197,15 @@ pub fn run_fastpath(opts: BenchOptions) -> anyhow::Result<Vec<Row>> {
     let on = pair_mesh(mode(true), true)?;
     let d = opts.duration;
     let bulk = [
-        measure_pair(&off, d, &["bench-bulk"])?,
-        measure_pair(&on, d, &["bench-bulk"])?,
+        measure_pair(&off, "bench-mesh", d, &["bench-bulk"])?,
+        measure_pair(&on, "bench-mesh", d, &["bench-bulk"])?,
     ];
-    Ok(vec![Row {
-        name: "same-node bulk, 1 stream",
-        unit: "Gbit/s",
-        raw: num(&bulk[0], "gbit_per_s"),
-        mesh: num(&bulk[1], "gbit_per_s"),
-        higher_is_better: true,
-    }])
+    Ok(vec![row(
+        "same-node bulk, 1 stream",
+        "Gbit/s",
+        &bulk,
+        "gbit_per_s",
+    )])
 }
 
 /// Prints rows under a header naming the two columns; ratios are second/first.
@@ -279,21 +229,7 @@ pub fn print_table(title: &str, first: &str, second: &str, rows: &[Row]) {
     }
 }
 
-/// Prints rows as a table with mesh/raw ratios.
+/// Prints the raw-vs-mesh rows of [`run`] with mesh/raw ratios.
 pub fn print(rows: &[Row]) {
-    println!(
-        "{:<32} {:>14} {:>14} {:>10}",
-        "L4, cross-node (same run)", "raw TCP", "mesh (HBONE)", "mesh/raw"
-    );
-    for r in rows {
-        println!(
-            "{:<32} {:>10.2} {:<3} {:>10.2} {:<3} {:>9.2}x",
-            r.name,
-            r.raw,
-            r.unit,
-            r.mesh,
-            r.unit,
-            r.mesh / r.raw
-        );
-    }
+    print_table("L4, cross-node (same run)", "raw TCP", "mesh (HBONE)", rows);
 }

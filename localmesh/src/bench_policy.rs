@@ -8,8 +8,7 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
-use serde_json::Value;
+use anyhow::Context;
 
 use crate::{LocalMesh, MeshOptions, wait_for};
 
@@ -76,32 +75,9 @@ pub fn run(duration: Duration, n: usize) -> anyhow::Result<(f64, f64)> {
     mesh.wait_listening("bench", "server", 8080)?;
     mesh.wait_enrolled("bench", "client")?;
     mesh.wait_enrolled("bench", "server")?;
-    let server = mesh.pod("bench", "server")?;
-    let addr = format!("{}:8080", server.ip4);
-    let echo = mesh.bins.echo.display().to_string();
-    let secs = format!("{}ms", duration.as_millis());
     let rate = || -> anyhow::Result<f64> {
-        let out = mesh.exec(
-            "bench",
-            "client",
-            &[
-                &echo,
-                "bench-conn",
-                "--addr",
-                &addr,
-                "--duration",
-                &secs,
-                "--concurrency",
-                "8",
-            ],
-        )?;
-        if !out.status.success() {
-            bail!(
-                "bench-conn failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        let v: Value = serde_json::from_slice(&out.stdout).context("bench-conn output")?;
+        let args = ["bench-conn", "--concurrency", "8"];
+        let v = crate::bench::measure_pair(&mesh, "bench", duration, &args)?;
         anyhow::ensure!(v["errors"].as_f64() == Some(0.0), "connections failed: {v}");
         v["per_sec"].as_f64().context("no per_sec")
     };
