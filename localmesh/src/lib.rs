@@ -88,6 +88,7 @@ impl LocalMesh {
     pub fn start(opts: MeshOptions) -> anyhow::Result<LocalMesh> {
         let bins = Bins::locate()?;
         testbed::sweep_stale();
+        sweep_orphaned_ebpf(&bins);
         let cluster = Cluster::new(ClusterConfig {
             nodes: opts.nodes,
             ipv6: opts.ipv6,
@@ -523,6 +524,27 @@ impl Drop for LocalMesh {
                 proc.kill();
             }
         }
+    }
+}
+
+/// Removes the pinned eBPF state of ztunnels whose namespace is gone (a run that was killed
+/// before it could clean up, whose namespaces `sweep_stale` just removed). Never touches a live
+/// mesh's state, so it is safe next to other runs; a failure only leaves the orphans.
+fn sweep_orphaned_ebpf(bins: &Bins) {
+    match Command::new(&bins.ztunnel)
+        .args(["cleanup", "--orphans"])
+        .output()
+    {
+        Ok(out) if out.status.success() => {
+            for dir in String::from_utf8_lossy(&out.stdout).lines() {
+                eprintln!("localmesh: removed orphaned eBPF state {dir}");
+            }
+        }
+        Ok(out) => eprintln!(
+            "localmesh: ztunnel cleanup --orphans failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ),
+        Err(e) => eprintln!("localmesh: running ztunnel cleanup --orphans: {e}"),
     }
 }
 

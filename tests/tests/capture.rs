@@ -1077,3 +1077,126 @@ fn wait_for_entry(mesh: &LocalMesh, node: usize, port: u16) -> serde_json::Value
     .unwrap();
     found.unwrap()
 }
+
+/// `ztunnel cleanup --orphans` removes the state of a ztunnel whose node is gone, and nothing
+/// else: not a live ztunnel's, and not a killed one's that may still come back (its pods must
+/// keep failing closed meanwhile).
+#[test]
+fn orphan_cleanup_removes_only_state_of_vanished_nodes() {
+    if !privileged() {
+        return;
+    }
+    let mesh = ebpf_mesh();
+    let live = node_dir(&mesh, 0);
+    let killed = node_dir(&mesh, 1);
+    mesh.stop_ztunnel(1, false);
+
+    // A node that vanishes while its ztunnel is killed: a one-node cluster of its own whose
+    // ztunnel gets as far as pinning its capture (meshd is unreachable, it keeps retrying).
+    let orphan = {
+        let gone = testbed::Cluster::new(testbed::ClusterConfig {
+            nodes: 1,
+            ipv6: false,
+        })
+        .unwrap();
+        let node = gone.nodes()[0].clone();
+        let token = gone.dir().join("token");
+        std::fs::write(&token, "unused").unwrap();
+        let mut cmd = Command::new(&mesh.bins.ztunnel);
+        cmd.args([
+            "--node",
+            "gone",
+            "--capture",
+            "ebpf",
+            "--log-format",
+            "json",
+        ])
+        .arg("--meshd")
+        .arg(format!(
+            "unix:{}",
+            gone.dir().join("no-meshd.sock").display()
+        ))
+        .arg("--token-file")
+        .arg(&token);
+        let mut z = gone.spawn(&node.netns, cmd, "ztunnel-gone").unwrap();
+        let mut dir = None;
+        wait_for(
+            Duration::from_secs(20),
+            "the ztunnel to pin its capture",
+            || {
+                let log = std::fs::read_to_string(z.log_path()).unwrap_or_default();
+                dir = log
+                    .lines()
+                    .filter(|l| l.contains("eBPF capture loaded"))
+                    .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                    .find_map(|v| v["fields"]["dir"].as_str().map(str::to_string));
+                Ok(dir.is_some())
+            },
+        )
+        .unwrap();
+        z.kill();
+        dir.unwrap()
+    }; // the cluster, with its node's namespace, is gone here
+    let guard = OrphanGuard(mesh.bins.ztunnel.clone());
+    assert!(std::path::Path::new(&orphan).exists());
+
+    let cleanup = |dry: bool| {
+        let mut cmd = Command::new(&mesh.bins.ztunnel);
+        cmd.args(["cleanup", "--orphans"]);
+        if dry {
+            cmd.arg("--dry-run");
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let listed = cleanup(true);
+    assert!(
+        listed.lines().any(|l| l == orphan),
+        "{orphan} not listed in {listed:?}"
+    );
+    assert!(
+        !listed.contains(&live) && !listed.contains(&killed),
+        "{listed}"
+    );
+    assert!(
+        std::path::Path::new(&orphan).exists(),
+        "--dry-run removed it"
+    );
+
+    assert!(cleanup(false).lines().any(|l| l == orphan));
+    assert!(!std::path::Path::new(&orphan).exists(), "orphan left");
+    for dir in [&live, &killed] {
+        assert!(std::path::Path::new(dir).exists(), "cleanup removed {dir}");
+    }
+    drop(guard);
+
+    // Node 0 still captures; node 1's pods still fail closed.
+    let legacy = mesh.pod("plain", "legacy").unwrap();
+    let who = mesh
+        .who("a", "client", &format!("{}:8080", legacy.ip4), "x")
+        .unwrap();
+    let e = mesh.wait_access_log(0, "peer", &who.client_local).unwrap();
+    assert_eq!(field(&e, "direction"), "outbound", "{e}");
+    let server = mesh.pod("a", "server").unwrap();
+    assert!(
+        mesh.who("plain", "legacy", &format!("{}:8080", server.ip4), "x")
+            .is_err(),
+        "node 1's ztunnel is down: its pods must fail closed"
+    );
+}
+
+/// Sweeps orphans even when the test fails half-way.
+struct OrphanGuard(std::path::PathBuf);
+
+impl Drop for OrphanGuard {
+    fn drop(&mut self) {
+        let _ = Command::new(&self.0)
+            .args(["cleanup", "--orphans"])
+            .output();
+    }
+}

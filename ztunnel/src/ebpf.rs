@@ -156,6 +156,20 @@ pub fn instance_dir(node: &str) -> Result<PathBuf, EbpfError> {
     Ok(Path::new(BPFFS).join(format!("ztunnel-{safe}-{cookie:x}")))
 }
 
+/// Every ztunnel instance directory under bpffs (any node, live or not).
+pub fn instance_dirs() -> io::Result<Vec<PathBuf>> {
+    let entries = match std::fs::read_dir(BPFFS) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    Ok(entries
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("ztunnel-"))
+        .map(|e| e.path())
+        .collect())
+}
+
 /// Checks the environment can run eBPF capture, saying why not.
 pub fn preflight() -> Result<(), EbpfError> {
     if let Ok(reason) = std::env::var(REFUSE_ENV)
@@ -218,22 +232,27 @@ fn ensure_bpffs() -> Result<(), EbpfError> {
 
 /// The netns cookie of a socket (the namespace it was created in).
 pub fn netns_cookie(fd: RawFd) -> io::Result<u64> {
-    let mut cookie: u64 = 0;
+    getsockopt_u64(fd, SO_NETNS_COOKIE)
+}
+
+/// A `SOL_SOCKET` option whose value is a u64 (the kernel's socket and netns cookies).
+fn getsockopt_u64(fd: RawFd, option: libc::c_int) -> io::Result<u64> {
+    let mut value: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: cookie is a writable u64 and len says so.
+    // SAFETY: value is a writable u64 and len says so.
     let rc = unsafe {
         libc::getsockopt(
             fd,
             libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            (&mut cookie as *mut u64).cast(),
+            option,
+            (&mut value as *mut u64).cast(),
             &mut len,
         )
     };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(cookie)
+    Ok(value)
 }
 
 fn own_netns_cookie() -> Result<u64, EbpfError> {
@@ -673,22 +692,7 @@ fn remove_splice(m: &mut SpliceMaps, s: Spliced) {
 }
 
 fn socket_cookie(fd: RawFd) -> io::Result<u64> {
-    let mut cookie: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: cookie is a writable u64 and len says so.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            SO_COOKIE,
-            (&mut cookie as *mut u64).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(cookie)
+    getsockopt_u64(fd, SO_COOKIE)
 }
 
 /// Send buffer of a spliced leg (the kernel doubles it for overhead).
@@ -815,11 +819,20 @@ fn remove_pin(path: &Path) -> Result<(), EbpfError> {
             let _ = old.unpin();
         }
         Err(_) if !path.exists() => {}
-        Err(_) => {
-            std::fs::remove_file(path).map_err(io_err(format!("removing {}", path.display())))?;
-        }
+        Err(_) => remove_if_present(std::fs::remove_file(path), path)?,
     }
     Ok(())
+}
+
+/// A removal that lost a race with another remover (a concurrent `cleanup`) still succeeded.
+fn remove_if_present(result: io::Result<()>, path: &Path) -> Result<(), EbpfError> {
+    match result {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(EbpfError::Io {
+            what: format!("removing {}", path.display()),
+            source: e,
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// Removes an instance directory and everything pinned in it.
@@ -840,10 +853,10 @@ pub fn remove_dir(dir: &Path) -> Result<(), EbpfError> {
         if name.starts_with("link_") || name.starts_with("sklookup_") {
             remove_pin(&path)?;
         } else {
-            std::fs::remove_file(&path).map_err(io_err(format!("removing {}", path.display())))?;
+            remove_if_present(std::fs::remove_file(&path), &path)?;
         }
     }
-    std::fs::remove_dir(dir).map_err(io_err(format!("removing {}", dir.display())))?;
+    remove_if_present(std::fs::remove_dir(dir), dir)?;
     info!(dir = %dir.display(), "eBPF pins removed");
     Ok(())
 }

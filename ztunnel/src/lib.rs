@@ -3,12 +3,13 @@
 //! Flat modules named by their job: [`meshd`] (the connection to the control plane),
 //! [`config`] (the config subscription), [`certs`] (workload certificates), [`pods`]
 //! (enrollment), [`netns`] (sockets in pod namespaces), [`capture`] (redirecting pod traffic; [`ebpf`] loads
-//! its kernel programs),
+//! its kernel programs; [`cleanup`] removes what a killed one left),
 //! [`outbound`] and [`inbound`] (the proxy paths), [`proxy`] (what those share).
 
 pub mod admin;
 pub mod capture;
 pub mod certs;
+pub mod cleanup;
 pub mod config;
 pub mod copy;
 pub mod dump;

@@ -2,13 +2,13 @@
 //! unenrolls every pod on shutdown (SIGTERM/SIGINT), then removes its pinned eBPF state: a
 //! graceful stop leaves nothing behind. A crash (SIGKILL) leaves the pins, so enrolled pods fail
 //! closed until ztunnel returns and adopts them, or until `ztunnel cleanup --node NAME` removes
-//! them.
+//! them (`--orphans`: every instance whose network namespace is gone).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches, Parser};
 use meshcore::hbone::{Pool, PoolSettings};
 use meshcore::policy::{DecisionCache, PolicySet};
 use tokio::signal::unix::{SignalKind, signal};
@@ -91,27 +91,59 @@ fn init_logging(format: &str) -> LogHandle {
     handle
 }
 
-/// `ztunnel cleanup`: removes every eBPF program, link, pin and map a ztunnel of this node left
-/// (run it in the network namespace that ztunnel ran in, after stopping it).
+/// `ztunnel cleanup`: removes eBPF state a stopped ztunnel left behind — this node's (run it in
+/// the network namespace that ztunnel ran in, after stopping it), or every orphan's.
 #[derive(Parser, Debug)]
 #[command(
     name = "ztunnel cleanup",
-    about = "Remove every eBPF program, link, pin and map a stopped ztunnel left behind"
+    about = "Remove the eBPF programs, links, pins and maps a stopped ztunnel left behind"
 )]
+#[command(group(clap::ArgGroup::new("what").required(true).args(["node", "orphans"])))]
 struct CleanupArgs {
+    /// This node's ztunnel, stopped for good: its pods stop failing closed and go direct.
     #[arg(long, env = "NODE_NAME")]
-    node: String,
+    node: Option<String>,
+    /// Every instance, of any node, whose network namespace no longer exists (always safe:
+    /// live ztunnels and killed ones that may still return are left alone).
+    #[arg(long)]
+    orphans: bool,
+    /// Only list what would be removed, one path per line.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+fn cleanup(args: CleanupArgs) -> anyhow::Result<()> {
+    init_logging("text");
+    if args.orphans {
+        let dirs = if args.dry_run {
+            ztunnel::cleanup::orphaned_instance_dirs().context("finding orphaned eBPF state")?
+        } else {
+            ztunnel::cleanup::remove_orphans()?
+        };
+        for d in &dirs {
+            println!("{}", d.display());
+        }
+        return Ok(());
+    }
+    let node = args.node.context("--node or --orphans is required")?;
+    let dir = ztunnel::ebpf::instance_dir(&node)?;
+    if args.dry_run {
+        if dir.exists() {
+            println!("{}", dir.display());
+        }
+        return Ok(());
+    }
+    ztunnel::ebpf::remove_dir(&dir).with_context(|| format!("cleaning up {}", dir.display()))?;
+    println!("removed {}", dir.display());
+    Ok(())
 }
 
 fn main() -> anyhow::Result<()> {
     if std::env::args().nth(1).as_deref() == Some("cleanup") {
-        let args = CleanupArgs::parse_from(std::env::args().skip(1));
-        init_logging("text");
-        let dir = ztunnel::ebpf::instance_dir(&args.node)?;
-        ztunnel::ebpf::remove_dir(&dir)
-            .with_context(|| format!("cleaning up {}", dir.display()))?;
-        println!("removed {}", dir.display());
-        return Ok(());
+        let matches = CleanupArgs::command()
+            .bin_name("ztunnel cleanup")
+            .get_matches_from(std::env::args().skip(1));
+        return cleanup(CleanupArgs::from_arg_matches(&matches).unwrap_or_else(|e| e.exit()));
     }
     let args = Args::parse();
     let log = init_logging(&args.log_format);
