@@ -40,6 +40,9 @@ pub struct MeshOptions {
     pub capture: String,
     /// ztunnel's `--fast-path` (same-node sockmap splice; eBPF capture only).
     pub fast_path: bool,
+    /// ztunnel's `--unenroll-on-exit`: a graceful stop then removes capture from its pods
+    /// (uninstall) instead of keeping them captured, failing closed (restart).
+    pub unenroll_on_exit: bool,
 }
 
 impl Default for MeshOptions {
@@ -52,6 +55,7 @@ impl Default for MeshOptions {
             log: "info".into(),
             capture: std::env::var("MESH_CAPTURE").unwrap_or_else(|_| "ebpf".into()),
             fast_path: false,
+            unenroll_on_exit: false,
         }
     }
 }
@@ -202,6 +206,9 @@ impl LocalMesh {
         if self.opts.fast_path {
             cmd.arg("--fast-path");
         }
+        if self.opts.unenroll_on_exit {
+            cmd.arg("--unenroll-on-exit");
+        }
         let proc = self
             .cluster
             .spawn(&node.netns, cmd, &format!("ztunnel-{}", node.name))?;
@@ -209,7 +216,8 @@ impl LocalMesh {
         Ok(())
     }
 
-    /// Stops node `i`'s ztunnel: gracefully (SIGTERM, it unenrolls) or not (SIGKILL).
+    /// Stops node `i`'s ztunnel: gracefully (SIGTERM: it closes its listeners, and unenrolls
+    /// its pods if started with `unenroll_on_exit`) or not (SIGKILL).
     pub fn stop_ztunnel(&self, i: usize, graceful: bool) {
         let p = self
             .ztunnels

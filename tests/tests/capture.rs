@@ -54,11 +54,14 @@ spec:
 "#;
 
 fn ebpf_mesh() -> LocalMesh {
-    let mesh = LocalMesh::start(MeshOptions {
+    ebpf_mesh_with(MeshOptions {
         capture: "ebpf".into(),
         ..MeshOptions::default()
     })
-    .expect("start mesh");
+}
+
+fn ebpf_mesh_with(opts: MeshOptions) -> LocalMesh {
+    let mesh = LocalMesh::start(opts).expect("start mesh");
     mesh.apply("00-all.yaml", MANIFESTS).unwrap();
     for (ns, p) in [("a", "client"), ("a", "server"), ("plain", "legacy")] {
         mesh.wait_listening(ns, p, 8080).unwrap();
@@ -454,7 +457,11 @@ fn graceful_stop_and_unenroll_leave_nothing() {
     if !privileged() {
         return;
     }
-    let mesh = ebpf_mesh();
+    let mesh = ebpf_mesh_with(MeshOptions {
+        capture: "ebpf".into(),
+        unenroll_on_exit: true,
+        ..MeshOptions::default()
+    });
     let dir = node_dir(&mesh, 1);
     let ids = link_ids(&dir);
     let sk_lookup_pins = || {

@@ -236,12 +236,24 @@ fn enrollment_follows_labels_and_leaves_nothing() {
     );
     mesh.apply("10-workloads.yaml", &opt_out).unwrap();
     mesh.wait_unenrolled("b", "server").unwrap();
-    // ztunnel stopping gracefully removes everything from its pods.
+    // A graceful stop is a restart: the pod stays captured and fails closed (its connection to
+    // a plaintext destination, which would succeed direct, fails) ...
+    let legacy = mesh.pod("plain", "legacy").unwrap();
+    let legacy = addr(&legacy.ip4.to_string(), 8080);
     mesh.stop_ztunnel(0, true);
-    mesh.wait_unenrolled("a", "client").unwrap();
-    // And a restarted ztunnel takes the pod back without any manual step.
+    assert!(
+        mesh.who("a", "client", &legacy, "during-restart").is_err(),
+        "a connection went direct while ztunnel was stopped"
+    );
+    // ... and a restarted ztunnel takes the pod back without any manual step.
     mesh.start_ztunnel(0).unwrap();
     mesh.wait_enrolled("a", "client").unwrap();
+    wait_for(
+        Duration::from_secs(20),
+        "connections through the restarted ztunnel",
+        || Ok(mesh.who("a", "client", &legacy, "after-restart").is_ok()),
+    )
+    .unwrap();
 }
 
 #[test]

@@ -391,7 +391,12 @@ impl FakeServer {
 /// the config still says fake is a mesh pod. The Python server then takes fake's :15008 with a
 /// certificate for `sa/<presented_sa>` from the mesh CA, requiring client certificates.
 fn client_mesh(presented_sa: &str) -> (LocalMesh, FakeServer) {
-    let mesh = LocalMesh::start(MeshOptions::default()).expect("start local mesh");
+    // Uninstalled from node 1, not restarted: fake must be free of capture.
+    let mesh = LocalMesh::start(MeshOptions {
+        unenroll_on_exit: true,
+        ..MeshOptions::default()
+    })
+    .expect("start local mesh");
     mesh.apply("00-ns.yaml", NAMESPACES).unwrap();
     let mut pods = pod("wire", "client", 0, "client", &[]);
     pods += &pod("wire", "fake", 1, "fake", &[]);

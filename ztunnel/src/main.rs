@@ -1,8 +1,9 @@
-//! The ztunnel binary: parses flags, wires the modules together, serves admin endpoints, and
-//! unenrolls every pod on shutdown (SIGTERM/SIGINT), then removes its pinned eBPF state: a
-//! graceful stop leaves nothing behind. A crash (SIGKILL) leaves the pins, so enrolled pods fail
-//! closed until ztunnel returns and adopts them, or until `ztunnel cleanup --node NAME` removes
-//! them (`--orphans`: every instance whose network namespace is gone).
+//! The ztunnel binary: parses flags, wires the modules together and serves admin endpoints.
+//! A stop (SIGTERM/SIGINT) is a restart by default: listeners close but capture and the pinned
+//! eBPF state stay, so enrolled pods fail closed — exactly as after a crash (SIGKILL) — until a
+//! ztunnel returns and adopts them. `--unenroll-on-exit` makes a stop leave nothing behind
+//! instead; `ztunnel cleanup --node NAME` does that after the fact (`--orphans`: every instance
+//! whose network namespace is gone).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,6 +23,7 @@ use ztunnel::capture::{Capture, CaptureMode};
 use ztunnel::certs::CertManager;
 use ztunnel::meshd::Meshd;
 use ztunnel::metrics::Metrics;
+use ztunnel::pods::OnExit;
 use ztunnel::policy::LiveConns;
 use ztunnel::proxy::Ctx;
 use ztunnel::{config, dump, netns, pods, policy};
@@ -47,6 +49,11 @@ struct Args {
     /// spliced in the kernel (sockmap) instead of going over HBONE. Needs eBPF capture.
     #[arg(long)]
     fast_path: bool,
+    /// On SIGTERM/SIGINT, remove capture from every pod and delete the pinned eBPF state:
+    /// ztunnel is leaving the node for good and its pods go back to direct traffic. Without it a
+    /// stop is a restart: capture stays, pods fail closed until a ztunnel returns and adopts them.
+    #[arg(long)]
+    unenroll_on_exit: bool,
     /// Istio's root namespace: policies there without a selector apply mesh-wide.
     #[arg(long, default_value = meshcore::policy::DEFAULT_ROOT_NAMESPACE)]
     root_namespace: String,
@@ -230,7 +237,12 @@ async fn run(args: Args, log: LogHandle) -> anyhow::Result<()> {
     .await?;
     tokio::spawn(bound.run());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let pods = tokio::spawn(pods::run(ctx.clone(), shutdown_rx));
+    let on_exit = if args.unenroll_on_exit {
+        OnExit::Unenroll
+    } else {
+        OnExit::KeepCapture
+    };
+    let pods = tokio::spawn(pods::run(ctx.clone(), shutdown_rx, on_exit));
     info!(node = %args.node, meshd = %args.meshd, capture = %ctx.capture.mode(), admin = %args.admin_addr, metrics = %args.metrics_addr, "ztunnel started");
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -238,12 +250,14 @@ async fn run(args: Args, log: LogHandle) -> anyhow::Result<()> {
         _ = term.recv() => {},
         _ = int.recv() => {},
     }
-    info!("shutting down: unenrolling pods");
+    info!(?on_exit, "shutting down");
     let _ = shutdown_tx.send(true);
     if let Err(e) = pods.await {
         error!(error = %e, "pod manager ended abnormally");
     }
-    ctx.capture.shutdown();
+    if on_exit == OnExit::Unenroll {
+        ctx.capture.shutdown();
+    }
     info!("ztunnel stopped");
     Ok(())
 }

@@ -3,7 +3,8 @@
 //! Reconciles the config against what is running: a local pod that is `captured` and has a
 //! network namespace gets listeners (outbound 15001 on loopback, inbound 15006 and HBONE 15008
 //! on all addresses) and then capture; a pod that leaves (label removed, deleted) loses capture
-//! first, then its listeners. On shutdown every pod is unenrolled, leaving nothing behind.
+//! first, then its listeners. On shutdown the listeners close; capture stays in place (pods
+//! fail closed until a ztunnel adopts them) unless told to unenroll everything ([`OnExit`]).
 //! Certificates are prefetched as soon as a pod appears. Owns pod lifecycles only.
 
 use std::collections::{HashMap, HashSet};
@@ -43,8 +44,19 @@ struct Enrolled {
 /// The setting is per network namespace, so only enrolled pods are affected.
 const TCP_TW_REUSE: &str = "/proc/sys/net/ipv4/tcp_tw_reuse";
 
-/// Runs until `shutdown` flips to true, then unenrolls everything.
-pub async fn run(ctx: Arc<Ctx>, mut shutdown: watch::Receiver<bool>) {
+/// What a stopping ztunnel does to the pods it enrolled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnExit {
+    /// A restart (the default, and what a DaemonSet rollout is): capture stays, so a pod's
+    /// connections fail until the next ztunnel adopts it, and none leaves unencrypted.
+    KeepCapture,
+    /// Removing ztunnel from the node: every pod goes back to direct, plaintext traffic.
+    Unenroll,
+}
+
+/// Runs until `shutdown` flips to true, then closes every pod's listeners and, with
+/// [`OnExit::Unenroll`], removes its capture.
+pub async fn run(ctx: Arc<Ctx>, mut shutdown: watch::Receiver<bool>, on_exit: OnExit) {
     let mut config = ctx.config.clone();
     let mut enrolled: HashMap<String, Enrolled> = HashMap::new();
     // Also retry on a timer: a pod whose netns could not be entered yet gets another chance.
@@ -65,7 +77,15 @@ pub async fn run(ctx: Arc<Ctx>, mut shutdown: watch::Receiver<bool>) {
         }
     }
     for (uid, e) in enrolled.drain() {
-        stop(&ctx, &uid, e);
+        match on_exit {
+            OnExit::Unenroll => stop(&ctx, &uid, e),
+            OnExit::KeepCapture => {
+                for t in e.tasks {
+                    t.abort();
+                }
+                info!(pod = %uid, "listeners closed; capture kept (fails closed until a ztunnel returns)");
+            }
+        }
     }
 }
 
