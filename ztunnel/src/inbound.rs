@@ -42,11 +42,13 @@ async fn hbone_connection(ctx: Arc<Ctx>, pod: Arc<Pod>, tcp: TcpStream, peer: So
     let (handler_ctx, handler_pod) = (ctx.clone(), pod.clone());
     let handler =
         move |req: InboundRequest| handle_connect(handler_ctx.clone(), handler_pod.clone(), req);
-    if let Err(e) = meshcore::hbone::serve_connection(
+    let drain = ctx.drain.clone();
+    if let Err(e) = meshcore::hbone::serve_connection_until(
         tcp,
         entry.server_tls.clone(),
         ServerSettings::default(),
         handler,
+        async move { drain.stopping().await },
     )
     .await
     {

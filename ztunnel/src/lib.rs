@@ -12,6 +12,7 @@ pub mod certs;
 pub mod cleanup;
 pub mod config;
 pub mod copy;
+pub mod drain;
 pub mod dump;
 pub mod ebpf;
 pub mod fastpath;

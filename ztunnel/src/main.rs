@@ -7,6 +7,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{CommandFactory, FromArgMatches, Parser};
@@ -54,6 +55,10 @@ struct Args {
     /// stop is a restart: capture stays, pods fail closed until a ztunnel returns and adopts them.
     #[arg(long)]
     unenroll_on_exit: bool,
+    /// Seconds a stopping ztunnel keeps serving the connections it has (HBONE clients are told
+    /// to go elsewhere for new ones) before it exits anyway.
+    #[arg(long, default_value_t = 30)]
+    drain_timeout: u64,
     /// Istio's root namespace: policies there without a selector apply mesh-wide.
     #[arg(long, default_value = meshcore::policy::DEFAULT_ROOT_NAMESPACE)]
     root_namespace: String,
@@ -209,6 +214,7 @@ async fn run(args: Args, log: LogHandle) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         enrolled: Default::default(),
         local_pods: Default::default(),
+        drain: Default::default(),
     });
     let admin_state = Arc::new(AdminState {
         metrics,
@@ -254,6 +260,25 @@ async fn run(args: Args, log: LogHandle) -> anyhow::Result<()> {
     let _ = shutdown_tx.send(true);
     if let Err(e) = pods.await {
         error!(error = %e, "pod manager ended abnormally");
+    }
+    // Listeners are closed (a next ztunnel takes new connections); finish what we serve.
+    let open = ctx.drain.active();
+    if open > 0 {
+        info!(
+            connections = open,
+            timeout_s = args.drain_timeout,
+            "draining"
+        );
+    }
+    let left = ctx
+        .drain
+        .stop(Duration::from_secs(args.drain_timeout))
+        .await;
+    if left > 0 {
+        warn!(
+            connections = left,
+            "drain timeout: closing the connections still open"
+        );
     }
     if on_exit == OnExit::Unenroll {
         ctx.capture.shutdown();

@@ -87,11 +87,13 @@ impl Netns {
 
     /// A listening socket bound to `addr` inside this namespace. IPv6 sockets are v6-only so
     /// that a v4 and a v6 listener can share a port and original-destination lookups stay
-    /// per-family.
+    /// per-family. SO_REUSEPORT lets the next ztunnel bind beside us during a handover (only a
+    /// process of the same user can join the group).
     pub fn listen(&self, addr: SocketAddr) -> io::Result<TcpListener> {
         let std = self.run(|| {
             let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
             s.set_reuse_address(true)?;
+            s.set_reuse_port(true)?;
             if addr.is_ipv6() {
                 s.set_only_v6(true)?;
             }

@@ -33,8 +33,8 @@ struct Enrolled {
     inbound_fds: Vec<RawFd>,
     /// The exclusion annotations' raw values capture was last set up with.
     excl_annotations: [Option<String>; 2],
-    /// The pod's `tcp_tw_reuse` before enrollment, restored on unenroll.
-    tw_reuse_before: Option<String>,
+    /// The pod's [`POD_SYSCTLS`] values before enrollment, restored on unenroll.
+    sysctls_before: Vec<(&'static str, String)>,
 }
 
 /// ztunnel dials each inbound connection's app from the pod's own IP and, relaying the
@@ -43,6 +43,34 @@ struct Enrolled {
 /// reuse on, a port in TIME_WAIT for over a second may be reused (safe with TCP timestamps).
 /// The setting is per network namespace, so only enrolled pods are affected.
 const TCP_TW_REUSE: &str = "/proc/sys/net/ipv4/tcp_tw_reuse";
+
+/// In a handover the next ztunnel's listeners join ours (SO_REUSEPORT); when ours close,
+/// connections the kernel queued on them move to the next one instead of being reset.
+const TCP_MIGRATE_REQ: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
+
+/// Per-namespace settings of an enrolled pod: (path, value, what goes wrong without it).
+/// A pod a previous ztunnel enrolled already has them, so "before" is then our own value.
+const POD_SYSCTLS: [(&str, &str, &str); 2] = [
+    (TCP_TW_REUSE, "1", "busy pods may run out of ports"),
+    (
+        TCP_MIGRATE_REQ,
+        "1",
+        "a ztunnel handover resets connections queued on the old listeners",
+    ),
+];
+
+fn set_pod_sysctls(pod: &Pod) -> Vec<(&'static str, String)> {
+    let mut before = Vec::new();
+    for (path, value, without) in POD_SYSCTLS {
+        match pod.netns.swap_sysctl(path, value) {
+            Ok(old) => before.push((path, old)),
+            Err(e) => {
+                warn!(pod = %pod.workload.uid, sysctl = path, error = %e, "cannot set in the pod; {without}")
+            }
+        }
+    }
+    before
+}
 
 /// What a stopping ztunnel does to the pods it enrolled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -237,13 +265,7 @@ fn start(ctx: &Arc<Ctx>, w: Arc<Workload>) -> anyhow::Result<Enrolled> {
     let ips: Vec<std::net::IpAddr> = pod.ips.iter().copied().collect();
     match ctx.capture.enroll(&pod.netns, &inbound_fds, &ips, &excl) {
         Ok(capture) => Ok(Enrolled {
-            tw_reuse_before: match pod.netns.swap_sysctl(TCP_TW_REUSE, "1") {
-                Ok(before) => Some(before),
-                Err(e) => {
-                    warn!(pod = %pod.workload.uid, error = %e, "cannot enable tcp_tw_reuse in the pod; busy pods may run out of ports");
-                    None
-                }
-            },
+            sysctls_before: set_pod_sysctls(&pod),
             excl_annotations: excl_annotations(&pod.workload),
             pod,
             tasks,
@@ -347,8 +369,8 @@ fn stop(ctx: &Ctx, uid: &str, e: Enrolled) {
         // The namespace may already be gone with its pod; nothing of ours can remain then.
         warn!(pod = %uid, error = %err, "removing capture failed");
     }
-    if let Some(before) = &e.tw_reuse_before {
-        let _ = e.pod.netns.swap_sysctl(TCP_TW_REUSE, before);
+    for (path, before) in &e.sysctls_before {
+        let _ = e.pod.netns.swap_sysctl(path, before);
     }
     for t in e.tasks {
         t.abort();

@@ -35,6 +35,8 @@ pub struct Ctx {
     pub enrolled: std::sync::Mutex<std::collections::BTreeMap<String, serde_json::Value>>,
     /// Enrolled pods by uid (the fast path's destinations).
     pub local_pods: std::sync::Mutex<std::collections::HashMap<String, Arc<Pod>>>,
+    /// Accepted connections in flight, and the stop signal.
+    pub drain: Arc<crate::drain::Drain>,
 }
 
 /// One enrolled pod, as its listeners see it.
@@ -68,7 +70,7 @@ impl Pod {
 }
 
 /// Accepts on one of a pod's listeners until the task is aborted, handling each connection
-/// on a task of its own. An accept error (e.g. out of file descriptors) is logged and retried
+/// on a task of its own (counted by [`Ctx::drain`] until it ends). An accept error (e.g. out of file descriptors) is logged and retried
 /// after yielding, so one bad moment never closes the listener.
 pub async fn accept_loop<F, Fut>(
     ctx: Arc<Ctx>,
@@ -83,7 +85,12 @@ pub async fn accept_loop<F, Fut>(
     loop {
         match listener.accept().await {
             Ok((tcp, peer)) => {
-                tokio::spawn(handle(ctx.clone(), pod.clone(), tcp, peer));
+                let tracked = ctx.drain.track();
+                let conn = handle(ctx.clone(), pod.clone(), tcp, peer);
+                tokio::spawn(async move {
+                    conn.await;
+                    drop(tracked);
+                });
             }
             Err(e) => {
                 tracing::warn!(pod = %pod.workload.uid, listener = listener_kind, error = %e, "accept failed");

@@ -23,7 +23,7 @@ mod stream;
 use std::time::Duration;
 
 pub use client::{ConnectRequest, DialFuture, Dialer, Pool, PoolKey, PoolSettings};
-pub use server::{InboundRequest, ServerSettings, serve_connection};
+pub use server::{InboundRequest, ServerSettings, serve_connection, serve_connection_until};
 pub use stream::H2Stream;
 
 /// Istio's per-stream flow-control window.

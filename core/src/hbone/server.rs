@@ -138,6 +138,24 @@ where
     H: Fn(InboundRequest) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = ()> + Send + 'static,
 {
+    serve_connection_until(tcp, tls, settings, handler, std::future::pending()).await
+}
+
+/// [`serve_connection`], draining when `drain` resolves: the client gets a GOAWAY (its pool
+/// then opens new streams elsewhere), streams already open run to their end, and the
+/// connection closes after the last one.
+pub async fn serve_connection_until<H, F, D>(
+    tcp: tokio::net::TcpStream,
+    tls: Arc<rustls::ServerConfig>,
+    settings: ServerSettings,
+    handler: H,
+    drain: D,
+) -> Result<(), HboneError>
+where
+    H: Fn(InboundRequest) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = ()> + Send + 'static,
+    D: Future<Output = ()>,
+{
     let peer_addr = tcp.peer_addr()?;
     let _ = tcp.set_nodelay(true);
     let (peer_identity, mut connection) = match tokio::time::timeout(
@@ -162,12 +180,20 @@ where
         None => futures::future::pending().boxed(),
     };
     tokio::pin!(keepalive);
+    tokio::pin!(drain);
+    let mut draining = false;
 
     loop {
         let accepted = tokio::select! {
             // Requests first: a connection that is closing normally should end as Ok.
             biased;
             accepted = connection.accept() => accepted,
+            _ = &mut drain, if !draining => {
+                tracing::debug!(%peer_addr, "HBONE connection draining: GOAWAY sent");
+                connection.graceful_shutdown();
+                draining = true;
+                continue;
+            }
             e = &mut keepalive => {
                 tracing::debug!(%peer_addr, error = %e, "HBONE keepalive failed; closing connection");
                 return Err(e);
