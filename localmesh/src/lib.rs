@@ -79,13 +79,20 @@ pub struct LocalMesh {
     pub state_dir: PathBuf,
     pub socket: PathBuf,
     meshd: Mutex<Option<Proc>>,
-    ztunnels: Mutex<Vec<Option<Proc>>>,
+    ztunnels: Mutex<Vec<Option<(Proc, AdminPorts)>>>,
     pods: Mutex<HashMap<String, ScheduledPod>>,
     next_vip: AtomicU32,
     next_node: AtomicUsize,
 }
 
 const DEADLINE: Duration = Duration::from_secs(20);
+
+/// A ztunnel's (admin, metrics, readiness) ports.
+pub type AdminPorts = (u16, u16, u16);
+/// Istio's: 127.0.0.1:15000, 15020, 15021.
+pub const ISTIO_ADMIN_PORTS: AdminPorts = (15000, 15020, 15021);
+/// Those of a ztunnel started beside a running one ([`LocalMesh::start_ztunnel_beside`]).
+pub const BESIDE_ADMIN_PORTS: AdminPorts = (15100, 15120, 15121);
 
 impl LocalMesh {
     /// Builds the cluster and starts meshd and every node's ztunnel.
@@ -184,6 +191,37 @@ impl LocalMesh {
 
     /// Starts node `i`'s ztunnel inside the node's network namespace.
     pub fn start_ztunnel(&self, i: usize) -> anyhow::Result<()> {
+        let proc = self.spawn_ztunnel(i, ISTIO_ADMIN_PORTS)?;
+        self.ztunnels.lock().unwrap_or_else(|p| p.into_inner())[i] =
+            Some((proc, ISTIO_ADMIN_PORTS));
+        Ok(())
+    }
+
+    /// A rolling update with surge: starts a second ztunnel for node `i` next to the running
+    /// one and makes it node `i`'s ztunnel (its config dump and log from now on); returns the
+    /// previous one, still running, for the caller to stop. The two serve their admin, metrics
+    /// and readiness endpoints on different ports (Istio's and [`BESIDE_ADMIN_PORTS`]).
+    pub fn start_ztunnel_beside(&self, i: usize) -> anyhow::Result<Proc> {
+        let running = self
+            .ztunnels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(i)
+            .and_then(|z| z.as_ref().map(|(_, ports)| *ports))
+            .context("node has no running ztunnel")?;
+        let ports = if running == ISTIO_ADMIN_PORTS {
+            BESIDE_ADMIN_PORTS
+        } else {
+            ISTIO_ADMIN_PORTS
+        };
+        let proc = self.spawn_ztunnel(i, ports)?;
+        let old = self.ztunnels.lock().unwrap_or_else(|p| p.into_inner())[i]
+            .replace((proc, ports))
+            .context("node has no running ztunnel")?;
+        Ok(old.0)
+    }
+
+    fn spawn_ztunnel(&self, i: usize, ports: AdminPorts) -> anyhow::Result<Proc> {
         let node = self
             .cluster
             .nodes()
@@ -209,11 +247,20 @@ impl LocalMesh {
         if self.opts.unenroll_on_exit {
             cmd.arg("--unenroll-on-exit");
         }
-        let proc = self
-            .cluster
-            .spawn(&node.netns, cmd, &format!("ztunnel-{}", node.name))?;
-        self.ztunnels.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(proc);
-        Ok(())
+        let (admin, metrics, ready) = ports;
+        cmd.arg("--admin-addr")
+            .arg(format!("127.0.0.1:{admin}"))
+            .arg("--metrics-addr")
+            .arg(format!("[::]:{metrics}"))
+            .arg("--ready-addr")
+            .arg(format!("[::]:{ready}"));
+        // One log per admin-port set, so a ztunnel started beside another has its own.
+        let label = if ports == ISTIO_ADMIN_PORTS {
+            format!("ztunnel-{}", node.name)
+        } else {
+            format!("ztunnel-{}-{admin}", node.name)
+        };
+        Ok(self.cluster.spawn(&node.netns, cmd, &label)?)
     }
 
     /// Stops node `i`'s ztunnel: gracefully (SIGTERM: it closes its listeners, and unenrolls
@@ -225,7 +272,7 @@ impl LocalMesh {
             .unwrap_or_else(|p| p.into_inner())
             .get_mut(i)
             .and_then(Option::take);
-        if let Some(mut p) = p {
+        if let Some((mut p, _)) = p {
             if graceful {
                 p.terminate(Duration::from_secs(10));
             } else {
@@ -234,12 +281,20 @@ impl LocalMesh {
         }
     }
 
+    /// The admin port of node `i`'s current ztunnel.
+    fn admin_port(&self, i: usize) -> u16 {
+        let z = self.ztunnels.lock().unwrap_or_else(|p| p.into_inner());
+        z.get(i)
+            .and_then(|z| z.as_ref().map(|(_, ports)| ports.0))
+            .unwrap_or(ISTIO_ADMIN_PORTS.0)
+    }
+
     /// Log of node `i`'s current ztunnel.
     pub fn ztunnel_log(&self, i: usize) -> String {
         let z = self.ztunnels.lock().unwrap_or_else(|p| p.into_inner());
         z.get(i)
             .and_then(|p| p.as_ref())
-            .and_then(|p| std::fs::read_to_string(p.log_path()).ok())
+            .and_then(|(p, _)| std::fs::read_to_string(p.log_path()).ok())
             .unwrap_or_default()
     }
 
@@ -445,7 +500,7 @@ impl LocalMesh {
                 "-sf",
                 "--max-time",
                 "5",
-                "http://127.0.0.1:15000/config_dump",
+                &format!("http://127.0.0.1:{}/config_dump", self.admin_port(node)),
             ],
         )?;
         anyhow::ensure!(
@@ -507,7 +562,12 @@ impl LocalMesh {
 
 impl Drop for LocalMesh {
     fn drop(&mut self) {
-        // Graceful first, so ztunnels remove their capture as they would on a real node.
+        // Workloads first: their connections end, so the ztunnels have nothing left to drain.
+        for (_, mut p) in self.pods.lock().unwrap_or_else(|p| p.into_inner()).drain() {
+            for proc in p.procs.iter_mut() {
+                proc.kill();
+            }
+        }
         let n = self
             .ztunnels
             .lock()
@@ -516,8 +576,8 @@ impl Drop for LocalMesh {
         for i in 0..n {
             self.stop_ztunnel(i, true);
         }
-        // A ztunnel that had to be killed leaves its pinned eBPF state (fail-closed by design):
-        // the documented cleanup command removes it.
+        // A stopped ztunnel keeps its pinned eBPF state (so its pods fail closed until it
+        // returns): the documented cleanup command removes it.
         for node in self.cluster.nodes() {
             let ztunnel = self.bins.ztunnel.display().to_string();
             let _ = self
@@ -526,11 +586,6 @@ impl Drop for LocalMesh {
         }
         if let Some(mut p) = self.meshd.lock().unwrap_or_else(|p| p.into_inner()).take() {
             p.terminate(Duration::from_secs(5));
-        }
-        for (_, mut p) in self.pods.lock().unwrap_or_else(|p| p.into_inner()).drain() {
-            for proc in p.procs.iter_mut() {
-                proc.kill();
-            }
         }
     }
 }

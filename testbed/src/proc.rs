@@ -140,6 +140,12 @@ impl Proc {
         self.shared.kill_and_reap();
     }
 
+    /// SIGTERM (to the process group) without waiting: a graceful stop the caller watches
+    /// with [`Proc::try_wait`] / [`Proc::wait_timeout`].
+    pub fn request_stop(&self) {
+        self.shared.signal(Signal::SIGTERM);
+    }
+
     /// SIGTERM (to the process group), wait up to `grace` for it to exit, then SIGKILL; always
     /// reaps. Whatever the process leaves in its group is killed when it is reaped.
     pub fn terminate(&mut self, grace: Duration) {

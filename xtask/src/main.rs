@@ -292,6 +292,8 @@ fn test(args: &[String]) -> anyhow::Result<()> {
             "policy",
             "--test",
             "wire_compat",
+            "--test",
+            "handover",
         ])
         .args(args)
         .env("RUST_TEST_THREADS", "2")
