@@ -212,9 +212,29 @@ fn enrollment_follows_labels_and_leaves_nothing() {
     let mesh = base_mesh();
     let server = mesh.pod("b", "server").unwrap();
     let target = addr(&server.ip4.to_string(), 8080);
+    // The TCP settings ztunnel needs in an enrolled pod (see ztunnel's pods.rs) ...
+    let sysctls = || {
+        ["tcp_tw_reuse", "tcp_migrate_req"].map(|name| {
+            let out = mesh
+                .exec(
+                    "b",
+                    "server",
+                    &["cat", &format!("/proc/sys/net/ipv4/{name}")],
+                )
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).trim().to_string()
+        })
+    };
+    assert_eq!(sysctls(), ["1", "1"]);
+    // A restarted ztunnel finds them already set, so their origin is not its to know.
+    mesh.stop_ztunnel(server.node, true);
+    mesh.start_ztunnel(server.node).unwrap();
+    mesh.wait_enrolled("b", "server").unwrap();
     // Namespace leaves the mesh: capture and listeners go, traffic still flows (plain).
     mesh.apply("00-ns.yaml", NAMESPACES_B_LEFT).unwrap();
     mesh.wait_unenrolled("b", "server").unwrap();
+    // ... are back to what the pod had (the kernel's defaults).
+    assert_eq!(sysctls(), ["2", "0"]);
     let who = mesh.who("a", "client", &target, "after-leave").unwrap();
     assert_eq!(who.served_by, "server");
     let e = mesh.wait_access_log(0, "peer", &who.client_local).unwrap();

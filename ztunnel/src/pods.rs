@@ -48,21 +48,25 @@ const TCP_TW_REUSE: &str = "/proc/sys/net/ipv4/tcp_tw_reuse";
 /// connections the kernel queued on them move to the next one instead of being reset.
 const TCP_MIGRATE_REQ: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
 
-/// Per-namespace settings of an enrolled pod: (path, value, what goes wrong without it).
-/// A pod a previous ztunnel enrolled already has them, so "before" is then our own value.
-const POD_SYSCTLS: [(&str, &str, &str); 2] = [
-    (TCP_TW_REUSE, "1", "busy pods may run out of ports"),
+/// Per-namespace settings of an enrolled pod: (path, value, kernel default, what goes wrong
+/// without it).
+const POD_SYSCTLS: [(&str, &str, &str, &str); 2] = [
+    (TCP_TW_REUSE, "1", "2", "busy pods may run out of ports"),
     (
         TCP_MIGRATE_REQ,
         "1",
+        "0",
         "a ztunnel handover resets connections queued on the old listeners",
     ),
 ];
 
+/// Applies [`POD_SYSCTLS`]; returns what to restore on unenroll. A pod an earlier ztunnel
+/// enrolled already holds our values, whose origin is lost: those restore to the default.
 fn set_pod_sysctls(pod: &Pod) -> Vec<(&'static str, String)> {
     let mut before = Vec::new();
-    for (path, value, without) in POD_SYSCTLS {
+    for (path, value, default, without) in POD_SYSCTLS {
         match pod.netns.swap_sysctl(path, value) {
+            Ok(old) if old.trim() == value => before.push((path, default.to_string())),
             Ok(old) => before.push((path, old)),
             Err(e) => {
                 warn!(pod = %pod.workload.uid, sysctl = path, error = %e, "cannot set in the pod; {without}")
