@@ -121,6 +121,7 @@ fn cross_node_traffic_is_hbone_on_the_wire() {
     targets.extend(vips(&mesh).iter().map(|v| addr(v, 80)));
     assert_eq!(targets.len(), 4, "expected a dual-stack service");
 
+    let client = mesh.pod("a", "client").unwrap();
     let node0 = mesh.cluster.nodes()[0].clone();
     let wire =
         WireCapture::start(&mesh.cluster, &node0.netns, &node0.fabric_if, "l4-wire").unwrap();
@@ -130,10 +131,22 @@ fn cross_node_traffic_is_hbone_on_the_wire() {
         let who = mesh.who("a", "client", target, &secret).unwrap();
         assert_eq!(who.served_by, "server", "{target}");
         assert_eq!(who.message, secret);
-        // The app sees the address it dialled, not ztunnel's listener.
+        // The app sees the address it dialled, not ztunnel's listener ...
         assert_eq!(
             who.client_peer, *target,
             "getpeername() must show the dialled address"
+        );
+        // ... and the server sees the client pod's address, as without the mesh.
+        let v4 = target.parse::<SocketAddr>().unwrap().is_ipv4();
+        assert_eq!(
+            peer_ip(&who.server_saw_peer),
+            if v4 {
+                std::net::IpAddr::from(client.ip4)
+            } else {
+                std::net::IpAddr::from(client.ip6.unwrap())
+            },
+            "{target}: the server saw {}",
+            who.server_saw_peer
         );
         seen.push((target.clone(), who.client_local.clone(), secret));
     }
@@ -201,7 +214,21 @@ fn mesh_and_non_mesh_talk_both_ways() {
         let e = mesh.wait_access_log(1, "peer", &who.client_local).unwrap();
         assert_eq!(field(&e, "direction"), "inbound");
         assert_eq!(field(&e, "protocol"), "TCP");
+        // The server sees the client's address, not its own.
+        assert_eq!(
+            peer_ip(&who.server_saw_peer),
+            peer_ip(&who.client_local),
+            "{target}"
+        );
     }
+}
+
+/// The IP of an `ip:port` (v4-mapped addresses as IPv4).
+fn peer_ip(addr: &str) -> std::net::IpAddr {
+    addr.parse::<SocketAddr>()
+        .unwrap_or_else(|e| panic!("{addr:?}: {e}"))
+        .ip()
+        .to_canonical()
 }
 
 #[test]
@@ -214,7 +241,7 @@ fn enrollment_follows_labels_and_leaves_nothing() {
     let target = addr(&server.ip4.to_string(), 8080);
     // The TCP settings ztunnel needs in an enrolled pod (see ztunnel's pods.rs) ...
     let sysctls = || {
-        ["tcp_tw_reuse", "tcp_migrate_req"].map(|name| {
+        ["tcp_tw_reuse", "tcp_migrate_req", "tcp_fwmark_accept"].map(|name| {
             let out = mesh
                 .exec(
                     "b",
@@ -225,7 +252,15 @@ fn enrollment_follows_labels_and_leaves_nothing() {
             String::from_utf8_lossy(&out.stdout).trim().to_string()
         })
     };
-    assert_eq!(sysctls(), ["1", "1"]);
+    // The policy route that brings the app's replies to a client's address back to ztunnel.
+    let orig_src_rules = || {
+        ["-4", "-6"].map(|family| {
+            let out = mesh.exec("b", "server", &["ip", family, "rule"]).unwrap();
+            String::from_utf8_lossy(&out.stdout).contains("lookup 1338")
+        })
+    };
+    assert_eq!(sysctls(), ["1", "1", "1"]);
+    assert_eq!(orig_src_rules(), [true, true]);
     // A restarted ztunnel finds them already set, so their origin is not its to know.
     mesh.stop_ztunnel(server.node, true);
     mesh.start_ztunnel(server.node).unwrap();
@@ -234,7 +269,8 @@ fn enrollment_follows_labels_and_leaves_nothing() {
     mesh.apply("00-ns.yaml", NAMESPACES_B_LEFT).unwrap();
     mesh.wait_unenrolled("b", "server").unwrap();
     // ... are back to what the pod had (the kernel's defaults).
-    assert_eq!(sysctls(), ["2", "0"]);
+    assert_eq!(sysctls(), ["2", "0", "0"]);
+    assert_eq!(orig_src_rules(), [false, false]);
     let who = mesh.who("a", "client", &target, "after-leave").unwrap();
     assert_eq!(who.served_by, "server");
     let e = mesh.wait_access_log(0, "peer", &who.client_local).unwrap();

@@ -24,6 +24,11 @@ pub const MAP_SOCK_DST: &str = "ZT_SOCK_DST";
 pub const MAP_PORT_DST: &str = "ZT_PORT_DST";
 pub const MAP_LISTEN: &str = "ZT_LISTEN";
 pub const MAP_POD_IP: &str = "ZT_POD_IP";
+pub const MAP_OWN_DIAL: &str = "ZT_OWN_DIAL";
+
+/// Socket mark of ztunnel's transparent sockets dialling an app from its client's address
+/// (source-address preservation); the app's replies carry it too.
+pub const ORIG_SRC_MARK: u32 = 0x53a;
 /// Fast path (not pinned): legs whose arriving bytes the verdict program redirects, the legs it
 /// may redirect to, each leg's peer (socket cookies) and bytes redirected per receiving leg.
 pub const MAP_SPLICE_RX: &str = "ZT_SPLICE_RX";
@@ -101,6 +106,22 @@ pub struct IpKey {
     pub family: u32,
 }
 
+/// `ZT_OWN_DIAL` key: a connection ztunnel is opening to an app of its pod from a client's
+/// address (a socket marked [`ORIG_SRC_MARK`]). Its SYN looks like inbound traffic from that
+/// client, so sock_ops lists its tuple while it connects and sk_lookup lets exactly that
+/// through to the app.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OwnDialKey {
+    /// The client address ztunnel dials from, as in [`IpKey`].
+    pub addr: [u32; 4],
+    pub family: u32,
+    /// ztunnel's source port (host order).
+    pub remote_port: u16,
+    /// The app's port (host order).
+    pub local_port: u16,
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY (all): plain-old-data, repr(C), every bit pattern valid, explicit padding.
@@ -110,4 +131,5 @@ mod user {
     unsafe impl aya::Pod for super::PortKey {}
     unsafe impl aya::Pod for super::ListenKey {}
     unsafe impl aya::Pod for super::IpKey {}
+    unsafe impl aya::Pod for super::OwnDialKey {}
 }

@@ -8,7 +8,8 @@
 //!   ztunnel's listener sees on accept.
 //! - `zt_getpeername4/6`: the app sees the peer it dialled, not the listener.
 //! - `zt_sk_lookup` (per enrolled netns): new inbound TCP (not from `lo`, not a mesh port, not
-//!   excluded) is handed to ztunnel's 15006 listener; the accepted socket keeps the original
+//!   excluded, not ztunnel's own delivery to the app — from the pod's own address, or from a
+//!   client's address while listed in `ZT_OWN_DIAL`) is handed to ztunnel's 15006 listener; the accepted socket keeps the original
 //!   destination as its local address. The pod is found by destination address (`ZT_POD_IP`):
 //!   sk_lookup programs may not read their netns cookie. No listener (ztunnel down) means drop: fail closed.
 //! - `zt_splice` (sk_skb stream verdict on `ZT_SPLICE_RX`, only with `--fast-path`): bytes
@@ -26,18 +27,22 @@ use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 
 use aya_ebpf::EbpfContext;
 use aya_ebpf::bindings::{bpf_sock_addr, sk_action};
-use aya_ebpf::helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie};
+use aya_ebpf::helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sock_ops_cb_flags_set};
 use aya_ebpf::macros::{cgroup_sock_addr, map, sk_lookup, sock_ops, stream_verdict};
 use aya_ebpf::maps::{HashMap, LruHashMap, SockHash};
 use aya_ebpf::programs::{SkBuffContext, SkLookupContext, SockAddrContext, SockOpsContext};
 use ztunnel_ebpf_common::{
     AF_INET, AF_INET6, DIR_INBOUND, DIR_OUTBOUND, ExclKey, HBONE_PORT, INBOUND_PLAINTEXT_PORT,
-    IpKey, ListenKey, MESH_SOCKET_MARK, NetnsConf, OUTBOUND_PORT, OrigDst, PortKey,
+    IpKey, ListenKey, MESH_SOCKET_MARK, NetnsConf, ORIG_SRC_MARK, OUTBOUND_PORT, OrigDst,
+    OwnDialKey, PortKey,
 };
 
 const SOCK_STREAM: u32 = 1;
 const IPPROTO_TCP: u32 = 6;
 const BPF_SOCK_OPS_TCP_CONNECT_CB: u32 = 3;
+const BPF_SOCK_OPS_STATE_CB: u32 = 10;
+const BPF_SOCK_OPS_STATE_CB_FLAG: u32 = 4;
+const TCP_SYN_SENT: u32 = 2;
 const LOOPBACK_IFINDEX: u32 = 1;
 /// cgroup sock_addr verdict: let the syscall proceed (with whatever we rewrote).
 const ALLOW: i32 = 1;
@@ -52,6 +57,8 @@ static ZT_SOCK_DST: LruHashMap<u64, OrigDst> = LruHashMap::pinned(65536, 0);
 static ZT_PORT_DST: LruHashMap<PortKey, OrigDst> = LruHashMap::pinned(65536, 0);
 #[map(name = "ZT_POD_IP")]
 static ZT_POD_IP: HashMap<IpKey, u64> = HashMap::pinned(8192, 0);
+#[map(name = "ZT_OWN_DIAL")]
+static ZT_OWN_DIAL: LruHashMap<OwnDialKey, u8> = LruHashMap::pinned(16384, 0);
 #[map(name = "ZT_LISTEN")]
 static ZT_LISTEN: SockHash<ListenKey> = SockHash::pinned(8192, 0);
 
@@ -68,7 +75,7 @@ static ZT_SPLICE_BYTES: HashMap<u64, u64> = HashMap::with_max_entries(65536, 0);
 #[inline(always)]
 fn enrolled(netns: u64) -> bool {
     // SAFETY: a map lookup; the value is only tested for presence.
-    unsafe { ZT_NETNS.get(&netns).is_some() }
+    unsafe { ZT_NETNS.get(netns).is_some() }
 }
 
 #[inline(always)]
@@ -80,7 +87,7 @@ fn excluded(netns: u64, port: u16, dir: u8) -> bool {
         _pad: [0; 5],
     };
     // SAFETY: a map lookup; the value is only tested for presence.
-    unsafe { ZT_EXCL.get(&key).is_some() }
+    unsafe { ZT_EXCL.get(key).is_some() }
 }
 
 /// The common prefix of connect4/6: TCP, enrolled netns, not one of ztunnel's own sockets.
@@ -121,7 +128,7 @@ fn candidate(ctx: &SockAddrContext) -> Option<u64> {
 #[inline(always)]
 fn own_address(netns: u64, addr: [u32; 4], family: u32) -> bool {
     // SAFETY: map lookup, value copied out.
-    unsafe { ZT_POD_IP.get(&IpKey { addr, family }) }.is_some_and(|c| *c == netns)
+    unsafe { ZT_POD_IP.get(IpKey { addr, family }) }.is_some_and(|c| *c == netns)
 }
 
 #[inline(always)]
@@ -158,7 +165,7 @@ pub fn zt_connect4(ctx: SockAddrContext) -> i32 {
     };
     // SAFETY: helper valid for cgroup sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if ZT_SOCK_DST.insert(&cookie, &dst, 0).is_err() {
+    if ZT_SOCK_DST.insert(cookie, dst, 0).is_err() {
         // Without a record ztunnel could not route it: let it fail at the listener instead
         // of going direct (fail closed).
     }
@@ -227,7 +234,7 @@ pub fn zt_connect6(ctx: SockAddrContext) -> i32 {
     };
     // SAFETY: helper valid for cgroup sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let _ = ZT_SOCK_DST.insert(&cookie, &dst, 0);
+    let _ = ZT_SOCK_DST.insert(cookie, dst, 0);
     // A v4-mapped dial travels as IPv4: send it to the IPv4 listener (::ffff:127.0.0.1).
     let target = if mapped {
         [
@@ -257,13 +264,20 @@ pub fn zt_connect6(ctx: SockAddrContext) -> i32 {
 pub fn zt_sockops(ctx: SockOpsContext) -> u32 {
     // SAFETY: context field read at full width.
     let op = unsafe { read_volatile(addr_of!((*ctx.ops).op)) };
+    if op == BPF_SOCK_OPS_STATE_CB {
+        own_dial_connected(&ctx);
+        return 1;
+    }
     if op != BPF_SOCK_OPS_TCP_CONNECT_CB {
+        return 1;
+    }
+    if own_dial_connecting(&ctx) {
         return 1;
     }
     // SAFETY: helper valid for sock_ops programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: map lookup; the value is copied out at once.
-    let Some(dst) = (unsafe { ZT_SOCK_DST.get(&cookie) }).copied() else {
+    let Some(dst) = (unsafe { ZT_SOCK_DST.get(cookie) }).copied() else {
         return 1;
     };
     // SAFETY: helper valid for sock_ops programs (5.15+); context field read at full width.
@@ -278,8 +292,69 @@ pub fn zt_sockops(ctx: SockOpsContext) -> u32 {
         port,
         family: dst.family,
     };
-    let _ = ZT_PORT_DST.insert(&key, &dst, 0);
+    let _ = ZT_PORT_DST.insert(key, dst, 0);
     1
+}
+
+/// The `ZT_OWN_DIAL` key of a connecting socket (its source is the client's address).
+#[inline(always)]
+fn own_dial_key(ctx: &SockOpsContext) -> OwnDialKey {
+    let ops = ctx.ops;
+    // SAFETY: context fields read at full width. local_port is in host order; remote_port
+    // holds the network-order port in its upper half on little-endian (ntohl gives it).
+    unsafe {
+        let family = read_volatile(addr_of!((*ops).family));
+        let addr = if family == AF_INET6 {
+            [
+                read_volatile(addr_of!((*ops).local_ip6[0])),
+                read_volatile(addr_of!((*ops).local_ip6[1])),
+                read_volatile(addr_of!((*ops).local_ip6[2])),
+                read_volatile(addr_of!((*ops).local_ip6[3])),
+            ]
+        } else {
+            [read_volatile(addr_of!((*ops).local_ip4)), 0, 0, 0]
+        };
+        OwnDialKey {
+            addr,
+            family: if family == AF_INET6 {
+                AF_INET6
+            } else {
+                AF_INET
+            },
+            remote_port: read_volatile(addr_of!((*ops).local_port)) as u16,
+            local_port: u32::from_be(read_volatile(addr_of!((*ops).remote_port))) as u16,
+        }
+    }
+}
+
+/// At TCP_CONNECT_CB (port chosen, SYN not yet sent): lists a socket marked
+/// `ORIG_SRC_MARK` in `ZT_OWN_DIAL` and asks for its state changes, to unlist it.
+#[inline(always)]
+fn own_dial_connecting(ctx: &SockOpsContext) -> bool {
+    // SAFETY: context field; a full socket at TCP_CONNECT_CB, checked for null anyway.
+    let sk = unsafe { read_volatile(addr_of!((*ctx.ops).__bindgen_anon_2.sk)) };
+    if sk.is_null() {
+        return false;
+    }
+    // SAFETY: `sk` is a valid PTR_TO_SOCKET here.
+    if unsafe { read_volatile(addr_of!((*sk).mark)) } != ORIG_SRC_MARK {
+        return false;
+    }
+    let _ = ZT_OWN_DIAL.insert(own_dial_key(ctx), 1, 0);
+    // SAFETY: helper valid for sock_ops programs.
+    unsafe { bpf_sock_ops_cb_flags_set(ctx.ops, BPF_SOCK_OPS_STATE_CB_FLAG as i32) };
+    true
+}
+
+/// On a state change of a listed socket: once it left SYN_SENT (connected or failed), its SYN
+/// is no longer looked up.
+#[inline(always)]
+fn own_dial_connected(ctx: &SockOpsContext) {
+    // SAFETY: context field; args[0] is the old state for STATE_CB.
+    let old = unsafe { read_volatile(addr_of!((*ctx.ops).__bindgen_anon_1.args[0])) };
+    if old == TCP_SYN_SENT {
+        let _ = ZT_OWN_DIAL.remove(own_dial_key(ctx));
+    }
 }
 
 /// Shared by getpeername4/6: the original destination of a socket we redirected, if any.
@@ -293,7 +368,7 @@ fn redirected(ctx: &SockAddrContext) -> Option<OrigDst> {
     // SAFETY: helper valid for cgroup sock_addr programs; map value copied out.
     unsafe {
         ZT_SOCK_DST
-            .get(&bpf_get_socket_cookie(ctx.as_ptr()))
+            .get(bpf_get_socket_cookie(ctx.as_ptr()))
             .copied()
     }
 }
@@ -390,8 +465,21 @@ pub fn zt_sk_lookup(ctx: SkLookupContext) -> u32 {
     if remote == addr {
         return sk_action::SK_PASS;
     }
+    // ztunnel delivering to the app from the client's address: listed while it connects.
+    // SAFETY: context field; remote_port is in network order, local_port in host order.
+    let remote_port = u16::from_be(unsafe { read_volatile(addr_of!((*l).remote_port)) });
+    let own = OwnDialKey {
+        addr: remote,
+        family,
+        remote_port,
+        local_port: port,
+    };
+    // SAFETY: a map lookup; the value is only tested for presence.
+    if unsafe { ZT_OWN_DIAL.get(own) }.is_some() {
+        return sk_action::SK_PASS;
+    }
     // SAFETY: map lookup, value copied out.
-    let Some(netns) = (unsafe { ZT_POD_IP.get(&IpKey { addr, family }) }).copied() else {
+    let Some(netns) = (unsafe { ZT_POD_IP.get(IpKey { addr, family }) }).copied() else {
         return sk_action::SK_PASS;
     };
     if !enrolled(netns) || excluded(netns, port, DIR_INBOUND) {
@@ -416,14 +504,14 @@ pub fn zt_splice(ctx: SkBuffContext) -> u32 {
     // SAFETY: helper valid for sk_skb programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb as *mut core::ffi::c_void) };
     // SAFETY: map lookup, value copied out.
-    let Some(mut peer) = (unsafe { ZT_SPLICE_PEER.get(&cookie) }).copied() else {
+    let Some(mut peer) = (unsafe { ZT_SPLICE_PEER.get(cookie) }).copied() else {
         // Not (or no longer) spliced: leave the bytes to ztunnel's own reads.
         return sk_action::SK_PASS;
     };
     let len = ctx.len();
     let verdict = ZT_SPLICE_TX.redirect_skb(&ctx, &mut peer, 0);
     if verdict == sk_action::SK_PASS as i64
-        && let Some(p) = ZT_SPLICE_BYTES.get_ptr_mut(&cookie)
+        && let Some(p) = ZT_SPLICE_BYTES.get_ptr_mut(cookie)
     {
         // The key is the receiving socket: its bytes are verdicted one skb at a time under
         // that socket's lock, so a plain add does not race.

@@ -14,11 +14,9 @@
 //! Enrolling a pod in one mode removes the other mode's state from it (no double capture).
 //! Owns the rules, the programs' per-pod state and the lookup; not the listeners.
 
-use std::io::{self, Write};
+use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::process::CommandExt;
-use std::process::{Command, Stdio};
 
 use meshcore::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, MESH_SOCKET_MARK, OUTBOUND_PORT};
 use tokio::net::TcpStream;
@@ -284,36 +282,8 @@ fn nft_ruleset(excl: &Exclusions) -> String {
 /// Runs `nft -f -` inside `ns` with `script` on stdin.
 fn nft(ns: &Netns, script: &str) -> Result<(), CaptureError> {
     let netns = ns.path().display().to_string();
-    let fd = ns.raw_fd();
-    let mut cmd = Command::new("nft");
-    cmd.args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    // SAFETY: pre_exec runs in the forked child before exec; setns is async-signal-safe and
-    // `fd` stays open in the parent for the duration of the spawn.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().map_err(|source| CaptureError::Spawn {
-        netns: netns.clone(),
-        source,
-    })?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(script.as_bytes())
-            .map_err(|source| CaptureError::Spawn {
-                netns: netns.clone(),
-                source,
-            })?;
-    }
-    let out = child
-        .wait_with_output()
+    let out = ns
+        .command_output("nft", &["-f", "-"], script)
         .map_err(|source| CaptureError::Spawn {
             netns: netns.clone(),
             source,

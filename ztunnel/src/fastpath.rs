@@ -113,7 +113,17 @@ pub async fn handle(
         return;
     }
     let live = ctx.live.register(dst_pod.clone(), conn);
-    let app = match dst_pod.netns.connect(target).await {
+    // The destination app sees the source pod's address, as through HBONE.
+    let src_ip = src
+        .ips
+        .iter()
+        .copied()
+        .find(|ip| ip.is_ipv4() == target.is_ipv4());
+    let dialled = match src_ip {
+        Some(ip) => dst_pod.dial_app(ip, target).await,
+        None => dst_pod.netns.connect(target).await,
+    };
+    let app = match dialled {
         Ok(a) => a,
         Err(e) => {
             m_src.set_response_flags(FLAG_CONNECT);

@@ -108,7 +108,7 @@ async fn handle_connect(ctx: Arc<Ctx>, pod: Arc<Pod>, req: InboundRequest) {
         return;
     }
     let live = ctx.live.register(pod.clone(), conn);
-    let mut app = match pod.netns.connect(target).await {
+    let mut app = match pod.dial_app(peer.ip(), target).await {
         Ok(a) => a,
         Err(e) => {
             m.set_response_flags(FLAG_CONNECT);
@@ -210,7 +210,7 @@ async fn plaintext(ctx: Arc<Ctx>, pod: Arc<Pod>, mut tcp: TcpStream, peer: Socke
         return;
     }
     let live = ctx.live.register(pod.clone(), conn);
-    let result = match pod.netns.connect(dst).await {
+    let result = match pod.dial_app(peer.ip(), dst).await {
         Ok(mut app) => {
             match copy::bidirectional_until(&mut tcp, &mut app, &m, live.cancel.notified()).await {
                 Ok(Outcome::Completed(t)) => Ok((t.client_to_server, t.server_to_client)),

@@ -20,6 +20,7 @@ pub mod inbound;
 pub mod meshd;
 pub mod metrics;
 pub mod netns;
+pub mod origsrc;
 pub mod outbound;
 pub mod pods;
 pub mod policy;

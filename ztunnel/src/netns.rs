@@ -8,7 +8,7 @@
 
 use std::fs::File;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -105,6 +105,62 @@ impl Netns {
         TcpListener::from_std(std)
     }
 
+    /// A socket to `dst`, an address of this namespace's pod, bound to `src`, a foreign
+    /// address (the client's): transparent and marked [`crate::origsrc::ORIG_SRC_MARK`], so the
+    /// replies come back to it once [`crate::origsrc::install`] has set up the pod. Dialling
+    /// your own address is never captured outbound, so it needs no mesh mark.
+    pub fn transparent_socket(&self, src: IpAddr, dst: SocketAddr) -> io::Result<TcpSocket> {
+        self.run(|| {
+            let s = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
+            if dst.is_ipv4() {
+                s.set_ip_transparent_v4(true)?;
+            } else {
+                s.set_ip_transparent_v6(true)?;
+            }
+            s.set_mark(crate::origsrc::ORIG_SRC_MARK)?;
+            s.set_tcp_nodelay(true)?;
+            // The port is chosen at connect, knowing the whole 4-tuple: ports in TIME_WAIT
+            // are reused (tcp_tw_reuse), where a port chosen at bind would exhaust them.
+            set_bind_address_no_port(&s)?;
+            s.bind(&SockAddr::from(SocketAddr::new(src, 0)))?;
+            s.set_nonblocking(true)?;
+            Ok(TcpSocket::from_std_stream(std::net::TcpStream::from(s)))
+        })
+    }
+
+    /// Runs `program args` inside this namespace with `input` on its stdin and returns its
+    /// output. The forked child enters the namespace before exec; no thread of ours moves.
+    pub fn command_output(
+        &self,
+        program: &str,
+        args: &[&str],
+        input: &str,
+    ) -> io::Result<std::process::Output> {
+        use std::io::Write;
+        use std::os::unix::process::CommandExt;
+        let fd = self.raw_fd();
+        let mut cmd = std::process::Command::new(program);
+        cmd.args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        // SAFETY: pre_exec runs in the forked child before exec; setns is async-signal-safe and
+        // `fd` stays open in the parent for the duration of the spawn.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn()?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin.write_all(input.as_bytes())?;
+        }
+        child.wait_with_output()
+    }
+
     /// Connects to `dst` from inside this namespace with the mesh's socket mark, so capture
     /// never redirects ztunnel's own traffic.
     pub async fn connect(&self, dst: SocketAddr) -> io::Result<TcpStream> {
@@ -117,4 +173,23 @@ impl Netns {
         })?;
         socket.connect(dst).await
     }
+}
+
+/// IP_BIND_ADDRESS_NO_PORT (socket2 has no setter); honoured by IPv6 sockets too.
+fn set_bind_address_no_port(s: &Socket) -> io::Result<()> {
+    let one: libc::c_int = 1;
+    // SAFETY: `one` is a valid c_int for the option's duration; fd is open.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }

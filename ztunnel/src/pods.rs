@@ -23,7 +23,7 @@ use tracing::{error, info, warn};
 use crate::capture::{Enrollment, Exclusions};
 use crate::netns::Netns;
 use crate::proxy::{Ctx, Pod};
-use crate::{inbound, outbound};
+use crate::{inbound, origsrc, outbound};
 
 struct Enrolled {
     pod: Arc<Pod>,
@@ -48,9 +48,19 @@ const TCP_TW_REUSE: &str = "/proc/sys/net/ipv4/tcp_tw_reuse";
 /// connections the kernel queued on them move to the next one instead of being reset.
 const TCP_MIGRATE_REQ: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
 
+/// The app's socket for a connection ztunnel dials inherits the SYN's mark, so its replies to
+/// a preserved client address find their way back to ztunnel ([`origsrc`]).
+const TCP_FWMARK_ACCEPT: &str = "/proc/sys/net/ipv4/tcp_fwmark_accept";
+
 /// Per-namespace settings of an enrolled pod: (path, value, kernel default, what goes wrong
 /// without it).
-const POD_SYSCTLS: [(&str, &str, &str, &str); 2] = [
+const POD_SYSCTLS: [(&str, &str, &str, &str); 3] = [
+    (
+        TCP_FWMARK_ACCEPT,
+        "1",
+        "0",
+        "apps see ztunnel's connections come from their own pod IP",
+    ),
     (TCP_TW_REUSE, "1", "2", "busy pods may run out of ports"),
     (
         TCP_MIGRATE_REQ,
@@ -213,7 +223,10 @@ fn update_exclusions(ctx: &Ctx, uid: &str, e: &mut Enrolled, w: &Workload) {
 
 fn start(ctx: &Arc<Ctx>, w: Arc<Workload>) -> anyhow::Result<Enrolled> {
     let netns = Netns::open(Path::new(&w.netns))?;
-    let pod = Arc::new(Pod::new(w, netns));
+    let mut pod = Pod::new(w, netns);
+    let sysctls_before = set_pod_sysctls(&pod);
+    pod.orig_src = preserve_source(&pod, &sysctls_before);
+    let pod = Arc::new(pod);
     let mut tasks = Vec::new();
     let mut inbound_fds = Vec::new();
     let v4_any = Ipv4Addr::UNSPECIFIED.into();
@@ -248,6 +261,7 @@ fn start(ctx: &Arc<Ctx>, w: Arc<Workload>) -> anyhow::Result<Enrolled> {
             }
             Err(e) => {
                 tasks.iter().for_each(|t: &JoinHandle<()>| t.abort());
+                undo_pod_setup(&pod, &sysctls_before);
                 anyhow::bail!("listen on {addr} in {}: {e}", pod.netns.path().display());
             }
         };
@@ -269,7 +283,7 @@ fn start(ctx: &Arc<Ctx>, w: Arc<Workload>) -> anyhow::Result<Enrolled> {
     let ips: Vec<std::net::IpAddr> = pod.ips.iter().copied().collect();
     match ctx.capture.enroll(&pod.netns, &inbound_fds, &ips, &excl) {
         Ok(capture) => Ok(Enrolled {
-            sysctls_before: set_pod_sysctls(&pod),
+            sysctls_before,
             excl_annotations: excl_annotations(&pod.workload),
             pod,
             tasks,
@@ -278,8 +292,33 @@ fn start(ctx: &Arc<Ctx>, w: Arc<Workload>) -> anyhow::Result<Enrolled> {
         }),
         Err(e) => {
             tasks.iter().for_each(|t| t.abort());
+            undo_pod_setup(&pod, &sysctls_before);
             Err(e.into())
         }
+    }
+}
+
+/// Sets the pod up so its apps see their clients' addresses ([`origsrc`]); false (logged) when
+/// it cannot be, and apps then see connections from their own pod IP.
+fn preserve_source(pod: &Pod, sysctls_set: &[(&'static str, String)]) -> bool {
+    if !sysctls_set.iter().any(|(p, _)| *p == TCP_FWMARK_ACCEPT) {
+        return false;
+    }
+    let ips: Vec<std::net::IpAddr> = pod.ips.iter().copied().collect();
+    match origsrc::install(&pod.netns, &ips) {
+        Ok(()) => true,
+        Err(e) => {
+            warn!(pod = %pod.workload.uid, error = %e, "cannot preserve client addresses; the app will see its own pod IP as the peer");
+            false
+        }
+    }
+}
+
+/// Takes back what enrollment set in the pod's namespace (capture aside).
+fn undo_pod_setup(pod: &Pod, sysctls_before: &[(&'static str, String)]) {
+    origsrc::remove(&pod.netns);
+    for (path, before) in sysctls_before {
+        let _ = pod.netns.swap_sysctl(path, before);
     }
 }
 
@@ -373,9 +412,7 @@ fn stop(ctx: &Ctx, uid: &str, e: Enrolled) {
         // The namespace may already be gone with its pod; nothing of ours can remain then.
         warn!(pod = %uid, error = %err, "removing capture failed");
     }
-    for (path, before) in &e.sysctls_before {
-        let _ = e.pod.netns.swap_sysctl(path, before);
-    }
+    undo_pod_setup(&e.pod, &e.sysctls_before);
     for t in e.tasks {
         t.abort();
     }

@@ -45,6 +45,8 @@ pub struct Pod {
     pub identity: Identity,
     pub ips: HashSet<IpAddr>,
     pub netns: Netns,
+    /// Whether the app is dialled from the client's address ([`crate::origsrc`]).
+    pub orig_src: bool,
 }
 
 impl Pod {
@@ -61,6 +63,7 @@ impl Pod {
             identity,
             ips,
             netns,
+            orig_src: false,
         }
     }
 
@@ -97,6 +100,25 @@ pub async fn accept_loop<F, Fut>(
                 tokio::task::yield_now().await;
             }
         }
+    }
+}
+
+impl Pod {
+    /// Connects to the pod's app at `target` for a client at `client`: from the client's
+    /// address when this pod preserves it ([`crate::origsrc`]), else from the pod's own.
+    pub async fn dial_app(
+        &self,
+        client: std::net::IpAddr,
+        target: std::net::SocketAddr,
+    ) -> std::io::Result<tokio::net::TcpStream> {
+        let src = match crate::origsrc::source_for(client, target) {
+            Some(src) if self.orig_src => src,
+            _ => return self.netns.connect(target).await,
+        };
+        self.netns
+            .transparent_socket(src, target)?
+            .connect(target)
+            .await
     }
 }
 
