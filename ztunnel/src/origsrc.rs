@@ -32,15 +32,16 @@ pub enum OrigSrcError {
     Ip { netns: String, stderr: String },
 }
 
-/// Installs the rule and route in the pod (replacing any an earlier ztunnel left), for the
-/// families the pod has addresses in.
+/// Installs the rule and route in the pod, for the families the pod has addresses in. An
+/// earlier ztunnel's are kept as they are: a gap would send the replies of connections in
+/// flight out of the pod (a handover re-enrolls pods while the old ztunnel still serves).
 pub fn install(ns: &Netns, ips: &[IpAddr]) -> Result<(), OrigSrcError> {
-    remove(ns);
     for (flag, any) in families(ips) {
-        let script = format!(
-            "rule add pref {TABLE} fwmark {ORIG_SRC_MARK:#x} lookup {TABLE}\n\
-             route replace local {any} dev lo table {TABLE}\n"
-        );
+        let present = ip_output(ns, &[flag, "rule", "show", "pref", &TABLE.to_string()], "")?;
+        let mut script = format!("route replace local {any} dev lo table {TABLE}\n");
+        if !present.contains(&format!("lookup {TABLE}")) {
+            script += &format!("rule add pref {TABLE} fwmark {ORIG_SRC_MARK:#x} lookup {TABLE}\n");
+        }
         ip(ns, &[flag, "-batch", "-"], &script)?;
     }
     Ok(())
@@ -75,6 +76,11 @@ fn families(ips: &[IpAddr]) -> Vec<(&'static str, &'static str)> {
 }
 
 fn ip(ns: &Netns, args: &[&str], script: &str) -> Result<(), OrigSrcError> {
+    ip_output(ns, args, script).map(drop)
+}
+
+/// Runs `ip args` in the pod with `script` on stdin; its stdout.
+fn ip_output(ns: &Netns, args: &[&str], script: &str) -> Result<String, OrigSrcError> {
     let netns = ns.path().display().to_string();
     let out = ns
         .command_output("ip", args, script)
@@ -88,7 +94,7 @@ fn ip(ns: &Netns, args: &[&str], script: &str) -> Result<(), OrigSrcError> {
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
         });
     }
-    Ok(())
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 #[cfg(test)]
