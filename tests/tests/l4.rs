@@ -495,9 +495,10 @@ fn connection_churn_does_not_exhaust_the_pods_ports() {
         return;
     }
     let mesh = base_mesh();
-    // ztunnel dials the app from the pod's own IP and closes first, leaving a TIME_WAIT per
-    // connection. Give that pod only 3,000 ephemeral ports, then make 4,000 connections through
-    // the mesh, as fast as two clients go: without port reuse the last ones would fail.
+    // ztunnel dials the app (from the client's address) and closes first, leaving a TIME_WAIT
+    // per connection. Give that pod only 3,000 ephemeral ports, then make 4,000 connections
+    // through the mesh from one client, as fast as two threads go: without port reuse the last
+    // ones would fail.
     let out = mesh
         .exec(
             "b",

@@ -37,11 +37,11 @@ struct Enrolled {
     sysctls_before: Vec<(&'static str, String)>,
 }
 
-/// ztunnel dials each inbound connection's app from the pod's own IP and, relaying the
-/// client's FIN, closes first: every connection leaves a TIME_WAIT on a pod-IP ephemeral port,
-/// and at a few thousand connections per second the ~28k ports run out (EADDRNOTAVAIL). With
-/// reuse on, a port in TIME_WAIT for over a second may be reused (safe with TCP timestamps).
-/// The setting is per network namespace, so only enrolled pods are affected.
+/// ztunnel dials each inbound connection's app inside the pod and, relaying the client's FIN,
+/// closes first: every connection leaves a TIME_WAIT on one of ztunnel's ports, and at a few
+/// thousand connections per second from one client the ~28k ports run out (EADDRNOTAVAIL).
+/// With reuse on, a port in TIME_WAIT for over a second may be reused (safe with TCP
+/// timestamps). The setting is per network namespace, so only enrolled pods are affected.
 const TCP_TW_REUSE: &str = "/proc/sys/net/ipv4/tcp_tw_reuse";
 
 /// In a handover the next ztunnel's listeners join ours (SO_REUSEPORT); when ours close,

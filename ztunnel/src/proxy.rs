@@ -73,8 +73,9 @@ impl Pod {
 }
 
 /// Accepts on one of a pod's listeners until the task is aborted, handling each connection
-/// on a task of its own (counted by [`Ctx::drain`] until it ends). An accept error (e.g. out of file descriptors) is logged and retried
-/// after yielding, so one bad moment never closes the listener.
+/// on a task of its own (counted by [`Ctx::drain`] until it ends). An accept error (e.g. out
+/// of file descriptors) is logged and retried after yielding, so one bad moment never closes
+/// the listener.
 pub async fn accept_loop<F, Fut>(
     ctx: Arc<Ctx>,
     pod: Arc<Pod>,
