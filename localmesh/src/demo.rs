@@ -156,11 +156,26 @@ fn cross_node(mesh: &LocalMesh, v6: bool) -> anyhow::Result<Vec<String>> {
         !payload_contains(&segments, secret.as_bytes()),
         "the app's plaintext crossed the node link!"
     );
+    let frontend = mesh.pod("shop", "frontend")?;
+    let frontend_ip = if v6 {
+        frontend.ip6.context("no IPv6 on this cluster")?.to_string()
+    } else {
+        frontend.ip4.to_string()
+    };
+    let saw: std::net::SocketAddr = who
+        .server_saw_peer
+        .parse()
+        .with_context(|| format!("payments saw peer {:?}", who.server_saw_peer))?;
+    anyhow::ensure!(
+        saw.ip().to_canonical().to_string() == frontend_ip,
+        "payments saw the connection come from {saw}, not from frontend's {frontend_ip}"
+    );
     Ok(vec![
         format!(
             "served by payments at {addr}; the app dialled {} and getpeername() says so",
             who.client_peer
         ),
+        format!("payments saw the connection come from frontend's own address {frontend_ip}"),
         format!("client identity  {}", field(&entry, "src.identity")),
         format!("server identity  {}", field(&entry, "dst.identity")),
         format!(
