@@ -24,7 +24,7 @@ use tracing::{info, warn};
 
 pub use crate::ebpf::Exclusions;
 use crate::ebpf::{Ebpf, EbpfError};
-use crate::netns::Netns;
+use crate::netns::{CommandError, Netns};
 
 /// The nftables table ztunnel owns inside each enrolled pod's namespace.
 pub const NFT_TABLE: &str = "ztunnel";
@@ -51,10 +51,8 @@ impl std::fmt::Display for CaptureMode {
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
-    #[error("running nft in {netns}: {source} (is the nftables package installed?)")]
-    Spawn { netns: String, source: io::Error },
-    #[error("nft in {netns} failed: {stderr}")]
-    Nft { netns: String, stderr: String },
+    #[error("nftables capture: {0}")]
+    Nft(#[from] CommandError),
     #[error("eBPF capture: {0}")]
     Ebpf(#[from] EbpfError),
 }
@@ -281,19 +279,7 @@ fn nft_ruleset(excl: &Exclusions) -> String {
 
 /// Runs `nft -f -` inside `ns` with `script` on stdin.
 fn nft(ns: &Netns, script: &str) -> Result<(), CaptureError> {
-    let netns = ns.path().display().to_string();
-    let out = ns
-        .command_output("nft", &["-f", "-"], script)
-        .map_err(|source| CaptureError::Spawn {
-            netns: netns.clone(),
-            source,
-        })?;
-    if !out.status.success() {
-        return Err(CaptureError::Nft {
-            netns,
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
+    ns.command("nft", &["-f", "-"], script)?;
     Ok(())
 }
 

@@ -27,6 +27,23 @@ pub fn init_host_netns() -> io::Result<()> {
     Ok(())
 }
 
+/// A program run inside a namespace ([`Netns::command`]) that could not run or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error("running `{program}` in {netns}: {source} (is it installed?)")]
+    Spawn {
+        program: &'static str,
+        netns: String,
+        source: io::Error,
+    },
+    #[error("`{program}` in {netns} failed: {stderr}")]
+    Failed {
+        program: &'static str,
+        netns: String,
+        stderr: String,
+    },
+}
+
 /// An open handle on a network namespace.
 #[derive(Debug)]
 pub struct Netns {
@@ -128,16 +145,22 @@ impl Netns {
         })
     }
 
-    /// Runs `program args` inside this namespace with `input` on its stdin and returns its
-    /// output. The forked child enters the namespace before exec; no thread of ours moves.
-    pub fn command_output(
+    /// Runs `program args` inside this namespace with `input` on its stdin; its stdout, or an
+    /// error with its stderr. The forked child enters the namespace before exec; no thread of
+    /// ours moves.
+    pub fn command(
         &self,
-        program: &str,
+        program: &'static str,
         args: &[&str],
         input: &str,
-    ) -> io::Result<std::process::Output> {
+    ) -> Result<String, CommandError> {
         use std::io::Write;
         use std::os::unix::process::CommandExt;
+        let spawn_err = |source| CommandError::Spawn {
+            program,
+            netns: self.path.display().to_string(),
+            source,
+        };
         let fd = self.raw_fd();
         let mut cmd = std::process::Command::new(program);
         cmd.args(args)
@@ -154,11 +177,19 @@ impl Netns {
                 Ok(())
             });
         }
-        let mut child = cmd.spawn()?;
+        let mut child = cmd.spawn().map_err(spawn_err)?;
         if let Some(mut stdin) = child.stdin.take() {
-            stdin.write_all(input.as_bytes())?;
+            stdin.write_all(input.as_bytes()).map_err(spawn_err)?;
         }
-        child.wait_with_output()
+        let out = child.wait_with_output().map_err(spawn_err)?;
+        if !out.status.success() {
+            return Err(CommandError::Failed {
+                program,
+                netns: self.path.display().to_string(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// Connects to `dst` from inside this namespace with the mesh's socket mark, so capture

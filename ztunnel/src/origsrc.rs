@@ -14,35 +14,24 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use crate::netns::Netns;
+use crate::netns::{CommandError, Netns};
 
 /// The mark of ztunnel's transparent sockets to an app, and so of the app's replies.
 pub use ztunnel_ebpf_common::ORIG_SRC_MARK;
 /// The routing table (and the rule's priority) holding the "everything is local" route.
 const TABLE: u32 = 1338;
 
-#[derive(Debug, thiserror::Error)]
-pub enum OrigSrcError {
-    #[error("running `ip` in {netns}: {source}")]
-    Spawn {
-        netns: String,
-        source: std::io::Error,
-    },
-    #[error("`ip` in {netns} failed: {stderr}")]
-    Ip { netns: String, stderr: String },
-}
-
 /// Installs the rule and route in the pod, for the families the pod has addresses in. An
 /// earlier ztunnel's are kept as they are: a gap would send the replies of connections in
 /// flight out of the pod (a handover re-enrolls pods while the old ztunnel still serves).
-pub fn install(ns: &Netns, ips: &[IpAddr]) -> Result<(), OrigSrcError> {
+pub fn install(ns: &Netns, ips: &[IpAddr]) -> Result<(), CommandError> {
     for (flag, any) in families(ips) {
-        let present = ip_output(ns, &[flag, "rule", "show", "pref", &TABLE.to_string()], "")?;
+        let present = ns.command("ip", &[flag, "rule", "show", "pref", &TABLE.to_string()], "")?;
         let mut script = format!("route replace local {any} dev lo table {TABLE}\n");
         if !present.contains(&format!("lookup {TABLE}")) {
             script += &format!("rule add pref {TABLE} fwmark {ORIG_SRC_MARK:#x} lookup {TABLE}\n");
         }
-        ip(ns, &[flag, "-batch", "-"], &script)?;
+        ns.command("ip", &[flag, "-batch", "-"], &script)?;
     }
     Ok(())
 }
@@ -51,7 +40,7 @@ pub fn install(ns: &Netns, ips: &[IpAddr]) -> Result<(), OrigSrcError> {
 pub fn remove(ns: &Netns) {
     let script = format!("rule del pref {TABLE}\nroute flush table {TABLE}\n");
     for flag in ["-4", "-6"] {
-        let _ = ip(ns, &[flag, "-force", "-batch", "-"], &script);
+        let _ = ns.command("ip", &[flag, "-force", "-batch", "-"], &script);
     }
 }
 
@@ -73,28 +62,6 @@ fn families(ips: &[IpAddr]) -> Vec<(&'static str, &'static str)> {
         out.push(("-6", "::/0"));
     }
     out
-}
-
-fn ip(ns: &Netns, args: &[&str], script: &str) -> Result<(), OrigSrcError> {
-    ip_output(ns, args, script).map(drop)
-}
-
-/// Runs `ip args` in the pod with `script` on stdin; its stdout.
-fn ip_output(ns: &Netns, args: &[&str], script: &str) -> Result<String, OrigSrcError> {
-    let netns = ns.path().display().to_string();
-    let out = ns
-        .command_output("ip", args, script)
-        .map_err(|source| OrigSrcError::Spawn {
-            netns: netns.clone(),
-            source,
-        })?;
-    if !out.status.success() {
-        return Err(OrigSrcError::Ip {
-            netns,
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 #[cfg(test)]
