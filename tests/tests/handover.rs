@@ -7,37 +7,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use localmesh::{LocalMesh, MeshOptions, wait_for};
+use mesh_tests::manifests::{echo_pod, namespace};
 use mesh_tests::{WhoConn, privileged, served_by};
-
-const MANIFESTS: &str = r#"
-apiVersion: v1
-kind: Namespace
-metadata: {name: a, labels: {istio.io/dataplane-mode: ambient}}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: client, namespace: a, labels: {app: client}}
-spec:
-  nodeName: node-0
-  serviceAccountName: client
-  containers:
-  - name: echo
-    command: ["mesh-echo", "serve", "--port", "8080"]
----
-apiVersion: v1
-kind: Pod
-metadata: {name: server, namespace: a, labels: {app: server}}
-spec:
-  nodeName: node-1
-  serviceAccountName: server
-  containers:
-  - name: echo
-    command: ["mesh-echo", "serve", "--port", "8080"]
-"#;
 
 fn mesh() -> LocalMesh {
     let mesh = LocalMesh::start(MeshOptions::default()).expect("start local mesh");
-    mesh.apply("00-all.yaml", MANIFESTS).unwrap();
+    let manifests = namespace("a", true)
+        + &echo_pod("a", "client", 0, "client", &[8080])
+        + &echo_pod("a", "server", 1, "server", &[8080]);
+    mesh.apply("00-all.yaml", &manifests).unwrap();
     for p in ["client", "server"] {
         mesh.wait_listening("a", p, 8080).unwrap();
         mesh.wait_enrolled("a", p).unwrap();

@@ -41,21 +41,7 @@ metadata: {name: plain}
 "#;
 
 fn pod(ns: &str, name: &str, node: usize, sa: &str) -> String {
-    format!(
-        r#"
----
-apiVersion: v1
-kind: Pod
-metadata: {{name: {name}, namespace: {ns}, labels: {{app: {name}}}}}
-spec:
-  nodeName: node-{node}
-  serviceAccountName: {sa}
-  containers:
-  - name: echo
-    command: ["mesh-echo", "serve", "--port", "8080"]
-    ports: [{{name: http, containerPort: 8080}}]
-"#
-    )
+    mesh_tests::manifests::echo_pod(ns, name, node, sa, &[8080])
 }
 
 fn workloads() -> String {

@@ -22,24 +22,7 @@ metadata: {name: plain}
 "#;
 
 fn pod(ns: &str, name: &str, node: usize, sa: &str, ports: &[u16]) -> String {
-    let mut cmd = vec!["\"mesh-echo\"".to_string(), "\"serve\"".to_string()];
-    for p in ports {
-        cmd.push("\"--port\"".into());
-        cmd.push(format!("\"{p}\""));
-    }
-    format!(
-        r#"
----
-apiVersion: v1
-kind: Pod
-metadata: {{name: {name}, namespace: {ns}, labels: {{app: {name}}}}}
-spec:
-  nodeName: node-{node}
-  serviceAccountName: {sa}
-  containers: [{{name: echo, command: [{}]}}]
-"#,
-        cmd.join(", ")
-    )
+    mesh_tests::manifests::echo_pod(ns, name, node, sa, ports)
 }
 
 fn mesh() -> LocalMesh {

@@ -54,24 +54,7 @@ metadata: {name: outside}
 
 /// A pod on `node-<node>`; `command` empty means no container at all (a bare network namespace).
 fn pod(ns: &str, name: &str, node: usize, sa: &str, command: &[&str]) -> String {
-    let containers = if command.is_empty() {
-        "[]".to_string()
-    } else {
-        let argv: Vec<String> = command.iter().map(|a| format!("{a:?}")).collect();
-        format!("[{{name: main, command: [{}]}}]", argv.join(", "))
-    };
-    format!(
-        r#"
----
-apiVersion: v1
-kind: Pod
-metadata: {{name: {name}, namespace: {ns}, labels: {{app: {name}}}}}
-spec:
-  nodeName: node-{node}
-  serviceAccountName: {sa}
-  containers: {containers}
-"#
-    )
+    mesh_tests::manifests::pod(ns, name, node, sa, command)
 }
 
 /// The mesh's own CA (the files meshd created under `state/ca`).

@@ -26,7 +26,11 @@ const TABLE: u32 = 1338;
 /// flight out of the pod (a handover re-enrolls pods while the old ztunnel still serves).
 pub fn install(ns: &Netns, ips: &[IpAddr]) -> Result<(), CommandError> {
     for (flag, any) in families(ips) {
-        let present = ns.command("ip", &[flag, "rule", "show", "pref", &TABLE.to_string()], "")?;
+        let present = ns.command(
+            "ip",
+            &[flag, "rule", "show", "pref", &TABLE.to_string()],
+            "",
+        )?;
         let mut script = format!("route replace local {any} dev lo table {TABLE}\n");
         if !present.contains(&format!("lookup {TABLE}")) {
             script += &format!("rule add pref {TABLE} fwmark {ORIG_SRC_MARK:#x} lookup {TABLE}\n");
