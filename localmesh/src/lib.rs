@@ -9,6 +9,7 @@
 
 pub mod bench;
 pub mod bench_policy;
+pub mod bench_restart;
 pub mod bins;
 pub mod client;
 pub mod demo;

@@ -5,7 +5,8 @@
 //! - `test`   the whole test suite (what CI runs)
 //! - `demo`   the local-mode demo; `--interactive` keeps it up
 //! - `local`  run local mode with your own manifests
-//! - `bench`  raw TCP vs mesh, eBPF vs nftables capture, fast path on/off: ratios from one run
+//! - `bench`  raw TCP vs mesh, eBPF vs nftables capture, fast path on/off, a rolling update of
+//!   ztunnel under load, 10k policies: ratios from one run
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -50,8 +51,9 @@ enum Cmd {
         #[arg(long, default_value_t = 5)]
         seconds: u64,
         /// Run only one scenario: `l4` (raw vs mesh), `capture` (eBPF vs nftables), `fastpath`
-        /// (same-node bulk with/without `--fast-path`) or `policy` (10,000 policies).
-        #[arg(long)]
+        /// (same-node bulk with/without `--fast-path`), `restart` (a rolling update of both
+        /// ztunnels under load) or `policy` (10,000 policies).
+        #[arg(long, value_parser = ["l4", "capture", "fastpath", "restart", "policy"])]
         only: Option<String>,
     },
 }
@@ -125,6 +127,19 @@ fn main() -> anyhow::Result<()> {
                     "no fast path",
                     "fast path",
                     &rows,
+                );
+            }
+            if want("restart") {
+                let r = localmesh::bench_restart::run(Duration::from_secs(seconds.max(5)))?;
+                localmesh::bench::print_table(
+                    "rolling update of both ztunnels",
+                    "steady",
+                    "during",
+                    &r.rows,
+                );
+                println!(
+                    "{:<32} {:>10} {:<3} {:>10} {:<3}   (handover took {:.2?})",
+                    "failed connections", r.errors_steady, "", r.errors_during, "", r.handover
                 );
             }
             if !want("policy") {
