@@ -2,7 +2,7 @@
 //! would without the mesh (and as with Istio), not its own pod IP.
 //!
 //! ztunnel dials the app from inside the pod with a transparent socket bound to the client's
-//! address ([`Netns::connect_from`]) and marked [`ORIG_SRC_MARK`]. Its SYN crosses `lo`, so
+//! address ([`Netns::transparent_socket`]) and marked [`ORIG_SRC_MARK`]. Its SYN crosses `lo`, so
 //! with `net.ipv4.tcp_fwmark_accept=1` (one of the pod sysctls enrollment sets; it covers IPv6
 //! too) the app's accepted socket inherits the mark, and a policy route sends marked packets
 //! to `lo`: the app's replies to the client's address come back to ztunnel instead of leaving
