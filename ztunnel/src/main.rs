@@ -112,7 +112,8 @@ fn init_logging(format: &str) -> LogHandle {
 )]
 #[command(group(clap::ArgGroup::new("what").required(true).args(["node", "orphans"])))]
 struct CleanupArgs {
-    /// This node's ztunnel, stopped for good: its pods stop failing closed and go direct.
+    /// This node's ztunnel, stopped for good: its eBPF-captured pods stop failing closed and go
+    /// direct (nftables rules live in the pods and go when a ztunnel unenrolls them).
     #[arg(long, env = "NODE_NAME")]
     node: Option<String>,
     /// Every instance, of any node, whose network namespace no longer exists (always safe:
