@@ -85,29 +85,17 @@ pub(crate) fn compile(p: &Policy, root_namespace: &str) -> (Option<L4Authorizati
     let mut d = Diag::new(KIND, &p.namespace, &p.name);
     let compiled = parse_spec(&p.spec_json, &mut d)
         .and_then(|spec| compile_spec(&spec, p, root_namespace, &mut d));
-    let key = format!("{}/{}", p.namespace, p.name);
     let (status, effective) = match compiled {
         _ if d.has_errors() => (PolicyStatus::Rejected, None),
         None => (PolicyStatus::Rejected, None),
         Some(Compiled::Enforced(a)) => (PolicyStatus::Enforced, Some(a)),
         Some(Compiled::NotEnforced) => (PolicyStatus::NotEnforced, None),
     };
-    for w in &d.warnings {
-        tracing::debug!(policy = %key, "{w}");
-    }
-    for e in &d.errors {
-        tracing::debug!(policy = %key, "policy rejected: {e}");
-    }
-    let report = PolicyReport {
-        key: p.key.clone(),
-        kind: KIND.to_string(),
-        namespace: p.namespace.clone(),
-        name: p.name.clone(),
+    let report = d.into_report(
+        &p.key,
         status,
-        effective: effective.clone().map(Effective::Authorization),
-        warnings: d.warnings,
-        errors: d.errors.iter().map(|e| e.to_string()).collect(),
-    };
+        effective.clone().map(Effective::Authorization),
+    );
     (effective, report)
 }
 

@@ -65,6 +65,33 @@ impl Diag {
     pub fn has_errors(&self) -> bool {
         !self.errors.is_empty()
     }
+
+    /// Logs what was collected (at debug: the config dump carries it) and turns it into the
+    /// policy's report.
+    pub fn into_report(
+        self,
+        key: &str,
+        status: super::PolicyStatus,
+        effective: Option<super::Effective>,
+    ) -> super::PolicyReport {
+        let policy = format!("{}/{}", self.namespace, self.name);
+        for w in &self.warnings {
+            tracing::debug!(%policy, "{w}");
+        }
+        for e in &self.errors {
+            tracing::debug!(%policy, "policy rejected: {e}");
+        }
+        super::PolicyReport {
+            key: key.to_string(),
+            kind: self.kind,
+            namespace: self.namespace,
+            name: self.name,
+            status,
+            effective,
+            warnings: self.warnings,
+            errors: self.errors.iter().map(|e| e.to_string()).collect(),
+        }
+    }
 }
 
 fn describe(v: &Value) -> &'static str {
