@@ -99,7 +99,7 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<Vec<Row>> {
 
 /// A mesh with one ambient client/server pair (`bench-mesh`); the server on node-1, the client
 /// on node-1 too when `same_node`, else node-0.
-fn pair_mesh(opts: MeshOptions, same_node: bool) -> anyhow::Result<LocalMesh> {
+pub(crate) fn pair_mesh(opts: MeshOptions, same_node: bool) -> anyhow::Result<LocalMesh> {
     let mesh = LocalMesh::start(MeshOptions {
         log: "warn".into(),
         ..opts
@@ -141,12 +141,12 @@ pub(crate) fn measure_pair(
         .with_context(|| format!("parsing {}", String::from_utf8_lossy(&out.stdout)))
 }
 
-fn num(v: &Value, k: &str) -> f64 {
+pub(crate) fn num(v: &Value, k: &str) -> f64 {
     v.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN)
 }
 
 /// A row comparing figure `key` of two reports (first → `raw`, second → `mesh`).
-fn row(name: &'static str, unit: &'static str, pair: &[Value; 2], key: &str) -> Row {
+pub(crate) fn row(name: &'static str, unit: &'static str, pair: &[Value; 2], key: &str) -> Row {
     Row {
         name,
         unit,

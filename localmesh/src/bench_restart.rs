@@ -9,33 +9,9 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
-use serde_json::Value;
-
-use crate::bench::{Row, measure_pair};
+use crate::bench::{Row, measure_pair, num, pair_mesh, row};
 use crate::{LocalMesh, MeshOptions};
-
-const PAIR: &str = r#"
-apiVersion: v1
-kind: Namespace
-metadata:
-  name: bench-mesh
-  labels: {istio.io/dataplane-mode: ambient}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: server, namespace: bench-mesh}
-spec:
-  nodeName: node-1
-  containers: [{name: s, command: ["mesh-echo", "serve", "--port", "8080"]}]
----
-apiVersion: v1
-kind: Pod
-metadata: {name: client, namespace: bench-mesh}
-spec:
-  nodeName: node-0
-  containers: []
-"#;
+use anyhow::Context;
 
 /// The scenario's result: rows (steady → during the update) and the failed connections.
 pub struct RestartReport {
@@ -47,14 +23,7 @@ pub struct RestartReport {
 }
 
 pub fn run(duration: Duration) -> anyhow::Result<RestartReport> {
-    let mesh = LocalMesh::start(MeshOptions {
-        log: "warn".into(),
-        ..Default::default()
-    })?;
-    mesh.apply("00-pair.yaml", PAIR)?;
-    mesh.wait_listening("bench-mesh", "server", 8080)?;
-    mesh.wait_enrolled("bench-mesh", "client")?;
-    mesh.wait_enrolled("bench-mesh", "server")?;
+    let mesh = pair_mesh(MeshOptions::default(), false)?;
     let load = ["bench-conn", "--concurrency", "8"];
     let steady = measure_pair(&mesh, "bench-mesh", duration, &load)?;
     let (during, handover) = std::thread::scope(|s| {
@@ -71,20 +40,14 @@ pub fn run(duration: Duration) -> anyhow::Result<RestartReport> {
         handover < duration,
         "the rolling update ({handover:?}) outlasted the measurement ({duration:?}); use more --seconds"
     );
-    let num = |v: &Value, k: &str| v.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
-    let row = |name, unit, key| Row {
-        name,
-        unit,
-        raw: num(&steady, key),
-        mesh: num(&during, key),
-    };
+    let pair = [steady, during];
     Ok(RestartReport {
         rows: vec![
-            row("new connections (8 workers)", "conn/s", "per_sec"),
-            row("connect + exchange p99", "µs", "p99_us"),
+            row("new connections (8 workers)", "conn/s", &pair, "per_sec"),
+            row("connect + exchange p99", "µs", &pair, "p99_us"),
         ],
-        errors_steady: num(&steady, "errors"),
-        errors_during: num(&during, "errors"),
+        errors_steady: num(&pair[0], "errors"),
+        errors_during: num(&pair[1], "errors"),
         handover,
     })
 }
