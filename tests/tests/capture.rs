@@ -322,17 +322,6 @@ fn read_line_from(dst: SocketAddr) -> anyhow::Result<(SocketAddr, SocketAddr)> {
     Ok((canonical(accepted), s.peer_addr()?))
 }
 
-fn instance_dirs() -> Vec<String> {
-    std::fs::read_dir("/sys/fs/bpf")
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with("ztunnel-"))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// The bpffs dir of node `i`'s ztunnel (the one containing a link pinned by that process).
 fn node_dir(mesh: &LocalMesh, i: usize) -> String {
     let log = mesh.ztunnel_log(i);
@@ -498,7 +487,6 @@ fn graceful_stop_and_unenroll_leave_nothing() {
         Ok(ids.iter().all(|id| !link_exists(*id)))
     })
     .unwrap();
-    let _ = instance_dirs();
 }
 
 #[test]
