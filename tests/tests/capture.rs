@@ -324,13 +324,17 @@ fn read_line_from(dst: SocketAddr) -> anyhow::Result<(SocketAddr, SocketAddr)> {
 
 /// The bpffs dir of node `i`'s ztunnel (the one containing a link pinned by that process).
 fn node_dir(mesh: &LocalMesh, i: usize) -> String {
-    let log = mesh.ztunnel_log(i);
-    let line = log
-        .lines()
-        .find(|l| l.contains("eBPF capture loaded"))
-        .expect("ztunnel logged its eBPF dir");
-    let v: serde_json::Value = serde_json::from_str(line).unwrap();
-    v["fields"]["dir"].as_str().unwrap().to_string()
+    loaded_dir(&mesh.ztunnel_log(i)).expect("ztunnel logged its eBPF dir")
+}
+
+/// The bpffs dir in the last "eBPF capture loaded" line of a ztunnel log (a restarted
+/// ztunnel appends to its predecessor's log).
+fn loaded_dir(log: &str) -> Option<String> {
+    log.lines()
+        .rev()
+        .filter(|l| l.contains("eBPF capture loaded"))
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find_map(|v| v["fields"]["dir"].as_str().map(str::to_string))
 }
 
 fn link_ids(dir: &str) -> Vec<u64> {
@@ -1119,12 +1123,7 @@ fn orphan_cleanup_removes_only_state_of_vanished_nodes() {
             Duration::from_secs(20),
             "the ztunnel to pin its capture",
             || {
-                let log = std::fs::read_to_string(z.log_path()).unwrap_or_default();
-                dir = log
-                    .lines()
-                    .filter(|l| l.contains("eBPF capture loaded"))
-                    .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-                    .find_map(|v| v["fields"]["dir"].as_str().map(str::to_string));
+                dir = loaded_dir(&std::fs::read_to_string(z.log_path()).unwrap_or_default());
                 Ok(dir.is_some())
             },
         )
