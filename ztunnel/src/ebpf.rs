@@ -300,13 +300,8 @@ impl Ebpf {
             let id = prog
                 .attach(cg.as_fd(), CgroupAttachMode::Single)
                 .map_err(prog_err(name))?;
-            let link = FdLink::try_from(prog.take_link(id).map_err(prog_err(name))?).map_err(
-                |source| EbpfError::Link {
-                    name: name.to_string(),
-                    source,
-                },
-            )?;
-            replace_pin(link, &dir.join(pin))?;
+            let link = prog.take_link(id).map_err(prog_err(name))?;
+            replace_pin(fd_link(name, link)?, &dir.join(pin))?;
         }
         {
             let (name, pin) = SOCKOPS;
@@ -315,13 +310,8 @@ impl Ebpf {
             let id = prog
                 .attach(cg.as_fd(), CgroupAttachMode::Single)
                 .map_err(prog_err(name))?;
-            let link = FdLink::try_from(prog.take_link(id).map_err(prog_err(name))?).map_err(
-                |source| EbpfError::Link {
-                    name: name.to_string(),
-                    source,
-                },
-            )?;
-            replace_pin(link, &dir.join(pin))?;
+            let link = prog.take_link(id).map_err(prog_err(name))?;
+            replace_pin(fd_link(name, link)?, &dir.join(pin))?;
         }
         let prog: &mut SkLookup = program(&mut bpf, SK_LOOKUP)?;
         prog.load().map_err(prog_err(SK_LOOKUP))?;
@@ -797,6 +787,17 @@ fn take_map<K: aya::Pod, V: aya::Pod>(
     let map = bpf.take_map(name).ok_or(EbpfError::Missing(name))?;
     BpfHashMap::try_from(map).map_err(|source| EbpfError::Map {
         name: name.into(),
+        source,
+    })
+}
+
+/// A program's link as the fd link that can be pinned.
+fn fd_link<L>(name: &str, link: L) -> Result<FdLink, EbpfError>
+where
+    FdLink: TryFrom<L, Error = aya::programs::links::LinkError>,
+{
+    FdLink::try_from(link).map_err(|source| EbpfError::Link {
+        name: name.to_string(),
         source,
     })
 }
