@@ -229,3 +229,69 @@ spec: {}
     mesh.remove("30-authz.yaml").unwrap();
     eventually(&mesh, client, server, 8080, true);
 }
+
+/// A config source that vanishes for a moment (a directory swapped by a deploy, an NFS hiccup)
+/// is a fault, not an instruction to drop everything: STRICT and DENY stay in force and no pod
+/// is unenrolled, throughout and after (audit H2).
+#[test]
+fn config_source_outage_keeps_strict_and_deny() {
+    if !privileged() {
+        return;
+    }
+    let mesh = mesh();
+    let (legacy, client, server) = (("plain", "legacy"), ("a", "client"), ("b", "server"));
+    mesh.apply(
+        "20-policy.yaml",
+        r#"
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: strict, namespace: b}
+spec: {mtls: {mode: STRICT}}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-admin, namespace: b}
+spec:
+  action: DENY
+  rules:
+  - to: [{operation: {ports: ["9090"]}}]
+"#,
+    )
+    .unwrap();
+    eventually(&mesh, legacy, server, 8080, false);
+    eventually(&mesh, client, server, 9090, false);
+    assert!(reaches(&mesh, client, server, 8080));
+    let unenrolled = |m: &LocalMesh| {
+        (0..2)
+            .map(|i| m.ztunnel_log(i).matches("pod unenrolled").count())
+            .sum::<usize>()
+    };
+    let before = unenrolled(&mesh);
+
+    let away = mesh.config_dir.with_extension("away");
+    std::fs::rename(&mesh.config_dir, &away).unwrap();
+    // Probe all through the outage: the fail-open window was ~250 ms after the rename.
+    let outage = Instant::now();
+    let mut probes = 0;
+    while outage.elapsed() < Duration::from_secs(2) {
+        assert!(
+            !reaches(&mesh, legacy, server, 8080),
+            "plaintext reached a STRICT pod during a config-source outage"
+        );
+        assert!(
+            !reaches(&mesh, client, server, 9090),
+            "a DENY port was reached during a config-source outage"
+        );
+        probes += 1;
+    }
+    std::fs::rename(&away, &mesh.config_dir).unwrap();
+    assert!(probes > 0);
+    // The source is back; nothing changed, and nothing was unenrolled on the way.
+    assert!(reaches(&mesh, client, server, 8080));
+    assert!(!reaches(&mesh, legacy, server, 8080));
+    assert!(!reaches(&mesh, client, server, 9090));
+    assert_eq!(unenrolled(&mesh), before, "a pod was unenrolled");
+    for (ns, p) in [("a", "client"), ("b", "server"), ("b", "neighbour")] {
+        assert!(mesh.captured(ns, p).unwrap(), "{ns}/{p} lost capture");
+    }
+}

@@ -4,7 +4,7 @@
 //! [`config`] (the config subscription), [`certs`] (workload certificates), [`pods`]
 //! (enrollment), [`netns`] (sockets in pod namespaces), [`capture`] (redirecting pod traffic; [`ebpf`] loads
 //! its kernel programs; [`cleanup`] removes what a killed one left),
-//! [`outbound`] and [`inbound`] (the proxy paths), [`proxy`] (what those share).
+//! [`outbound`] and [`inbound`] (the proxy paths), [`proxy`] (what those share), [`supervise`] (background tasks that must not die).
 
 pub mod admin;
 pub mod capture;
@@ -25,4 +25,5 @@ pub mod outbound;
 pub mod pods;
 pub mod policy;
 pub mod proxy;
+pub mod supervise;
 pub mod telemetry;

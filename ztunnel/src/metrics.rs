@@ -28,6 +28,7 @@
 //! info gauge `ztunnel_capture_mode{mode}` (always exactly one series, value 1). Policy denials
 //! are not a separate metric: they are connections with `response_flags="DENY"`.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -148,6 +149,9 @@ pub struct Metrics {
     capture_mode: Family<ModeLabels, Gauge>,
     /// Serializes [`Metrics::set_capture_mode`] so the info gauge never holds two modes.
     capture_mode_lock: Mutex<()>,
+    /// Every L4 label set that has series, with how many open connections use it: what
+    /// [`Metrics::prune`] may remove (the families cannot be listed).
+    tcp_series: Mutex<HashMap<TcpLabels, usize>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -216,6 +220,7 @@ impl Metrics {
             certs_issued,
             capture_mode,
             capture_mode_lock: Mutex::new(()),
+            tcp_series: Mutex::default(),
         })
     }
 
@@ -226,6 +231,12 @@ impl Metrics {
     /// A connection refused before any byte flows (policy `DENY`, upstream `CONNECT` failure)
     /// is still opened and closed: open it with those `response_flags` and drop the guard.
     pub fn open(self: &Arc<Self>, labels: TcpLabels) -> ConnMetrics {
+        *self
+            .tcp_series
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(labels.clone())
+            .or_default() += 1;
         self.opened.get_or_create(&labels).inc();
         // Resolve the byte counters once; each chunk is then a single atomic add.
         let received = self.received_bytes.get_or_create_owned(&labels);
@@ -237,6 +248,33 @@ impl Metrics {
             received,
             sent,
         }
+    }
+
+    /// Removes the L4 series of workloads that are gone, so churning pods do not grow the
+    /// exposition (and ztunnel's memory) without bound. A series is kept while a connection
+    /// using it is open, and when both of its workloads are unknown or still `exists(namespace,
+    /// name)`. Returns how many label sets were removed.
+    pub fn prune(&self, exists: impl Fn(&str, &str) -> bool) -> usize {
+        let known = |ns: &str, name: &str| name == UNKNOWN || exists(ns, name);
+        let mut series = self.tcp_series.lock().unwrap_or_else(|p| p.into_inner());
+        let before = series.len();
+        series.retain(|l, open| {
+            let keep = *open > 0
+                || (known(&l.source_workload_namespace, &l.source_workload)
+                    && known(&l.destination_workload_namespace, &l.destination_workload));
+            if !keep {
+                for family in [
+                    &self.opened,
+                    &self.closed,
+                    &self.received_bytes,
+                    &self.sent_bytes,
+                ] {
+                    family.remove(l);
+                }
+            }
+            keep
+        });
+        before - series.len()
     }
 
     /// The OpenMetrics text exposition of every metric (serve with [`CONTENT_TYPE`]).
@@ -326,6 +364,14 @@ impl ConnMetrics {
 
 impl Drop for ConnMetrics {
     fn drop(&mut self) {
+        let mut series = self
+            .metrics
+            .tcp_series
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(open) = series.get_mut(&self.labels) {
+            *open = open.saturating_sub(1);
+        }
         match self.close_flags.take() {
             Some(flags) if flags != self.labels.response_flags => {
                 let labels = TcpLabels {
@@ -333,10 +379,63 @@ impl Drop for ConnMetrics {
                     ..self.labels.clone()
                 };
                 self.metrics.closed.get_or_create(&labels).inc();
+                // Only `closed` has this label set; prune must know of it to remove it.
+                series.entry(labels).or_default();
             }
             _ => {
                 self.metrics.closed.get_or_create(&self.labels).inc();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(src: &str, dst: &str) -> TcpLabels {
+        TcpLabels {
+            source_workload: src.into(),
+            source_workload_namespace: "a".into(),
+            destination_workload: dst.into(),
+            destination_workload_namespace: "b".into(),
+            ..TcpLabels::unknown("source")
+        }
+    }
+
+    fn series_of(m: &Metrics, pod: &str) -> usize {
+        m.encode()
+            .lines()
+            .filter(|l| l.contains(&format!("workload=\"{pod}\"")))
+            .count()
+    }
+
+    #[test]
+    fn series_of_gone_pods_are_pruned_once_their_connections_close() {
+        let m = Metrics::new();
+        for i in 0..100 {
+            let mut c = m.open(labels(&format!("client-{i}"), "server"));
+            c.sent(10);
+            c.set_response_flags(FLAG_DENY);
+        }
+        let live = m.open(labels("client-live", "server"));
+        assert!(series_of(&m, "client-7") > 0);
+        // Only the server and the live client still exist.
+        let exists = |ns: &str, name: &str| {
+            (ns, name) == ("b", "server") || (ns, name) == ("a", "client-live")
+        };
+        assert_eq!(m.prune(exists), 200, "100 label sets, each also closed with DENY");
+        assert_eq!(series_of(&m, "client-7"), 0);
+        assert!(series_of(&m, "client-live") > 0);
+        // A gone pod's series stays while its connection is open, and goes after.
+        let gone = |ns: &str, name: &str| (ns, name) == ("b", "server");
+        assert_eq!(m.prune(gone), 0);
+        assert!(series_of(&m, "client-live") > 0);
+        drop(live);
+        assert_eq!(m.prune(gone), 1);
+        assert_eq!(series_of(&m, "client-live"), 0);
+        // Unknown ends are not a workload that could go away.
+        drop(m.open(TcpLabels::unknown("destination")));
+        assert_eq!(m.prune(|_, _| false), 0);
     }
 }
