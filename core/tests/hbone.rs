@@ -699,3 +699,221 @@ async fn non_connect_request_gets_400() {
         "handler must not see it"
     );
 }
+
+/// Serves every connection to the returned address with `settings` and `handler`.
+async fn serve_with<H, F>(cert: &WorkloadCert, settings: ServerSettings, handler: H) -> SocketAddr
+where
+    H: Fn(InboundRequest) -> F + Clone + Send + Sync + 'static,
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let tls = tls::server_config(cert).expect("server config");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (tls, settings, handler) = (Arc::clone(&tls), settings.clone(), handler.clone());
+            tokio::spawn(serve_connection(tcp, tls, settings, handler));
+        }
+    });
+    addr
+}
+
+/// A bare h2 client (no pool) over our client TLS config: the test drives the frames.
+async fn raw_client(
+    f: &Fixture,
+    addr: SocketAddr,
+) -> (
+    h2::client::SendRequest<bytes::Bytes>,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+) {
+    let config = tls::client_config(&f.client_cert, &[server_id()]).expect("client config");
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("tcp");
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(tls::dummy_server_name(), tcp)
+        .await
+        .expect("tls");
+    let (send, conn) = h2::client::handshake(tls).await.expect("h2");
+    (send, tokio::spawn(conn))
+}
+
+fn connect_request(authority: &str) -> http::Request<()> {
+    http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(http::Uri::from(
+            authority
+                .parse::<http::uri::Authority>()
+                .expect("authority"),
+        ))
+        .body(())
+        .expect("request")
+}
+
+/// Counts a handler as live until it ends, however it ends (returned or dropped).
+struct Live(Arc<AtomicUsize>);
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_streams_cancel_their_handlers_so_a_connection_never_holds_more_than_its_limit() {
+    // Audit H4.2: HEADERS then RST_STREAM frees h2's slot at once; a handler stuck in its
+    // dial (here: forever) must be cancelled with it, or 600 resets make 600 stuck dials.
+    let f = fixture();
+    let (live, started, peak) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let (l, s, p) = (Arc::clone(&live), Arc::clone(&started), Arc::clone(&peak));
+    let handler = move |req: InboundRequest| {
+        let now = l.fetch_add(1, Ordering::SeqCst) + 1;
+        p.fetch_max(now, Ordering::SeqCst);
+        s.fetch_add(1, Ordering::SeqCst);
+        let guard = Live(Arc::clone(&l));
+        async move {
+            let _guard = guard;
+            let _req = req;
+            std::future::pending::<()>().await;
+        }
+    };
+    let addr = serve_with(&f.server_cert, ServerSettings::default(), handler).await;
+    let (mut send, conn) = raw_client(&f, addr).await;
+    for i in 0..600 {
+        send = send.ready().await.expect("ready");
+        let (_response, mut stream) = send
+            .send_request(connect_request("10.0.0.7:7778"), false)
+            .expect("send CONNECT");
+        // Reset only once the handler runs (a reset before the server accepts the stream is
+        // h2's own business, and it GOAWAYs clients that do it in bulk).
+        wait_until("the handler to start", || {
+            started.load(Ordering::SeqCst) > i
+        })
+        .await;
+        stream.send_reset(h2::Reason::CANCEL);
+    }
+    wait_until("every handler to be cancelled", || {
+        live.load(Ordering::SeqCst) == 0
+    })
+    .await;
+    assert!(
+        peak.load(Ordering::SeqCst) <= 200,
+        "at most the advertised 200 streams' handlers may run at once, saw {}",
+        peak.load(Ordering::SeqCst)
+    );
+    assert!(
+        !conn.is_finished(),
+        "the connection must survive paced resets"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_with_a_100kb_header_is_refused() {
+    let f = fixture();
+    let server = start_server(&f.server_cert, Mode::Echo).await;
+    let (send, _conn) = raw_client(&f, server.addr).await;
+    let mut send = send.ready().await.expect("ready");
+    let mut req = connect_request("10.0.0.7:80");
+    req.headers_mut().insert(
+        "x-padding",
+        http::HeaderValue::from_str(&"a".repeat(100 * 1024)).expect("value"),
+    );
+    let (response, _stream) = send.send_request(req, false).expect("send");
+    match tokio::time::timeout(DEADLINE, response)
+        .await
+        .expect("an answer in time")
+    {
+        Ok(resp) => assert_eq!(
+            resp.status(),
+            http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "a 100 KB header block must not be served"
+        ),
+        Err(e) => assert!(e.is_reset() || e.is_go_away(), "{e:?}"),
+    }
+    assert_eq!(
+        server.requests.load(Ordering::SeqCst),
+        0,
+        "the handler must not see it"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_without_streams_closes_after_the_idle_timeout_but_not_while_busy() {
+    let f = fixture();
+    let settings = ServerSettings {
+        idle_timeout: Duration::from_millis(300),
+        ..ServerSettings::default()
+    };
+    let addr = serve_with(&f.server_cert, settings, |req: InboundRequest| {
+        handle(req, Mode::Echo)
+    })
+    .await;
+
+    // A stream open for several idle periods keeps the connection.
+    let (send, conn) = raw_client(&f, addr).await;
+    let mut send = send.ready().await.expect("ready");
+    let (response, mut tx) = send
+        .send_request(connect_request("10.0.0.7:80"), false)
+        .expect("send");
+    let response = tokio::time::timeout(DEADLINE, response)
+        .await
+        .expect("in time")
+        .expect("response");
+    assert_eq!(response.status(), http::StatusCode::OK);
+    let mut rx = response.into_body();
+    for round in 0..4 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        tx.send_data(bytes::Bytes::from_static(b"ping"), false)
+            .expect("send on a busy connection");
+        let got = tokio::time::timeout(DEADLINE, rx.data())
+            .await
+            .expect("echo in time")
+            .expect("echo")
+            .expect("data");
+        let _ = rx.flow_control().release_capacity(got.len());
+        assert_eq!(&got[..], b"ping", "round {round}");
+    }
+    assert!(!conn.is_finished(), "a busy connection must stay open");
+    tx.send_data(bytes::Bytes::new(), true).expect("end stream");
+    drop((tx, rx));
+    // `send` stays: a client with no handle left would close the connection itself.
+
+    // Once nothing is left on it, the server closes it.
+    let ended = tokio::time::timeout(Duration::from_secs(10), conn)
+        .await
+        .expect("an idle connection must be closed by the server");
+    assert!(ended.expect("join").is_ok(), "closed cleanly (GOAWAY)");
+    drop(send);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handler_sees_the_address_the_client_reached() {
+    let f = fixture();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let addr = serve_with(
+        &f.server_cert,
+        ServerSettings::default(),
+        move |req: InboundRequest| {
+            let _ = tx.send(req.local_addr);
+            async move { req.reject(http::StatusCode::BAD_REQUEST) }
+        },
+    )
+    .await;
+    let pool = Pool::new(PoolSettings::default());
+    let (dial, _) = counting_dialer();
+    let _ = pool
+        .connect(
+            key_for(addr, vec![server_id()]),
+            Arc::clone(&f.client_cert),
+            dial,
+            request("10.0.0.7:80"),
+        )
+        .await;
+    let seen = tokio::time::timeout(DEADLINE, rx.recv())
+        .await
+        .expect("in time")
+        .expect("a request");
+    assert_eq!(seen, addr);
+}

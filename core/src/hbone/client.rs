@@ -20,7 +20,8 @@ use tokio::sync::Notify;
 
 use super::stream::{H2Stream, StreamGuard};
 use super::{
-    CONNECTION_WINDOW, HboneError, MAX_FRAME_SIZE, PING_INTERVAL, PING_TIMEOUT, STREAM_WINDOW,
+    CLIENT_MAX_HEADER_LIST_SIZE, CONNECTION_WINDOW, HboneError, MAX_FRAME_SIZE, PING_INTERVAL,
+    PING_TIMEOUT, STREAM_WINDOW,
 };
 use crate::Identity;
 use crate::tls::{self, WorkloadCert};
@@ -383,6 +384,7 @@ async fn handshake(
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME_SIZE)
+        .max_header_list_size(CLIENT_MAX_HEADER_LIST_SIZE)
         .enable_push(false)
         .handshake::<_, Bytes>(tls)
         .await?;

@@ -13,8 +13,9 @@
 //! One CONNECT per proxied TCP connection, in the classic form: only `:method CONNECT` and
 //! `:authority` (h2 omits `:scheme` and `:path` for a CONNECT without `:protocol`). The body of
 //! a 200 reply is the raw byte stream both ways. Both ends use Istio's HTTP/2 settings
-//! (stream window 4 MiB, connection window 16 MiB, max frame 1 MiB) and PING every 10 s,
-//! giving up on a connection whose PING is unanswered for 20 s.
+//! (stream window 4 MiB, connection window 16 MiB, max frame 1 MiB, header list 64 KiB on the
+//! server and 16 KiB on the client) and PING every 10 s, giving up on a connection whose PING is
+//! unanswered for 20 s.
 
 mod client;
 mod server;
@@ -23,7 +24,10 @@ mod stream;
 use std::time::Duration;
 
 pub use client::{ConnectRequest, DialFuture, Dialer, Pool, PoolKey, PoolSettings};
-pub use server::{InboundRequest, ServerSettings, serve_connection, serve_connection_until};
+pub use server::{
+    InboundRequest, ServerSettings, serve_connection, serve_connection_limited,
+    serve_connection_until,
+};
 pub use stream::H2Stream;
 
 /// Istio's per-stream flow-control window.
@@ -36,6 +40,8 @@ pub(crate) const MAX_FRAME_SIZE: u32 = 1024 * 1024;
 pub(crate) const PING_INTERVAL: Duration = Duration::from_secs(10);
 /// How long a PING may go unanswered before the connection is declared dead.
 pub(crate) const PING_TIMEOUT: Duration = Duration::from_secs(20);
+/// Largest response header block our client accepts (Istio's client value).
+pub(crate) const CLIENT_MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
 
 /// Everything that can go wrong opening or serving an HBONE tunnel.
 #[derive(Debug, thiserror::Error)]
@@ -56,16 +62,27 @@ pub enum HboneError {
     /// The peer answered the CONNECT with something other than 200.
     #[error("HBONE peer answered CONNECT with {0}")]
     Status(http::StatusCode),
-    /// Connecting (TCP + TLS + HTTP/2 handshake, limited by `connect_timeout` or the server's
-    /// `handshake_timeout`) or a keepalive PING (20 s) took too long.
+    /// Connecting (TCP + TLS + HTTP/2 handshake, limited by `connect_timeout`) or a keepalive
+    /// PING (20 s) took too long.
     #[error("HBONE timed out (connection handshake or keepalive PING)")]
     Timeout,
+    /// Server side: the client did not finish TLS + HTTP/2 within `handshake_timeout`, so it
+    /// never proved an identity.
+    #[error("HBONE client did not finish its handshake in time")]
+    HandshakeTimeout,
     /// The request could not be built (e.g. an authority that is not `host:port`).
     #[error("bad HBONE request: {0}")]
     BadRequest(String),
 }
 
 impl HboneError {
+    /// Server side: the connection failed before the client proved who it is (TLS refused or
+    /// abandoned, handshake timed out). Anyone who can reach the port can cause these, so they
+    /// are worth a counter, not a log line each.
+    pub fn is_before_authentication(&self) -> bool {
+        matches!(self, HboneError::Tls(_) | HboneError::HandshakeTimeout)
+    }
+
     /// A copy of this error for the other waiters of a shared connection attempt.
     ///
     /// The error types inside are not `Clone`, so each variant is rebuilt as faithfully as
@@ -81,6 +98,7 @@ impl HboneError {
             },
             HboneError::Status(s) => HboneError::Status(*s),
             HboneError::Timeout => HboneError::Timeout,
+            HboneError::HandshakeTimeout => HboneError::HandshakeTimeout,
             HboneError::BadRequest(m) => HboneError::BadRequest(m.clone()),
         }
     }
