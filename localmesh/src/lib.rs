@@ -44,6 +44,8 @@ pub struct MeshOptions {
     /// ztunnel's `--unenroll-on-exit`: a graceful stop then removes capture from its pods
     /// (uninstall) instead of keeping them captured, failing closed (restart).
     pub unenroll_on_exit: bool,
+    /// More ztunnel arguments (e.g. `--ebpf-log debug`).
+    pub ztunnel_args: Vec<String>,
 }
 
 impl Default for MeshOptions {
@@ -57,6 +59,7 @@ impl Default for MeshOptions {
             capture: std::env::var("MESH_CAPTURE").unwrap_or_else(|_| "ebpf".into()),
             fast_path: false,
             unenroll_on_exit: false,
+            ztunnel_args: Vec::new(),
         }
     }
 }
@@ -248,6 +251,7 @@ impl LocalMesh {
         if self.opts.unenroll_on_exit {
             cmd.arg("--unenroll-on-exit");
         }
+        cmd.args(&self.opts.ztunnel_args);
         let (admin, metrics, ready) = ports;
         cmd.arg("--admin-addr")
             .arg(format!("127.0.0.1:{admin}"))

@@ -1194,3 +1194,266 @@ impl Drop for OrphanGuard {
             .output();
     }
 }
+
+// ---- No capture bypass through other local addresses (audit H1), both capture modes ----
+
+/// `h/strict` (STRICT, DENY on 9090) and `h/perm` (PERMISSIVE, DENY on 9090) on node 1, and
+/// the non-mesh `plain/legacy` there too (the control: its extra addresses do answer).
+fn bypass_manifests() -> String {
+    use mesh_tests::manifests::{echo_pod, namespace};
+    namespace("h", true)
+        + &namespace("plain", false)
+        + &echo_pod("h", "strict", 1, "strict", &[8080, 9090])
+        + &echo_pod("h", "perm", 1, "perm", &[8080, 9090])
+        + &echo_pod("plain", "legacy", 1, "default", &[8080, 9090])
+        + r#"
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: strict, namespace: h}
+spec:
+  selector: {matchLabels: {app: strict}}
+  mtls: {mode: STRICT}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-9090, namespace: h}
+spec:
+  action: DENY
+  rules:
+  - to: [{operation: {ports: ["9090"]}}]
+"#
+}
+
+/// Runs `argv` in `netns`, requiring success; its stdout.
+fn run_in(mesh: &LocalMesh, netns: &testbed::Netns, argv: &[&str]) -> String {
+    let out = mesh.cluster.run(netns, argv).unwrap();
+    assert!(
+        out.status.success(),
+        "{argv:?} in {}: {}",
+        netns.name,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The word after `key` in `text`.
+fn word_after<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    text.split_whitespace().skip_while(|w| *w != key).nth(1)
+}
+
+/// Addresses of `pod` that are not its pod IPs, as its node reaches them: its eth0's IPv6
+/// link-local address (scoped to the node's veth to it), and a v4 and a v6 secondary address
+/// added now (`k` keeps pods apart) and routed from the node, the v4 one also v4-mapped.
+fn extra_addresses(mesh: &LocalMesh, pod: &testbed::Pod, k: u8) -> Vec<std::net::SocketAddrV6> {
+    use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV6};
+    let node = &mesh.cluster.nodes()[pod.node];
+    let route = run_in(
+        mesh,
+        &node.netns,
+        &["ip", "-o", "route", "get", &pod.ip4.to_string()],
+    );
+    let veth = word_after(&route, "dev")
+        .expect("a route to the pod")
+        .to_string();
+    let link = run_in(
+        mesh,
+        &node.netns,
+        &["ip", "-o", "link", "show", "dev", &veth],
+    );
+    let ifindex: u32 = link.split(':').next().unwrap().trim().parse().unwrap();
+    let ll = run_in(
+        mesh,
+        &pod.netns,
+        &[
+            "ip", "-o", "-6", "addr", "show", "dev", "eth0", "scope", "link",
+        ],
+    );
+    let ll: Ipv6Addr = word_after(&ll, "inet6")
+        .and_then(|a| a.split('/').next())
+        .expect("eth0 has a link-local address")
+        .parse()
+        .unwrap();
+    let (v4, v6): (Ipv4Addr, Ipv6Addr) = (
+        format!("10.99.0.{k}").parse().unwrap(),
+        format!("fd00:99::{k}").parse().unwrap(),
+    );
+    for (ns, argv) in [
+        (
+            &pod.netns,
+            vec!["ip", "addr", "add", &format!("{v4}/32"), "dev", "eth0"],
+        ),
+        (
+            &pod.netns,
+            vec![
+                "ip",
+                "addr",
+                "add",
+                &format!("{v6}/128"),
+                "dev",
+                "eth0",
+                "nodad",
+            ],
+        ),
+        (
+            &node.netns,
+            vec!["ip", "route", "add", &format!("{v4}/32"), "dev", &veth],
+        ),
+        (
+            &node.netns,
+            vec![
+                "ip",
+                "-6",
+                "route",
+                "add",
+                &format!("{v6}/128"),
+                "dev",
+                &veth,
+            ],
+        ),
+    ] {
+        run_in(mesh, ns, &argv);
+    }
+    vec![
+        SocketAddrV6::new(ll, 0, 0, ifindex),
+        SocketAddrV6::new(v4.to_ipv6_mapped(), 0, 0, 0),
+        SocketAddrV6::new(v6, 0, 0, 0),
+    ]
+}
+
+/// From `netns`, a WHO to `addr`: who served it, or why nothing did.
+fn who_from(netns: &testbed::Netns, addr: SocketAddr) -> Result<String, String> {
+    netns
+        .enter(move || {
+            let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+                .map_err(|e| format!("connect: {e}"))?;
+            s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+            (&s).write_all(b"WHO h1\n")
+                .map_err(|e| format!("write: {e}"))?;
+            let mut line = String::new();
+            BufReader::new(&s)
+                .read_line(&mut line)
+                .map_err(|e| format!("read: {e}"))?;
+            let v: serde_json::Value =
+                serde_json::from_str(&line).map_err(|_| format!("no reply ({line:?})"))?;
+            Ok(v["served_by"].as_str().unwrap_or_default().to_string())
+        })
+        .map_err(|e| e.to_string())?
+}
+
+/// The v4-mapped form as the IPv4 address it is (the kernel dials it as IPv4 anyway).
+fn plain(a: std::net::SocketAddrV6, port: u16) -> SocketAddr {
+    let mut a = a;
+    a.set_port(port);
+    canonical(SocketAddr::V6(a))
+}
+
+/// From the node's netns (a host-network process, which reaches every address of its pods):
+/// the pods' link-local and secondary addresses answer for the non-mesh pod, and never for
+/// the enrolled ones — STRICT or PERMISSIVE, app port or DENY port. Their pod IPs behave as
+/// policy says (the controls). With `--ebpf-log debug` the eBPF programs log the attempts.
+fn no_bypass_through_other_addresses(capture: &str) {
+    let ebpf = capture == "ebpf";
+    let mesh = LocalMesh::start(MeshOptions {
+        capture: capture.into(),
+        ztunnel_args: if ebpf {
+            vec!["--ebpf-log".into(), "debug".into()]
+        } else {
+            Vec::new()
+        },
+        ..MeshOptions::default()
+    })
+    .expect("start mesh");
+    mesh.apply("00-h1.yaml", &bypass_manifests()).unwrap();
+    for (ns, p) in [("h", "strict"), ("h", "perm"), ("plain", "legacy")] {
+        for port in [8080, 9090] {
+            mesh.wait_listening(ns, p, port).unwrap();
+        }
+    }
+    mesh.wait_enrolled("h", "strict").unwrap();
+    mesh.wait_enrolled("h", "perm").unwrap();
+    let node = mesh.cluster.nodes()[1].netns.clone();
+    let pod = |n: &str, p: &str| mesh.pod(n, p).unwrap();
+    let (strict, perm, legacy) = (pod("h", "strict"), pod("h", "perm"), pod("plain", "legacy"));
+
+    // Controls through the pod IPs: PERMISSIVE serves plaintext on 8080, not on its DENY
+    // port; STRICT refuses plaintext; the non-mesh pod serves.
+    let at = |ip: std::net::Ipv4Addr, port| SocketAddr::new(IpAddr::V4(ip), port);
+    wait_for(Duration::from_secs(10), "policy in force", || {
+        Ok(who_from(&node, at(perm.ip4, 9090)).is_err()
+            && who_from(&node, at(strict.ip4, 8080)).is_err())
+    })
+    .unwrap();
+    assert_eq!(who_from(&node, at(perm.ip4, 8080)).as_deref(), Ok("perm"));
+    assert_eq!(
+        who_from(&node, at(legacy.ip4, 8080)).as_deref(),
+        Ok("legacy")
+    );
+
+    for (i, (target, name)) in [(&legacy, "legacy"), (&strict, "strict"), (&perm, "perm")]
+        .into_iter()
+        .enumerate()
+    {
+        for extra in extra_addresses(&mesh, target, 10 + i as u8) {
+            for port in [8080, 9090] {
+                let addr = plain(extra, port);
+                let got = who_from(&node, addr);
+                if name == "legacy" {
+                    assert_eq!(got.as_deref(), Ok("legacy"), "{capture}: control {addr}");
+                } else {
+                    assert!(
+                        got.is_err(),
+                        "{capture}: {name} answered plaintext at {addr}, a local address that is not its pod IP ({got:?}): capture was bypassed"
+                    );
+                }
+            }
+        }
+    }
+    if ebpf {
+        // The link-local attempts show up in the kernel's decision log, with their reason.
+        let ll = extra_addresses_logged(&mesh, &strict);
+        wait_for(
+            Duration::from_secs(10),
+            "the eBPF decision log line",
+            || {
+                Ok(mesh.ztunnel_log(1).lines().any(|l| {
+                    l.contains("sk_lookup redirect reason=foreign-address") && l.contains(&ll)
+                }))
+            },
+        )
+        .unwrap();
+    }
+}
+
+/// `pod`'s link-local address as the eBPF log writes it.
+fn extra_addresses_logged(mesh: &LocalMesh, pod: &testbed::Pod) -> String {
+    let ll = run_in(
+        mesh,
+        &pod.netns,
+        &[
+            "ip", "-o", "-6", "addr", "show", "dev", "eth0", "scope", "link",
+        ],
+    );
+    let ll: std::net::Ipv6Addr = word_after(&ll, "inet6")
+        .and_then(|a| a.split('/').next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    format!("dst=[{ll}]:8080")
+}
+
+#[test]
+fn no_bypass_through_link_local_or_secondary_addresses_ebpf() {
+    if !privileged() {
+        return;
+    }
+    no_bypass_through_other_addresses("ebpf");
+}
+
+#[test]
+fn no_bypass_through_link_local_or_secondary_addresses_nftables() {
+    if !privileged() {
+        return;
+    }
+    no_bypass_through_other_addresses("nftables");
+}

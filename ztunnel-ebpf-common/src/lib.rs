@@ -95,9 +95,10 @@ pub struct ListenKey {
     pub _pad: u32,
 }
 
-/// `ZT_POD_IP` key: an enrolled pod's address (value: its netns cookie). sk_lookup programs
-/// cannot ask for their netns cookie, so they find the pod by the destination address; the
-/// program only runs in netns ztunnel attached it to.
+/// `ZT_POD_IP` key: an enrolled pod's address (value: its netns cookie). connect4/6 leave a
+/// pod's dials to its own pod IPs alone; sk_lookup (which knows its pod from a load-time
+/// global, not from this map) uses it only to tell the pod IPs from the pod's other local
+/// addresses in its decision log.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct IpKey {

@@ -7,30 +7,44 @@
 //!   SYN has left yet, so the original destination is re-keyed by (netns, family, port) — what
 //!   ztunnel's listener sees on accept.
 //! - `zt_getpeername4/6`: the app sees the peer it dialled, not the listener.
-//! - `zt_sk_lookup` (per enrolled netns): new inbound TCP (not from `lo`, not a mesh port, not
-//!   excluded, not ztunnel's own delivery to the app — from the pod's own address, or from a
-//!   client's address while listed in `ZT_OWN_DIAL`) is handed to ztunnel's 15006 listener; the accepted socket keeps the original
-//!   destination as its local address. The pod is found by destination address (`ZT_POD_IP`):
-//!   sk_lookup programs may not read their netns cookie. No listener (ztunnel down) means drop: fail closed.
+//! - `zt_sk_lookup` (one instance per enrolled netns, `ZT_SELF_NETNS` set at load): new inbound
+//!   TCP to *any* local address of the pod — its pod IPs, but also IPv6 link-local, secondary
+//!   and v4-mapped addresses — is handed to ztunnel's 15006 listener, which decides (a foreign
+//!   address is closed there), unless it comes in on `lo`, targets a mesh port, is excluded, or
+//!   is ztunnel's own delivery to the app (from the pod's own address, or from a client's
+//!   address while listed in `ZT_OWN_DIAL`). The accepted socket keeps the original
+//!   destination as its local address. The selection bypasses the listener's SO_REUSEPORT
+//!   group, so no other socket bound to 15006 can take the connection. No listener (ztunnel
+//!   down) means drop: fail closed.
 //! - `zt_splice` (sk_skb stream verdict on `ZT_SPLICE_RX`, only with `--fast-path`): bytes
 //!   arriving on one of ztunnel's two legs of an authorized same-node connection are sent
 //!   straight out of the other leg (`ZT_SPLICE_PEER` names it, `ZT_SPLICE_TX` holds it), and
 //!   counted in `ZT_SPLICE_BYTES`. ztunnel alone fills these maps, after its policy check.
 //!
+//! Every capture decision in an enrolled netns (redirect, pass, drop, with its reason) can be
+//! logged through aya-log (`ztunnel --ebpf-log LEVEL`). The level is a read-only global fixed
+//! at load (`AYA_LOG_LEVEL`, 0 when off), so with logging off the verifier prunes the logging
+//! code: it costs nothing.
+//!
 //! Root attachments see every socket on the machine, including other ztunnels' pods and the
-//! host: anything whose netns is not in this instance's `ZT_NETNS` passes untouched, and
-//! sockets carrying the mesh mark (ztunnel's own) are never captured. Owns no policy.
+//! host: anything whose netns is not in this instance's `ZT_NETNS` passes untouched (and is
+//! never logged), and sockets carrying the mesh mark (ztunnel's own) are never captured. Owns
+//! no policy.
 #![no_std]
 #![no_main]
 
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 
-use aya_ebpf::EbpfContext;
+use core::net::{Ipv4Addr, Ipv6Addr};
+
+use aya_ebpf::bindings::BPF_SK_LOOKUP_F_NO_REUSEPORT;
 use aya_ebpf::bindings::{bpf_sock_addr, sk_action};
 use aya_ebpf::helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sock_ops_cb_flags_set};
 use aya_ebpf::macros::{cgroup_sock_addr, map, sk_lookup, sock_ops, stream_verdict};
 use aya_ebpf::maps::{HashMap, LruHashMap, SockHash};
 use aya_ebpf::programs::{SkBuffContext, SkLookupContext, SockAddrContext, SockOpsContext};
+use aya_ebpf::{EbpfContext, Global};
+use aya_log_ebpf::macro_support::Level;
 use ztunnel_ebpf_common::{
     AF_INET, AF_INET6, DIR_INBOUND, DIR_OUTBOUND, ExclKey, HBONE_PORT, INBOUND_PLAINTEXT_PORT,
     IpKey, ListenKey, MESH_SOCKET_MARK, NetnsConf, ORIG_SRC_MARK, OUTBOUND_PORT, OrigDst,
@@ -46,6 +60,32 @@ const TCP_SYN_SENT: u32 = 2;
 const LOOPBACK_IFINDEX: u32 = 1;
 /// cgroup sock_addr verdict: let the syscall proceed (with whatever we rewrote).
 const ALLOW: i32 = 1;
+
+/// The pod network namespace this instance of `zt_sk_lookup` is attached to. sk_lookup
+/// programs cannot ask for their netns cookie, so ztunnel loads one instance per enrolled pod
+/// with this set; 0 in the shared load (whose sk_lookup is never attached).
+#[unsafe(no_mangle)]
+static ZT_SELF_NETNS: Global<u64> = Global::new(0);
+
+/// An address as the context structs hold it (network order words) for the log.
+#[inline(always)]
+fn v4(addr: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from_be(addr))
+}
+
+#[inline(always)]
+fn v6(w: [u32; 4]) -> Ipv6Addr {
+    let (a, b, c, d) = (
+        w[0].to_ne_bytes(),
+        w[1].to_ne_bytes(),
+        w[2].to_ne_bytes(),
+        w[3].to_ne_bytes(),
+    );
+    Ipv6Addr::from([
+        a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2],
+        d[3],
+    ])
+}
 
 #[map(name = "ZT_NETNS")]
 static ZT_NETNS: HashMap<u64, NetnsConf> = HashMap::pinned(4096, 0);
@@ -150,10 +190,25 @@ pub fn zt_connect4(ctx: SockAddrContext) -> i32 {
             read_volatile(addr_of!((*sa).user_port)),
         )
     };
-    if is_loopback_v4(ip)
-        || own_address(netns, [ip, 0, 0, 0], AF_INET)
-        || excluded(netns, u16::from_be(port as u16), DIR_OUTBOUND)
-    {
+    let host_port = u16::from_be(port as u16);
+    let pass = if is_loopback_v4(ip) {
+        Some("loopback")
+    } else if own_address(netns, [ip, 0, 0, 0], AF_INET) {
+        Some("own-address")
+    } else if excluded(netns, host_port, DIR_OUTBOUND) {
+        Some("excluded-port")
+    } else {
+        None
+    };
+    if let Some(reason) = pass {
+        aya_log_ebpf::debug!(
+            &ctx,
+            "connect4 pass reason={} netns={} dst={}:{}",
+            reason,
+            netns,
+            v4(ip),
+            host_port
+        );
         return ALLOW;
     }
     let dst = OrigDst {
@@ -180,6 +235,14 @@ pub fn zt_connect4(ctx: SockAddrContext) -> i32 {
             u32::from(OUTBOUND_PORT.to_be()),
         );
     }
+    aya_log_ebpf::debug!(
+        &ctx,
+        "connect4 redirect reason=captured netns={} dst={}:{} to=127.0.0.1:{}",
+        netns,
+        v4(ip),
+        host_port,
+        OUTBOUND_PORT
+    );
     ALLOW
 }
 
@@ -208,11 +271,25 @@ pub fn zt_connect6(ctx: SockAddrContext) -> i32 {
     } else {
         own_address(netns, w, AF_INET6)
     };
-    if loopback6
-        || (mapped && is_loopback_v4(w[3]))
-        || own
-        || excluded(netns, u16::from_be(port as u16), DIR_OUTBOUND)
-    {
+    let host_port = u16::from_be(port as u16);
+    let pass = if loopback6 || (mapped && is_loopback_v4(w[3])) {
+        Some("loopback")
+    } else if own {
+        Some("own-address")
+    } else if excluded(netns, host_port, DIR_OUTBOUND) {
+        Some("excluded-port")
+    } else {
+        None
+    };
+    if let Some(reason) = pass {
+        aya_log_ebpf::debug!(
+            &ctx,
+            "connect6 pass reason={} netns={} dst=[{}]:{}",
+            reason,
+            netns,
+            v6(w),
+            host_port
+        );
         return ALLOW;
     }
     let dst = if mapped {
@@ -257,6 +334,15 @@ pub fn zt_connect6(ctx: SockAddrContext) -> i32 {
             u32::from(OUTBOUND_PORT.to_be()),
         );
     }
+    aya_log_ebpf::debug!(
+        &ctx,
+        "connect6 redirect reason=captured netns={} dst=[{}]:{} to=[{}]:{}",
+        netns,
+        v6(w),
+        host_port,
+        v6(target),
+        OUTBOUND_PORT
+    );
     ALLOW
 }
 
@@ -421,53 +507,99 @@ pub fn zt_sk_lookup(ctx: SkLookupContext) -> u32 {
             read_volatile(addr_of!((*l).ingress_ifindex)),
         )
     };
+    // Loopback (ztunnel delivering to the app, the app's own localhost) is never ours, and
+    // too frequent to log.
     if proto != IPPROTO_TCP || ifindex == LOOPBACK_IFINDEX {
         return sk_action::SK_PASS;
     }
     let port = port as u16;
-    if port == HBONE_PORT || port == OUTBOUND_PORT || port == INBOUND_PLAINTEXT_PORT {
-        return sk_action::SK_PASS;
-    }
-    // sk_lookup cannot call bpf_get_netns_cookie: find the pod by the address it is reached on.
     let family = if family == AF_INET6 {
         AF_INET6
     } else {
         AF_INET
     };
     // SAFETY: context fields, full-width reads.
-    let addr = unsafe {
+    let (addr, remote) = unsafe {
         if family == AF_INET {
-            [read_volatile(addr_of!((*l).local_ip4)), 0, 0, 0]
+            (
+                [read_volatile(addr_of!((*l).local_ip4)), 0, 0, 0],
+                [read_volatile(addr_of!((*l).remote_ip4)), 0, 0, 0],
+            )
         } else {
-            [
-                read_volatile(addr_of!((*l).local_ip6[0])),
-                read_volatile(addr_of!((*l).local_ip6[1])),
-                read_volatile(addr_of!((*l).local_ip6[2])),
-                read_volatile(addr_of!((*l).local_ip6[3])),
-            ]
+            (
+                [
+                    read_volatile(addr_of!((*l).local_ip6[0])),
+                    read_volatile(addr_of!((*l).local_ip6[1])),
+                    read_volatile(addr_of!((*l).local_ip6[2])),
+                    read_volatile(addr_of!((*l).local_ip6[3])),
+                ],
+                [
+                    read_volatile(addr_of!((*l).remote_ip6[0])),
+                    read_volatile(addr_of!((*l).remote_ip6[1])),
+                    read_volatile(addr_of!((*l).remote_ip6[2])),
+                    read_volatile(addr_of!((*l).remote_ip6[3])),
+                ],
+            )
         }
     };
-    // SAFETY: context fields, full-width reads.
-    let remote = unsafe {
-        if family == AF_INET {
-            [read_volatile(addr_of!((*l).remote_ip4)), 0, 0, 0]
-        } else {
-            [
-                read_volatile(addr_of!((*l).remote_ip6[0])),
-                read_volatile(addr_of!((*l).remote_ip6[1])),
-                read_volatile(addr_of!((*l).remote_ip6[2])),
-                read_volatile(addr_of!((*l).remote_ip6[3])),
-            ]
-        }
-    };
+    // SAFETY: context field; remote_port is in network order, local_port in host order.
+    let remote_port = u16::from_be(unsafe { read_volatile(addr_of!((*l).remote_port)) });
+    let netns = ZT_SELF_NETNS.load();
+    let (verdict, level, outcome, reason) =
+        lookup_decision(&ctx, netns, family, addr, remote, remote_port, port);
+    if family == AF_INET {
+        aya_log_ebpf::log!(
+            &ctx,
+            level,
+            "sk_lookup {} reason={} netns={} src={}:{} dst={}:{}",
+            outcome,
+            reason,
+            netns,
+            v4(remote[0]),
+            remote_port,
+            v4(addr[0]),
+            port
+        );
+    } else {
+        aya_log_ebpf::log!(
+            &ctx,
+            level,
+            "sk_lookup {} reason={} netns={} src=[{}]:{} dst=[{}]:{}",
+            outcome,
+            reason,
+            netns,
+            v6(remote),
+            remote_port,
+            v6(addr),
+            port
+        );
+    }
+    verdict
+}
+
+/// What sk_lookup does with one new inbound connection of its pod: (verdict, log level,
+/// outcome, reason). Any local address counts, not only the pod IPs the mesh knows: a SYN to
+/// the pod's link-local or a secondary address must meet ztunnel too.
+#[inline(always)]
+fn lookup_decision(
+    ctx: &SkLookupContext,
+    netns: u64,
+    family: u32,
+    addr: [u32; 4],
+    remote: [u32; 4],
+    remote_port: u16,
+    port: u16,
+) -> (u32, Level, &'static str, &'static str) {
+    const PASS: u32 = sk_action::SK_PASS;
+    if port == HBONE_PORT || port == OUTBOUND_PORT || port == INBOUND_PLAINTEXT_PORT {
+        return (PASS, Level::Debug, "pass", "mesh-port");
+    }
     // Traffic from the pod to itself (ztunnel delivering to the app, or the app dialling its
     // own address) arrives with a non-lo ifindex but the pod's own source address.
     if remote == addr {
-        return sk_action::SK_PASS;
+        return (PASS, Level::Debug, "pass", "self");
     }
     // ztunnel delivering to the app from the client's address: listed while it connects.
-    // SAFETY: context field; remote_port is in network order, local_port in host order.
-    let remote_port = u16::from_be(unsafe { read_volatile(addr_of!((*l).remote_port)) });
     let own = OwnDialKey {
         addr: remote,
         family,
@@ -476,25 +608,29 @@ pub fn zt_sk_lookup(ctx: SkLookupContext) -> u32 {
     };
     // SAFETY: a map lookup; the value is only tested for presence.
     if unsafe { ZT_OWN_DIAL.get(own) }.is_some() {
-        return sk_action::SK_PASS;
+        return (PASS, Level::Debug, "pass", "ztunnel-dial");
     }
-    // SAFETY: map lookup, value copied out.
-    let Some(netns) = (unsafe { ZT_POD_IP.get(IpKey { addr, family }) }).copied() else {
-        return sk_action::SK_PASS;
-    };
-    if !enrolled(netns) || excluded(netns, port, DIR_INBOUND) {
-        return sk_action::SK_PASS;
+    // Unenrolling removes the pod from ZT_NETNS before detaching this program.
+    if !enrolled(netns) {
+        return (PASS, Level::Debug, "pass", "not-enrolled");
     }
+    if excluded(netns, port, DIR_INBOUND) {
+        return (PASS, Level::Debug, "pass", "excluded-port");
+    }
+    // For the log only: ztunnel's inbound listener closes connections to foreign addresses.
+    let pod_ip = own_address(netns, addr, family);
     let key = ListenKey {
         netns,
         family,
         _pad: 0,
     };
-    match ZT_LISTEN.redirect_sk_lookup(&ctx, key, 0) {
-        Ok(()) => sk_action::SK_PASS,
+    // NO_REUSEPORT: exactly ztunnel's socket, never another member of its SO_REUSEPORT group.
+    match ZT_LISTEN.redirect_sk_lookup(ctx, key, u64::from(BPF_SK_LOOKUP_F_NO_REUSEPORT)) {
+        Ok(()) if pod_ip => (PASS, Level::Debug, "redirect", "pod-address"),
+        Ok(()) => (PASS, Level::Info, "redirect", "foreign-address"),
         // Enrolled but ztunnel's listener is gone (restarting): refuse rather than deliver
         // plaintext that bypassed policy.
-        Err(_) => sk_action::SK_DROP,
+        Err(_) => (sk_action::SK_DROP, Level::Warn, "drop", "no-listener"),
     }
 }
 

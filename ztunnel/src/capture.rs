@@ -22,8 +22,8 @@ use meshcore::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, MESH_SOCKET_MARK, OUTBOUND_PO
 use tokio::net::TcpStream;
 use tracing::{info, warn};
 
-pub use crate::ebpf::Exclusions;
 use crate::ebpf::{Ebpf, EbpfError};
+pub use crate::ebpf::{EbpfLog, Exclusions};
 use crate::netns::{CommandError, Netns};
 
 /// The nftables table ztunnel owns inside each enrolled pod's namespace.
@@ -73,16 +73,18 @@ pub struct Capture {
 impl Capture {
     /// Sets up capture in `requested` mode for this ztunnel instance (`node`). An explicit mode
     /// that cannot run is an error; `auto` falls back to nftables and says why.
+    /// `log` is the kernel programs' decision log level (eBPF mode only).
     pub fn new(
         requested: CaptureMode,
         node: &str,
         fast_path: bool,
+        log: EbpfLog,
     ) -> Result<Capture, CaptureError> {
         match requested {
             CaptureMode::Ebpf => Ok(Capture {
                 mode: CaptureMode::Ebpf,
                 fallback: None,
-                ebpf: Some(Ebpf::load(node, fast_path)?),
+                ebpf: Some(Ebpf::load(node, fast_path, log)?),
             }),
             CaptureMode::Nftables => {
                 remove_ebpf_instance(node);
@@ -92,7 +94,7 @@ impl Capture {
                     ebpf: None,
                 })
             }
-            CaptureMode::Auto => match Ebpf::load(node, fast_path) {
+            CaptureMode::Auto => match Ebpf::load(node, fast_path, log) {
                 Ok(e) => Ok(Capture {
                     mode: CaptureMode::Ebpf,
                     fallback: None,

@@ -10,6 +10,15 @@
 //! cleanup`) deletes the directory's contents and the directory. Owns the kernel objects only;
 //! which pods are enrolled is [`crate::pods`]'s business.
 //!
+//! `zt_sk_lookup` cannot learn which netns it runs in, so each enrolled pod gets its own
+//! instance of it, loaded with that pod's netns cookie as a read-only global (and the shared
+//! maps reused from the pins): it then captures every local address of the pod, not only the
+//! pod IPs the mesh knows (audit H1: IPv6 link-local, secondary addresses).
+//!
+//! `--ebpf-log LEVEL` ([`EbpfLog`]) fixes the programs' aya-log level at load and forwards
+//! their records (each capture decision with its reason) to ztunnel's log; `off` (the default)
+//! loads them with level 0, which the verifier prunes, and starts no reader.
+//!
 //! With `--fast-path` it also attaches the `zt_splice` stream verdict to the (unpinned)
 //! `ZT_SPLICE_RX` sockhash and offers [`Ebpf::splice`]: two of ztunnel's own sockets whose
 //! arriving bytes the kernel then forwards to each other. Which connections may be spliced is
@@ -26,6 +35,8 @@ use std::sync::Mutex;
 use aya::maps::{HashMap as BpfHashMap, MapData, SockHash};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SkSkb, SockOps};
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
 use tokio::net::TcpStream;
 use tracing::{info, warn};
 use ztunnel_ebpf_common::{
@@ -55,6 +66,44 @@ const SOCKOPS: (&str, &str) = ("zt_sockops", "link_sockops");
 const SK_LOOKUP: &str = "zt_sk_lookup";
 const SPLICE: &str = "zt_splice";
 const SO_COOKIE: libc::c_int = 57;
+/// The per-pod sk_lookup instance's netns (a read-only global of the object).
+const SELF_NETNS_GLOBAL: &str = "ZT_SELF_NETNS";
+/// aya-log's ring buffer of records (a map of the object).
+const LOGS_MAP: &str = "AYA_LOGS";
+/// Maps of the fast path, unused by the per-pod sk_lookup loads: created there at minimum size.
+const SPLICE_MAPS: [&str; 4] = [
+    MAP_SPLICE_RX,
+    MAP_SPLICE_TX,
+    MAP_SPLICE_PEER,
+    MAP_SPLICE_BYTES,
+];
+
+/// `--ebpf-log`: the least severe kernel decision logged. `debug` shows every redirect and pass
+/// in enrolled pods, `info` redirects of connections to addresses that are not the pod's,
+/// `warn` drops.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum EbpfLog {
+    /// Nothing: the logging code is pruned from the loaded programs.
+    #[default]
+    Off,
+    Error,
+    Warn,
+    Info,
+    Debug,
+}
+
+impl EbpfLog {
+    /// The value of aya-log's `AYA_LOG_LEVEL` global (its `Level` numbering; 0 logs nothing).
+    fn level(self) -> u8 {
+        match self {
+            EbpfLog::Off => 0,
+            EbpfLog::Error => aya_log::Level::Error as u8,
+            EbpfLog::Warn => aya_log::Level::Warn as u8,
+            EbpfLog::Info => aya_log::Level::Info as u8,
+            EbpfLog::Debug => aya_log::Level::Debug as u8,
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum EbpfError {
@@ -98,6 +147,8 @@ pub enum EbpfError {
     },
     #[error("object is missing {0}")]
     Missing(&'static str),
+    #[error("eBPF log reader: {0}")]
+    Logger(aya_log::Error),
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> EbpfError {
@@ -113,8 +164,8 @@ struct State {
     listen: SockHash<MapData, ListenKey>,
     /// Enrolled netns cookies, with their exclusions (for removal).
     enrolled: std::collections::HashMap<u64, (Vec<ExclKey>, Vec<IpKey>)>,
-    /// The object: owns the sk_lookup program attached per pod.
-    bpf: aya::Ebpf,
+    /// The object: keeps the fast path's program attached to its map.
+    _object: aya::Ebpf,
 }
 
 /// The fast path's maps (present only with `--fast-path`).
@@ -134,6 +185,11 @@ pub struct Spliced {
 
 pub struct Ebpf {
     dir: PathBuf,
+    /// `AYA_LOG_LEVEL` of every program this process loads.
+    log_level: u8,
+    /// Where this process pinned its log ring buffer, so the per-pod loads write to it too
+    /// (`None` with logging off: they get a page-sized buffer nobody reads).
+    logs_pin: Option<PathBuf>,
     splice: Option<Mutex<SpliceMaps>>,
     state: Mutex<State>,
     /// Hot path (every captured connection): its own lock.
@@ -264,13 +320,13 @@ fn own_netns_cookie() -> Result<u64, EbpfError> {
 impl Ebpf {
     /// Loads the programs (reusing pinned maps from an earlier run of this instance), attaches
     /// the cgroup hooks at the cgroup2 root and pins their links, replacing earlier links.
-    pub fn load(node: &str, fast_path: bool) -> Result<Ebpf, EbpfError> {
+    pub fn load(node: &str, fast_path: bool, log: EbpfLog) -> Result<Ebpf, EbpfError> {
         preflight()?;
         let cgroup = cgroup2_root()?;
         let dir = instance_dir(node)?;
         let adopted = dir.exists();
         std::fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
-        match Self::load_in(dir.clone(), &cgroup, adopted, fast_path) {
+        match Self::load_in(dir.clone(), &cgroup, adopted, fast_path, log) {
             Ok(e) => Ok(e),
             Err(err) => {
                 // A half-done first load must not leave hooks behind; an adopted state stays
@@ -288,10 +344,18 @@ impl Ebpf {
         cgroup: &Path,
         adopted: bool,
         fast_path: bool,
+        log: EbpfLog,
     ) -> Result<Ebpf, EbpfError> {
+        let log_level = log.level();
         let mut bpf = aya::EbpfLoader::new()
             .default_map_pin_directory(&dir)
+            .override_global(aya_log::LEVEL, &log_level, true)
             .load(OBJECT)?;
+        let logs_pin = if log == EbpfLog::Off {
+            None
+        } else {
+            Some(start_log_reader(&mut bpf, &dir)?)
+        };
         let cg = File::open(cgroup)
             .map_err(io_err(format!("opening cgroup2 root {}", cgroup.display())))?;
         for (name, pin) in CGROUP_ADDR_HOOKS {
@@ -313,8 +377,6 @@ impl Ebpf {
             let link = prog.take_link(id).map_err(prog_err(name))?;
             replace_pin(fd_link(name, link)?, &dir.join(pin))?;
         }
-        let prog: &mut SkLookup = program(&mut bpf, SK_LOOKUP)?;
-        prog.load().map_err(prog_err(SK_LOOKUP))?;
         let netns = take_map(&mut bpf, MAP_NETNS)?;
         let excluded = take_map(&mut bpf, MAP_EXCLUDED)?;
         let pod_ip = take_map(&mut bpf, MAP_POD_IP)?;
@@ -331,9 +393,11 @@ impl Ebpf {
         } else {
             None
         };
-        info!(dir = %dir.display(), cgroup = %cgroup.display(), adopted, fast_path, "eBPF capture loaded");
+        info!(dir = %dir.display(), cgroup = %cgroup.display(), adopted, fast_path, ebpf_log = ?log, "eBPF capture loaded");
         Ok(Ebpf {
             dir,
+            log_level,
+            logs_pin,
             splice,
             state: Mutex::new(State {
                 netns,
@@ -341,7 +405,7 @@ impl Ebpf {
                 pod_ip,
                 listen,
                 enrolled: Default::default(),
-                bpf,
+                _object: bpf,
             }),
             port_dst: Mutex::new(port_dst),
         })
@@ -523,12 +587,7 @@ impl Ebpf {
             let _ = st.excluded.remove(k);
         }
         let pin = self.dir.join(format!("sklookup_{cookie:x}"));
-        let prog: &mut SkLookup = program(&mut st.bpf, SK_LOOKUP)?;
-        let id = prog
-            .attach(netns_file.as_fd())
-            .map_err(prog_err(SK_LOOKUP))?;
-        let link = FdLink::from(prog.take_link(id).map_err(prog_err(SK_LOOKUP))?);
-        replace_pin(link, &pin)?;
+        replace_pin(self.pod_sk_lookup(netns_file, cookie)?, &pin)?;
         st.netns
             .insert(cookie, NetnsConf { flags: 1, _pad: 0 }, 0)
             .map_err(|source| EbpfError::Map {
@@ -537,6 +596,33 @@ impl Ebpf {
             })?;
         st.enrolled.insert(cookie, (keys, ip_keys));
         Ok(cookie)
+    }
+
+    /// Loads an instance of `zt_sk_lookup` for the pod whose netns cookie is `cookie` (shared
+    /// maps from the pins) and attaches it to `netns_file`. The load's own objects go when it
+    /// returns; the link keeps the program.
+    fn pod_sk_lookup(&self, netns_file: &File, cookie: u64) -> Result<FdLink, EbpfError> {
+        let mut loader = aya::EbpfLoader::new();
+        loader
+            .default_map_pin_directory(&self.dir)
+            .override_global(SELF_NETNS_GLOBAL, &cookie, true)
+            .override_global(aya_log::LEVEL, &self.log_level, true);
+        for name in SPLICE_MAPS {
+            loader.map_max_entries(name, 1);
+        }
+        match &self.logs_pin {
+            Some(path) => loader.map_pin_path(LOGS_MAP, path.as_path()),
+            None => loader.map_max_entries(LOGS_MAP, 4096),
+        };
+        let mut bpf = loader.load(OBJECT)?;
+        let prog: &mut SkLookup = program(&mut bpf, SK_LOOKUP)?;
+        prog.load().map_err(prog_err(SK_LOOKUP))?;
+        let id = prog
+            .attach(netns_file.as_fd())
+            .map_err(prog_err(SK_LOOKUP))?;
+        Ok(FdLink::from(
+            prog.take_link(id).map_err(prog_err(SK_LOOKUP))?,
+        ))
     }
 
     /// Stops capturing in `cookie`'s netns and removes every trace of it from the kernel.
@@ -860,4 +946,76 @@ pub fn remove_dir(dir: &Path) -> Result<(), EbpfError> {
     remove_if_present(std::fs::remove_dir(dir), dir)?;
     info!(dir = %dir.display(), "eBPF pins removed");
     Ok(())
+}
+
+/// Pins this process's aya-log ring buffer in `dir` (per process: two ztunnels side by side
+/// during a handover each read their own) and starts forwarding its records to the log.
+/// Returns the pin, for the per-pod loads. Pins of processes that are gone are removed.
+fn start_log_reader(bpf: &mut aya::Ebpf, dir: &Path) -> Result<PathBuf, EbpfError> {
+    let prefix = format!("{LOGS_MAP}_");
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(pid) = name.strip_prefix(&prefix)
+                && !Path::new("/proc").join(pid).exists()
+            {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    let pin = dir.join(format!("{prefix}{}", std::process::id()));
+    remove_if_present(std::fs::remove_file(&pin), &pin)?;
+    let map = bpf.map(LOGS_MAP).ok_or(EbpfError::Missing(LOGS_MAP))?;
+    map.pin(&pin).map_err(|source| EbpfError::Pin {
+        path: pin.display().to_string(),
+        source,
+    })?;
+    let logger =
+        aya_log::EbpfLogger::init_with_logger(bpf, KernelLog).map_err(EbpfError::Logger)?;
+    let runtime = tokio::runtime::Handle::try_current()
+        .map_err(|e| io_err("reading the eBPF log")(io::Error::other(e)))?;
+    // SAFETY: the logger owns its ring buffer's fd for its whole life and always returns it.
+    let fd = unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) }
+        .map_err(|e| io_err("watching the eBPF log ring buffer")(e.into()))?;
+    runtime.spawn(async move {
+        let mut fd = fd;
+        loop {
+            match fd.readable_mut().await {
+                Ok(mut ready) => {
+                    ready.get_inner_mut().flush();
+                    ready.clear_ready();
+                }
+                Err(e) => {
+                    warn!(error = %e, "eBPF log reader stopped");
+                    return;
+                }
+            }
+        }
+    });
+    Ok(pin)
+}
+
+/// Forwards the programs' records to ztunnel's log (target `ztunnel::ebpf::kernel`). The kernel
+/// already filtered them by `--ebpf-log`, so they are logged at info or above whatever the
+/// log filter's level: errors and warnings (drops) as such, the rest at info with the level
+/// the program gave.
+struct KernelLog;
+
+impl log::Log for KernelLog {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        let msg = record.args();
+        match record.level() {
+            log::Level::Error => tracing::error!(target: "ztunnel::ebpf::kernel", "{msg}"),
+            log::Level::Warn => tracing::warn!(target: "ztunnel::ebpf::kernel", "{msg}"),
+            level => {
+                tracing::info!(target: "ztunnel::ebpf::kernel", kernel_level = %level, "{msg}")
+            }
+        }
+    }
+
+    fn flush(&self) {}
 }

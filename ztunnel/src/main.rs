@@ -50,6 +50,10 @@ struct Args {
     /// spliced in the kernel (sockmap) instead of going over HBONE. Needs eBPF capture.
     #[arg(long)]
     fast_path: bool,
+    /// Log each eBPF capture decision in enrolled pods (redirect, pass, drop, with its reason)
+    /// at this level and above; `off` leaves the logging out of the loaded programs.
+    #[arg(long, value_enum, default_value_t = ztunnel::capture::EbpfLog::Off)]
+    ebpf_log: ztunnel::capture::EbpfLog,
     /// On SIGTERM/SIGINT, remove capture from every pod and delete the pinned eBPF state:
     /// ztunnel is leaving the node for good and its pods go back to direct traffic. Without it a
     /// stop is a restart: capture stays, pods fail closed until a ztunnel returns and adopts them.
@@ -173,8 +177,8 @@ async fn run(args: Args, log: LogHandle) -> anyhow::Result<()> {
     let token = Meshd::read_token(&args.token_file)?;
     let meshd = Meshd::new(&args.meshd, &token)?;
     // Capture first: an explicit mode that cannot run stops us before anything else starts.
-    let capture =
-        Capture::new(args.capture, &args.node, args.fast_path).context("setting up capture")?;
+    let capture = Capture::new(args.capture, &args.node, args.fast_path, args.ebpf_log)
+        .context("setting up capture")?;
     if args.fast_path && capture.ebpf().is_none_or(|e| !e.fast_path()) {
         warn!(capture = %capture.mode(), "--fast-path needs eBPF capture; same-node traffic uses HBONE");
     }
