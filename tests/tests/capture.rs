@@ -1457,3 +1457,102 @@ fn no_bypass_through_link_local_or_secondary_addresses_nftables() {
     }
     no_bypass_through_other_addresses("nftables");
 }
+
+// ---- ztunnel's in-pod listeners cannot be joined (audit L6), both capture modes ----
+
+/// A root process in the pod binding ztunnel's ports with SO_REUSEPORT, as the audit's
+/// attacker did: prints `bound PORT` or `refused PORT ERRNO`, then `ready`, then
+/// `accepted PORT` for every connection it takes (and closes).
+const REUSEPORT_JOINER: &str = r#"
+import select, socket
+socks = {}
+for host, port in [("0.0.0.0", 15008), ("0.0.0.0", 15006), ("127.0.0.1", 15001)]:
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        s.bind((host, port))
+        s.listen(128)
+        socks[s] = port
+        print("bound", port, flush=True)
+    except OSError as e:
+        print("refused", port, e.errno, flush=True)
+print("ready", flush=True)
+while socks:
+    for s in select.select(list(socks), [], [])[0]:
+        c, peer = s.accept()
+        print("accepted", socks[s], peer, flush=True)
+        c.close()
+"#;
+
+/// With the joiner running in the server pod, every connection through each of ztunnel's
+/// listeners there — HBONE in (15008), plaintext in (15006), the pod's own outbound (15001)
+/// — is ztunnel's: all succeed and the joiner takes none. (It used to take about half.)
+fn reuseport_joiner_takes_nothing(capture: &str) {
+    let mesh = ebpf_mesh_with(MeshOptions {
+        capture: capture.into(),
+        ..MeshOptions::default()
+    });
+    let server = mesh.pod("a", "server").unwrap();
+    let legacy = mesh.pod("plain", "legacy").unwrap();
+    let mut cmd = Command::new("python3");
+    cmd.args(["-c", REUSEPORT_JOINER]);
+    let joiner = mesh
+        .cluster
+        .spawn(&server.netns, cmd, "reuseport-joiner")
+        .unwrap();
+    let log = || std::fs::read_to_string(joiner.log_path()).unwrap_or_default();
+    wait_for(
+        Duration::from_secs(10),
+        "the joiner to try its binds",
+        || Ok(log().lines().any(|l| l == "ready")),
+    )
+    .unwrap();
+    const N: usize = 20;
+    let to_server = format!("{}:8080", server.ip4);
+    let to_legacy = format!("{}:8080", legacy.ip4);
+    for i in 0..N {
+        for (ns, pod, target, want) in [
+            ("a", "client", &to_server, "server"),
+            ("plain", "legacy", &to_server, "server"),
+            ("a", "server", &to_legacy, "legacy"),
+        ] {
+            let who = mesh.who(ns, pod, target, "l6");
+            assert!(
+                who.as_ref().is_ok_and(|w| w.served_by == want),
+                "{capture}: connection {i} {ns}/{pod} -> {target} failed ({:?}); the joiner says:\n{}",
+                who.err(),
+                log()
+            );
+        }
+    }
+    assert!(
+        !log().lines().any(|l| l.starts_with("accepted")),
+        "{capture}: a root process in the pod took connections off ztunnel's listeners:\n{}",
+        log()
+    );
+    if capture == "ebpf" {
+        // The decision log is off by default: the programs log nothing.
+        assert!(
+            !mesh
+                .ztunnel_log(1)
+                .contains("\"target\":\"ztunnel::ebpf::kernel\""),
+            "eBPF decisions were logged without --ebpf-log"
+        );
+    }
+}
+
+#[test]
+fn reuseport_joiner_in_the_pod_takes_no_connection_ebpf() {
+    if !privileged() {
+        return;
+    }
+    reuseport_joiner_takes_nothing("ebpf");
+}
+
+#[test]
+fn reuseport_joiner_in_the_pod_takes_no_connection_nftables() {
+    if !privileged() {
+        return;
+    }
+    reuseport_joiner_takes_nothing("nftables");
+}

@@ -104,11 +104,13 @@ impl Netns {
 
     /// A listening socket bound to `addr` inside this namespace. IPv6 sockets are v6-only so
     /// that a v4 and a v6 listener can share a port and original-destination lookups stay
-    /// per-family. SO_REUSEPORT lets the next ztunnel bind beside us during a handover (only a
-    /// process of the same user can join the group).
+    /// per-family. SO_REUSEPORT lets the next ztunnel bind beside us during a handover; the
+    /// socket is owned by [`LISTENER_UID`], so only a socket of that owner can join the group.
     pub fn listen(&self, addr: SocketAddr) -> io::Result<TcpListener> {
         let std = self.run(|| {
-            let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+            let s = as_fsuid(LISTENER_UID, || {
+                Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+            })?;
             s.set_reuse_address(true)?;
             s.set_reuse_port(true)?;
             if addr.is_ipv6() {
@@ -204,6 +206,35 @@ impl Netns {
         })?;
         socket.connect(dst).await
     }
+}
+
+/// Owner of ztunnel's in-pod listening sockets. The kernel lets a socket join an SO_REUSEPORT
+/// group only if it has the same owner as the group's sockets; as root-owned sockets, any root
+/// process in the pod could join ztunnel's listeners and take connections off them, before
+/// policy (audit L6). With an owner of their own, the pod's processes — root included — get
+/// EADDRINUSE, while the next ztunnel (same owner) still joins for a handover. A pod process
+/// holding CAP_SETUID could still become this uid. `u32::MAX - 2`: far above the ids systems
+/// and container runtimes hand out (65534 is nobody; user namespace ranges start at 100000).
+pub const LISTENER_UID: libc::uid_t = libc::uid_t::MAX - 2;
+
+/// Runs `f` (which creates a socket) with this thread's filesystem uid set to `uid`: a socket's
+/// owner is the fsuid of its creator. setfsuid is per thread and needs CAP_SETUID.
+fn as_fsuid<T>(uid: libc::uid_t, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+    // SAFETY: setfsuid has no memory effects; it returns the previous fsuid, and reports
+    // failure only by leaving it unchanged, which the second call reads back.
+    let (before, now) = unsafe { (libc::setfsuid(uid), libc::setfsuid(uid)) };
+    if now as libc::uid_t != uid {
+        // SAFETY: as above.
+        unsafe { libc::setfsuid(before as libc::uid_t) };
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("setfsuid({uid}) refused: ztunnel needs CAP_SETUID"),
+        ));
+    }
+    let out = f();
+    // SAFETY: as above; back to the thread's own fsuid.
+    unsafe { libc::setfsuid(before as libc::uid_t) };
+    out
 }
 
 /// IP_BIND_ADDRESS_NO_PORT (socket2 has no setter); honoured by IPv6 sockets too.
