@@ -1,15 +1,26 @@
-//! Node credentials: how a ztunnel proves to meshd which node it serves.
+//! Node credentials: how a ztunnel proves to meshd which node it serves, until when.
 //!
 //! Local mode has no Kubernetes service-account tokens, so meshd keeps a secret in its state
-//! directory and derives one token per node: `node:<name>:<hex HMAC-SHA256(secret, name)>`.
-//! `meshd node-token --node <name>` prints it; the node's ztunnel reads it from a file and sends
-//! it as gRPC metadata `authorization: Bearer <token>`. A token proves the node name only; what
-//! a node may ask for is meshd's decision. This module owns the token format, not its storage.
+//! directory and mints tokens per node: `node:<name>:<expiry, unix seconds>:<hex MAC>`, the MAC
+//! being HMAC-SHA256 under the secret of everything before it (`node:<name>:<expiry>`), so
+//! neither the node nor the expiry can be changed. `meshd node-token --node <name> [--ttl 30d]`
+//! prints one; the node's ztunnel reads it from a file and sends it as gRPC metadata
+//! `authorization: Bearer <token>`. A token proves the node name until it expires; what a node
+//! may ask for is meshd's decision.
+//!
+//! Tokens of the first format (`node:<name>:<mac>`, no expiry) are refused with a message
+//! saying to mint a new one: a token that never expires cannot be revoked short of changing the
+//! secret for every node. This module owns the token format, not its storage.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ring::hmac;
 
 /// The gRPC metadata key carrying the token.
 pub const AUTH_METADATA: &str = "authorization";
+
+/// Lifetime of a token minted without an explicit one.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum NodeAuthError {
@@ -17,15 +28,30 @@ pub enum NodeAuthError {
         "no node credentials: send `authorization: Bearer <node token>` (see `meshd node-token`)"
     )]
     Missing,
-    #[error("malformed node token: expected `Bearer node:<node>:<hex mac>`")]
+    #[error("malformed node token: expected `Bearer node:<node>:<expiry>:<hex mac>`")]
     Malformed,
+    #[error(
+        "node token for {0:?} has the old format without an expiry, which is no longer accepted: mint a new one with `meshd node-token --node {0}`"
+    )]
+    Legacy(String),
     #[error("node token for {0:?} does not verify (issued by another meshd state dir?)")]
     BadMac(String),
+    #[error(
+        "node token for {node:?} expired at {expired_at} (unix time): mint a new one with `meshd node-token --node {node}`"
+    )]
+    Expired { node: String, expired_at: u64 },
 }
 
 /// Issues and verifies node tokens with one secret.
 pub struct NodeAuthority {
     key: hmac::Key,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
 }
 
 impl NodeAuthority {
@@ -35,28 +61,54 @@ impl NodeAuthority {
         }
     }
 
-    /// The token for `node`.
-    pub fn token(&self, node: &str) -> String {
-        let tag = hmac::sign(&self.key, node.as_bytes());
-        format!("node:{node}:{}", hex::encode(tag.as_ref()))
+    /// A token for `node`, valid for `ttl` from now.
+    pub fn token(&self, node: &str, ttl: Duration) -> String {
+        self.token_expiring_at(node, unix_now().saturating_add(ttl.as_secs()))
+    }
+
+    /// A token for `node` that expires at `expires_at` (unix seconds).
+    pub fn token_expiring_at(&self, node: &str, expires_at: u64) -> String {
+        let signed = format!("node:{node}:{expires_at}");
+        let tag = hmac::sign(&self.key, signed.as_bytes());
+        format!("{signed}:{}", hex::encode(tag.as_ref()))
     }
 
     /// Checks an `authorization` metadata value and returns the node it proves.
     pub fn verify(&self, header: Option<&str>) -> Result<String, NodeAuthError> {
+        self.verify_at(header, unix_now())
+    }
+
+    /// [`NodeAuthority::verify`] as of `now` (unix seconds).
+    pub fn verify_at(&self, header: Option<&str>, now: u64) -> Result<String, NodeAuthError> {
         let header = header.ok_or(NodeAuthError::Missing)?;
         let token = header
             .strip_prefix("Bearer ")
             .ok_or(NodeAuthError::Malformed)?;
-        let rest = token
+        let (signed, mac) = token.rsplit_once(':').ok_or(NodeAuthError::Malformed)?;
+        let rest = signed
             .strip_prefix("node:")
             .ok_or(NodeAuthError::Malformed)?;
-        let (node, mac) = rest.rsplit_once(':').ok_or(NodeAuthError::Malformed)?;
         let mac = hex::decode(mac).map_err(|_| NodeAuthError::Malformed)?;
+        let Some((node, expiry)) = rest.rsplit_once(':') else {
+            // `node:<name>:<mac>`: the first format, which had no expiry.
+            if rest.is_empty() {
+                return Err(NodeAuthError::Malformed);
+            }
+            return Err(NodeAuthError::Legacy(rest.to_string()));
+        };
+        let expires_at: u64 = expiry.parse().map_err(|_| NodeAuthError::Malformed)?;
         if node.is_empty() {
             return Err(NodeAuthError::Malformed);
         }
-        hmac::verify(&self.key, node.as_bytes(), &mac)
+        // The MAC first (constant time): an expiry is only meaningful once it is known to be ours.
+        hmac::verify(&self.key, signed.as_bytes(), &mac)
             .map_err(|_| NodeAuthError::BadMac(node.to_string()))?;
+        if now >= expires_at {
+            return Err(NodeAuthError::Expired {
+                node: node.to_string(),
+                expired_at: expires_at,
+            });
+        }
         Ok(node.to_string())
     }
 }
@@ -65,11 +117,13 @@ impl NodeAuthority {
 mod tests {
     use super::*;
 
+    const HOUR: Duration = Duration::from_secs(3600);
+
     #[test]
     fn token_verifies_only_with_its_secret() {
         let a = NodeAuthority::new(b"secret-a");
         let b = NodeAuthority::new(b"secret-b");
-        let t = format!("Bearer {}", a.token("node-1"));
+        let t = format!("Bearer {}", a.token("node-1", HOUR));
         assert_eq!(a.verify(Some(&t)), Ok("node-1".to_string()));
         assert_eq!(
             b.verify(Some(&t)),
@@ -83,5 +137,41 @@ mod tests {
         // A token's node name cannot be swapped for another.
         let forged = t.replace("node-1", "node-2");
         assert!(a.verify(Some(&forged)).is_err());
+    }
+
+    #[test]
+    fn expiry_is_signed_and_enforced() {
+        let a = NodeAuthority::new(b"secret-a");
+        let t = format!("Bearer {}", a.token_expiring_at("node-1", 1000));
+        assert_eq!(a.verify_at(Some(&t), 999), Ok("node-1".to_string()));
+        let expired = a.verify_at(Some(&t), 1000).unwrap_err();
+        assert_eq!(
+            expired,
+            NodeAuthError::Expired {
+                node: "node-1".into(),
+                expired_at: 1000
+            }
+        );
+        assert!(
+            expired.to_string().contains("meshd node-token"),
+            "{expired}"
+        );
+        // Pushing the expiry out breaks the MAC.
+        let extended = t.replace(":1000:", ":9999999999:");
+        assert_eq!(
+            a.verify_at(Some(&extended), 999),
+            Err(NodeAuthError::BadMac("node-1".into()))
+        );
+    }
+
+    #[test]
+    fn first_format_tokens_are_refused_with_a_way_out() {
+        let a = NodeAuthority::new(b"secret-a");
+        // What the first format minted: the MAC of the node name alone.
+        let tag = hmac::sign(&a.key, b"node-1");
+        let old = format!("Bearer node:node-1:{}", hex::encode(tag.as_ref()));
+        let err = a.verify(Some(&old)).unwrap_err();
+        assert_eq!(err, NodeAuthError::Legacy("node-1".into()));
+        assert!(err.to_string().contains("mint a new one"), "{err}");
     }
 }

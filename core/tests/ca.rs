@@ -169,3 +169,53 @@ fn pem_encode(label: &str, der: &[u8]) -> String {
     let _ = writeln!(out, "-----END {label}-----");
     out
 }
+
+/// A CSR for `id` signed by a fresh key of `alg`.
+fn csr_with(alg: &'static rcgen::SignatureAlgorithm, id: &Identity) -> String {
+    let key = rcgen::KeyPair::generate_for(alg).expect("key");
+    let mut params = rcgen::CertificateParams::default();
+    params.subject_alt_names = vec![rcgen::SanType::URI(id.to_uri().try_into().expect("uri"))];
+    params
+        .serialize_request(&key)
+        .expect("csr")
+        .pem()
+        .expect("pem")
+}
+
+#[test]
+fn only_p256_keys_are_certified() {
+    let ca = CertAuthority::new_in_memory("td").expect("ca");
+    let id = Identity::new("td", "ns", "sa");
+    let ok = csr_with(&rcgen::PKCS_ECDSA_P256_SHA256, &id);
+    ca.sign_csr(&ok, &id, HOUR).expect("P-256 is certified");
+    for (alg, what) in [
+        (&rcgen::PKCS_ECDSA_P384_SHA384, "elliptic curve"),
+        (&rcgen::PKCS_ED25519, "key algorithm"),
+    ] {
+        let csr = csr_with(alg, &id);
+        let err = ca.sign_csr(&csr, &id, HOUR).expect_err("refused");
+        assert!(matches!(err, CaError::CsrKey(_)), "{err:?}");
+        let msg = err.to_string();
+        assert!(msg.contains(what) && msg.contains("ECDSA P-256"), "{msg}");
+    }
+}
+
+#[test]
+fn existing_ca_dir_and_loose_key_are_made_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca_dir = dir.path().join("ca");
+    CertAuthority::load_or_create(&ca_dir, "td").expect("create");
+    let mode =
+        |p: &std::path::Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+    assert_eq!(mode(&ca_dir), 0o700, "a new CA dir is private");
+    // As an older version (or an operator's `mkdir`) left them.
+    let set = |p: &std::path::Path, m| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).expect("chmod")
+    };
+    set(&ca_dir, 0o755);
+    set(&ca_dir.join("root-key.pem"), 0o644);
+    CertAuthority::load_or_create(&ca_dir, "td").expect("load");
+    assert_eq!(mode(&ca_dir), 0o700);
+    assert_eq!(mode(&ca_dir.join("root-key.pem")), 0o600);
+}

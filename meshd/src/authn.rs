@@ -1,10 +1,50 @@
 //! Authenticating the calling node of a gRPC request from its `authorization` metadata.
 //!
-//! Owns mapping meshcore's node-token verdicts to gRPC statuses. What a node may then do is
-//! each service's decision.
+//! Owns mapping meshcore's node-token verdicts to gRPC statuses, and doing so before a request's
+//! body is read: [`NodeAuth`] is a tonic interceptor, which runs on the headers before the
+//! service decodes anything, so an unauthenticated caller costs no more than its headers. What a
+//! node may then do is each service's decision ([`node_of`] tells them who it is).
+
+use std::sync::Arc;
 
 use meshcore::nodeauth::{AUTH_METADATA, NodeAuthError, NodeAuthority};
+use tonic::service::Interceptor;
 use tonic::{Request, Status};
+use tracing::{debug, warn};
+
+/// The node a request's token proved; set by [`NodeAuth`] in the request's extensions.
+#[derive(Debug, Clone)]
+pub struct AuthenticatedNode(pub String);
+
+/// Interceptor that refuses requests without a valid node token (`UNAUTHENTICATED`) and tells
+/// the service which node called.
+#[derive(Clone)]
+pub struct NodeAuth {
+    auth: Arc<NodeAuthority>,
+}
+
+impl NodeAuth {
+    pub fn new(auth: Arc<NodeAuthority>) -> Self {
+        NodeAuth { auth }
+    }
+}
+
+impl Interceptor for NodeAuth {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        let node = authenticate(&self.auth, &req)?;
+        req.extensions_mut().insert(AuthenticatedNode(node));
+        Ok(req)
+    }
+}
+
+/// The node [`NodeAuth`] proved for this request. `UNAUTHENTICATED` if the service was served
+/// without the interceptor (a wiring mistake must not become an open door).
+pub fn node_of<T>(req: &Request<T>) -> Result<String, Status> {
+    req.extensions()
+        .get::<AuthenticatedNode>()
+        .map(|n| n.0.clone())
+        .ok_or_else(|| Status::unauthenticated("request was not authenticated"))
+}
 
 /// The node the request's token proves, or `UNAUTHENTICATED` saying how to supply one.
 pub fn authenticate<T>(auth: &NodeAuthority, req: &Request<T>) -> Result<String, Status> {
@@ -16,6 +56,14 @@ pub fn authenticate<T>(auth: &NodeAuthority, req: &Request<T>) -> Result<String,
         ),
     };
     auth.verify(header).map_err(|e| {
+        match &e {
+            // Only a holder of a once-valid token gets here: worth an operator's attention.
+            NodeAuthError::Expired { .. } | NodeAuthError::Legacy(_) => {
+                warn!(error = %e, "refused a node token")
+            }
+            // Anyone can send garbage; logging each would let them fill the disk.
+            _ => debug!(error = %e, "refused a request without valid node credentials"),
+        }
         Status::unauthenticated(format!(
             "{e} (supply `authorization: Bearer <node token>` as printed by `meshd node-token --node <name>`)"
         ))

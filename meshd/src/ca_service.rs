@@ -1,28 +1,27 @@
 //! The certificate service (`mesh.ca.v1.CertificateService`): signs workload certificates for
 //! authenticated nodes, only for identities of pods scheduled on the calling node.
 //!
-//! Owns the authorization rule and the validity policy. Certificate contents are meshcore's
-//! (`ca::CertAuthority`); which pods exist is the mesh view's.
+//! Owns the authorization rule and the validity policy. Certificate contents and the accepted
+//! key types (ECDSA P-256 only) are meshcore's (`ca::CertAuthority`); which pods exist is the
+//! mesh view's; who the caller is, `authn`'s (its interceptor runs before this service).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use meshcore::Identity;
 use meshcore::ca::CaError;
-use meshcore::nodeauth::NodeAuthority;
 use meshcore::proto::ca::certificate_service_server::CertificateService;
 use meshcore::proto::ca::{CertificateRequest, CertificateResponse};
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
-use crate::authn::authenticate;
+use crate::authn::node_of;
 use crate::roots::Roots;
 use crate::translate::VersionedView;
 
 pub struct CaService {
     roots: watch::Receiver<Arc<Roots>>,
-    auth: Arc<NodeAuthority>,
     views: watch::Receiver<Arc<VersionedView>>,
     /// Default and maximum certificate lifetime.
     lifetime: Duration,
@@ -31,13 +30,11 @@ pub struct CaService {
 impl CaService {
     pub fn new(
         roots: watch::Receiver<Arc<Roots>>,
-        auth: Arc<NodeAuthority>,
         views: watch::Receiver<Arc<VersionedView>>,
         lifetime: Duration,
     ) -> Self {
         CaService {
             roots,
-            auth,
             views,
             lifetime,
         }
@@ -58,7 +55,7 @@ impl CertificateService for CaService {
         &self,
         req: Request<CertificateRequest>,
     ) -> Result<Response<CertificateResponse>, Status> {
-        let node = authenticate(&self.auth, &req)?;
+        let node = node_of(&req)?;
         let req = req.into_inner();
         // One consistent view of the roots for this request, even mid-rotation.
         let roots = self.roots.borrow().clone();

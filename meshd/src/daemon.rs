@@ -1,11 +1,11 @@
 //! `meshd run`: wires the resource source, translation and both gRPC services onto one
 //! listener, and shuts them down gracefully.
 //!
-//! Owns start-up order, the listener (unix socket or TCP) and the translation loop. Each piece's
-//! logic lives in its own module.
+//! Owns start-up order, the gRPC server's limits and the translation loop. Each piece's logic
+//! lives in its own module (who may connect: `listener`; who may call: `authn`).
 
 use std::future::Future;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,12 +14,14 @@ use meshcore::proto::ca::certificate_service_server::CertificateServiceServer;
 use meshcore::proto::config::TrustBundle;
 use meshcore::proto::config::config_service_server::ConfigServiceServer;
 use tokio::sync::watch;
-use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server;
 use tracing::{info, warn};
 
+use crate::authn::NodeAuth;
 use crate::ca_service::CaService;
 use crate::config_service::ConfigStream;
+use crate::listener::{self, ListenerError};
 use crate::local_source::{LocalSource, SourceError};
 use crate::resources::ResourceSet;
 use crate::roots::{self, Roots};
@@ -29,6 +31,17 @@ use crate::translate::{self, Settings, VersionedView};
 
 /// How long open connections get to finish after shutdown starts.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// Requests' bodies are tiny (a CSR is under 1 KiB, a subscription a node name): anything larger
+/// is refused before it is buffered.
+pub const MAX_REQUEST_BYTES: usize = 64 << 10;
+/// Streams one connection may have open at once (a ztunnel uses one per identity it renews,
+/// plus its config stream).
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 64;
+/// Unary calls in progress per connection; more wait.
+const CONCURRENCY_PER_CONNECTION: usize = 32;
+/// A call that has not produced its response by then is cancelled (a config stream's response
+/// is its first message, sent at once; the stream itself is not limited).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone)]
 pub struct RunConfig {
@@ -36,6 +49,8 @@ pub struct RunConfig {
     pub state_dir: PathBuf,
     pub listen: Listen,
     pub settings: Settings,
+    /// Istio's root namespace (ztunnels' `--root-namespace`): its policies go to every node.
+    pub root_namespace: String,
     pub cert_lifetime: Duration,
     pub poll_interval: Duration,
 }
@@ -52,6 +67,8 @@ pub enum RunError {
     Source(#[from] SourceError),
     #[error("cannot listen on {addr}: {reason}")]
     Listen { addr: String, reason: String },
+    #[error(transparent)]
+    Tls(#[from] ListenerError),
     #[error("gRPC server: {0}")]
     Serve(#[from] tonic::transport::Error),
 }
@@ -77,18 +94,24 @@ pub async fn run(
     let views = spawn_translation(resources, cfg.settings.clone(), roots.clone());
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    // Every service authenticates in an interceptor, which runs on the headers: no body of an
+    // unauthenticated caller is ever decoded.
+    let node_auth = NodeAuth::new(auth);
+    let config_service = ConfigServiceServer::new(ConfigStream::new(
+        views.clone(),
+        cfg.root_namespace.clone(),
+        stop_rx.clone(),
+    ))
+    .max_decoding_message_size(MAX_REQUEST_BYTES);
+    let ca_service =
+        CertificateServiceServer::new(CaService::new(roots.clone(), views, cfg.cert_lifetime))
+            .max_decoding_message_size(MAX_REQUEST_BYTES);
     let router = Server::builder()
-        .add_service(ConfigServiceServer::new(ConfigStream::new(
-            views.clone(),
-            auth.clone(),
-            stop_rx.clone(),
-        )))
-        .add_service(CertificateServiceServer::new(CaService::new(
-            roots,
-            auth,
-            views,
-            cfg.cert_lifetime,
-        )));
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .concurrency_limit_per_connection(CONCURRENCY_PER_CONNECTION)
+        .timeout(REQUEST_TIMEOUT)
+        .add_service(InterceptedService::new(config_service, node_auth.clone()))
+        .add_service(InterceptedService::new(ca_service, node_auth));
     let signal = async move {
         shutdown.await;
         info!("shutting down");
@@ -99,29 +122,27 @@ pub async fn run(
         addr: listen.to_string(),
         reason,
     };
-    let serve: std::pin::Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
-        match &cfg.listen {
-            Listen::Unix(path) => {
-                let listener = bind_unix(path).map_err(listen_err)?;
-                info!("meshd ready on {}", cfg.listen);
-                Box::pin(
-                    router.serve_with_incoming_shutdown(UnixListenerStream::new(listener), signal),
-                )
-            }
-            Listen::Tcp(addr) => {
-                let listener = tokio::net::TcpListener::bind(addr)
-                    .await
-                    .map_err(|e| listen_err(e.to_string()))?;
-                // The bound address, so that port 0 reports the port actually chosen.
-                let bound = listener
-                    .local_addr()
-                    .map_or_else(|_| cfg.listen.clone(), Listen::Tcp);
-                info!("meshd ready on {bound}");
-                Box::pin(
-                    router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal),
-                )
-            }
-        };
+    let incoming = match &cfg.listen {
+        Listen::Unix(path) => {
+            let listener = listener::bind_unix(path).map_err(listen_err)?;
+            info!("meshd ready on {} (root only)", cfg.listen);
+            listener::admit_root(listener, stop_rx.clone())
+        }
+        Listen::Tcp(addr) => {
+            let tcp = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| listen_err(e.to_string()))?;
+            // The bound address, so that port 0 reports the port actually chosen.
+            let bound = tcp
+                .local_addr()
+                .map_or_else(|_| cfg.listen.clone(), Listen::Tcp);
+            let incoming =
+                listener::admit_tls(tcp, roots, &cfg.settings.trust_domain, stop_rx.clone())?;
+            info!("meshd ready on {bound} (TLS)");
+            incoming
+        }
+    };
+    let serve = router.serve_with_incoming_shutdown(incoming, signal);
     let mut stopping = stop_rx;
     let result = tokio::select! {
         r = serve => r.map_err(RunError::from),
@@ -191,31 +212,4 @@ fn spawn_translation(
         }
     });
     rx
-}
-
-/// Binds a unix socket, replacing a stale socket file but never a live meshd's socket or a
-/// file that is not a socket.
-fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener, String> {
-    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-    if let Ok(md) = std::fs::symlink_metadata(path) {
-        if !md.file_type().is_socket() {
-            return Err(format!(
-                "{} exists and is not a socket; refusing to replace it",
-                path.display()
-            ));
-        }
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err("another process is serving on it".to_string());
-        }
-        std::fs::remove_file(path).map_err(|e| format!("removing stale socket: {e}"))?;
-    }
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent)
-            .map_err(|e| format!("creating {}: {e}", parent.display()))?;
-    }
-    let listener = tokio::net::UnixListener::bind(path).map_err(|e| e.to_string())?;
-    // Open to every local user: the node token, not file permissions, is the authentication.
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
-        .map_err(|e| format!("chmod: {e}"))?;
-    Ok(listener)
 }

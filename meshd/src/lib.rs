@@ -10,6 +10,7 @@ pub mod ca_service;
 pub mod config_service;
 pub mod daemon;
 pub mod delta;
+pub mod listener;
 pub mod local_source;
 pub mod parse;
 pub mod resources;

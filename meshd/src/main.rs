@@ -30,7 +30,7 @@ struct Cli {
 enum Cmd {
     /// Watch a config directory and serve the config stream and the CA.
     Run(RunArgs),
-    /// Print the token a node's ztunnel authenticates with.
+    /// Print a token a node's ztunnel authenticates with (`node:<name>:<expiry>:<mac>`).
     NodeToken {
         /// meshd's state directory (the token derives from its node secret, created if missing).
         #[arg(long)]
@@ -38,6 +38,9 @@ enum Cmd {
         /// The node name.
         #[arg(long)]
         node: String,
+        /// How long the token is valid, e.g. 12h, 30d. Mint a new one before it expires.
+        #[arg(long, default_value = "30d", value_parser = parse_duration)]
+        ttl: Duration,
     },
     /// Rotate the CA root without dropping connections (a running meshd picks changes up live).
     Ca {
@@ -73,13 +76,18 @@ struct RunArgs {
     /// Where the CA root and the node secret live (created if missing).
     #[arg(long)]
     state_dir: PathBuf,
-    /// unix:/path/to/meshd.sock, or IP:PORT for plaintext gRPC over TCP.
+    /// unix:/path/to/meshd.sock (root only), or IP:PORT for gRPC over TLS; the server certificate
+    /// is issued by the mesh CA for `meshd.<trust domain>` (clients: ztunnel --meshd-ca).
     #[arg(long, value_parser = |s: &str| s.parse::<Listen>())]
     listen: Listen,
     #[arg(long, default_value = "cluster.local")]
     trust_domain: String,
     #[arg(long, default_value = "cluster.local")]
     cluster_domain: String,
+    /// Istio's root namespace; must match ztunnels' --root-namespace (its policies go to every
+    /// node, other namespaces' only to nodes running pods of theirs).
+    #[arg(long, default_value = meshcore::policy::DEFAULT_ROOT_NAMESPACE)]
+    root_namespace: String,
     /// Default and maximum workload certificate lifetime, e.g. 10s, 5m, 24h.
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     cert_lifetime: Duration,
@@ -96,7 +104,11 @@ enum LogFormat {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
-        Cmd::NodeToken { state_dir, node } => node_token(&state_dir, &node),
+        Cmd::NodeToken {
+            state_dir,
+            node,
+            ttl,
+        } => node_token(&state_dir, &node, ttl),
         Cmd::Run(args) => run(args),
         Cmd::Ca { step } => ca_step(step),
     };
@@ -110,13 +122,13 @@ fn main() -> ExitCode {
     }
 }
 
-fn node_token(state_dir: &std::path::Path, node: &str) -> anyhow::Result<()> {
+fn node_token(state_dir: &std::path::Path, node: &str, ttl: Duration) -> anyhow::Result<()> {
     anyhow::ensure!(
         !node.is_empty() && !node.contains(':'),
         "node name must be non-empty and contain no ':'"
     );
     let auth = state::node_authority(state_dir)?;
-    println!("{}", auth.token(node));
+    println!("{}", auth.token(node, ttl));
     Ok(())
 }
 
@@ -158,6 +170,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             trust_domain: args.trust_domain,
             cluster_domain: args.cluster_domain,
         },
+        root_namespace: args.root_namespace,
         cert_lifetime: args.cert_lifetime,
         poll_interval: Duration::from_millis(250),
     };

@@ -166,7 +166,15 @@ pub fn activate(ca_dir: &Path) -> Result<(), RootsError> {
         return Err(RootsError::NothingToActivate);
     }
     let trusted = ca_dir.join("trusted");
-    std::fs::create_dir_all(&trusted).map_err(io(&trusted))?;
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        // Private like the rest of the CA's directory (see `state::ensure_dir`).
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&trusted)
+            .map_err(io(&trusted))?;
+    }
     let stamp = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or_default()

@@ -24,7 +24,7 @@ pub enum SettingsError {
 pub enum Listen {
     /// A unix socket path (local mode).
     Unix(PathBuf),
-    /// Plaintext gRPC over TCP.
+    /// gRPC over TLS on TCP (a server certificate from the mesh CA; never plaintext).
     Tcp(SocketAddr),
 }
 

@@ -35,13 +35,34 @@ pub fn ca_dir(state_dir: &Path) -> PathBuf {
     state_dir.join("ca")
 }
 
-/// Creates the state directory (0700: it holds keys) if missing.
+/// Creates the state directory if missing and makes it and the CA's directories (`ca/`,
+/// `ca/next`, `ca/trusted`) 0700 if they exist: they hold keys, and a directory made by hand or
+/// by an older version may be wider. Enforced on every start, not only on creation.
 pub fn ensure_dir(state_dir: &Path) -> Result<(), StateError> {
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(state_dir)
-        .map_err(io_err(state_dir))
+        .map_err(io_err(state_dir))?;
+    let ca = ca_dir(state_dir);
+    for dir in [
+        state_dir.to_path_buf(),
+        ca.join("next"),
+        ca.join("trusted"),
+        ca,
+    ] {
+        match std::fs::symlink_metadata(&dir) {
+            Ok(md) if md.is_dir() && md.permissions().mode() & 0o777 != 0o700 => {
+                std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+                    .map_err(io_err(&dir))?;
+                info!(path = %dir.display(), was = format!("{:o}", md.permissions().mode() & 0o777), "state directory made private (0700)");
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&dir)(e)),
+        }
+    }
+    Ok(())
 }
 
 /// The node authority of this state directory, creating its secret on first use.
@@ -94,7 +115,9 @@ fn check(path: &Path, secret: Vec<u8>) -> Result<Vec<u8>, StateError> {
     if let Ok(md) = std::fs::metadata(path)
         && md.permissions().mode() & 0o077 != 0
     {
-        warn!(path = %path.display(), "node secret is readable by others (mode {:o}); anyone who can read it can act as any node", md.permissions().mode() & 0o777);
+        warn!(path = %path.display(), "node secret was readable by others (mode {:o}); set to 0600. Anyone who read it can mint tokens for any node: remove it to make a new one (all node tokens change)", md.permissions().mode() & 0o777);
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(io_err(path))?;
     }
     Ok(secret)
 }
@@ -107,12 +130,30 @@ mod tests {
     fn secret_is_created_once_with_0600() {
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("state");
-        let a = node_authority(&state).unwrap().token("n");
-        let b = node_authority(&state).unwrap().token("n");
+        let a = node_authority(&state).unwrap().token_expiring_at("n", 1);
+        let b = node_authority(&state).unwrap().token_expiring_at("n", 1);
         assert_eq!(a, b, "the secret persists");
         let md = std::fs::metadata(state.join(SECRET_FILE)).unwrap();
         assert_eq!(md.permissions().mode() & 0o777, 0o600);
         assert_eq!(md.len(), SECRET_LEN as u64);
+        // Modes loosened by hand (or left by an older version) are tightened on the next start.
+        let ca = ca_dir(&state);
+        std::fs::create_dir_all(ca.join("trusted")).unwrap();
+        for (p, m) in [(&state, 0o755), (&ca, 0o755), (&ca.join("trusted"), 0o755)] {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
+        }
+        std::fs::set_permissions(
+            state.join(SECRET_FILE),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        node_authority(&state).unwrap();
+        for p in [&state, &ca, &ca.join("trusted")] {
+            let mode = std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o700, "{}", p.display());
+        }
+        let md = std::fs::metadata(state.join(SECRET_FILE)).unwrap();
+        assert_eq!(md.permissions().mode() & 0o777, 0o600);
         std::fs::write(state.join(SECRET_FILE), b"short").unwrap();
         assert!(matches!(
             node_authority(&state),

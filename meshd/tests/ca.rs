@@ -120,7 +120,8 @@ async fn nodes_get_certificates_only_for_their_pods() {
         .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
     assert!(err.message().contains("meshd node-token"), "{err:?}");
-    let foreign = meshcore::nodeauth::NodeAuthority::new(b"another state dir").token("node-0");
+    let foreign = meshcore::nodeauth::NodeAuthority::new(b"another state dir")
+        .token("node-0", std::time::Duration::from_secs(3600));
     let err = client
         .create_certificate(req(&mine, 0, Some(&foreign)))
         .await

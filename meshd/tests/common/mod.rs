@@ -43,6 +43,7 @@ impl Meshd {
                 trust_domain: TRUST_DOMAIN.into(),
                 cluster_domain: "cluster.local".into(),
             },
+            root_namespace: "istio-system".into(),
             cert_lifetime: Duration::from_secs(3600),
             poll_interval: Duration::from_millis(50),
         };
@@ -69,7 +70,7 @@ impl Meshd {
     pub fn token(&self, node: &str) -> String {
         meshd::state::node_authority(&self.state)
             .unwrap()
-            .token(node)
+            .token(node, Duration::from_secs(3600))
     }
 
     pub fn write(&self, name: &str, text: &str) {
