@@ -27,6 +27,7 @@ use ztunnel::metrics::Metrics;
 use ztunnel::pods::OnExit;
 use ztunnel::policy::LiveConns;
 use ztunnel::proxy::Ctx;
+use ztunnel::supervise::Supervisor;
 use ztunnel::{config, dump, netns, pods, policy};
 
 #[derive(Parser, Debug)]
@@ -78,6 +79,12 @@ struct Args {
     /// Log format.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
+    /// Seconds a config from meshd that removes every pod of this node at once is held back
+    /// before it is applied (unless the pods' network namespaces are gone): an emptied config
+    /// source or a control-plane bug looks exactly like that, and applying it would unenroll
+    /// every pod and drop their STRICT and DENY.
+    #[arg(long, default_value_t = 10)]
+    mass_removal_hold: u64,
 }
 
 type LogHandle = reload::Handle<EnvFilter, tracing_subscriber::Registry>;
@@ -164,6 +171,7 @@ fn main() -> anyhow::Result<()> {
     }
     let args = Args::parse();
     let log = init_logging(&args.log_format);
+    raise_fd_limit();
     // Record the host netns on the main thread, before any runtime thread moves around.
     netns::init_host_netns().context("reading this process's network namespace")?;
     meshcore::tls::install_crypto_provider();
@@ -171,6 +179,21 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?
         .block_on(run(args, log))
+}
+
+/// Every proxied connection costs ztunnel two or three fds, and the usual soft limit (1024)
+/// would cap a node at a few hundred connections: raise the soft limit to the hard one, as
+/// Istio's ztunnel does. Failure is logged, not fatal.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => info!(from = soft, to = hard, "raised the open-files limit"),
+            Err(e) => warn!(soft, hard, error = %e, "cannot raise the open-files limit"),
+        },
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "cannot read the open-files limit"),
+    }
 }
 
 async fn run(args: Args, log: LogHandle) -> anyhow::Result<()> {
@@ -188,20 +211,35 @@ async fn run(args: Args, log: LogHandle) -> anyhow::Result<()> {
     let metrics = Metrics::new();
     metrics.set_capture_mode(&capture.mode().to_string());
     let (config_tx, config_rx) = watch::channel(None);
-    tokio::spawn(config::run(meshd.clone(), args.node.clone(), config_tx));
+    let mut tasks = Supervisor::default();
+    tasks.spawn(
+        "config",
+        config::run(
+            meshd.clone(),
+            args.node.clone(),
+            Duration::from_secs(args.mass_removal_hold),
+            config_tx,
+        ),
+    );
     let (policies_tx, policies_rx) =
         watch::channel(Arc::new(PolicySet::compile([], &args.root_namespace)));
     let live = Arc::new(LiveConns::default());
     let decisions = Arc::new(DecisionCache::new(65536));
-    tokio::spawn(policy::run(
-        config_rx.clone(),
-        args.root_namespace.clone(),
-        policies_tx,
-        live.clone(),
-        decisions.clone(),
-    ));
+    tasks.spawn(
+        "policy",
+        policy::run(
+            config_rx.clone(),
+            args.root_namespace.clone(),
+            policies_tx,
+            live.clone(),
+            decisions.clone(),
+        ),
+    );
     let certs = CertManager::new(meshd, metrics.clone());
-    tokio::spawn(trust_bundle_watch(config_rx.clone(), certs.clone()));
+    tasks.spawn(
+        "trust-bundle",
+        trust_bundle_watch(config_rx.clone(), certs.clone()),
+    );
     let ctx = Arc::new(Ctx {
         node: args.node.clone(),
         config: config_rx,
@@ -246,20 +284,30 @@ async fn run(args: Args, log: LogHandle) -> anyhow::Result<()> {
         args.ready_addr,
     )
     .await?;
-    tokio::spawn(bound.run());
+    tasks.spawn("admin", bound.run());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let on_exit = if args.unenroll_on_exit {
         OnExit::Unenroll
     } else {
         OnExit::KeepCapture
     };
-    let pods = tokio::spawn(pods::run(ctx.clone(), shutdown_rx, on_exit));
+    let mut pods = tokio::spawn(pods::run(ctx.clone(), shutdown_rx, on_exit));
     info!(node = %args.node, meshd = %args.meshd, capture = %ctx.capture.mode(), admin = %args.admin_addr, metrics = %args.metrics_addr, "ztunnel started");
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     tokio::select! {
         _ = term.recv() => {},
         _ = int.recv() => {},
+        // Fail closed: a dead task would leave stale policy or config in force forever. Exit
+        // at once, as a crash does; capture stays and pods fail closed until a restart.
+        exit = tasks.first_exit() => {
+            error!(%exit, "a background task ended; exiting so ztunnel is restarted (capture stays)");
+            std::process::exit(70);
+        }
+        r = &mut pods => {
+            error!(result = ?r.map_err(|e| e.to_string()), "the pod manager ended; exiting so ztunnel is restarted (capture stays)");
+            std::process::exit(70);
+        }
     }
     info!(?on_exit, "shutting down");
     let _ = shutdown_tx.send(true);

@@ -166,7 +166,8 @@ fn reconcile(ctx: &Arc<Ctx>, enrolled: &mut HashMap<String, Enrolled>) {
             update_exclusions(ctx, &uid, e, &w);
             continue;
         }
-        match start(ctx, w) {
+        let taken: Vec<NetnsId> = enrolled.values().filter_map(|e| netns_id(&e.pod.netns)).collect();
+        match start(ctx, w, &taken) {
             Ok(e) => {
                 ctx.enrolled.lock().unwrap_or_else(|p| p.into_inner()).insert(uid.clone(), serde_json::json!({
                     "uid": uid, "identity": e.pod.identity.to_string(), "ips": e.pod.workload.ips,
@@ -183,6 +184,25 @@ fn reconcile(ctx: &Arc<Ctx>, enrolled: &mut HashMap<String, Enrolled>) {
         }
     }
     ctx.certs.retain(&identities);
+    prune_metrics(ctx);
+}
+
+/// Drops the metric series of workloads the config no longer has (pods churn; series must not
+/// pile up).
+fn prune_metrics(ctx: &Ctx) {
+    let Some(store) = ctx.config.borrow().clone() else {
+        return;
+    };
+    let workloads: HashSet<(&str, &str)> = store
+        .workloads()
+        .map(|w| (w.namespace.as_str(), w.name.as_str()))
+        .collect();
+    let pruned = ctx
+        .metrics
+        .prune(|ns, name| workloads.contains(&(ns, name)));
+    if pruned > 0 {
+        tracing::debug!(series = pruned, "pruned metric series of workloads that are gone");
+    }
 }
 
 /// Whether a config change leaves the pod's proxy valid as it is.
@@ -221,8 +241,8 @@ fn update_exclusions(ctx: &Ctx, uid: &str, e: &mut Enrolled, w: &Workload) {
     }
 }
 
-fn start(ctx: &Arc<Ctx>, w: Arc<Workload>) -> anyhow::Result<Enrolled> {
-    let netns = Netns::open(Path::new(&w.netns))?;
+fn start(ctx: &Arc<Ctx>, w: Arc<Workload>, taken: &[NetnsId]) -> anyhow::Result<Enrolled> {
+    let netns = open_pod_netns(&w.netns, taken)?;
     let mut pod = Pod::new(w, netns);
     let sysctls_before = set_pod_sysctls(&pod);
     pod.orig_src = preserve_source(&pod, &sysctls_before);
@@ -296,6 +316,64 @@ fn start(ctx: &Arc<Ctx>, w: Arc<Workload>) -> anyhow::Result<Enrolled> {
             Err(e.into())
         }
     }
+}
+
+/// Where pod network namespaces are bound in local mode (`ip netns`); a netns path from the
+/// config must lie here (the Kubernetes mode hands namespaces over by fd instead).
+pub const POD_NETNS_DIRS: [&str; 2] = ["/run/netns/", "/var/run/netns/"];
+
+/// A network namespace's identity: (device, inode) of its nsfs file.
+pub type NetnsId = (u64, u64);
+
+fn netns_id(netns: &Netns) -> Option<NetnsId> {
+    use std::os::unix::fs::MetadataExt;
+    netns.file().metadata().ok().map(|m| (m.dev(), m.ino()))
+}
+
+fn path_netns_id(path: &str) -> Option<NetnsId> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// A netns path from the config that must not be enrolled.
+#[derive(Debug, thiserror::Error)]
+pub enum NetnsRefused {
+    #[error("netns path {0:?} is not under {dirs} (pods' namespaces live there)", dirs = POD_NETNS_DIRS.join(" or "))]
+    OutsidePodDirs(String),
+    #[error("netns {0:?} is the host's network namespace, not a pod's")]
+    Host(String),
+    #[error("netns {0:?} is the network namespace ztunnel itself runs in (the node's), not a pod's")]
+    Node(String),
+    #[error("netns {0:?} is already enrolled as another pod's")]
+    Duplicate(String),
+    #[error("cannot open netns {0:?}: {1}")]
+    Open(String, std::io::Error),
+}
+
+/// Opens a pod's network namespace from the path the config names, refusing anything that is
+/// not a pod's: the config is not trusted to name the host's, the node's, or another enrolled
+/// pod's namespace (capture there would redirect traffic that is not the pod's).
+fn open_pod_netns(path: &str, taken: &[NetnsId]) -> Result<Netns, NetnsRefused> {
+    let p = Path::new(path);
+    let normal = p.is_absolute()
+        && !p
+            .components()
+            .any(|c| matches!(c, std::path::Component::ParentDir));
+    if !normal || !POD_NETNS_DIRS.iter().any(|d| path.starts_with(d)) {
+        return Err(NetnsRefused::OutsidePodDirs(path.to_string()));
+    }
+    let netns = Netns::open(p).map_err(|e| NetnsRefused::Open(path.to_string(), e))?;
+    let id = netns_id(&netns);
+    if id.is_some() && id == path_netns_id("/proc/1/ns/net") {
+        return Err(NetnsRefused::Host(path.to_string()));
+    }
+    if id.is_some() && id == path_netns_id("/proc/self/ns/net") {
+        return Err(NetnsRefused::Node(path.to_string()));
+    }
+    if id.is_some_and(|id| taken.contains(&id)) {
+        return Err(NetnsRefused::Duplicate(path.to_string()));
+    }
+    Ok(netns)
 }
 
 /// Sets the pod up so its apps see their clients' addresses ([`origsrc`]); false (logged) when
@@ -433,6 +511,78 @@ mod tests {
             exclusions_from(None, Some("")),
             (Exclusions::default(), vec![])
         );
+    }
+
+    #[test]
+    fn netns_paths_outside_pod_dirs_are_refused() {
+        for path in [
+            "/proc/1/ns/net",
+            "/proc/self/ns/net",
+            "run/netns/x",
+            "/run/netns/../../proc/1/ns/net",
+            "/tmp/x",
+            "",
+        ] {
+            assert!(
+                matches!(
+                    open_pod_netns(path, &[]),
+                    Err(NetnsRefused::OutsidePodDirs(_))
+                ),
+                "{path:?} must be refused"
+            );
+        }
+    }
+
+    /// A pod-looking path that leads to the host's namespace (a symlink under /run/netns) or
+    /// to one already enrolled is refused. Needs root (writes under /run/netns).
+    #[test]
+    fn netns_of_the_host_or_another_pod_is_refused() {
+        if std::env::var("MESH_SKIP_PRIVILEGED").as_deref() == Ok("1") {
+            eprintln!("!!! SKIPPING privileged test: MESH_SKIP_PRIVILEGED=1 !!!");
+            return;
+        }
+        std::fs::create_dir_all("/run/netns").expect("root is needed to write /run/netns");
+        let link = format!("/run/netns/zt-unit-host-{}", std::process::id());
+        let _ = std::fs::remove_file(&link);
+        // The test's own namespace: the node's from ztunnel's point of view (and the host's
+        // too, where /proc/1 can be read).
+        std::os::unix::fs::symlink("/proc/self/ns/net", &link).expect("symlink in /run/netns");
+        struct Rm(String);
+        impl Drop for Rm {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+        let _rm = Rm(link.clone());
+        let r = open_pod_netns(&link, &[]);
+        assert!(
+            matches!(r, Err(NetnsRefused::Host(_) | NetnsRefused::Node(_))),
+            "{r:?}"
+        );
+        // A real pod namespace is accepted once; a second path to it is another pod's.
+        let name = format!("zt-unit-pod-{}", std::process::id());
+        let ok = std::process::Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .expect("ip (iproute2)");
+        assert!(ok.success(), "ip netns add {name}");
+        struct Del(String);
+        impl Drop for Del {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("ip")
+                    .args(["netns", "del", &self.0])
+                    .status();
+            }
+        }
+        let _del = Del(name.clone());
+        let alias = format!("/run/netns/zt-unit-alias-{}", std::process::id());
+        let _ = std::fs::remove_file(&alias);
+        std::os::unix::fs::symlink(format!("/run/netns/{name}"), &alias).expect("symlink");
+        let _rm_alias = Rm(alias.clone());
+        let first = open_pod_netns(&format!("/run/netns/{name}"), &[]).expect("a pod's netns");
+        let taken = [netns_id(&first).expect("stat")];
+        let r = open_pod_netns(&alias, &taken);
+        assert!(matches!(r, Err(NetnsRefused::Duplicate(_))), "{r:?}");
     }
 
     #[test]
