@@ -2,15 +2,33 @@
 //! meshd acts on, and warnings for what it does not act on.
 //!
 //! Owns turning text into typed resources or an error naming the file, document, object and
-//! field. Does not know where text comes from, nor how resources are merged or translated.
+//! field, and the limits that keep hostile text (alias bombs, deep nesting, huge files) from
+//! costing more than a bounded amount of time and memory. Does not know where text comes from,
+//! nor how resources are merged or translated.
 
 use std::net::IpAddr;
 
 use serde::Deserialize;
 use serde_json::Value;
+use serde_saphyr::Spanned;
 
 use crate::resources::{IntOrString, ObjectMeta, Policy, PolicyKind, Resource, is_tcp};
 use crate::schema;
+
+/// The largest manifest file meshd reads. Real manifests are kilobytes; this keeps a stray
+/// dump or a link to a device from being read into memory.
+pub const MAX_FILE_BYTES: u64 = 4 << 20;
+/// Nodes (scalars, sequences, mappings) one file may hold once aliases are expanded: about
+/// what a 4 MiB file of real manifests holds, far below what would strain meshd.
+const MAX_NODES: usize = 1_000_000;
+/// Events that aliases may replay in one file. Anchors used to share a label block or a
+/// container spec replay hundreds; an alias bomb (`&a [x,..]`, `&b [*a,..]`, `[*b,..]`) needs
+/// millions, and is cut off here after a few milliseconds.
+const MAX_ALIAS_EVENTS: usize = 10_000;
+/// Nesting depth; Kubernetes objects are a dozen levels deep.
+const MAX_DEPTH: usize = 64;
+/// Documents in one file.
+const MAX_DOCUMENTS: usize = 65_536;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ParseError {
@@ -18,8 +36,11 @@ pub enum ParseError {
     Syntax {
         file: String,
         doc: usize,
-        source: serde_yaml::Error,
+        /// Boxed: the parser's error is large and files rarely fail.
+        source: Box<serde_saphyr::Error>,
     },
+    #[error("{file}: {size} bytes is over the {} MiB limit for a manifest file", MAX_FILE_BYTES >> 20)]
+    TooLarge { file: String, size: u64 },
     #[error("{file}: document {doc} ({what}): {message}")]
     Invalid {
         file: String,
@@ -37,18 +58,75 @@ pub struct ParsedFile {
     pub warnings: Vec<String>,
 }
 
+/// YAML reading as Kubernetes does it (YAML 1.2 scalars: `yes`, `0755` and `1_000` stay
+/// strings, as they did with serde_yaml), with every resource a document can consume bounded.
+fn yaml_options() -> serde_saphyr::Options {
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_nodes = MAX_NODES;
+    budget.max_depth = MAX_DEPTH;
+    budget.max_documents = MAX_DOCUMENTS;
+    let mut options = serde_saphyr::Options::default();
+    options.budget = Some(budget);
+    options.alias_limits.max_total_replayed_events = MAX_ALIAS_EVENTS;
+    options.strict_booleans = true;
+    options.leading_zero_numbers_as_strings = true;
+    options.underscored_numbers_as_strings = true;
+    // Errors go to one log line; the message already carries line and column.
+    options.with_snippet = false;
+    options
+}
+
+/// The 1-based number of the document that `line` (1-based) is in, counted the way a YAML
+/// stream is: each `---` starts a document, and content before the first `---` is one too.
+/// The parser reports lines, and empty documents produce no value, so numbers are recovered
+/// from the text to keep naming documents the way a reader of the file counts them.
+fn document_at_line(text: &str, line: u64) -> usize {
+    let mut doc = 0;
+    let mut content_in_doc = false;
+    for l in text
+        .lines()
+        .take(usize::try_from(line).unwrap_or(usize::MAX))
+    {
+        let marker = l
+            .strip_prefix("---")
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with(' ') || rest.starts_with('\t'));
+        if marker {
+            doc += 1;
+            content_in_doc = true;
+        } else if doc == 0 && !content_in_doc {
+            let t = l.trim_start();
+            if !t.is_empty() && !t.starts_with('#') && !t.starts_with('%') {
+                doc = 1;
+                content_in_doc = true;
+            }
+        }
+    }
+    doc.max(1)
+}
+
 /// Parses a YAML (or JSON) file of one or more `---`-separated documents. `file` only names the
 /// file in errors and warnings. Any error rejects the whole file, so a half-valid edit never
 /// applies partially.
 pub fn parse_file(file: &str, text: &str) -> Result<ParsedFile, ParseError> {
-    let mut out = ParsedFile::default();
-    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let n = i + 1;
-        let value = Value::deserialize(doc).map_err(|source| ParseError::Syntax {
+    let size = u64::try_from(text.len()).unwrap_or(u64::MAX);
+    if size > MAX_FILE_BYTES {
+        return Err(ParseError::TooLarge {
             file: file.to_string(),
-            doc: n,
-            source,
+            size,
+        });
+    }
+    let docs: Vec<Spanned<Value>> = serde_saphyr::from_multiple_with_options(text, yaml_options())
+        .map_err(|source| ParseError::Syntax {
+            file: file.to_string(),
+            doc: source
+                .location()
+                .map_or(1, |l| document_at_line(text, l.line())),
+            source: Box::new(source),
         })?;
+    let mut out = ParsedFile::default();
+    for doc in docs {
+        let n = document_at_line(text, doc.referenced.line());
+        let value = doc.value;
         if value.is_null() {
             continue; // empty document, e.g. a trailing `---`
         }
@@ -285,7 +363,7 @@ fn validate_policy(p: &Policy) -> Result<(), String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::resources::ResourceSet;
 
@@ -400,5 +478,143 @@ spec: {type: NodePort, ports: [{port: 80, nodePort: 30080}]}
             !w.contains("uid"),
             "bookkeeping metadata is not worth a warning: {w}"
         );
+    }
+
+    #[test]
+    fn documents_are_counted_as_the_reader_counts_them() {
+        // Empty documents produce no value; errors still name the document by its position.
+        let text = "---\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: p}\nstatus: {podIP: nope}\n";
+        let err = parse_file("n.yaml", text).unwrap_err().to_string();
+        assert!(err.contains("n.yaml: document 3 (Pod default/p)"), "{err}");
+        let text = "# leading comment\napiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\n\n---\nmetadata: [oops\n";
+        let err = parse_file("s.yaml", text).unwrap_err().to_string();
+        assert!(err.contains("s.yaml: document 3"), "{err}");
+    }
+
+    #[test]
+    fn yaml_1_1_scalars_stay_strings_as_in_kubernetes() {
+        let text = "apiVersion: v1\nkind: Namespace\nmetadata: {name: a, labels: {on: yes, mode: 0755, n: 1_000}}\n";
+        let parsed = parse_file("l.yaml", text).unwrap();
+        let Resource::Namespace(ns) = &parsed.resources[0] else {
+            panic!("{parsed:?}")
+        };
+        assert_eq!(
+            ns.metadata.labels.get("on").map(String::as_str),
+            Some("yes")
+        );
+        assert_eq!(
+            ns.metadata.labels.get("mode").map(String::as_str),
+            Some("0755")
+        );
+        assert_eq!(
+            ns.metadata.labels.get("n").map(String::as_str),
+            Some("1_000")
+        );
+    }
+
+    #[test]
+    fn json_manifests_parse() {
+        let text = "{\n\t\"apiVersion\": \"v1\",\n\t\"kind\": \"Namespace\",\n\t\"metadata\": {\"name\": \"j\"}\n}\n";
+        let parsed = parse_file("j.json", text).unwrap();
+        assert_eq!(parsed.resources.len(), 1);
+    }
+
+    #[test]
+    fn deep_nesting_and_huge_files_are_rejected_by_name() {
+        let deep = format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {}\n",
+            "[".repeat(100_000)
+        );
+        let err = parse_file("deep.yaml", &deep).unwrap_err().to_string();
+        assert!(err.starts_with("deep.yaml: document 1:"), "{err}");
+        let mut huge = String::from("apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n");
+        while huge.len() as u64 <= MAX_FILE_BYTES {
+            huge.push_str("# padding padding padding padding padding padding padding padding\n");
+        }
+        let err = parse_file("huge.yaml", &huge).unwrap_err().to_string();
+        assert!(
+            err.starts_with("huge.yaml:") && err.contains("4 MiB"),
+            "{err}"
+        );
+    }
+
+    /// The audit's 5.7 KB bomb (K=1000, J=200): it expands to 200 million nodes.
+    fn alias_bomb() -> String {
+        let a = vec!["x"; 1000].join(",");
+        let b = vec!["*a"; 1000].join(",");
+        let z = vec!["*b"; 200].join(",");
+        format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: bomb}}\na: &a [{a}]\nb: &b [{b}]\nz: [{z}]\n"
+        )
+    }
+
+    pub(crate) fn peak_rss_kib() -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
+
+    /// Caps this process's address space at 1 GiB: memory tests run in a child under it, so a
+    /// regression fails its test instead of exhausting the shared machine's memory.
+    pub(crate) fn limit_memory() {
+        let limit = libc::rlimit {
+            rlim_cur: 1 << 30,
+            rlim_max: 1 << 30,
+        };
+        // SAFETY: setrlimit reads the struct passed by reference and nothing else.
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_AS, &limit) }, 0);
+    }
+
+    /// Runs the `#[ignore]`d test `name` alone in a child process of this test binary and
+    /// fails unless it passes.
+    pub(crate) fn run_child_test(name: &str) {
+        let exe = std::env::current_exe().unwrap();
+        let out = std::process::Command::new(exe)
+            .args([
+                "--exact",
+                name,
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && stdout.contains("1 passed"),
+            "child {name}: {}\n{stdout}\n{stderr}",
+            out.status
+        );
+    }
+
+    /// Run by the test below, in a child under [`limit_memory`].
+    #[test]
+    #[ignore = "run by alias_bomb_fails_fast_with_bounded_memory in a memory-limited child"]
+    fn alias_bomb_child() {
+        limit_memory();
+        let text = alias_bomb();
+        assert!(text.len() < 6000, "{}", text.len());
+        let before = peak_rss_kib();
+        let started = std::time::Instant::now();
+        let result = parse_file("bomb.yaml", &text);
+        let took = started.elapsed();
+        let grew_kib = peak_rss_kib().saturating_sub(before);
+        println!("alias bomb: {took:?}, peak RSS +{grew_kib} KiB");
+        let err = result.unwrap_err().to_string();
+        assert!(
+            err.starts_with("bomb.yaml: document 1:") && err.contains("alias"),
+            "{err}"
+        );
+        assert!(took < std::time::Duration::from_secs(1), "took {took:?}");
+        assert!(grew_kib < 100 * 1024, "peak RSS grew {grew_kib} KiB");
+    }
+
+    #[test]
+    fn alias_bomb_fails_fast_with_bounded_memory() {
+        run_child_test("parse::tests::alias_bomb_child");
     }
 }
