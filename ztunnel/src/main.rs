@@ -44,6 +44,13 @@ struct Args {
     /// File holding this node's token (from `meshd node-token --node <node>`).
     #[arg(long, env = "NODE_TOKEN_FILE")]
     token_file: String,
+    /// The mesh root certificate(s), PEM, that meshd's TLS certificate must chain to (needed
+    /// when --meshd is host:port: meshd over TCP is always TLS).
+    #[arg(long, env = "MESHD_CA")]
+    meshd_ca: Option<std::path::PathBuf>,
+    /// The DNS name meshd's certificate must carry: `meshd.<trust domain>`.
+    #[arg(long, env = "MESHD_NAME", default_value = "meshd.cluster.local")]
+    meshd_name: String,
     /// How pod traffic is captured: `auto` prefers eBPF and falls back to nftables (saying why).
     #[arg(long, value_enum, default_value_t = CaptureMode::Auto)]
     capture: CaptureMode,
@@ -198,7 +205,11 @@ fn raise_fd_limit() {
 
 async fn run(args: Args, log: LogHandle) -> anyhow::Result<()> {
     let token = Meshd::read_token(&args.token_file)?;
-    let meshd = Meshd::new(&args.meshd, &token)?;
+    let meshd_tls = args.meshd_ca.clone().map(|ca_file| ztunnel::meshd::MeshdTls {
+        ca_file,
+        server_name: args.meshd_name.clone(),
+    });
+    let meshd = Meshd::new(&args.meshd, &token, meshd_tls)?;
     // Capture first: an explicit mode that cannot run stops us before anything else starts.
     let capture = Capture::new(args.capture, &args.node, args.fast_path, args.ebpf_log)
         .context("setting up capture")?;
