@@ -5,6 +5,8 @@
 //! Layout of a run (under the testbed's run directory):
 //! `config/` is what meshd watches (rendered manifests), `state/` is meshd's CA and node
 //! secret, `meshd.sock` its API, `node-N.token` each node's credentials, `*.log` every process.
+//! Credentials are root's alone: the run directory and `state/` are 0700, tokens 0600, and
+//! meshd's socket admits only root.
 //! Owns processes and manifests; the network itself is the testbed's.
 
 pub mod bench;
@@ -113,7 +115,9 @@ impl LocalMesh {
         let config_dir = dir.join("config");
         let state_dir = dir.join("state");
         std::fs::create_dir_all(&config_dir)?;
-        std::fs::create_dir_all(&state_dir)?;
+        for private in [&dir, &state_dir] {
+            make_private_dir(private)?;
+        }
         let mesh = LocalMesh {
             socket: dir.join("meshd.sock"),
             cluster,
@@ -188,7 +192,7 @@ impl LocalMesh {
                     String::from_utf8_lossy(&out.stderr)
                 );
             }
-            std::fs::write(&path, &out.stdout)?;
+            write_private(&path, &out.stdout)?;
         }
         Ok(path)
     }
@@ -622,6 +626,31 @@ pub fn pod_ips(p: &testbed::Pod) -> Vec<String> {
         v.push(ip6.to_string());
     }
     v
+}
+
+/// Creates `dir` if missing and makes it 0700 (root's alone) even if it existed.
+fn make_private_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("chmod 0700 {}", dir.display()))
+}
+
+/// Writes a credential readable by root only (0600 from the first byte).
+fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    // A file left by an older run keeps its mode through `open`: set it.
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    f.write_all(bytes)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 fn write_atomically(path: &Path, text: &str) -> anyhow::Result<()> {
