@@ -63,6 +63,8 @@ pub struct ParsedFile {
 fn yaml_options() -> serde_saphyr::Options {
     let mut budget = serde_saphyr::Budget::default();
     budget.max_nodes = MAX_NODES;
+    // Each node is one event, a collection two; the default (1M) would cut in before nodes.
+    budget.max_events = 2 * MAX_NODES;
     budget.max_depth = MAX_DEPTH;
     budget.max_documents = MAX_DOCUMENTS;
     let mut options = serde_saphyr::Options::default();

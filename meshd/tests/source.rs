@@ -93,3 +93,22 @@ async fn a_file_replaced_by_delete_and_create_never_drops_out() {
         "namespace a dropped out while its file was being replaced: {seen:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_files_in_the_dir_leave_the_rest_applying() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("a.yaml"), ns("a")).unwrap();
+    let (_source, rx) = LocalSource::start(dir.path(), POLL).unwrap();
+    let watcher = tokio::spawn(published_until(rx, "b"));
+    // An alias bomb (the audit's K=1000, J=200: 200 million nodes once expanded) carrying a
+    // namespace of its own, then a good file after it in name order.
+    let a = vec!["x"; 1000].join(",");
+    let b = vec!["*a"; 1000].join(",");
+    let z = vec!["*b"; 200].join(",");
+    let bomb = format!("{}a: &a [{a}]\nb: &b [{b}]\nz: [{z}]\n", ns("bomb"));
+    std::fs::write(dir.path().join("a-bomb.yaml"), bomb).unwrap();
+    std::fs::write(dir.path().join("b.yaml"), ns("b")).unwrap();
+    let seen = watcher.await.unwrap();
+    let last = seen.last().unwrap();
+    assert!(last.contains("a") && !last.contains("bomb"), "{seen:?}");
+}
