@@ -1464,7 +1464,9 @@ fn no_bypass_through_link_local_or_secondary_addresses_nftables() {
 /// attacker did: prints `bound PORT` or `refused PORT ERRNO`, then `ready`, then
 /// `accepted PORT` for every connection it takes (and closes).
 const REUSEPORT_JOINER: &str = r#"
-import select, socket
+import os, select, socket, sys
+if len(sys.argv) > 1:
+    os.seteuid(int(sys.argv[1]))  # a root with CAP_SETUID can own sockets as any uid
 socks = {}
 for host, port in [("0.0.0.0", 15008), ("0.0.0.0", 15006), ("127.0.0.1", 15001)]:
     s = socket.socket()
@@ -1487,7 +1489,9 @@ while socks:
 /// With the joiner running in the server pod, every connection through each of ztunnel's
 /// listeners there — HBONE in (15008), plaintext in (15006), the pod's own outbound (15001)
 /// — is ztunnel's: all succeed and the joiner takes none. (It used to take about half.)
-fn reuseport_joiner_takes_nothing(capture: &str) {
+/// `as_listener_uid`: the joiner takes the uid ztunnel's listeners are owned by, so it does
+/// join their groups (eBPF capture still gives it nothing; nftables cannot stop that one).
+fn reuseport_joiner_takes_nothing(capture: &str, as_listener_uid: bool) {
     let mesh = ebpf_mesh_with(MeshOptions {
         capture: capture.into(),
         ..MeshOptions::default()
@@ -1496,6 +1500,10 @@ fn reuseport_joiner_takes_nothing(capture: &str) {
     let legacy = mesh.pod("plain", "legacy").unwrap();
     let mut cmd = Command::new("python3");
     cmd.args(["-c", REUSEPORT_JOINER]);
+    if as_listener_uid {
+        // ztunnel::netns::LISTENER_UID
+        cmd.arg((u32::MAX - 2).to_string());
+    }
     let joiner = mesh
         .cluster
         .spawn(&server.netns, cmd, "reuseport-joiner")
@@ -1507,6 +1515,15 @@ fn reuseport_joiner_takes_nothing(capture: &str) {
         || Ok(log().lines().any(|l| l == "ready")),
     )
     .unwrap();
+    if as_listener_uid {
+        for port in [15008, 15006, 15001] {
+            assert!(
+                log().lines().any(|l| l == format!("bound {port}")),
+                "the joiner with ztunnel's uid should have joined :{port}:\n{}",
+                log()
+            );
+        }
+    }
     const N: usize = 20;
     let to_server = format!("{}:8080", server.ip4);
     let to_legacy = format!("{}:8080", legacy.ip4);
@@ -1546,7 +1563,17 @@ fn reuseport_joiner_in_the_pod_takes_no_connection_ebpf() {
     if !privileged() {
         return;
     }
-    reuseport_joiner_takes_nothing("ebpf");
+    reuseport_joiner_takes_nothing("ebpf", false);
+}
+
+/// eBPF capture hands connections to exactly ztunnel's sockets (sk_lookup, no reuseport
+/// selection), so even a joiner that became ztunnel's listener uid gets none.
+#[test]
+fn reuseport_joiner_with_ztunnels_uid_takes_no_connection_ebpf() {
+    if !privileged() {
+        return;
+    }
+    reuseport_joiner_takes_nothing("ebpf", true);
 }
 
 #[test]
@@ -1554,5 +1581,5 @@ fn reuseport_joiner_in_the_pod_takes_no_connection_nftables() {
     if !privileged() {
         return;
     }
-    reuseport_joiner_takes_nothing("nftables");
+    reuseport_joiner_takes_nothing("nftables", false);
 }

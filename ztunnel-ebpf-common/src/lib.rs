@@ -86,13 +86,16 @@ pub struct PortKey {
     pub family: u32,
 }
 
-/// `ZT_LISTEN` key: ztunnel's inbound plaintext listener of one netns and family.
+/// `ZT_LISTEN` key: one of ztunnel's listeners in a pod (netns, family, and its port: 15006,
+/// 15008 or 15001). sk_lookup hands new connections to exactly these sockets, never to another
+/// member of their SO_REUSEPORT group.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ListenKey {
     pub netns: u64,
     pub family: u32,
-    pub _pad: u32,
+    /// The listener's port, host byte order.
+    pub port: u32,
 }
 
 /// `ZT_POD_IP` key: an enrolled pod's address (value: its netns cookie). connect4/6 leave a

@@ -13,9 +13,11 @@
 //!   address is closed there), unless it comes in on `lo`, targets a mesh port, is excluded, or
 //!   is ztunnel's own delivery to the app (from the pod's own address, or from a client's
 //!   address while listed in `ZT_OWN_DIAL`). The accepted socket keeps the original
-//!   destination as its local address. The selection bypasses the listener's SO_REUSEPORT
-//!   group, so no other socket bound to 15006 can take the connection. No listener (ztunnel
-//!   down) means drop: fail closed.
+//!   destination as its local address. No listener (ztunnel down) means drop: fail closed.
+//!   New connections to ztunnel's own in-pod ports go to exactly its sockets too (HBONE 15008
+//!   from outside, 15001 from the pod's redirected connects on `lo`). Every such selection
+//!   bypasses the listener's SO_REUSEPORT group: another process in the pod that joined the
+//!   group (with ztunnel's uid) is never given a connection.
 //! - `zt_splice` (sk_skb stream verdict on `ZT_SPLICE_RX`, only with `--fast-path`): bytes
 //!   arriving on one of ztunnel's two legs of an authorized same-node connection are sent
 //!   straight out of the other leg (`ZT_SPLICE_PEER` names it, `ZT_SPLICE_TX` holds it), and
@@ -507,9 +509,7 @@ pub fn zt_sk_lookup(ctx: SkLookupContext) -> u32 {
             read_volatile(addr_of!((*l).ingress_ifindex)),
         )
     };
-    // Loopback (ztunnel delivering to the app, the app's own localhost) is never ours, and
-    // too frequent to log.
-    if proto != IPPROTO_TCP || ifindex == LOOPBACK_IFINDEX {
+    if proto != IPPROTO_TCP {
         return sk_action::SK_PASS;
     }
     let port = port as u16;
@@ -518,6 +518,16 @@ pub fn zt_sk_lookup(ctx: SkLookupContext) -> u32 {
     } else {
         AF_INET
     };
+    let netns = ZT_SELF_NETNS.load();
+    // Loopback (ztunnel delivering to the app, the app's own localhost) is never captured, and
+    // too frequent to log; only the pod's redirected connects to ztunnel's outbound listener
+    // are steered to exactly that socket.
+    if ifindex == LOOPBACK_IFINDEX {
+        if port == OUTBOUND_PORT {
+            let _ = steer(&ctx, netns, family, port);
+        }
+        return sk_action::SK_PASS;
+    }
     // SAFETY: context fields, full-width reads.
     let (addr, remote) = unsafe {
         if family == AF_INET {
@@ -544,7 +554,6 @@ pub fn zt_sk_lookup(ctx: SkLookupContext) -> u32 {
     };
     // SAFETY: context field; remote_port is in network order, local_port in host order.
     let remote_port = u16::from_be(unsafe { read_volatile(addr_of!((*l).remote_port)) });
-    let netns = ZT_SELF_NETNS.load();
     let (verdict, level, outcome, reason) =
         lookup_decision(&ctx, netns, family, addr, remote, remote_port, port);
     if family == AF_INET {
@@ -591,6 +600,10 @@ fn lookup_decision(
     port: u16,
 ) -> (u32, Level, &'static str, &'static str) {
     const PASS: u32 = sk_action::SK_PASS;
+    if port == HBONE_PORT && steer(ctx, netns, family, port).is_ok() {
+        return (PASS, Level::Debug, "redirect", "hbone");
+    }
+    // Not steered (no such listener): the ordinary lookup decides.
     if port == HBONE_PORT || port == OUTBOUND_PORT || port == INBOUND_PLAINTEXT_PORT {
         return (PASS, Level::Debug, "pass", "mesh-port");
     }
@@ -619,19 +632,25 @@ fn lookup_decision(
     }
     // For the log only: ztunnel's inbound listener closes connections to foreign addresses.
     let pod_ip = own_address(netns, addr, family);
-    let key = ListenKey {
-        netns,
-        family,
-        _pad: 0,
-    };
-    // NO_REUSEPORT: exactly ztunnel's socket, never another member of its SO_REUSEPORT group.
-    match ZT_LISTEN.redirect_sk_lookup(ctx, key, u64::from(BPF_SK_LOOKUP_F_NO_REUSEPORT)) {
+    match steer(ctx, netns, family, INBOUND_PLAINTEXT_PORT) {
         Ok(()) if pod_ip => (PASS, Level::Debug, "redirect", "pod-address"),
         Ok(()) => (PASS, Level::Info, "redirect", "foreign-address"),
         // Enrolled but ztunnel's listener is gone (restarting): refuse rather than deliver
         // plaintext that bypassed policy.
         Err(_) => (sk_action::SK_DROP, Level::Warn, "drop", "no-listener"),
     }
+}
+
+/// Selects ztunnel's listener on `port` in this pod for the connection being looked up.
+/// NO_REUSEPORT: exactly that socket, never another member of its SO_REUSEPORT group.
+#[inline(always)]
+fn steer(ctx: &SkLookupContext, netns: u64, family: u32, port: u16) -> Result<(), i32> {
+    let key = ListenKey {
+        netns,
+        family,
+        port: u32::from(port),
+    };
+    ZT_LISTEN.redirect_sk_lookup(ctx, key, u64::from(BPF_SK_LOOKUP_F_NO_REUSEPORT))
 }
 
 /// Stream verdict of the same-node fast path: redirect to the egress of the peer leg.

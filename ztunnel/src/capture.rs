@@ -133,13 +133,14 @@ impl Capture {
         self.fallback.as_deref()
     }
 
-    /// Starts capturing the pod's traffic. `inbound` are ztunnel's plaintext (15006) listeners
-    /// in the pod, `ips` its addresses. Idempotent: replaces whatever an earlier run left, including the other
+    /// Starts capturing the pod's traffic. `listeners` are ztunnel's listeners in the pod
+    /// (15001, 15006, 15008; eBPF capture hands each new connection to exactly these), `ips`
+    /// its addresses. Idempotent: replaces whatever an earlier run left, including the other
     /// mode's state.
     pub fn enroll(
         &self,
         ns: &Netns,
-        inbound: &[RawFd],
+        listeners: &[RawFd],
         ips: &[IpAddr],
         excl: &Exclusions,
     ) -> Result<Enrollment, CaptureError> {
@@ -150,7 +151,7 @@ impl Capture {
                     ns,
                     &format!("table inet {NFT_TABLE}\ndelete table inet {NFT_TABLE}\n"),
                 )?;
-                let cookie = e.enroll(ns.file(), inbound, ips, excl)?;
+                let cookie = e.enroll(ns.file(), listeners, ips, excl)?;
                 Ok(Enrollment {
                     netns_cookie: Some(cookie),
                 })

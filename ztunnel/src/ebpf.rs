@@ -66,6 +66,12 @@ const SOCKOPS: (&str, &str) = ("zt_sockops", "link_sockops");
 const SK_LOOKUP: &str = "zt_sk_lookup";
 const SPLICE: &str = "zt_splice";
 const SO_COOKIE: libc::c_int = 57;
+/// The ports of ztunnel's in-pod listeners (`ZT_LISTEN` keys).
+const LISTENER_PORTS: [u16; 3] = [
+    meshcore::OUTBOUND_PORT,
+    meshcore::INBOUND_PLAINTEXT_PORT,
+    meshcore::HBONE_PORT,
+];
 /// The per-pod sk_lookup instance's netns (a read-only global of the object).
 const SELF_NETNS_GLOBAL: &str = "ZT_SELF_NETNS";
 /// aya-log's ring buffer of records (a map of the object).
@@ -351,6 +357,7 @@ impl Ebpf {
             .default_map_pin_directory(&dir)
             .override_global(aya_log::LEVEL, &log_level, true)
             .load(OBJECT)?;
+        sweep_log_pins(&dir);
         let logs_pin = if log == EbpfLog::Off {
             None
         } else {
@@ -513,9 +520,10 @@ impl Ebpf {
         &self.dir
     }
 
-    /// Starts capturing in the netns of `listeners` (ztunnel's inbound plaintext listeners of
-    /// the pod, v4 and maybe v6). Idempotent: a re-enroll (e.g. after a restart) replaces the
-    /// listener sockets and the pod's sk_lookup link.
+    /// Starts capturing in the netns of `listeners` (ztunnel's listeners in the pod: inbound
+    /// plaintext, HBONE and outbound, v4 and maybe v6; sk_lookup steers each new connection to
+    /// the one of its family and port). Idempotent: a re-enroll (e.g. after a restart) replaces
+    /// the listener sockets and the pod's sk_lookup link.
     pub fn enroll(
         &self,
         netns_file: &File,
@@ -530,14 +538,11 @@ impl Ebpf {
             .map_err(io_err("getsockopt(SO_NETNS_COOKIE) on the pod listener"))?;
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         for &fd in listeners {
-            let family = match socket_family(fd) {
-                Ok(libc::AF_INET6) => AF_INET6,
-                _ => AF_INET,
-            };
+            let addr = listener_addr(fd).map_err(io_err("getsockname on a pod listener"))?;
             let key = ListenKey {
                 netns: cookie,
-                family,
-                _pad: 0,
+                family: if addr.is_ipv6() { AF_INET6 } else { AF_INET },
+                port: u32::from(addr.port()),
             };
             st.listen
                 .insert(key, fd, 0)
@@ -632,11 +637,13 @@ impl Ebpf {
         let _ = st.netns.remove(&cookie);
         remove_pin(&self.dir.join(format!("sklookup_{cookie:x}")))?;
         for family in [AF_INET, AF_INET6] {
-            let _ = st.listen.remove(&ListenKey {
-                netns: cookie,
-                family,
-                _pad: 0,
-            });
+            for port in LISTENER_PORTS {
+                let _ = st.listen.remove(&ListenKey {
+                    netns: cookie,
+                    family,
+                    port: u32::from(port),
+                });
+            }
         }
         let (excl, ips) = st.enrolled.remove(&cookie).unwrap_or_default();
         for k in excl {
@@ -833,22 +840,14 @@ fn decode(d: &OrigDst) -> SocketAddr {
     SocketAddr::new(ip, port)
 }
 
-fn socket_family(fd: RawFd) -> io::Result<libc::c_int> {
-    // SAFETY: a zeroed sockaddr_storage is a valid out-parameter of the right size.
-    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    // SAFETY: ss and len describe a writable buffer.
-    let rc = unsafe {
-        libc::getsockname(
-            fd,
-            (&mut ss as *mut libc::sockaddr_storage).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(libc::c_int::from(ss.ss_family))
+/// The address a listener of ours is bound to.
+fn listener_addr(fd: RawFd) -> io::Result<SocketAddr> {
+    // SAFETY: `fd` is one of the pod's listeners, open for the duration of this call.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    socket2::SockRef::from(&fd)
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| io::Error::other("not an inet socket"))
 }
 
 fn program<'a, T>(bpf: &'a mut aya::Ebpf, name: &'static str) -> Result<&'a mut T, EbpfError>
@@ -948,10 +947,8 @@ pub fn remove_dir(dir: &Path) -> Result<(), EbpfError> {
     Ok(())
 }
 
-/// Pins this process's aya-log ring buffer in `dir` (per process: two ztunnels side by side
-/// during a handover each read their own) and starts forwarding its records to the log.
-/// Returns the pin, for the per-pod loads. Pins of processes that are gone are removed.
-fn start_log_reader(bpf: &mut aya::Ebpf, dir: &Path) -> Result<PathBuf, EbpfError> {
+/// Removes the log ring buffer pins (`AYA_LOGS_<pid>`) of processes that are gone.
+fn sweep_log_pins(dir: &Path) {
     let prefix = format!("{LOGS_MAP}_");
     if let Ok(entries) = std::fs::read_dir(dir) {
         for e in entries.flatten() {
@@ -963,7 +960,13 @@ fn start_log_reader(bpf: &mut aya::Ebpf, dir: &Path) -> Result<PathBuf, EbpfErro
             }
         }
     }
-    let pin = dir.join(format!("{prefix}{}", std::process::id()));
+}
+
+/// Pins this process's aya-log ring buffer in `dir` (per process: two ztunnels side by side
+/// during a handover each read their own) and starts forwarding its records to the log.
+/// Returns the pin, for the per-pod loads.
+fn start_log_reader(bpf: &mut aya::Ebpf, dir: &Path) -> Result<PathBuf, EbpfError> {
+    let pin = dir.join(format!("{LOGS_MAP}_{}", std::process::id()));
     remove_if_present(std::fs::remove_file(&pin), &pin)?;
     let map = bpf.map(LOGS_MAP).ok_or(EbpfError::Missing(LOGS_MAP))?;
     map.pin(&pin).map_err(|source| EbpfError::Pin {

@@ -213,7 +213,8 @@ impl Netns {
 /// process in the pod could join ztunnel's listeners and take connections off them, before
 /// policy (audit L6). With an owner of their own, the pod's processes — root included — get
 /// EADDRINUSE, while the next ztunnel (same owner) still joins for a handover. A pod process
-/// holding CAP_SETUID could still become this uid. `u32::MAX - 2`: far above the ids systems
+/// holding CAP_SETUID can still become this uid and join: in eBPF mode sk_lookup hands every
+/// connection to exactly ztunnel's sockets anyway; nftables mode has no such guard. `u32::MAX - 2`: far above the ids systems
 /// and container runtimes hand out (65534 is nobody; user namespace ranges start at 100000).
 pub const LISTENER_UID: libc::uid_t = libc::uid_t::MAX - 2;
 

@@ -285,10 +285,10 @@ fn start(ctx: &Arc<Ctx>, w: Arc<Workload>, taken: &[NetnsId]) -> anyhow::Result<
                 anyhow::bail!("listen on {addr} in {}: {e}", pod.netns.path().display());
             }
         };
-        if matches!(kind, Kind::Plaintext) {
-            // The listener lives as long as its task; unenroll removes the map entry first.
-            inbound_fds.push(listener.as_raw_fd());
-        }
+        // Every listener: eBPF capture hands new connections to exactly these sockets, never to
+        // another member of their SO_REUSEPORT group. Each lives as long as its task; unenroll
+        // removes the map entries first.
+        inbound_fds.push(listener.as_raw_fd());
         let (ctx, pod) = (ctx.clone(), pod.clone());
         tasks.push(tokio::spawn(async move {
             match kind {
