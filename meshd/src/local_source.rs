@@ -516,6 +516,31 @@ mod tests {
     }
 
     #[test]
+    fn an_unlistable_subdirectory_keeps_its_files() {
+        // Root ignores permissions, so the fault here is a path that cannot be resolved
+        // (ELOOP): the subdirectory is replaced by a symlink to itself.
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("sub");
+        std::fs::create_dir(&sub).unwrap();
+        std::fs::write(dir.path().join("ns.yaml"), NS).unwrap();
+        std::fs::write(sub.join("b.yaml"), NS_B).unwrap();
+        let mut s = Scanner::new(dir.path().to_path_buf());
+        assert!(s.scan(true));
+        std::fs::rename(&sub, dir.path().join(".sub.away")).unwrap();
+        std::os::unix::fs::symlink("sub", &sub).unwrap();
+        for _ in 0..3 {
+            assert!(!s.scan(false));
+            assert_eq!(namespaces(&s), ["a", "b"]);
+        }
+        // Once it lists again and the file is really gone, the deletion applies.
+        std::fs::remove_file(&sub).unwrap();
+        std::fs::create_dir(&sub).unwrap();
+        assert!(!s.scan(false));
+        assert!(s.scan(false));
+        assert_eq!(namespaces(&s), ["a"]);
+    }
+
+    #[test]
     fn a_file_removed_and_back_within_the_settle_window_changes_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("ns.yaml");
