@@ -999,9 +999,9 @@ fn start_log_reader(bpf: &mut aya::Ebpf, dir: &Path) -> Result<PathBuf, EbpfErro
 }
 
 /// Forwards the programs' records to ztunnel's log (target `ztunnel::ebpf::kernel`). The kernel
-/// already filtered them by `--ebpf-log`, so they are logged at info or above whatever the
-/// log filter's level: errors and warnings (drops) as such, the rest at info with the level
-/// the program gave.
+/// already filtered them by `--ebpf-log`, so debug and info records are logged at info (with
+/// the program's level as `kernel_level`), visible under the default log filter; errors and
+/// warnings (drops) as such.
 struct KernelLog;
 
 impl log::Log for KernelLog {
