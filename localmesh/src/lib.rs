@@ -48,7 +48,15 @@ pub struct MeshOptions {
     pub unenroll_on_exit: bool,
     /// More ztunnel arguments (e.g. `--ebpf-log debug`).
     pub ztunnel_args: Vec<String>,
+    /// Run meshd as on a real cluster: in node-0's network namespace, serving gRPC over TLS on
+    /// its fabric address ([`MESHD_TLS_ADDR`]), every ztunnel verifying it with `--meshd-ca`
+    /// (the mesh root). Otherwise meshd listens on a root-only unix socket.
+    pub meshd_tls: bool,
 }
+
+/// Where meshd listens when [`MeshOptions::meshd_tls`] is set: node-0's fabric address and
+/// istiod's TLS port.
+pub const MESHD_TLS_ADDR: &str = "10.254.0.1:15012";
 
 impl Default for MeshOptions {
     fn default() -> Self {
@@ -62,6 +70,7 @@ impl Default for MeshOptions {
             fast_path: false,
             unenroll_on_exit: false,
             ztunnel_args: Vec::new(),
+            meshd_tls: false,
         }
     }
 }
@@ -144,9 +153,14 @@ impl LocalMesh {
         self.cluster.dir()
     }
 
-    /// Starts meshd (again) and waits until its socket accepts connections.
+    /// Starts meshd (again) and waits until it accepts connections.
     pub fn start_meshd(&self) -> anyhow::Result<()> {
         let _ = std::fs::remove_file(&self.socket);
+        let listen = if self.opts.meshd_tls {
+            MESHD_TLS_ADDR.to_string()
+        } else {
+            format!("unix:{}", self.socket.display())
+        };
         let mut cmd = Command::new(&self.bins.meshd);
         cmd.arg("run")
             .arg("--config-dir")
@@ -154,12 +168,26 @@ impl LocalMesh {
             .arg("--state-dir")
             .arg(&self.state_dir)
             .arg("--listen")
-            .arg(format!("unix:{}", self.socket.display()))
+            .arg(listen)
             .arg("--trust-domain")
             .arg(&self.opts.trust_domain)
             .arg("--cert-lifetime")
             .arg(&self.opts.cert_lifetime)
             .env("RUST_LOG", &self.opts.log);
+        if self.opts.meshd_tls {
+            let node0 = self.cluster.nodes().first().cloned().context("no nodes")?;
+            let proc = self.cluster.spawn(&node0.netns, cmd, "meshd")?;
+            *self.meshd.lock().unwrap_or_else(|p| p.into_inner()) = Some(proc);
+            let addr: std::net::SocketAddr = MESHD_TLS_ADDR.parse()?;
+            return wait_for(DEADLINE, "meshd to listen", || {
+                Ok(node0
+                    .netns
+                    .enter(move || {
+                        std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1))
+                    })?
+                    .is_ok())
+            });
+        }
         let host = Netns {
             name: "host".into(),
             path: "/proc/self/ns/net".into(),
@@ -169,6 +197,11 @@ impl LocalMesh {
         wait_for(DEADLINE, "meshd to listen", || {
             Ok(std::os::unix::net::UnixStream::connect(&self.socket).is_ok())
         })
+    }
+
+    /// The mesh root meshd's TLS certificate chains to (what ztunnels get as `--meshd-ca`).
+    pub fn mesh_root(&self) -> PathBuf {
+        self.state_dir.join("ca").join("root-cert.pem")
     }
 
     /// Stops meshd (SIGKILL: an outage, not a goodbye).
@@ -238,11 +271,19 @@ impl LocalMesh {
             .context("no such node")?;
         let token = self.node_token(&node.name)?;
         let mut cmd = Command::new(&self.bins.ztunnel);
-        cmd.arg("--node")
-            .arg(&node.name)
-            .arg("--meshd")
-            .arg(format!("unix:{}", self.socket.display()))
-            .arg("--token-file")
+        cmd.arg("--node").arg(&node.name);
+        if self.opts.meshd_tls {
+            cmd.arg("--meshd")
+                .arg(MESHD_TLS_ADDR)
+                .arg("--meshd-ca")
+                .arg(self.mesh_root())
+                .arg("--meshd-name")
+                .arg(format!("meshd.{}", self.opts.trust_domain));
+        } else {
+            cmd.arg("--meshd")
+                .arg(format!("unix:{}", self.socket.display()));
+        }
+        cmd.arg("--token-file")
             .arg(&token)
             .arg("--log-format")
             .arg("json")

@@ -81,3 +81,47 @@ fn nobody_can_neither_read_a_token_nor_use_meshd() {
         "nobody talked to meshd: {call:?}"
     );
 }
+
+/// As on a real cluster: meshd on a node's address, over TLS; every ztunnel verifies it against
+/// the mesh root it was given (`--meshd-ca`), gets its config and certificates, and a client on
+/// node-0 reaches a server on node-1 over HBONE.
+#[test]
+fn meshd_over_tls_serves_the_whole_mesh() {
+    if !mesh_tests::privileged() {
+        return;
+    }
+    use mesh_tests::manifests::{echo_pod, namespace};
+    let mesh = LocalMesh::start(MeshOptions {
+        meshd_tls: true,
+        ..Default::default()
+    })
+    .expect("local mesh with meshd over TLS");
+    let yaml = [
+        namespace("a", true),
+        echo_pod("a", "client", 0, "client", &[8080]),
+        echo_pod("a", "server", 1, "server", &[8080]),
+    ]
+    .concat();
+    mesh.apply("10-pods.yaml", &yaml).unwrap();
+    mesh.wait_enrolled("a", "client").unwrap();
+    mesh.wait_enrolled("a", "server").unwrap();
+    mesh.wait_listening("a", "server", 8080).unwrap();
+    let client = mesh.pod("a", "client").unwrap();
+    let server = mesh.pod("a", "server").unwrap();
+    let target = std::net::SocketAddr::new(server.ip4.into(), 8080);
+    let mut conn = mesh_tests::WhoConn::connect(&client, target).unwrap();
+    let reply = conn.who("over-tls-meshd").unwrap();
+    assert_eq!(mesh_tests::served_by(&reply), "server", "{reply}");
+    for i in 0..2 {
+        let log = mesh.ztunnel_log(i);
+        assert!(
+            log.contains("config snapshot from meshd"),
+            "node-{i}: {log}"
+        );
+        assert!(
+            log.contains("workload certificate issued"),
+            "node-{i}: {log}"
+        );
+    }
+    assert!(mesh.meshd_log().contains("(TLS)"), "{}", mesh.meshd_log());
+}
