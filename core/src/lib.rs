@@ -5,6 +5,7 @@
 //! - [`tls`]: rustls configurations for HBONE's mutual TLS, with SPIFFE verification.
 //! - [`hbone`]: the HBONE protocol (HTTP/2 CONNECT over mTLS): client pool and server.
 //! - [`nodeauth`]: how a node agent proves which node it is to meshd.
+//! - [`manifest`]: the limits on reading an operator's YAML manifests (meshd, local mode).
 //! - [`proto`]: the gRPC protocols between meshd and the data plane.
 //! - [`store`]: the data plane's view of the config stream, indexed for lookups.
 //!
@@ -13,6 +14,7 @@
 pub mod ca;
 pub mod hbone;
 pub mod identity;
+pub mod manifest;
 pub mod nodeauth;
 pub mod policy;
 pub mod proto;

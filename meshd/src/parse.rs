@@ -2,9 +2,9 @@
 //! meshd acts on, and warnings for what it does not act on.
 //!
 //! Owns turning text into typed resources or an error naming the file, document, object and
-//! field, and the limits that keep hostile text (alias bombs, deep nesting, huge files) from
-//! costing more than a bounded amount of time and memory. Does not know where text comes from,
-//! nor how resources are merged or translated.
+//! field, applying the limits ([`meshcore::manifest`]) that keep hostile text (alias bombs, deep
+//! nesting, huge files) from costing more than a bounded amount of time and memory. Does not
+//! know where text comes from, nor how resources are merged or translated.
 
 use std::net::IpAddr;
 
@@ -15,20 +15,8 @@ use serde_saphyr::Spanned;
 use crate::resources::{IntOrString, ObjectMeta, Policy, PolicyKind, Resource, is_tcp};
 use crate::schema;
 
-/// The largest manifest file meshd reads. Real manifests are kilobytes; this keeps a stray
-/// dump or a link to a device from being read into memory.
-pub const MAX_FILE_BYTES: u64 = 4 << 20;
-/// Nodes (scalars, sequences, mappings) one file may hold once aliases are expanded: about
-/// what a 4 MiB file of real manifests holds, far below what would strain meshd.
-const MAX_NODES: usize = 1_000_000;
-/// Events that aliases may replay in one file. Anchors used to share a label block or a
-/// container spec replay hundreds; an alias bomb (`&a [x,..]`, `&b [*a,..]`, `[*b,..]`) needs
-/// millions, and is cut off here (tens of ms in a release build, about 0.2 s in a debug one).
-const MAX_ALIAS_EVENTS: usize = 10_000;
-/// Nesting depth; Kubernetes objects are a dozen levels deep.
-const MAX_DEPTH: usize = 64;
-/// Documents in one file.
-const MAX_DOCUMENTS: usize = 65_536;
+/// The largest manifest file meshd reads (shared with local mode, as are the parser's budgets).
+pub const MAX_FILE_BYTES: u64 = meshcore::manifest::MAX_FILE_BYTES;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ParseError {
@@ -56,26 +44,6 @@ pub struct ParsedFile {
     pub resources: Vec<Resource>,
     /// Human-readable, each naming the document, the object and the field.
     pub warnings: Vec<String>,
-}
-
-/// YAML reading as Kubernetes does it (YAML 1.2 scalars: `yes`, `0755` and `1_000` stay
-/// strings, as they did with serde_yaml), with every resource a document can consume bounded.
-fn yaml_options() -> serde_saphyr::Options {
-    let mut budget = serde_saphyr::Budget::default();
-    budget.max_nodes = MAX_NODES;
-    // Each node is one event, a collection two; the default (1M) would cut in before nodes.
-    budget.max_events = 2 * MAX_NODES;
-    budget.max_depth = MAX_DEPTH;
-    budget.max_documents = MAX_DOCUMENTS;
-    let mut options = serde_saphyr::Options::default();
-    options.budget = Some(budget);
-    options.alias_limits.max_total_replayed_events = MAX_ALIAS_EVENTS;
-    options.strict_booleans = true;
-    options.leading_zero_numbers_as_strings = true;
-    options.underscored_numbers_as_strings = true;
-    // Errors go to one log line; the message already carries line and column.
-    options.with_snippet = false;
-    options
 }
 
 /// The 1-based number of the document that `line` (1-based) is in, counted the way a YAML
@@ -117,14 +85,15 @@ pub fn parse_file(file: &str, text: &str) -> Result<ParsedFile, ParseError> {
             size,
         });
     }
-    let docs: Vec<Spanned<Value>> = serde_saphyr::from_multiple_with_options(text, yaml_options())
-        .map_err(|source| ParseError::Syntax {
-            file: file.to_string(),
-            doc: source
-                .location()
-                .map_or(1, |l| document_at_line(text, l.line())),
-            source: Box::new(source),
-        })?;
+    let docs: Vec<Spanned<Value>> =
+        serde_saphyr::from_multiple_with_options(text, meshcore::manifest::yaml_options())
+            .map_err(|source| ParseError::Syntax {
+                file: file.to_string(),
+                doc: source
+                    .location()
+                    .map_or(1, |l| document_at_line(text, l.line())),
+                source: Box::new(source),
+            })?;
     let mut out = ParsedFile::default();
     for doc in docs {
         let n = document_at_line(text, doc.referenced.line());
