@@ -187,7 +187,7 @@ fn cross_node(mesh: &LocalMesh, v6: bool) -> anyhow::Result<Vec<String>> {
 
 fn service_vip(mesh: &LocalMesh) -> anyhow::Result<String> {
     let text = std::fs::read_to_string(mesh.config_dir.join("10-workloads.yaml"))?;
-    for doc in crate::render::parse_docs(&text)? {
+    for doc in crate::render::parse_docs("10-workloads.yaml", &text)? {
         if crate::render::kind(&doc) == "Service"
             && crate::render::str_at(&doc, &["metadata", "name"]) == Some("payments")
         {

@@ -359,7 +359,7 @@ impl LocalMesh {
     /// Services VIPs, and writes the result where meshd watches. Re-applying the same file keeps
     /// pods that are still listed and removes those that are not.
     pub fn apply(&self, file: &str, yaml: &str) -> anyhow::Result<()> {
-        let mut docs = render::parse_docs(yaml).with_context(|| file.to_string())?;
+        let mut docs = render::parse_docs(file, yaml)?;
         let mut listed = Vec::new();
         for doc in docs.iter_mut() {
             match render::kind(doc) {
@@ -393,11 +393,7 @@ impl LocalMesh {
         for key in gone {
             self.delete_pod(&key)?;
         }
-        let mut out = String::new();
-        for doc in &docs {
-            out.push_str("---\n");
-            out.push_str(&serde_yaml::to_string(doc)?);
-        }
+        let out = render::to_yaml(&docs).with_context(|| file.to_string())?;
         write_atomically(&self.config_dir.join(file), &out)
     }
 

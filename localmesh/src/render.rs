@@ -3,11 +3,11 @@
 //! A Pod gets scheduled (its `spec.nodeName`, or round-robin), a network namespace and IPs
 //! from the testbed, its containers' commands started inside that namespace, and then
 //! `status.podIP(s)` and the `mesh.local/netns` annotation written back. A Service without a
-//! ClusterIP gets one. Everything else passes through untouched. Owns only this rewriting; the
-//! processes and namespaces belong to the caller.
+//! ClusterIP gets one. Everything else passes through untouched. Owns only this rewriting,
+//! reading the user's YAML (under the same budgets as meshd, [`meshcore::manifest`]) and
+//! writing the result back as YAML for meshd; the processes and namespaces belong to the caller.
 
-use serde::Deserialize;
-use serde_yaml::{Mapping, Value};
+use serde_json::{Map, Value};
 
 /// One Pod document a render found.
 #[derive(Clone, Debug)]
@@ -19,16 +19,32 @@ pub struct PodDoc {
     pub containers: Vec<Vec<String>>,
 }
 
-/// Parses a multi-document YAML file into documents (empty ones dropped).
-pub fn parse_docs(yaml: &str) -> anyhow::Result<Vec<Value>> {
-    let mut docs = Vec::new();
-    for (i, de) in serde_yaml::Deserializer::from_str(yaml).enumerate() {
-        let v = Value::deserialize(de).map_err(|e| anyhow::anyhow!("document {}: {e}", i + 1))?;
-        if !v.is_null() {
-            docs.push(v);
-        }
+/// Parses a multi-document YAML (or JSON) file into documents (empty ones dropped). `file`
+/// names the file in errors. An alias bomb, deep nesting or an oversized file is an error here,
+/// as it is in meshd, instead of costing unbounded memory.
+pub fn parse_docs(file: &str, yaml: &str) -> anyhow::Result<Vec<Value>> {
+    let size = u64::try_from(yaml.len()).unwrap_or(u64::MAX);
+    if size > meshcore::manifest::MAX_FILE_BYTES {
+        anyhow::bail!(
+            "{file}: {size} bytes is over the {} MiB limit for a manifest file",
+            meshcore::manifest::MAX_FILE_BYTES >> 20
+        );
     }
-    Ok(docs)
+    let docs: Vec<Value> =
+        serde_saphyr::from_multiple_with_options(yaml, meshcore::manifest::yaml_options())
+            .map_err(|e| anyhow::anyhow!("{file}: {e}"))?;
+    Ok(docs.into_iter().filter(|v| !v.is_null()).collect())
+}
+
+/// Writes documents as one YAML stream, each after a `---`, for meshd to read. Strings that a
+/// YAML reader could take for another type (`yes`, `0755`, `null`) are quoted.
+pub fn to_yaml(docs: &[Value]) -> anyhow::Result<String> {
+    let mut out = String::new();
+    for doc in docs {
+        out.push_str("---\n");
+        out.push_str(&serde_saphyr::to_string(doc)?);
+    }
+    Ok(out)
 }
 
 pub fn kind(doc: &Value) -> &str {
@@ -50,11 +66,11 @@ pub fn pod_doc(doc: &Value) -> anyhow::Result<PodDoc> {
     let namespace = str_at(doc, &["metadata", "namespace"]).unwrap_or("default");
     let node = str_at(doc, &["spec", "nodeName"]).map(str::to_string);
     let mut containers = Vec::new();
-    if let Some(Value::Sequence(cs)) = doc.get("spec").and_then(|s| s.get("containers")) {
+    if let Some(Value::Array(cs)) = doc.get("spec").and_then(|s| s.get("containers")) {
         for c in cs {
             let mut argv: Vec<String> = Vec::new();
             for key in ["command", "args"] {
-                if let Some(Value::Sequence(items)) = c.get(key) {
+                if let Some(Value::Array(items)) = c.get(key) {
                     argv.extend(items.iter().filter_map(|v| v.as_str().map(str::to_string)));
                 }
             }
@@ -71,46 +87,51 @@ pub fn pod_doc(doc: &Value) -> anyhow::Result<PodDoc> {
     })
 }
 
-fn mapping_at<'a>(doc: &'a mut Value, key: &str) -> &'a mut Mapping {
-    let m = doc.as_mapping_mut().expect("documents are mappings");
-    let entry = m
-        .entry(Value::from(key))
-        .or_insert_with(|| Value::Mapping(Mapping::new()));
-    if !entry.is_mapping() {
-        *entry = Value::Mapping(Mapping::new());
+/// The mapping under `key` in document `doc`, made one if absent or not a mapping. `None` only
+/// if the document itself is not a mapping (callers have matched its `kind`, so it is).
+fn mapping_at<'a>(doc: &'a mut Value, key: &str) -> Option<&'a mut Map<String, Value>> {
+    let entry = doc
+        .as_object_mut()?
+        .entry(key)
+        .or_insert_with(|| Value::Object(Map::new()));
+    if !entry.is_object() {
+        *entry = Value::Object(Map::new());
     }
-    entry.as_mapping_mut().expect("just made a mapping")
+    entry.as_object_mut()
 }
 
 /// Writes a scheduled pod's node, IPs and netns back into its document.
 pub fn set_pod_status(doc: &mut Value, node: &str, ips: &[String], netns: &str) {
-    mapping_at(doc, "spec").insert("nodeName".into(), node.into());
-    let meta = mapping_at(doc, "metadata");
-    let ann = meta
-        .entry("annotations".into())
-        .or_insert_with(|| Value::Mapping(Mapping::new()));
-    if let Some(a) = ann.as_mapping_mut() {
-        a.insert(meshcore::NETNS_ANNOTATION.into(), netns.into());
+    if let Some(spec) = mapping_at(doc, "spec") {
+        spec.insert("nodeName".into(), node.into());
     }
-    let status = mapping_at(doc, "status");
+    if let Some(meta) = mapping_at(doc, "metadata") {
+        let ann = meta
+            .entry("annotations")
+            .or_insert_with(|| Value::Object(Map::new()));
+        if let Some(a) = ann.as_object_mut() {
+            a.insert(meshcore::NETNS_ANNOTATION.into(), netns.into());
+        }
+    }
+    let Some(status) = mapping_at(doc, "status") else {
+        return;
+    };
     status.insert("phase".into(), "Running".into());
     if let Some(first) = ips.first() {
         status.insert("podIP".into(), first.as_str().into());
     }
     let list: Vec<Value> = ips
         .iter()
-        .map(|ip| {
-            let mut m = Mapping::new();
-            m.insert("ip".into(), ip.as_str().into());
-            Value::Mapping(m)
-        })
+        .map(|ip| serde_json::json!({ "ip": ip }))
         .collect();
-    status.insert("podIPs".into(), Value::Sequence(list));
+    status.insert("podIPs".into(), Value::Array(list));
 }
 
 /// Gives a Service without `spec.clusterIP` the VIPs supplied.
 pub fn assign_cluster_ips(doc: &mut Value, vips: &[String]) {
-    let spec = mapping_at(doc, "spec");
+    let Some(spec) = mapping_at(doc, "spec") else {
+        return;
+    };
     if spec.get("clusterIP").and_then(Value::as_str).is_some() {
         return;
     }
@@ -119,6 +140,148 @@ pub fn assign_cluster_ips(doc: &mut Value, vips: &[String]) {
     }
     spec.insert(
         "clusterIPs".into(),
-        Value::Sequence(vips.iter().map(|v| v.as_str().into()).collect()),
+        Value::Array(vips.iter().map(|v| v.as_str().into()).collect()),
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rendered_docs_read_back_unchanged_with_ambiguous_strings_quoted() {
+        let user = "\
+apiVersion: v1
+kind: Pod
+metadata:
+  name: web
+  labels: {on: yes, mode: 0755, n: 1_000, e: '1e3', nul: 'null', t: '~', d: '---', c: 'a: b', h: '# x', empty: ''}
+spec:
+  containers: [{name: c, command: [mesh-echo, serve], args: ['--port', '8080', \"multi\\nline\"]}]
+---
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec: {selector: {app: web}, ports: [{port: 80, targetPort: 8080}]}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: pa}
+spec: {portLevelMtls: {8080: {mode: DISABLE}}}
+";
+        let mut docs = parse_docs("u.yaml", user).unwrap();
+        assert_eq!(docs.len(), 3, "the empty document is dropped");
+        set_pod_status(
+            &mut docs[0],
+            "node-1",
+            &["10.0.0.5".into(), "fd00::5".into()],
+            "/run/netns/x",
+        );
+        assign_cluster_ips(&mut docs[1], &["10.96.0.1".into(), "fd00:96::1".into()]);
+        let text = to_yaml(&docs).unwrap();
+        assert!(text.starts_with("---\n"), "{text}");
+        let back = parse_docs("rendered.yaml", &text).unwrap();
+        assert_eq!(back, docs, "{text}");
+        assert_eq!(str_at(&back[0], &["metadata", "labels", "on"]), Some("yes"));
+        assert_eq!(
+            str_at(&back[0], &["metadata", "labels", "mode"]),
+            Some("0755")
+        );
+        assert_eq!(str_at(&back[0], &["status", "podIP"]), Some("10.0.0.5"));
+        assert_eq!(str_at(&back[1], &["spec", "clusterIP"]), Some("10.96.0.1"));
+        assert_eq!(
+            str_at(&back[2], &["spec", "portLevelMtls", "8080", "mode"]),
+            Some("DISABLE"),
+            "a port number key reads as the string meshd looks up"
+        );
+        let pod = pod_doc(&back[0]).unwrap();
+        assert_eq!(pod.node.as_deref(), Some("node-1"));
+        assert_eq!(
+            pod.containers,
+            vec![vec!["mesh-echo", "serve", "--port", "8080", "multi\nline"]]
+        );
+    }
+
+    /// The audit's 5.7 KB bomb (K=1000, J=200): 200 million nodes once aliases are expanded.
+    fn alias_bomb() -> String {
+        let a = vec!["x"; 1000].join(",");
+        let b = vec!["*a"; 1000].join(",");
+        let z = vec!["*b"; 200].join(",");
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: bomb}}\na: &a [{a}]\nb: &b [{b}]\nz: [{z}]\n"
+        )
+    }
+
+    fn peak_rss_kib() -> Option<u64> {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()?
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    }
+
+    /// Run by the test below, alone in a child process whose address space is capped at 1 GiB,
+    /// so that a regression fails the test instead of exhausting the shared machine's memory.
+    #[test]
+    #[ignore = "run by alias_bomb_is_an_error_naming_the_file in a memory-limited child"]
+    fn alias_bomb_child() {
+        let limit = libc::rlimit {
+            rlim_cur: 1 << 30,
+            rlim_max: 1 << 30,
+        };
+        // SAFETY: setrlimit reads the struct passed by reference and nothing else.
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_AS, &limit) }, 0);
+        let text = alias_bomb();
+        assert!(text.len() < 6000, "{}", text.len());
+        let before = peak_rss_kib().unwrap();
+        let started = std::time::Instant::now();
+        let result = parse_docs("bomb.yaml", &text);
+        let took = started.elapsed();
+        let grew_kib = peak_rss_kib().unwrap().saturating_sub(before);
+        println!("alias bomb: {took:?}, peak RSS +{grew_kib} KiB");
+        let err = format!("{:#}", result.unwrap_err());
+        assert!(
+            err.starts_with("bomb.yaml: ") && err.contains("alias"),
+            "{err}"
+        );
+        assert!(took < std::time::Duration::from_secs(1), "took {took:?}");
+        assert!(grew_kib < 100 * 1024, "peak RSS grew {grew_kib} KiB");
+    }
+
+    #[test]
+    fn alias_bomb_is_an_error_naming_the_file() {
+        let exe = std::env::current_exe().unwrap();
+        let name = "render::tests::alias_bomb_child";
+        let out = std::process::Command::new(exe)
+            .args([
+                "--exact",
+                name,
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && stdout.contains("1 passed"),
+            "child {name}: {}\n{stdout}\n{stderr}",
+            out.status
+        );
+    }
+
+    #[test]
+    fn oversized_file_is_an_error_naming_the_file() {
+        let mut huge = String::from("apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n");
+        while huge.len() as u64 <= meshcore::manifest::MAX_FILE_BYTES {
+            huge.push_str("# padding padding padding padding padding padding padding padding\n");
+        }
+        let err = parse_docs("huge.yaml", &huge).unwrap_err().to_string();
+        assert!(
+            err.starts_with("huge.yaml: ") && err.contains("4 MiB"),
+            "{err}"
+        );
+    }
 }

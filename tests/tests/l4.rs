@@ -76,13 +76,13 @@ fn base_mesh() -> LocalMesh {
 
 fn vips(mesh: &LocalMesh) -> Vec<String> {
     let text = std::fs::read_to_string(mesh.config_dir.join("10-workloads.yaml")).unwrap();
-    let docs = localmesh::render::parse_docs(&text).unwrap();
+    let docs = localmesh::render::parse_docs("10-workloads.yaml", &text).unwrap();
     let svc = docs
         .iter()
         .find(|d| localmesh::render::kind(d) == "Service")
         .unwrap();
     svc["spec"]["clusterIPs"]
-        .as_sequence()
+        .as_array()
         .unwrap()
         .iter()
         .map(|v| v.as_str().unwrap().to_string())
