@@ -3,7 +3,8 @@
 //! Owns mapping meshcore's node-token verdicts to gRPC statuses, and doing so before a request's
 //! body is read: [`NodeAuth`] is a tonic interceptor, which runs on the headers before the
 //! service decodes anything, so an unauthenticated caller costs no more than its headers. What a
-//! node may then do is each service's decision ([`node_of`] tells them who it is).
+//! node may then do is each service's decision ([`node_of`] tells them who it is). A connection
+//! that carried a valid token is marked so (`listener` closes the others after a while).
 
 use std::sync::Arc;
 
@@ -11,6 +12,8 @@ use meshcore::nodeauth::{AUTH_METADATA, NodeAuthError, NodeAuthority};
 use tonic::service::Interceptor;
 use tonic::{Request, Status};
 use tracing::{debug, warn};
+
+use crate::listener::ConnAuth;
 
 /// The node a request's token proved; set by [`NodeAuth`] in the request's extensions.
 #[derive(Debug, Clone)]
@@ -32,6 +35,10 @@ impl NodeAuth {
 impl Interceptor for NodeAuth {
     fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
         let node = authenticate(&self.auth, &req)?;
+        // The connection may live on: it proved a node (see `listener`).
+        if let Some(conn) = req.extensions().get::<ConnAuth>() {
+            conn.mark_authenticated();
+        }
         req.extensions_mut().insert(AuthenticatedNode(node));
         Ok(req)
     }

@@ -9,14 +9,22 @@
 //!   DNS name [`server_name`] (`meshd.<trust domain>`, like istiod's `istiod.<ns>.svc`), renewed
 //!   at half-life and whenever the roots change. Clients verify it against the mesh root they
 //!   were given out of band (ztunnel's `--meshd-ca`). Handshakes are bounded in time and number,
-//!   so unauthenticated peers cannot pile them up.
+//!   and connections in number, in total and per peer address.
+//!
+//! Every connection must carry a request with a valid node token (the interceptor marks its
+//! [`ConnAuth`]) within [`UNAUTHENTICATED_CONN_TIMEOUT`] of being admitted, or it is closed: an
+//! unauthenticated client holds nothing for long.
 //!
 //! Does not authenticate nodes (that is `authn`, per request) and does not serve gRPC.
 
+use std::collections::HashMap;
+use std::future::Future;
 use std::io;
+use std::net::IpAddr;
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -25,7 +33,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -42,6 +50,12 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_HANDSHAKES: usize = 64;
 /// Accepted connections waiting for the gRPC server.
 const QUEUE: usize = 64;
+/// TLS connections open at once, and from one peer address.
+const MAX_CONNECTIONS: usize = 1024;
+const MAX_CONNECTIONS_PER_PEER: usize = 32;
+/// A connection that has carried no authenticated request this long after it was admitted is
+/// closed.
+pub const UNAUTHENTICATED_CONN_TIMEOUT: Duration = Duration::from_secs(10);
 /// At most one log line per this interval about refused socket peers.
 const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 
@@ -63,15 +77,52 @@ pub fn server_name(trust_domain: &str) -> String {
 /// Admitted connections, for `serve_with_incoming_shutdown`.
 pub type Incoming = ReceiverStream<Result<Conn, io::Error>>;
 
+/// Whether a connection has carried an authenticated request. The gRPC server puts it in every
+/// request's extensions; the interceptor marks it.
+#[derive(Debug, Clone, Default)]
+pub struct ConnAuth(Arc<AtomicBool>);
+
+impl ConnAuth {
+    pub fn mark_authenticated(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    fn is_authenticated(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
 /// An admitted connection: a root peer on the unix socket, or a finished TLS handshake.
-pub enum Conn {
+pub struct Conn {
+    io: Io,
+    auth: ConnAuth,
+    /// Until the first authenticated request; when it fires first, the connection is closed.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Its place among the TLS connections (released when the connection is dropped).
+    _slot: Option<(OwnedSemaphorePermit, PeerSlot)>,
+}
+
+enum Io {
     Unix(UnixStream),
     Tls(Box<TlsStream<TcpStream>>),
 }
 
+impl Conn {
+    fn new(io: Io, slot: Option<(OwnedSemaphorePermit, PeerSlot)>) -> Conn {
+        Conn {
+            io,
+            auth: ConnAuth::default(),
+            deadline: Some(Box::pin(tokio::time::sleep(UNAUTHENTICATED_CONN_TIMEOUT))),
+            _slot: slot,
+        }
+    }
+}
+
 impl Connected for Conn {
-    type ConnectInfo = ();
-    fn connect_info(&self) -> Self::ConnectInfo {}
+    type ConnectInfo = ConnAuth;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.auth.clone()
+    }
 }
 
 impl AsyncRead for Conn {
@@ -80,9 +131,22 @@ impl AsyncRead for Conn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Conn::Unix(s) => Pin::new(s).poll_read(cx, buf),
-            Conn::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        let this = self.get_mut();
+        // The server always has a read pending, so polling the deadline here wakes it in time.
+        if let Some(deadline) = this.deadline.as_mut() {
+            if this.auth.is_authenticated() {
+                this.deadline = None;
+            } else if deadline.as_mut().poll(cx).is_ready() {
+                debug!("closing a connection that sent no authenticated request in time");
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "no authenticated request in time",
+                )));
+            }
+        }
+        match &mut this.io {
+            Io::Unix(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -93,23 +157,60 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Conn::Unix(s) => Pin::new(s).poll_write(cx, buf),
-            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        match &mut self.get_mut().io {
+            Io::Unix(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Conn::Unix(s) => Pin::new(s).poll_flush(cx),
-            Conn::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        match &mut self.get_mut().io {
+            Io::Unix(s) => Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Conn::Unix(s) => Pin::new(s).poll_shutdown(cx),
-            Conn::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        match &mut self.get_mut().io {
+            Io::Unix(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Open TLS connections per peer address.
+#[derive(Clone, Default)]
+struct PeerCounts(Arc<Mutex<HashMap<IpAddr, usize>>>);
+
+/// One connection's count in [`PeerCounts`], given back on drop.
+struct PeerSlot {
+    counts: PeerCounts,
+    ip: IpAddr,
+}
+
+impl PeerCounts {
+    fn take(&self, ip: IpAddr) -> Option<PeerSlot> {
+        let mut counts = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = counts.entry(ip).or_insert(0);
+        if *n >= MAX_CONNECTIONS_PER_PEER {
+            return None;
+        }
+        *n += 1;
+        Some(PeerSlot {
+            counts: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut counts = self.counts.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = counts.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.ip);
+            }
         }
     }
 }
@@ -162,7 +263,11 @@ pub fn admit_root(listener: UnixListener, mut stop: watch::Receiver<bool>) -> In
             };
             match stream.peer_cred() {
                 Ok(cred) if cred.uid() == 0 => {
-                    if tx.send(Ok(Conn::Unix(stream))).await.is_err() {
+                    if tx
+                        .send(Ok(Conn::new(Io::Unix(stream), None)))
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                 }
@@ -191,6 +296,8 @@ pub fn admit_tls(
     tokio::spawn(renew(name, roots.clone(), config_tx, renew_stop));
     let (tx, rx) = mpsc::channel(QUEUE);
     let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let per_peer = PeerCounts::default();
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
@@ -209,6 +316,14 @@ pub fn admit_tls(
                 debug!(%peer, "too many TLS handshakes in flight; connection closed");
                 continue;
             };
+            let Ok(conn_permit) = connections.clone().try_acquire_owned() else {
+                debug!(%peer, "too many connections; connection closed");
+                continue;
+            };
+            let Some(peer_slot) = per_peer.take(peer.ip()) else {
+                debug!(%peer, "too many connections from this address; connection closed");
+                continue;
+            };
             let acceptor = TlsAcceptor::from(config_rx.borrow().clone());
             let tx = tx.clone();
             tokio::spawn(async move {
@@ -216,7 +331,9 @@ pub fn admit_tls(
                 // Failures are the peer's business and anyone can cause them: debug, not warn.
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {
-                        let _ = tx.send(Ok(Conn::Tls(Box::new(tls)))).await;
+                        let conn =
+                            Conn::new(Io::Tls(Box::new(tls)), Some((conn_permit, peer_slot)));
+                        let _ = tx.send(Ok(conn)).await;
                     }
                     Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),
                     Err(_) => debug!(%peer, "TLS handshake timed out"),

@@ -226,3 +226,67 @@ async fn unauthenticated_large_requests_are_refused_before_decoding() {
     eprintln!("meshd RSS: {before} KiB before, {after} KiB after 20 x 3.9 MB unauthenticated");
     drop(pending);
 }
+
+/// A connection that never carries a valid token is closed after a while (audit M5: time per
+/// unauthenticated client is bounded); one that did stays, however long its stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_connections_are_closed_authenticated_ones_stay() {
+    use meshcore::proto::config::SubscribeRequest;
+    use meshcore::proto::config::config_service_client::ConfigServiceClient;
+    let meshd = Daemon::start().await;
+
+    // An authenticated config stream on its own connection.
+    let token = meshd::state::node_authority(&meshd.dir.path().join("state"))
+        .unwrap()
+        .token("node-0", std::time::Duration::from_secs(600));
+    let mut client = ConfigServiceClient::new(channel(&meshd.sock).await);
+    let mut stream = client
+        .subscribe(request(
+            SubscribeRequest {
+                node: "node-0".into(),
+            },
+            Some(&token),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    stream.message().await.unwrap().expect("snapshot");
+
+    // A connection whose one request has no token, then idles.
+    let io = tokio::net::UnixStream::connect(&meshd.sock).await.unwrap();
+    let (h2, conn) = h2::client::handshake(io).await.unwrap();
+    let closed = tokio::spawn(conn);
+    let req = http::Request::builder()
+        .method("POST")
+        .uri(SUBSCRIBE)
+        .header("content-type", "application/grpc")
+        .body(())
+        .unwrap();
+    let (resp, _) = h2.ready().await.unwrap().send_request(req, true).unwrap();
+    let resp = resp.await.unwrap();
+    assert_eq!(
+        resp.headers()
+            .get("grpc-status")
+            .map(|v| v.to_str().unwrap()),
+        Some("16")
+    );
+    // meshd closes it (listener::UNAUTHENTICATED_CONN_TIMEOUT is 10 s; the bound is generous).
+    tokio::time::timeout(std::time::Duration::from_secs(30), closed)
+        .await
+        .expect("meshd must close a connection that never authenticated")
+        .unwrap()
+        .ok();
+
+    // The authenticated stream outlived it and still carries updates.
+    std::fs::write(
+        meshd.dir.path().join("config/pod.yaml"),
+        pod("a", "node-0", "sa-a", "10.0.0.1", "a"),
+    )
+    .unwrap();
+    let update = tokio::time::timeout(DEADLINE, stream.message())
+        .await
+        .expect("an update")
+        .unwrap()
+        .expect("the stream is open");
+    assert_eq!(update.workloads.len(), 1, "{update:?}");
+}

@@ -171,3 +171,47 @@ async fn there_is_no_plaintext_tcp() {
         .expect("the plaintext call ends");
     assert!(res.is_err(), "plaintext TCP was served");
 }
+
+/// A TLS handshake with meshd as its clients make it (the connection is kept, unused).
+async fn handshake(
+    meshd: &TcpMeshd,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let tls = MeshdTls {
+        ca_file: meshd.root(),
+        server_name: "meshd.test.local".into(),
+    };
+    let config = tls.client_config().unwrap();
+    let name = rustls::pki_types::ServerName::try_from("meshd.test.local").unwrap();
+    let tcp = tokio::net::TcpStream::connect(&meshd.addr).await?;
+    tokio::time::timeout(
+        DEADLINE,
+        tokio_rustls::TlsConnector::from(config).connect(name, tcp),
+    )
+    .await
+    .map_err(|_| std::io::Error::other("handshake timed out"))?
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_cannot_take_every_connection() {
+    let meshd = TcpMeshd::start().await;
+    // meshd admits 32 connections per peer address (listener::MAX_CONNECTIONS_PER_PEER).
+    let mut held = Vec::new();
+    for i in 0..32 {
+        held.push(
+            handshake(&meshd)
+                .await
+                .unwrap_or_else(|e| panic!("#{i}: {e}")),
+        );
+    }
+    assert!(
+        handshake(&meshd).await.is_err(),
+        "a 33rd connection from one address must be refused"
+    );
+    // Closing one frees its place.
+    held.pop();
+    let start = std::time::Instant::now();
+    while handshake(&meshd).await.is_err() {
+        assert!(start.elapsed() < DEADLINE, "a freed place was not reused");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
