@@ -1,6 +1,7 @@
 //! Metered bidirectional copy between a connection's client side and its server side.
 //!
-//! Owns only the byte pump: two fixed buffers per connection, half-close propagation, and
+//! Owns only the byte pump: two buffers per connection (small at first, growing with traffic),
+//! half-close propagation, and
 //! counting into a [`ConnMetrics`] as bytes flow. It does not open, authorize or close
 //! connections (the proxy paths own the streams; dropping them closes them) and does not choose
 //! labels ([`crate::metrics`]).
@@ -27,8 +28,17 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::metrics::ConnMetrics;
 
-/// Bytes per direction buffer; allocated once per connection, reused for every chunk.
+/// Bytes a direction's buffer starts with: most connections are small requests and replies,
+/// and thousands of idle ones should not cost 128 KiB each (Istio's ztunnel also starts at
+/// 1 KiB).
+pub const INITIAL_BUFFER_SIZE: usize = 1024;
+
+/// The most a direction's buffer grows to (bulk transfers are as fast as with it from the start).
 pub const BUFFER_SIZE: usize = 64 * 1024;
+
+/// A read that fills the buffer means more is waiting: the buffer grows by this factor, up to
+/// [`BUFFER_SIZE`] (1 → 4 → 16 → 64 KiB), and never shrinks.
+const GROWTH: usize = 4;
 
 /// Bytes moved in each direction.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -138,7 +148,7 @@ impl Direction {
     fn new(way: Way) -> Direction {
         Direction {
             way,
-            buf: vec![0; BUFFER_SIZE].into_boxed_slice(),
+            buf: vec![0; INITIAL_BUFFER_SIZE].into_boxed_slice(),
             pos: 0,
             cap: 0,
             total: 0,
@@ -161,6 +171,11 @@ impl Direction {
     {
         loop {
             if self.pos == self.cap && !self.read_eof {
+                if self.cap == self.buf.len() && self.buf.len() < BUFFER_SIZE {
+                    // The last read filled the buffer (and it is all written out): grow.
+                    let size = (self.buf.len() * GROWTH).min(BUFFER_SIZE);
+                    self.buf = vec![0; size].into_boxed_slice();
+                }
                 let mut rb = ReadBuf::new(&mut self.buf);
                 match reader.as_mut().poll_read(cx, &mut rb) {
                     Poll::Ready(Ok(())) => {
@@ -278,5 +293,48 @@ where
         } else {
             Poll::Pending
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::{Metrics, TcpLabels};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn buffers_start_small_and_grow_only_with_traffic() {
+        let m = Metrics::new();
+        let conn = m.open(TcpLabels::unknown("destination"));
+        let (mut client, mut client_far) = tokio::io::duplex(256 * 1024);
+        let (mut server, mut server_far) = tokio::io::duplex(256 * 1024);
+        let mut transfer = Transfer::new(&mut client, &mut server, &conn);
+        assert_eq!(transfer.c2s.buf.len(), INITIAL_BUFFER_SIZE);
+        assert_eq!(transfer.s2c.buf.len(), INITIAL_BUFFER_SIZE);
+
+        // A small request and reply leave both buffers small.
+        client_far.write_all(b"GET\n").await.unwrap();
+        server_far.write_all(b"OK\n").await.unwrap();
+        let mut buf = [0u8; 16];
+        for _ in 0..2 {
+            let _ = futures::poll!(std::future::poll_fn(|cx| transfer.poll(cx)));
+        }
+        assert_eq!(server_far.read(&mut buf).await.unwrap(), 4);
+        assert_eq!(client_far.read(&mut buf).await.unwrap(), 3);
+        assert_eq!(transfer.c2s.buf.len(), INITIAL_BUFFER_SIZE);
+        assert_eq!(transfer.s2c.buf.len(), INITIAL_BUFFER_SIZE);
+
+        // A bulk upload grows the upload's buffer to the maximum; the other stays small.
+        let bulk = vec![7u8; 200 * 1024];
+        client_far.write_all(&bulk).await.unwrap();
+        let mut got = 0;
+        while got < bulk.len() {
+            let _ = futures::poll!(std::future::poll_fn(|cx| transfer.poll(cx)));
+            let mut chunk = vec![0u8; 64 * 1024];
+            got += server_far.read(&mut chunk).await.unwrap();
+        }
+        assert_eq!(transfer.c2s.buf.len(), BUFFER_SIZE);
+        assert_eq!(transfer.s2c.buf.len(), INITIAL_BUFFER_SIZE);
+        assert_eq!(transfer.totals().client_to_server, 4 + bulk.len() as u64);
     }
 }
