@@ -13,7 +13,12 @@
 //! mean is supplied by the caller as closures in [`AdminState`]; this module never reaches into
 //! the proxy paths, certificates or config. The admin port can change logging and reveals the
 //! whole config, so bind it to loopback; the metrics and readiness ports are meant to be reached
-//! by the kubelet and Prometheus.
+//! by the kubelet and Prometheus — and so can be reached by any pod: a client that connects and
+//! sends nothing must not starve them. Each server accepts every connection and closes at once
+//! what is over its caps ([`MAX_CONNECTIONS`] in all, [`MAX_CONNECTIONS_PER_SOURCE`] per
+//! source IP, so one idle client cannot take every slot), and closes a connection that has not
+//! sent a request within its header timeout (2 s on the metrics and readiness ports); readiness
+//! answers with `Connection: close`, as probes open a connection per check.
 
 use std::convert::Infallible;
 use std::io;
@@ -29,17 +34,27 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
+use crate::limits::{Gate, LOG_PERIOD, Throttle};
 use crate::metrics::{self, Metrics};
 
 /// A client has this long to send its request headers (slow clients would otherwise hold a
-/// connection slot forever).
+/// connection slot forever). hyper applies it between requests too, so it is also the idle
+/// timeout of a kept-alive connection.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Connections served at once per server; further connections wait in the kernel's backlog.
-const MAX_CONNECTIONS: usize = 64;
+/// [`HEADER_READ_TIMEOUT`] of the ports any pod can reach: a probe or a scrape sends its
+/// request at once, and an idler's slot comes back quickly.
+const PUBLIC_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Connections served at once per server; further ones are closed as soon as accepted (left in
+/// the kernel's backlog, they would wait behind whoever holds the slots).
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// Of those, from one source IP: kubelet probes and Prometheus come from their own addresses,
+/// so a client holding its share of idle connections leaves them served.
+pub const MAX_CONNECTIONS_PER_SOURCE: usize = 8;
 
 /// Answers readiness: `Ok(())` when ready, else `Err(reason)`.
 pub type ReadyFn = Box<dyn Fn() -> Result<(), String> + Send + Sync>;
@@ -183,22 +198,36 @@ async fn accept_loop(server: Server, listener: TcpListener, state: Arc<AdminStat
     if let Ok(addr) = listener.local_addr() {
         info!(%server, %addr, "serving");
     }
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let slots = Arc::new(Gate::new(MAX_CONNECTIONS, MAX_CONNECTIONS_PER_SOURCE));
+    let (refused, accept_errors) = (Throttle::new(LOG_PERIOD), Throttle::new(LOG_PERIOD));
     let mut builder = http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+    builder.timer(TokioTimer::new());
+    match server {
+        Server::Admin => builder.header_read_timeout(HEADER_READ_TIMEOUT),
+        Server::Metrics => builder.header_read_timeout(PUBLIC_HEADER_READ_TIMEOUT),
+        // A probe is one request per connection: closing after it frees the slot at once.
+        Server::Ready => builder
+            .header_read_timeout(PUBLIC_HEADER_READ_TIMEOUT)
+            .keep_alive(false),
+    };
     let builder = Arc::new(builder);
     loop {
-        // Never closed, so acquiring only waits; the permit travels with the connection.
-        let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
-            return;
-        };
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(e) => {
-                warn!(%server, error = %e, "accept failed; retrying");
+                if let Some(suppressed) = accept_errors.hit() {
+                    warn!(%server, error = %e, errors_since_last_line = suppressed, "accept failed; retrying");
+                }
                 tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let permit = match slots.enter(peer.ip()) {
+            Ok(permit) => permit,
+            Err(full) => {
+                if let Some(suppressed) = refused.hit() {
+                    warn!(%server, %peer, reason = %full, refused_since_last_line = suppressed, "connection refused: too many connections");
+                }
                 continue;
             }
         };

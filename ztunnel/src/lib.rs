@@ -17,6 +17,7 @@ pub mod dump;
 pub mod ebpf;
 pub mod fastpath;
 pub mod inbound;
+pub mod limits;
 pub mod meshd;
 pub mod metrics;
 pub mod netns;
