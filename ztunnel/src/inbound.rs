@@ -1,8 +1,11 @@
 //! Inbound: traffic arriving at an enrolled pod, on HBONE (15008) or captured plaintext (15006).
 //!
 //! HBONE: mutual TLS with the pod's own certificate (the peer's chain and trust domain are
-//! checked in `meshcore::tls`), then each CONNECT's `:authority` must name this pod — else 400
-//! — and the app is dialled inside the pod's netns — 503 if that fails — before the 200.
+//! checked in `meshcore::tls`; handshakes in flight are capped per source and in total, and
+//! failures before authentication are counted and summarised, not logged one by one), then each
+//! CONNECT's `:authority` must be the very address the connection reached (this pod's, same
+//! family) — else 400 — and the app is dialled inside the pod's netns — 503 if that fails or
+//! times out — before the 200.
 //! Plaintext: refused under STRICT mTLS, else delivered to the original destination. Both are
 //! authorized (L4 AuthorizationPolicy) first: a denied CONNECT gets 401 before any byte reaches
 //! the app, denied plaintext is closed. Owns those checks and the copy; not the TLS or HTTP/2
@@ -15,9 +18,10 @@ use std::time::Instant;
 use http::{HeaderMap, HeaderValue, StatusCode};
 use meshcore::hbone::{InboundRequest, ServerSettings};
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use meshcore::policy::Connection;
+use meshcore::store::canonical;
 
 use crate::copy::{self, Outcome, Totals};
 use crate::metrics::{FLAG_CONNECT, FLAG_DENY};
@@ -32,6 +36,18 @@ pub async fn serve_hbone(ctx: Arc<Ctx>, pod: Arc<Pod>, listener: TcpListener) {
 
 /// One accepted HBONE connection: TLS with the pod's current certificate, then HTTP/2.
 async fn hbone_connection(ctx: Arc<Ctx>, pod: Arc<Pod>, tcp: TcpStream, peer: SocketAddr) {
+    // Counted from before the certificate lookup: an unauthenticated peer holds a slot until
+    // its handshake ends (at most `handshake_timeout`).
+    let handshake_slot = match ctx.admission.handshakes.enter(peer.ip()) {
+        Ok(slot) => slot,
+        Err(full) => {
+            if let Some(suppressed) = ctx.admission.handshakes_refused.hit() {
+                warn!(pod = %pod.workload.uid, %peer, reason = %full, refused_since_last_line = suppressed,
+                    "HBONE connection refused: too many handshakes in flight");
+            }
+            return;
+        }
+    };
     let entry = match ctx.certs.get(&pod.identity).await {
         Ok(e) => e,
         Err(e) => {
@@ -43,16 +59,29 @@ async fn hbone_connection(ctx: Arc<Ctx>, pod: Arc<Pod>, tcp: TcpStream, peer: So
     let handler =
         move |req: InboundRequest| handle_connect(handler_ctx.clone(), handler_pod.clone(), req);
     let drain = ctx.drain.clone();
-    if let Err(e) = meshcore::hbone::serve_connection_until(
+    let result = meshcore::hbone::serve_connection_limited(
         tcp,
         entry.server_tls.clone(),
         ServerSettings::default(),
         handler,
         async move { drain.stopping().await },
+        handshake_slot,
     )
-    .await
-    {
-        warn!(pod = %pod.workload.uid, %peer, error = %e, "HBONE connection ended with error");
+    .await;
+    match result {
+        Ok(()) => {}
+        // Anyone who can reach the port can fail a handshake: one line each would let them
+        // flood the log, so each is a debug line and a periodic summary.
+        Err(e) if e.is_before_authentication() => {
+            debug!(pod = %pod.workload.uid, %peer, error = %e, "HBONE handshake failed");
+            if let Some(suppressed) = ctx.admission.handshakes_failed.hit() {
+                warn!(pod = %pod.workload.uid, last_peer = %peer, last_error = %e, failed_since_last_line = suppressed,
+                    "HBONE handshakes failing before the peer authenticated (each one is logged at debug)");
+            }
+        }
+        Err(e) => {
+            warn!(pod = %pod.workload.uid, %peer, error = %e, "HBONE connection ended with error")
+        }
     }
 }
 
@@ -70,6 +99,14 @@ async fn handle_connect(ctx: Arc<Ctx>, pod: Arc<Pod>, req: InboundRequest) {
     };
     if !pod.owns(target.ip()) || is_mesh_port(target.port()) {
         warn!(pod = %pod.workload.uid, %target, "HBONE: authority is not this pod's app; 400");
+        req.reject(StatusCode::BAD_REQUEST);
+        return;
+    }
+    // As Istio's ztunnel: the target must be the address this connection reached. Another of
+    // the pod's addresses (the other family) would be dialled from the pod's own IP — the
+    // client's cannot be bound across families — and the app would see itself as the client.
+    if canonical(target.ip()) != canonical(req.local_addr.ip()) {
+        warn!(pod = %pod.workload.uid, %target, reached = %req.local_addr, "HBONE: authority is not the address this connection reached; 400");
         req.reject(StatusCode::BAD_REQUEST);
         return;
     }

@@ -269,6 +269,7 @@ async fn run(args: Args, log: LogHandle) -> anyhow::Result<()> {
         enrolled: Default::default(),
         local_pods: Default::default(),
         drain: Default::default(),
+        admission: Default::default(),
     });
     let admin_state = Arc::new(AdminState {
         metrics,

@@ -52,14 +52,33 @@ const TCP_MIGRATE_REQ: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
 /// a preserved client address find their way back to ztunnel ([`origsrc`]).
 const TCP_FWMARK_ACCEPT: &str = "/proc/sys/net/ipv4/tcp_fwmark_accept";
 
+/// The kernel's own replies (the RST of a closed port) carry the mark of the packet they answer,
+/// so those to ztunnel's marked dials from a client's address come back to ztunnel by the same
+/// policy route ([`origsrc`]) instead of leaving the pod: a closed port answers 503 at once, not
+/// after minutes of SYN retries, and no stray RST reaches the real client. Per family.
+const FWMARK_REFLECT_V4: &str = "/proc/sys/net/ipv4/fwmark_reflect";
+const FWMARK_REFLECT_V6: &str = "/proc/sys/net/ipv6/fwmark_reflect";
+
 /// Per-namespace settings of an enrolled pod: (path, value, kernel default, what goes wrong
 /// without it).
-const POD_SYSCTLS: [(&str, &str, &str, &str); 3] = [
+const POD_SYSCTLS: [(&str, &str, &str, &str); 5] = [
     (
         TCP_FWMARK_ACCEPT,
         "1",
         "0",
         "apps see ztunnel's connections come from their own pod IP",
+    ),
+    (
+        FWMARK_REFLECT_V4,
+        "1",
+        "0",
+        "IPv4 connections to a closed port hang until the dial times out",
+    ),
+    (
+        FWMARK_REFLECT_V6,
+        "1",
+        "0",
+        "IPv6 connections to a closed port hang until the dial times out",
     ),
     (TCP_TW_REUSE, "1", "2", "busy pods may run out of ports"),
     (

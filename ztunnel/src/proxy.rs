@@ -1,10 +1,13 @@
-//! What every proxy path shares: the node's context and one enrolled pod's facts.
+//! What every proxy path shares: the node's context, one enrolled pod's facts, the accept loop
+//! (which applies the node's connection caps, [`crate::limits`]) and the app dial with its
+//! timeout.
 //!
 //! Owns no sockets and no policy; [`crate::outbound`] and [`crate::inbound`] do the work.
 
 use std::collections::HashSet;
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use meshcore::Identity;
 use meshcore::hbone::Pool;
@@ -16,6 +19,7 @@ use meshcore::policy::DecisionCache;
 use crate::capture::Capture;
 use crate::certs::CertManager;
 use crate::config::ConfigRx;
+use crate::limits::Admission;
 use crate::metrics::Metrics;
 use crate::netns::Netns;
 use crate::policy::{LiveConns, PoliciesRx};
@@ -37,6 +41,9 @@ pub struct Ctx {
     pub local_pods: std::sync::Mutex<std::collections::HashMap<String, Arc<Pod>>>,
     /// Accepted connections in flight, and the stop signal.
     pub drain: Arc<crate::drain::Drain>,
+    /// Caps on connections and handshakes in flight ([`crate::limits::Limits::default`] sizes
+    /// them from the open-files limit).
+    pub admission: Admission,
 }
 
 /// One enrolled pod, as its listeners see it.
@@ -72,10 +79,22 @@ impl Pod {
     }
 }
 
+/// How long ztunnel waits for an app to accept a connection before answering 503 (HBONE) or
+/// closing (plaintext). A port nobody listens on answers at once (`fwmark_reflect` in enrolled
+/// pods brings the kernel's RST back to ztunnel); this bounds the rest — a SYN the app's
+/// firewall drops, a full backlog — so a client cannot make ztunnel hold sockets for the
+/// kernel's ~2 min of SYN retries.
+pub const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long an accept loop pauses after an accept error (e.g. out of file descriptors): long
+/// enough not to spin on a condition that persists, short enough to recover at once.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
+
 /// Accepts on one of a pod's listeners until the task is aborted, handling each connection
-/// on a task of its own (counted by [`Ctx::drain`] until it ends). An accept error (e.g. out
-/// of file descriptors) is logged and retried after yielding, so one bad moment never closes
-/// the listener.
+/// on a task of its own (counted by [`Ctx::drain`] until it ends). A connection over the
+/// node's caps ([`Ctx::admission`]) is closed at once. An accept error (e.g. out of file
+/// descriptors) pauses the loop for [`ACCEPT_ERROR_BACKOFF`] and is logged at most once per
+/// [`crate::limits::LOG_PERIOD`], so one bad moment never closes the listener, spins or floods the log.
 pub async fn accept_loop<F, Fut>(
     ctx: Arc<Ctx>,
     pod: Arc<Pod>,
@@ -89,16 +108,30 @@ pub async fn accept_loop<F, Fut>(
     loop {
         match listener.accept().await {
             Ok((tcp, peer)) => {
+                let admitted = match ctx.admission.connections.enter(peer.ip()) {
+                    Ok(pass) => pass,
+                    Err(full) => {
+                        if let Some(suppressed) = ctx.admission.connections_refused.hit() {
+                            tracing::warn!(pod = %pod.workload.uid, listener = listener_kind, %peer, reason = %full,
+                                refused_since_last_line = suppressed, "connection refused: too many connections in flight");
+                        }
+                        continue;
+                    }
+                };
                 let tracked = ctx.drain.track();
                 let conn = handle(ctx.clone(), pod.clone(), tcp, peer);
                 tokio::spawn(async move {
                     conn.await;
                     drop(tracked);
+                    drop(admitted);
                 });
             }
             Err(e) => {
-                tracing::warn!(pod = %pod.workload.uid, listener = listener_kind, error = %e, "accept failed");
-                tokio::task::yield_now().await;
+                if let Some(suppressed) = ctx.admission.accept_errors.hit() {
+                    tracing::warn!(pod = %pod.workload.uid, listener = listener_kind, error = %e,
+                        errors_since_last_line = suppressed, "accept failed; pausing this listener briefly");
+                }
+                tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
             }
         }
     }
@@ -112,14 +145,24 @@ impl Pod {
         client: std::net::IpAddr,
         target: std::net::SocketAddr,
     ) -> std::io::Result<tokio::net::TcpStream> {
-        let src = match crate::origsrc::source_for(client, target) {
-            Some(src) if self.orig_src => src,
-            _ => return self.netns.connect(target).await,
+        let dial = async {
+            match crate::origsrc::source_for(client, target) {
+                Some(src) if self.orig_src => {
+                    self.netns
+                        .transparent_socket(src, target)?
+                        .connect(target)
+                        .await
+                }
+                _ => self.netns.connect(target).await,
+            }
         };
-        self.netns
-            .transparent_socket(src, target)?
-            .connect(target)
-            .await
+        match tokio::time::timeout(DIAL_TIMEOUT, dial).await {
+            Ok(result) => result,
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the app did not accept within {DIAL_TIMEOUT:?}"),
+            )),
+        }
     }
 }
 
