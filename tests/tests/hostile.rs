@@ -204,6 +204,25 @@ fn closed_port_answers_503_at_once_and_plaintext_closes_promptly_v4_v6() {
             "plaintext to a closed port {to} must close in under a second, took {closed_after:?}"
         );
     }
+
+    // What made that possible is the pod's own setting, restored when the pod leaves the mesh.
+    let reflect = || {
+        ["ipv4", "ipv6"].map(|family| {
+            let out = mesh
+                .exec(
+                    "hostile",
+                    "server",
+                    &["cat", &format!("/proc/sys/net/{family}/fwmark_reflect")],
+                )
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).trim().to_string()
+        })
+    };
+    assert_eq!(reflect(), ["1", "1"], "set in the enrolled pod");
+    let ns = manifests::namespace("hostile", false) + &manifests::namespace("outside", false);
+    mesh.apply("00-ns.yaml", &ns).unwrap();
+    mesh.wait_unenrolled("hostile", "server").unwrap();
+    assert_eq!(reflect(), ["0", "0"], "restored on unenroll");
 }
 
 /// Runs the paced reset flood (600 × HEADERS, 3 ms, RST_STREAM on one connection) against
