@@ -917,3 +917,36 @@ async fn handler_sees_the_address_the_client_reached() {
         .expect("a request");
     assert_eq!(seen, addr);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_unauthenticated_client_is_dropped_at_the_handshake_timeout() {
+    let f = fixture();
+    let tls = tls::server_config(&f.server_cert).expect("server config");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let settings = ServerSettings {
+        handshake_timeout: Duration::from_millis(200),
+        ..ServerSettings::default()
+    };
+    let server = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.expect("accept");
+        serve_connection(tcp, tls, settings, |req: InboundRequest| {
+            handle(req, Mode::Echo)
+        })
+        .await
+    });
+    // Connects and says nothing: it never authenticates.
+    let mut idle = tokio::net::TcpStream::connect(addr).await.expect("tcp");
+    let result = tokio::time::timeout(DEADLINE, server)
+        .await
+        .expect("the server gives up in time")
+        .expect("join");
+    let err = result.expect_err("a silent client is an error");
+    assert!(matches!(err, HboneError::HandshakeTimeout), "{err:?}");
+    assert!(err.is_before_authentication());
+    let mut buf = [0u8; 1];
+    let read = tokio::time::timeout(DEADLINE, idle.read(&mut buf))
+        .await
+        .expect("the socket is closed in time");
+    assert!(matches!(read, Ok(0) | Err(_)), "closed: {read:?}");
+}

@@ -510,3 +510,62 @@ fn junk_tls_connections_produce_few_log_lines() {
         tail(&added.join("\n"), 10)
     );
 }
+
+/// CPU time (user + system) of `pid` so far, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command: state is field 3, utime 14, stime 15.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let field = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    field(11) + field(12)
+}
+
+#[test]
+fn out_of_fds_accept_errors_back_off_without_flooding_the_log() {
+    if !privileged() {
+        return;
+    }
+    let mesh = mesh();
+    let outsider = mesh.pod("outside", "outsider").unwrap();
+    let to = SocketAddr::new(server_ips(&mesh)[0], 15008);
+    let pid = ztunnel_pid(&mesh, 1);
+    // Leave ztunnel 10 spare descriptors.
+    let limit = (fd_count(pid) + 10).to_string();
+    let out = std::process::Command::new("prlimit")
+        .args([
+            "--pid",
+            &pid.to_string(),
+            &format!("--nofile={limit}:{limit}"),
+        ])
+        .output()
+        .expect("run prlimit");
+    assert!(out.status.success(), "prlimit: {out:?}");
+    let (lines_before, ticks_before) = (mesh.ztunnel_log(1).lines().count(), cpu_ticks(pid));
+    // 50 connections held for 3 s: the kernel completes them, ztunnel's accepts fail (EMFILE).
+    let held = outsider
+        .netns
+        .enter(move || {
+            let conns: Vec<TcpStream> = (0..50)
+                .filter_map(|_| TcpStream::connect_timeout(&to, Duration::from_secs(5)).ok())
+                .collect();
+            std::thread::sleep(Duration::from_secs(3));
+            conns.len()
+        })
+        .unwrap();
+    let ticks = cpu_ticks(pid) - ticks_before;
+    let added = mesh.ztunnel_log(1).lines().count() - lines_before;
+    eprintln!("out of fds: {held} connections, {added} log lines, {ticks} CPU ticks in 3 s");
+    assert!(held >= 20, "the connections were made: {held}");
+    assert!(added < 50, "accept errors logged {added} lines in 3 s");
+    // 100 ticks/s (USER_HZ): a spinning accept loop burns ~300 in 3 s.
+    assert!(
+        ticks < 150,
+        "ztunnel used {ticks} CPU ticks in 3 s while out of fds"
+    );
+}
