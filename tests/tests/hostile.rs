@@ -563,9 +563,10 @@ fn out_of_fds_accept_errors_back_off_without_flooding_the_log() {
     eprintln!("out of fds: {held} connections, {added} log lines, {ticks} CPU ticks in 3 s");
     assert!(held >= 20, "the connections were made: {held}");
     assert!(added < 50, "accept errors logged {added} lines in 3 s");
-    // 100 ticks/s (USER_HZ): a spinning accept loop burns ~300 in 3 s.
+    // 100 ticks/s (USER_HZ), so 60 is 20% of a core; a spinning accept loop takes what it can
+    // get (134 here on a loaded machine, before the back-off).
     assert!(
-        ticks < 150,
+        ticks < 60,
         "ztunnel used {ticks} CPU ticks in 3 s while out of fds"
     );
 }
