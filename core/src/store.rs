@@ -64,14 +64,15 @@ impl ConfigStore {
     fn reindex(&mut self) {
         self.workload_by_ip.clear();
         for (uid, w) in &self.workloads {
+            // Indexed as looked up: a v4-mapped listing names the IPv4 address.
             for ip in w.ips.iter().filter_map(|s| s.parse::<IpAddr>().ok()) {
-                self.workload_by_ip.insert(ip, uid.clone());
+                self.workload_by_ip.insert(canonical(ip), uid.clone());
             }
         }
         self.service_by_vip.clear();
         for (key, s) in &self.services {
             for ip in s.vips.iter().filter_map(|s| s.parse::<IpAddr>().ok()) {
-                self.service_by_vip.insert(ip, key.clone());
+                self.service_by_vip.insert(canonical(ip), key.clone());
             }
         }
     }
@@ -170,5 +171,28 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(s.workloads().count(), 0);
+    }
+
+    /// Found by the config_stream fuzz target: an address listed in v4-mapped form was indexed
+    /// under that form while lookups canonicalise, so the pod or VIP was never found.
+    #[test]
+    fn v4_mapped_listings_are_found_by_either_form() {
+        let mut s = ConfigStore::default();
+        s.apply(ConfigUpdate {
+            snapshot: true,
+            workloads: vec![wl("a/x", "::ffff:10.0.0.1")],
+            services: vec![Service {
+                key: "a/svc".into(),
+                vips: vec!["::ffff:10.96.0.1".into()],
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        for ip in ["10.0.0.1", "::ffff:10.0.0.1"] {
+            assert_eq!(s.workload_by_ip(ip.parse().unwrap()).unwrap().uid, "a/x");
+        }
+        for ip in ["10.96.0.1", "::ffff:10.96.0.1"] {
+            assert_eq!(s.service_by_vip(ip.parse().unwrap()).unwrap().key, "a/svc");
+        }
     }
 }
