@@ -45,6 +45,11 @@ struct Harness {
 fn harness() -> &'static Harness {
     static H: OnceLock<Harness> = OnceLock::new();
     H.get_or_init(|| {
+        // A Rust binary's runtime ignores SIGPIPE before main, as ztunnel does; libFuzzer's C++
+        // main does not, so a TLS write (writev) to a connection the server already closed
+        // would kill the fuzzer instead of returning EPIPE.
+        // SAFETY: once, before any socket exists; SIG_IGN is a standard disposition.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
         let ca = CertAuthority::new_in_memory("td").expect("in-memory CA");
         let day = Duration::from_secs(86_400);
         let server_id = Identity::new("td", "srv", "server");
