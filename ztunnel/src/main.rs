@@ -205,10 +205,13 @@ fn raise_fd_limit() {
 
 async fn run(args: Args, log: LogHandle) -> anyhow::Result<()> {
     let token = Meshd::read_token(&args.token_file)?;
-    let meshd_tls = args.meshd_ca.clone().map(|ca_file| ztunnel::meshd::MeshdTls {
-        ca_file,
-        server_name: args.meshd_name.clone(),
-    });
+    let meshd_tls = args
+        .meshd_ca
+        .clone()
+        .map(|ca_file| ztunnel::meshd::MeshdTls {
+            ca_file,
+            server_name: args.meshd_name.clone(),
+        });
     let meshd = Meshd::new(&args.meshd, &token, meshd_tls)?;
     // Capture first: an explicit mode that cannot run stops us before anything else starts.
     let capture = Capture::new(args.capture, &args.node, args.fast_path, args.ebpf_log)

@@ -424,7 +424,11 @@ mod tests {
         let exists = |ns: &str, name: &str| {
             (ns, name) == ("b", "server") || (ns, name) == ("a", "client-live")
         };
-        assert_eq!(m.prune(exists), 200, "100 label sets, each also closed with DENY");
+        assert_eq!(
+            m.prune(exists),
+            200,
+            "100 label sets, each also closed with DENY"
+        );
         assert_eq!(series_of(&m, "client-7"), 0);
         assert!(series_of(&m, "client-live") > 0);
         // A gone pod's series stays while its connection is open, and goes after.

@@ -185,7 +185,10 @@ fn reconcile(ctx: &Arc<Ctx>, enrolled: &mut HashMap<String, Enrolled>) {
             update_exclusions(ctx, &uid, e, &w);
             continue;
         }
-        let taken: Vec<NetnsId> = enrolled.values().filter_map(|e| netns_id(&e.pod.netns)).collect();
+        let taken: Vec<NetnsId> = enrolled
+            .values()
+            .filter_map(|e| netns_id(&e.pod.netns))
+            .collect();
         match start(ctx, w, &taken) {
             Ok(e) => {
                 ctx.enrolled.lock().unwrap_or_else(|p| p.into_inner()).insert(uid.clone(), serde_json::json!({
@@ -220,7 +223,10 @@ fn prune_metrics(ctx: &Ctx) {
         .metrics
         .prune(|ns, name| workloads.contains(&(ns, name)));
     if pruned > 0 {
-        tracing::debug!(series = pruned, "pruned metric series of workloads that are gone");
+        tracing::debug!(
+            series = pruned,
+            "pruned metric series of workloads that are gone"
+        );
     }
 }
 
@@ -361,7 +367,9 @@ pub enum NetnsRefused {
     OutsidePodDirs(String),
     #[error("netns {0:?} is the host's network namespace, not a pod's")]
     Host(String),
-    #[error("netns {0:?} is the network namespace ztunnel itself runs in (the node's), not a pod's")]
+    #[error(
+        "netns {0:?} is the network namespace ztunnel itself runs in (the node's), not a pod's"
+    )]
     Node(String),
     #[error("netns {0:?} is already enrolled as another pod's")]
     Duplicate(String),
