@@ -334,6 +334,8 @@ fn test(args: &[String]) -> anyhow::Result<()> {
             "wire_compat",
             "--test",
             "handover",
+            "--test",
+            "hostile",
         ])
         .args(args)
         .env("RUST_TEST_THREADS", "2")
