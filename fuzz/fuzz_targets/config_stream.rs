@@ -59,12 +59,11 @@ impl Model {
     }
 }
 
-/// Open bug (found by this target, regressions/config_stream/mapped-vip-unindexed):
-/// `ConfigStore` indexes an address listed in v4-mapped form (`::ffff:10.0.0.1`) under that
-/// form, while lookups canonicalise to IPv4, so such a pod or VIP is never found. While this is
-/// `true`, "nothing found" is accepted for addresses only listed in that form; set it to
-/// `false` with the fix in core/src/store.rs.
-const KNOWN_OPEN_MAPPED_LISTING: bool = true;
+/// Found by this target (regressions/config_stream/mapped-vip-unindexed), fixed in
+/// core/src/store.rs: `ConfigStore` indexed an address listed in v4-mapped form
+/// (`::ffff:10.0.0.1`) under that form while lookups canonicalise to IPv4, so such a pod or VIP
+/// was never found. `true` would accept "nothing found" for such listings again.
+const KNOWN_OPEN_MAPPED_LISTING: bool = false;
 
 fn claims(ips: &[String], ip: IpAddr) -> bool {
     ips.iter()
