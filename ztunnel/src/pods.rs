@@ -27,6 +27,8 @@ use crate::{inbound, origsrc, outbound};
 
 struct Enrolled {
     pod: Arc<Pod>,
+    /// The pod's network namespace, as [`open_pod_netns`] compares them (read once at start).
+    netns_id: Option<NetnsId>,
     tasks: Vec<JoinHandle<()>>,
     capture: Enrollment,
     /// The inbound plaintext listeners' fds (owned by `tasks`), for re-applying capture.
@@ -185,10 +187,7 @@ fn reconcile(ctx: &Arc<Ctx>, enrolled: &mut HashMap<String, Enrolled>) {
             update_exclusions(ctx, &uid, e, &w);
             continue;
         }
-        let taken: Vec<NetnsId> = enrolled
-            .values()
-            .filter_map(|e| netns_id(&e.pod.netns))
-            .collect();
+        let taken: Vec<NetnsId> = enrolled.values().filter_map(|e| e.netns_id).collect();
         match start(ctx, w, &taken) {
             Ok(e) => {
                 ctx.enrolled.lock().unwrap_or_else(|p| p.into_inner()).insert(uid.clone(), serde_json::json!({
@@ -328,6 +327,7 @@ fn start(ctx: &Arc<Ctx>, w: Arc<Workload>, taken: &[NetnsId]) -> anyhow::Result<
     let ips: Vec<std::net::IpAddr> = pod.ips.iter().copied().collect();
     match ctx.capture.enroll(&pod.netns, &inbound_fds, &ips, &excl) {
         Ok(capture) => Ok(Enrolled {
+            netns_id: netns_id(&pod.netns),
             sysctls_before,
             excl_annotations: excl_annotations(&pod.workload),
             pod,
