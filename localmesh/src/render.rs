@@ -147,6 +147,7 @@ pub fn assign_cluster_ips(doc: &mut Value, vips: &[String]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use testbed::child::{limit_address_space, peak_rss_kib, run_child_test, yaml_alias_bomb};
 
     #[test]
     fn rendered_docs_read_back_unchanged_with_ambiguous_strings_quoted() {
@@ -203,42 +204,19 @@ spec: {portLevelMtls: {8080: {mode: DISABLE}}}
         );
     }
 
-    /// The audit's 5.7 KB bomb (K=1000, J=200): 200 million nodes once aliases are expanded.
-    fn alias_bomb() -> String {
-        let a = vec!["x"; 1000].join(",");
-        let b = vec!["*a"; 1000].join(",");
-        let z = vec!["*b"; 200].join(",");
-        format!(
-            "apiVersion: v1\nkind: Pod\nmetadata: {{name: bomb}}\na: &a [{a}]\nb: &b [{b}]\nz: [{z}]\n"
-        )
-    }
-
-    fn peak_rss_kib() -> Option<u64> {
-        std::fs::read_to_string("/proc/self/status")
-            .ok()?
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-    }
-
     /// Run by the test below, alone in a child process whose address space is capped at 1 GiB,
     /// so that a regression fails the test instead of exhausting the shared machine's memory.
     #[test]
     #[ignore = "run by alias_bomb_is_an_error_naming_the_file in a memory-limited child"]
     fn alias_bomb_child() {
-        let limit = libc::rlimit {
-            rlim_cur: 1 << 30,
-            rlim_max: 1 << 30,
-        };
-        // SAFETY: setrlimit reads the struct passed by reference and nothing else.
-        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_AS, &limit) }, 0);
-        let text = alias_bomb();
+        limit_address_space(1 << 30);
+        let text = yaml_alias_bomb("Pod");
         assert!(text.len() < 6000, "{}", text.len());
-        let before = peak_rss_kib().unwrap();
+        let before = peak_rss_kib();
         let started = std::time::Instant::now();
         let result = parse_docs("bomb.yaml", &text);
         let took = started.elapsed();
-        let grew_kib = peak_rss_kib().unwrap().saturating_sub(before);
+        let grew_kib = peak_rss_kib().saturating_sub(before);
         println!("alias bomb: {took:?}, peak RSS +{grew_kib} KiB");
         let err = format!("{:#}", result.unwrap_err());
         assert!(
@@ -251,25 +229,7 @@ spec: {portLevelMtls: {8080: {mode: DISABLE}}}
 
     #[test]
     fn alias_bomb_is_an_error_naming_the_file() {
-        let exe = std::env::current_exe().unwrap();
-        let name = "render::tests::alias_bomb_child";
-        let out = std::process::Command::new(exe)
-            .args([
-                "--exact",
-                name,
-                "--ignored",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            out.status.success() && stdout.contains("1 passed"),
-            "child {name}: {}\n{stdout}\n{stderr}",
-            out.status
-        );
+        run_child_test("render::tests::alias_bomb_child");
     }
 
     #[test]

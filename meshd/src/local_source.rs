@@ -589,8 +589,8 @@ mod tests {
     #[test]
     #[ignore = "run by a_link_to_a_device_is_not_read in a memory-limited child"]
     fn device_link_child() {
-        use crate::parse::tests::{limit_memory, peak_rss_kib};
-        limit_memory();
+        use testbed::child::{limit_address_space, peak_rss_kib};
+        limit_address_space(1 << 30);
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("ns.yaml"), NS).unwrap();
         std::os::unix::fs::symlink("/dev/zero", dir.path().join("zero.yaml")).unwrap();
@@ -605,7 +605,7 @@ mod tests {
 
     #[test]
     fn a_link_to_a_device_is_not_read() {
-        crate::parse::tests::run_child_test("local_source::tests::device_link_child");
+        testbed::child::run_child_test("local_source::tests::device_link_child");
     }
 
     #[test]

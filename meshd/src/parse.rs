@@ -334,9 +334,10 @@ fn validate_policy(p: &Policy) -> Result<(), String> {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
     use crate::resources::ResourceSet;
+    use testbed::child::{limit_address_space, peak_rss_kib, run_child_test, yaml_alias_bomb};
 
     #[test]
     fn multi_document_file() {
@@ -509,65 +510,13 @@ spec: {type: NodePort, ports: [{port: 80, nodePort: 30080}]}
         );
     }
 
-    /// The audit's 5.7 KB bomb (K=1000, J=200): it expands to 200 million nodes.
-    fn alias_bomb() -> String {
-        let a = vec!["x"; 1000].join(",");
-        let b = vec!["*a"; 1000].join(",");
-        let z = vec!["*b"; 200].join(",");
-        format!(
-            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: bomb}}\na: &a [{a}]\nb: &b [{b}]\nz: [{z}]\n"
-        )
-    }
-
-    pub(crate) fn peak_rss_kib() -> u64 {
-        let status = std::fs::read_to_string("/proc/self/status").unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap()
-    }
-
-    /// Caps this process's address space at 1 GiB: memory tests run in a child under it, so a
-    /// regression fails its test instead of exhausting the shared machine's memory.
-    pub(crate) fn limit_memory() {
-        let limit = libc::rlimit {
-            rlim_cur: 1 << 30,
-            rlim_max: 1 << 30,
-        };
-        // SAFETY: setrlimit reads the struct passed by reference and nothing else.
-        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_AS, &limit) }, 0);
-    }
-
-    /// Runs the `#[ignore]`d test `name` alone in a child process of this test binary and
-    /// fails unless it passes.
-    pub(crate) fn run_child_test(name: &str) {
-        let exe = std::env::current_exe().unwrap();
-        let out = std::process::Command::new(exe)
-            .args([
-                "--exact",
-                name,
-                "--ignored",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            out.status.success() && stdout.contains("1 passed"),
-            "child {name}: {}\n{stdout}\n{stderr}",
-            out.status
-        );
-    }
-
-    /// Run by the test below, in a child under [`limit_memory`].
+    /// Run by the test below, in a child whose address space is capped at 1 GiB, so that a
+    /// regression fails the test instead of exhausting the shared machine's memory.
     #[test]
     #[ignore = "run by alias_bomb_fails_fast_with_bounded_memory in a memory-limited child"]
     fn alias_bomb_child() {
-        limit_memory();
-        let text = alias_bomb();
+        limit_address_space(1 << 30);
+        let text = yaml_alias_bomb("Namespace");
         assert!(text.len() < 6000, "{}", text.len());
         let before = peak_rss_kib();
         let started = std::time::Instant::now();

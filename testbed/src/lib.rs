@@ -6,6 +6,7 @@
 //!
 //! This file only wires the modules together and re-exports the public API.
 
+pub mod child;
 mod cluster;
 mod error;
 mod netns;
