@@ -11,6 +11,7 @@
 //!
 //! Nothing here knows about network namespaces, capture or Kubernetes objects.
 
+pub mod admission;
 pub mod ca;
 pub mod hbone;
 pub mod identity;

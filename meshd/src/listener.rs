@@ -17,23 +17,22 @@
 //!
 //! Does not authenticate nodes (that is `authn`, per request) and does not serve gRPC.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::io;
-use std::net::IpAddr;
 use std::path::Path;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use meshcore::admission::{Gate, Pass, Throttle};
 use meshcore::ca::CaError;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -99,7 +98,7 @@ pub struct Conn {
     /// Until the first authenticated request; when it fires first, the connection is closed.
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Its place among the TLS connections (released when the connection is dropped).
-    _slot: Option<(OwnedSemaphorePermit, PeerSlot)>,
+    _slot: Option<Pass>,
 }
 
 enum Io {
@@ -108,7 +107,7 @@ enum Io {
 }
 
 impl Conn {
-    fn new(io: Io, slot: Option<(OwnedSemaphorePermit, PeerSlot)>) -> Conn {
+    fn new(io: Io, slot: Option<Pass>) -> Conn {
         Conn {
             io,
             auth: ConnAuth::default(),
@@ -178,43 +177,6 @@ impl AsyncWrite for Conn {
     }
 }
 
-/// Open TLS connections per peer address.
-#[derive(Clone, Default)]
-struct PeerCounts(Arc<Mutex<HashMap<IpAddr, usize>>>);
-
-/// One connection's count in [`PeerCounts`], given back on drop.
-struct PeerSlot {
-    counts: PeerCounts,
-    ip: IpAddr,
-}
-
-impl PeerCounts {
-    fn take(&self, ip: IpAddr) -> Option<PeerSlot> {
-        let mut counts = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let n = counts.entry(ip).or_insert(0);
-        if *n >= MAX_CONNECTIONS_PER_PEER {
-            return None;
-        }
-        *n += 1;
-        Some(PeerSlot {
-            counts: self.clone(),
-            ip,
-        })
-    }
-}
-
-impl Drop for PeerSlot {
-    fn drop(&mut self) {
-        let mut counts = self.counts.0.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = counts.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                counts.remove(&self.ip);
-            }
-        }
-    }
-}
-
 /// Binds a unix socket only root may use (0600), replacing a stale socket file but never a
 /// live meshd's socket or a file that is not a socket.
 pub fn bind_unix(path: &Path) -> Result<UnixListener, String> {
@@ -247,7 +209,7 @@ pub fn bind_unix(path: &Path) -> Result<UnixListener, String> {
 pub fn admit_root(listener: UnixListener, mut stop: watch::Receiver<bool>) -> Incoming {
     let (tx, rx) = mpsc::channel(QUEUE);
     tokio::spawn(async move {
-        let mut refusals = RefusalLog::default();
+        let refusals = Throttle::new(REFUSAL_LOG_EVERY);
         loop {
             let accepted = tokio::select! {
                 a = listener.accept() => a,
@@ -272,7 +234,16 @@ pub fn admit_root(listener: UnixListener, mut stop: watch::Receiver<bool>) -> In
                     }
                 }
                 // Dropping the stream closes it before a byte is read.
-                Ok(cred) => refusals.note(cred.uid(), cred.pid()),
+                Ok(cred) => {
+                    if let Some(suppressed) = refusals.hit() {
+                        warn!(
+                            uid = cred.uid(),
+                            pid = cred.pid(),
+                            refused_since_last_line = suppressed,
+                            "refused a connection to meshd's socket: only root may use it"
+                        );
+                    }
+                }
                 Err(e) => warn!(error = %e, "cannot read a socket peer's credentials; closed"),
             }
         }
@@ -296,8 +267,7 @@ pub fn admit_tls(
     tokio::spawn(renew(name, roots.clone(), config_tx, renew_stop));
     let (tx, rx) = mpsc::channel(QUEUE);
     let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
-    let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let per_peer = PeerCounts::default();
+    let connections = Arc::new(Gate::new(MAX_CONNECTIONS, MAX_CONNECTIONS_PER_PEER));
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
@@ -316,13 +286,12 @@ pub fn admit_tls(
                 debug!(%peer, "too many TLS handshakes in flight; connection closed");
                 continue;
             };
-            let Ok(conn_permit) = connections.clone().try_acquire_owned() else {
-                debug!(%peer, "too many connections; connection closed");
-                continue;
-            };
-            let Some(peer_slot) = per_peer.take(peer.ip()) else {
-                debug!(%peer, "too many connections from this address; connection closed");
-                continue;
+            let conn_slot = match connections.enter(peer.ip()) {
+                Ok(slot) => slot,
+                Err(full) => {
+                    debug!(%peer, reason = %full, "too many connections; connection closed");
+                    continue;
+                }
             };
             let acceptor = TlsAcceptor::from(config_rx.borrow().clone());
             let tx = tx.clone();
@@ -331,8 +300,7 @@ pub fn admit_tls(
                 // Failures are the peer's business and anyone can cause them: debug, not warn.
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {
-                        let conn =
-                            Conn::new(Io::Tls(Box::new(tls)), Some((conn_permit, peer_slot)));
+                        let conn = Conn::new(Io::Tls(Box::new(tls)), Some(conn_slot));
                         let _ = tx.send(Ok(conn)).await;
                     }
                     Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),
@@ -391,28 +359,4 @@ fn serving_config(roots: &Roots, name: &str) -> Result<Arc<rustls::ServerConfig>
 async fn accept_failed(e: &io::Error) {
     warn!(error = %e, "accept failed; pausing 100ms");
     tokio::time::sleep(Duration::from_millis(100)).await;
-}
-
-/// Logs refused socket peers at most once per [`REFUSAL_LOG_EVERY`], with how many there were.
-#[derive(Default)]
-struct RefusalLog {
-    last: Option<Instant>,
-    suppressed: u64,
-}
-
-impl RefusalLog {
-    fn note(&mut self, uid: u32, pid: Option<i32>) {
-        if self.last.is_some_and(|t| t.elapsed() < REFUSAL_LOG_EVERY) {
-            self.suppressed += 1;
-            return;
-        }
-        warn!(
-            uid,
-            pid,
-            refused_since_last_line = self.suppressed,
-            "refused a connection to meshd's socket: only root may use it"
-        );
-        self.last = Some(Instant::now());
-        self.suppressed = 0;
-    }
 }
