@@ -9,7 +9,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use crate::identity::Identity;
-use crate::proto::config::{ConfigUpdate, Policy, Service, TrustBundle, Workload};
+use crate::proto::config::{ConfigUpdate, Policy, RouteResource, Service, TrustBundle, Workload};
 
 /// Everything a node currently knows about the mesh.
 #[derive(Default, Debug, Clone)]
@@ -17,9 +17,12 @@ pub struct ConfigStore {
     pub version: u64,
     /// Bumped whenever the set of policies changes, so consumers recompile only then.
     pub policy_generation: u64,
+    /// Bumped whenever the set of L7 route resources changes (waypoints recompile then).
+    pub route_generation: u64,
     workloads: HashMap<String, Arc<Workload>>,
     services: HashMap<String, Arc<Service>>,
     policies: HashMap<String, Arc<Policy>>,
+    routes: HashMap<String, Arc<RouteResource>>,
     trust_bundle: Option<TrustBundle>,
     workload_by_ip: HashMap<IpAddr, String>,
     service_by_vip: HashMap<IpAddr, String>,
@@ -31,10 +34,14 @@ impl ConfigStore {
         if update.snapshot || !update.policies.is_empty() || !update.removed_policies.is_empty() {
             self.policy_generation += 1;
         }
+        if update.snapshot || !update.routes.is_empty() || !update.removed_routes.is_empty() {
+            self.route_generation += 1;
+        }
         if update.snapshot {
             self.workloads.clear();
             self.services.clear();
             self.policies.clear();
+            self.routes.clear();
         }
         self.version = update.version;
         for uid in update.removed_workloads {
@@ -46,6 +53,9 @@ impl ConfigStore {
         for key in update.removed_policies {
             self.policies.remove(&key);
         }
+        for key in update.removed_routes {
+            self.routes.remove(&key);
+        }
         for w in update.workloads {
             self.workloads.insert(w.uid.clone(), Arc::new(w));
         }
@@ -54,6 +64,9 @@ impl ConfigStore {
         }
         for p in update.policies {
             self.policies.insert(p.key.clone(), Arc::new(p));
+        }
+        for r in update.routes {
+            self.routes.insert(r.key.clone(), Arc::new(r));
         }
         if let Some(tb) = update.trust_bundle {
             self.trust_bundle = Some(tb);
@@ -99,6 +112,15 @@ impl ConfigStore {
 
     pub fn services(&self) -> impl Iterator<Item = &Arc<Service>> {
         self.services.values()
+    }
+
+    /// L7 route resources (VirtualService, DestinationRule, HTTPRoute, GRPCRoute), waypoints only.
+    pub fn routes(&self) -> impl Iterator<Item = &Arc<RouteResource>> {
+        self.routes.values()
+    }
+
+    pub fn service(&self, key: &str) -> Option<&Arc<Service>> {
+        self.services.get(key)
     }
 
     pub fn policies(&self) -> impl Iterator<Item = &Arc<Policy>> {

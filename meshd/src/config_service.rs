@@ -89,6 +89,8 @@ pub fn view_for_node(view: &MeshView, node: &str, root_namespace: &str) -> MeshV
         workloads,
         services: view.services.clone(),
         policies,
+        // Route resources are for waypoints, which subscribe with their own scope.
+        routes: Default::default(),
         trust_bundle: view.trust_bundle.clone(),
         identities_by_node: view
             .identities_by_node

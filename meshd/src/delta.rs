@@ -17,6 +17,7 @@ pub fn snapshot(view: &MeshView, version: u64) -> ConfigUpdate {
         workloads: view.workloads.values().cloned().collect(),
         services: view.services.values().cloned().collect(),
         policies: view.policies.values().cloned().collect(),
+        routes: view.routes.values().cloned().collect(),
         trust_bundle: Some(view.trust_bundle.clone()),
         ..Default::default()
     }
@@ -27,6 +28,7 @@ pub fn delta(old: &MeshView, new: &MeshView, version: u64) -> Option<ConfigUpdat
     let (workloads, removed_workloads) = diff_map(&old.workloads, &new.workloads);
     let (services, removed_services) = diff_map(&old.services, &new.services);
     let (policies, removed_policies) = diff_map(&old.policies, &new.policies);
+    let (routes, removed_routes) = diff_map(&old.routes, &new.routes);
     let trust_bundle = (old.trust_bundle != new.trust_bundle).then(|| new.trust_bundle.clone());
     let update = ConfigUpdate {
         version,
@@ -38,6 +40,8 @@ pub fn delta(old: &MeshView, new: &MeshView, version: u64) -> Option<ConfigUpdat
         removed_workloads,
         removed_services,
         removed_policies,
+        routes,
+        removed_routes,
     };
     let empty = update.workloads.is_empty()
         && update.services.is_empty()
@@ -45,7 +49,9 @@ pub fn delta(old: &MeshView, new: &MeshView, version: u64) -> Option<ConfigUpdat
         && update.trust_bundle.is_none()
         && update.removed_workloads.is_empty()
         && update.removed_services.is_empty()
-        && update.removed_policies.is_empty();
+        && update.removed_policies.is_empty()
+        && update.routes.is_empty()
+        && update.removed_routes.is_empty();
     (!empty).then_some(update)
 }
 

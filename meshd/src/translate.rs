@@ -6,7 +6,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use meshcore::proto::config::{Endpoint, Policy, Service, ServicePort, TrustBundle, Workload};
+use meshcore::proto::config::{
+    Endpoint, Policy, RouteResource, Service, ServicePort, TrustBundle, Workload,
+};
 
 use crate::resources::{self, IntOrString, Pod, ResourceSet};
 
@@ -32,6 +34,8 @@ pub struct MeshView {
     pub services: BTreeMap<String, Service>,
     /// By "Kind/ns/name".
     pub policies: BTreeMap<String, Policy>,
+    /// L7 route resources by "Kind/ns/name" (sent to waypoints only).
+    pub routes: BTreeMap<String, RouteResource>,
     pub trust_bundle: TrustBundle,
     /// Node name → identities of the (non-terminal) pods scheduled on it, IP or not: a node may
     /// fetch a certificate before its pod has an address.
@@ -120,6 +124,7 @@ fn workload(res: &ResourceSet, pod: &Pod, settings: &Settings) -> Option<Workloa
             .unwrap_or_default(),
         trust_domain: settings.trust_domain.clone(),
         annotations: m.annotations.clone().into_iter().collect(),
+        waypoint: None,
     })
 }
 
@@ -140,6 +145,7 @@ fn service(res: &ResourceSet, svc: &resources::Service, settings: &Settings) -> 
                 IntOrString::Str(_) => 0,
             },
             name: p.name.clone().unwrap_or_default(),
+            app_protocol: String::new(),
         })
         .collect();
     let endpoints = selected_pods(res, svc)
@@ -165,6 +171,7 @@ fn service(res: &ResourceSet, svc: &resources::Service, settings: &Settings) -> 
         vips: svc.vips(),
         ports: proto_ports,
         endpoints,
+        waypoint: None,
     }
 }
 

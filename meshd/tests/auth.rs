@@ -244,6 +244,7 @@ async fn unauthenticated_connections_are_closed_authenticated_ones_stay() {
         .subscribe(request(
             SubscribeRequest {
                 node: "node-0".into(),
+                ..Default::default()
             },
             Some(&token),
         ))

@@ -35,6 +35,7 @@ async fn snapshot_then_deltas() {
         .subscribe(request(
             SubscribeRequest {
                 node: "node-0".into(),
+                ..Default::default()
             },
             Some(&token),
         ))
@@ -108,6 +109,7 @@ async fn snapshot_then_deltas() {
         .subscribe(request(
             SubscribeRequest {
                 node: "node-0".into(),
+                ..Default::default()
             },
             Some(&token),
         ))
@@ -135,6 +137,7 @@ async fn subscribe_requires_the_nodes_token() {
         request(
             SubscribeRequest {
                 node: "node-0".into(),
+                ..Default::default()
             },
             token,
         )
@@ -210,6 +213,7 @@ metadata: {name: istio-system}
         .subscribe(request(
             SubscribeRequest {
                 node: "node-0".into(),
+                ..Default::default()
             },
             Some(&token),
         ))
@@ -267,6 +271,7 @@ metadata: {name: istio-system}
         .subscribe(request(
             SubscribeRequest {
                 node: "node-1".into(),
+                ..Default::default()
             },
             Some(&token1),
         ))
@@ -294,6 +299,7 @@ async fn expired_and_old_format_tokens_are_refused_clearly() {
         request(
             SubscribeRequest {
                 node: "node-0".into(),
+                ..Default::default()
             },
             Some(token),
         )

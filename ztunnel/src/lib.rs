@@ -6,19 +6,19 @@
 //! its kernel programs; [`cleanup`] removes what a killed one left),
 //! [`outbound`] and [`inbound`] (the proxy paths), [`proxy`] (what those share), [`supervise`] (background tasks that must not die).
 
+// Shared with the waypoint (crate `dataplane`); re-exported under their old names.
+pub use dataplane::subscription as config;
+pub use dataplane::{certs, drain, meshd, supervise};
+
 pub mod admin;
 pub mod capture;
-pub mod certs;
 pub mod cleanup;
-pub mod config;
 pub mod copy;
-pub mod drain;
 pub mod dump;
 pub mod ebpf;
 pub mod fastpath;
 pub mod inbound;
 pub mod limits;
-pub mod meshd;
 pub mod metrics;
 pub mod netns;
 pub mod origsrc;
@@ -26,5 +26,4 @@ pub mod outbound;
 pub mod pods;
 pub mod policy;
 pub mod proxy;
-pub mod supervise;
 pub mod telemetry;

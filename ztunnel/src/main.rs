@@ -230,7 +230,10 @@ async fn run(args: Args, log: LogHandle) -> anyhow::Result<()> {
         "config",
         config::run(
             meshd.clone(),
-            args.node.clone(),
+            meshcore::proto::config::SubscribeRequest {
+                node: args.node.clone(),
+                waypoint: String::new(),
+            },
             Duration::from_secs(args.mass_removal_hold),
             config_tx,
         ),

@@ -287,9 +287,11 @@ impl Metrics {
         }
         out
     }
+}
 
+impl dataplane::certs::CertEvents for Metrics {
     /// Counts one failed certificate fetch for `identity`.
-    pub fn cert_fetch_failed(&self, identity: &str) {
+    fn cert_fetch_failed(&self, identity: &str) {
         self.cert_fetch_failures
             .get_or_create(&IdentityLabels {
                 identity: identity.to_string(),
@@ -298,14 +300,16 @@ impl Metrics {
     }
 
     /// Counts one certificate issued for `identity` (initial fetch or refresh).
-    pub fn cert_issued(&self, identity: &str) {
+    fn cert_issued(&self, identity: &str) {
         self.certs_issued
             .get_or_create(&IdentityLabels {
                 identity: identity.to_string(),
             })
             .inc();
     }
+}
 
+impl Metrics {
     /// Sets the capture-mode info gauge: `ztunnel_capture_mode{mode="<mode>"} 1`, replacing any
     /// previous mode's series.
     pub fn set_capture_mode(&self, mode: &str) {

@@ -315,6 +315,7 @@ mod tests {
                     port: 80,
                     target_port: 8080,
                     name: "http".into(),
+                    ..Default::default()
                 }],
                 endpoints: vec![Endpoint {
                     workload_uid: "a/mesh".into(),

@@ -86,6 +86,7 @@ async fn subscribe(meshd: &Meshd) -> Result<bool, tonic::Status> {
     let mut client = ConfigServiceClient::new(meshd.channel.clone());
     let call = client.subscribe(meshd.request(SubscribeRequest {
         node: "node-0".into(),
+        ..Default::default()
     }));
     let mut stream = tokio::time::timeout(DEADLINE, call)
         .await
@@ -161,6 +162,7 @@ async fn there_is_no_plaintext_tcp() {
     let mut client = ConfigServiceClient::new(channel);
     let mut req = tonic::Request::new(SubscribeRequest {
         node: "node-0".into(),
+        ..Default::default()
     });
     req.metadata_mut().insert(
         "authorization",

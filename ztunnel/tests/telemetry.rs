@@ -710,6 +710,7 @@ async fn denied_and_failed_connections_are_opened_and_closed_with_flags() {
 
 #[tokio::test]
 async fn ztunnel_metrics_and_label_escaping() {
+    use ztunnel::certs::CertEvents;
     let m = Metrics::new();
     m.cert_issued("spiffe://cluster.local/ns/a/sa/b");
     m.cert_issued("spiffe://cluster.local/ns/a/sa/b");

@@ -18,9 +18,16 @@ use tokio::sync::{Notify, watch};
 use tokio::task::AbortHandle;
 use tracing::{info, warn};
 
-use crate::config::Backoff;
+use crate::backoff::Backoff;
 use crate::meshd::Meshd;
-use crate::metrics::Metrics;
+
+/// What a certificate manager reports (a binary's metrics implement it).
+pub trait CertEvents: Send + Sync {
+    /// One certificate issued for `identity` (initial fetch or refresh).
+    fn cert_issued(&self, identity: &str);
+    /// One failed certificate fetch for `identity`.
+    fn cert_fetch_failed(&self, identity: &str);
+}
 
 /// A certificate with the TLS server config built from it (built once, used per connection).
 pub struct CertEntry {
@@ -53,14 +60,14 @@ struct Slot {
 
 pub struct CertManager {
     meshd: Meshd,
-    metrics: Arc<Metrics>,
+    metrics: Arc<dyn CertEvents>,
     /// How long `get` waits for a first certificate before failing the connection.
     wait: Duration,
     slots: Mutex<HashMap<Identity, Slot>>,
 }
 
 impl CertManager {
-    pub fn new(meshd: Meshd, metrics: Arc<Metrics>) -> Arc<CertManager> {
+    pub fn new(meshd: Meshd, metrics: Arc<dyn CertEvents>) -> Arc<CertManager> {
         Arc::new(CertManager {
             meshd,
             metrics,
@@ -209,7 +216,7 @@ impl CertManager {
 
 async fn refresh_loop(
     meshd: Meshd,
-    metrics: Arc<Metrics>,
+    metrics: Arc<dyn CertEvents>,
     id: Identity,
     tx: watch::Sender<CertState>,
     renew_now: Arc<Notify>,

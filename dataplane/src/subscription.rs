@@ -13,27 +13,29 @@ use std::time::Duration;
 use meshcore::proto::config::SubscribeRequest;
 use meshcore::proto::config::config_service_client::ConfigServiceClient;
 use meshcore::store::ConfigStore;
-use rand::Rng;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
+use crate::backoff::Backoff;
 use crate::meshd::Meshd;
 
 /// The latest config; `None` until the first snapshot arrives.
 pub type ConfigRx = watch::Receiver<Option<Arc<ConfigStore>>>;
 
-/// Subscribes forever. Returns only when every receiver is gone. A config that removes every
-/// pod of `node` is applied only once it has stood for `hold` (or the pods are really gone).
+/// Subscribes forever with `request` (a ztunnel names its node; a waypoint also its Gateway).
+/// Returns only when every receiver is gone. A config that removes every pod of the node is
+/// applied only once it has stood for `hold` (or the pods are really gone).
 pub async fn run(
     meshd: Meshd,
-    node: String,
+    request: SubscribeRequest,
     hold: Duration,
     tx: watch::Sender<Option<Arc<ConfigStore>>>,
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    let node = request.node.clone();
     loop {
-        match subscribe_once(&meshd, &node, hold, &tx, &mut backoff).await {
+        match subscribe_once(&meshd, &request, hold, &tx, &mut backoff).await {
             Ok(()) => warn!(%node, "config stream from meshd ended; keeping the last config"),
             Err(status) => {
                 warn!(%node, code = ?status.code(), message = status.message(), "config stream from meshd failed; keeping the last config")
@@ -51,7 +53,7 @@ const CONFIRM_POLL: Duration = Duration::from_millis(500);
 
 async fn subscribe_once(
     meshd: &Meshd,
-    node: &str,
+    request: &SubscribeRequest,
     hold: Duration,
     tx: &watch::Sender<Option<Arc<ConfigStore>>>,
     backoff: &mut Backoff,
@@ -59,11 +61,10 @@ async fn subscribe_once(
     let mut client =
         ConfigServiceClient::new(meshd.channel.clone()).max_decoding_message_size(256 << 20);
     let mut stream = client
-        .subscribe(meshd.request(SubscribeRequest {
-            node: node.to_string(),
-        }))
+        .subscribe(meshd.request(request.clone()))
         .await?
         .into_inner();
+    let node = request.node.as_str();
     // What meshd has said so far on this stream; published unless it is suspect.
     let mut latest = tx.borrow().as_deref().cloned().unwrap_or_default();
     // Since when `latest` has been held back.
@@ -148,37 +149,6 @@ impl Suspicion {
         self.vanished
             .iter()
             .all(|(_, netns)| netns.is_empty() || !Path::new(netns).exists())
-    }
-}
-/// Capped exponential backoff with full jitter.
-pub struct Backoff {
-    base: Duration,
-    cap: Duration,
-    attempt: u32,
-}
-
-impl Backoff {
-    pub fn new(base: Duration, cap: Duration) -> Backoff {
-        Backoff {
-            base,
-            cap,
-            attempt: 0,
-        }
-    }
-
-    pub fn next_delay(&mut self) -> Duration {
-        let ceiling = self
-            .base
-            .saturating_mul(1 << self.attempt.min(16))
-            .min(self.cap);
-        self.attempt += 1;
-        let ms =
-            rand::rng().random_range(ceiling.as_millis() as u64 / 2..=ceiling.as_millis() as u64);
-        Duration::from_millis(ms)
-    }
-
-    pub fn reset(&mut self) {
-        self.attempt = 0;
     }
 }
 

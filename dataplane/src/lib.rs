@@ -1,0 +1,18 @@
+//! The data-plane runtime shared by ztunnel and the waypoint: everything a proxy of the mesh
+//! needs besides its own traffic handling.
+//!
+//! - [`meshd`]: the connection to the control plane (unix socket or TLS) and its bearer token.
+//! - [`subscription`]: the config stream, kept through meshd outages, published on a watch.
+//! - [`certs`]: workload certificates from meshd's CA, cached and refreshed.
+//! - [`drain`]: counting live connections and waiting for them on shutdown.
+//! - [`supervise`]: background tasks whose end is fatal.
+//! - [`backoff`]: capped, jittered exponential retry delays.
+//!
+//! Nothing here captures traffic, proxies bytes or makes policy decisions.
+
+pub mod backoff;
+pub mod certs;
+pub mod drain;
+pub mod meshd;
+pub mod subscription;
+pub mod supervise;
