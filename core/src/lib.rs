@@ -19,6 +19,7 @@ pub mod manifest;
 pub mod nodeauth;
 pub mod policy;
 pub mod proto;
+pub mod route;
 pub mod store;
 pub mod tls;
 
