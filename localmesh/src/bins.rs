@@ -10,6 +10,9 @@ pub struct Bins {
     pub meshd: PathBuf,
     pub ztunnel: PathBuf,
     pub echo: PathBuf,
+    /// The L7 proxy run for `mesh-waypoint` containers; checked when such a pod starts, so a
+    /// mesh without waypoints runs without it.
+    pub waypoint: PathBuf,
 }
 
 impl Bins {
@@ -38,6 +41,7 @@ impl Bins {
             meshd: dir.join("meshd"),
             ztunnel: dir.join("ztunnel"),
             echo: dir.join("mesh-echo"),
+            waypoint: dir.join("waypoint"),
         };
         for b in [&bins.meshd, &bins.ztunnel, &bins.echo] {
             if !b.exists() {

@@ -14,19 +14,24 @@ pub mod bench_policy;
 pub mod bench_restart;
 pub mod bins;
 pub mod client;
+mod controller;
 pub mod demo;
+pub mod deployments;
 pub mod render;
 pub mod wire;
+mod workloads;
 
 use std::collections::HashMap;
+use std::ops::Deref;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 pub use bins::Bins;
+use serde_json::Value;
 use testbed::{Cluster, ClusterConfig, Netns, Proc};
 
 /// How to bring the mesh up.
@@ -83,21 +88,52 @@ pub struct ScheduledPod {
     pub pod: testbed::Pod,
     pub node_name: String,
     pub procs: Vec<Proc>,
+    /// Set for a pod of a Deployment (bare Pods are rendered from the user's document).
+    pub owner: Option<workloads::Owned>,
+    /// Creation order (a scale-down removes the newest first).
+    pub seq: u64,
 }
 
 /// A running local-mode mesh. Dropping it stops everything and removes every trace.
+///
+/// Dereferences to [`Mesh`], which the background controller (realizing what meshd renders)
+/// shares; it is stopped first on drop.
 pub struct LocalMesh {
+    controller: Option<controller::Controller>,
+    mesh: Arc<Mesh>,
+}
+
+impl Deref for LocalMesh {
+    type Target = Mesh;
+    fn deref(&self) -> &Mesh {
+        &self.mesh
+    }
+}
+
+/// Everything of a [`LocalMesh`]: processes, pods and manifests.
+pub struct Mesh {
     pub cluster: Cluster,
     pub bins: Bins,
     pub opts: MeshOptions,
     pub config_dir: PathBuf,
     pub state_dir: PathBuf,
     pub socket: PathBuf,
+    /// meshd's `--write-dir` (what it renders for waypoints), when this meshd has the flag.
+    pub meshd_out: Option<PathBuf>,
     meshd: Mutex<Option<Proc>>,
     ztunnels: Mutex<Vec<Option<(Proc, AdminPorts)>>>,
     pods: Mutex<HashMap<String, ScheduledPod>>,
+    /// Each applied file's documents as rendered (Pods scheduled, Services with VIPs), without
+    /// its Deployments' pods: a rollout re-writes the file from these and the current pods.
+    files: Mutex<HashMap<String, Vec<Value>>>,
+    /// VIPs given to Services ("ns/name"), kept across re-applies as Kubernetes keeps them.
+    vips: Mutex<HashMap<String, Vec<String>>>,
+    /// One apply at a time (the user's and the controller's), as one API server would order them.
+    apply_lock: Mutex<()>,
+    stopping: AtomicBool,
     next_vip: AtomicU32,
     next_node: AtomicUsize,
+    next_seq: AtomicU64,
 }
 
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -127,28 +163,57 @@ impl LocalMesh {
         for private in [&dir, &state_dir] {
             make_private_dir(private)?;
         }
-        let mesh = LocalMesh {
+        let meshd_out = meshd_has_write_dir(&bins).then(|| dir.join("meshd-out"));
+        let mesh = Arc::new(Mesh {
             socket: dir.join("meshd.sock"),
             cluster,
             bins,
             opts,
             config_dir,
             state_dir,
+            meshd_out,
             meshd: Mutex::new(None),
             ztunnels: Mutex::new(Vec::new()),
             pods: Mutex::new(HashMap::new()),
+            files: Mutex::new(HashMap::new()),
+            vips: Mutex::new(HashMap::new()),
+            apply_lock: Mutex::new(()),
+            stopping: AtomicBool::new(false),
             next_vip: AtomicU32::new(10),
             next_node: AtomicUsize::new(0),
-        };
+            next_seq: AtomicU64::new(0),
+        });
         mesh.start_meshd()?;
         let n = mesh.cluster.nodes().len();
         *mesh.ztunnels.lock().unwrap_or_else(|p| p.into_inner()) = (0..n).map(|_| None).collect();
         for i in 0..n {
             mesh.start_ztunnel(i)?;
         }
-        Ok(mesh)
+        let controller = match &mesh.meshd_out {
+            Some(out) => Some(controller::Controller::start(
+                mesh.clone(),
+                out.join("objects"),
+            )?),
+            None => {
+                eprintln!(
+                    "localmesh: this meshd has no --write-dir: waypoints it renders are not run"
+                );
+                None
+            }
+        };
+        Ok(LocalMesh { controller, mesh })
     }
+}
 
+impl Drop for LocalMesh {
+    fn drop(&mut self) {
+        // The controller holds the mesh too: stop it first, so the mesh's teardown runs now.
+        self.mesh.stopping.store(true, Ordering::Relaxed);
+        self.controller.take();
+    }
+}
+
+impl Mesh {
     pub fn dir(&self) -> &Path {
         self.cluster.dir()
     }
@@ -174,6 +239,10 @@ impl LocalMesh {
             .arg("--cert-lifetime")
             .arg(&self.opts.cert_lifetime)
             .env("RUST_LOG", &self.opts.log);
+        if let Some(out) = &self.meshd_out {
+            make_private_dir(out)?;
+            cmd.arg("--write-dir").arg(out);
+        }
         if self.opts.meshd_tls {
             let node0 = self.cluster.nodes().first().cloned().context("no nodes")?;
             let proc = self.cluster.spawn(&node0.netns, cmd, "meshd")?;
@@ -356,27 +425,33 @@ impl LocalMesh {
     }
 
     /// Applies a manifest file: schedules its pods (starting their containers), gives its
-    /// Services VIPs, and writes the result where meshd watches. Re-applying the same file keeps
-    /// pods that are still listed and removes those that are not.
+    /// Services VIPs, runs its Deployments' pods, and writes the result where meshd watches.
+    /// Re-applying the same file keeps pods that are still listed and removes those that are
+    /// not; a Deployment scales or rolls out to its new template (new pods up before old ones
+    /// go). An invalid Deployment refuses the whole file and changes nothing.
     pub fn apply(&self, file: &str, yaml: &str) -> anyhow::Result<()> {
+        let _one_at_a_time = self.apply_lock.lock().unwrap_or_else(|p| p.into_inner());
         let mut docs = render::parse_docs(file, yaml)?;
+        let deployments = self.validate_deployments(file, &docs)?;
         let mut listed = Vec::new();
+        let mut services = Vec::new();
         for doc in docs.iter_mut() {
             match render::kind(doc) {
                 "Pod" => {
                     let spec = render::pod_doc(doc).with_context(|| file.to_string())?;
                     let key = format!("{}/{}", spec.namespace, spec.name);
                     listed.push(key.clone());
-                    let (node, ips, netns) = self.schedule(file, &spec)?;
+                    let (node, ips, netns) = self.schedule(file, &spec, None)?;
                     render::set_pod_status(doc, &node, &ips, &netns);
                 }
                 "Service" => {
-                    let n = self.next_vip.fetch_add(1, Ordering::Relaxed);
-                    let mut vips = vec![format!("10.96.{}.{}", n / 250, n % 250 + 1)];
-                    if self.opts.ipv6 {
-                        vips.push(format!("fd00:96::{n:x}"));
-                    }
-                    render::assign_cluster_ips(doc, &vips);
+                    let key = format!(
+                        "{}/{}",
+                        render::str_at(doc, &["metadata", "namespace"]).unwrap_or("default"),
+                        render::str_at(doc, &["metadata", "name"]).unwrap_or("")
+                    );
+                    render::assign_cluster_ips(doc, &self.service_vips(&key));
+                    services.push(key);
                 }
                 _ => {}
             }
@@ -384,17 +459,53 @@ impl LocalMesh {
         let gone: Vec<String> = {
             let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
             pods.values()
-                .filter(|p| {
-                    p.file == file && !listed.contains(&format!("{}/{}", p.namespace, p.name))
-                })
+                .filter(|p| p.file == file && p.owner.is_none())
                 .map(|p| format!("{}/{}", p.namespace, p.name))
+                .filter(|k| !listed.contains(k))
                 .collect()
         };
         for key in gone {
             self.delete_pod(&key)?;
         }
-        let out = render::to_yaml(&docs).with_context(|| file.to_string())?;
-        write_atomically(&self.config_dir.join(file), &out)
+        let previous = self
+            .files
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(file.to_string(), docs);
+        self.forget_services(previous.as_deref(), &services);
+        self.reconcile_deployments(file, &deployments)
+    }
+
+    /// The VIPs of Service `key` ("ns/name"): those it already has, else new ones.
+    fn service_vips(&self, key: &str) -> Vec<String> {
+        let mut vips = self.vips.lock().unwrap_or_else(|p| p.into_inner());
+        vips.entry(key.to_string())
+            .or_insert_with(|| {
+                let n = self.next_vip.fetch_add(1, Ordering::Relaxed);
+                let mut v = vec![format!("10.96.{}.{}", n / 250, n % 250 + 1)];
+                if self.opts.ipv6 {
+                    v.push(format!("fd00:96::{n:x}"));
+                }
+                v
+            })
+            .clone()
+    }
+
+    /// Releases the VIPs of Services a file no longer lists (a later Service gets new ones).
+    fn forget_services(&self, previous: Option<&[Value]>, still: &[String]) {
+        let mut vips = self.vips.lock().unwrap_or_else(|p| p.into_inner());
+        for doc in previous.unwrap_or_default() {
+            if render::kind(doc) == "Service" {
+                let key = format!(
+                    "{}/{}",
+                    render::str_at(doc, &["metadata", "namespace"]).unwrap_or("default"),
+                    render::str_at(doc, &["metadata", "name"]).unwrap_or("")
+                );
+                if !still.contains(&key) {
+                    vips.remove(&key);
+                }
+            }
+        }
     }
 
     /// Writes a file into meshd's config directory exactly as given (no rendering).
@@ -402,97 +513,43 @@ impl LocalMesh {
         write_atomically(&self.config_dir.join(file), text)
     }
 
-    /// Removes a manifest file and the pods it scheduled.
+    /// Removes a manifest file and the pods it scheduled (its Deployments' pods leave the
+    /// config before they stop, as in a scale-down).
     pub fn remove(&self, file: &str) -> anyhow::Result<()> {
+        let _one_at_a_time = self.apply_lock.lock().unwrap_or_else(|p| p.into_inner());
         let keys: Vec<String> = self
             .pods
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .values()
-            .filter(|p| p.file == file)
+            .filter(|p| p.file == file && p.owner.is_none())
             .map(|p| format!("{}/{}", p.namespace, p.name))
             .collect();
+        let previous = self
+            .files
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(file);
+        self.forget_services(previous.as_deref(), &[]);
+        let owned = self.take_pods(|p| p.file == file && p.owner.is_some());
         let _ = std::fs::remove_file(self.config_dir.join(file));
         for k in keys {
             self.delete_pod(&k)?;
         }
+        self.retire(owned);
         Ok(())
     }
 
     fn delete_pod(&self, key: &str) -> anyhow::Result<()> {
-        if let Some(mut p) = self
+        let taken = self
             .pods
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(key)
-        {
-            for proc in p.procs.iter_mut() {
-                proc.kill();
-            }
-            self.cluster.remove_pod(&p.pod.name)?;
+            .remove(key);
+        if let Some(p) = taken {
+            self.stop_pod(p)?;
         }
         Ok(())
-    }
-
-    fn schedule(
-        &self,
-        file: &str,
-        spec: &render::PodDoc,
-    ) -> anyhow::Result<(String, Vec<String>, String)> {
-        let key = format!("{}/{}", spec.namespace, spec.name);
-        let nodes = self.cluster.nodes();
-        if let Some(p) = self
-            .pods
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&key)
-        {
-            return Ok((
-                p.node_name.clone(),
-                pod_ips(&p.pod),
-                p.pod.netns.path.display().to_string(),
-            ));
-        }
-        let node = match &spec.node {
-            Some(name) => nodes.iter().find(|n| &n.name == name)
-                .with_context(|| format!("{file}: pod {key}: spec.nodeName {name:?} is not a node of this cluster ({})",
-                    nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>().join(", ")))?.clone(),
-            None => nodes[self.next_node.fetch_add(1, Ordering::Relaxed) % nodes.len()].clone(),
-        };
-        let pod = self
-            .cluster
-            .add_pod(node.index, &format!("{}-{}", spec.namespace, spec.name))?;
-        let ips = pod_ips(&pod);
-        let mut procs = Vec::new();
-        for (i, argv) in spec.containers.iter().enumerate() {
-            let program = match argv[0].as_str() {
-                "mesh-echo" => self.bins.echo.clone(),
-                other => PathBuf::from(other),
-            };
-            let mut cmd = Command::new(program);
-            cmd.args(&argv[1..])
-                .env("POD_NAME", &spec.name)
-                .env("POD_NAMESPACE", &spec.namespace)
-                .env("POD_IP", &ips[0]);
-            procs.push(self.cluster.spawn(
-                &pod.netns,
-                cmd,
-                &format!("{}-{}-{i}", spec.namespace, spec.name),
-            )?);
-        }
-        let netns = pod.netns.path.display().to_string();
-        self.pods.lock().unwrap_or_else(|p| p.into_inner()).insert(
-            key,
-            ScheduledPod {
-                namespace: spec.namespace.clone(),
-                name: spec.name.clone(),
-                file: file.to_string(),
-                pod,
-                node_name: node.name.clone(),
-                procs,
-            },
-        );
-        Ok((node.name, ips, netns))
     }
 
     /// The testbed pod behind `namespace/name`.
@@ -606,7 +663,7 @@ impl LocalMesh {
     }
 }
 
-impl Drop for LocalMesh {
+impl Drop for Mesh {
     fn drop(&mut self) {
         // Workloads first: their connections end, so the ztunnels have nothing left to drain.
         for (_, mut p) in self.pods.lock().unwrap_or_else(|p| p.into_inner()).drain() {
@@ -634,6 +691,15 @@ impl Drop for LocalMesh {
             p.terminate(Duration::from_secs(5));
         }
     }
+}
+
+/// Whether this meshd writes what it renders (`meshd run --write-dir`); the flag is newer
+/// than local mode's other uses of meshd.
+fn meshd_has_write_dir(bins: &Bins) -> bool {
+    Command::new(&bins.meshd)
+        .args(["run", "--help"])
+        .output()
+        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("--write-dir"))
 }
 
 /// Removes the pinned eBPF state of ztunnels whose namespace is gone (a run that was killed

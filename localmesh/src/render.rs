@@ -15,7 +15,10 @@ pub struct PodDoc {
     pub namespace: String,
     pub name: String,
     pub node: Option<String>,
-    /// One argv per container (command followed by args).
+    /// `spec.serviceAccountName` (Kubernetes' default: "default").
+    pub service_account: String,
+    /// One argv per container with a `command` (followed by its args). A container without
+    /// one would run its image's entrypoint, which local mode does not have: it runs nothing.
     pub containers: Vec<Vec<String>>,
 }
 
@@ -65,9 +68,22 @@ pub fn pod_doc(doc: &Value) -> anyhow::Result<PodDoc> {
         .ok_or_else(|| anyhow::anyhow!("Pod without metadata.name"))?;
     let namespace = str_at(doc, &["metadata", "namespace"]).unwrap_or("default");
     let node = str_at(doc, &["spec", "nodeName"]).map(str::to_string);
+    let service_account = str_at(doc, &["spec", "serviceAccountName"])
+        .or(str_at(doc, &["spec", "serviceAccount"]))
+        .filter(|s| !s.is_empty())
+        .unwrap_or("default");
     let mut containers = Vec::new();
     if let Some(Value::Array(cs)) = doc.get("spec").and_then(|s| s.get("containers")) {
         for c in cs {
+            if c.get("command")
+                .is_none_or(|v| v.as_array().is_none_or(Vec::is_empty))
+            {
+                let container = c.get("name").and_then(Value::as_str).unwrap_or("");
+                tracing::warn!(
+                    "pod {namespace}/{name}: container {container:?} has no command: local mode has no images, so it runs nothing"
+                );
+                continue;
+            }
             let mut argv: Vec<String> = Vec::new();
             for key in ["command", "args"] {
                 if let Some(Value::Array(items)) = c.get(key) {
@@ -83,6 +99,7 @@ pub fn pod_doc(doc: &Value) -> anyhow::Result<PodDoc> {
         namespace: namespace.to_string(),
         name: name.to_string(),
         node,
+        service_account: service_account.to_string(),
         containers,
     })
 }
