@@ -39,3 +39,27 @@ pub fn yaml_options() -> serde_saphyr::Options {
     options.with_snippet = false;
     options
 }
+
+/// Why a manifest's text could not be read as documents.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("{size} bytes is over the {} MiB limit for a manifest file", MAX_FILE_BYTES >> 20)]
+    TooLarge { size: u64 },
+    /// Bad YAML, or over a budget (alias bomb, nesting); the message has line and column.
+    #[error("{0}")]
+    Yaml(Box<serde_saphyr::Error>),
+}
+
+/// Parses a multi-document YAML (or JSON) text into documents, empty ones dropped, under the
+/// budgets above. The one reader of operator-written manifests as plain JSON values (local
+/// mode's kubelet, meshctl); callers name the file in their errors.
+pub fn parse_docs(text: &str) -> Result<Vec<serde_json::Value>, ManifestError> {
+    let size = u64::try_from(text.len()).unwrap_or(u64::MAX);
+    if size > MAX_FILE_BYTES {
+        return Err(ManifestError::TooLarge { size });
+    }
+    let docs: Vec<serde_json::Value> =
+        serde_saphyr::from_multiple_with_options(text, yaml_options())
+            .map_err(|e| ManifestError::Yaml(Box::new(e)))?;
+    Ok(docs.into_iter().filter(|v| !v.is_null()).collect())
+}
