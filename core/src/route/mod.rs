@@ -12,10 +12,12 @@
 //! keys, [`references`]), `matcher` (compiled matches), `compile` (building the table),
 //! `decide` (the per-request decision), `rewrite` (paths, redirects, header edits), [`lb`].
 
+mod compile;
+mod decide;
 mod hosts;
-// Until compile (the next step) uses all of it.
-#[allow(dead_code)]
+pub mod lb;
 mod matcher;
+mod rewrite;
 mod schema;
 pub mod spec_gateway;
 pub mod spec_istio;
@@ -23,7 +25,10 @@ mod validate;
 
 use std::fmt;
 
+pub use compile::{PortInfo, RouteResourceRef, RouteTable, ServiceInfo, compile};
+pub use decide::{Backend, Forward, HttpDecision, HttpRequestInfo, TcpDecision};
 pub use hosts::{Refs, references};
+pub use rewrite::{HeaderEdits, HeaderOps};
 pub use validate::validate;
 
 /// How bad a [`Diagnostic`] is.
