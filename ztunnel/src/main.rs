@@ -92,6 +92,15 @@ struct Args {
     /// every pod and drop their STRICT and DENY.
     #[arg(long, default_value_t = 10)]
     mass_removal_hold: u64,
+    /// What to do with a connection to a Service (VIP) or pod (IP) bound to a waypoint
+    /// (label istio.io/use-waypoint) that cannot be used — no such Gateway, not for this kind of
+    /// traffic, no waypoint pods. `bypass` sends it direct, as Istio does (fail open: the
+    /// waypoint's L7 routing and policy are skipped); each such connection is counted in
+    /// mesh_waypoint_bypass_total{destination_service,waypoint,reason}, logged (throttled per
+    /// destination) and the binding's state is in /config_dump. `refuse` closes it instead
+    /// (fail closed), counted as a connection with response_flags="DENY".
+    #[arg(long, value_enum, default_value_t = ztunnel::outbound::MissingWaypoint::Bypass)]
+    missing_waypoint: ztunnel::outbound::MissingWaypoint,
 }
 
 type LogHandle = reload::Handle<EnvFilter, tracing_subscriber::Registry>;
@@ -276,6 +285,7 @@ async fn run(args: Args, log: LogHandle) -> anyhow::Result<()> {
         local_pods: Default::default(),
         drain: Default::default(),
         admission: Default::default(),
+        waypoints: ztunnel::outbound::Waypoints::new(args.missing_waypoint),
     });
     let admin_state = Arc::new(AdminState {
         metrics,

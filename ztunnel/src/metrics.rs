@@ -27,6 +27,9 @@
 //! `ztunnel_cert_fetch_failures_total{identity}`, `ztunnel_certs_issued_total{identity}` and the
 //! info gauge `ztunnel_capture_mode{mode}` (always exactly one series, value 1). Policy denials
 //! are not a separate metric: they are connections with `response_flags="DENY"`.
+//! `mesh_waypoint_bypass_total{destination_service, waypoint, reason}` counts connections sent
+//! direct because the waypoint their destination is bound to cannot be used (Istio's fail-open);
+//! `destination_service` is the service's hostname for a VIP, the pod's `ns/name` for a pod IP.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -130,6 +133,13 @@ struct IdentityLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BypassLabels {
+    destination_service: String,
+    waypoint: String,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ModeLabels {
     mode: String,
 }
@@ -147,6 +157,7 @@ pub struct Metrics {
     cert_fetch_failures: Family<IdentityLabels, Counter>,
     certs_issued: Family<IdentityLabels, Counter>,
     capture_mode: Family<ModeLabels, Gauge>,
+    waypoint_bypass: Family<BypassLabels, Counter>,
     /// Serializes [`Metrics::set_capture_mode`] so the info gauge never holds two modes.
     capture_mode_lock: Mutex<()>,
     /// Every L4 label set that has series, with how many open connections use it: what
@@ -171,6 +182,7 @@ impl Metrics {
         let cert_fetch_failures = Family::<IdentityLabels, Counter>::default();
         let certs_issued = Family::<IdentityLabels, Counter>::default();
         let capture_mode = Family::<ModeLabels, Gauge>::default();
+        let waypoint_bypass = Family::<BypassLabels, Counter>::default();
 
         // Families are handles (`Arc` inside): the registry and `Metrics` share the same series.
         // Counter names omit `_total`; the encoder appends it.
@@ -209,6 +221,11 @@ impl Metrics {
             "How pod traffic is captured (info gauge: the current mode has value 1)",
             capture_mode.clone(),
         );
+        registry.register(
+            "mesh_waypoint_bypass",
+            "Connections sent direct because their destination's waypoint cannot be used",
+            waypoint_bypass.clone(),
+        );
 
         Arc::new(Metrics {
             registry,
@@ -219,6 +236,7 @@ impl Metrics {
             cert_fetch_failures,
             certs_issued,
             capture_mode,
+            waypoint_bypass,
             capture_mode_lock: Mutex::new(()),
             tcp_series: Mutex::default(),
         })
@@ -326,6 +344,20 @@ impl Metrics {
     }
 }
 
+impl Metrics {
+    /// Counts one connection to `destination_service` that went around `waypoint` (a Gateway,
+    /// "ns/name") because of `reason`.
+    pub fn waypoint_bypassed(&self, destination_service: &str, waypoint: &str, reason: &str) {
+        self.waypoint_bypass
+            .get_or_create(&BypassLabels {
+                destination_service: destination_service.to_string(),
+                waypoint: waypoint.to_string(),
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+}
+
 /// One open connection's metrics: counts bytes as they flow, counts the close on drop.
 ///
 /// Labels are fixed when the connection opens: the opened counter and both byte counters use
@@ -412,6 +444,24 @@ mod tests {
             .lines()
             .filter(|l| l.contains(&format!("workload=\"{pod}\"")))
             .count()
+    }
+
+    #[test]
+    fn waypoint_bypasses_are_counted_by_destination_waypoint_and_reason() {
+        let m = Metrics::new();
+        for _ in 0..2 {
+            m.waypoint_bypassed("web.shop.svc.cluster.local", "shop/wp", "no \"wp\"");
+        }
+        m.waypoint_bypassed("shop/pod", "shop/wp", "no pods");
+        let text = m.encode();
+        assert!(
+            text.contains(r#"mesh_waypoint_bypass_total{destination_service="web.shop.svc.cluster.local",waypoint="shop/wp",reason="no \"wp\""} 2"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"mesh_waypoint_bypass_total{destination_service="shop/pod",waypoint="shop/wp",reason="no pods"} 1"#),
+            "{text}"
+        );
     }
 
     #[test]

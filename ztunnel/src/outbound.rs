@@ -1,17 +1,20 @@
 //! Outbound: connections an enrolled pod's app makes, captured into the pod's 15001 listener.
 //!
-//! Decides where each goes — a mesh pod or a Service VIP with mesh endpoints goes over HBONE to
-//! `<pod ip>:15008` with the source pod's identity, anything else goes out as plain TCP — and
-//! then copies bytes. Owns the routing decision ([`route`], a pure function) and the copy; the
-//! tunnel itself is `meshcore::hbone`.
+//! Decides where each goes — a VIP or pod IP bound to a waypoint goes over HBONE to a waypoint
+//! pod's 15008 asking for the dialled address; a mesh pod or a Service VIP with mesh endpoints
+//! goes over HBONE to `<pod ip>:15008` with the source pod's identity; anything else goes out as
+//! plain TCP — and then copies bytes. An unusable waypoint is bypassed (counted, logged) or
+//! refused, per `--missing-waypoint`. Owns the routing decision ([`route`], a pure function)
+//! and the copy; the tunnel itself is `meshcore::hbone`, the bindings are meshd's.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
 use http::{HeaderMap, HeaderValue};
 use meshcore::hbone::{ConnectRequest, Dialer, H2Stream, HboneError, PoolKey};
-use meshcore::proto::config::Workload;
+use meshcore::proto::config::{WaypointBinding, Workload};
 use meshcore::store::{ConfigStore, canonical, workload_identity};
 use meshcore::{HBONE_PORT, Identity};
 use rand::Rng;
@@ -19,29 +22,192 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
 use crate::copy;
-use crate::metrics::{FLAG_CONNECT, FLAG_DENY};
+use crate::limits::{LOG_PERIOD, Throttle};
+use crate::metrics::{FLAG_CONNECT, FLAG_DENY, Metrics};
 use crate::proxy::{Ctx, Pod, accept_loop, is_mesh_port};
 use crate::telemetry::{End, tcp_labels};
 
 /// Where a captured outbound connection goes.
 #[derive(Debug, PartialEq)]
 pub enum Route {
-    /// Over HBONE to `hbone` (the pod's 15008), asking for `target`, expecting `identity`.
+    /// Over HBONE to `hbone` (a pod's 15008), asking for `target`, expecting `identity`.
+    /// `waypoint` names the Gateway ("ns/name") when `hbone` is one of its pods; `target` is
+    /// then the address the app dialled (a VIP or pod IP), for the waypoint to route.
     Hbone {
         target: SocketAddr,
         hbone: SocketAddr,
         identity: Identity,
         workload: String,
+        waypoint: Option<String>,
     },
     /// Plain TCP to the given address (destination not in the mesh).
     Passthrough(SocketAddr),
     /// Nowhere: the reason is logged.
     Refuse(String),
+    /// Nowhere, by this node's setting (`--missing-waypoint refuse`): counted as denied.
+    Deny(String),
 }
 
-/// Chooses the route for a connection originally sent to `dst`.
-pub fn route(store: &ConfigStore, dst: SocketAddr) -> Route {
-    let ip = canonical(dst.ip());
+/// What ztunnel does with traffic whose waypoint cannot be used (`--missing-waypoint`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum MissingWaypoint {
+    /// Send it direct, as Istio does (fail open): the waypoint's routing and policy are skipped.
+    /// Each such connection is counted in mesh_waypoint_bypass_total and logged (throttled).
+    #[default]
+    Bypass,
+    /// Refuse the connection (fail closed): it is closed and counted as denied.
+    Refuse,
+}
+
+impl std::fmt::Display for MissingWaypoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            MissingWaypoint::Bypass => "bypass",
+            MissingWaypoint::Refuse => "refuse",
+        })
+    }
+}
+
+/// A destination bound to a waypoint that cannot be used, and why.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Unavailable {
+    /// The service's hostname (VIP dialled) or the pod's "ns/name" (pod IP dialled).
+    pub destination: String,
+    /// The Gateway ("ns/name") the destination is bound to.
+    pub waypoint: String,
+    pub reason: String,
+}
+
+/// A route, and the unusable waypoint it went around or was refused for.
+#[derive(Debug, PartialEq)]
+pub struct Decision {
+    pub route: Route,
+    pub unavailable: Option<Unavailable>,
+}
+
+/// The pod label every waypoint pod carries (the Gateway's name).
+const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
+
+/// Chooses the route for a connection `src` originally sent to `dst`. A dialled VIP whose
+/// Service is bound to a waypoint, or a dialled pod IP whose Workload is, goes to a waypoint pod
+/// with the dialled address as target (a VIP never falls back to its pods' workload binding);
+/// a binding that cannot be used is bypassed or refused as `missing` says.
+pub fn route(
+    store: &ConfigStore,
+    src: &Workload,
+    dst: SocketAddr,
+    missing: MissingWaypoint,
+) -> Decision {
+    let dialled = SocketAddr::new(canonical(dst.ip()), dst.port());
+    let waypoint = bound(store, dialled).and_then(|(b, destination)| {
+        Some(match waypoint_pods(store, b) {
+            Ok(pods) => {
+                // A waypoint's own traffic never goes to a waypoint (it would loop).
+                if src.labels.contains_key(GATEWAY_NAME_LABEL)
+                    || pods.iter().any(|w| w.uid == src.uid)
+                {
+                    return None;
+                }
+                Ok(to_waypoint(&pods, &b.gateway, dialled))
+            }
+            Err(reason) => Err(Unavailable {
+                destination,
+                waypoint: b.gateway.clone(),
+                reason,
+            }),
+        })
+    });
+    match (waypoint, missing) {
+        (None, _) => Decision {
+            route: direct(store, dialled),
+            unavailable: None,
+        },
+        (Some(Ok(route)), _) => Decision {
+            route,
+            unavailable: None,
+        },
+        (Some(Err(u)), MissingWaypoint::Refuse) => Decision {
+            route: Route::Deny(format!(
+                "waypoint unavailable: {} is bound to waypoint {} ({}); refused by --missing-waypoint refuse",
+                u.destination, u.waypoint, u.reason
+            )),
+            unavailable: Some(u),
+        },
+        (Some(Err(u)), MissingWaypoint::Bypass) => Decision {
+            route: direct(store, dialled),
+            unavailable: Some(u),
+        },
+    }
+}
+
+/// The waypoint binding that applies to traffic dialled to `dst`, with the destination's name
+/// for metrics: the Service's for a VIP, the Workload's for a pod IP. None for what [`direct`]
+/// refuses anyway (a mesh port, a port the Service does not have).
+fn bound(store: &ConfigStore, dst: SocketAddr) -> Option<(&WaypointBinding, String)> {
+    if let Some(svc) = store.service_by_vip(dst.ip()) {
+        if !svc.ports.iter().any(|p| p.port == u32::from(dst.port())) {
+            return None;
+        }
+        return binding(&svc.waypoint).map(|b| (b, svc.hostname.clone()));
+    }
+    let w = store.workload_by_ip(dst.ip())?;
+    if is_mesh_port(dst.port()) {
+        return None;
+    }
+    binding(&w.waypoint).map(|b| (b, w.uid.clone()))
+}
+
+/// A binding that names something (meshd sends none, or an empty one, for unbound objects).
+pub fn binding(b: &Option<WaypointBinding>) -> Option<&WaypointBinding> {
+    b.as_ref()
+        .filter(|b| !(b.gateway.is_empty() && b.service.is_empty() && b.unavailable.is_empty()))
+}
+
+/// The waypoint pods a binding sends traffic to, or why it cannot be used.
+pub fn waypoint_pods<'a>(
+    store: &'a ConfigStore,
+    b: &WaypointBinding,
+) -> Result<Vec<&'a Workload>, String> {
+    if !b.unavailable.is_empty() {
+        return Err(b.unavailable.clone());
+    }
+    let Some(svc) = store.service(&b.service) else {
+        return Err(format!("waypoint service {} is not known", b.service));
+    };
+    let pods: Vec<&Workload> = svc
+        .endpoints
+        .iter()
+        .filter_map(|ep| store.workload(&ep.workload_uid))
+        .filter(|w| w.ips.iter().any(|ip| ip.parse::<IpAddr>().is_ok()))
+        .map(|w| w.as_ref())
+        .collect();
+    if pods.is_empty() {
+        return Err(format!("waypoint service {} has no endpoints", b.service));
+    }
+    Ok(pods)
+}
+
+/// HBONE to one of the waypoint's pods (chosen as [`direct`] chooses endpoints), asking for the
+/// dialled address and expecting that pod's identity.
+fn to_waypoint(pods: &[&Workload], gateway: &str, dialled: SocketAddr) -> Route {
+    let w = pods[rand::rng().random_range(0..pods.len())];
+    match pick_ip(w, dialled.ip()) {
+        Some(ip) => Route::Hbone {
+            target: dialled,
+            hbone: SocketAddr::new(ip, HBONE_PORT),
+            identity: workload_identity(w),
+            workload: w.uid.clone(),
+            waypoint: Some(gateway.to_string()),
+        },
+        // waypoint_pods kept only pods with a parseable IP.
+        None => Route::Refuse(format!("waypoint pod {} has no usable IP", w.uid)),
+    }
+}
+
+/// The route without waypoints: a mesh pod or a Service VIP with mesh endpoints over HBONE to
+/// the pod's 15008, anything else plain TCP.
+fn direct(store: &ConfigStore, dst: SocketAddr) -> Route {
+    let ip = dst.ip();
     if is_mesh_port(dst.port()) && store.workload_by_ip(ip).is_some() {
         return Route::Refuse(format!("{dst} is a mesh port of a mesh pod"));
     }
@@ -87,6 +253,7 @@ fn to_workload(w: &Workload, target: SocketAddr) -> Route {
             hbone: SocketAddr::new(target.ip(), HBONE_PORT),
             identity: workload_identity(w),
             workload: w.uid.clone(),
+            waypoint: None,
         }
     } else {
         Route::Passthrough(target)
@@ -100,6 +267,46 @@ fn pick_ip(w: &Workload, dialled: IpAddr) -> Option<IpAddr> {
         .find(|ip| ip.is_ipv4() == dialled.is_ipv4())
         .or(ips.first())
         .copied()
+}
+
+/// The node's waypoint setting and the log throttle for bypassed waypoints.
+pub struct Waypoints {
+    pub missing: MissingWaypoint,
+    /// One throttle per destination, so a busy bypassed service does not hide another.
+    warned: std::sync::Mutex<HashMap<String, Throttle>>,
+}
+
+/// How many destinations' throttles are kept before starting over (bounds memory under churn).
+const MAX_THROTTLED_DESTINATIONS: usize = 4096;
+
+impl Waypoints {
+    pub fn new(missing: MissingWaypoint) -> Waypoints {
+        Waypoints {
+            missing,
+            warned: Default::default(),
+        }
+    }
+
+    /// Records one connection that went around `u`'s waypoint: counted, and logged at most
+    /// once per [`LOG_PERIOD`] per destination.
+    fn bypassed(&self, metrics: &Metrics, u: &Unavailable, src: &str, dst: SocketAddr) {
+        metrics.waypoint_bypassed(&u.destination, &u.waypoint, &u.reason);
+        let line = {
+            let mut warned = self.warned.lock().unwrap_or_else(|p| p.into_inner());
+            if warned.len() >= MAX_THROTTLED_DESTINATIONS && !warned.contains_key(&u.destination) {
+                warned.clear();
+            }
+            warned
+                .entry(u.destination.clone())
+                .or_insert_with(|| Throttle::new(LOG_PERIOD))
+                .hit()
+        };
+        if let Some(suppressed) = line {
+            warn!(src.workload = %src, %dst, destination = %u.destination, waypoint = %u.waypoint, reason = %u.reason,
+                bypassed_since_last_line = suppressed,
+                "waypoint unavailable: sending direct, its L7 routing and policy are skipped (--missing-waypoint refuse to refuse instead)");
+        }
+    }
 }
 
 /// Accepts on one of the pod's outbound listeners until the task is aborted.
@@ -121,12 +328,21 @@ async fn handle(ctx: Arc<Ctx>, pod: Arc<Pod>, mut tcp: TcpStream, peer: SocketAd
         warn!(pod = %pod.workload.uid, %dst, "outbound: no config from meshd yet; closing");
         return;
     };
-    let route = route(&store, dst);
-    debug!(pod = %pod.workload.uid, %peer, %dst, ?route, "outbound route");
+    let Decision { route, unavailable } = route(&store, &pod.workload, dst, ctx.waypoints.missing);
+    debug!(pod = %pod.workload.uid, %peer, %dst, ?route, ?unavailable, "outbound route");
+    if let Some(u) = &unavailable
+        && !matches!(route, Route::Deny(_))
+    {
+        ctx.waypoints
+            .bypassed(&ctx.metrics, u, &pod.workload.uid, dst);
+    }
     // `--fast-path`: an enrolled pod of this node is spliced in the kernel after the same
     // policy check its inbound path would make.
     if let Route::Hbone {
-        target, workload, ..
+        target,
+        workload,
+        waypoint: None,
+        ..
     } = &route
         && let Some(dst_pod) = crate::fastpath::local_destination(&ctx, workload)
     {
@@ -141,7 +357,7 @@ async fn handle(ctx: Arc<Ctx>, pod: Arc<Pod>, mut tcp: TcpStream, peer: SocketAd
     let (dst_workload, hbone) = match &route {
         Route::Hbone { workload, .. } => (store.workload(workload).map(|w| w.as_ref()), true),
         Route::Passthrough(addr) => (store.workload_by_ip(addr.ip()).map(|w| w.as_ref()), false),
-        Route::Refuse(_) => (None, false),
+        Route::Refuse(_) | Route::Deny(_) => (None, false),
     };
     let mut m = ctx.metrics.open(tcp_labels(
         "source",
@@ -181,6 +397,10 @@ async fn handle(ctx: Arc<Ctx>, pod: Arc<Pod>, mut tcp: TcpStream, peer: SocketAd
             m.set_response_flags("NR");
             Err(reason.clone())
         }
+        Route::Deny(reason) => {
+            m.set_response_flags(FLAG_DENY);
+            Err(reason.clone())
+        }
     };
     drop(m);
     let dur_ms = start.elapsed().as_millis() as u64;
@@ -192,6 +412,19 @@ async fn handle(ctx: Arc<Ctx>, pod: Arc<Pod>, mut tcp: TcpStream, peer: SocketAd
                 workload,
                 identity,
                 target,
+                hbone,
+                waypoint: Some(waypoint),
+            },
+        ) => info!(
+            direction = "outbound", src.workload = %pod.workload.uid, src.namespace = %src_ns, src.identity = %pod.identity, %peer, %dst,
+            endpoint = %target, %waypoint, waypoint.workload = %workload, waypoint.address = %hbone, dst.identity = %identity, protocol = "HBONE", sent, received, dur_ms, "connection complete"),
+        (
+            Ok((sent, received)),
+            Route::Hbone {
+                workload,
+                identity,
+                target,
+                waypoint: None,
                 ..
             },
         ) => info!(
@@ -286,83 +519,298 @@ mod tests {
     use super::*;
     use meshcore::proto::config::{ConfigUpdate, Endpoint, Service, ServicePort};
 
-    fn wl(uid: &str, ip: &str, captured: bool) -> Workload {
+    fn wl(uid: &str, ips: &[&str], captured: bool) -> Workload {
         let (ns, name) = uid.split_once('/').unwrap();
         Workload {
             uid: uid.into(),
             name: name.into(),
             namespace: ns.into(),
-            service_account: "sa".into(),
+            service_account: name.into(),
             trust_domain: "td".into(),
-            ips: vec![ip.into()],
+            ips: ips.iter().map(|ip| ip.to_string()).collect(),
             captured,
             ..Default::default()
         }
     }
 
+    fn bind(gateway: &str, unavailable: &str) -> Option<WaypointBinding> {
+        Some(WaypointBinding {
+            gateway: gateway.into(),
+            service: gateway.into(),
+            unavailable: unavailable.into(),
+        })
+    }
+
+    /// A service on port 80 → 8080 with the given VIPs, endpoints and binding.
+    fn svc(key: &str, vips: &[&str], eps: &[&str], waypoint: Option<WaypointBinding>) -> Service {
+        let (ns, name) = key.split_once('/').unwrap();
+        Service {
+            key: key.into(),
+            name: name.into(),
+            namespace: ns.into(),
+            hostname: format!("{name}.{ns}.svc.cluster.local"),
+            vips: vips.iter().map(|v| v.to_string()).collect(),
+            ports: vec![ServicePort {
+                port: 80,
+                target_port: 8080,
+                name: "http".into(),
+                ..Default::default()
+            }],
+            endpoints: eps
+                .iter()
+                .map(|uid| Endpoint {
+                    workload_uid: uid.to_string(),
+                    ports: [(80, 8080), (15008, 15008)].into(),
+                })
+                .collect(),
+            waypoint,
+        }
+    }
+
+    /// Mesh pods `a/mesh` (behind a/svc, unbound, and a/bound, bound to waypoint a/wp) and
+    /// `a/pod-bound` (workload binding to a/wp); a/wp's pod; a service bound to a Gateway that
+    /// does not exist and one bound to a waypoint without pods; a non-mesh pod.
     fn store() -> ConfigStore {
+        let mut waypoint_pod = wl("a/wp-0", &["10.1.0.9", "fd00::9"], false);
+        waypoint_pod.labels = [(GATEWAY_NAME_LABEL.to_string(), "wp".to_string())].into();
+        let mut pod_bound = wl("a/pod-bound", &["10.1.0.3"], true);
+        pod_bound.waypoint = bind("a/wp", "");
         let mut s = ConfigStore::default();
         s.apply(ConfigUpdate {
             snapshot: true,
             workloads: vec![
-                wl("a/mesh", "10.1.0.2", true),
-                wl("b/plain", "10.2.0.2", false),
+                wl("a/client", &["10.1.0.1"], true),
+                wl("a/mesh", &["10.1.0.2"], true),
+                pod_bound,
+                waypoint_pod,
+                wl("b/plain", &["10.2.0.2"], false),
             ],
-            services: vec![Service {
-                key: "a/svc".into(),
-                vips: vec!["10.96.0.10".into()],
-                ports: vec![ServicePort {
-                    port: 80,
-                    target_port: 8080,
-                    name: "http".into(),
-                    ..Default::default()
-                }],
-                endpoints: vec![Endpoint {
-                    workload_uid: "a/mesh".into(),
-                    ports: [(80, 8080)].into(),
-                }],
-                ..Default::default()
-            }],
+            services: vec![
+                svc("a/svc", &["10.96.0.10"], &["a/mesh"], None),
+                svc(
+                    "a/bound",
+                    &["10.96.0.20", "fd00:96::20"],
+                    &["a/mesh"],
+                    bind("a/wp", ""),
+                ),
+                svc("a/wp", &["10.96.0.9"], &["a/wp-0"], None),
+                svc(
+                    "a/down",
+                    &["10.96.0.30"],
+                    &["a/mesh"],
+                    bind("a/gone", "no Gateway a/gone"),
+                ),
+                svc(
+                    "a/idle",
+                    &["10.96.0.40"],
+                    &["a/mesh"],
+                    bind("a/wp-idle", ""),
+                ),
+                svc("a/wp-idle", &["10.96.0.41"], &[], None),
+            ],
             ..Default::default()
         });
         s
     }
 
+    fn client(s: &ConfigStore) -> Workload {
+        s.workload("a/client").unwrap().as_ref().clone()
+    }
+
+    fn go(dst: &str, missing: MissingWaypoint) -> Decision {
+        let s = store();
+        route(&s, &client(&s), dst.parse().unwrap(), missing)
+    }
+
+    fn direct_to_mesh(target: &str) -> Route {
+        Route::Hbone {
+            target: target.parse().unwrap(),
+            hbone: "10.1.0.2:15008".parse().unwrap(),
+            identity: Identity::new("td", "a", "mesh"),
+            workload: "a/mesh".into(),
+            waypoint: None,
+        }
+    }
+
+    fn via_waypoint(target: &str, hbone: &str) -> Route {
+        Route::Hbone {
+            target: target.parse().unwrap(),
+            hbone: hbone.parse().unwrap(),
+            identity: Identity::new("td", "a", "wp-0"),
+            workload: "a/wp-0".into(),
+            waypoint: Some("a/wp".into()),
+        }
+    }
+
+    fn plain(route: Route) -> Decision {
+        Decision {
+            route,
+            unavailable: None,
+        }
+    }
+
     #[test]
     fn mesh_pod_goes_over_hbone_to_15008() {
-        let r = route(&store(), "10.1.0.2:9000".parse().unwrap());
         assert_eq!(
-            r,
-            Route::Hbone {
-                target: "10.1.0.2:9000".parse().unwrap(),
-                hbone: "10.1.0.2:15008".parse().unwrap(),
-                identity: Identity::new("td", "a", "sa"),
-                workload: "a/mesh".into()
-            }
+            go("10.1.0.2:9000", MissingWaypoint::Bypass),
+            plain(direct_to_mesh("10.1.0.2:9000"))
         );
     }
 
     #[test]
     fn vip_resolves_to_endpoint_and_target_port() {
-        match route(&store(), "10.96.0.10:80".parse().unwrap()) {
-            Route::Hbone { target, .. } => assert_eq!(target, "10.1.0.2:8080".parse().unwrap()),
-            other => panic!("{other:?}"),
-        }
+        assert_eq!(
+            go("10.96.0.10:80", MissingWaypoint::Bypass),
+            plain(direct_to_mesh("10.1.0.2:8080"))
+        );
         assert!(matches!(
-            route(&store(), "10.96.0.10:81".parse().unwrap()),
+            go("10.96.0.10:81", MissingWaypoint::Bypass).route,
             Route::Refuse(_)
         ));
     }
 
     #[test]
     fn non_mesh_and_unknown_pass_through() {
+        for dst in ["10.2.0.2:80", "192.0.2.1:80"] {
+            assert_eq!(
+                go(dst, MissingWaypoint::Bypass),
+                plain(Route::Passthrough(dst.parse().unwrap()))
+            );
+        }
+    }
+
+    #[test]
+    fn bound_vip_goes_to_a_waypoint_pod_of_its_family_asking_for_the_vip() {
+        for missing in [MissingWaypoint::Bypass, MissingWaypoint::Refuse] {
+            assert_eq!(
+                go("10.96.0.20:80", missing),
+                plain(via_waypoint("10.96.0.20:80", "10.1.0.9:15008"))
+            );
+            assert_eq!(
+                go("[fd00:96::20]:80", missing),
+                plain(via_waypoint("[fd00:96::20]:80", "[fd00::9]:15008"))
+            );
+        }
+        // A port the Service does not have is refused as without a waypoint.
+        assert!(matches!(
+            go("10.96.0.20:81", MissingWaypoint::Bypass).route,
+            Route::Refuse(_)
+        ));
+    }
+
+    #[test]
+    fn bound_pod_ip_goes_to_the_waypoint_asking_for_the_pod_ip() {
         assert_eq!(
-            route(&store(), "10.2.0.2:80".parse().unwrap()),
-            Route::Passthrough("10.2.0.2:80".parse().unwrap())
+            go("10.1.0.3:8080", MissingWaypoint::Bypass),
+            plain(via_waypoint("10.1.0.3:8080", "10.1.0.9:15008"))
+        );
+        // Its mesh ports are still refused, not sent to the waypoint.
+        assert!(matches!(
+            go("10.1.0.3:15008", MissingWaypoint::Bypass).route,
+            Route::Refuse(_)
+        ));
+    }
+
+    #[test]
+    fn a_service_binding_does_not_apply_to_its_pods_ips() {
+        // a/mesh is behind the bound a/bound, but has no workload binding of its own.
+        let s = store();
+        assert!(s.workload("a/mesh").unwrap().waypoint.is_none());
+        assert_eq!(
+            go("10.1.0.2:8080", MissingWaypoint::Bypass),
+            plain(direct_to_mesh("10.1.0.2:8080"))
+        );
+    }
+
+    #[test]
+    fn a_waypoints_own_traffic_never_goes_to_a_waypoint() {
+        let s = store();
+        let waypoint = s.workload("a/wp-0").unwrap().as_ref().clone();
+        let d = route(
+            &s,
+            &waypoint,
+            "10.96.0.20:80".parse().unwrap(),
+            MissingWaypoint::Refuse,
+        );
+        assert_eq!(d, plain(direct_to_mesh("10.1.0.2:8080")));
+        // Nor does a pod of the bound waypoint's Service that lacks the label.
+        let mut unlabelled = waypoint.clone();
+        unlabelled.labels.clear();
+        let d = route(
+            &s,
+            &unlabelled,
+            "10.1.0.3:8080".parse().unwrap(),
+            MissingWaypoint::Bypass,
+        );
+        assert!(
+            matches!(d.route, Route::Hbone { waypoint: None, .. }),
+            "{d:?}"
+        );
+    }
+
+    #[test]
+    fn unavailable_waypoint_is_bypassed_by_default_and_refused_when_asked() {
+        let unavailable = Unavailable {
+            destination: "down.a.svc.cluster.local".into(),
+            waypoint: "a/gone".into(),
+            reason: "no Gateway a/gone".into(),
+        };
+        assert_eq!(
+            go("10.96.0.30:80", MissingWaypoint::Bypass),
+            Decision {
+                route: direct_to_mesh("10.1.0.2:8080"),
+                unavailable: Some(unavailable.clone()),
+            }
+        );
+        let d = go("10.96.0.30:80", MissingWaypoint::Refuse);
+        assert_eq!(d.unavailable, Some(unavailable));
+        match d.route {
+            Route::Deny(reason) => assert!(
+                reason.starts_with("waypoint unavailable") && reason.contains("no Gateway a/gone"),
+                "{reason}"
+            ),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_waypoint_without_pods_is_unavailable() {
+        let d = go("10.96.0.40:80", MissingWaypoint::Bypass);
+        assert_eq!(d.route, direct_to_mesh("10.1.0.2:8080"));
+        let u = d.unavailable.expect("counted as bypassed");
+        assert_eq!(u.waypoint, "a/wp-idle");
+        assert_eq!(u.reason, "waypoint service a/wp-idle has no endpoints");
+        assert!(matches!(
+            go("10.96.0.40:80", MissingWaypoint::Refuse).route,
+            Route::Deny(_)
+        ));
+        // A binding to a waypoint Service the node does not know is the same.
+        let mut s = store();
+        s.apply(ConfigUpdate {
+            services: vec![svc(
+                "a/idle",
+                &["10.96.0.40"],
+                &["a/mesh"],
+                bind("a/nowhere", ""),
+            )],
+            ..Default::default()
+        });
+        let d = route(
+            &s,
+            &client(&s),
+            "10.96.0.40:80".parse().unwrap(),
+            MissingWaypoint::Bypass,
         );
         assert_eq!(
-            route(&store(), "192.0.2.1:80".parse().unwrap()),
-            Route::Passthrough("192.0.2.1:80".parse().unwrap())
+            d.unavailable.map(|u| u.reason).as_deref(),
+            Some("waypoint service a/nowhere is not known")
         );
+    }
+
+    #[test]
+    fn an_empty_binding_is_no_binding() {
+        let s = store();
+        assert!(binding(&Some(WaypointBinding::default())).is_none());
+        assert!(binding(&s.service("a/bound").unwrap().waypoint).is_some());
     }
 }

@@ -44,6 +44,8 @@ pub struct Ctx {
     /// Caps on connections and handshakes in flight ([`crate::limits::Limits::default`] sizes
     /// them from the open-files limit).
     pub admission: Admission,
+    /// `--missing-waypoint` and the bypass log's throttles ([`crate::outbound`]).
+    pub waypoints: crate::outbound::Waypoints,
 }
 
 /// One enrolled pod, as its listeners see it.
