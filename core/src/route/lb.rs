@@ -209,8 +209,10 @@ pub struct EndpointView<'a> {
     pub active: u32,
 }
 
-/// Ring size, as Envoy's default minimum: enough points that each endpoint's share is even.
-const RING_SIZE: usize = 1024;
+/// Ring points per endpoint. A fixed count (Envoy spreads a 1024-point minimum over the hosts
+/// instead) keeps every other endpoint's points in place when one comes or goes, so only that
+/// endpoint's keys move; 256 arcs each keep shares within a few percent.
+const POINTS_PER_ENDPOINT: usize = 256;
 
 struct Ring {
     /// Hash of the endpoint keys in the order they were given (indices below refer to it).
@@ -287,10 +289,9 @@ impl Balancer {
 }
 
 fn build_ring(endpoints: &[EndpointView<'_>], fingerprint: u64) -> Ring {
-    let per = RING_SIZE.div_ceil(endpoints.len());
-    let mut points = Vec::with_capacity(per * endpoints.len());
+    let mut points = Vec::with_capacity(POINTS_PER_ENDPOINT * endpoints.len());
     for (idx, e) in endpoints.iter().enumerate() {
-        for i in 0..per {
+        for i in 0..POINTS_PER_ENDPOINT {
             points.push((hash64(format!("{}_{i}", e.key).as_bytes()), idx));
         }
     }

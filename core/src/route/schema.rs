@@ -189,7 +189,8 @@ const LOAD_BALANCER: Shape = Obj(&[
     ("warmup", LATER),
     ("warmupDurationSecs", LATER),
 ]);
-const RING: Shape = Unsupported("the hash ring has a fixed size (1024 entries): it has no effect");
+const RING: Shape =
+    Unsupported("the hash ring has a fixed size (256 points per endpoint): it has no effect");
 const PORT_TRAFFIC_POLICY: Shape = Obj(&[
     ("port", PORT_SELECTOR),
     ("loadBalancer", LOAD_BALANCER),
