@@ -1,7 +1,132 @@
-//! The waypoint (L7 proxy) is not built yet: this placeholder keeps the workspace's shape.
-//! It will share HBONE, TLS and the config model with ztunnel through `meshcore`.
+//! The waypoint binary: flags and the process contract's environment into a [`Config`],
+//! logging, then `app::build(config).start()` until SIGTERM/SIGINT, then drain.
 
-fn main() {
-    eprintln!("waypoint: the L7 proxy is not implemented yet (see the project's issues)");
-    std::process::exit(2);
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{error, info, warn};
+use tracing_subscriber::EnvFilter;
+use waypoint::app;
+use waypoint::config::{Config, MeshdSource, PlainHttp, Source};
+
+#[derive(Parser, Debug)]
+#[command(about = "The mesh's L7 proxy (waypoint): HBONE in, HTTP/gRPC routing, HBONE out")]
+struct Args {
+    /// The Gateway this waypoint runs for, `namespace/name`.
+    #[arg(long)]
+    gateway: String,
+    #[arg(long, env = "POD_NAME", default_value = "")]
+    pod_name: String,
+    #[arg(long, env = "POD_NAMESPACE", default_value = "")]
+    pod_namespace: String,
+    /// The pod's IP: HBONE, readiness and metrics listen on it.
+    #[arg(long, env = "POD_IP")]
+    pod_ip: IpAddr,
+    #[arg(long, env = "NODE_NAME", default_value = "")]
+    node: String,
+    /// meshd: unix:/path/to/meshd.sock or host:port.
+    #[arg(long, env = "MESHD_ADDRESS")]
+    meshd: String,
+    /// The service-account token file (`meshd workload-token`).
+    #[arg(long, env = "MESH_TOKEN_FILE")]
+    token_file: PathBuf,
+    /// The mesh root, PEM, that meshd's TLS certificate chains to (meshd over TCP).
+    #[arg(long, env = "MESHD_CA")]
+    meshd_ca: Option<PathBuf>,
+    #[arg(long, env = "MESHD_NAME", default_value = "meshd.cluster.local")]
+    meshd_name: String,
+    /// The service account to get a certificate for (default: the token's, else the Gateway's name).
+    #[arg(long)]
+    service_account: Option<String>,
+    #[arg(long, default_value_t = 15008)]
+    hbone_port: u16,
+    #[arg(long, default_value_t = 15021)]
+    ready_port: u16,
+    #[arg(long, default_value_t = 15020)]
+    metrics_port: u16,
+    /// Milliseconds an unknown-protocol client may stay silent before it is treated as TCP.
+    #[arg(long, default_value_t = 100)]
+    sniff_timeout_ms: u64,
+    /// Seconds a stopping waypoint keeps serving what it has.
+    #[arg(long, default_value_t = 30)]
+    drain_timeout: u64,
+    /// Also serve plain HTTP here (bench), every request routed to --http-backend.
+    #[arg(long, requires = "http_backend")]
+    http_listen: Option<SocketAddr>,
+    /// The plain-HTTP listener's backend, host:port over plain TCP.
+    #[arg(long)]
+    http_backend: Option<SocketAddr>,
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if args.log_format == "json" {
+        fmt.json().init();
+    } else {
+        fmt.init();
+    }
+    meshcore::tls::install_crypto_provider();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let source = Source::Meshd(MeshdSource {
+        address: args.meshd.clone(),
+        token_file: args.token_file.clone(),
+        ca_file: args.meshd_ca.clone(),
+        server_name: args.meshd_name.clone(),
+        service_account: args.service_account.clone(),
+    });
+    let mut config = Config::new(&args.gateway, args.pod_ip, source);
+    config.pod_name = args.pod_name;
+    if !args.pod_namespace.is_empty() {
+        config.pod_namespace = args.pod_namespace;
+    }
+    config.node = args.node;
+    config.hbone_addr = SocketAddr::new(args.pod_ip, args.hbone_port);
+    config.ready_addr = SocketAddr::new(args.pod_ip, args.ready_port);
+    config.metrics_addr = SocketAddr::new(args.pod_ip, args.metrics_port);
+    config.sniff_timeout = Duration::from_millis(args.sniff_timeout_ms);
+    config.drain_timeout = Duration::from_secs(args.drain_timeout);
+    if let (Some(listen), Some(backend)) = (args.http_listen, args.http_backend) {
+        config.plain_http = Some(PlainHttp { listen, backend });
+    }
+    let mut running = app::build(config)
+        .context("building the waypoint")?
+        .start()
+        .await
+        .context("starting the waypoint")?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+        exit = running.first_exit() => {
+            error!(%exit, "a background task ended; exiting so the waypoint is restarted");
+            std::process::exit(70);
+        }
+    }
+    info!("stopping: draining");
+    let left = running.stop().await;
+    if left > 0 {
+        warn!(
+            connections = left,
+            "drain timeout: closing the connections still open"
+        );
+    }
+    info!("waypoint stopped");
+    Ok(())
 }

@@ -1,0 +1,338 @@
+//! Wiring: [`build`] turns a [`Config`] into an [`App`]; [`App::start`] binds its listeners and
+//! runs it in this process (the binary and the tests do the same). Owns the shared [`Ctx`],
+//! the background tasks (config subscription, route recompilation, certificate prefetch) and
+//! readiness / config dump; the traffic paths live in their own modules.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dataplane::certs::CertManager;
+use dataplane::drain::Drain;
+use dataplane::meshd::{Meshd, MeshdTls};
+use dataplane::subscription::{self, ConfigRx};
+use dataplane::supervise::{Supervisor, TaskExit};
+use meshcore::admission::{Gate, Throttle};
+use meshcore::hbone::{Pool, PoolSettings};
+use meshcore::proto::config::SubscribeRequest;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::info;
+
+use crate::admin::{self, Server};
+use crate::balance::Balancer;
+use crate::config::{Config, Source};
+use crate::own_cert::OwnCert;
+use crate::routing::Router;
+use crate::telemetry::Metrics;
+use crate::upstream::Upstream;
+use crate::{inbound, plain};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error(transparent)]
+    Meshd(#[from] dataplane::meshd::MeshdError),
+    #[error("the waypoint's certificate: {0}")]
+    Cert(#[from] crate::own_cert::CertError),
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Caps on what clients can make the waypoint hold, and throttled logs of what they can cause.
+pub struct Admission {
+    pub connections: Arc<Gate>,
+    pub handshakes: Arc<Gate>,
+    pub refused: Throttle,
+    pub handshakes_failed: Throttle,
+    pub accept_failed: Throttle,
+}
+
+impl Default for Admission {
+    fn default() -> Self {
+        let period = Duration::from_secs(10);
+        Admission {
+            connections: Arc::new(Gate::new(16384, 4096)),
+            handshakes: Arc::new(Gate::new(1024, 64)),
+            refused: Throttle::new(period),
+            handshakes_failed: Throttle::new(period),
+            accept_failed: Throttle::new(period),
+        }
+    }
+}
+
+/// What every connection and request shares.
+pub struct Ctx {
+    /// `ns/name` of our Gateway; only objects bound to it are served.
+    pub gateway: String,
+    pub config: ConfigRx,
+    pub router: watch::Receiver<Router>,
+    pub cert: OwnCert,
+    pub balancer: Balancer,
+    pub upstream: Upstream,
+    pub metrics: Arc<Metrics>,
+    pub drain: Arc<Drain>,
+    pub admission: Admission,
+    pub sniff_timeout: Duration,
+}
+
+impl Ctx {
+    /// Ready once there is a config and a certificate.
+    pub fn ready(&self) -> Result<(), String> {
+        if self.config.borrow().is_none() {
+            return Err("no config from meshd yet".to_string());
+        }
+        if !self.cert.is_ready() {
+            return Err("no certificate yet".to_string());
+        }
+        Ok(())
+    }
+
+    pub fn config_dump(&self) -> serde_json::Value {
+        let store = self.config.borrow().clone();
+        let services: Vec<_> = store
+            .iter()
+            .flat_map(|s| s.services())
+            .map(|s| serde_json::json!({"key": s.key, "hostname": s.hostname, "vips": s.vips,
+                "ports": s.ports.iter().map(|p| serde_json::json!({"port": p.port, "name": p.name, "appProtocol": p.app_protocol})).collect::<Vec<_>>(),
+                "endpoints": s.endpoints.len()}))
+            .collect();
+        serde_json::json!({
+            "gateway": self.gateway,
+            "identity": self.cert.identity().map(|i| i.to_string()),
+            "configVersion": store.as_ref().map(|s| s.version),
+            "services": services,
+            "routes": self.router.borrow().dump(),
+            "certificates": self.cert.status(),
+            "connections": self.drain.active(),
+        })
+    }
+}
+
+/// A built waypoint, not yet listening.
+pub struct App {
+    config: Config,
+    ctx: Arc<Ctx>,
+    tasks: Supervisor,
+    router_tx: watch::Sender<Router>,
+}
+
+/// A running waypoint.
+pub struct Running {
+    pub hbone_addr: SocketAddr,
+    pub ready_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub plain_addr: Option<SocketAddr>,
+    pub ctx: Arc<Ctx>,
+    tasks: Supervisor,
+    drain_timeout: Duration,
+}
+
+/// Builds the waypoint from `config`. Starts nothing until [`App::start`] (but needs a tokio
+/// runtime: the meshd subscription is spawned here).
+pub fn build(config: Config) -> Result<App, AppError> {
+    let metrics = Metrics::new();
+    let mut tasks = Supervisor::default();
+    let (config_rx, cert) = match &config.source {
+        Source::Static { store, cert } => {
+            let (_tx, rx) = watch::channel(Some(store.clone()));
+            // The sender is dropped: the config never changes, receivers keep the value.
+            (rx, OwnCert::fixed(cert.clone())?)
+        }
+        Source::Meshd(m) => {
+            let token = Meshd::read_token(&m.token_file.display().to_string())?;
+            let tls = m.ca_file.clone().map(|ca_file| MeshdTls {
+                ca_file,
+                server_name: m.server_name.clone(),
+            });
+            let meshd = Meshd::new(&m.address, &token, tls)?;
+            let (gw_ns, gw_name) = config.gateway_parts();
+            let service_account = m
+                .service_account
+                .clone()
+                .or_else(|| token_service_account(&token))
+                .unwrap_or_else(|| gw_name.to_string());
+            let (tx, rx) = watch::channel(None);
+            tasks.spawn(
+                "config",
+                subscription::run(
+                    meshd.clone(),
+                    SubscribeRequest {
+                        node: config.node.clone(),
+                        waypoint: config.gateway.clone(),
+                    },
+                    Duration::from_secs(10),
+                    tx,
+                ),
+            );
+            let manager = CertManager::new(meshd, metrics.clone());
+            let cert = OwnCert::Managed {
+                manager,
+                config: rx.clone(),
+                namespace: config.pod_namespace.clone().if_empty(gw_ns),
+                service_account,
+            };
+            tasks.spawn("certificate", prefetch(rx.clone(), cert.clone()));
+            (rx, cert)
+        }
+    };
+    let (router_tx, router_rx) = watch::channel(Router::default());
+    let ctx = Arc::new(Ctx {
+        gateway: config.gateway.clone(),
+        config: config_rx,
+        router: router_rx,
+        upstream: Upstream::new(
+            Pool::new(PoolSettings {
+                max_streams_per_conn: 200,
+                ..PoolSettings::default()
+            }),
+            cert.clone(),
+        ),
+        cert,
+        balancer: Balancer::default(),
+        metrics,
+        drain: Arc::default(),
+        admission: Admission::default(),
+        sniff_timeout: config.sniff_timeout,
+    });
+    Ok(App {
+        config,
+        ctx,
+        tasks,
+        router_tx,
+    })
+}
+
+trait IfEmpty {
+    fn if_empty(self, other: &str) -> String;
+}
+impl IfEmpty for String {
+    fn if_empty(self, other: &str) -> String {
+        if self.is_empty() {
+            other.to_string()
+        } else {
+            self
+        }
+    }
+}
+
+/// The service account a `sa:<namespace>:<serviceaccount>:...` token names.
+fn token_service_account(token: &str) -> Option<String> {
+    let mut parts = token.strip_prefix("sa:")?.split(':');
+    let _ns = parts.next()?;
+    parts.next().filter(|s| !s.is_empty()).map(str::to_string)
+}
+
+/// Starts fetching our certificate as soon as the first config names the trust domain.
+async fn prefetch(mut config: ConfigRx, cert: OwnCert) {
+    let mut last = None;
+    loop {
+        if let (Some(id), OwnCert::Managed { manager, .. }) = (cert.identity(), &cert)
+            && last.as_ref() != Some(&id)
+        {
+            manager.prefetch(&id);
+            last = Some(id);
+        }
+        if config.changed().await.is_err() {
+            // The subscription is gone: nothing more to learn; stay (the supervisor watches
+            // the subscription itself).
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// Recompiles the routes when the config's route generation changes; the last good table
+/// stays in force otherwise.
+async fn routes(mut config: ConfigRx, tx: watch::Sender<Router>) {
+    loop {
+        let generation = config
+            .borrow_and_update()
+            .as_ref()
+            .map(|s| s.route_generation);
+        if let Some(g) = generation
+            && g != tx.borrow().generation
+        {
+            tx.send_replace(Router::compile(g));
+        }
+        if config.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, AppError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| AppError::Bind { what, addr, source })
+}
+
+impl App {
+    /// Binds every listener and starts serving.
+    pub async fn start(self) -> Result<Running, AppError> {
+        let App {
+            config,
+            ctx,
+            mut tasks,
+            router_tx,
+        } = self;
+        let hbone = bind("HBONE", config.hbone_addr).await?;
+        let ready = bind("readiness", config.ready_addr).await?;
+        let metrics = bind("metrics", config.metrics_addr).await?;
+        let local = |l: &TcpListener| {
+            l.local_addr().map_err(|source| AppError::Bind {
+                what: "listener",
+                addr: config.hbone_addr,
+                source,
+            })
+        };
+        let (hbone_addr, ready_addr, metrics_addr) =
+            (local(&hbone)?, local(&ready)?, local(&metrics)?);
+        let mut plain_addr = None;
+        if let Some(p) = &config.plain_http {
+            let l = bind("plain HTTP", p.listen).await?;
+            plain_addr = Some(local(&l)?);
+            tasks.spawn("plain-http", plain::serve(ctx.clone(), l, p.backend));
+        }
+        tasks.spawn("routes", routes(ctx.config.clone(), router_tx));
+        tasks.spawn("hbone", inbound::serve(ctx.clone(), hbone));
+        tasks.spawn("ready", admin::serve(ctx.clone(), ready, Server::Ready));
+        tasks.spawn(
+            "metrics",
+            admin::serve(ctx.clone(), metrics, Server::Metrics),
+        );
+        info!(gateway = %config.gateway, hbone = %hbone_addr, ready = %ready_addr, metrics = %metrics_addr,
+            plain_http = ?plain_addr, "waypoint started");
+        Ok(Running {
+            hbone_addr,
+            ready_addr,
+            metrics_addr,
+            plain_addr,
+            ctx,
+            tasks,
+            drain_timeout: config.drain_timeout,
+        })
+    }
+}
+
+impl Running {
+    /// Resolves when a background task ends (it never should: the caller exits).
+    pub async fn first_exit(&mut self) -> TaskExit {
+        self.tasks.first_exit().await
+    }
+
+    /// Stops listening, lets what is in flight finish (bounded), and stops. Returns how many
+    /// connections were still open at the drain timeout.
+    pub async fn stop(self) -> usize {
+        let Running {
+            tasks,
+            ctx,
+            drain_timeout,
+            ..
+        } = self;
+        drop(tasks); // aborts the listeners and background tasks
+        ctx.drain.stop(drain_timeout).await
+    }
+}

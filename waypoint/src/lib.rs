@@ -1,0 +1,28 @@
+//! The waypoint: the mesh's L7 proxy. ztunnels send it, over HBONE, the traffic of the Services
+//! (and pods) bound to its Gateway; it routes each HTTP request (or TCP connection) and sends it
+//! on to an endpoint over HBONE with its own identity.
+//!
+//! - [`config`]: the typed configuration; [`app`]: wiring, `app::build(config)`.
+//! - [`inbound`]: HBONE in; [`plain`]: the plain-HTTP listener; [`admin`]: 15021 / 15020.
+//! - [`dest`]: original destination and protocol; [`sniff`]: telling HTTP from TCP.
+//! - [`http_server`]: hyper on a downstream stream; [`pipeline`]: one request, end to end.
+//! - [`routing`]: route decisions; [`balance`]: endpoints and load balancing.
+//! - [`upstream`]: HBONE / TCP streams and pooled HTTP connections; [`tcp`]: passthrough.
+//! - [`telemetry`]: the one record per request or connection (log line + metrics).
+//! - [`own_cert`]: the waypoint's certificate.
+
+pub mod admin;
+pub mod app;
+pub mod balance;
+pub mod config;
+pub mod dest;
+pub mod http_server;
+pub mod inbound;
+pub mod own_cert;
+pub mod pipeline;
+pub mod plain;
+pub mod routing;
+pub mod sniff;
+pub mod tcp;
+pub mod telemetry;
+pub mod upstream;

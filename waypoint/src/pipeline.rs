@@ -1,0 +1,360 @@
+//! One HTTP request's way through the waypoint: match → route → pick endpoint → forward.
+//!
+//! Owns the order of those steps, what the request and response look like on the way out
+//! (header operations, rewrites, origin-form vs absolute URI, hop-by-hop headers), local
+//! answers (404 no route, 503 no healthy upstream, redirects, direct responses) and
+//! `Upgrade` (WebSocket) hand-over. Every request ends in exactly one [`Record`], finished
+//! when its response body ends. Retries, timeouts, faults and policy (next issue) slot in
+//! between `route` and `forward`. Does not own connections (`upstream`) or routing rules.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode, Uri, Version, header};
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Frame, Incoming, SizeHint};
+use hyper_util::rt::TokioIo;
+use tracing::debug;
+
+use crate::app::Ctx;
+use crate::balance::{self, InFlight};
+use crate::dest::Target;
+use crate::routing::{Forward, HttpDecision, RequestInfo};
+use crate::telemetry::{Flag, Kind, Metrics, Record};
+use crate::upstream::{self, Body};
+
+/// Who sent the requests of one downstream connection, and where they were going.
+#[derive(Debug)]
+pub struct Downstream {
+    /// The client's SPIFFE identity; empty on the plain-HTTP listener.
+    pub principal: String,
+    pub addr: SocketAddr,
+    pub target: Target,
+}
+
+/// Handles one request; never fails (errors become responses).
+pub async fn handle(
+    ctx: Arc<Ctx>,
+    down: Arc<Downstream>,
+    mut req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let authority = request_authority(&req).unwrap_or_default();
+    let protocol = match req.version() {
+        Version::HTTP_2 => "HTTP/2",
+        Version::HTTP_10 => "HTTP/1.0",
+        _ => "HTTP/1.1",
+    };
+    let mut record = Record::new(
+        down.principal.clone(),
+        down.addr.to_string(),
+        down.target.name(),
+        down.target.port(),
+        Kind::Http {
+            method: req.method().to_string(),
+            authority: authority.clone(),
+            path: req.uri().path().to_string(),
+            protocol,
+            status: 0,
+        },
+    );
+    // match → route
+    let router = ctx.router.borrow().clone();
+    let decision = router.http(
+        &down.target,
+        &RequestInfo {
+            method: req.method(),
+            uri: req.uri(),
+            headers: req.headers(),
+            authority: &authority,
+        },
+    );
+    let forward = match decision {
+        HttpDecision::Forward(f) => f,
+        HttpDecision::NotFound => {
+            record.flag = Some(Flag::NoRoute);
+            return Ok(local(
+                &ctx.metrics,
+                record,
+                StatusCode::NOT_FOUND,
+                HeaderMap::new(),
+                "",
+            ));
+        }
+        HttpDecision::Redirect { status, location } => {
+            let mut h = HeaderMap::new();
+            if let Ok(v) = location.parse() {
+                h.insert(header::LOCATION, v);
+            }
+            record.route = "redirect".to_string();
+            return Ok(local(&ctx.metrics, record, status, h, ""));
+        }
+        HttpDecision::Direct { status, body } => {
+            record.route = "direct".to_string();
+            return Ok(local(&ctx.metrics, record, status, HeaderMap::new(), &body));
+        }
+    };
+    record.route = forward.route_name.clone();
+    // pick endpoint
+    let endpoints = match ctx.config.borrow().as_deref() {
+        Some(store) => balance::endpoints(store, &router, &forward.backend),
+        None => Vec::new(),
+    };
+    let Some((endpoint, in_flight)) = ctx.balancer.pick(&endpoints) else {
+        record.flag = Some(Flag::NoHealthyUpstream);
+        return Ok(local(
+            &ctx.metrics,
+            record,
+            StatusCode::SERVICE_UNAVAILABLE,
+            HeaderMap::new(),
+            "no healthy upstream",
+        ));
+    };
+    record.upstream = endpoint.addr.to_string();
+    // forward
+    let upgrade = is_upgrade(&req);
+    let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let version = if req.version() == Version::HTTP_2 {
+        upstream::Version::Http2
+    } else {
+        upstream::Version::Http1
+    };
+    let out = outbound_request(req, &forward, &authority, version, upgrade);
+    let mut resp = match ctx.upstream.send(&endpoint, version, out).await {
+        Ok(r) => r,
+        Err(e) => {
+            let connect = e.is_connect();
+            record.flag = Some(if connect {
+                Flag::UpstreamConnect
+            } else {
+                Flag::UpstreamReset
+            });
+            record.error = Some(e.to_string());
+            // Envoy's words, which clients and runbooks grep for.
+            let text = if connect {
+                "upstream connect error or disconnect/reset before headers. reset reason: connection failure"
+            } else {
+                "upstream connect error or disconnect/reset before headers. reset reason: connection termination"
+            };
+            return Ok(local(
+                &ctx.metrics,
+                record,
+                StatusCode::SERVICE_UNAVAILABLE,
+                HeaderMap::new(),
+                text,
+            ));
+        }
+    };
+    if let (Some(down_upgrade), true) = (
+        downstream_upgrade,
+        resp.status() == StatusCode::SWITCHING_PROTOCOLS,
+    ) {
+        let up_upgrade = hyper::upgrade::on(&mut resp);
+        tokio::spawn(async move {
+            match tokio::join!(down_upgrade, up_upgrade) {
+                (Ok(d), Ok(u)) => {
+                    let (mut d, mut u) = (TokioIo::new(d), TokioIo::new(u));
+                    if let Err(e) = tokio::io::copy_bidirectional(&mut d, &mut u).await {
+                        debug!(error = %e, "upgraded connection ended with an error");
+                    }
+                }
+                (d, u) => debug!(
+                    downstream = d.is_ok(),
+                    upstream = u.is_ok(),
+                    "upgrade did not complete"
+                ),
+            }
+        });
+    }
+    let (mut head, body) = resp.into_parts();
+    if head.status != StatusCode::SWITCHING_PROTOCOLS {
+        strip_hop_by_hop(&mut head.headers);
+    }
+    forward.response_headers.apply(&mut head.headers);
+    if let Kind::Http { status, .. } = &mut record.kind {
+        *status = head.status.as_u16();
+    }
+    let body = Logged {
+        inner: body.boxed(),
+        record: Some(record),
+        metrics: ctx.metrics.clone(),
+        _in_flight: in_flight,
+    };
+    Ok(Response::from_parts(head, BodyExt::boxed(body)))
+}
+
+/// The request's authority: the URI's (HTTP/2 `:authority`) or `Host` (HTTP/1.1).
+fn request_authority<B>(req: &Request<B>) -> Option<String> {
+    req.uri().authority().map(|a| a.to_string()).or_else(|| {
+        req.headers()
+            .get(header::HOST)?
+            .to_str()
+            .ok()
+            .map(str::to_string)
+    })
+}
+
+fn is_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+}
+
+/// Connection-scoped headers (RFC 9110 §7.6.1) do not cross a proxy.
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    for name in [
+        header::CONNECTION,
+        header::UPGRADE,
+        header::TRANSFER_ENCODING,
+        header::PROXY_AUTHORIZATION,
+    ] {
+        h.remove(name);
+    }
+    h.remove("keep-alive");
+    h.remove("proxy-connection");
+    if h.get(header::TE).is_some_and(|v| v != "trailers") {
+        h.remove(header::TE);
+    }
+}
+
+/// The request as sent to the endpoint: header operations, rewrites, and the URI form the
+/// upstream protocol wants (origin form + Host for HTTP/1.1, absolute for HTTP/2).
+fn outbound_request(
+    req: Request<Incoming>,
+    forward: &Forward,
+    authority: &str,
+    version: upstream::Version,
+    upgrade: bool,
+) -> Request<Body> {
+    let (mut head, body) = req.into_parts();
+    if !upgrade {
+        strip_hop_by_hop(&mut head.headers);
+    }
+    forward.request_headers.apply(&mut head.headers);
+    let authority = forward
+        .rewrite_authority
+        .as_deref()
+        .unwrap_or(authority)
+        .to_string();
+    let path = match &forward.rewrite_path {
+        Some(p) => p.clone(),
+        None => head
+            .uri
+            .path_and_query()
+            .map_or("/".to_string(), |p| p.to_string()),
+    };
+    match version {
+        upstream::Version::Http1 => {
+            head.uri = path.parse().unwrap_or_else(|_| Uri::from_static("/"));
+            if let Ok(v) = authority.parse() {
+                head.headers.insert(header::HOST, v);
+            }
+            head.version = Version::HTTP_11;
+        }
+        upstream::Version::Http2 => {
+            head.headers.remove(header::HOST);
+            let uri = format!("http://{authority}{path}");
+            head.uri = uri.parse().unwrap_or_else(|_| Uri::from_static("/"));
+            head.version = Version::HTTP_2;
+        }
+    }
+    Request::from_parts(head, body.boxed())
+}
+
+/// A response made here (not by an endpoint); the record is finished now.
+fn local(
+    metrics: &Metrics,
+    mut record: Record,
+    status: StatusCode,
+    headers: HeaderMap,
+    text: &str,
+) -> Response<Body> {
+    if let Kind::Http { status: s, .. } = &mut record.kind {
+        *s = status.as_u16();
+    }
+    record.finish(metrics);
+    let mut resp = Response::new(
+        Full::new(Bytes::from(text.to_string()))
+            .map_err(|n: Infallible| match n {})
+            .boxed(),
+    );
+    *resp.status_mut() = status;
+    *resp.headers_mut() = headers;
+    if !text.is_empty() {
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            http::HeaderValue::from_static("text/plain"),
+        );
+    }
+    resp
+}
+
+/// A response body that finishes its request's [`Record`] when it ends (or is dropped), and
+/// keeps the endpoint's in-flight count until then.
+struct Logged {
+    inner: Body,
+    record: Option<Record>,
+    metrics: Arc<Metrics>,
+    _in_flight: InFlight,
+}
+
+impl Logged {
+    fn finish(&mut self, flag: Option<Flag>, error: Option<String>) {
+        if let Some(mut r) = self.record.take() {
+            if r.flag.is_none() {
+                r.flag = flag;
+            }
+            if error.is_some() {
+                r.error = error;
+            }
+            r.finish(&self.metrics);
+        }
+    }
+}
+
+impl hyper::body::Body for Logged {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => self.finish(None, None),
+            Poll::Ready(Some(Err(e))) => {
+                let e = e.to_string();
+                self.finish(Some(Flag::UpstreamReset), Some(e));
+            }
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        // Dropped before its end: the client went away mid-response.
+        self.finish(Some(Flag::DownstreamReset), None);
+    }
+}
