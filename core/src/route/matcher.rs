@@ -4,6 +4,8 @@
 //! Owns how one value is compared; which matches form a rule is `compile`'s, the order of rules
 //! `decide`'s.
 
+use std::borrow::Cow;
+
 use regex::{Regex, RegexBuilder};
 
 use super::spec_istio::StringMatch;
@@ -142,11 +144,19 @@ fn percent_decode(s: &str) -> String {
 
 /// A header's value as matchers see it: all its values joined by `,` (as Envoy does); `None`
 /// when absent.
-pub(crate) fn header_value(headers: &http::HeaderMap, name: &str) -> Option<String> {
-    let mut values = headers.get_all(name).iter().peekable();
-    values.peek()?;
-    let joined: Vec<&str> = values.map(|v| v.to_str().unwrap_or("")).collect();
-    Some(joined.join(","))
+pub(crate) fn header_value<'a>(headers: &'a http::HeaderMap, name: &str) -> Option<Cow<'a, str>> {
+    let mut values = headers.get_all(name).iter();
+    let first = values.next()?.to_str().unwrap_or("");
+    let mut rest = values.peekable();
+    if rest.peek().is_none() {
+        return Some(Cow::Borrowed(first));
+    }
+    let mut joined = first.to_string();
+    for v in rest {
+        joined.push(',');
+        joined.push_str(v.to_str().unwrap_or(""));
+    }
+    Some(Cow::Owned(joined))
 }
 
 #[cfg(test)]

@@ -8,11 +8,14 @@
 //! silently.
 //!
 //! Submodules: `schema` (known fields, type checks, unknown-field reports), `spec_istio` /
-//! `spec_gateway` (serde types), `validate` (per-resource checks), `hosts` (host names → service
-//! keys, [`references`]), `matcher` (compiled matches), `compile` (building the table),
-//! `decide` (the per-request decision), `rewrite` (paths, redirects, header edits), [`lb`].
+//! `spec_gateway` (serde types), `validate` (+ `validate_istio`, `validate_gateway`: per-resource
+//! checks), `hosts` (host names → service keys, [`references`]), `matcher` (compiled matches),
+//! `compile` (+ `compile_istio`, `compile_gateway`: building the table), `decide` (the
+//! per-request decision), `rewrite` (paths, redirects, header edits), [`lb`].
 
 mod compile;
+mod compile_gateway;
+mod compile_istio;
 mod decide;
 mod hosts;
 pub mod lb;
@@ -22,6 +25,8 @@ mod schema;
 pub mod spec_gateway;
 pub mod spec_istio;
 mod validate;
+mod validate_gateway;
+mod validate_istio;
 
 use std::fmt;
 
