@@ -1,12 +1,16 @@
 //! `echo` binary entry point: the clap command line, tracing setup, the tokio
-//! runtime, and dispatch to the `serve`, `who` and `bench-*` subcommands.
+//! runtime, and dispatch to the `serve`, `who`, `grpc-call`, `ws` and `bench-*` subcommands.
 //! Errors are reported as one `echo: error: ...` line on stderr with exit code 1
 //! (clap usage errors exit 2).
 
 mod bench;
 mod client;
+mod grpc_call;
+mod grpc_serve;
+mod http_serve;
 mod serve;
 mod who;
+mod ws_call;
 
 use std::io::IsTerminal as _;
 use std::process::ExitCode;
@@ -24,8 +28,13 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Serve the WHO / ECHO / SINK protocol on one or more dual-stack ports.
+    /// Serve the WHO / ECHO / SINK protocol, and HTTP / h2c / WebSocket / gRPC echo, on
+    /// dual-stack ports.
     Serve(serve::ServeArgs),
+    /// Call the gRPC echo service; prints a JSON line per reply and per final status.
+    GrpcCall(grpc_call::GrpcCallArgs),
+    /// WebSocket echo client: sends messages and prints each echo.
+    Ws(ws_call::WsArgs),
     /// Send WHO requests and print the client's view plus each JSON reply.
     Who(who::WhoArgs),
     /// Benchmark: sequential request/response latency over one ECHO connection.
@@ -66,6 +75,8 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => serve::run(args).await,
             Command::Who(args) => who::run(args).await,
+            Command::GrpcCall(args) => grpc_call::run(args).await,
+            Command::Ws(args) => ws_call::run(args).await,
             Command::BenchRr(args) => bench::run_rr(args).await,
             Command::BenchConn(args) => bench::run_conn(args).await,
             Command::BenchBulk(args) => bench::run_bulk(args).await,

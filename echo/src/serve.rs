@@ -1,6 +1,7 @@
 //! `echo serve`: dual-stack listeners (`[::]:PORT`, IPV6_V6ONLY off) and the
 //! per-connection protocol handler (WHO / ECHO / SINK / error), logging one
-//! line per connection. Runs until SIGINT or SIGTERM.
+//! line per connection; HTTP and gRPC ports are handed to `http_serve`.
+//! Runs until SIGINT or SIGTERM.
 
 use std::net::{Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -16,11 +17,22 @@ use tokio::io::{AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{info, warn};
 
+use crate::http_serve;
+
 #[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("any_port").required(true).multiple(true)
+    .args(["ports", "http_ports", "grpc_ports"])))]
 pub struct ServeArgs {
-    /// Port to listen on as [::]:PORT (dual-stack); repeat for several ports.
-    #[arg(long = "port", value_name = "PORT", required = true)]
+    /// Line-protocol (WHO/ECHO/SINK) port, as [::]:PORT (dual-stack); repeatable.
+    #[arg(long = "port", value_name = "PORT")]
     pub ports: Vec<u16>,
+    /// HTTP port (HTTP/1.1 + h2c; echo-basic JSON replies, WebSocket echo, gRPC); repeatable.
+    #[arg(long = "http-port", value_name = "PORT")]
+    pub http_ports: Vec<u16>,
+    /// gRPC port: the same server as --http-port (gRPC is told apart by content-type),
+    /// named separately for manifests; repeatable.
+    #[arg(long = "grpc-port", value_name = "PORT")]
+    pub grpc_ports: Vec<u16>,
     /// Name reported as `served_by` [default: $POD_NAME, else the hostname].
     #[arg(long, env = "POD_NAME", value_name = "NAME")]
     pub name: Option<String>,
@@ -32,17 +44,36 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         None => hostname().unwrap_or_else(|| "unknown".to_owned()).into(),
     };
 
+    let env = |k: &str| std::env::var(k).unwrap_or_default();
+    let id = Arc::new(http_serve::Identity {
+        pod: name.to_string(),
+        namespace: std::env::var("POD_NAMESPACE").unwrap_or_else(|_| env("NAMESPACE")),
+        service: env("SERVICE_NAME"),
+        ingress: env("INGRESS_NAME"),
+    });
+
     // Bind everything first so a bad port fails the whole command up front.
-    let mut listeners = Vec::with_capacity(args.ports.len());
-    for &port in &args.ports {
+    let http_ports = args.http_ports.iter().chain(&args.grpc_ports);
+    let mut listeners = Vec::new();
+    for (&port, http) in args
+        .ports
+        .iter()
+        .map(|p| (p, false))
+        .chain(http_ports.map(|p| (p, true)))
+    {
         let listener =
             bind_dual_stack(port).with_context(|| format!("listening on [::]:{port}"))?;
-        listeners.push(listener);
+        listeners.push((listener, http));
     }
-    for listener in listeners {
+    for (listener, http) in listeners {
         let addr = listener.local_addr().context("reading listener address")?;
-        info!(%addr, name = %name, "listening");
-        tokio::spawn(accept_loop(listener, name.clone()));
+        if http {
+            info!(%addr, name = %name, "listening (http, h2c, grpc)");
+            tokio::spawn(http_serve::accept_loop(listener, id.clone()));
+        } else {
+            info!(%addr, name = %name, "listening");
+            tokio::spawn(accept_loop(listener, name.clone()));
+        }
     }
 
     shutdown_signal().await?;

@@ -16,7 +16,10 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct Server {
     child: Child,
+    /// Line-protocol ports (`--port`).
     pub ports: Vec<u16>,
+    /// HTTP ports (`--http-port`: HTTP/1.1, h2c, WebSocket, gRPC).
+    pub http_ports: Vec<u16>,
     log: PathBuf,
 }
 
@@ -28,11 +31,21 @@ impl Server {
 
     /// `echo serve` on `nports` free ports, with optional `--name` and extra env.
     pub fn start_with(nports: usize, name: Option<&str>, env: &[(&str, &str)]) -> Self {
+        Self::start_mixed(nports, 0, name, env)
+    }
+
+    /// `echo serve` on `nports` line-protocol ports and `nhttp` HTTP ports.
+    pub fn start_mixed(
+        nports: usize,
+        nhttp: usize,
+        name: Option<&str>,
+        env: &[(&str, &str)],
+    ) -> Self {
         // A port picked by binding :0 can be taken by someone else before the
         // server binds it; retry a few times rather than flake.
         let mut last_log = String::new();
         for _ in 0..5 {
-            match Self::try_start(nports, name, env) {
+            match Self::try_start(nports, nhttp, name, env) {
                 Ok(server) => return server,
                 Err(log) => last_log = log,
             }
@@ -40,20 +53,38 @@ impl Server {
         panic!("echo serve failed to start; last stderr:\n{last_log}");
     }
 
-    fn try_start(nports: usize, name: Option<&str>, env: &[(&str, &str)]) -> Result<Self, String> {
+    fn try_start(
+        nports: usize,
+        nhttp: usize,
+        name: Option<&str>,
+        env: &[(&str, &str)],
+    ) -> Result<Self, String> {
         let ports: Vec<u16> = (0..nports).map(|_| free_port()).collect();
+        let http_ports: Vec<u16> = (0..nhttp).map(|_| free_port()).collect();
+        let first = ports.iter().chain(&http_ports).next().copied().unwrap_or(0);
         let log =
-            std::env::temp_dir().join(format!("echo-test-{}-{}.log", std::process::id(), ports[0]));
+            std::env::temp_dir().join(format!("echo-test-{}-{}.log", std::process::id(), first));
         let log_file = std::fs::File::create(&log).expect("create server log file");
         let mut cmd = Command::new(BIN);
         cmd.arg("serve");
         for p in &ports {
             cmd.arg("--port").arg(p.to_string());
         }
+        for p in &http_ports {
+            cmd.arg("--http-port").arg(p.to_string());
+        }
         if let Some(name) = name {
             cmd.arg("--name").arg(name);
         }
-        cmd.env_remove("POD_NAME");
+        for k in [
+            "POD_NAME",
+            "POD_NAMESPACE",
+            "NAMESPACE",
+            "SERVICE_NAME",
+            "INGRESS_NAME",
+        ] {
+            cmd.env_remove(k);
+        }
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -63,9 +94,20 @@ impl Server {
             .stderr(Stdio::from(log_file))
             .spawn()
             .expect("spawn echo serve");
-        let mut server = Server { child, ports, log };
+        let mut server = Server {
+            child,
+            ports,
+            http_ports,
+            log,
+        };
         let deadline = Instant::now() + READY_DEADLINE;
-        for &port in &server.ports.clone() {
+        let all: Vec<u16> = server
+            .ports
+            .iter()
+            .chain(&server.http_ports)
+            .copied()
+            .collect();
+        for port in all {
             loop {
                 if let Ok(Some(status)) = server.child.try_wait() {
                     return Err(format!("exited with {status}: {}", server.log_text()));
@@ -92,6 +134,11 @@ impl Server {
 
     pub fn v4(&self) -> String {
         format!("127.0.0.1:{}", self.port())
+    }
+
+    /// `127.0.0.1:PORT` of the first HTTP port.
+    pub fn http_v4(&self) -> String {
+        format!("127.0.0.1:{}", self.http_ports[0])
     }
 
     pub fn log_text(&self) -> String {
