@@ -1,5 +1,6 @@
 //! The certificate service (`mesh.ca.v1.CertificateService`): signs workload certificates for
-//! authenticated nodes, only for identities of pods scheduled on the calling node.
+//! authenticated nodes, only for identities of pods scheduled on the calling node, and for
+//! authenticated service accounts (waypoints), only for their own identity.
 //!
 //! Owns the authorization rule and the validity policy. Certificate contents and the accepted
 //! key types (ECDSA P-256 only) are meshcore's (`ca::CertAuthority`); which pods exist is the
@@ -10,13 +11,14 @@ use std::time::Duration;
 
 use meshcore::Identity;
 use meshcore::ca::CaError;
+use meshcore::nodeauth::Principal;
 use meshcore::proto::ca::certificate_service_server::CertificateService;
 use meshcore::proto::ca::{CertificateRequest, CertificateResponse};
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
-use crate::authn::node_of;
+use crate::authn::principal_of;
 use crate::roots::Roots;
 use crate::translate::VersionedView;
 
@@ -55,7 +57,7 @@ impl CertificateService for CaService {
         &self,
         req: Request<CertificateRequest>,
     ) -> Result<Response<CertificateResponse>, Status> {
-        let node = node_of(&req)?;
+        let principal = principal_of(&req)?;
         let req = req.into_inner();
         // One consistent view of the roots for this request, even mid-rotation.
         let roots = self.roots.borrow().clone();
@@ -69,19 +71,32 @@ impl CertificateService for CaService {
                 roots.signer.trust_domain()
             )));
         }
-        let runs_here = {
-            let view = self.views.borrow();
-            let wanted = (identity.namespace.clone(), identity.service_account.clone());
-            view.view
-                .identities_by_node
-                .get(&node)
-                .is_some_and(|ids| ids.contains(&wanted))
-        };
-        if !runs_here {
-            warn!(%node, %identity, "refused certificate: no such pod on the node");
-            return Err(Status::permission_denied(format!(
-                "node {node} may not obtain identity {identity}: no pod on node {node} runs as it"
-            )));
+        match &principal {
+            Principal::Node(node) => {
+                let runs_here = {
+                    let view = self.views.borrow();
+                    let wanted = (identity.namespace.clone(), identity.service_account.clone());
+                    view.view
+                        .identities_by_node
+                        .get(node)
+                        .is_some_and(|ids| ids.contains(&wanted))
+                };
+                if !runs_here {
+                    warn!(%node, %identity, "refused certificate: no such pod on the node");
+                    return Err(Status::permission_denied(format!(
+                        "node {node} may not obtain identity {identity}: no pod on node {node} runs as it"
+                    )));
+                }
+            }
+            Principal::ServiceAccount(ns, sa) => {
+                if identity.namespace != *ns || identity.service_account != *sa {
+                    warn!(caller = %principal, %identity, "refused certificate: not its own identity");
+                    return Err(Status::permission_denied(format!(
+                        "service account {ns}/{sa} may obtain only its own identity spiffe://{}/ns/{ns}/sa/{sa}, not {identity}",
+                        identity.trust_domain
+                    )));
+                }
+            }
         }
         let validity = self.validity(req.validity_seconds);
         let leaf = roots
@@ -95,7 +110,7 @@ impl CertificateService for CaService {
                 | CaError::BadValidity(_) => Status::invalid_argument(e.to_string()),
                 other => Status::internal(format!("signing failed: {other}")),
             })?;
-        info!(%node, %identity, ?validity, "issued certificate");
+        info!(caller = %principal, %identity, ?validity, "issued certificate");
         Ok(Response::new(CertificateResponse {
             cert_chain_pem: vec![leaf],
             trust_bundle_pem: roots.bundle.clone(),

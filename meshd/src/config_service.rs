@@ -1,13 +1,16 @@
-//! The config stream (`mesh.config.v1.ConfigService`): each authenticated node gets a snapshot
-//! of the mesh view and then only what changed.
+//! The config stream (`mesh.config.v1.ConfigService`): each authenticated node (or waypoint)
+//! gets a snapshot of its part of the mesh view and then only what changed.
 //!
-//! Owns per-subscriber state (what it was last sent), the node check and what of the mesh a node
-//! is told ([`view_for_node`]). Does not translate resources and does not decide what a diff
-//! contains (see `delta`); the token was checked by `authn`'s interceptor before this runs.
+//! Owns per-subscriber state (what it was last sent), who may subscribe as what (a node token
+//! for its node, a service-account token for the waypoint Gateway that runs as it), and what of
+//! the mesh each is told ([`view_for_node`], [`view_for_waypoint`]). Does not translate
+//! resources and does not decide what a diff contains (see `delta`); the token was checked by
+//! `authn`'s interceptor before this runs.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+use meshcore::nodeauth::Principal;
 use meshcore::proto::config::config_service_server::ConfigService;
 use meshcore::proto::config::{ConfigUpdate, SubscribeRequest};
 use tokio::sync::{mpsc, watch};
@@ -15,7 +18,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::{debug, info};
 
-use crate::authn::node_of;
+use crate::authn::principal_of;
 use crate::delta;
 use crate::translate::{MeshView, VersionedView};
 
@@ -89,8 +92,6 @@ pub fn view_for_node(view: &MeshView, node: &str, root_namespace: &str) -> MeshV
         workloads,
         services: view.services.clone(),
         policies,
-        // Route resources are for waypoints, which subscribe with their own scope.
-        routes: Default::default(),
         trust_bundle: view.trust_bundle.clone(),
         identities_by_node: view
             .identities_by_node
@@ -98,6 +99,158 @@ pub fn view_for_node(view: &MeshView, node: &str, root_namespace: &str) -> MeshV
             .filter(|(n, _)| n.as_str() == node)
             .map(|(n, ids)| (n.clone(), ids.clone()))
             .collect(),
+        // Route resources are for waypoints, which subscribe with their own scope.
+        ..Default::default()
+    }
+}
+
+/// What the waypoint of Gateway `gateway` ("ns/name") is sent: what it needs to route the
+/// traffic bound to it, no more.
+///
+/// - The Services bound to it (service binding), and the Services the routes attached to those
+///   send to.
+/// - The route resources attached to its bound Services, and the DestinationRules of every
+///   Service it is sent (subsets, load balancing).
+/// - The workloads that are endpoints of those Services, and those bound to it (workload
+///   binding), without their netns path and annotations (their nodes' business).
+/// - The trust bundle. No policies (L7 policy comes later) and no node identities.
+pub fn view_for_waypoint(view: &MeshView, gateway: &str) -> MeshView {
+    let bound_to_us = |b: Option<&meshcore::proto::config::WaypointBinding>| {
+        b.is_some_and(|b| b.gateway == gateway)
+    };
+    let bound: BTreeSet<&str> = view
+        .services
+        .values()
+        .filter(|s| bound_to_us(s.waypoint.as_ref()))
+        .map(|s| s.key.as_str())
+        .collect();
+    let mut wanted: BTreeSet<&str> = bound.clone();
+    let mut routes = BTreeMap::new();
+    let refs = |key: &str| view.route_refs.get(key);
+    for (key, r) in view
+        .routes
+        .iter()
+        .filter(|(_, r)| r.kind != "DestinationRule")
+    {
+        let Some(refs) = refs(key) else { continue };
+        if refs.attaches_to.iter().any(|s| bound.contains(s.as_str())) {
+            routes.insert(key.clone(), r.clone());
+            wanted.extend(refs.sends_to.iter().map(String::as_str));
+        }
+    }
+    for (key, r) in view
+        .routes
+        .iter()
+        .filter(|(_, r)| r.kind == "DestinationRule")
+    {
+        if refs(key).is_some_and(|f| f.attaches_to.iter().any(|s| wanted.contains(s.as_str()))) {
+            routes.insert(key.clone(), r.clone());
+        }
+    }
+    let services: BTreeMap<String, _> = view
+        .services
+        .iter()
+        .filter(|(k, _)| wanted.contains(k.as_str()))
+        .map(|(k, s)| (k.clone(), s.clone()))
+        .collect();
+    let endpoints: BTreeSet<&str> = services
+        .values()
+        .flat_map(|s| s.endpoints.iter().map(|e| e.workload_uid.as_str()))
+        .collect();
+    let workloads = view
+        .workloads
+        .iter()
+        .filter(|(k, w)| endpoints.contains(k.as_str()) || bound_to_us(w.waypoint.as_ref()))
+        .map(|(k, w)| {
+            let mut w = w.clone();
+            w.netns.clear();
+            w.annotations.clear();
+            (k.clone(), w)
+        })
+        .collect();
+    MeshView {
+        workloads,
+        services,
+        routes,
+        trust_bundle: view.trust_bundle.clone(),
+        ..Default::default()
+    }
+}
+
+/// Whom a subscription is for.
+#[derive(Debug, Clone)]
+enum Scope {
+    Node(String),
+    /// A waypoint, by its Gateway's "ns/name".
+    Waypoint(String),
+}
+
+impl Scope {
+    fn view(&self, view: &MeshView, root_namespace: &str) -> MeshView {
+        match self {
+            Scope::Node(node) => view_for_node(view, node, root_namespace),
+            Scope::Waypoint(gw) => view_for_waypoint(view, gw),
+        }
+    }
+}
+
+impl std::fmt::Display for Scope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Scope::Node(n) => write!(f, "node {n}"),
+            Scope::Waypoint(gw) => write!(f, "waypoint {gw}"),
+        }
+    }
+}
+
+/// What the principal may subscribe to with `req`, or why not.
+fn authorize(
+    principal: Principal,
+    req: SubscribeRequest,
+    view: &MeshView,
+) -> Result<Scope, Status> {
+    match principal {
+        Principal::Node(caller) => {
+            if !req.waypoint.is_empty() {
+                return Err(Status::permission_denied(format!(
+                    "node {caller} may not subscribe as waypoint {:?}: a waypoint authenticates with its service-account token (`meshd workload-token`)",
+                    req.waypoint
+                )));
+            }
+            if req.node != caller {
+                return Err(Status::permission_denied(format!(
+                    "token is for node {caller:?} but the subscription is for node {:?}",
+                    req.node
+                )));
+            }
+            Ok(Scope::Node(caller))
+        }
+        Principal::ServiceAccount(ns, sa) => {
+            let denied = |why: String| {
+                Status::permission_denied(format!(
+                    "service account {ns}/{sa} may not subscribe as waypoint {:?}: {why}",
+                    req.waypoint
+                ))
+            };
+            let Some((gw_ns, gw)) = req.waypoint.split_once('/') else {
+                return Err(denied(
+                    "a service account subscribes as its waypoint: set `waypoint` to \"<namespace>/<gateway>\"".into(),
+                ));
+            };
+            if gw_ns != ns {
+                return Err(denied(format!("the Gateway is not in namespace {ns}")));
+            }
+            let Some(w) = view.waypoints.get(&req.waypoint) else {
+                return Err(denied(format!("there is no waypoint Gateway {gw_ns}/{gw}")));
+            };
+            if w.service_account() != sa {
+                return Err(denied(format!(
+                    "its waypoint runs as service account {}",
+                    w.service_account()
+                )));
+            }
+            Ok(Scope::Waypoint(req.waypoint))
+        }
     }
 }
 
@@ -109,21 +262,16 @@ impl ConfigService for ConfigStream {
         &self,
         req: Request<SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        let caller = node_of(&req)?;
-        let node = req.into_inner().node;
-        if node != caller {
-            return Err(Status::permission_denied(format!(
-                "token is for node {caller:?} but the subscription is for node {node:?}"
-            )));
-        }
+        let principal = principal_of(&req)?;
+        let scope = authorize(principal, req.into_inner(), &self.views.borrow().view)?;
         let (tx, rx) = mpsc::channel(QUEUE);
         let mut views = self.views.clone();
         let mut shutdown = self.shutdown.clone();
         let root_namespace = self.root_namespace.clone();
         tokio::spawn(async move {
             let current = views.borrow_and_update().clone();
-            let mut sent = view_for_node(&current.view, &node, &root_namespace);
-            info!(%node, version = current.version, "node subscribed; sending snapshot");
+            let mut sent = scope.view(&current.view, &root_namespace);
+            info!(subscriber = %scope, version = current.version, "subscribed; sending snapshot");
             if tx
                 .send(Ok(delta::snapshot(&sent, current.version)))
                 .await
@@ -138,16 +286,16 @@ impl ConfigService for ConfigStream {
                     _ = shutdown.wait_for(|s| *s) => break,
                 }
                 let current = views.borrow_and_update().clone();
-                let next = view_for_node(&current.view, &node, &root_namespace);
+                let next = scope.view(&current.view, &root_namespace);
                 if let Some(update) = delta::delta(&sent, &next, current.version) {
-                    debug!(%node, version = current.version, "sending update");
+                    debug!(subscriber = %scope, version = current.version, "sending update");
                     if tx.send(Ok(update)).await.is_err() {
                         break;
                     }
                 }
                 sent = next;
             }
-            info!(%node, "subscription ended");
+            info!(subscriber = %scope, "subscription ended");
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }

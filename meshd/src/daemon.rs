@@ -23,11 +23,12 @@ use crate::ca_service::CaService;
 use crate::config_service::ConfigStream;
 use crate::listener::{self, ListenerError};
 use crate::local_source::{LocalSource, SourceError};
+use crate::outputs::{OutputError, Outputs};
 use crate::resources::ResourceSet;
 use crate::roots::{self, Roots};
 use crate::settings::Listen;
 use crate::state::{self, StateError};
-use crate::translate::{self, Settings, VersionedView};
+use crate::translate::{self, RouteOrder, Settings, VersionedView};
 
 /// How long open connections get to finish after shutdown starts.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -71,6 +72,16 @@ pub enum RunError {
     Tls(#[from] ListenerError),
     #[error("gRPC server: {0}")]
     Serve(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    Outputs(#[from] OutputError),
+}
+
+/// What `meshd run` does beyond serving (kept out of [`RunConfig`] so its users need not
+/// change when an option is added).
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Where rendered waypoint objects and status are written (`--write-dir`; see `outputs`).
+    pub write_dir: Option<PathBuf>,
 }
 
 /// Runs until `shutdown` completes, then stops accepting, ends open config streams and
@@ -79,7 +90,17 @@ pub async fn run(
     cfg: RunConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
+    run_with(cfg, RunOptions::default(), shutdown).await
+}
+
+/// [`run`] with [`RunOptions`].
+pub async fn run_with(
+    cfg: RunConfig,
+    opts: RunOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
     state::ensure_dir(&cfg.state_dir)?;
+    let outputs = opts.write_dir.as_deref().map(Outputs::new).transpose()?;
     let auth = Arc::new(state::node_authority(&cfg.state_dir)?);
     let ca_dir = state::ca_dir(&cfg.state_dir);
     let first = roots::load(&ca_dir, &cfg.settings.trust_domain)?;
@@ -92,6 +113,9 @@ pub async fn run(
 
     let (_source, resources) = LocalSource::start(&cfg.config_dir, cfg.poll_interval)?;
     let views = spawn_translation(resources, cfg.settings.clone(), roots.clone());
+    if let Some(outputs) = outputs {
+        spawn_outputs(outputs, views.clone());
+    }
 
     let (stop_tx, stop_rx) = watch::channel(false);
     // Every service authenticates in an interceptor, which runs on the headers: no body of an
@@ -170,7 +194,10 @@ fn spawn_translation(
         roots_pem: r.bundle.clone(),
     };
     let trust_bundle = bundle(&roots.borrow_and_update());
-    let first = translate::translate(&resources.borrow_and_update(), &settings, &trust_bundle);
+    let mut order = RouteOrder::default();
+    let set = resources.borrow_and_update().clone();
+    order.update(&set);
+    let first = translate::translate_ordered(&set, &settings, &trust_bundle, &order);
     info!(
         workloads = first.workloads.len(),
         services = first.services.len(),
@@ -193,7 +220,8 @@ fn spawn_translation(
                 trust_domain: settings.trust_domain.clone(),
                 roots_pem: roots.borrow_and_update().bundle.clone(),
             };
-            let view = translate::translate(&set, &settings, &trust_bundle);
+            order.update(&set);
+            let view = translate::translate_ordered(&set, &settings, &trust_bundle, &order);
             tx.send_if_modified(|cur| {
                 if cur.view == view {
                     return false;
@@ -204,6 +232,8 @@ fn spawn_translation(
                     workloads = view.workloads.len(),
                     services = view.services.len(),
                     policies = view.policies.len(),
+                    routes = view.routes.len(),
+                    waypoints = view.waypoints.len(),
                     "mesh view changed"
                 );
                 *cur = Arc::new(VersionedView { version, view });
@@ -212,4 +242,18 @@ fn spawn_translation(
         }
     });
     rx
+}
+
+/// Writes every published view's objects and status (`--write-dir`) until the views end.
+fn spawn_outputs(mut outputs: Outputs, mut views: watch::Receiver<Arc<VersionedView>>) {
+    tokio::spawn(async move {
+        loop {
+            let current = views.borrow_and_update().clone();
+            // Small files, written only when changed: not worth a blocking-pool hop.
+            outputs.write(&current.view);
+            if views.changed().await.is_err() {
+                return;
+            }
+        }
+    });
 }

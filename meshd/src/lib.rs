@@ -3,19 +3,25 @@
 //! and runs the certificate authority.
 //!
 //! Data flow: `local_source` (via `parse`) → `ResourceSet` → `translate` → `MeshView` → `config_service`
-//! (via `delta`) and `ca_service`; `daemon` wires them, `main.rs` is the CLI.
+//! (via `delta`) and `ca_service`; `daemon` wires them, `main.rs` is the CLI. Waypoint Gateways
+//! are rendered by `waypoints`, their status computed by `status`, and both written by `outputs`.
 
 pub mod authn;
+pub mod binding;
 pub mod ca_service;
 pub mod config_service;
 pub mod daemon;
 pub mod delta;
 pub mod listener;
 pub mod local_source;
+pub mod outputs;
 pub mod parse;
 pub mod resources;
 pub mod roots;
+pub mod route_check;
 pub mod schema;
 pub mod settings;
 pub mod state;
+pub mod status;
 pub mod translate;
+pub mod waypoints;

@@ -291,9 +291,11 @@ impl Scanner {
                 for w in &p.warnings {
                     warn!(file = %name, "{w}");
                 }
-                info!(file = %name, "loaded {name}: {} resources", p.resources.len());
-                let changed = state.resources != p.resources;
-                state.resources = p.resources;
+                let mut resources = p.resources;
+                keep_last_good_routes(&mut resources, &state.resources, &p.rejected, &name);
+                info!(file = %name, "loaded {name}: {} resources", resources.len());
+                let changed = state.resources != resources;
+                state.resources = resources;
                 changed
             }
             Err(e) => {
@@ -324,6 +326,32 @@ impl Scanner {
             }
         }
         set
+    }
+}
+
+/// A route resource refused on its own keeps its last good version from this file (marked
+/// with why its newer version was refused); one that never was good is left out.
+fn keep_last_good_routes(
+    resources: &mut Vec<Resource>,
+    before: &[Resource],
+    rejected: &[parse::Rejected],
+    file: &str,
+) {
+    for r in rejected {
+        let last_good = before.iter().find_map(|old| match old {
+            Resource::Route(route) if route.key() == r.key => Some(route.clone()),
+            _ => None,
+        });
+        match last_good {
+            Some(mut route) => {
+                error!(file = %file, "error in {}; keeping its last good version", r.error);
+                route.rejected = Some(r.error.clone());
+                resources.push(Resource::Route(route));
+            }
+            None => {
+                error!(file = %file, "error in {}; not applied (no earlier good version)", r.error)
+            }
+        }
     }
 }
 

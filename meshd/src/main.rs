@@ -1,4 +1,5 @@
-//! The `meshd` command line: `run` the control plane, or print a `node-token`.
+//! The `meshd` command line: `run` the control plane, or print a `node-token` or a
+//! `workload-token`.
 //!
 //! Owns argument parsing, logging setup and signal handling; everything else is in the library.
 
@@ -9,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use meshd::daemon::{self, RunConfig};
+use meshd::daemon::{self, RunConfig, RunOptions};
 use meshd::settings::{Listen, parse_duration};
 use meshd::state;
 use meshd::translate::Settings;
@@ -38,6 +39,20 @@ enum Cmd {
         /// The node name.
         #[arg(long)]
         node: String,
+        /// How long the token is valid, e.g. 12h, 30d. Mint a new one before it expires.
+        #[arg(long, default_value = "30d", value_parser = parse_duration)]
+        ttl: Duration,
+    },
+    /// Print a token a waypoint authenticates with as its service account
+    /// (`sa:<namespace>:<service account>:<expiry>:<mac>`).
+    WorkloadToken {
+        /// meshd's state directory (the token derives from its secret, created if missing).
+        #[arg(long)]
+        state_dir: PathBuf,
+        #[arg(long)]
+        namespace: String,
+        #[arg(long)]
+        service_account: String,
         /// How long the token is valid, e.g. 12h, 30d. Mint a new one before it expires.
         #[arg(long, default_value = "30d", value_parser = parse_duration)]
         ttl: Duration,
@@ -93,6 +108,10 @@ struct RunArgs {
     cert_lifetime: Duration,
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Write what meshd renders (waypoint objects, `DIR/objects/<ns>.<gw>.yaml`) and status
+    /// (`DIR/status/<Kind>.<ns>.<name>.json`) here, for local mode's controller.
+    #[arg(long)]
+    write_dir: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -109,6 +128,12 @@ fn main() -> ExitCode {
             node,
             ttl,
         } => node_token(&state_dir, &node, ttl),
+        Cmd::WorkloadToken {
+            state_dir,
+            namespace,
+            service_account,
+            ttl,
+        } => workload_token(&state_dir, &namespace, &service_account, ttl),
         Cmd::Run(args) => run(args),
         Cmd::Ca { step } => ca_step(step),
     };
@@ -129,6 +154,26 @@ fn node_token(state_dir: &std::path::Path, node: &str, ttl: Duration) -> anyhow:
     );
     let auth = state::node_authority(state_dir)?;
     println!("{}", auth.token(node, ttl));
+    Ok(())
+}
+
+fn workload_token(
+    state_dir: &std::path::Path,
+    namespace: &str,
+    service_account: &str,
+    ttl: Duration,
+) -> anyhow::Result<()> {
+    for (what, v) in [
+        ("namespace", namespace),
+        ("service account", service_account),
+    ] {
+        anyhow::ensure!(
+            !v.is_empty() && !v.contains(':'),
+            "{what} must be non-empty and contain no ':'"
+        );
+    }
+    let auth = state::node_authority(state_dir)?;
+    println!("{}", auth.sa_token(namespace, service_account, ttl));
     Ok(())
 }
 
@@ -174,10 +219,13 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         cert_lifetime: args.cert_lifetime,
         poll_interval: Duration::from_millis(250),
     };
+    let opts = RunOptions {
+        write_dir: args.write_dir,
+    };
     let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
     rt.block_on(async {
         let shutdown = shutdown_signal()?;
-        daemon::run(cfg, shutdown)
+        daemon::run_with(cfg, opts, shutdown)
             .await
             .map_err(anyhow::Error::from)
     })

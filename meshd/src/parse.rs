@@ -12,8 +12,10 @@ use serde::Deserialize;
 use serde_json::Value;
 use serde_saphyr::Spanned;
 
-use crate::resources::{IntOrString, ObjectMeta, Policy, PolicyKind, Resource, is_tcp};
-use crate::schema;
+use crate::resources::{
+    IntOrString, ObjectMeta, Passive, Policy, PolicyKind, Resource, Route, is_tcp,
+};
+use crate::{route_check, schema, waypoints};
 
 /// The largest manifest file meshd reads (shared with local mode, as are the parser's budgets).
 pub const MAX_FILE_BYTES: u64 = meshcore::manifest::MAX_FILE_BYTES;
@@ -44,6 +46,18 @@ pub struct ParsedFile {
     pub resources: Vec<Resource>,
     /// Human-readable, each naming the document, the object and the field.
     pub warnings: Vec<String>,
+    /// Route resources refused on their own (the rest of the file applies; the source keeps
+    /// each one's last good version).
+    pub rejected: Vec<Rejected>,
+}
+
+/// A route resource that failed validation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    /// `"Kind/ns/name"`, as [`Route::key`].
+    pub key: String,
+    /// Names the file, the document, the resource and the field.
+    pub error: String,
 }
 
 /// The 1-based number of the document that `line` (1-based) is in, counted the way a YAML
@@ -125,13 +139,41 @@ pub fn parse_file(file: &str, text: &str) -> Result<ParsedFile, ParseError> {
         };
         let resource = typed(kind, value.clone()).map_err(|e| invalid(kind, e))?;
         let what = resource.describe();
-        if resource_name(&resource).is_empty() {
+        if resource.metadata().name.is_empty() {
             return Err(invalid(&what, "metadata.name is required".into()));
         }
         validate(&resource).map_err(|e| invalid(&what, e))?;
         for field in schema::unsupported_fields(schema, &value) {
             out.warnings.push(format!(
                 "{file}: document {n}: {what}: field {field} is not supported by meshd; ignored"
+            ));
+        }
+        let mut resource = resource;
+        if let Resource::Route(route) = &mut resource {
+            // A bad route is refused on its own: the file's other resources still apply.
+            let checked = route_check::check(route);
+            for note in &checked.notes {
+                out.warnings.push(format!("{file}: document {n}: {note}"));
+            }
+            route.notes = checked.notes;
+            if !checked.errors.is_empty() {
+                out.rejected.push(Rejected {
+                    key: route.key(),
+                    error: format!(
+                        "{file}: document {n} ({what}): {}",
+                        checked.errors.join("; ")
+                    ),
+                });
+                continue;
+            }
+        }
+        if let Resource::Gateway(g) = &resource
+            && !waypoints::is_waypoint_class(g)
+        {
+            out.warnings.push(format!(
+                "{file}: document {n}: {what}: gatewayClassName {:?} is not handled by meshd (only {}); ignored",
+                g.spec.gateway_class_name,
+                waypoints::WAYPOINT_CLASS
             ));
         }
         if let Resource::Service(s) = &resource {
@@ -163,15 +205,6 @@ pub fn parse_file(file: &str, text: &str) -> Result<ParsedFile, ParseError> {
     Ok(out)
 }
 
-fn resource_name(r: &Resource) -> &str {
-    match r {
-        Resource::Namespace(n) => &n.metadata.name,
-        Resource::Pod(p) => &p.metadata.name,
-        Resource::Service(s) => &s.metadata.name,
-        Resource::Policy(p) => &p.metadata.name,
-    }
-}
-
 fn typed(kind: &str, value: Value) -> Result<Resource, String> {
     let policy = |kind: PolicyKind, value: Value| -> Result<Resource, String> {
         let metadata =
@@ -196,6 +229,18 @@ fn typed(kind: &str, value: Value) -> Result<Resource, String> {
         "Service" => Resource::Service(serde_json::from_value(value).map_err(|e| e.to_string())?),
         "AuthorizationPolicy" => policy(PolicyKind::AuthorizationPolicy, value)?,
         "PeerAuthentication" => policy(PolicyKind::PeerAuthentication, value)?,
+        "Gateway" => Resource::Gateway(serde_json::from_value(value).map_err(|e| e.to_string())?),
+        "Deployment" | "ServiceAccount" => Resource::Passive(Passive {
+            kind: kind.to_string(),
+            metadata: metadata(&value)?,
+        }),
+        k if crate::resources::ROUTE_KINDS.contains(&k) => Resource::Route(Route {
+            kind: kind.to_string(),
+            metadata: metadata(&value)?,
+            spec: value.get("spec").cloned().unwrap_or(Value::Null),
+            notes: Vec::new(),
+            rejected: None,
+        }),
         other => return Err(format!("kind {other} has no typed form")),
     };
     match &mut r {
@@ -203,8 +248,16 @@ fn typed(kind: &str, value: Value) -> Result<Resource, String> {
         Resource::Pod(p) => p.metadata.default_namespace(),
         Resource::Service(s) => s.metadata.default_namespace(),
         Resource::Policy(p) => p.metadata.default_namespace(),
+        Resource::Gateway(g) => g.metadata.default_namespace(),
+        Resource::Route(r) => r.metadata.default_namespace(),
+        Resource::Passive(p) => p.metadata.default_namespace(),
     }
     Ok(r)
+}
+
+fn metadata(value: &Value) -> Result<ObjectMeta, String> {
+    ObjectMeta::deserialize(value.get("metadata").cloned().unwrap_or(Value::Null))
+        .map_err(|e| format!("metadata: {e}"))
 }
 
 fn validate(r: &Resource) -> Result<(), String> {
@@ -252,6 +305,18 @@ fn validate(r: &Resource) -> Result<(), String> {
             Ok(())
         }
         Resource::Policy(p) => validate_policy(p),
+        Resource::Gateway(g) => {
+            for (i, l) in g.spec.listeners.iter().enumerate() {
+                if l.name.is_empty() {
+                    return Err(format!("spec.listeners[{i}].name: required"));
+                }
+                if l.port == 0 {
+                    return Err(format!("spec.listeners[{i}].port: must be 1-65535"));
+                }
+            }
+            Ok(())
+        }
+        Resource::Route(_) | Resource::Passive(_) => Ok(()),
     }
 }
 
@@ -432,8 +497,8 @@ spec: {action: DENY, rules: [{}]}
     fn unknown_kinds_and_fields_are_warned() {
         let text = "\
 apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: vs}
+kind: ServiceEntry
+metadata: {name: se}
 ---
 apiVersion: v1
 kind: Service
@@ -443,7 +508,7 @@ spec: {type: NodePort, ports: [{port: 80, nodePort: 30080}]}
         let parsed = parse_file("w.yaml", text).unwrap();
         assert_eq!(parsed.resources.len(), 1);
         let w = parsed.warnings.join("\n");
-        assert!(w.contains("w.yaml: document 1: kind VirtualService"), "{w}");
+        assert!(w.contains("w.yaml: document 1: kind ServiceEntry"), "{w}");
         assert!(w.contains("Service default/s: field spec.type"), "{w}");
         assert!(w.contains("field spec.ports[0].nodePort"), "{w}");
         assert!(

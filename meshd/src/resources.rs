@@ -1,6 +1,7 @@
-//! The Kubernetes-style resources users write (Namespace, Pod, Service, and Istio's
-//! PeerAuthentication / AuthorizationPolicy), parsed from YAML or JSON files, and the merged
-//! [`ResourceSet`] every source produces.
+//! The Kubernetes-style resources users write (Namespace, Pod, Service, Istio's
+//! PeerAuthentication / AuthorizationPolicy, Gateway API Gateways, the L7 route kinds, and
+//! Deployments / ServiceAccounts, which meshd only passes over), parsed from YAML or JSON files,
+//! and the merged [`ResourceSet`] every source produces.
 //!
 //! Owns the typed model and resource keys. Parsing text is `parse`'s job; what the data plane
 //! gets from these is `translate`'s. Any source (files, a Kubernetes watch) fills a ResourceSet.
@@ -31,6 +32,11 @@ pub struct ObjectMeta {
     pub labels: BTreeMap<String, String>,
     #[serde(default, deserialize_with = "null_default")]
     pub annotations: BTreeMap<String, String>,
+    /// Set by the API server; owner references to the object carry it when known.
+    #[serde(default)]
+    pub uid: Option<String>,
+    #[serde(default)]
+    pub generation: Option<i64>,
 }
 
 impl ObjectMeta {
@@ -197,6 +203,8 @@ pub struct ServicePort {
     pub target_port: Option<IntOrString>,
     #[serde(default)]
     pub protocol: Option<String>,
+    #[serde(default)]
+    pub app_protocol: Option<String>,
 }
 
 impl ServicePort {
@@ -243,12 +251,99 @@ pub struct Policy {
     pub spec: Value,
 }
 
+/// A Gateway API `Gateway` (meshd acts on `istio-waypoint` ones: see `waypoints`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Gateway {
+    pub metadata: ObjectMeta,
+    #[serde(default, deserialize_with = "null_default")]
+    pub spec: GatewaySpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewaySpec {
+    #[serde(default)]
+    pub gateway_class_name: String,
+    #[serde(default, deserialize_with = "null_default")]
+    pub listeners: Vec<Listener>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Listener {
+    #[serde(default)]
+    pub name: String,
+    pub port: u16,
+    #[serde(default)]
+    pub protocol: String,
+    #[serde(default)]
+    pub allowed_routes: Option<AllowedRoutes>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+pub struct AllowedRoutes {
+    #[serde(default)]
+    pub namespaces: Option<RouteNamespaces>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+pub struct RouteNamespaces {
+    /// `Same` (the default), `All` or `Selector`.
+    #[serde(default)]
+    pub from: Option<String>,
+    #[serde(default)]
+    pub selector: Option<LabelSelector>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LabelSelector {
+    #[serde(default, deserialize_with = "null_default")]
+    pub match_labels: BTreeMap<String, String>,
+    /// Not evaluated: a selector with expressions matches nothing (and is reported).
+    #[serde(default, deserialize_with = "null_default")]
+    pub match_expressions: Vec<Value>,
+}
+
+/// An L7 route resource (VirtualService, DestinationRule, HTTPRoute, GRPCRoute): its spec is
+/// kept as written and handed to waypoints; `meshcore::route` gives it meaning.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Route {
+    /// The Kubernetes kind, e.g. `"HTTPRoute"`.
+    pub kind: String,
+    pub metadata: ObjectMeta,
+    pub spec: Value,
+    /// Findings that do not stop it (unsupported fields, warnings), each naming the field.
+    pub notes: Vec<String>,
+    /// Set when a newer version was refused and this, the last good one, is kept: why.
+    pub rejected: Option<String>,
+}
+
+/// The route kinds meshd accepts.
+pub const ROUTE_KINDS: &[&str] = &[
+    "VirtualService",
+    "DestinationRule",
+    "HTTPRoute",
+    "GRPCRoute",
+];
+
+/// A kind meshd accepts but does not act on (Deployment, ServiceAccount): local mode's
+/// controller-manager runs Deployments; meshd sees the pods.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Passive {
+    pub kind: String,
+    pub metadata: ObjectMeta,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Resource {
     Namespace(Namespace),
     Pod(Pod),
     Service(Service),
     Policy(Policy),
+    Gateway(Gateway),
+    Route(Route),
+    Passive(Passive),
 }
 
 impl Resource {
@@ -264,7 +359,34 @@ impl Resource {
                 p.metadata.ns(),
                 p.metadata.name
             ),
+            Resource::Gateway(g) => format!("Gateway {}/{}", g.metadata.ns(), g.metadata.name),
+            Resource::Route(r) => format!("{} {}/{}", r.kind, r.metadata.ns(), r.metadata.name),
+            Resource::Passive(p) => format!("{} {}/{}", p.kind, p.metadata.ns(), p.metadata.name),
         }
+    }
+
+    pub fn metadata(&self) -> &ObjectMeta {
+        match self {
+            Resource::Namespace(n) => &n.metadata,
+            Resource::Pod(p) => &p.metadata,
+            Resource::Service(s) => &s.metadata,
+            Resource::Policy(p) => &p.metadata,
+            Resource::Gateway(g) => &g.metadata,
+            Resource::Route(r) => &r.metadata,
+            Resource::Passive(p) => &p.metadata,
+        }
+    }
+}
+
+impl Route {
+    /// `"Kind/ns/name"`, the key of [`ResourceSet::routes`] and of the config stream.
+    pub fn key(&self) -> String {
+        format!(
+            "{}/{}/{}",
+            self.kind,
+            self.metadata.ns(),
+            self.metadata.name
+        )
     }
 }
 
@@ -279,6 +401,12 @@ pub struct ResourceSet {
     pub services: BTreeMap<String, Service>,
     /// By "Kind/ns/name".
     pub policies: BTreeMap<String, Policy>,
+    /// By "ns/name".
+    pub gateways: BTreeMap<String, Gateway>,
+    /// By "Kind/ns/name".
+    pub routes: BTreeMap<String, Route>,
+    /// Deployments and ServiceAccounts, by "Kind/ns/name".
+    pub passive: BTreeMap<String, Passive>,
 }
 
 impl ResourceSet {
@@ -302,6 +430,15 @@ impl ResourceSet {
                     p.metadata.name
                 );
                 self.policies.insert(key, p).is_some()
+            }
+            Resource::Gateway(g) => self
+                .gateways
+                .insert(format!("{}/{}", g.metadata.ns(), g.metadata.name), g)
+                .is_some(),
+            Resource::Route(r) => self.routes.insert(r.key(), r).is_some(),
+            Resource::Passive(p) => {
+                let key = format!("{}/{}/{}", p.kind, p.metadata.ns(), p.metadata.name);
+                self.passive.insert(key, p).is_some()
             }
         }
     }

@@ -31,10 +31,10 @@ static META: Schema = Schema {
         ("namespace", Used),
         ("labels", Used),
         ("annotations", Used),
-        ("uid", Inert),
+        ("uid", Used),
         ("resourceVersion", Inert),
         ("creationTimestamp", Inert),
-        ("generation", Inert),
+        ("generation", Used),
         ("managedFields", Inert),
         ("selfLink", Inert),
         ("ownerReferences", Inert),
@@ -168,6 +168,7 @@ static SERVICE_PORT: Schema = Schema {
         ("port", Used),
         ("targetPort", Used),
         ("protocol", Used),
+        ("appProtocol", Used),
     ],
 };
 
@@ -206,18 +207,94 @@ static PEER_AUTHN_SPEC: Schema = Schema {
     fields: &[("selector", Used), ("mtls", Used), ("portLevelMtls", Used)],
 };
 
+static GATEWAY: Schema = Schema {
+    fields: &[
+        ("apiVersion", Used),
+        ("kind", Used),
+        ("metadata", Object(&META)),
+        ("spec", Object(&GATEWAY_SPEC)),
+        ("status", Inert),
+    ],
+};
+
+static GATEWAY_SPEC: Schema = Schema {
+    fields: &[("gatewayClassName", Used), ("listeners", List(&LISTENER))],
+};
+
+static LISTENER: Schema = Schema {
+    fields: &[
+        ("name", Used),
+        ("port", Used),
+        ("protocol", Used),
+        ("allowedRoutes", Object(&ALLOWED_ROUTES)),
+    ],
+};
+
+static ALLOWED_ROUTES: Schema = Schema {
+    fields: &[("namespaces", Used)],
+};
+
+/// Route kinds: their spec's fields are `meshcore::route`'s to check (it reports unsupported
+/// ones itself).
+static ROUTE: Schema = Schema {
+    fields: &[
+        ("apiVersion", Used),
+        ("kind", Used),
+        ("metadata", Object(&META)),
+        ("spec", Used),
+        ("status", Inert),
+    ],
+};
+
+/// Deployments: local mode's controller-manager acts on them (and checks their fields); meshd
+/// sees the pods they become.
+static DEPLOYMENT: Schema = Schema {
+    fields: &[
+        ("apiVersion", Used),
+        ("kind", Used),
+        ("metadata", Object(&META)),
+        ("spec", Inert),
+        ("status", Inert),
+    ],
+};
+
+static SERVICE_ACCOUNT: Schema = Schema {
+    fields: &[
+        ("apiVersion", Used),
+        ("kind", Used),
+        ("metadata", Object(&META)),
+        ("secrets", Inert),
+        ("imagePullSecrets", Inert),
+        ("automountServiceAccountToken", Inert),
+    ],
+};
+
 /// The schema for a supported apiVersion/kind, or None when meshd does not handle it.
 pub fn for_kind(api_version: &str, kind: &str) -> Option<&'static Schema> {
     let istio_security = matches!(
         api_version,
         "security.istio.io/v1" | "security.istio.io/v1beta1"
     );
+    let istio_networking = matches!(
+        api_version,
+        "networking.istio.io/v1" | "networking.istio.io/v1beta1" | "networking.istio.io/v1alpha3"
+    );
+    let gateway_api = matches!(
+        api_version,
+        "gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1"
+    );
     match (api_version, kind) {
         ("v1", "Namespace") => Some(&NAMESPACE),
         ("v1", "Pod") => Some(&POD),
         ("v1", "Service") => Some(&SERVICE),
+        ("v1", "ServiceAccount") => Some(&SERVICE_ACCOUNT),
+        ("apps/v1", "Deployment") => Some(&DEPLOYMENT),
         (_, "AuthorizationPolicy") if istio_security => Some(&AUTHZ),
         (_, "PeerAuthentication") if istio_security => Some(&PEER_AUTHN),
+        (_, "Gateway") if gateway_api => Some(&GATEWAY),
+        (_, "HTTPRoute") if gateway_api => Some(&ROUTE),
+        ("gateway.networking.k8s.io/v1", "GRPCRoute") => Some(&ROUTE),
+        (_, "VirtualService" | "DestinationRule") if istio_networking => Some(&ROUTE),
         _ => None,
     }
 }

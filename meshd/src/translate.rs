@@ -7,10 +7,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use meshcore::proto::config::{
-    Endpoint, Policy, RouteResource, Service, ServicePort, TrustBundle, Workload,
+    Endpoint, Policy, RouteResource, Service, ServicePort, TrustBundle, WaypointBinding, Workload,
 };
 
 use crate::resources::{self, IntOrString, Pod, ResourceSet};
+use crate::waypoints::Waypoint;
+use crate::{binding, route_check};
 
 /// Namespace (and pod) label that enrolls pods in the ambient mesh.
 pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
@@ -36,10 +38,62 @@ pub struct MeshView {
     pub policies: BTreeMap<String, Policy>,
     /// L7 route resources by "Kind/ns/name" (sent to waypoints only).
     pub routes: BTreeMap<String, RouteResource>,
+    /// What route resources' checks found (unsupported fields, a refused newer version), by
+    /// "Kind/ns/name"; only routes with something to report. For logs and status, not sent.
+    pub route_findings: BTreeMap<String, RouteFindings>,
+    /// Which Services each route resource attaches to and sends to, by "Kind/ns/name" (what
+    /// decides which waypoint is sent it). Not sent.
+    pub route_refs: BTreeMap<String, RouteRefs>,
+    /// Gateways of class istio-waypoint by "ns/name", accepted or not. Not sent.
+    pub waypoints: BTreeMap<String, Waypoint>,
     pub trust_bundle: TrustBundle,
     /// Node name → identities of the (non-terminal) pods scheduled on it, IP or not: a node may
     /// fetch a certificate before its pod has an address.
     pub identities_by_node: BTreeMap<String, BTreeSet<PodIdentity>>,
+}
+
+/// Service keys ("ns/name") a route resource attaches to and sends to.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RouteRefs {
+    pub attaches_to: Vec<String>,
+    pub sends_to: Vec<String>,
+}
+
+/// What checking a route resource found, for its status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteFindings {
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+    pub notes: Vec<String>,
+    /// Why its newest version was refused (the last good one is in force), if it was.
+    pub rejected: Option<String>,
+}
+
+/// When meshd first saw each route resource (older is smaller): Gateway API breaks ties
+/// between routes by age. A resource that goes and comes back is new again, as a re-created
+/// Kubernetes object is.
+#[derive(Debug, Clone, Default)]
+pub struct RouteOrder {
+    next: i64,
+    first_seen: BTreeMap<String, i64>,
+}
+
+impl RouteOrder {
+    /// Numbers the routes of `res` not seen before (in key order) and forgets those gone.
+    pub fn update(&mut self, res: &ResourceSet) {
+        self.first_seen.retain(|k, _| res.routes.contains_key(k));
+        for key in res.routes.keys() {
+            if !self.first_seen.contains_key(key) {
+                self.first_seen.insert(key.clone(), self.next);
+                self.next += 1;
+            }
+        }
+    }
+
+    pub fn of(&self, key: &str) -> i64 {
+        self.first_seen.get(key).copied().unwrap_or(i64::MAX)
+    }
 }
 
 /// A view as published: versions increase by one for every change.
@@ -50,6 +104,18 @@ pub struct VersionedView {
 }
 
 pub fn translate(res: &ResourceSet, settings: &Settings, trust_bundle: &TrustBundle) -> MeshView {
+    let mut order = RouteOrder::default();
+    order.update(res);
+    translate_ordered(res, settings, trust_bundle, &order)
+}
+
+/// [`translate`] with the routes' ages kept across translations (the daemon's loop).
+pub fn translate_ordered(
+    res: &ResourceSet,
+    settings: &Settings,
+    trust_bundle: &TrustBundle,
+    order: &RouteOrder,
+) -> MeshView {
     let mut view = MeshView {
         trust_bundle: trust_bundle.clone(),
         ..Default::default()
@@ -73,6 +139,12 @@ pub fn translate(res: &ResourceSet, settings: &Settings, trust_bundle: &TrustBun
         let s = service(res, svc, settings);
         view.services.insert(s.key.clone(), s);
     }
+    for g in res.gateways.values() {
+        if let Some(w) = Waypoint::from_gateway(g) {
+            view.waypoints.insert(w.key(), w);
+        }
+    }
+    bind(res, &mut view);
     for (key, p) in &res.policies {
         let policy = Policy {
             key: key.clone(),
@@ -83,7 +155,80 @@ pub fn translate(res: &ResourceSet, settings: &Settings, trust_bundle: &TrustBun
         };
         view.policies.insert(key.clone(), policy);
     }
+    for (key, r) in &res.routes {
+        let (namespace, name) = (r.metadata.ns().to_string(), r.metadata.name.clone());
+        view.routes.insert(
+            key.clone(),
+            RouteResource {
+                key: key.clone(),
+                kind: r.kind.clone(),
+                namespace: namespace.clone(),
+                name: name.clone(),
+                spec_json: r.spec.to_string(),
+                generation_order: order.of(key),
+            },
+        );
+        let refs = route_check::references(r, &settings.cluster_domain);
+        view.route_refs.insert(key.clone(), refs);
+        if !r.notes.is_empty() || r.rejected.is_some() {
+            let findings = RouteFindings {
+                kind: r.kind.clone(),
+                namespace,
+                name,
+                notes: r.notes.clone(),
+                rejected: r.rejected.clone(),
+            };
+            view.route_findings.insert(key.clone(), findings);
+        }
+    }
     view
+}
+
+/// Resolves every Service's and pod's waypoint binding (`binding`), once the Services, whose
+/// endpoints tell whether a waypoint is running, are translated.
+fn bind(res: &ResourceSet, view: &mut MeshView) {
+    let empty = BTreeMap::new();
+    let ns_labels = |ns: &str| {
+        res.namespaces
+            .get(ns)
+            .map_or(&empty, |n| &n.metadata.labels)
+    };
+    let ctx = binding::Context {
+        waypoints: &view.waypoints,
+        services: &view.services,
+    };
+    let services: Vec<(String, Option<WaypointBinding>)> = res
+        .services
+        .values()
+        .map(|s| {
+            let key = format!("{}/{}", s.metadata.ns(), s.metadata.name);
+            (
+                key,
+                binding::for_service(&s.metadata, ns_labels(s.metadata.ns()), &ctx),
+            )
+        })
+        .collect();
+    let workloads: Vec<(String, Option<WaypointBinding>)> = res
+        .pods
+        .values()
+        .map(|p| {
+            let key = format!("{}/{}", p.metadata.ns(), p.metadata.name);
+            (
+                key,
+                binding::for_pod(&p.metadata, ns_labels(p.metadata.ns()), &ctx),
+            )
+        })
+        .collect();
+    for (key, b) in services {
+        if let Some(s) = view.services.get_mut(&key) {
+            s.waypoint = b;
+        }
+    }
+    for (key, b) in workloads {
+        if let Some(w) = view.workloads.get_mut(&key) {
+            w.waypoint = b;
+        }
+    }
 }
 
 /// Ambient enrollment: namespace opted in, pod not opted out, and not sharing the node's
@@ -145,7 +290,7 @@ fn service(res: &ResourceSet, svc: &resources::Service, settings: &Settings) -> 
                 IntOrString::Str(_) => 0,
             },
             name: p.name.clone().unwrap_or_default(),
-            app_protocol: String::new(),
+            app_protocol: p.app_protocol.clone().unwrap_or_default(),
         })
         .collect();
     let endpoints = selected_pods(res, svc)

@@ -31,6 +31,53 @@ fn node_token_matches_the_state_secret() {
     );
 }
 
+#[test]
+fn workload_token_matches_the_state_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let out = Command::new(BIN)
+        .args([
+            "workload-token",
+            "--namespace",
+            "shop",
+            "--service-account",
+            "wp",
+        ])
+        .args(["--ttl", "1h", "--state-dir"])
+        .arg(&state)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8(out.stdout).unwrap();
+    assert!(printed.starts_with("sa:shop:wp:"), "{printed}");
+    let auth = meshd::state::node_authority(&state).unwrap();
+    assert_eq!(
+        auth.verify_principal(Some(&format!("Bearer {}", printed.trim()))),
+        Ok(meshcore::nodeauth::Principal::ServiceAccount(
+            "shop".into(),
+            "wp".into()
+        ))
+    );
+    let bad = Command::new(BIN)
+        .args([
+            "workload-token",
+            "--namespace",
+            "a:b",
+            "--service-account",
+            "wp",
+        ])
+        .arg("--state-dir")
+        .arg(&state)
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("no ':'"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_serves_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();

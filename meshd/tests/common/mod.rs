@@ -5,7 +5,7 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use meshd::daemon::{self, RunConfig, RunError};
+use meshd::daemon::{self, RunConfig, RunError, RunOptions};
 use meshd::settings::Listen;
 use meshd::translate::Settings;
 use tokio::sync::oneshot;
@@ -27,6 +27,14 @@ pub struct Meshd {
 impl Meshd {
     /// Writes `files` into a fresh config dir, starts meshd and waits until it accepts.
     pub async fn start(files: &[(&str, &str)]) -> Meshd {
+        Self::start_with(files, |_| RunOptions::default()).await
+    }
+
+    /// [`Meshd::start`] with options made from the test's temp dir (e.g. a write dir in it).
+    pub async fn start_with(
+        files: &[(&str, &str)],
+        opts: impl FnOnce(&Path) -> RunOptions,
+    ) -> Meshd {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("config");
         std::fs::create_dir(&config).unwrap();
@@ -47,8 +55,9 @@ impl Meshd {
             cert_lifetime: Duration::from_secs(3600),
             poll_interval: Duration::from_millis(50),
         };
+        let opts = opts(dir.path());
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(daemon::run(cfg, async move {
+        let task = tokio::spawn(daemon::run_with(cfg, opts, async move {
             let _ = stopped.await;
         }));
         let s = sock.clone();
@@ -71,6 +80,15 @@ impl Meshd {
         meshd::state::node_authority(&self.state)
             .unwrap()
             .token(node, Duration::from_secs(3600))
+    }
+
+    /// A service-account token, as `meshd workload-token` prints it.
+    pub fn sa_token(&self, namespace: &str, sa: &str) -> String {
+        meshd::state::node_authority(&self.state).unwrap().sa_token(
+            namespace,
+            sa,
+            Duration::from_secs(3600),
+        )
     }
 
     pub fn write(&self, name: &str, text: &str) {
@@ -150,6 +168,19 @@ kind: Pod
 metadata: {{name: {name}, namespace: shop, labels: {{app: {app}}}}}
 spec: {{nodeName: {node}, serviceAccountName: {sa}}}
 status: {{podIP: {ip}}}
+"
+    )
+}
+
+/// A waypoint Gateway `shop/<name>` (listener mesh/15008/HBONE) with extra labels.
+pub fn waypoint_gateway(name: &str, labels: &str) -> String {
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: {name}, namespace: shop, uid: uid-{name}, labels: {{{labels}}}}}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{{name: mesh, port: 15008, protocol: HBONE}}]
 "
     )
 }
