@@ -1008,3 +1008,73 @@ fn grpcroute_method_and_header_matching() {
     check(&t, g("/x.Y/Z").header("x-tenant", "a"), "mesh/echo-v1:8080");
     check(&t, g("/x.Y/Z").header("x-tenant", "b"), "404");
 }
+
+/// conformance: tests/mesh/httproute-request-header-modifier-backend and httproute-named-rule
+#[test]
+fn backend_level_header_modifier_and_named_rules() {
+    let t = gw_table(&[hr(
+        "mesh-http-named-rules",
+        json!({"parentRefs": [{"group": "", "kind": "Service", "name": "echo", "port": 80}],
+        "rules": [
+            {"name": "named-rule", "matches": [{"path": {"value": "/named"}}],
+             "backendRefs": [{"name": "echo-v1", "port": 8080, "filters": [{"type": "RequestHeaderModifier",
+                "requestHeaderModifier": {"set": [{"name": "X-Header-Set", "value": "set-overwrites-values"}], "remove": ["X-Header-Remove"]}}]}]},
+            {"matches": [{"path": {"value": "/unnamed"}}], "backendRefs": [{"name": "echo-v2", "port": 8080}]}]}),
+    )]);
+    let f = forward(&t, &req(ECHO, "/named"));
+    assert_eq!(
+        &*f.route_name,
+        "HTTPRoute mesh/mesh-http-named-rules#named-rule"
+    );
+    assert_eq!(&*f.resource, "HTTPRoute mesh/mesh-http-named-rules");
+    let mut h = HeaderMap::new();
+    h.insert("x-header-set", HeaderValue::from_static("old"));
+    h.insert("x-header-remove", HeaderValue::from_static("x"));
+    f.request_headers.apply(&mut h);
+    assert_eq!(h["x-header-set"], "set-overwrites-values");
+    assert!(!h.contains_key("x-header-remove"));
+    let f = forward(&t, &req(ECHO, "/unnamed"));
+    assert_eq!(&*f.route_name, "HTTPRoute mesh/mesh-http-named-rules#1");
+    assert!(f.request_headers.is_empty());
+}
+
+#[test]
+fn consumer_route_leaves_the_virtual_service_for_other_clients() {
+    let (t, d) = build(&[
+        (
+            "VirtualService",
+            NS,
+            "vs",
+            json!({"hosts": ["web"], "http": [{"route": [{"destination": {"host": "web.other"}}]}]}),
+        ),
+        (
+            "HTTPRoute",
+            "client",
+            "mine",
+            json!({"parentRefs": [{"group": "", "kind": "Service", "name": "web", "namespace": NS}],
+            "rules": [{"backendRefs": [{"name": "echo", "namespace": NS, "port": 80}]}]}),
+        ),
+    ]);
+    assert!(!d.iter().any(|x| x.severity == Severity::Conflict), "{d:?}");
+    check(&t, req("mesh/web", "/").client_in("client"), "mesh/echo:80");
+    check(&t, req("mesh/web", "/"), "other/web:80");
+}
+
+#[test]
+fn compile_reports_unsupported_fields_and_still_applies_the_rest() {
+    let (t, d) = build(&[(
+        "VirtualService",
+        NS,
+        "vs",
+        json!({"hosts": ["web"], "http": [
+        {"timeout": "2s", "retries": {"attempts": 3}, "route": [{"destination": {"host": "web.other", "typo": 1}}]}]}),
+    )]);
+    for field in [
+        "spec.http[0].timeout",
+        "spec.http[0].retries",
+        "spec.http[0].route[0].destination.typo",
+    ] {
+        assert!(has_diag(&d, Severity::Unsupported, field), "{field}: {d:?}");
+    }
+    check(&t, req("mesh/web", "/"), "other/web:80");
+}
