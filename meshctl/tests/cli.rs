@@ -411,6 +411,44 @@ fn status_prints_conditions_with_reasons_and_wait_waits_for_programmed() {
 }
 
 #[test]
+fn apply_wait_returns_once_meshd_reports_programmed() {
+    use std::io::{BufRead, BufReader};
+    let d = Dirs::new();
+    d.write("ns.yaml", &namespace("shop", AMBIENT));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_meshctl"))
+        .arg("--config-dir")
+        .arg(&d.config)
+        .arg("--status-dir")
+        .arg(&d.status)
+        .args([
+            "waypoint",
+            "apply",
+            "-n",
+            "shop",
+            "--wait",
+            "--timeout",
+            "60s",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    // Applied and now waiting: nothing reported yet.
+    assert_eq!(line, "waypoint shop/waypoint created\n");
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "returned before meshd reported"
+    );
+    d.status("shop", "waypoint", programmed("True", "Programmed"));
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "waypoint shop/waypoint programmed\n");
+    assert!(child.wait().unwrap().success());
+}
+
+#[test]
 fn delete_removes_waypoints_and_leaves_enrollment_and_other_docs() {
     let d = Dirs::new();
     d.write("ns.yaml", &namespace("shop", AMBIENT));
@@ -455,6 +493,23 @@ fn delete_removes_waypoints_and_leaves_enrollment_and_other_docs() {
     let r = d.run(&["waypoint", "delete", "-n", "shop", "--all"]);
     assert_eq!(r.code, 0, "{r:?}");
     assert_eq!(d.files(), ["mine.yaml", "ns.yaml"]);
+}
+
+#[test]
+fn apply_updates_a_waypoint_declared_in_a_user_file_in_place() {
+    let d = Dirs::new();
+    d.write("ns.yaml", &namespace("shop", AMBIENT));
+    d.write(
+        "mine.yaml",
+        "apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: sa, namespace: shop}\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: waypoint, namespace: shop, labels: {team: a}, annotations: {note: kept}}\nspec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}\n",
+    );
+    let before = d.docs("mine.yaml");
+    let r = d.run(&["waypoint", "apply", "-n", "shop", "--for", "all"]);
+    assert_eq!(r.stdout, "waypoint shop/waypoint updated\n", "{r:?}");
+    assert_eq!(d.files(), ["mine.yaml", "ns.yaml"], "no second declaration");
+    let mut expected = before;
+    expected[1]["metadata"]["labels"]["istio.io/waypoint-for"] = json!("all");
+    assert_eq!(d.docs("mine.yaml"), expected);
 }
 
 #[test]
