@@ -280,12 +280,18 @@ fn store(backend_ip: IpAddr) -> ConfigStore {
 
 struct Mesh {
     waypoint: Running,
+    backend_ip: IpAddr,
     seen: Arc<Seen>,
     pool: Pool,
     client_cert: Arc<WorkloadCert>,
 }
 
 async fn mesh() -> Mesh {
+    mesh_with(|_| {}).await
+}
+
+/// The mesh, with `edit` applied to the waypoint's config before it starts.
+async fn mesh_with(edit: impl FnOnce(&mut Config)) -> Mesh {
     meshcore::tls::install_crypto_provider();
     let ca = CertAuthority::new_in_memory(TD).expect("ca");
     let (backend_ip, seen) = start_backend(&ca).await;
@@ -305,6 +311,7 @@ async fn mesh() -> Mesh {
     ] {
         a.set_port(0);
     }
+    edit(&mut config);
     let waypoint = app::build(config)
         .expect("build")
         .start()
@@ -312,6 +319,7 @@ async fn mesh() -> Mesh {
         .expect("start");
     Mesh {
         waypoint,
+        backend_ip,
         seen,
         pool: Pool::new(PoolSettings::default()),
         client_cert: Arc::new(ca.mint(&client_id(), DAY).expect("mint client")),
@@ -670,4 +678,41 @@ async fn ready_once_it_has_config_and_certificate() {
         .await
         .expect("probe");
     assert_eq!(resp.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn plain_http_listener_forwards_to_its_backend() {
+    // The backend's address is only known once it runs: the listener is configured after.
+    let m = mesh().await;
+    let backend = SocketAddr::new(m.backend_ip, 8080);
+    let plain = mesh_with(|c| {
+        c.plain_http = Some(waypoint::config::PlainHttp {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            backend,
+        })
+    })
+    .await;
+    let addr = plain.waypoint.plain_addr.expect("plain listener");
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut c, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .expect("h1");
+    tokio::spawn(conn);
+    for path in ["/a", "/b"] {
+        let resp = send1(&mut c, get(path, "bench.local")).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(
+            body_text(resp).await,
+            format!("path={path} version=HTTP/1.1 host=bench.local")
+        );
+    }
+    assert_eq!(
+        m.seen.http1_conns.load(Ordering::SeqCst),
+        1,
+        "kept alive upstream too"
+    );
+    assert!(
+        m.seen.peers.lock().unwrap().is_empty(),
+        "plain TCP upstream, no HBONE"
+    );
 }
