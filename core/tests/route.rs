@@ -1078,3 +1078,29 @@ fn compile_reports_unsupported_fields_and_still_applies_the_rest() {
     }
     check(&t, req("mesh/web", "/"), "other/web:80");
 }
+
+#[test]
+fn wildcard_hosts_are_reported_not_refused() {
+    let (t, d) = build(&[
+        (
+            "DestinationRule",
+            NS,
+            "all",
+            json!({"host": "*.mesh.svc.cluster.local", "trafficPolicy": {"loadBalancer": {"simple": "RANDOM"}}}),
+        ),
+        (
+            "VirtualService",
+            NS,
+            "vs",
+            json!({"hosts": ["*.mesh.svc.cluster.local", "web"], "http": [{"route": [{"destination": {"host": "web.other"}}]}]}),
+        ),
+    ]);
+    assert!(!d.iter().any(|x| x.severity == Severity::Error), "{d:?}");
+    assert!(has_diag(&d, Severity::Unsupported, "spec.host"), "{d:?}");
+    assert!(
+        has_diag(&d, Severity::Unsupported, "spec.hosts[0]"),
+        "{d:?}"
+    );
+    check(&t, req("mesh/web", "/"), "other/web:80");
+    check(&t, req("mesh/echo", "/"), "mesh/echo:80");
+}

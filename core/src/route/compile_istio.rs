@@ -17,6 +17,9 @@ use super::spec_istio as istio;
 use super::validate::Parsed;
 use super::{Diags, Severity};
 
+const WILDCARD: &str =
+    "wildcard hosts are not implemented (name one Service per host): this host is ignored";
+
 /// Indexes DestinationRules by the Service they name (the oldest wins).
 pub(super) fn destination_rules(
     items: &mut [Item<'_, '_>],
@@ -28,6 +31,10 @@ pub(super) fn destination_rules(
         let Some(Parsed::DestinationRule(dr)) = p else {
             continue;
         };
+        if dr.host.contains('*') {
+            d.push(Severity::Unsupported, "spec.host", WILDCARD);
+            continue;
+        }
         match host_to_key(&dr.host, r.namespace, cluster_domain).filter(|k| svc.contains_key(k.as_str())) {
             None => d.error("spec.host", format!("{:?} names no known Service: use name, name.namespace or the FQDN of a Service", dr.host)),
             Some(k) if inner.dr.contains_key(&k) => d.push(
@@ -63,7 +70,13 @@ pub(super) fn virtual_services(
             dr: &inner.dr,
         };
         let mut hosts = Vec::new();
+        let mut wildcards = 0;
         for (i, h) in vs.hosts.iter().enumerate() {
+            if h.contains('*') {
+                wildcards += 1;
+                d.push(Severity::Unsupported, &format!("spec.hosts[{i}]"), WILDCARD);
+                continue;
+            }
             match host_to_key(h, r.namespace, cluster_domain)
                 .filter(|k| svc.contains_key(k.as_str()))
             {
@@ -75,7 +88,7 @@ pub(super) fn virtual_services(
                 ),
             }
         }
-        if hosts.is_empty() {
+        if hosts.is_empty() && wildcards < vs.hosts.len() {
             d.error(
                 "spec.hosts",
                 "names no known Service: use name, name.namespace or the FQDN of a Service",
