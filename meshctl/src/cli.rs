@@ -45,8 +45,10 @@ pub enum Waypoint {
 
 #[derive(Debug, Args)]
 pub struct ApplyArgs {
+    /// The namespace of the waypoint (declared in the config directory).
     #[arg(short, long, value_parser = dns_label)]
     pub namespace: String,
+    /// The waypoint's (Gateway's) name.
     #[arg(long, default_value = "waypoint", value_parser = dns_label)]
     pub name: String,
     /// Which traffic the waypoint takes (label istio.io/waypoint-for; meshd's default: service).
@@ -74,6 +76,7 @@ pub struct ListArgs {
 
 #[derive(Debug, Args)]
 pub struct DeleteArgs {
+    /// The namespace of the waypoints.
     #[arg(short, long, value_parser = dns_label)]
     pub namespace: String,
     /// Waypoints to delete (default: `waypoint`).
@@ -86,8 +89,10 @@ pub struct DeleteArgs {
 
 #[derive(Debug, Args)]
 pub struct StatusArgs {
+    /// The namespace of the waypoint.
     #[arg(short, long, value_parser = dns_label)]
     pub namespace: String,
+    /// The waypoint's name.
     #[arg(long, default_value = "waypoint", value_parser = dns_label)]
     pub name: String,
     #[command(flatten)]
