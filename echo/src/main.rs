@@ -31,6 +31,8 @@ enum Command {
     /// Serve the WHO / ECHO / SINK protocol, and HTTP / h2c / WebSocket / gRPC echo, on
     /// dual-stack ports.
     Serve(serve::ServeArgs),
+    /// `serve` under the flags of the conformance image echo-advanced (--port, --grpc, --tcp).
+    EchoAdvanced(serve::AdvancedArgs),
     /// Call the gRPC echo service; prints a JSON line per reply and per final status.
     GrpcCall(grpc_call::GrpcCallArgs),
     /// WebSocket echo client: sends messages and prints each echo.
@@ -50,7 +52,7 @@ fn main() -> ExitCode {
     // The server logs a line per connection at info; client commands keep stderr
     // quiet unless something goes wrong (override either with RUST_LOG).
     let default_level = match cli.command {
-        Command::Serve(_) => "info",
+        Command::Serve(_) | Command::EchoAdvanced(_) => "info",
         _ => "warn",
     };
     let filter =
@@ -74,6 +76,10 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Serve(args) => serve::run(args).await,
+            Command::EchoAdvanced(args) => match args.into_serve() {
+                Ok(args) => serve::run(args).await,
+                Err(err) => Err(err),
+            },
             Command::Who(args) => who::run(args).await,
             Command::GrpcCall(args) => grpc_call::run(args).await,
             Command::Ws(args) => ws_call::run(args).await,

@@ -38,6 +38,56 @@ pub struct ServeArgs {
     pub name: Option<String>,
 }
 
+/// The server flags of the Gateway API conformance image `echo-advanced` (Istio's echo app), so
+/// the conformance manifests' `args` run unchanged: `--port` and `--grpc` ports serve HTTP/h2c
+/// with gRPC told apart by content-type, `--tcp` ports the line protocol. `--tls` ports are not
+/// served (local mode has no certificates for them); `--crt`, `--key`, `--version` and
+/// `--cluster` are accepted and ignored.
+#[derive(Debug, clap::Args)]
+pub struct AdvancedArgs {
+    #[arg(long = "port", value_name = "PORT")]
+    pub http_ports: Vec<u16>,
+    #[arg(long = "grpc", value_name = "PORT")]
+    pub grpc_ports: Vec<u16>,
+    #[arg(long = "tcp", value_name = "PORT")]
+    pub tcp_ports: Vec<u16>,
+    #[arg(long = "tls", value_name = "PORT")]
+    pub tls_ports: Vec<u16>,
+    #[arg(long, value_name = "PATH")]
+    pub crt: Option<String>,
+    #[arg(long, value_name = "PATH")]
+    pub key: Option<String>,
+    #[arg(long = "version", value_name = "VERSION")]
+    pub service_version: Option<String>,
+    #[arg(long, value_name = "NAME")]
+    pub cluster: Option<String>,
+    /// Pod name reported in replies [default: $POD_NAME, else the hostname].
+    #[arg(long, env = "POD_NAME", value_name = "NAME")]
+    pub name: Option<String>,
+}
+
+impl AdvancedArgs {
+    pub fn into_serve(self) -> anyhow::Result<ServeArgs> {
+        let tls = self.tls_ports;
+        if !tls.is_empty() {
+            warn!(ports = ?tls, "TLS ports are not served by mesh-echo; skipped");
+        }
+        let keep = |ports: Vec<u16>| -> Vec<u16> {
+            ports.into_iter().filter(|p| !tls.contains(p)).collect()
+        };
+        let serve = ServeArgs {
+            ports: self.tcp_ports,
+            http_ports: keep(self.http_ports),
+            grpc_ports: keep(self.grpc_ports),
+            name: self.name,
+        };
+        if serve.ports.is_empty() && serve.http_ports.is_empty() && serve.grpc_ports.is_empty() {
+            anyhow::bail!("no port to serve: give --port, --grpc or --tcp (TLS ports are skipped)");
+        }
+        Ok(serve)
+    }
+}
+
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let name: Arc<str> = match args.name.filter(|n| !n.is_empty()) {
         Some(name) => name.into(),

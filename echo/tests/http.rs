@@ -252,3 +252,37 @@ fn serve_without_any_port_is_a_usage_error() {
     let out = run_echo(&["serve"]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn echo_advanced_flags_serve_http_grpc_and_tcp() {
+    let (server, tls) = Server::start_advanced(&[("POD_NAME", "echo-v2-xyz")]);
+    // --port: HTTP with echo-basic replies.
+    let mut h = connect(&server.http_v4());
+    let mut hr = new_reader(&h);
+    h.write_all(b"GET /adv HTTP/1.1\r\nHost: echo\r\n\r\n")
+        .unwrap();
+    let reply = read_response(&mut hr).json();
+    assert_eq!(
+        (reply.pod.as_str(), reply.path.as_str()),
+        ("echo-v2-xyz", "/adv")
+    );
+    // --grpc: the gRPC echo service.
+    let grpc = format!("127.0.0.1:{}", server.http_ports[1]);
+    let out = run_echo(&["grpc-call", "--addr", &grpc, "--method", "unary"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout_lines(&out)[0].contains("\"pod\":\"echo-v2-xyz\""));
+    // --tcp: the line protocol.
+    let mut t = connect(&server.v4());
+    let mut tr = new_reader(&t);
+    t.write_all(b"WHO x\n").unwrap();
+    let who: WhoReply = serde_json::from_str(&read_line(&mut tr)).unwrap();
+    assert_eq!(who.served_by, "echo-v2-xyz");
+    // --tls: not served (no certificates), and said so.
+    let log = server.log_text();
+    assert!(log.contains("TLS ports are not served"), "{log}");
+    assert!(log.contains(&tls.to_string()), "{log}");
+}

@@ -61,21 +61,56 @@ impl Server {
     ) -> Result<Self, String> {
         let ports: Vec<u16> = (0..nports).map(|_| free_port()).collect();
         let http_ports: Vec<u16> = (0..nhttp).map(|_| free_port()).collect();
+        let mut args = vec!["serve".to_owned()];
+        for p in &ports {
+            args.extend(["--port".to_owned(), p.to_string()]);
+        }
+        for p in &http_ports {
+            args.extend(["--http-port".to_owned(), p.to_string()]);
+        }
+        if let Some(name) = name {
+            args.extend(["--name".to_owned(), name.to_owned()]);
+        }
+        Self::spawn_and_wait(&args, ports, http_ports, env)
+    }
+
+    /// `mesh-echo echo-advanced` with the conformance manifests' flags: one `--tcp` port
+    /// (`ports[0]`), one `--port` and one `--grpc` port (`http_ports`), and a `--tls` port that
+    /// must stay closed (returned separately).
+    pub fn start_advanced(env: &[(&str, &str)]) -> (Self, u16) {
+        let mut last_log = String::new();
+        for _ in 0..5 {
+            let (tcp, http, grpc, tls) = (free_port(), free_port(), free_port(), free_port());
+            let mut args = vec!["echo-advanced".to_owned()];
+            args.extend([
+                format!("--tcp={tcp}"),
+                format!("--port={http}"),
+                format!("--grpc={grpc}"),
+                format!("--port={tls}"),
+                format!("--tls={tls}"),
+                "--crt=/cert.crt".to_owned(),
+                "--key=/cert.key".to_owned(),
+            ]);
+            match Self::spawn_and_wait(&args, vec![tcp], vec![http, grpc], env) {
+                Ok(server) => return (server, tls),
+                Err(log) => last_log = log,
+            }
+        }
+        panic!("echo-advanced failed to start; last stderr:\n{last_log}");
+    }
+
+    fn spawn_and_wait(
+        args: &[String],
+        ports: Vec<u16>,
+        http_ports: Vec<u16>,
+        env: &[(&str, &str)],
+    ) -> Result<Self, String> {
         let first = ports.iter().chain(&http_ports).next().copied().unwrap_or(0);
         let log =
             std::env::temp_dir().join(format!("echo-test-{}-{}.log", std::process::id(), first));
         let log_file = std::fs::File::create(&log).expect("create server log file");
         let mut cmd = Command::new(BIN);
-        cmd.arg("serve");
-        for p in &ports {
-            cmd.arg("--port").arg(p.to_string());
-        }
-        for p in &http_ports {
-            cmd.arg("--http-port").arg(p.to_string());
-        }
-        if let Some(name) = name {
-            cmd.arg("--name").arg(name);
-        }
+        cmd.args(args);
         for k in [
             "POD_NAME",
             "POD_NAMESPACE",
