@@ -12,6 +12,7 @@
 pub mod bench;
 pub mod bench_policy;
 pub mod bench_restart;
+pub mod bench_waypoint;
 pub mod bins;
 pub mod client;
 mod controller;
@@ -118,8 +119,11 @@ pub struct Mesh {
     pub config_dir: PathBuf,
     pub state_dir: PathBuf,
     pub socket: PathBuf,
-    /// meshd's `--write-dir` (what it renders for waypoints), when this meshd has the flag.
-    pub meshd_out: Option<PathBuf>,
+    /// Where meshd writes what it renders for waypoints (its `--write-dir`); the controller
+    /// applies `objects/*.yaml` from here.
+    pub meshd_out: PathBuf,
+    /// Whether this meshd has `--write-dir` (newer than the rest of local mode's use of it).
+    meshd_writes: bool,
     meshd: Mutex<Option<Proc>>,
     ztunnels: Mutex<Vec<Option<(Proc, AdminPorts)>>>,
     pods: Mutex<HashMap<String, ScheduledPod>>,
@@ -163,7 +167,13 @@ impl LocalMesh {
         for private in [&dir, &state_dir] {
             make_private_dir(private)?;
         }
-        let meshd_out = meshd_has_write_dir(&bins).then(|| dir.join("meshd-out"));
+        let meshd_writes = meshd_has_write_dir(&bins);
+        if !meshd_writes {
+            eprintln!("localmesh: this meshd has no --write-dir: it renders no waypoints");
+        }
+        let meshd_out = dir.join("meshd-out");
+        make_private_dir(&meshd_out)?;
+        std::fs::create_dir_all(meshd_out.join("objects"))?;
         let mesh = Arc::new(Mesh {
             socket: dir.join("meshd.sock"),
             cluster,
@@ -172,6 +182,7 @@ impl LocalMesh {
             config_dir,
             state_dir,
             meshd_out,
+            meshd_writes,
             meshd: Mutex::new(None),
             ztunnels: Mutex::new(Vec::new()),
             pods: Mutex::new(HashMap::new()),
@@ -189,18 +200,8 @@ impl LocalMesh {
         for i in 0..n {
             mesh.start_ztunnel(i)?;
         }
-        let controller = match &mesh.meshd_out {
-            Some(out) => Some(controller::Controller::start(
-                mesh.clone(),
-                out.join("objects"),
-            )?),
-            None => {
-                eprintln!(
-                    "localmesh: this meshd has no --write-dir: waypoints it renders are not run"
-                );
-                None
-            }
-        };
+        let objects = mesh.meshd_out.join("objects");
+        let controller = Some(controller::Controller::start(mesh.clone(), objects)?);
         Ok(LocalMesh { controller, mesh })
     }
 }
@@ -239,9 +240,8 @@ impl Mesh {
             .arg("--cert-lifetime")
             .arg(&self.opts.cert_lifetime)
             .env("RUST_LOG", &self.opts.log);
-        if let Some(out) = &self.meshd_out {
-            make_private_dir(out)?;
-            cmd.arg("--write-dir").arg(out);
+        if self.meshd_writes {
+            cmd.arg("--write-dir").arg(&self.meshd_out);
         }
         if self.opts.meshd_tls {
             let node0 = self.cluster.nodes().first().cloned().context("no nodes")?;

@@ -42,6 +42,8 @@ pub struct Owned {
     /// The Pod document (from the template), without status.
     pub doc: Value,
     pub ready: bool,
+    /// Ready and known to every ztunnel as such (or given up waiting for that).
+    pub serving: bool,
 }
 
 impl Mesh {
@@ -170,6 +172,7 @@ impl Mesh {
                 hash: d.hash.clone(),
                 doc,
                 ready: false,
+                serving: false,
             };
             self.schedule(file, &spec, Some(owner))?;
             started.push(format!("{}/{name}", d.namespace));
@@ -263,6 +266,12 @@ impl Mesh {
         });
         if let Err(e) = shown {
             tracing::warn!("{e:#}");
+        }
+        let mut pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+        for k in keys {
+            if let Some(o) = pods.get_mut(k).and_then(|p| p.owner.as_mut()) {
+                o.serving = true;
+            }
         }
         Ok(())
     }
@@ -416,8 +425,8 @@ impl Mesh {
             .collect()
     }
 
-    /// Waits until Deployment `namespace/deployment` has exactly `n` pods, all ready; returns
-    /// their names.
+    /// Waits until Deployment `namespace/deployment` has exactly `n` pods, all ready and known
+    /// as such to every ztunnel; returns their names.
     pub fn wait_for_pods(
         &self,
         namespace: &str,
@@ -428,7 +437,10 @@ impl Mesh {
         crate::wait_for(
             READY_DEADLINE + FORGET_DEADLINE,
             &format!("{n} ready pods of Deployment {key}"),
-            || Ok(self.owned(&key, |_| true).len() == n && self.owned(&key, |o| o.ready).len() == n),
+            || {
+                Ok(self.owned(&key, |_| true).len() == n
+                    && self.owned(&key, |o| o.serving).len() == n)
+            },
         )?;
         Ok(self.pods_of(namespace, deployment))
     }

@@ -52,18 +52,20 @@ spec:
     )
 }
 
-/// The Service's IPv4 VIP, port 80, as rendered for meshd.
-fn vip(mesh: &LocalMesh) -> SocketAddr {
-    let text = std::fs::read_to_string(mesh.config_dir.join(FILE)).unwrap();
-    let docs = localmesh::render::parse_docs(FILE, &text).unwrap();
+/// The IPv4 VIP of `file`'s Service, at `port`, as rendered for meshd.
+fn vip_in(mesh: &LocalMesh, file: &str, port: u16) -> SocketAddr {
+    let text = std::fs::read_to_string(mesh.config_dir.join(file)).unwrap();
+    let docs = localmesh::render::parse_docs(file, &text).unwrap();
     let svc = docs
         .iter()
         .find(|d| localmesh::render::kind(d) == "Service")
         .unwrap();
-    SocketAddr::new(
-        svc["spec"]["clusterIP"].as_str().unwrap().parse().unwrap(),
-        80,
-    )
+    let ip = svc["spec"]["clusterIP"].as_str().unwrap().parse().unwrap();
+    SocketAddr::new(ip, port)
+}
+
+fn vip(mesh: &LocalMesh) -> SocketAddr {
+    vip_in(mesh, FILE, 80)
 }
 
 /// One WHO over a new connection from the client pod: who answered.
@@ -91,8 +93,9 @@ fn reach_all(client: &testbed::Pod, to: SocketAddr, pods: &[String]) -> usize {
     panic!("300 requests reached only {seen:?} of {want:?}");
 }
 
+/// One mesh, two independent cases: the client pod and namespace are all they share.
 #[test]
-fn deployments_run_scale_and_roll_out_live() {
+fn deployments_in_local_mode() {
     if !privileged() {
         return;
     }
@@ -106,33 +109,37 @@ fn deployments_run_scale_and_roll_out_live() {
     .unwrap();
     mesh.wait_enrolled("shop", "client").unwrap();
     let client = mesh.pod("shop", "client").unwrap();
+    run_scale_and_roll_out_live(&mesh, &client);
+    waypoint_gateway_is_run_and_removed(&mesh);
+}
 
+fn run_scale_and_roll_out_live(mesh: &LocalMesh, client: &testbed::Pod) {
     // 3 replicas: 3 pods named <deployment>-<template hash>-<5 chars>, all behind the VIP.
     mesh.apply(FILE, &web(3, "v1")).unwrap();
     let v1 = mesh.pods_of("shop", "web");
     assert_eq!(v1.len(), 3, "{v1:?}");
     let hash = check_names(&v1);
-    let to = vip(&mesh);
+    let to = vip(mesh);
     let rendered = std::fs::read_to_string(mesh.config_dir.join(FILE)).unwrap();
     assert!(rendered.contains("kind: Deployment"), "{rendered}");
     assert!(
         rendered.contains(&format!("pod-template-hash: {hash}")),
         "{rendered}"
     );
-    reach_all(&client, to, &v1);
+    reach_all(client, to, &v1);
 
     // Scale to 1: the oldest pod stays and answers everything; back to 3: all answer again.
     mesh.apply(FILE, &web(1, "v1")).unwrap();
     assert_eq!(mesh.pods_of("shop", "web"), v1[..1], "newest go first");
     for _ in 0..20 {
-        assert_eq!(ask(&client, to).unwrap(), v1[0]);
+        assert_eq!(ask(client, to).unwrap(), v1[0]);
     }
     mesh.apply(FILE, &web(3, "v1")).unwrap();
     let again = mesh.pods_of("shop", "web");
     assert_eq!((again.len(), &again[0]), (3, &v1[0]), "{again:?}");
     assert_eq!(check_names(&again), hash, "a scale keeps the template hash");
-    assert_eq!(vip(&mesh), to, "a re-applied Service keeps its VIP");
-    reach_all(&client, to, &again);
+    assert_eq!(vip(mesh), to, "a re-applied Service keeps its VIP");
+    reach_all(client, to, &again);
 
     // A template edit under a steady request stream: nothing fails, and afterwards only the
     // new template's pods answer.
@@ -177,7 +184,7 @@ fn deployments_run_scale_and_roll_out_live() {
         answers.len(),
         answers.len() - during
     );
-    reach_all(&client, to, &v2);
+    reach_all(client, to, &v2);
 
     // A Deployment whose selector does not match its template is refused naming the field;
     // nothing changes and the running pods keep serving.
@@ -193,7 +200,89 @@ fn deployments_run_scale_and_roll_out_live() {
         "{msg}"
     );
     assert_eq!(mesh.pods_of("shop", "web"), v2);
-    reach_all(&client, to, &v2);
+    reach_all(client, to, &v2);
+}
+
+/// A waypoint Gateway: meshd renders its ServiceAccount, Deployment and Service into its
+/// `--write-dir`; local mode applies them (`generated.<ns>.<gw>.yaml`), runs the waypoint
+/// binary in the pod with what it needs to reach meshd as the Gateway's service account, and
+/// removes it all when the Gateway goes.
+fn waypoint_gateway_is_run_and_removed(mesh: &LocalMesh) {
+    let gateway = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: waypoint, namespace: shop}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+"#;
+    mesh.apply("30-waypoint.yaml", gateway).unwrap();
+    let pods = mesh.wait_for_pods("shop", "waypoint", 1).unwrap();
+    let generated = "generated.shop.waypoint.yaml";
+    let rendered = std::fs::read_to_string(mesh.config_dir.join(generated)).unwrap();
+    assert!(rendered.contains("kind: ServiceAccount"), "{rendered}");
+    // The waypoint process's environment: meshd's address, a token file for its service
+    // account (root's alone), its node.
+    let env = process_env(mesh, "shop", &pods[0], 15021);
+    assert_eq!(
+        env.get("MESHD_ADDRESS"),
+        Some(&format!("unix:{}", mesh.socket.display())),
+        "{env:?}"
+    );
+    assert!(env.contains_key("NODE_NAME"), "{env:?}");
+    let token = env.get("MESH_TOKEN_FILE").expect("MESH_TOKEN_FILE");
+    let meta = std::fs::metadata(token).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777,
+        0o600
+    );
+    let text = std::fs::read_to_string(token).unwrap();
+    assert!(
+        text.starts_with("sa:shop:waypoint:"),
+        "token for the wrong account: {text}"
+    );
+
+    mesh.remove("30-waypoint.yaml").unwrap();
+    wait_for(
+        Duration::from_secs(20),
+        "the waypoint's pods and file to go",
+        || {
+            Ok(mesh.pods_of("shop", "waypoint").is_empty()
+                && !mesh.config_dir.join(generated).exists())
+        },
+    )
+    .unwrap();
+    assert!(
+        mesh.pod("shop", &pods[0]).is_err(),
+        "{} still runs",
+        pods[0]
+    );
+}
+
+/// The environment of the process listening on `port` in the pod.
+fn process_env(
+    mesh: &LocalMesh,
+    ns: &str,
+    pod: &str,
+    port: u16,
+) -> std::collections::HashMap<String, String> {
+    let out = mesh
+        .exec(ns, pod, &["ss", "-Hltnp", &format!("sport = :{port}")])
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let pid = text
+        .split("pid=")
+        .nth(1)
+        .and_then(|s| s.split(',').next())
+        .unwrap_or_else(|| panic!("no process listens on {port} in {pod}: {text}"));
+    let raw = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    raw.split(|b| *b == 0)
+        .filter_map(|kv| {
+            let kv = String::from_utf8_lossy(kv);
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+        })
+        .collect()
 }
 
 /// Every name is `web-<hash>-<5 safe chars>` with one hash; returns it.
