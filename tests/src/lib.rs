@@ -3,6 +3,7 @@
 //! Privileged tests need root; they fail (not skip) without it unless `MESH_SKIP_PRIVILEGED=1`
 //! is set, in which case they say so loudly.
 
+pub mod conformance;
 pub mod manifests;
 
 use std::io::{BufRead, BufReader, Write};
