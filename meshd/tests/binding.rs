@@ -122,14 +122,22 @@ fn object_label_beats_namespace_label_and_none_opts_out() {
         service("shop", "optout", "istio.io/use-waypoint: none"),
         pod("shop", "p-inherits", "app: x", "10.0.0.1"),
         pod("shop", "p-own", "istio.io/use-waypoint: svc-wp", "10.0.0.2"),
-        pod("shop", "p-optout", "istio.io/use-waypoint: none", "10.0.0.3"),
+        pod(
+            "shop",
+            "p-optout",
+            "istio.io/use-waypoint: none",
+            "10.0.0.3",
+        ),
     ]
     .concat();
     let v = view(&yaml);
     assert_eq!(v.services["shop/inherits"].waypoint, usable("shop/ns-wp"));
     assert_eq!(v.services["shop/own"].waypoint, usable("shop/svc-wp"));
     assert_eq!(v.services["shop/optout"].waypoint, None);
-    assert_eq!(v.workloads["shop/p-inherits"].waypoint, usable("shop/ns-wp"));
+    assert_eq!(
+        v.workloads["shop/p-inherits"].waypoint,
+        usable("shop/ns-wp")
+    );
     assert_eq!(v.workloads["shop/p-own"].waypoint, usable("shop/svc-wp"));
     assert_eq!(v.workloads["shop/p-optout"].waypoint, None);
     // The waypoints' own pods and Services never bind, though their namespace says so.
@@ -153,7 +161,12 @@ fn waypoint_for_decides_which_traffic_binds() {
         service("shop", "s-svc", "istio.io/use-waypoint: svc-only"),
         service("shop", "s-wl", "istio.io/use-waypoint: wl-only"),
         service("shop", "s-none", "istio.io/use-waypoint: nothing"),
-        pod("shop", "p-svc", "istio.io/use-waypoint: svc-only", "10.0.0.1"),
+        pod(
+            "shop",
+            "p-svc",
+            "istio.io/use-waypoint: svc-only",
+            "10.0.0.1",
+        ),
         pod("shop", "p-wl", "istio.io/use-waypoint: wl-only", "10.0.0.2"),
     ]
     .concat();
@@ -163,7 +176,10 @@ fn waypoint_for_decides_which_traffic_binds() {
     // Asked for on the object itself but not for this traffic: unavailable, saying why.
     let (gw, why) = svc_binding(&v, "shop/s-wl").unwrap();
     assert_eq!(gw, "shop/wl-only");
-    assert!(why.contains("workload traffic") && why.contains("waypoint-for"), "{why}");
+    assert!(
+        why.contains("workload traffic") && why.contains("waypoint-for"),
+        "{why}"
+    );
     let (_, why) = wl_binding(&v, "shop/p-svc").unwrap();
     assert!(why.contains("service traffic"), "{why}");
     let (_, why) = svc_binding(&v, "shop/s-none").unwrap();
@@ -215,7 +231,12 @@ fn unusable_bindings_say_why() {
             "istio.io/use-waypoint: shared, istio.io/use-waypoint-namespace: other",
         ),
         // A pod asking for a missing waypoint explicitly.
-        pod("shop", "p-missing", "istio.io/use-waypoint: ghost", "10.0.0.1"),
+        pod(
+            "shop",
+            "p-missing",
+            "istio.io/use-waypoint: ghost",
+            "10.0.0.1",
+        ),
     ]
     .concat();
     let v = view(&yaml);
@@ -226,7 +247,10 @@ fn unusable_bindings_say_why() {
     assert!(why.contains("not running yet"), "{why}");
     let (gw, why) = svc_binding(&v, "shop/s-private").unwrap();
     assert_eq!(gw, "other/private");
-    assert!(why.contains("does not allow use from namespace shop"), "{why}");
+    assert!(
+        why.contains("does not allow use from namespace shop"),
+        "{why}"
+    );
     assert_eq!(v.services["shop/s-shared"].waypoint, usable("other/shared"));
     let (_, why) = wl_binding(&v, "shop/p-missing").unwrap();
     assert!(why.contains("no waypoint Gateway"), "{why}");
