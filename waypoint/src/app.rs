@@ -137,6 +137,10 @@ pub fn build(config: Config) -> Result<App, AppError> {
     let metrics = Metrics::new();
     let mut tasks = Supervisor::default();
     let (config_rx, cert) = match &config.source {
+        Source::Standalone => {
+            let (_tx, rx) = watch::channel(Some(Arc::default()));
+            (rx, OwnCert::None)
+        }
         Source::Static { store, cert } => {
             let (_tx, rx) = watch::channel(Some(store.clone()));
             // The sender is dropped: the config never changes, receivers keep the value.

@@ -48,6 +48,9 @@ pub struct PlainHttp {
 pub enum Source {
     /// meshd, over the process contract.
     Meshd(MeshdSource),
+    /// No control plane (the bench's plain-HTTP proxy): an empty config, no certificate, so
+    /// HBONE connections are refused.
+    Standalone,
     /// Fixed in advance (tests): a config store and the certificate to serve and dial with.
     Static {
         store: Arc<ConfigStore>,

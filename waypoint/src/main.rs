@@ -28,12 +28,13 @@ struct Args {
     pod_ip: IpAddr,
     #[arg(long, env = "NODE_NAME", default_value = "")]
     node: String,
-    /// meshd: unix:/path/to/meshd.sock or host:port.
-    #[arg(long, env = "MESHD_ADDRESS")]
-    meshd: String,
+    /// meshd: unix:/path/to/meshd.sock or host:port. Without it (and --token-file) the
+    /// waypoint runs standalone: only the plain-HTTP listener serves (the bench).
+    #[arg(long, env = "MESHD_ADDRESS", requires = "token_file")]
+    meshd: Option<String>,
     /// The service-account token file (`meshd workload-token`).
     #[arg(long, env = "MESH_TOKEN_FILE")]
-    token_file: PathBuf,
+    token_file: Option<PathBuf>,
     /// The mesh root, PEM, that meshd's TLS certificate chains to (meshd over TCP).
     #[arg(long, env = "MESHD_CA")]
     meshd_ca: Option<PathBuf>,
@@ -83,13 +84,19 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let source = Source::Meshd(MeshdSource {
-        address: args.meshd.clone(),
-        token_file: args.token_file.clone(),
-        ca_file: args.meshd_ca.clone(),
-        server_name: args.meshd_name.clone(),
-        service_account: args.service_account.clone(),
-    });
+    let source = match (args.meshd.clone(), args.token_file.clone()) {
+        (Some(address), Some(token_file)) => Source::Meshd(MeshdSource {
+            address,
+            token_file,
+            ca_file: args.meshd_ca.clone(),
+            server_name: args.meshd_name.clone(),
+            service_account: args.service_account.clone(),
+        }),
+        _ if args.http_listen.is_some() => Source::Standalone,
+        _ => anyhow::bail!(
+            "--meshd (MESHD_ADDRESS) and --token-file (MESH_TOKEN_FILE) are required, unless only --http-listen is served"
+        ),
+    };
     let mut config = Config::new(&args.gateway, args.pod_ip, source);
     config.pod_name = args.pod_name;
     if !args.pod_namespace.is_empty() {

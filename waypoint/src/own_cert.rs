@@ -13,6 +13,8 @@ use meshcore::tls::WorkloadCert;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CertError {
+    #[error("running without meshd (standalone): no certificate, so no HBONE")]
+    Standalone,
     #[error("no config from meshd yet, so no trust domain to ask a certificate in")]
     NoConfig,
     #[error(transparent)]
@@ -24,6 +26,7 @@ pub enum CertError {
 /// Where the certificate comes from.
 #[derive(Clone)]
 pub enum OwnCert {
+    None,
     Static(Arc<CertEntry>),
     Managed {
         manager: Arc<CertManager>,
@@ -42,6 +45,7 @@ impl OwnCert {
     /// Our identity, once known (the trust domain comes with the first config).
     pub fn identity(&self) -> Option<Identity> {
         match self {
+            OwnCert::None => None,
             OwnCert::Static(e) => Some(e.cert.identity.clone()),
             OwnCert::Managed {
                 config,
@@ -63,6 +67,7 @@ impl OwnCert {
     /// The current certificate (waiting, bounded, for the first one).
     pub async fn get(&self) -> Result<Arc<CertEntry>, CertError> {
         match self {
+            OwnCert::None => Err(CertError::Standalone),
             OwnCert::Static(e) => Ok(e.clone()),
             OwnCert::Managed { manager, .. } => {
                 let id = self.identity().ok_or(CertError::NoConfig)?;
@@ -74,7 +79,7 @@ impl OwnCert {
     /// Whether a certificate is in hand now (readiness).
     pub fn is_ready(&self) -> bool {
         match self {
-            OwnCert::Static(_) => true,
+            OwnCert::None | OwnCert::Static(_) => true,
             OwnCert::Managed { manager, .. } => {
                 self.identity().is_some_and(|id| manager.is_ready(&id))
             }
@@ -84,6 +89,7 @@ impl OwnCert {
     /// For `/config_dump`.
     pub fn status(&self) -> serde_json::Value {
         match self {
+            OwnCert::None => serde_json::json!([]),
             OwnCert::Static(e) => {
                 serde_json::json!([{"identity": e.cert.identity.to_string(), "state": "static"}])
             }

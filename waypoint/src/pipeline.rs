@@ -16,7 +16,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response, StatusCode, Uri, Version, header};
 use http_body_util::{BodyExt, Full};
-use hyper::body::{Frame, Incoming, SizeHint};
+use hyper::body::{Body as _, Frame, Incoming, SizeHint};
 use hyper_util::rt::TokioIo;
 use tracing::debug;
 
@@ -333,6 +333,8 @@ impl hyper::body::Body for Logged {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
+            // hyper stops polling once a body says it has ended (e.g. Content-Length reached).
+            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.finish(None, None),
             Poll::Ready(None) => self.finish(None, None),
             Poll::Ready(Some(Err(e))) => {
                 let e = e.to_string();
@@ -354,7 +356,12 @@ impl hyper::body::Body for Logged {
 
 impl Drop for Logged {
     fn drop(&mut self) {
-        // Dropped before its end: the client went away mid-response.
-        self.finish(Some(Flag::DownstreamReset), None);
+        if self.inner.is_end_stream() {
+            // Empty, or ended without hyper asking for the end.
+            self.finish(None, None);
+        } else {
+            // Dropped before its end: the client went away mid-response.
+            self.finish(Some(Flag::DownstreamReset), None);
+        }
     }
 }

@@ -72,8 +72,12 @@ pub struct Upstream {
     cert: OwnCert,
     dial: Dialer,
     http1: Arc<Mutex<HashMap<Key, Vec<http1::SendRequest<Body>>>>>,
-    http2: Mutex<HashMap<Key, http2::SendRequest<Body>>>,
+    /// One slot per endpoint; its lock is held while the connection is made, so concurrent
+    /// first requests share one connection instead of racing to make several.
+    http2: Mutex<HashMap<Key, Http2Slot>>,
 }
+
+type Http2Slot = Arc<tokio::sync::Mutex<Option<http2::SendRequest<Body>>>>;
 
 /// Idle HTTP/1.1 connections kept per endpoint.
 const MAX_IDLE_HTTP1: usize = 32;
@@ -148,17 +152,19 @@ impl Upstream {
                 Ok(resp)
             }
             Version::Http2 => {
-                let existing = {
-                    let m = self.http2.lock().unwrap_or_else(|p| p.into_inner());
-                    m.get(&key).filter(|s| !s.is_closed()).cloned()
+                let slot = {
+                    let mut m = self.http2.lock().unwrap_or_else(|p| p.into_inner());
+                    m.entry(key).or_default().clone()
                 };
-                let mut sender = match existing {
-                    Some(s) => s,
-                    None => {
-                        let s = self.new_http2(ep).await?;
-                        let mut m = self.http2.lock().unwrap_or_else(|p| p.into_inner());
-                        m.insert(key, s.clone());
-                        s
+                let mut sender = {
+                    let mut conn = slot.lock().await;
+                    match conn.as_ref().filter(|s| !s.is_closed()) {
+                        Some(s) => s.clone(),
+                        None => {
+                            let s = self.new_http2(ep).await?;
+                            *conn = Some(s.clone());
+                            s
+                        }
                     }
                 };
                 sender

@@ -451,6 +451,10 @@ async fn http1_keep_alive_reuses_one_upstream_connection_with_the_waypoints_iden
         line.contains("response_code=\"200\"") && line.ends_with(" 2"),
         "{line}"
     );
+    assert!(
+        line.contains("response_flags=\"-\""),
+        "completed requests carry no flag: {line}"
+    );
 }
 
 #[tokio::test]
@@ -533,20 +537,34 @@ async fn websocket_upgrade_echoes() {
 }
 
 #[tokio::test]
-async fn h2c_request_goes_upstream_as_http2() {
+async fn h2c_requests_multiplex_on_one_upstream_http2_connection() {
     let m = mesh().await;
-    let mut c = m.http2(&format!("{WEB_VIP}:81")).await;
-    let req = Request::get("http://web.app.svc.cluster.local:81/h2")
-        .body(full(""))
-        .unwrap();
-    let resp = tokio::time::timeout(DEADLINE, c.send_request(req))
-        .await
-        .expect("in time")
-        .expect("response");
-    assert_eq!(resp.status(), StatusCode::OK);
+    let c = m.http2(&format!("{WEB_VIP}:81")).await;
+    // Concurrent first requests: one upstream connection between them.
+    let calls = (0..8).map(|i| {
+        let mut c = c.clone();
+        async move {
+            let uri = format!("http://web.app.svc.cluster.local:81/h2/{i}");
+            let req = Request::get(uri).body(full("")).unwrap();
+            let resp = tokio::time::timeout(DEADLINE, c.send_request(req))
+                .await
+                .expect("in time")
+                .expect("response");
+            assert_eq!(resp.status(), StatusCode::OK);
+            body_text(resp).await
+        }
+    });
+    let bodies = futures::future::join_all(calls).await;
+    for (i, body) in bodies.iter().enumerate() {
+        assert_eq!(
+            body,
+            &format!("path=/h2/{i} version=HTTP/2.0 host=web.app.svc.cluster.local:81")
+        );
+    }
     assert_eq!(
-        body_text(resp).await,
-        "path=/h2 version=HTTP/2.0 host=web.app.svc.cluster.local:81"
+        m.seen.peers.lock().unwrap().len(),
+        1,
+        "one upstream HBONE stream"
     );
 }
 
