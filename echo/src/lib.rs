@@ -11,6 +11,7 @@
 mod duration;
 pub mod grpc_frame;
 mod http_reply;
+pub mod istio_text;
 mod protocol;
 mod report;
 

@@ -8,6 +8,7 @@ mod client;
 mod grpc_call;
 mod grpc_serve;
 mod http_serve;
+mod istio_client;
 mod serve;
 mod who;
 mod ws_call;
@@ -35,6 +36,8 @@ enum Command {
     EchoAdvanced(serve::AdvancedArgs),
     /// Call the gRPC echo service; prints a JSON line per reply and per final status.
     GrpcCall(grpc_call::GrpcCallArgs),
+    /// The Istio echo client's CLI and output (what the Gateway API mesh conformance suite runs).
+    Client(istio_client::ClientArgs),
     /// WebSocket echo client: sends messages and prints each echo.
     Ws(ws_call::WsArgs),
     /// Send WHO requests and print the client's view plus each JSON reply.
@@ -83,6 +86,7 @@ fn main() -> ExitCode {
             Command::Who(args) => who::run(args).await,
             Command::GrpcCall(args) => grpc_call::run(args).await,
             Command::Ws(args) => ws_call::run(args).await,
+            Command::Client(args) => istio_client::run(args).await,
             Command::BenchRr(args) => bench::run_rr(args).await,
             Command::BenchConn(args) => bench::run_conn(args).await,
             Command::BenchBulk(args) => bench::run_bulk(args).await,
