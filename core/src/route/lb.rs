@@ -190,16 +190,34 @@ fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
 /// 64-bit FNV-1a with a splitmix64 finish: stable across processes and versions, so every
 /// waypoint replica maps a key to the same endpoint.
 pub(crate) fn hash64(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        h ^= *b as u64;
-        h = h.wrapping_mul(0x0100_0000_01b3);
+    let mut h = Fnv::new();
+    h.write(bytes);
+    h.finish()
+}
+
+/// Streaming FNV-1a (no allocation to hash several pieces).
+struct Fnv(u64);
+
+impl Fnv {
+    fn new() -> Fnv {
+        Fnv(0xcbf2_9ce4_8422_2325)
     }
-    h ^= h >> 30;
-    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    h ^= h >> 27;
-    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
-    h ^ (h >> 31)
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 ^= *b as u64;
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        let mut h = self.0;
+        h ^= h >> 30;
+        h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        h ^= h >> 27;
+        h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+        h ^ (h >> 31)
+    }
 }
 
 /// An endpoint as the balancer sees it: a stable key (e.g. the pod IP) and its requests in flight.
@@ -270,10 +288,12 @@ impl Balancer {
     }
 
     fn ring_lookup(&self, endpoints: &[EndpointView<'_>], h: u64) -> usize {
-        let mut fp = 0u64;
+        let mut fp = Fnv::new();
         for e in endpoints {
-            fp = hash64(&[fp.to_le_bytes().as_slice(), e.key.as_bytes()].concat());
+            fp.write(e.key.as_bytes());
+            fp.write(&[0]);
         }
+        let fp = fp.finish();
         // A poisoned lock only means another pick panicked mid-build: rebuild.
         let mut guard = self.ring.lock().unwrap_or_else(|p| p.into_inner());
         if guard.as_ref().is_none_or(|r| r.fingerprint != fp) {
