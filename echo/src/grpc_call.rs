@@ -132,8 +132,28 @@ async fn call(
         Method::ClientStream => "/mesh.echo.v1.Echo/ClientStream",
         Method::Bidi => "/mesh.echo.v1.Echo/Bidi",
     };
-    let outgoing = tokio_stream::iter(vec![request.clone(); messages as usize]);
-    let mut req = tonic::Request::new(outgoing);
+    // Bidi is ping-pong: each request goes out only after the previous one's reply came back,
+    // so a proxy that held requests until the client half-closed would stall the call.
+    let ping_pong = args.method == Method::Bidi;
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let mut sender = Some(tx);
+    let mut sent = 0u32;
+    if ping_pong {
+        if let Some(tx) = &sender {
+            tx.try_send(request.clone()).ok();
+            sent = 1;
+        }
+    } else if let Some(tx) = sender.take() {
+        let request = request.clone();
+        tokio::spawn(async move {
+            for _ in 0..messages {
+                if tx.send(request.clone()).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
     for (k, v) in &args.metadata {
         let key = MetadataKey::from_bytes(k.as_bytes())
             .map_err(|_| anyhow!("--metadata key {k:?} is not a valid ASCII metadata key"))?;
@@ -143,7 +163,8 @@ async fn call(
     }
     let mut grpc = tonic::client::Grpc::new(channel.clone());
     let codec = tonic_prost::ProstCodec::<EchoRequest, EchoReply>::default();
-    let status = async {
+    let limit = args.timeout;
+    let call = async {
         grpc.ready()
             .await
             .map_err(|e| Status::unavailable(format!("channel not ready: {e}")))?;
@@ -151,14 +172,29 @@ async fn call(
             .streaming(req, PathAndQuery::from_static(path), codec)
             .await?
             .into_inner();
+        if ping_pong && sent >= messages {
+            sender = None; // half-close: every request is out
+        }
         while let Some(reply) = stream.message().await? {
             emit_reply(&reply).map_err(|e| Status::internal(e.to_string()))?;
+            if let Some(tx) = sender.as_ref().filter(|_| ping_pong) {
+                if tx.send(request.clone()).await.is_err() {
+                    return Err(Status::internal("request stream closed early"));
+                }
+                sent += 1;
+                if sent >= messages {
+                    sender = None;
+                }
+            }
         }
         let trailers = stream.trailers().await?.unwrap_or_default();
         Ok::<_, Status>(Status::with_metadata(Code::Ok, "", trailers))
-    }
-    .await
-    .unwrap_or_else(|status| status);
+    };
+    // The whole call, streams included, is bounded (tonic's own timeout covers only headers).
+    let status = match tokio::time::timeout(limit, call).await {
+        Ok(Ok(status) | Err(status)) => status,
+        Err(_) => Status::deadline_exceeded(format!("call not finished within {limit:?}")),
+    };
     emit_json(&json!({
         "status": status.code() as i32,
         "code": format!("{:?}", status.code()),

@@ -131,6 +131,8 @@ fn client_stream_counts_requests() {
 
 #[test]
 fn bidi_replies_to_each_request() {
+    // grpc-call sends each bidi request only after the previous reply: a server (or proxy)
+    // that held replies until the client half-closed would stall the call until --timeout.
     let server = start();
     let (ok, replies, statuses) = call(
         &server,
@@ -143,9 +145,11 @@ fn bidi_replies_to_each_request() {
             "9",
             "--trailer",
             "x-b=1",
+            "--timeout",
+            "5s",
         ],
     );
-    assert!(ok);
+    assert!(ok, "bidi call stalled or failed: {statuses:?}");
     let seen: Vec<_> = replies
         .iter()
         .map(|r| {
