@@ -26,6 +26,7 @@ use crate::local_source::{LocalSource, SourceError};
 use crate::outputs::{OutputError, Outputs};
 use crate::resources::ResourceSet;
 use crate::roots::{self, Roots};
+use crate::route_gate::RouteGate;
 use crate::settings::Listen;
 use crate::state::{self, StateError};
 use crate::translate::{self, RouteOrder, Settings, VersionedView};
@@ -197,7 +198,9 @@ fn spawn_translation(
     let mut order = RouteOrder::default();
     let set = resources.borrow_and_update().clone();
     order.update(&set);
-    let first = translate::translate_ordered(&set, &settings, &trust_bundle, &order);
+    let mut gate = RouteGate::default();
+    let mut first = translate::translate_ordered(&set, &settings, &trust_bundle, &order);
+    gate.apply(&mut first, &settings.cluster_domain);
     info!(
         workloads = first.workloads.len(),
         services = first.services.len(),
@@ -221,7 +224,8 @@ fn spawn_translation(
                 roots_pem: roots.borrow_and_update().bundle.clone(),
             };
             order.update(&set);
-            let view = translate::translate_ordered(&set, &settings, &trust_bundle, &order);
+            let mut view = translate::translate_ordered(&set, &settings, &trust_bundle, &order);
+            gate.apply(&mut view, &settings.cluster_domain);
             tx.send_if_modified(|cur| {
                 if cur.view == view {
                     return false;

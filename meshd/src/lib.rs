@@ -19,6 +19,7 @@ pub mod parse;
 pub mod resources;
 pub mod roots;
 pub mod route_check;
+pub mod route_gate;
 pub mod schema;
 pub mod settings;
 pub mod state;

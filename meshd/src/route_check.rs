@@ -45,7 +45,12 @@ pub fn check(r: &Route) -> Checked {
 
 /// The Services (`ns/name`) a route resource attaches to and sends to.
 pub fn references(r: &Route, cluster_domain: &str) -> RouteRefs {
-    let refs = route::references(&r.kind, r.metadata.ns(), &r.spec, cluster_domain);
+    references_of(&r.kind, r.metadata.ns(), &r.spec, cluster_domain)
+}
+
+/// [`references`] of a spec as written in `namespace`.
+pub fn references_of(kind: &str, namespace: &str, spec: &Value, cluster_domain: &str) -> RouteRefs {
+    let refs = route::references(kind, namespace, spec, cluster_domain);
     RouteRefs {
         attaches_to: refs.attaches_to,
         sends_to: refs.sends_to,

@@ -64,6 +64,10 @@ status: {podIP: 10.0.0.12}
 
 /// web's VirtualService (sends to api), api's DestinationRule, and other's (not bound) pair.
 fn routes(web_regex: &str) -> String {
+    routes_with(web_regex, "v1")
+}
+
+fn routes_with(web_regex: &str, subset: &str) -> String {
     format!(
         "apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -72,7 +76,7 @@ spec:
   hosts: [web]
   http:
   - match: [{{uri: {{regex: '{web_regex}'}}}}]
-    route: [{{destination: {{host: api, subset: v1}}}}]
+    route: [{{destination: {{host: api, subset: {subset}}}}}]
   - route: [{{destination: {{host: web}}}}]
 ---
 apiVersion: networking.istio.io/v1
@@ -271,5 +275,33 @@ async fn a_waypoint_subscribes_only_as_itself_and_gets_only_its_routes() {
     let d = next(&mut stream).await;
     assert_eq!(d.routes.len(), 1, "{d:?}");
     assert!(d.routes[0].spec_json.contains("/v2/.*"));
+
+    // Valid on its own but naming a subset no DestinationRule defines: refused by the mesh-wide
+    // check, the last good version stays (the waypoint would otherwise drop the resource).
+    meshd.write("30-routes.yaml", &routes_with("/v3/.*", "v9"));
+    let s = status.clone();
+    wait_for("the subset refusal in the route's status", move || {
+        let s = s.clone();
+        async move { std::fs::read_to_string(&s).is_ok_and(|t| t.contains("v9")) }
+    })
+    .await;
+    let text = std::fs::read_to_string(&status).unwrap();
+    for part in [
+        "spec.http[0].route[0].destination.subset",
+        "\"False\"",
+        "last good version",
+    ] {
+        assert!(text.contains(part), "{part} in {text}");
+    }
+    meshd.write("20-apps.yaml", APPS);
+    let d = next(&mut stream).await;
+    assert_eq!(
+        keys(d.workloads.iter().map(|w| w.uid.as_str())),
+        keys(["shop/api-1"].into_iter())
+    );
+    assert!(
+        d.routes.is_empty() && d.removed_routes.is_empty(),
+        "the refused edit changed nothing: {d:?}"
+    );
     meshd.stop().await.unwrap();
 }
