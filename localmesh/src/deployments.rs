@@ -249,6 +249,39 @@ pub fn container_ports(pod_spec: &Value) -> Vec<u16> {
     out
 }
 
+/// The containers' HTTP readiness probes as (port, path); a named port is resolved against the
+/// container's ports. Other probe kinds are left to the port check ([`container_ports`]).
+pub fn http_probes(pod_spec: &Value) -> Vec<(u16, String)> {
+    let mut out = Vec::new();
+    for c in pod_spec
+        .get("containers")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let Some(get) = c.pointer("/readinessProbe/httpGet") else {
+            continue;
+        };
+        let port = match get.get("port") {
+            Some(Value::Number(n)) => n.as_u64().and_then(|n| u16::try_from(n).ok()),
+            Some(Value::String(name)) => c
+                .get("ports")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .find(|p| p.get("name").and_then(Value::as_str) == Some(name))
+                .and_then(|p| p.get("containerPort")?.as_u64())
+                .and_then(|n| u16::try_from(n).ok()),
+            _ => None,
+        };
+        let path = get.get("path").and_then(Value::as_str).unwrap_or("/");
+        if let Some(port) = port {
+            out.push((port, path.to_string()));
+        }
+    }
+    out
+}
+
 /// Kubernetes' recipe: a 32-bit FNV-1a of the template, its decimal digits mapped into the safe
 /// alphabet. The template is written canonically (keys sorted), so only a real edit changes it.
 pub fn template_hash(template: &Value) -> String {
@@ -370,6 +403,23 @@ spec:
             format!("web-{}", d.hash)
         );
         assert_eq!(container_ports(&pod["spec"]), vec![8080]);
+    }
+
+    #[test]
+    fn http_readiness_probes_resolve_named_ports() {
+        let spec = json!({"containers": [
+            {"name": "a", "ports": [{"name": "status", "containerPort": 15021}],
+             "readinessProbe": {"httpGet": {"path": "/healthz/ready", "port": "status"}}},
+            {"name": "b", "readinessProbe": {"httpGet": {"port": 8080}}},
+            {"name": "c", "readinessProbe": {"tcpSocket": {"port": 9090}}},
+        ]});
+        assert_eq!(
+            http_probes(&spec),
+            vec![
+                (15021, "/healthz/ready".to_string()),
+                (8080, "/".to_string())
+            ]
+        );
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! new pod is ready, and writes an applied file back with its Deployments' pods for meshd.
 //!
 //! Readiness, as a cluster would see it: the containers listen on their declared
-//! `containerPort`s and, if meshd says the pod is captured, its node's ztunnel has enrolled it.
+//! `containerPort`s, their HTTP readiness probes pass, and, if meshd says the pod is captured,
+//! its node's ztunnel has enrolled it.
 //! Until then the pod is in the config only with its Istio labels (so ztunnel enrolls it) and
 //! not selected by any Service (Kubernetes leaves unready pods out of endpoints; meshd has no
 //! readiness of its own). A pod that goes is first taken out of the config, then stopped once
@@ -204,14 +205,14 @@ impl Mesh {
         }
         let listening = self.wait_until(
             READY_DEADLINE,
-            &format!("{} to listen on their containerPorts", keys.join(", ")),
+            &format!(
+                "{} to listen and pass their readiness probes",
+                keys.join(", ")
+            ),
             || {
                 for k in keys {
-                    let (ns, name) = split(k);
-                    for port in self.declared_ports(k) {
-                        if !self.listening(ns, name, port)? {
-                            return Ok(false);
-                        }
+                    if !self.containers_ready(k)? {
+                        return Ok(false);
                     }
                 }
                 Ok(true)
@@ -276,12 +277,34 @@ impl Mesh {
         Ok(())
     }
 
-    fn declared_ports(&self, key: &str) -> Vec<u16> {
-        let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
-        pods.get(key)
-            .and_then(|p| p.owner.as_ref())
-            .map(|o| deployments::container_ports(&o.doc["spec"]))
-            .unwrap_or_default()
+    /// The kubelet's view: every declared container port listens and every HTTP readiness
+    /// probe answers 2xx/3xx (from inside the pod, to its IP).
+    fn containers_ready(&self, key: &str) -> anyhow::Result<bool> {
+        let (ns, name) = split(key);
+        let spec = {
+            let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+            pods.get(key)
+                .and_then(|p| p.owner.as_ref())
+                .map(|o| o.doc["spec"].clone())
+                .unwrap_or_default()
+        };
+        for port in deployments::container_ports(&spec) {
+            if !self.listening(ns, name, port)? {
+                return Ok(false);
+            }
+        }
+        let pod = self.pod(ns, name)?;
+        for (port, path) in deployments::http_probes(&spec) {
+            let url = format!("http://{}:{port}{path}", pod.ip4);
+            let out = self.cluster.run(
+                &pod.netns,
+                &["curl", "-sf", "-o", "/dev/null", "--max-time", "2", &url],
+            )?;
+            if !out.status.success() {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// Whether the pod's node's ztunnel has the pod as a workload and, if meshd says it is

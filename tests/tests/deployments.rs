@@ -207,16 +207,10 @@ fn run_scale_and_roll_out_live(mesh: &LocalMesh, client: &testbed::Pod) {
 /// `--write-dir`; local mode applies them (`generated.<ns>.<gw>.yaml`), runs the waypoint
 /// binary in the pod with what it needs to reach meshd as the Gateway's service account, and
 /// removes it all when the Gateway goes.
+/// (Its pod is ready only once the waypoint has its config and certificate from meshd, so
+/// readiness shows the address and token work.)
 fn waypoint_gateway_is_run_and_removed(mesh: &LocalMesh) {
-    let gateway = r#"
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {name: waypoint, namespace: shop}
-spec:
-  gatewayClassName: istio-waypoint
-  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
-"#;
-    mesh.apply("30-waypoint.yaml", gateway).unwrap();
+    mesh.apply("30-waypoint.yaml", GATEWAY).unwrap();
     let pods = mesh.wait_for_pods("shop", "waypoint", 1).unwrap();
     let generated = "generated.shop.waypoint.yaml";
     let rendered = std::fs::read_to_string(mesh.config_dir.join(generated)).unwrap();
@@ -257,6 +251,41 @@ spec:
         "{} still runs",
         pods[0]
     );
+}
+
+const GATEWAY: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: waypoint, namespace: shop}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+"#;
+
+/// With meshd served over TLS (as on a cluster), a waypoint pod gets meshd's TLS address and
+/// the mesh root to verify it, and becomes ready through them.
+#[test]
+fn waypoint_pods_reach_meshd_over_tls() {
+    if !privileged() {
+        return;
+    }
+    let opts = MeshOptions {
+        meshd_tls: true,
+        ..MeshOptions::default()
+    };
+    let mesh = LocalMesh::start(opts).expect("start local mesh");
+    mesh.apply("00-ns.yaml", &manifests::namespace("shop", true))
+        .unwrap();
+    mesh.apply("30-waypoint.yaml", GATEWAY).unwrap();
+    let pods = mesh.wait_for_pods("shop", "waypoint", 1).unwrap();
+    let env = process_env(&mesh, "shop", &pods[0], 15021);
+    assert_eq!(
+        env.get("MESHD_ADDRESS").map(String::as_str),
+        Some(localmesh::MESHD_TLS_ADDR),
+        "{env:?}"
+    );
+    let root = mesh.mesh_root().display().to_string();
+    assert_eq!(env.get("MESHD_CA"), Some(&root), "{env:?}");
 }
 
 /// The environment of the process listening on `port` in the pod.
