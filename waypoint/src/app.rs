@@ -248,23 +248,43 @@ async fn prefetch(mut config: ConfigRx, cert: OwnCert) {
     }
 }
 
-/// Recompiles the routes when the config's route generation changes; the last good table
-/// stays in force otherwise.
+/// Recompiles the routes when the config's route resources change (its route generation) or
+/// its services do (hosts and ports the routes refer to); otherwise the table in force stays.
 async fn routes(mut config: ConfigRx, tx: watch::Sender<Router>) {
+    let mut compiled: Option<(u64, u64)> = None;
     loop {
-        let generation = config
-            .borrow_and_update()
-            .as_ref()
-            .map(|s| s.route_generation);
-        if let Some(g) = generation
-            && g != tx.borrow().generation
-        {
-            tx.send_replace(Router::compile(g));
+        let store = config.borrow_and_update().clone();
+        if let Some(store) = store {
+            let now = (store.route_generation, services_fingerprint(&store));
+            if compiled != Some(now) {
+                tx.send_replace(Router::compile(&store));
+                compiled = Some(now);
+            }
         }
         if config.changed().await.is_err() {
             std::future::pending::<()>().await;
         }
     }
+}
+
+/// Changes whenever a Service's key, hostname or ports change (not its endpoints).
+fn services_fingerprint(store: &meshcore::store::ConfigStore) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut items: Vec<_> = store
+        .services()
+        .map(|s| {
+            let ports: Vec<_> = s
+                .ports
+                .iter()
+                .map(|p| (p.port, &p.name, &p.app_protocol))
+                .collect();
+            (&s.key, &s.hostname, ports)
+        })
+        .collect();
+    items.sort();
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    items.hash(&mut h);
+    h.finish()
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, AppError> {

@@ -1,9 +1,9 @@
 //! Choosing the endpoint a request or connection goes to.
 //!
 //! Owns listing a backend's endpoints from the config (a subset filters them by its labels)
-//! and the load balancer: least request by power of two choices (Istio's default), over the
-//! requests this waypoint has in flight to each endpoint. Does not connect anywhere.
-//! `meshcore::route`'s balancers replace [`Balancer::pick`]'s policy when they land.
+//! and the choice among them with the destination's load-balancing policy
+//! (`meshcore::route::lb`: least request by default), fed with the requests this waypoint has
+//! in flight to each endpoint. Does not connect anywhere.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use meshcore::Identity;
+use meshcore::route::lb::{self, EndpointView, HashRequest, LbPolicy};
 use meshcore::store::{ConfigStore, workload_identity};
-use rand::Rng;
 
 use crate::routing::{Backend, Router};
 
@@ -105,10 +105,12 @@ fn first_ip(ips: &[String]) -> Option<IpAddr> {
     ips.iter().find_map(|s| s.parse().ok())
 }
 
-/// Requests in flight per endpoint, and the choice among endpoints.
+/// Requests in flight per endpoint, and one `meshcore::route::lb::Balancer` per destination
+/// (its round-robin position and hash ring live there).
 #[derive(Default)]
 pub struct Balancer {
     active: Mutex<HashMap<SocketAddr, Arc<AtomicUsize>>>,
+    per_destination: Mutex<HashMap<Backend, Arc<lb::Balancer>>>,
 }
 
 /// One request in flight to an endpoint, until dropped.
@@ -120,33 +122,65 @@ impl Drop for InFlight {
     }
 }
 
+/// The endpoint chosen for a request.
+pub struct Picked {
+    pub endpoint: Endpoint,
+    pub in_flight: InFlight,
+    /// A consistent-hash cookie to set on the response (`Set-Cookie` value).
+    pub set_cookie: Option<String>,
+}
+
 impl Balancer {
     fn counter(&self, addr: SocketAddr) -> Arc<AtomicUsize> {
         let mut m = self.active.lock().unwrap_or_else(|p| p.into_inner());
         m.entry(addr).or_default().clone()
     }
 
-    /// Least request, power of two choices: of two endpoints drawn at random, the one with
-    /// fewer requests in flight. `None` when there is no endpoint.
-    pub fn pick(&self, endpoints: &[Endpoint]) -> Option<(Endpoint, InFlight)> {
-        let chosen = match endpoints.len() {
-            0 => return None,
-            1 => &endpoints[0],
-            n => {
-                let mut rng = rand::rng();
-                let a = rng.random_range(0..n);
-                let b = (a + rng.random_range(1..n)) % n;
-                let load = |i: usize| self.counter(endpoints[i].addr).load(Ordering::Acquire);
-                if load(b) < load(a) {
-                    &endpoints[b]
-                } else {
-                    &endpoints[a]
-                }
-            }
+    /// Chooses among `endpoints` of `backend` with its DestinationRule's policy (least request
+    /// by default), over the requests in flight from this waypoint. `None`: no endpoint.
+    pub fn pick(
+        &self,
+        router: &Router,
+        backend: &Backend,
+        endpoints: &[Endpoint],
+        request: &HashRequest<'_>,
+    ) -> Option<Picked> {
+        let policy = match backend {
+            Backend::Service {
+                service,
+                port,
+                subset,
+            } => router.lb_policy(service, *port, subset.as_deref()),
+            _ => LbPolicy::LeastRequest,
         };
-        let c = self.counter(chosen.addr);
+        let mut rng = rand::rng();
+        let hash = policy.hash_key(request, &mut rng);
+        let keys: Vec<String> = endpoints.iter().map(|e| e.addr.to_string()).collect();
+        let counters: Vec<Arc<AtomicUsize>> =
+            endpoints.iter().map(|e| self.counter(e.addr)).collect();
+        let views: Vec<EndpointView<'_>> = keys
+            .iter()
+            .zip(&counters)
+            .map(|(key, c)| EndpointView {
+                key,
+                active: u32::try_from(c.load(Ordering::Acquire)).unwrap_or(u32::MAX),
+            })
+            .collect();
+        let balancer = {
+            let mut m = self
+                .per_destination
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            m.entry(backend.clone()).or_default().clone()
+        };
+        let i = balancer.pick(&policy, &views, hash.key, &mut rng)?;
+        let c = counters.get(i)?.clone();
         c.fetch_add(1, Ordering::AcqRel);
-        Some((chosen.clone(), InFlight(c)))
+        Some(Picked {
+            endpoint: endpoints.get(i)?.clone(),
+            in_flight: InFlight(c),
+            set_cookie: hash.set_cookie,
+        })
     }
 }
 
@@ -164,14 +198,22 @@ mod tests {
     #[test]
     fn least_request_prefers_the_idle_endpoint() {
         let b = Balancer::default();
+        let router = Router::default();
+        let backend = Backend::Address(SocketAddr::from(([10, 0, 0, 1], 1)));
+        let headers = http::HeaderMap::new();
+        let req = HashRequest {
+            headers: &headers,
+            path_and_query: "/",
+            source_ip: None,
+        };
         let eps = [ep(1), ep(2)];
         // Endpoint 1 is busy: every later pick goes to 2.
-        let (first, _busy) = b.pick(&eps[..1]).unwrap();
-        assert_eq!(first.addr.port(), 1);
+        let busy = b.pick(&router, &backend, &eps[..1], &req).unwrap();
+        assert_eq!(busy.endpoint.addr.port(), 1);
         for _ in 0..50 {
-            let (e, _g) = b.pick(&eps).unwrap();
-            assert_eq!(e.addr.port(), 2);
+            let p = b.pick(&router, &backend, &eps, &req).unwrap();
+            assert_eq!(p.endpoint.addr.port(), 2);
         }
-        assert!(b.pick(&[]).is_none());
+        assert!(b.pick(&router, &backend, &[], &req).is_none());
     }
 }

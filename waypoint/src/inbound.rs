@@ -112,6 +112,7 @@ async fn handle_connect(ctx: Arc<Ctx>, req: InboundRequest) {
     };
     let down = Arc::new(Downstream {
         principal: req.peer_identity.to_string(),
+        client_namespace: Some(req.peer_identity.namespace.clone()),
         addr: req.peer_addr,
         target,
     });

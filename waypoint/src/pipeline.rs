@@ -21,17 +21,20 @@ use hyper_util::rt::TokioIo;
 use tracing::debug;
 
 use crate::app::Ctx;
-use crate::balance::{self, InFlight};
+use crate::balance::{self, InFlight, Picked};
 use crate::dest::Target;
 use crate::routing::{Forward, HttpDecision, RequestInfo};
 use crate::telemetry::{Flag, Kind, Metrics, Record};
 use crate::upstream::{self, Body};
+use meshcore::route::lb::HashRequest;
 
 /// Who sent the requests of one downstream connection, and where they were going.
 #[derive(Debug)]
 pub struct Downstream {
     /// The client's SPIFFE identity; empty on the plain-HTTP listener.
     pub principal: String,
+    /// The client's namespace (from its identity), for consumer routes.
+    pub client_namespace: Option<String>,
     pub addr: SocketAddr,
     pub target: Target,
 }
@@ -70,6 +73,7 @@ pub async fn handle(
             uri: req.uri(),
             headers: req.headers(),
             authority: &authority,
+            client_namespace: down.client_namespace.as_deref(),
         },
     );
     let forward = match decision {
@@ -97,13 +101,26 @@ pub async fn handle(
             return Ok(local(&ctx.metrics, record, status, HeaderMap::new(), &body));
         }
     };
-    record.route = forward.route_name.clone();
+    record.route = forward.route_name.to_string();
     // pick endpoint
     let endpoints = match ctx.config.borrow().as_deref() {
         Some(store) => balance::endpoints(store, &router, &forward.backend),
         None => Vec::new(),
     };
-    let Some((endpoint, in_flight)) = ctx.balancer.pick(&endpoints) else {
+    let hash_request = HashRequest {
+        headers: req.headers(),
+        path_and_query: req.uri().path_and_query().map_or("/", |p| p.as_str()),
+        source_ip: Some(down.addr.ip()),
+    };
+    let picked = ctx
+        .balancer
+        .pick(&router, &forward.backend, &endpoints, &hash_request);
+    let Some(Picked {
+        endpoint,
+        in_flight,
+        set_cookie,
+    }) = picked
+    else {
         record.flag = Some(Flag::NoHealthyUpstream);
         return Ok(local(
             &ctx.metrics,
@@ -174,6 +191,9 @@ pub async fn handle(
         strip_hop_by_hop(&mut head.headers);
     }
     forward.response_headers.apply(&mut head.headers);
+    if let Some(cookie) = set_cookie.and_then(|c| http::HeaderValue::from_str(&c).ok()) {
+        head.headers.append(header::SET_COOKIE, cookie);
+    }
     if let Kind::Http { status, .. } = &mut record.kind {
         *status = head.status.as_u16();
     }

@@ -40,6 +40,7 @@ pub async fn serve(ctx: Arc<Ctx>, listener: TcpListener, backend: SocketAddr) {
             };
             let down = Arc::new(Downstream {
                 principal: String::new(),
+                client_namespace: None,
                 addr: peer,
                 target: Target::Address(backend),
             });

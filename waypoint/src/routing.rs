@@ -1,27 +1,35 @@
-//! The route decision for a request or connection: today the default route only (send to the
-//! destination itself, same port), behind the shape `meshcore::route`'s `RouteTable` will fill
-//! (forward with header operations and rewrites, redirect, direct response, not found).
+//! The route decision for a request or connection, from `meshcore::route`'s compiled
+//! [`RouteTable`] (VirtualService, DestinationRule, HTTPRoute, GRPCRoute).
 //!
-//! Owns the [`Router`] in force (recompiled when the config's route generation changes, the
-//! last good one kept) and the decision types the pipeline matches on. Does not pick endpoints
-//! or send anything.
+//! Owns the [`Router`] in force — compiled from the config's route resources and services, and
+//! recompiled only when the config's route generation changes — and the translation of a
+//! destination (Service, pod, fixed address) into the engine's questions and answers. Pod- and
+//! address-targeted traffic takes the default route (to itself). Does not pick endpoints or
+//! send anything.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use http::{HeaderMap, StatusCode};
+use meshcore::route::lb::LbPolicy;
+use meshcore::route::{
+    self, Diagnostic, HeaderEdits, HttpRequestInfo, PortInfo, RouteResourceRef, RouteTable,
+    ServiceInfo, Severity,
+};
+use meshcore::store::ConfigStore;
+use tracing::{info, warn};
 
 use crate::dest::Target;
 
 /// Where a forwarded request or connection goes.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Backend {
     /// A Service (`ns/name`) port, optionally a DestinationRule subset of it.
     Service {
-        service: String,
+        service: Arc<str>,
         port: u16,
-        subset: Option<String>,
+        subset: Option<Arc<str>>,
     },
     /// One workload (`ns/name` uid) and port: pod-addressed traffic.
     Workload { uid: String, port: u16 },
@@ -29,49 +37,18 @@ pub enum Backend {
     Address(SocketAddr),
 }
 
-/// Header set/add/remove, applied in that order (Istio's and Gateway API's order).
-#[derive(Clone, Debug, Default)]
-pub struct HeaderOps {
-    pub set: Vec<(HeaderName, HeaderValue)>,
-    pub add: Vec<(HeaderName, HeaderValue)>,
-    pub remove: Vec<HeaderName>,
-}
-
-impl HeaderOps {
-    pub fn apply(&self, headers: &mut HeaderMap) {
-        for (k, v) in &self.set {
-            headers.insert(k.clone(), v.clone());
-        }
-        for (k, v) in &self.add {
-            headers.append(k.clone(), v.clone());
-        }
-        for k in &self.remove {
-            headers.remove(k);
-        }
-    }
-}
-
-/// What routing may look at in a request.
-pub struct RequestInfo<'a> {
-    pub method: &'a http::Method,
-    pub uri: &'a http::Uri,
-    pub headers: &'a HeaderMap,
-    /// `Host` / `:authority`.
-    pub authority: &'a str,
-}
-
 /// A forward decision.
 #[derive(Clone, Debug)]
 pub struct Forward {
     pub backend: Backend,
-    pub request_headers: HeaderOps,
-    pub response_headers: HeaderOps,
-    /// New path (already computed for this request), if rewritten.
+    pub request_headers: HeaderEdits,
+    pub response_headers: HeaderEdits,
+    /// New path and query, if rewritten.
     pub rewrite_path: Option<String>,
     /// New authority, if rewritten.
     pub rewrite_authority: Option<String>,
     /// For logs: which route matched (`default` for the default route).
-    pub route_name: String,
+    pub route_name: Arc<str>,
 }
 
 /// What to do with one HTTP request.
@@ -93,29 +70,107 @@ pub enum HttpDecision {
 #[derive(Clone, Debug)]
 pub enum TcpDecision {
     Forward(Backend),
-    NotFound,
+}
+
+/// What routing may look at in a request.
+pub struct RequestInfo<'a> {
+    pub method: &'a http::Method,
+    pub uri: &'a http::Uri,
+    pub headers: &'a HeaderMap,
+    /// `Host` / `:authority`.
+    pub authority: &'a str,
+    /// The client's namespace (from its identity), for consumer routes.
+    pub client_namespace: Option<&'a str>,
 }
 
 /// The compiled routes in force. Cheap to clone.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct Router {
-    /// The route generation this was compiled from.
-    pub generation: u64,
-    inner: Arc<Compiled>,
+    /// The route generation this was compiled from (`None`: nothing compiled yet).
+    pub generation: Option<u64>,
+    table: RouteTable,
+    diagnostics: Arc<Vec<Diagnostic>>,
 }
 
-#[derive(Debug, Default)]
-struct Compiled {
-    /// DestinationRule subsets: (service key, subset) → labels.
-    subsets: BTreeMap<(String, String), BTreeMap<String, String>>,
+/// The cluster domain, read off a Service's FQDN (`name.ns.svc.<domain>`).
+fn cluster_domain(store: &ConfigStore) -> String {
+    store
+        .services()
+        .find_map(|s| {
+            let prefix = format!("{}.{}.svc.", s.name, s.namespace);
+            s.hostname.strip_prefix(&prefix).map(str::to_string)
+        })
+        .unwrap_or_else(|| "cluster.local".to_string())
 }
 
 impl Router {
-    /// The routes of route generation `generation` (the default route only, for now).
-    pub fn compile(generation: u64) -> Router {
+    /// Compiles every route resource in `store` against its services. Resources with errors
+    /// are left out (meshd refuses them and keeps their last good version); every finding is
+    /// logged and kept for `/config_dump`.
+    pub fn compile(store: &ConfigStore) -> Router {
+        let services: Vec<ServiceInfo> = store
+            .services()
+            .map(|s| ServiceInfo {
+                key: s.key.clone(),
+                name: s.name.clone(),
+                namespace: s.namespace.clone(),
+                hostname: s.hostname.clone(),
+                ports: s
+                    .ports
+                    .iter()
+                    .filter_map(|p| {
+                        Some(PortInfo {
+                            port: u16::try_from(p.port).ok()?,
+                            name: p.name.clone(),
+                            app_protocol: p.app_protocol.clone(),
+                        })
+                    })
+                    .collect(),
+            })
+            .collect();
+        let mut diagnostics = Vec::new();
+        let specs: Vec<_> = store
+            .routes()
+            .filter_map(
+                |r| match serde_json::from_str::<serde_json::Value>(&r.spec_json) {
+                    Ok(spec) => Some((r.clone(), spec)),
+                    Err(e) => {
+                        diagnostics.push(Diagnostic {
+                            resource: format!("{} {}/{}", r.kind, r.namespace, r.name),
+                            field: "spec".to_string(),
+                            message: format!("not JSON: {e}"),
+                            severity: Severity::Error,
+                        });
+                        None
+                    }
+                },
+            )
+            .collect();
+        let refs: Vec<RouteResourceRef<'_>> = specs
+            .iter()
+            .map(|(r, spec)| RouteResourceRef {
+                kind: &r.kind,
+                namespace: &r.namespace,
+                name: &r.name,
+                spec,
+                generation_order: r.generation_order,
+            })
+            .collect();
+        let (table, found) = route::compile(&refs, &services, &cluster_domain(store));
+        diagnostics.extend(found);
+        for d in &diagnostics {
+            warn!(diagnostic = %d, "route resource");
+        }
+        info!(
+            generation = store.route_generation,
+            resources = refs.len(),
+            diagnostics = diagnostics.len(),
+            "routes compiled"
+        );
         Router {
-            generation,
-            inner: Arc::default(),
+            generation: Some(store.route_generation),
+            table,
+            diagnostics: Arc::new(diagnostics),
         }
     }
 
@@ -123,7 +178,7 @@ impl Router {
     fn default_backend(target: &Target) -> Backend {
         match target {
             Target::Service { service, port } => Backend::Service {
-                service: service.key.clone(),
+                service: service.key.as_str().into(),
                 port: port.port as u16,
                 subset: None,
             },
@@ -136,31 +191,83 @@ impl Router {
     }
 
     /// The decision for a request to `target`.
-    pub fn http(&self, target: &Target, _req: &RequestInfo<'_>) -> HttpDecision {
-        HttpDecision::Forward(Box::new(Forward {
-            backend: Self::default_backend(target),
-            request_headers: HeaderOps::default(),
-            response_headers: HeaderOps::default(),
-            rewrite_path: None,
-            rewrite_authority: None,
-            route_name: "default".to_string(),
-        }))
+    pub fn http(&self, target: &Target, req: &RequestInfo<'_>) -> HttpDecision {
+        let Target::Service { service, port } = target else {
+            return HttpDecision::Forward(Box::new(Forward {
+                backend: Self::default_backend(target),
+                request_headers: HeaderEdits::default(),
+                response_headers: HeaderEdits::default(),
+                rewrite_path: None,
+                rewrite_authority: None,
+                route_name: "default".into(),
+            }));
+        };
+        let path_and_query = req.uri.path_and_query().map_or("/", |p| p.as_str());
+        let info = HttpRequestInfo {
+            service: &service.key,
+            port: port.port as u16,
+            method: req.method.as_str(),
+            scheme: "http",
+            authority: req.authority,
+            path_and_query,
+            headers: req.headers,
+            client_namespace: req.client_namespace,
+        };
+        match self.table.http(&info) {
+            route::HttpDecision::Forward(f) => HttpDecision::Forward(Box::new(Forward {
+                backend: Backend::Service {
+                    service: f.backend.service,
+                    port: f.backend.port,
+                    subset: f.backend.subset,
+                },
+                request_headers: f.request_headers,
+                response_headers: f.response_headers,
+                rewrite_path: f.path,
+                rewrite_authority: f.authority,
+                route_name: f.route_name,
+            })),
+            route::HttpDecision::Redirect { status, location } => HttpDecision::Redirect {
+                status: StatusCode::from_u16(status).unwrap_or(StatusCode::MOVED_PERMANENTLY),
+                location,
+            },
+            route::HttpDecision::Direct { status, body } => HttpDecision::Direct {
+                status: StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                body,
+            },
+            route::HttpDecision::NotFound => HttpDecision::NotFound,
+        }
     }
 
     /// The decision for a TCP connection to `target`.
     pub fn tcp(&self, target: &Target) -> TcpDecision {
-        TcpDecision::Forward(Self::default_backend(target))
+        match target {
+            Target::Service { service, port } => {
+                let d = self.table.tcp(&service.key, port.port as u16);
+                TcpDecision::Forward(Backend::Service {
+                    service: d.backend.service,
+                    port: d.backend.port,
+                    subset: d.backend.subset,
+                })
+            }
+            _ => TcpDecision::Forward(Self::default_backend(target)),
+        }
     }
 
     /// The pod labels a subset of `service` selects.
     pub fn subset_labels(&self, service: &str, subset: &str) -> Option<&BTreeMap<String, String>> {
-        self.inner
-            .subsets
-            .get(&(service.to_string(), subset.to_string()))
+        self.table.subset_labels(service, subset)
+    }
+
+    /// The load-balancing policy of a destination.
+    pub fn lb_policy(&self, service: &str, port: u16, subset: Option<&str>) -> LbPolicy {
+        self.table.lb_policy(service, port, subset)
     }
 
     /// What `/config_dump` shows about the routes.
     pub fn dump(&self) -> serde_json::Value {
-        serde_json::json!({"generation": self.generation, "engine": "default-route", "diagnostics": []})
+        serde_json::json!({
+            "generation": self.generation,
+            "diagnostics": *self.diagnostics,
+        })
     }
 }

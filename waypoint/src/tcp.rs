@@ -8,11 +8,12 @@ use bytes::Bytes;
 use tokio::io::AsyncWriteExt;
 
 use crate::app::Ctx;
-use crate::balance;
+use crate::balance::{self, Picked};
 use crate::pipeline::Downstream;
 use crate::routing::TcpDecision;
 use crate::telemetry::{Flag, Kind, Record};
 use crate::upstream::Io;
+use meshcore::route::lb::HashRequest;
 
 /// Passes `client` (whose first bytes, already read, are `prefix`) through to an endpoint.
 pub async fn passthrough<S: Io>(
@@ -33,20 +34,27 @@ pub async fn passthrough<S: Io>(
     );
     record.tcp_opened(&ctx.metrics);
     let router = ctx.router.borrow().clone();
-    let backend = match router.tcp(&down.target) {
-        TcpDecision::Forward(b) => b,
-        TcpDecision::NotFound => {
-            record.flag = Some(Flag::NoRoute);
-            record.finish(&ctx.metrics);
-            return;
-        }
-    };
+    let TcpDecision::Forward(backend) = router.tcp(&down.target);
     record.route = "default".to_string();
     let endpoints = match ctx.config.borrow().as_deref() {
         Some(store) => balance::endpoints(store, &router, &backend),
         None => Vec::new(),
     };
-    let Some((endpoint, _in_flight)) = ctx.balancer.pick(&endpoints) else {
+    let headers = http::HeaderMap::new();
+    let hash_request = HashRequest {
+        headers: &headers,
+        path_and_query: "",
+        source_ip: Some(down.addr.ip()),
+    };
+    let picked = ctx
+        .balancer
+        .pick(&router, &backend, &endpoints, &hash_request);
+    let Some(Picked {
+        endpoint,
+        in_flight: _in_flight,
+        ..
+    }) = picked
+    else {
         record.flag = Some(Flag::NoHealthyUpstream);
         record.finish(&ctx.metrics);
         return;

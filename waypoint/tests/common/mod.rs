@@ -1,0 +1,499 @@
+//! The waypoint test harness, in process, over real sockets and real mTLS: a "client ztunnel"
+//! (meshcore's HBONE pool, client identity) tunnels to the waypoint with the original
+//! destination as the CONNECT authority; each backend "pod" is an HBONE server on its own
+//! loopback address (`127.x.y.z:15008`, the pod's identity, as a destination ztunnel) that
+//! records who connected and delivers to local HTTP/1.1, HTTP/2 and TCP echo apps, which name
+//! the pod in an `x-pod` response header.
+//!
+//! Owns only test scaffolding; everything it starts ends with the test's runtime.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use meshcore::Identity;
+use meshcore::ca::CertAuthority;
+use meshcore::hbone::{
+    ConnectRequest, Dialer, H2Stream, HboneError, InboundRequest, Pool, PoolKey, PoolSettings,
+    ServerSettings,
+};
+use meshcore::proto::config::{
+    ConfigUpdate, Endpoint, RouteResource, Service, ServicePort, WaypointBinding, Workload,
+};
+use meshcore::store::ConfigStore;
+use meshcore::tls::WorkloadCert;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use waypoint::app::{self, Running};
+use waypoint::config::{Config, Source};
+
+pub const DAY: Duration = Duration::from_secs(24 * 3600);
+pub const DEADLINE: Duration = Duration::from_secs(20);
+pub const TD: &str = "td";
+pub const WEB_VIP: &str = "10.96.0.10";
+pub const EMPTY_VIP: &str = "10.96.0.11";
+pub const UNBOUND_VIP: &str = "10.96.0.12";
+
+pub fn waypoint_id() -> Identity {
+    Identity::new(TD, "app", "wp")
+}
+pub fn client_id() -> Identity {
+    Identity::new(TD, "client", "cli")
+}
+pub fn backend_id() -> Identity {
+    Identity::new(TD, "app", "backend")
+}
+
+/// What the backend pod saw.
+#[derive(Default)]
+pub struct Seen {
+    /// Identities of HBONE peers, one per CONNECT.
+    pub peers: Mutex<Vec<String>>,
+    /// TCP connections accepted by the HTTP/1.1 app.
+    pub http1_conns: AtomicUsize,
+}
+
+/// A backend pod on its own loopback address: HBONE on 15008 delivering to its apps on
+/// 8080 (HTTP/1.1), 8082 (HTTP/2) and 9000 (TCP echo).
+pub async fn start_backend(ca: &CertAuthority, name: &str) -> (IpAddr, Arc<Seen>) {
+    let name: Arc<str> = name.into();
+    let seen = Arc::new(Seen::default());
+    // A random 127/8 address: 15008 there is ours alone, as a pod's would be.
+    let ip = loop {
+        let r: [u8; 3] = rand::random();
+        let ip = IpAddr::from([127, r[0], r[1], r[2].clamp(2, 254)]);
+        if let Ok(l) = TcpListener::bind((ip, 15008)).await {
+            start_hbone_server(ca, l, seen.clone());
+            break ip;
+        }
+    };
+    let h1 = TcpListener::bind((ip, 8080)).await.expect("bind 8080");
+    let h2 = TcpListener::bind((ip, 8082)).await.expect("bind 8082");
+    let echo = TcpListener::bind((ip, 9000)).await.expect("bind 9000");
+    let s = seen.clone();
+    let n = name.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = h1.accept().await {
+            let n = n.clone();
+            s.http1_conns.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), service_fn(move |r| app(n.clone(), r)))
+                    .with_upgrades(),
+            );
+        }
+    });
+    let n = name.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = h2.accept().await {
+            let n = n.clone();
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tcp), service_fn(move |r| app(n.clone(), r))),
+            );
+        }
+    });
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = echo.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = tcp.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    (ip, seen)
+}
+
+/// The destination ztunnel's part: terminate HBONE, note the peer, deliver to the app.
+pub fn start_hbone_server(ca: &CertAuthority, listener: TcpListener, seen: Arc<Seen>) {
+    let cert = ca.mint(&backend_id(), DAY).expect("mint backend");
+    let tls = meshcore::tls::server_config(&cert).expect("server tls");
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (tls, seen) = (tls.clone(), seen.clone());
+            tokio::spawn(meshcore::hbone::serve_connection(
+                tcp,
+                tls,
+                ServerSettings::default(),
+                move |req: InboundRequest| {
+                    let seen = seen.clone();
+                    async move {
+                        seen.peers
+                            .lock()
+                            .unwrap()
+                            .push(req.peer_identity.to_string());
+                        let Ok(target) = req.authority.parse::<SocketAddr>() else {
+                            return req.reject(StatusCode::BAD_REQUEST);
+                        };
+                        let Ok(mut app) = tokio::net::TcpStream::connect(target).await else {
+                            return req.reject(StatusCode::SERVICE_UNAVAILABLE);
+                        };
+                        let Ok(mut tunnel) = req.accept(http::HeaderMap::new()) else {
+                            return;
+                        };
+                        let _ = tokio::io::copy_bidirectional(&mut tunnel, &mut app).await;
+                    }
+                },
+            ));
+        }
+    });
+}
+
+pub type TestBody = BoxBody<Bytes, hyper::Error>;
+
+/// The apps: `/echo` streams the request body back (gRPC-shaped requests get trailers),
+/// an `Upgrade` gets 101 and an echo; otherwise a text reply naming path, version and host.
+pub async fn app(pod: Arc<str>, req: Request<Incoming>) -> Result<Response<TestBody>, Infallible> {
+    let mut resp = respond(req).await;
+    if let Ok(v) = http::HeaderValue::from_str(&pod) {
+        resp.headers_mut().insert("x-pod", v);
+    }
+    Ok(resp)
+}
+
+async fn respond(mut req: Request<Incoming>) -> Response<TestBody> {
+    if req.headers().contains_key(http::header::UPGRADE) {
+        let upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(up) = upgrade.await {
+                let mut io = TokioIo::new(up);
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = io.read(&mut buf).await {
+                    if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        let resp = Response::builder()
+            .status(StatusCode::SWITCHING_PROTOCOLS)
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .body(full(""))
+            .unwrap();
+        return resp;
+    }
+    let grpc = req
+        .headers()
+        .get("content-type")
+        .is_some_and(|v| v == "application/grpc");
+    if req.uri().path() == "/echo" || grpc {
+        let body = req.into_body();
+        let body: TestBody = if grpc {
+            // Data frames as they come, then gRPC's status trailers.
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert("grpc-status", "7".parse().unwrap());
+            trailers.insert("grpc-message", "denied-by-test".parse().unwrap());
+            body.with_trailers(async move { Some(Ok(trailers)) })
+                .boxed()
+        } else {
+            body.boxed()
+        };
+        let mut resp = Response::new(body);
+        if grpc {
+            resp.headers_mut()
+                .insert("content-type", "application/grpc".parse().unwrap());
+        }
+        return resp;
+    }
+    let host = req
+        .headers()
+        .get("host")
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()))
+        .unwrap_or_default();
+    let text = format!(
+        "path={} version={:?} host={host}",
+        req.uri().path(),
+        req.version()
+    );
+    Response::new(full(&text))
+}
+
+pub fn full(s: &str) -> TestBody {
+    Full::new(Bytes::from(s.to_string()))
+        .map_err(|n: Infallible| match n {})
+        .boxed()
+}
+
+pub fn port(port: u32, target: u32, name: &str, app_protocol: &str) -> ServicePort {
+    ServicePort {
+        port,
+        target_port: target,
+        name: name.into(),
+        app_protocol: app_protocol.into(),
+    }
+}
+
+pub fn bound() -> Option<WaypointBinding> {
+    Some(WaypointBinding {
+        gateway: "app/wp".into(),
+        service: "app/wp".into(),
+        unavailable: String::new(),
+    })
+}
+
+/// A backend pod of `web` (and `other`), with its pod labels.
+pub struct Pod {
+    pub name: String,
+    pub ip: IpAddr,
+    pub labels: Vec<(String, String)>,
+    pub seen: Arc<Seen>,
+}
+
+/// A route resource as meshd sends it: (kind, name, spec as JSON), in namespace `app`.
+pub type Route<'a> = (&'a str, &'a str, serde_json::Value);
+
+/// The mesh as the waypoint sees it: `web` (bound, every pod), `empty` (bound, no
+/// endpoints), `other` (not bound to this waypoint), and `routes`.
+pub fn store(pods: &[Pod], routes: &[Route<'_>]) -> ConfigStore {
+    let endpoints: Vec<Endpoint> = pods
+        .iter()
+        .map(|p| Endpoint {
+            workload_uid: format!("app/{}", p.name),
+            ports: HashMap::new(),
+        })
+        .collect();
+    let svc = |name: &str, vip: &str, endpoints: Vec<Endpoint>, waypoint| Service {
+        key: format!("app/{name}"),
+        name: name.into(),
+        namespace: "app".into(),
+        hostname: format!("{name}.app.svc.cluster.local"),
+        vips: vec![vip.into()],
+        ports: vec![
+            port(80, 8080, "http", ""),
+            port(81, 8082, "grpc-api", "grpc"),
+            port(82, 8080, "web", ""),
+            port(83, 9000, "data", ""),
+            port(9000, 9000, "tcp-echo", ""),
+        ],
+        endpoints,
+        waypoint,
+    };
+    let mut s = ConfigStore::default();
+    s.apply(ConfigUpdate {
+        snapshot: true,
+        version: 1,
+        workloads: pods
+            .iter()
+            .map(|p| Workload {
+                uid: format!("app/{}", p.name),
+                name: p.name.clone(),
+                namespace: "app".into(),
+                service_account: "backend".into(),
+                trust_domain: TD.into(),
+                ips: vec![p.ip.to_string()],
+                labels: p.labels.iter().cloned().collect(),
+                captured: true,
+                ..Default::default()
+            })
+            .collect(),
+        services: vec![
+            svc("web", WEB_VIP, endpoints.clone(), bound()),
+            svc("empty", EMPTY_VIP, Vec::new(), bound()),
+            svc("other", UNBOUND_VIP, endpoints, None),
+        ],
+        routes: routes
+            .iter()
+            .enumerate()
+            .map(|(i, (kind, name, spec))| RouteResource {
+                key: format!("{kind}/app/{name}"),
+                kind: kind.to_string(),
+                namespace: "app".into(),
+                name: name.to_string(),
+                spec_json: spec.to_string(),
+                generation_order: i as i64,
+            })
+            .collect(),
+        ..Default::default()
+    });
+    s
+}
+
+pub struct Mesh {
+    pub waypoint: Running,
+    pub backend_ip: IpAddr,
+    pub seen: Arc<Seen>,
+    pub pods: Vec<Pod>,
+    pub pool: Pool,
+    pub client_cert: Arc<WorkloadCert>,
+}
+
+pub async fn mesh() -> Mesh {
+    mesh_with(|_| {}).await
+}
+
+/// One backend pod, no routes, with `edit` applied to the waypoint's config before it starts.
+pub async fn mesh_with(edit: impl FnOnce(&mut Config)) -> Mesh {
+    mesh_of(&[("backend-0", &[])], &[], edit).await
+}
+
+/// Backend pods `(name, labels)` behind `web`, `routes` in force.
+pub async fn mesh_of(
+    pods: &[(&str, &[(&str, &str)])],
+    routes: &[Route<'_>],
+    edit: impl FnOnce(&mut Config),
+) -> Mesh {
+    meshcore::tls::install_crypto_provider();
+    let ca = CertAuthority::new_in_memory(TD).expect("ca");
+    let mut started = Vec::new();
+    for (name, labels) in pods {
+        let (ip, seen) = start_backend(&ca, name).await;
+        started.push(Pod {
+            name: name.to_string(),
+            ip,
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            seen,
+        });
+    }
+    let cert = Arc::new(ca.mint(&waypoint_id(), DAY).expect("mint waypoint"));
+    let mut config = Config::new(
+        "app/wp",
+        IpAddr::from([127, 0, 0, 1]),
+        Source::Static {
+            store: Arc::new(store(&started, routes)),
+            cert,
+        },
+    );
+    for a in [
+        &mut config.hbone_addr,
+        &mut config.ready_addr,
+        &mut config.metrics_addr,
+    ] {
+        a.set_port(0);
+    }
+    edit(&mut config);
+    let waypoint = app::build(config)
+        .expect("build")
+        .start()
+        .await
+        .expect("start");
+    Mesh {
+        waypoint,
+        backend_ip: started[0].ip,
+        seen: started[0].seen.clone(),
+        pods: started,
+        pool: Pool::new(PoolSettings::default()),
+        client_cert: Arc::new(ca.mint(&client_id(), DAY).expect("mint client")),
+    }
+}
+
+impl Mesh {
+    /// A tunnel through the waypoint to `authority` (what a client ztunnel opens).
+    pub async fn connect(&self, authority: &str) -> Result<H2Stream, HboneError> {
+        let key = PoolKey {
+            source: "client-pod".into(),
+            src_identity: client_id(),
+            dst_identities: vec![waypoint_id()],
+            dst: self.waypoint.hbone_addr,
+        };
+        let dial: Dialer = Arc::new(|a| Box::pin(tokio::net::TcpStream::connect(a)));
+        let req = ConnectRequest {
+            authority: authority.into(),
+            headers: http::HeaderMap::new(),
+        };
+        tokio::time::timeout(
+            DEADLINE,
+            self.pool.connect(key, self.client_cert.clone(), dial, req),
+        )
+        .await
+        .expect("CONNECT within the deadline")
+    }
+
+    pub async fn http1(
+        &self,
+        authority: &str,
+    ) -> hyper::client::conn::http1::SendRequest<TestBody> {
+        let tunnel = self.connect(authority).await.expect("CONNECT");
+        let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tunnel))
+            .await
+            .expect("h1");
+        tokio::spawn(conn.with_upgrades());
+        send
+    }
+
+    pub async fn http2(
+        &self,
+        authority: &str,
+    ) -> hyper::client::conn::http2::SendRequest<TestBody> {
+        let tunnel = self.connect(authority).await.expect("CONNECT");
+        let (send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tunnel))
+                .await
+                .expect("h2");
+        tokio::spawn(conn);
+        send
+    }
+
+    pub async fn config_dump(&self) -> serde_json::Value {
+        let tcp = tokio::net::TcpStream::connect(self.waypoint.metrics_addr)
+            .await
+            .expect("metrics port");
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .expect("h1");
+        tokio::spawn(conn);
+        let resp = send
+            .send_request(get("/config_dump", "admin"))
+            .await
+            .expect("config dump");
+        serde_json::from_str(&body_text(resp).await).expect("config dump is JSON")
+    }
+
+    pub async fn metrics(&self) -> String {
+        let tcp = tokio::net::TcpStream::connect(self.waypoint.metrics_addr)
+            .await
+            .expect("metrics");
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .expect("h1");
+        tokio::spawn(conn);
+        let resp = send
+            .send_request(get("/metrics", "metrics"))
+            .await
+            .expect("scrape");
+        body_text(resp).await
+    }
+}
+
+pub fn get(path: &str, host: &str) -> Request<TestBody> {
+    Request::get(path)
+        .header("host", host)
+        .body(full(""))
+        .unwrap()
+}
+
+pub async fn body_text(resp: Response<Incoming>) -> String {
+    let bytes = tokio::time::timeout(DEADLINE, resp.into_body().collect())
+        .await
+        .expect("body within the deadline")
+        .expect("body")
+        .to_bytes();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+pub async fn send1(
+    s: &mut hyper::client::conn::http1::SendRequest<TestBody>,
+    req: Request<TestBody>,
+) -> Response<Incoming> {
+    tokio::time::timeout(DEADLINE, s.send_request(req))
+        .await
+        .expect("response in time")
+        .expect("response")
+}
