@@ -336,6 +336,8 @@ fn test(args: &[String]) -> anyhow::Result<()> {
             "handover",
             "--test",
             "hostile",
+            "--test",
+            "waypoint_binding",
         ])
         .args(args)
         .env("RUST_TEST_THREADS", "2")
