@@ -510,6 +510,45 @@ mod tests {
     }
 
     #[test]
+    fn a_bad_route_is_refused_alone_and_keeps_its_last_good_version() {
+        let vs = |regex: &str, ns: &str| {
+            format!(
+                "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}}}\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: vs, namespace: a}}\nspec: {{hosts: [web], http: [{{match: [{{uri: {{regex: '{regex}'}}}}], route: [{{destination: {{host: web}}}}]}}]}}\n"
+            )
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("r.yaml");
+        // Never good: left out, the rest of the file applies.
+        std::fs::write(&f, vs("(", "a")).unwrap();
+        let mut s = Scanner::new(dir.path().to_path_buf());
+        s.scan(true);
+        let set = s.merged();
+        assert_eq!(namespaces(&s), ["a"]);
+        assert!(set.routes.is_empty(), "{:?}", set.routes);
+        // Good.
+        std::fs::write(&f, vs("/v1/.*", "a")).unwrap();
+        s.scan(false);
+        assert!(s.scan(false));
+        let good = s.merged().routes["VirtualService/a/vs"].clone();
+        assert!(good.rejected.is_none());
+        // Bad again, with another edit in the same file: that edit applies, the route stays.
+        std::fs::write(&f, vs("[z-a]", "b")).unwrap();
+        s.scan(false);
+        assert!(s.scan(false));
+        let set = s.merged();
+        assert_eq!(namespaces(&s), ["b"]);
+        let kept = &set.routes["VirtualService/a/vs"];
+        assert_eq!(kept.spec, good.spec, "the last good version");
+        let why = kept.rejected.as_deref().unwrap();
+        assert!(
+            why.contains("r.yaml")
+                && why.contains("VirtualService a/vs")
+                && why.contains("uri.regex"),
+            "{why}"
+        );
+    }
+
+    #[test]
     fn config_dir_outage_keeps_the_last_set() {
         let top = tempfile::tempdir().unwrap();
         let cfg = top.path().join("cfg");
