@@ -148,7 +148,9 @@ fn run_scale_and_roll_out_live(mesh: &LocalMesh, client: &testbed::Pod) {
         Ok(stream.answers().len() >= 20)
     })
     .unwrap();
+    let started = std::time::Instant::now();
     mesh.apply(FILE, &web(3, "v2")).unwrap();
+    let took = started.elapsed();
     let during = stream.answers().len();
     wait_for(
         Duration::from_secs(20),
@@ -180,7 +182,7 @@ fn run_scale_and_roll_out_live(mesh: &LocalMesh, client: &testbed::Pod) {
         "the old pods served the stream before the rollout"
     );
     eprintln!(
-        "rollout: {} requests, 0 failed, {} after it returned",
+        "rollout of 3 pods: {took:?}; {} requests, 0 failed, {} after it returned",
         answers.len(),
         answers.len() - during
     );
@@ -201,6 +203,16 @@ fn run_scale_and_roll_out_live(mesh: &LocalMesh, client: &testbed::Pod) {
     );
     assert_eq!(mesh.pods_of("shop", "web"), v2);
     reach_all(client, to, &v2);
+
+    // The Deployment leaves the file: its pods go, the Service stays (with no endpoints).
+    let service = web(3, "v2");
+    let service = &service[service.find("---").unwrap()..];
+    mesh.apply(FILE, service).unwrap();
+    assert_eq!(mesh.pods_of("shop", "web"), Vec::<String>::new());
+    for p in &v2 {
+        assert!(mesh.pod("shop", p).is_err(), "{p} still runs");
+    }
+    assert_eq!(vip(mesh), to);
 }
 
 /// A waypoint Gateway: meshd renders its ServiceAccount, Deployment and Service into its
