@@ -518,6 +518,79 @@ spec: {type: NodePort, ports: [{port: 80, nodePort: 30080}]}
     }
 
     #[test]
+    fn waypoint_kinds_are_accepted() {
+        let text = "\
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web, namespace: shop}
+spec: {replicas: 2, template: {metadata: {labels: {app: web}}, spec: {containers: [{name: c}]}}}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: web, namespace: shop}
+---
+apiVersion: gateway.networking.k8s.io/v1beta1
+kind: Gateway
+metadata: {name: wp, namespace: shop}
+spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: DestinationRule
+metadata: {name: web, namespace: shop}
+spec: {host: web}
+---
+apiVersion: gateway.networking.k8s.io/v1beta1
+kind: HTTPRoute
+metadata: {name: web, namespace: shop}
+spec: {parentRefs: [{group: '', kind: Service, name: web}], rules: [{backendRefs: [{name: web, port: 80}]}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: grpc, namespace: shop}
+spec: {parentRefs: [{group: '', kind: Service, name: web}], rules: [{backendRefs: [{name: web, port: 80}]}]}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web, namespace: shop}
+spec: {hosts: [web], http: [{fault: {abort: {httpStatus: 500}}, route: [{destination: {host: web}}]}]}
+";
+        let parsed = parse_file("k.yaml", text).unwrap();
+        let kinds: Vec<String> = parsed.resources.iter().map(Resource::describe).collect();
+        assert_eq!(
+            kinds,
+            [
+                "Deployment shop/web",
+                "ServiceAccount shop/web",
+                "Gateway shop/wp",
+                "DestinationRule shop/web",
+                "HTTPRoute shop/web",
+                "GRPCRoute shop/grpc",
+                "VirtualService shop/web"
+            ]
+        );
+        // A field the route engine does not implement is accepted and reported, by field.
+        assert_eq!(parsed.warnings.len(), 1, "{:?}", parsed.warnings);
+        assert!(
+            parsed.warnings[0].contains("document 7")
+                && parsed.warnings[0].contains("VirtualService shop/web")
+                && parsed.warnings[0].contains("spec.http[0].fault"),
+            "{:?}",
+            parsed.warnings
+        );
+        let Resource::Route(vs) = &parsed.resources[6] else {
+            panic!()
+        };
+        assert_eq!(
+            vs.notes,
+            parsed
+                .warnings
+                .iter()
+                .map(|w| w.replacen("k.yaml: document 7: ", "", 1))
+                .collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
     fn documents_are_counted_as_the_reader_counts_them() {
         // Empty documents produce no value; errors still name the document by its position.
         let text = "---\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: p}\nstatus: {podIP: nope}\n";
