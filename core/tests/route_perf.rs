@@ -79,6 +79,16 @@ fn decision_and_pick_cost() {
         "http decision through 10 non-matching rules + 90/10 split: {per:.0} ns ({forwards} forwards)"
     );
 
+    let (empty, _) = compile(&[], &services, "cluster.local");
+    let start = Instant::now();
+    for _ in 0..n {
+        if let HttpDecision::Forward(_) = empty.http_with(&info, &mut rng) {
+            forwards += 1;
+        }
+    }
+    let per = start.elapsed().as_nanos() as f64 / n as f64;
+    println!("http decision, no routes (default forward): {per:.0} ns ({forwards} forwards)");
+
     let keys: Vec<String> = (0..20).map(|i| format!("10.0.0.{i}")).collect();
     let eps: Vec<EndpointView<'_>> = keys
         .iter()

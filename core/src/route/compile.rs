@@ -56,8 +56,8 @@ pub struct RouteTable {
 
 #[derive(Default)]
 pub(crate) struct Inner {
-    /// Service key → its port numbers.
-    pub services: HashMap<String, Vec<u16>>,
+    /// Service key → the key shared (no allocation per default-routed request) and its ports.
+    pub services: HashMap<String, (Arc<str>, Vec<u16>)>,
     pub vs: HashMap<String, Arc<VsRoutes>>,
     /// Service key → Gateway API match entries, in precedence order.
     pub gw: HashMap<String, Vec<GwEntry>>,
@@ -166,7 +166,10 @@ pub fn compile(
     let mut inner = Inner {
         services: services
             .iter()
-            .map(|s| (s.key.clone(), s.ports.iter().map(|p| p.port).collect()))
+            .map(|s| {
+                let ports = s.ports.iter().map(|p| p.port).collect();
+                (s.key.clone(), (Arc::from(s.key.as_str()), ports))
+            })
             .collect(),
         ..Inner::default()
     };

@@ -5,7 +5,7 @@
 //!
 //! Owns the order of evaluation; the comparisons are `matcher`'s, the string surgery `rewrite`'s.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use http::HeaderMap;
 use rand::Rng;
@@ -13,6 +13,10 @@ use rand::Rng;
 use super::compile::{Action, Dest, GwEntry, Match, PathCond, RouteTable, Rule, Target};
 use super::matcher::{PathMatch, header_value, query_param, split_path};
 use super::rewrite::{HeaderEdits, location, rewrite_path};
+
+/// Names of the default route, shared rather than allocated per request.
+static DEFAULT_ROUTE: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from("default"));
+static NO_RESOURCE: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from(""));
 
 /// What the waypoint knows about a request when it routes it.
 #[derive(Debug, Clone, Copy)]
@@ -188,14 +192,18 @@ impl RouteTable {
             }
             return HttpDecision::NotFound;
         }
+        let service = match self.inner.services.get(req.service) {
+            Some((key, _)) => Arc::clone(key),
+            None => req.service.into(),
+        };
         HttpDecision::Forward(Forward {
             backend: Backend {
-                service: req.service.into(),
+                service,
                 port: req.port,
                 subset: None,
             },
-            route_name: "default".into(),
-            resource: "".into(),
+            route_name: Arc::clone(&DEFAULT_ROUTE),
+            resource: Arc::clone(&NO_RESOURCE),
             request_headers: HeaderEdits::default(),
             response_headers: HeaderEdits::default(),
             path: None,
@@ -256,7 +264,7 @@ impl RouteTable {
                 .inner
                 .services
                 .get(t.service.as_ref())
-                .map(Vec::as_slice)
+                .map(|(_, ports)| ports.as_slice())
             {
                 Some([only]) => *only,
                 _ => request_port,
