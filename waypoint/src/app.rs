@@ -146,6 +146,7 @@ pub fn build(config: Config) -> Result<App, AppError> {
             // The sender is dropped: the config never changes, receivers keep the value.
             (rx, OwnCert::fixed(cert.clone())?)
         }
+        Source::Channel { config, cert } => (config.clone(), OwnCert::fixed(cert.clone())?),
         Source::Meshd(m) => {
             let token = Meshd::read_token(&m.token_file.display().to_string())?;
             let tls = m.ca_file.clone().map(|ca_file| MeshdTls {
@@ -230,20 +231,36 @@ fn token_service_account(token: &str) -> Option<String> {
     parts.next().filter(|s| !s.is_empty()).map(str::to_string)
 }
 
-/// Starts fetching our certificate as soon as the first config names the trust domain.
+/// Starts fetching our certificate as soon as the first config names the trust domain, and
+/// fetches it again when the trust bundle changes (a root added or retired: the new
+/// certificate carries the new roots), as ztunnel does.
 async fn prefetch(mut config: ConfigRx, cert: OwnCert) {
-    let mut last = None;
+    let OwnCert::Managed { manager, .. } = &cert else {
+        return std::future::pending().await;
+    };
+    let mut last_id = None;
+    let mut last_roots: Option<Vec<String>> = None;
     loop {
-        if let (Some(id), OwnCert::Managed { manager, .. }) = (cert.identity(), &cert)
-            && last.as_ref() != Some(&id)
+        let roots = config
+            .borrow_and_update()
+            .as_ref()
+            .and_then(|s| s.trust_bundle().map(|t| t.roots_pem.clone()));
+        if let Some(id) = cert.identity()
+            && last_id.as_ref() != Some(&id)
         {
             manager.prefetch(&id);
-            last = Some(id);
+            last_id = Some(id);
+        }
+        if roots.is_some() && last_roots.is_some() && roots != last_roots {
+            info!("trust bundle changed; renewing the waypoint's certificate");
+            manager.refresh_all();
+        }
+        if roots.is_some() {
+            last_roots = roots;
         }
         if config.changed().await.is_err() {
-            // The subscription is gone: nothing more to learn; stay (the supervisor watches
-            // the subscription itself).
-            std::future::pending::<()>().await;
+            // The subscription is gone (the supervisor reports that); nothing more to learn.
+            return std::future::pending().await;
         }
     }
 }

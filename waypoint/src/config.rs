@@ -56,6 +56,11 @@ pub enum Source {
         store: Arc<ConfigStore>,
         cert: Arc<WorkloadCert>,
     },
+    /// Config from a channel the caller updates (tests of live changes), a fixed certificate.
+    Channel {
+        config: dataplane::subscription::ConfigRx,
+        cert: Arc<WorkloadCert>,
+    },
 }
 
 /// How to reach meshd and who we are to it.

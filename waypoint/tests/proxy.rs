@@ -342,3 +342,21 @@ async fn plain_http_listener_forwards_to_its_backend() {
         "plain TCP upstream, no HBONE"
     );
 }
+
+/// A workload binding: the client dialled the pod's own IP; the waypoint sends the request to
+/// that pod, same port.
+#[tokio::test]
+async fn pod_addressed_traffic_goes_to_that_pod() {
+    let m = mesh().await;
+    let mut c = m.http1(&format!("{}:8080", m.backend_ip)).await;
+    let resp = send1(&mut c, get("/direct-to-pod", "backend-0")).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(
+        body_text(resp).await,
+        "path=/direct-to-pod version=HTTP/1.1 host=backend-0"
+    );
+    assert_eq!(
+        m.seen.peers.lock().unwrap().clone(),
+        vec![waypoint_id().to_string()]
+    );
+}

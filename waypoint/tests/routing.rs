@@ -132,3 +132,59 @@ async fn invalid_route_is_reported_and_left_out() {
         "{dump:#}"
     );
 }
+
+fn all_to(subset: &str) -> Route<'static> {
+    (
+        "VirtualService",
+        "web",
+        json!({"hosts": ["web"], "http": [
+            {"route": [{"destination": {"host": "web", "subset": subset}}]},
+        ]}),
+    )
+}
+
+/// How a canary controller drives a rollout: the route changes under a steady stream of
+/// requests on one kept-alive connection; none fails and new requests follow the new route.
+#[tokio::test]
+async fn route_changes_apply_live_without_failing_a_request() {
+    let m = mesh_of(
+        &[
+            ("web-v1", &[("version", "v1")]),
+            ("web-v2", &[("version", "v2")]),
+        ],
+        &[subsets(), all_to("v1")],
+        |_| {},
+    )
+    .await;
+    let mut c = m.http1(&format!("{WEB_VIP}:80")).await;
+    let mut pods = Vec::new();
+    let ask = async |c: &mut _| {
+        let resp = send1(c, get("/", "web")).await;
+        assert_eq!(resp.status(), StatusCode::OK, "no request fails");
+        let pod = resp.headers()["x-pod"].to_str().unwrap().to_string();
+        body_text(resp).await;
+        pod
+    };
+    for _ in 0..20 {
+        pods.push(ask(&mut c).await);
+    }
+    assert!(pods.iter().all(|p| p == "web-v1"), "{pods:?}");
+    m.set_routes(&[subsets(), all_to("v2")]);
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while ask(&mut c).await != "web-v2" {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the new route never applied"
+        );
+    }
+    for _ in 0..20 {
+        assert_eq!(ask(&mut c).await, "web-v2");
+    }
+    assert_eq!(
+        m.pods[0]
+            .seen
+            .http1_conns
+            .load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+}

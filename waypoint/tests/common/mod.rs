@@ -246,6 +246,22 @@ pub fn bound() -> Option<WaypointBinding> {
     })
 }
 
+/// The resources meshd would send for `routes`.
+pub fn route_resources(routes: &[Route<'_>]) -> Vec<RouteResource> {
+    routes
+        .iter()
+        .enumerate()
+        .map(|(i, (kind, name, spec))| RouteResource {
+            key: format!("{kind}/app/{name}"),
+            kind: kind.to_string(),
+            namespace: "app".into(),
+            name: name.to_string(),
+            spec_json: spec.to_string(),
+            generation_order: i as i64,
+        })
+        .collect()
+}
+
 /// A backend pod of `web` (and `other`), with its pod labels.
 pub struct Pod {
     pub name: String,
@@ -298,6 +314,8 @@ pub fn store(pods: &[Pod], routes: &[Route<'_>]) -> ConfigStore {
                 ips: vec![p.ip.to_string()],
                 labels: p.labels.iter().cloned().collect(),
                 captured: true,
+                // Workload binding: traffic to the pod's IP goes through the waypoint too.
+                waypoint: bound(),
                 ..Default::default()
             })
             .collect(),
@@ -306,18 +324,7 @@ pub fn store(pods: &[Pod], routes: &[Route<'_>]) -> ConfigStore {
             svc("empty", EMPTY_VIP, Vec::new(), bound()),
             svc("other", UNBOUND_VIP, endpoints, None),
         ],
-        routes: routes
-            .iter()
-            .enumerate()
-            .map(|(i, (kind, name, spec))| RouteResource {
-                key: format!("{kind}/app/{name}"),
-                kind: kind.to_string(),
-                namespace: "app".into(),
-                name: name.to_string(),
-                spec_json: spec.to_string(),
-                generation_order: i as i64,
-            })
-            .collect(),
+        routes: route_resources(routes),
         ..Default::default()
     });
     s
@@ -328,6 +335,8 @@ pub struct Mesh {
     pub backend_ip: IpAddr,
     pub seen: Arc<Seen>,
     pub pods: Vec<Pod>,
+    /// The waypoint's config; send a new one to change it live.
+    pub config: tokio::sync::watch::Sender<Option<Arc<ConfigStore>>>,
     pub pool: Pool,
     pub client_cert: Arc<WorkloadCert>,
 }
@@ -363,13 +372,11 @@ pub async fn mesh_of(
         });
     }
     let cert = Arc::new(ca.mint(&waypoint_id(), DAY).expect("mint waypoint"));
+    let (tx, rx) = tokio::sync::watch::channel(Some(Arc::new(store(&started, routes))));
     let mut config = Config::new(
         "app/wp",
         IpAddr::from([127, 0, 0, 1]),
-        Source::Static {
-            store: Arc::new(store(&started, routes)),
-            cert,
-        },
+        Source::Channel { config: rx, cert },
     );
     for a in [
         &mut config.hbone_addr,
@@ -389,6 +396,7 @@ pub async fn mesh_of(
         backend_ip: started[0].ip,
         seen: started[0].seen.clone(),
         pods: started,
+        config: tx,
         pool: Pool::new(PoolSettings::default()),
         client_cert: Arc::new(ca.mint(&client_id(), DAY).expect("mint client")),
     }
@@ -439,6 +447,21 @@ impl Mesh {
                 .expect("h2");
         tokio::spawn(conn);
         send
+    }
+
+    /// Replaces the route resources, as a delta from meshd would.
+    pub fn set_routes(&self, routes: &[Route<'_>]) {
+        self.config.send_modify(|current| {
+            let mut next = current.as_deref().cloned().unwrap_or_default();
+            let old: Vec<String> = next.routes().map(|r| r.key.clone()).collect();
+            next.apply(ConfigUpdate {
+                version: next.version + 1,
+                removed_routes: old,
+                routes: route_resources(routes),
+                ..Default::default()
+            });
+            *current = Some(Arc::new(next));
+        });
     }
 
     pub async fn config_dump(&self) -> serde_json::Value {
