@@ -8,6 +8,8 @@
 //! - [`manifest`]: the limits on reading an operator's YAML manifests (meshd, local mode).
 //! - [`proto`]: the gRPC protocols between meshd and the data plane.
 //! - [`store`]: the data plane's view of the config stream, indexed for lookups.
+//! - [`route`]: the L7 route engine (VirtualService, DestinationRule, HTTPRoute, GRPCRoute):
+//!   validation, compilation, per-request decisions, load balancing.
 //!
 //! Nothing here knows about network namespaces, capture or Kubernetes objects.
 
