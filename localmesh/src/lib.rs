@@ -1,10 +1,15 @@
 //! Local mode: the whole mesh on one Linux box — meshd, one ztunnel per node, and pods as
 //! network namespaces built by the testbed. The demo, the integration tests and the bench all
-//! drive the mesh through [`LocalMesh`], so they exercise one implementation.
+//! drive the mesh through [`LocalMesh`], so they exercise one implementation. Local mode is
+//! also the cluster's kubelet and controller-manager: Pods run, Deployments become pods
+//! ([`workloads`]), and what meshd renders for waypoints is applied like a user's file
+//! ([`controller`]).
 //!
 //! Layout of a run (under the testbed's run directory):
 //! `config/` is what meshd watches (rendered manifests), `state/` is meshd's CA and node
-//! secret, `meshd.sock` its API, `node-N.token` each node's credentials, `*.log` every process.
+//! secret, `meshd.sock` its API, `meshd-out/` what meshd renders (`objects/`, `status/`),
+//! `node-N.token` each node's credentials, `sa.<ns>.<sa>.token` a waypoint pod's,
+//! `controller.log` what the controller applied, `*.log` every process.
 //! Credentials are root's alone: the run directory and `state/` are 0700, tokens 0600, and
 //! meshd's socket admits only root.
 //! Owns processes and manifests; the network itself is the testbed's.
@@ -12,7 +17,6 @@
 pub mod bench;
 pub mod bench_policy;
 pub mod bench_restart;
-pub mod bench_waypoint;
 pub mod bins;
 pub mod client;
 mod controller;
