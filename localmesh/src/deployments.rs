@@ -2,7 +2,7 @@
 //! document, the pod-template hash, pod names, and the Pod documents a Deployment stands for.
 //!
 //! Pure: no processes, files or network. Scheduling, rollouts and the config directory belong
-//! to [`crate::workloads`].
+//! to `workloads`.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;

@@ -2,8 +2,8 @@
 //! network namespaces built by the testbed. The demo, the integration tests and the bench all
 //! drive the mesh through [`LocalMesh`], so they exercise one implementation. Local mode is
 //! also the cluster's kubelet and controller-manager: Pods run, Deployments become pods
-//! ([`workloads`]), and what meshd renders for waypoints is applied like a user's file
-//! ([`controller`]).
+//! (`workloads`), and what meshd renders for waypoints is applied like a user's file
+//! (`controller`).
 //!
 //! Layout of a run (under the testbed's run directory):
 //! `config/` is what meshd watches (rendered manifests), `state/` is meshd's CA and node
@@ -150,7 +150,7 @@ const DEADLINE: Duration = Duration::from_secs(20);
 pub type AdminPorts = (u16, u16, u16);
 /// Istio's: 127.0.0.1:15000, 15020, 15021.
 pub const ISTIO_ADMIN_PORTS: AdminPorts = (15000, 15020, 15021);
-/// Those of a ztunnel started beside a running one ([`LocalMesh::start_ztunnel_beside`]).
+/// Those of a ztunnel started beside a running one ([`Mesh::start_ztunnel_beside`]).
 pub const BESIDE_ADMIN_PORTS: AdminPorts = (15100, 15120, 15121);
 
 impl LocalMesh {
