@@ -77,6 +77,8 @@ pub struct Ctx {
     pub drain: Arc<Drain>,
     pub admission: Admission,
     pub sniff_timeout: Duration,
+    /// The plain-HTTP listener's backend, whose pooled connections are never pruned.
+    pub plain_backend: Option<SocketAddr>,
 }
 
 impl Ctx {
@@ -202,6 +204,7 @@ pub fn build(config: Config) -> Result<App, AppError> {
         drain: Arc::default(),
         admission: Admission::default(),
         sniff_timeout: config.sniff_timeout,
+        plain_backend: config.plain_http.as_ref().map(|p| p.backend),
     });
     Ok(App {
         config,
@@ -304,6 +307,27 @@ fn services_fingerprint(store: &meshcore::store::ConfigStore) -> u64 {
     h.finish()
 }
 
+/// Every so often, drops pooled upstream connections to endpoints no longer in the config
+/// (pods come and go; their connections would otherwise stay open forever).
+async fn prune_upstreams(ctx: Arc<Ctx>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(30));
+    loop {
+        tick.tick().await;
+        let Some(store) = ctx.config.borrow().clone() else {
+            continue;
+        };
+        let live: std::collections::HashSet<std::net::IpAddr> = store
+            .workloads()
+            .flat_map(|w| w.ips.iter().filter_map(|ip| ip.parse().ok()))
+            .map(meshcore::store::canonical)
+            .collect();
+        let plain = ctx.plain_backend;
+        ctx.upstream.retain(|addr| {
+            Some(*addr) == plain || live.contains(&meshcore::store::canonical(addr.ip()))
+        });
+    }
+}
+
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, AppError> {
     TcpListener::bind(addr)
         .await
@@ -338,6 +362,7 @@ impl App {
             tasks.spawn("plain-http", plain::serve(ctx.clone(), l, p.backend));
         }
         tasks.spawn("routes", routes(ctx.config.clone(), router_tx));
+        tasks.spawn("prune-upstreams", prune_upstreams(ctx.clone()));
         tasks.spawn("hbone", inbound::serve(ctx.clone(), hbone));
         tasks.spawn("ready", admin::serve(ctx.clone(), ready, Server::Ready));
         tasks.spawn(

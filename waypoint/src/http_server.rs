@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tracing::debug;
 
 use crate::app::Ctx;
@@ -34,7 +34,10 @@ pub async fn serve<S: Io + 'static>(ctx: Arc<Ctx>, down: Arc<Downstream>, io: S,
             }
         }
     } else {
+        // The timer gives hyper's 30 s limit on reading a request head: a client that opens
+        // a request and never finishes its headers does not hold the connection forever.
         let conn = http1::Builder::new()
+            .timer(TokioTimer::new())
             .keep_alive(true)
             .serve_connection(io, service)
             .with_upgrades();

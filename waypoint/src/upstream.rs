@@ -79,6 +79,9 @@ pub struct Upstream {
 
 type Http2Slot = Arc<tokio::sync::Mutex<Option<http2::SendRequest<Body>>>>;
 
+/// Limit on a plain TCP connect (HBONE's is the pool's, also 10 s).
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Idle HTTP/1.1 connections kept per endpoint.
 const MAX_IDLE_HTTP1: usize = 32;
 
@@ -97,9 +100,16 @@ impl Upstream {
     pub async fn open(&self, ep: &Endpoint) -> Result<BoxIo, UpstreamError> {
         match &ep.transport {
             Transport::Plain => {
-                let tcp = tokio::net::TcpStream::connect(ep.addr)
-                    .await
-                    .map_err(|e| UpstreamError::Tcp(ep.addr, e))?;
+                let connect = tokio::net::TcpStream::connect(ep.addr);
+                let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+                    Ok(r) => r.map_err(|e| UpstreamError::Tcp(ep.addr, e))?,
+                    Err(_) => {
+                        return Err(UpstreamError::Tcp(
+                            ep.addr,
+                            std::io::ErrorKind::TimedOut.into(),
+                        ));
+                    }
+                };
                 let _ = tcp.set_nodelay(true);
                 Ok(Box::pin(tcp))
             }
@@ -177,6 +187,19 @@ impl Upstream {
                     .map_err(|e| UpstreamError::Request(ep.addr, e))
             }
         }
+    }
+
+    /// Drops the pooled connections of endpoints for which `keep` is false (gone from the
+    /// config): their HTTP/2 connections close once their last request ends.
+    pub fn retain(&self, keep: impl Fn(&SocketAddr) -> bool) {
+        self.http1
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(addr, _), _| keep(addr));
+        self.http2
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(addr, _), _| keep(addr));
     }
 
     fn idle_http1(&self, key: &Key) -> Option<http1::SendRequest<Body>> {
