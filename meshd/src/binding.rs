@@ -54,6 +54,15 @@ pub struct Context<'a> {
     pub services: &'a BTreeMap<String, Service>,
 }
 
+/// A resolved binding, and whether the waypoint takes the object (the Gateway exists, is
+/// accepted, takes this kind of traffic and this namespace), running or not: what decides
+/// whether the waypoint is sent the object's config.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Bound {
+    pub binding: WaypointBinding,
+    pub admitted: bool,
+}
+
 /// A binding an object asks for.
 struct Asked {
     gateway: String,
@@ -97,7 +106,7 @@ pub fn for_service(
     meta: &ObjectMeta,
     ns_labels: &BTreeMap<String, String>,
     ctx: &Context,
-) -> Option<WaypointBinding> {
+) -> Option<Bound> {
     if is_waypoint_object(meta, ctx) {
         return None;
     }
@@ -115,7 +124,7 @@ pub fn for_pod(
     meta: &ObjectMeta,
     ns_labels: &BTreeMap<String, String>,
     ctx: &Context,
-) -> Option<WaypointBinding> {
+) -> Option<Bound> {
     let opted_out = meta
         .labels
         .get(DATAPLANE_MODE_LABEL)
@@ -138,7 +147,7 @@ fn resolve(
     ns: &str,
     ns_labels: &BTreeMap<String, String>,
     ctx: &Context,
-) -> Option<WaypointBinding> {
+) -> Option<Bound> {
     let key = asked.gateway;
     let Some(w) = ctx.waypoints.get(&key) else {
         // Unknown Gateway: its waypoint-for would default to service, so an inherited label
@@ -146,10 +155,14 @@ fn resolve(
         if target == Target::Workload && !asked.explicit {
             return None;
         }
-        return Some(WaypointBinding {
+        let binding = WaypointBinding {
             gateway: key.clone(),
             service: key.clone(),
             unavailable: format!("no waypoint Gateway {key} (gatewayClassName istio-waypoint)"),
+        };
+        return Some(Bound {
+            binding,
+            admitted: false,
         });
     };
     let takes = match target {
@@ -157,33 +170,41 @@ fn resolve(
         Target::Workload => w.waypoint_for.takes_workloads(),
     };
     if !takes {
-        return asked.explicit.then(|| WaypointBinding {
-            gateway: key.clone(),
-            service: w.service_key(),
-            unavailable: format!(
-                "waypoint {key} is for {} traffic (istio.io/waypoint-for), not {} traffic",
-                w.waypoint_for.as_str(),
-                target.as_str()
-            ),
+        return asked.explicit.then(|| Bound {
+            binding: WaypointBinding {
+                gateway: key.clone(),
+                service: w.service_key(),
+                unavailable: format!(
+                    "waypoint {key} is for {} traffic (istio.io/waypoint-for), not {} traffic",
+                    w.waypoint_for.as_str(),
+                    target.as_str()
+                ),
+            },
+            admitted: false,
         });
     }
     let service = w.service_key();
-    let unavailable = if let Some(r) = &w.refusal {
-        format!("Gateway {key} is not accepted: {}", r.message)
+    let refused = if let Some(r) = &w.refusal {
+        Some(format!("Gateway {key} is not accepted: {}", r.message))
     } else if !w.allows_namespace(ns, ns_labels) {
-        format!(
+        Some(format!(
             "Gateway {key} does not allow use from namespace {ns} (listener mesh allowedRoutes.namespaces)"
-        )
+        ))
     } else {
-        match ctx.services.get(&service) {
-            None => format!("waypoint {key} is not running yet (no Service {service})"),
-            Some(s) if s.endpoints.is_empty() => format!("waypoint {key} has no ready pods"),
-            Some(_) => String::new(),
-        }
+        None
     };
-    Some(WaypointBinding {
-        gateway: key,
-        service,
-        unavailable,
+    let admitted = refused.is_none();
+    let unavailable = refused.unwrap_or_else(|| match ctx.services.get(&service) {
+        None => format!("waypoint {key} is not running yet (no Service {service})"),
+        Some(s) if s.endpoints.is_empty() => format!("waypoint {key} has no ready pods"),
+        Some(_) => String::new(),
+    });
+    Some(Bound {
+        binding: WaypointBinding {
+            gateway: key,
+            service,
+            unavailable,
+        },
+        admitted,
     })
 }

@@ -107,23 +107,18 @@ pub fn view_for_node(view: &MeshView, node: &str, root_namespace: &str) -> MeshV
 /// What the waypoint of Gateway `gateway` ("ns/name") is sent: what it needs to route the
 /// traffic bound to it, no more.
 ///
-/// - The Services bound to it (service binding), and the Services the routes attached to those
-///   send to.
+/// - The Services bound to it (service binding) that it admits (its namespace rules), and the
+///   Services the routes attached to those send to.
 /// - The route resources attached to its bound Services, and the DestinationRules of every
 ///   Service it is sent (subsets, load balancing).
 /// - The workloads that are endpoints of those Services, and those bound to it (workload
 ///   binding), without their netns path and annotations (their nodes' business).
 /// - The trust bundle. No policies (L7 policy comes later) and no node identities.
 pub fn view_for_waypoint(view: &MeshView, gateway: &str) -> MeshView {
-    let bound_to_us = |b: Option<&meshcore::proto::config::WaypointBinding>| {
-        b.is_some_and(|b| b.gateway == gateway)
-    };
-    let bound: BTreeSet<&str> = view
-        .services
-        .values()
-        .filter(|s| bound_to_us(s.waypoint.as_ref()))
-        .map(|s| s.key.as_str())
-        .collect();
+    let empty = Default::default();
+    let members = view.waypoint_members.get(gateway).unwrap_or(&empty);
+    // Bound and admitted by the waypoint: not a Service of a namespace it does not allow.
+    let bound: BTreeSet<&str> = members.services.iter().map(String::as_str).collect();
     let mut wanted: BTreeSet<&str> = bound.clone();
     let mut routes = BTreeMap::new();
     let refs = |key: &str| view.route_refs.get(key);
@@ -160,7 +155,7 @@ pub fn view_for_waypoint(view: &MeshView, gateway: &str) -> MeshView {
     let workloads = view
         .workloads
         .iter()
-        .filter(|(k, w)| endpoints.contains(k.as_str()) || bound_to_us(w.waypoint.as_ref()))
+        .filter(|(k, _)| endpoints.contains(k.as_str()) || members.workloads.contains(*k))
         .map(|(k, w)| {
             let mut w = w.clone();
             w.netns.clear();

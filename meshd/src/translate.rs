@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use meshcore::proto::config::{
-    Endpoint, Policy, RouteResource, Service, ServicePort, TrustBundle, WaypointBinding, Workload,
+    Endpoint, Policy, RouteResource, Service, ServicePort, TrustBundle, Workload,
 };
 
 use crate::resources::{self, IntOrString, Pod, ResourceSet};
@@ -44,12 +44,22 @@ pub struct MeshView {
     /// Which Services each route resource attaches to and sends to, by "Kind/ns/name" (what
     /// decides which waypoint is sent it). Not sent.
     pub route_refs: BTreeMap<String, RouteRefs>,
+    /// Gateway "ns/name" → the Services ("ns/name") and pods ("ns/name") its waypoint takes
+    /// (bound, and admitted by it: see `binding::Bound`), running or not. Not sent.
+    pub waypoint_members: BTreeMap<String, WaypointMembers>,
     /// Gateways of class istio-waypoint by "ns/name", accepted or not. Not sent.
     pub waypoints: BTreeMap<String, Waypoint>,
     pub trust_bundle: TrustBundle,
     /// Node name → identities of the (non-terminal) pods scheduled on it, IP or not: a node may
     /// fetch a certificate before its pod has an address.
     pub identities_by_node: BTreeMap<String, BTreeSet<PodIdentity>>,
+}
+
+/// What a waypoint takes, by key ("ns/name").
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WaypointMembers {
+    pub services: BTreeSet<String>,
+    pub workloads: BTreeSet<String>,
 }
 
 /// Service keys ("ns/name") a route resource attaches to and sends to.
@@ -197,7 +207,7 @@ fn bind(res: &ResourceSet, view: &mut MeshView) {
         waypoints: &view.waypoints,
         services: &view.services,
     };
-    let services: Vec<(String, Option<WaypointBinding>)> = res
+    let services: Vec<(String, Option<binding::Bound>)> = res
         .services
         .values()
         .map(|s| {
@@ -208,7 +218,7 @@ fn bind(res: &ResourceSet, view: &mut MeshView) {
             )
         })
         .collect();
-    let workloads: Vec<(String, Option<WaypointBinding>)> = res
+    let workloads: Vec<(String, Option<binding::Bound>)> = res
         .pods
         .values()
         .map(|p| {
@@ -221,12 +231,20 @@ fn bind(res: &ResourceSet, view: &mut MeshView) {
         .collect();
     for (key, b) in services {
         if let Some(s) = view.services.get_mut(&key) {
-            s.waypoint = b;
+            if let Some(b) = b.as_ref().filter(|b| b.admitted) {
+                let m = view.waypoint_members.entry(b.binding.gateway.clone());
+                m.or_default().services.insert(key.clone());
+            }
+            s.waypoint = b.map(|b| b.binding);
         }
     }
     for (key, b) in workloads {
         if let Some(w) = view.workloads.get_mut(&key) {
-            w.waypoint = b;
+            if let Some(b) = b.as_ref().filter(|b| b.admitted) {
+                let m = view.waypoint_members.entry(b.binding.gateway.clone());
+                m.or_default().workloads.insert(key.clone());
+            }
+            w.waypoint = b.map(|b| b.binding);
         }
     }
 }

@@ -56,6 +56,24 @@ spec: {nodeName: node-1, serviceAccountName: api}
 status: {podIP: 10.0.0.11}
 ---
 apiVersion: v1
+kind: Namespace
+metadata: {name: bank, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: vault
+  namespace: bank
+  labels: {istio.io/use-waypoint: wp, istio.io/use-waypoint-namespace: shop}
+spec: {clusterIP: 10.96.0.20, selector: {app: vault}, ports: [{name: http, port: 80}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: vault-1, namespace: bank, labels: {app: vault}}
+spec: {nodeName: node-1, serviceAccountName: vault}
+status: {podIP: 10.0.0.20}
+---
+apiVersion: v1
 kind: Pod
 metadata: {name: other-1, namespace: shop, labels: {app: other}}
 spec: {nodeName: node-1, serviceAccountName: other}
@@ -212,7 +230,8 @@ async fn a_waypoint_subscribes_only_as_itself_and_gets_only_its_routes() {
     assert_eq!(
         keys(snap.services.iter().map(|s| s.key.as_str())),
         keys(["shop/api", "shop/web"].into_iter()),
-        "the bound service and what its routes send to"
+        "the bound service and what its routes send to; not bank/vault, bound to it from a \
+         namespace its listener does not allow"
     );
     assert_eq!(
         keys(snap.workloads.iter().map(|w| w.uid.as_str())),
