@@ -11,7 +11,7 @@ use super::compile::{
     Action, Dest, Inner, Item, Match, PathCond, Rule, Services, Target, TcpRule, VsRoutes,
 };
 use super::hosts::host_to_key;
-use super::matcher::StrMatch;
+use super::matcher::{StrMatch, search_regex};
 use super::rewrite::{HeaderOps, PathRewrite, Redirect, RedirectPort, re2_replacement};
 use super::spec_istio as istio;
 use super::validate::Parsed;
@@ -174,7 +174,7 @@ fn vs_routes(
             let rw = rule.rewrite.as_ref();
             let path = rw.and_then(|rw| match (&rw.uri, &rw.uri_regex_rewrite) {
                 (Some(u), _) => Some(PathRewrite::IstioUri(u.clone())),
-                (None, Some(rr)) => regex::Regex::new(&rr.pattern)
+                (None, Some(rr)) => search_regex(&rr.pattern)
                     .ok()
                     .map(|re| PathRewrite::IstioRegex(re, re2_replacement(&rr.rewrite))),
                 (None, None) => None,

@@ -18,6 +18,12 @@ pub(crate) fn full_regex(pattern: &str) -> Result<Regex, regex::Error> {
         .build()
 }
 
+/// Compiles an RE2-syntax pattern that may match anywhere (Istio `uriRegexRewrite` replaces
+/// every match in the path), under the same size limit.
+pub(crate) fn search_regex(pattern: &str) -> Result<Regex, regex::Error> {
+    RegexBuilder::new(pattern).size_limit(1 << 20).build()
+}
+
 /// One compiled string comparison.
 #[derive(Debug, Clone)]
 pub(crate) enum StrMatch {

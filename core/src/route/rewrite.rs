@@ -132,9 +132,10 @@ pub(crate) fn rewrite_path(
         None => p,
     };
     match rw {
-        PathRewrite::IstioUri(to) => match matched_prefix {
-            Some(n) if n <= path.len() => with_query(format!("{to}{}", &path[n..])),
-            _ => with_query(to.clone()),
+        // `get` rather than slicing: a case-insensitive prefix may differ in byte length.
+        PathRewrite::IstioUri(to) => match matched_prefix.and_then(|n| path.get(n..)) {
+            Some(rest) => with_query(format!("{to}{rest}")),
+            None => with_query(to.clone()),
         },
         PathRewrite::IstioRegex(re, to) => {
             with_query(re.replace_all(path, to.as_str()).into_owned())
@@ -290,6 +291,8 @@ mod tests {
             rewrite_path(&re, "/service/foo/v1/api?q", None),
             "/v1/api/instance/foo?q"
         );
+        // A prefix length that is not a character boundary never panics.
+        assert_eq!(rewrite_path(&uri, "/é", Some(2)), "/v2");
         let red = PathRewrite::IstioRedirect("/new".into());
         assert_eq!(rewrite_path(&red, "/old?q=1", None), "/new?q=1");
         let red = PathRewrite::IstioRedirect("/new?a=b".into());
