@@ -4,7 +4,10 @@
 //!
 //! Data flow: `local_source` (via `parse`) → `ResourceSet` → `translate` → `MeshView` → `config_service`
 //! (via `delta`) and `ca_service`; `daemon` wires them, `main.rs` is the CLI. Waypoint Gateways
-//! are rendered by `waypoints`, their status computed by `status`, and both written by `outputs`.
+//! are rendered by `waypoints`, their status computed by `status`, and both written by `outputs`;
+//! `binding` resolves `istio.io/use-waypoint`; route resources are checked alone by `route_check`
+//! (as they are read) and together by `route_gate` (after translation), both keeping the last
+//! good version of a refused one.
 
 pub mod authn;
 pub mod binding;

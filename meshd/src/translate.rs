@@ -1,8 +1,10 @@
 //! Translation from user resources to what the data plane needs: pure functions from a
-//! [`ResourceSet`] to a [`MeshView`] of proto Workloads, Services and Policies.
+//! [`ResourceSet`] to a [`MeshView`] of proto Workloads, Services, Policies and route resources,
+//! plus what status and scoping need (waypoints, route references and findings).
 //!
-//! Owns the meaning of enrollment labels, Service endpoints and port resolution. Does not know
-//! where resources come from, nor who receives the view.
+//! Owns the meaning of enrollment labels, Service endpoints and port resolution, and where
+//! waypoint bindings (`binding`) and route references (`route_check`) land in the view. Does not
+//! know where resources come from, nor who receives the view.
 
 use std::collections::{BTreeMap, BTreeSet};
 
