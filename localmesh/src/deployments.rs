@@ -221,15 +221,21 @@ fn check_containers(template: &Value) -> Result<(), (String, String)> {
     Ok(())
 }
 
-/// The TCP ports the template's containers declare (what readiness waits for).
-pub fn container_ports(pod_spec: &Value) -> Vec<u16> {
-    let mut out = Vec::new();
-    for c in pod_spec
+/// Containers of a pod spec that run a process ([`crate::render::argv`]): only theirs can
+/// listen or answer probes.
+fn running(pod_spec: &Value) -> impl Iterator<Item = &Value> {
+    pod_spec
         .get("containers")
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
-    {
+        .filter(|c| crate::render::argv(c).is_some())
+}
+
+/// The TCP ports the template's running containers declare (what readiness waits for).
+pub fn container_ports(pod_spec: &Value) -> Vec<u16> {
+    let mut out = Vec::new();
+    for c in running(pod_spec) {
         for p in c
             .get("ports")
             .and_then(Value::as_array)
@@ -253,12 +259,7 @@ pub fn container_ports(pod_spec: &Value) -> Vec<u16> {
 /// container's ports. Other probe kinds are left to the port check ([`container_ports`]).
 pub fn http_probes(pod_spec: &Value) -> Vec<(u16, String)> {
     let mut out = Vec::new();
-    for c in pod_spec
-        .get("containers")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
+    for c in running(pod_spec) {
         let Some(get) = c.pointer("/readinessProbe/httpGet") else {
             continue;
         };
@@ -408,10 +409,12 @@ spec:
     #[test]
     fn http_readiness_probes_resolve_named_ports() {
         let spec = json!({"containers": [
-            {"name": "a", "ports": [{"name": "status", "containerPort": 15021}],
+            {"name": "a", "command": ["x"], "ports": [{"name": "status", "containerPort": 15021}],
              "readinessProbe": {"httpGet": {"path": "/healthz/ready", "port": "status"}}},
-            {"name": "b", "readinessProbe": {"httpGet": {"port": 8080}}},
-            {"name": "c", "readinessProbe": {"tcpSocket": {"port": 9090}}},
+            {"name": "b", "command": ["x"], "readinessProbe": {"httpGet": {"port": 8080}}},
+            {"name": "c", "command": ["x"], "readinessProbe": {"tcpSocket": {"port": 9090}}},
+            {"name": "no-process", "image": "nginx", "ports": [{"containerPort": 80}],
+             "readinessProbe": {"httpGet": {"port": 80}}},
         ]});
         assert_eq!(
             http_probes(&spec),

@@ -17,8 +17,7 @@ pub struct PodDoc {
     pub node: Option<String>,
     /// `spec.serviceAccountName` (Kubernetes' default: "default").
     pub service_account: String,
-    /// One argv per container with a `command` (followed by its args). A container without
-    /// one would run its image's entrypoint, which local mode does not have: it runs nothing.
+    /// One argv per container that runs ([`argv`]).
     pub containers: Vec<Vec<String>>,
 }
 
@@ -75,23 +74,14 @@ pub fn pod_doc(doc: &Value) -> anyhow::Result<PodDoc> {
     let mut containers = Vec::new();
     if let Some(Value::Array(cs)) = doc.get("spec").and_then(|s| s.get("containers")) {
         for c in cs {
-            if c.get("command")
-                .is_none_or(|v| v.as_array().is_none_or(Vec::is_empty))
-            {
-                let container = c.get("name").and_then(Value::as_str).unwrap_or("");
-                tracing::warn!(
-                    "pod {namespace}/{name}: container {container:?} has no command: local mode has no images, so it runs nothing"
-                );
-                continue;
-            }
-            let mut argv: Vec<String> = Vec::new();
-            for key in ["command", "args"] {
-                if let Some(Value::Array(items)) = c.get(key) {
-                    argv.extend(items.iter().filter_map(|v| v.as_str().map(str::to_string)));
+            match argv(c) {
+                Some(argv) => containers.push(argv),
+                None => {
+                    let container = c.get("name").and_then(Value::as_str).unwrap_or("");
+                    tracing::warn!(
+                        "pod {namespace}/{name}: container {container:?} has no command and no known image: local mode has no images, so it runs nothing"
+                    );
                 }
-            }
-            if !argv.is_empty() {
-                containers.push(argv);
             }
         }
     }
@@ -102,6 +92,45 @@ pub fn pod_doc(doc: &Value) -> anyhow::Result<PodDoc> {
         service_account: service_account.to_string(),
         containers,
     })
+}
+
+/// What a container runs: its `command` and `args`, or for an image local mode knows (the
+/// Gateway API conformance echo server), the local program and the `args`. `None`: nothing
+/// runs (local mode has no images).
+pub fn argv(container: &Value) -> Option<Vec<String>> {
+    let strings = |key: &str| -> Vec<String> {
+        container
+            .get(key)
+            .and_then(Value::as_array)
+            .map(|items| {
+                items
+                    .iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut argv = strings("command");
+    if argv.is_empty() {
+        let image = container.get("image").and_then(Value::as_str)?;
+        argv = image_entrypoint(image)?
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+    }
+    argv.extend(strings("args"));
+    Some(argv)
+}
+
+/// The local stand-in for an image's entrypoint, by repository (tag and digest ignored).
+fn image_entrypoint(image: &str) -> Option<&'static [&'static str]> {
+    let repo = image.split('@').next().unwrap_or(image);
+    let repo = match repo.rsplit_once(':') {
+        Some((r, tag)) if !tag.contains('/') => r,
+        _ => repo,
+    };
+    repo.ends_with("gateway-api/echo-advanced")
+        .then_some(&["mesh-echo", "echo-advanced"][..])
 }
 
 /// The mapping under `key` in document `doc`, made one if absent or not a mapping. `None` only
@@ -219,6 +248,40 @@ spec: {portLevelMtls: {8080: {mode: DISABLE}}}
             pod.containers,
             vec![vec!["mesh-echo", "serve", "--port", "8080", "multi\nline"]]
         );
+    }
+
+    #[test]
+    fn containers_run_their_command_or_a_known_image() {
+        let c = |v: serde_json::Value| argv(&v);
+        assert_eq!(
+            c(serde_json::json!({"command": ["mesh-echo", "serve"], "args": ["--port", "1"]})),
+            Some(vec![
+                "mesh-echo".into(),
+                "serve".into(),
+                "--port".into(),
+                "1".into()
+            ])
+        );
+        assert_eq!(
+            c(
+                serde_json::json!({"image": "registry.k8s.io/gateway-api/echo-advanced:v1.5.1", "args": ["--port=8080"]})
+            ),
+            Some(vec![
+                "mesh-echo".into(),
+                "echo-advanced".into(),
+                "--port=8080".into()
+            ])
+        );
+        assert_eq!(
+            c(serde_json::json!({"image": "localhost:5000/gateway-api/echo-advanced"}))
+                .map(|a| a.len()),
+            Some(2)
+        );
+        assert_eq!(
+            c(serde_json::json!({"image": "nginx:1.27", "args": ["-g"]})),
+            None
+        );
+        assert_eq!(c(serde_json::json!({"args": ["x"]})), None);
     }
 
     /// Run by the test below, alone in a child process whose address space is capped at 1 GiB,
