@@ -17,6 +17,7 @@
 pub mod bench;
 pub mod bench_policy;
 pub mod bench_restart;
+pub mod bench_waypoint;
 pub mod bins;
 pub mod client;
 mod controller;
