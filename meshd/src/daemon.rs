@@ -201,6 +201,7 @@ fn spawn_translation(
     let mut gate = RouteGate::default();
     let mut first = translate::translate_ordered(&set, &settings, &trust_bundle, &order);
     gate.apply(&mut first, &settings.cluster_domain);
+    log_binding_changes(&translate::MeshView::default(), &first);
     info!(
         workloads = first.workloads.len(),
         services = first.services.len(),
@@ -230,6 +231,7 @@ fn spawn_translation(
                 if cur.view == view {
                     return false;
                 }
+                log_binding_changes(&cur.view, &view);
                 let version = cur.version + 1;
                 info!(
                     version,
@@ -260,4 +262,33 @@ fn spawn_outputs(mut outputs: Outputs, mut views: watch::Receiver<Arc<VersionedV
             }
         }
     });
+}
+
+/// Says when a Service's or pod's waypoint binding becomes unusable or usable again: traffic to
+/// it then bypasses the waypoint (or is refused, with ztunnel's fail-closed setting).
+fn log_binding_changes(old: &translate::MeshView, new: &translate::MeshView) {
+    let why = |b: Option<&meshcore::proto::config::WaypointBinding>| {
+        b.map(|b| (b.gateway.clone(), b.unavailable.clone()))
+    };
+    let services = new.services.iter().map(|(k, s)| {
+        let before = old.services.get(k).and_then(|o| why(o.waypoint.as_ref()));
+        ("Service", k, before, why(s.waypoint.as_ref()))
+    });
+    let workloads = new.workloads.iter().map(|(k, w)| {
+        let before = old.workloads.get(k).and_then(|o| why(o.waypoint.as_ref()));
+        ("Pod", k, before, why(w.waypoint.as_ref()))
+    });
+    for (kind, key, before, now) in services.chain(workloads) {
+        if before == now {
+            continue;
+        }
+        match now {
+            Some((gw, unavailable)) if !unavailable.is_empty() => {
+                warn!("{kind} {key} is bound to waypoint {gw}, which cannot be used: {unavailable}")
+            }
+            Some((gw, _)) => info!("{kind} {key} goes through waypoint {gw}"),
+            None if before.is_some() => info!("{kind} {key} is no longer bound to a waypoint"),
+            None => {}
+        }
+    }
 }
