@@ -360,3 +360,48 @@ async fn pod_addressed_traffic_goes_to_that_pod() {
         vec![waypoint_id().to_string()]
     );
 }
+
+/// A bidirectional gRPC-shaped stream: each message comes back before the next is sent (a
+/// proxy that buffered either direction would stall), then the status trailers.
+#[tokio::test]
+async fn grpc_bidi_stream_ping_pongs_then_ends_with_trailers() {
+    let m = mesh().await;
+    let mut c = m.http2(&format!("{WEB_VIP}:81")).await;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, hyper::Error>>(4);
+    let req = Request::post("http://web.app.svc.cluster.local:81/pkg.Svc/Chat")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(StreamBody::new(tokio_stream_from(rx)).boxed())
+        .unwrap();
+    tx.send(Ok(Frame::data(Bytes::from_static(
+        b"\x00\x00\x00\x00\x01a",
+    ))))
+    .await
+    .unwrap();
+    let resp = tokio::time::timeout(DEADLINE, c.send_request(req))
+        .await
+        .expect("in time")
+        .expect("response");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    assert_eq!(
+        next_data(&mut body).await.as_bytes(),
+        b"\x00\x00\x00\x00\x01a"
+    );
+    tx.send(Ok(Frame::data(Bytes::from_static(
+        b"\x00\x00\x00\x00\x01b",
+    ))))
+    .await
+    .unwrap();
+    assert_eq!(
+        next_data(&mut body).await.as_bytes(),
+        b"\x00\x00\x00\x00\x01b"
+    );
+    drop(tx);
+    let rest = tokio::time::timeout(DEADLINE, body.collect())
+        .await
+        .expect("end in time")
+        .expect("end");
+    let trailers = rest.trailers().cloned().expect("trailers");
+    assert_eq!(trailers.get("grpc-status").unwrap(), "7");
+}
