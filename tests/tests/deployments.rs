@@ -18,7 +18,8 @@ use mesh_tests::{WhoConn, manifests, privileged, served_by};
 
 const FILE: &str = "20-web.yaml";
 
-/// Deployment `shop/web` (`replicas`, template label `version`) and its Service.
+/// Deployment `shop/web` (`replicas`, template label `version`; an HTTP readiness probe on a
+/// second port, so a new pod is selectable only once its probe passes) and its Service.
 fn web(replicas: i64, version: &str) -> String {
     web_with(replicas, version, "{app: web}")
 }
@@ -39,8 +40,9 @@ spec:
       containers:
       - name: echo
         command: [mesh-echo, serve]
-        args: ["--port", "8080"]
-        ports: [{{name: http, containerPort: 8080}}]
+        args: ["--port", "8080", "--http-port", "8081"]
+        ports: [{{name: http, containerPort: 8080}}, {{name: probe, containerPort: 8081}}]
+        readinessProbe: {{httpGet: {{path: /ready, port: probe}}}}
 ---
 apiVersion: v1
 kind: Service
