@@ -49,6 +49,7 @@ pub struct Admission {
     pub refused: Throttle,
     pub handshakes_failed: Throttle,
     pub accept_failed: Throttle,
+    pub connect_refused: Throttle,
 }
 
 impl Default for Admission {
@@ -60,6 +61,7 @@ impl Default for Admission {
             refused: Throttle::new(period),
             handshakes_failed: Throttle::new(period),
             accept_failed: Throttle::new(period),
+            connect_refused: Throttle::new(period),
         }
     }
 }

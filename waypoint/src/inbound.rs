@@ -104,8 +104,15 @@ async fn handle_connect(ctx: Arc<Ctx>, req: InboundRequest) {
     let target = match target {
         Ok(t) => t,
         Err(refusal) => {
-            warn!(src.identity = %req.peer_identity, peer = %req.peer_addr, authority = %req.authority,
+            // Any client can ask for any destination: one debug line each, a periodic summary.
+            debug!(src.identity = %req.peer_identity, peer = %req.peer_addr, authority = %req.authority,
                 reason = %refusal, status = refusal.status.as_u16(), "HBONE CONNECT refused");
+            ctx.metrics.connect_refused(refusal.status.as_u16());
+            if let Some(n) = ctx.admission.connect_refused.hit() {
+                warn!(src.identity = %req.peer_identity, authority = %req.authority, reason = %refusal,
+                    status = refusal.status.as_u16(), refused_since_last_line = n,
+                    "HBONE CONNECT refused (each one is logged at debug)");
+            }
             req.reject(refusal.status);
             return;
         }

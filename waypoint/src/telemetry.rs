@@ -28,6 +28,7 @@ pub struct Metrics {
     tcp_received: Family<Labels, Counter>,
     certs_issued: Counter,
     cert_failures: Counter,
+    connect_refused: Family<Labels, Counter>,
 }
 
 impl Metrics {
@@ -43,6 +44,7 @@ impl Metrics {
         let tcp_received = Family::<Labels, Counter>::default();
         let certs_issued = Counter::default();
         let cert_failures = Counter::default();
+        let connect_refused = Family::<Labels, Counter>::default();
         registry.register("istio_requests", "Requests handled", requests.clone());
         registry.register(
             "istio_request_duration_milliseconds",
@@ -79,6 +81,11 @@ impl Metrics {
             "Failed certificate fetches",
             cert_failures.clone(),
         );
+        registry.register(
+            "mesh_waypoint_connect_refused",
+            "HBONE CONNECTs refused: destination unknown or not bound here (404), malformed (400)",
+            connect_refused.clone(),
+        );
         Arc::new(Metrics {
             registry,
             requests,
@@ -89,7 +96,15 @@ impl Metrics {
             tcp_received,
             certs_issued,
             cert_failures,
+            connect_refused,
         })
+    }
+
+    /// Counts a refused CONNECT by the status it got.
+    pub fn connect_refused(&self, status: u16) {
+        self.connect_refused
+            .get_or_create(&vec![("status".to_string(), status.to_string())])
+            .inc();
     }
 
     /// The Prometheus text exposition.

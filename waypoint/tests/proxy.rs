@@ -271,6 +271,11 @@ async fn unknown_or_unbound_destinations_are_refused() {
         Err(HboneError::Status(s)) => assert_eq!(s, StatusCode::BAD_REQUEST),
         other => panic!("hostname authority: {:?}", other.map(|_| ())),
     }
+    let metrics = m.metrics().await;
+    assert!(
+        metrics.contains("mesh_waypoint_connect_refused_total{status=\"404\"} 3"),
+        "{metrics}"
+    );
     assert!(
         m.seen.peers.lock().unwrap().is_empty(),
         "nothing reached the backend"
