@@ -2,7 +2,8 @@
 //! (and pods) bound to its Gateway; it routes each HTTP request (or TCP connection) and sends it
 //! on to an endpoint over HBONE with its own identity.
 //!
-//! - [`config`]: the typed configuration; [`app`]: wiring, `app::build(config)`.
+//! - [`config`]: the typed configuration; [`app`]: wiring, `app::build(config)`;
+//!   [`background`]: certificate, route and pool upkeep.
 //! - [`inbound`]: HBONE in; [`plain`]: the plain-HTTP listener; [`admin`]: 15021 / 15020.
 //! - [`dest`]: original destination and protocol; [`sniff`]: telling HTTP from TCP.
 //! - [`http_server`]: hyper on a downstream stream; [`pipeline`]: one request, end to end.
@@ -13,6 +14,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod background;
 pub mod balance;
 pub mod config;
 pub mod dest;
