@@ -13,6 +13,8 @@ pub struct Bins {
     /// The L7 proxy run for `mesh-waypoint` containers; checked when such a pod starts, so a
     /// mesh without waypoints runs without it.
     pub waypoint: PathBuf,
+    /// The user CLI (`meshctl waypoint ...`); checked where used, like the waypoint.
+    pub meshctl: PathBuf,
 }
 
 impl Bins {
@@ -42,6 +44,7 @@ impl Bins {
             ztunnel: dir.join("ztunnel"),
             echo: dir.join("mesh-echo"),
             waypoint: dir.join("waypoint"),
+            meshctl: dir.join("meshctl"),
         };
         for b in [&bins.meshd, &bins.ztunnel, &bins.echo] {
             if !b.exists() {

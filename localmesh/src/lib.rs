@@ -513,6 +513,25 @@ impl Mesh {
         }
     }
 
+    /// Runs `meshctl` against this mesh (its config directory and meshd's status), as a user
+    /// of local mode would: `mesh.meshctl(&["waypoint", "apply", "-n", "shop"])`.
+    pub fn meshctl(&self, args: &[&str]) -> anyhow::Result<Output> {
+        if !self.bins.meshctl.exists() {
+            bail!(
+                "{} is missing: run `cargo build --bins`",
+                self.bins.meshctl.display()
+            );
+        }
+        Command::new(&self.bins.meshctl)
+            .arg("--config-dir")
+            .arg(&self.config_dir)
+            .arg("--status-dir")
+            .arg(self.meshd_out.join("status"))
+            .args(args)
+            .output()
+            .context("running meshctl")
+    }
+
     /// Writes a file into meshd's config directory exactly as given (no rendering).
     pub fn write_raw(&self, file: &str, text: &str) -> anyhow::Result<()> {
         write_atomically(&self.config_dir.join(file), text)
