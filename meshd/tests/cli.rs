@@ -84,6 +84,8 @@ async fn run_serves_and_stops_on_sigterm() {
     let config = dir.path().join("config");
     std::fs::create_dir(&config).unwrap();
     std::fs::write(config.join("ns.yaml"), NAMESPACES).unwrap();
+    std::fs::write(config.join("gw.yaml"), waypoint_gateway("wp", "")).unwrap();
+    let out = dir.path().join("out");
     let sock = dir.path().join("meshd.sock");
     // A stale socket file from a previous run must not stop start-up.
     drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
@@ -96,6 +98,8 @@ async fn run_serves_and_stops_on_sigterm() {
         .arg("--listen")
         .arg(format!("unix:{}", sock.display()))
         .args(["--cert-lifetime", "10m", "--log-format", "json"])
+        .arg("--write-dir")
+        .arg(&out)
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -106,6 +110,14 @@ async fn run_serves_and_stops_on_sigterm() {
     })
     .await;
     let _channel = channel(&sock).await;
+    // --write-dir: the waypoint's objects and status.
+    let objects = out.join("objects/shop.wp.yaml");
+    let status = out.join("status/Gateway.shop.wp.json");
+    wait_for("the waypoint's objects and status", move || {
+        let (o, s) = (objects.clone(), status.clone());
+        async move { o.exists() && s.exists() }
+    })
+    .await;
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
