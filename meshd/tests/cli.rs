@@ -103,6 +103,8 @@ async fn run_serves_and_stops_on_sigterm() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // Killed if the test fails before it stops meshd itself.
+    let mut guard = KillOnDrop(Some(child.id()));
     let s = sock.clone();
     wait_for("meshd to listen", move || {
         let s = s.clone();
@@ -138,7 +140,20 @@ async fn run_serves_and_stops_on_sigterm() {
         .await
         .expect("meshd did not exit")
         .unwrap();
+    guard.0 = None;
     assert!(status.success(), "{log}");
     assert!(log.contains("meshd ready on unix:"), "{log}");
     assert!(!sock.exists(), "socket removed on shutdown");
+}
+
+/// SIGKILLs a child process by id when dropped, unless disarmed (its id taken out).
+struct KillOnDrop(Option<u32>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0.and_then(|p| i32::try_from(p).ok()) {
+            // SAFETY: kill(2) on a pid this test spawned and has not reaped.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
 }
