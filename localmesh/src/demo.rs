@@ -3,7 +3,10 @@
 //! Brings up the cluster, applies `examples/demo/`, sends traffic along each path a user cares
 //! about, checks what happened (who served, both identities, what crossed the wire) and prints
 //! it. Non-interactive runs return whether every check held; interactive runs stay up and say
-//! how to poke the mesh. Owns the scenario and the report only.
+//! how to poke the mesh. Owns the scenario and the report only; the waypoint part (a canary
+//! release routed by a waypoint that meshctl applies) is [`waypoint`]'s.
+
+mod waypoint;
 
 use std::path::{Path, PathBuf};
 
@@ -44,7 +47,7 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<bool> {
     for (ns, pod) in [("shop", "frontend"), ("billing", "payments")] {
         mesh.wait_enrolled(ns, pod)?;
     }
-    let checks = vec![
+    let mut checks = vec![
         Check {
             title: "shop/frontend (node-0) → billing/payments pod IP (node-1), IPv4".into(),
             result: cross_node(&mesh, false),
@@ -74,6 +77,9 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<bool> {
             result: deny_blocks(&mesh),
         },
     ];
+    // After the L4 checks: meshctl edits the Namespace in the config directory, and the
+    // manifests were applied before it (re-applying 00-namespaces.yaml would drop its label).
+    checks.extend(waypoint::checks(&mesh));
     let ok = report(&mesh, &checks);
     if opts.interactive {
         interact(&mesh)?;
@@ -449,6 +455,9 @@ fn interact(mesh: &LocalMesh) -> anyhow::Result<()> {
     println!(
         "      e.g. remove the istio.io/dataplane-mode label from namespace billing in 00-namespaces.yaml"
     );
+    if let Err(e) = waypoint::how_to_poke(mesh) {
+        println!("  * (the waypoint's part is not up: {e:#})");
+    }
     println!(
         "  * Logs of meshd, each ztunnel and each pod: {}/*.log",
         mesh.dir().display()
