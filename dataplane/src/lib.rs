@@ -6,10 +6,12 @@
 //! - [`certs`]: workload certificates from meshd's CA, cached and refreshed.
 //! - [`drain`]: counting live connections and waiting for them on shutdown.
 //! - [`supervise`]: background tasks whose end is fatal.
+//! - [`admin`]: the metrics, readiness and admin HTTP servers.
 //! - [`backoff`]: capped, jittered exponential retry delays.
 //!
 //! Nothing here captures traffic, proxies bytes or makes policy decisions.
 
+pub mod admin;
 pub mod backoff;
 pub mod certs;
 pub mod drain;

@@ -19,7 +19,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::info;
 
-use crate::admin::{self, Server};
+use crate::admin::Endpoints;
 use crate::balance::Balancer;
 use crate::config::{Config, Source};
 use crate::own_cert::OwnCert;
@@ -27,6 +27,7 @@ use crate::routing::Router;
 use crate::telemetry::Metrics;
 use crate::upstream::Upstream;
 use crate::{background, inbound, plain};
+use dataplane::admin::{AdminError, Listeners, Server};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -255,8 +256,26 @@ impl App {
             router_tx,
         } = self;
         let hbone = bind("HBONE", config.hbone_addr).await?;
-        let ready = bind("readiness", config.ready_addr).await?;
-        let metrics = bind("metrics", config.metrics_addr).await?;
+        let servers = dataplane::admin::bind(
+            Arc::new(Endpoints(ctx.clone())),
+            Listeners {
+                admin: None,
+                metrics: config.metrics_addr,
+                ready: config.ready_addr,
+            },
+        )
+        .await
+        .map_err(
+            |AdminError::Bind {
+                 server,
+                 addr,
+                 source,
+             }| AppError::Bind {
+                what: server.name(),
+                addr,
+                source,
+            },
+        )?;
         let local = |l: &TcpListener| {
             l.local_addr().map_err(|source| AppError::Bind {
                 what: "listener",
@@ -264,8 +283,21 @@ impl App {
                 source,
             })
         };
-        let (hbone_addr, ready_addr, metrics_addr) =
-            (local(&hbone)?, local(&ready)?, local(&metrics)?);
+        let server_addr = |server: Server, configured: SocketAddr| {
+            servers
+                .addr(server)
+                .unwrap_or_else(|| Err(std::io::Error::other("not bound")))
+                .map_err(|source| AppError::Bind {
+                    what: server.name(),
+                    addr: configured,
+                    source,
+                })
+        };
+        let (hbone_addr, ready_addr, metrics_addr) = (
+            local(&hbone)?,
+            server_addr(Server::Ready, config.ready_addr)?,
+            server_addr(Server::Metrics, config.metrics_addr)?,
+        );
         let mut plain_addr = None;
         if let Some(p) = &config.plain_http {
             let l = bind("plain HTTP", p.listen).await?;
@@ -275,11 +307,7 @@ impl App {
         tasks.spawn("routes", background::routes(ctx.config.clone(), router_tx));
         tasks.spawn("prune-upstreams", background::prune_upstreams(ctx.clone()));
         tasks.spawn("hbone", inbound::serve(ctx.clone(), hbone));
-        tasks.spawn("ready", admin::serve(ctx.clone(), ready, Server::Ready));
-        tasks.spawn(
-            "metrics",
-            admin::serve(ctx.clone(), metrics, Server::Metrics),
-        );
+        tasks.spawn("admin", servers.run());
         info!(gateway = %config.gateway, hbone = %hbone_addr, ready = %ready_addr, metrics = %metrics_addr,
             plain_http = ?plain_addr, "waypoint started");
         Ok(Running {

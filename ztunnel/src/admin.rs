@@ -1,60 +1,27 @@
-//! ztunnel's three small HTTP/1.1 servers: metrics, readiness and admin.
+//! ztunnel's admin endpoints on the shared servers of [`dataplane::admin`] (metrics 15020,
+//! readiness 15021, admin 127.0.0.1:15000 with `GET /config_dump`), plus ztunnel's own path:
 //!
-//! | port (Istio's)        | path                      | answer                                       |
-//! |-----------------------|---------------------------|----------------------------------------------|
-//! | metrics, 15020        | `GET /metrics`            | Prometheus scrape ([`crate::metrics`])       |
-//! | readiness, 15021      | `GET /healthz/ready`      | 200 `ready`, or 503 with the reason          |
-//! | admin, 127.0.0.1:15000| `GET /config_dump`        | the JSON config dump                         |
-//! |                       | `POST /logging?level=F`   | 200 with the new filter, or 400 with why     |
+//! | port                   | path                      | answer                                   |
+//! |------------------------|---------------------------|------------------------------------------|
+//! | admin, 127.0.0.1:15000 | `POST /logging?level=F`   | 200 with the new filter, or 400 with why |
 //!
-//! Any other path is 404; a known path with the wrong method is 405 (with `Allow`).
-//!
-//! Owns only the listeners and the routing. *What* readiness, the config dump and the log filter
-//! mean is supplied by the caller as closures in [`AdminState`]; this module never reaches into
-//! the proxy paths, certificates or config. The admin port can change logging and reveals the
-//! whole config, so bind it to loopback; the metrics and readiness ports are meant to be reached
-//! by the kubelet and Prometheus — and so can be reached by any pod: a client that connects and
-//! sends nothing must not starve them. Each server accepts every connection and closes at once
-//! what is over its caps ([`MAX_CONNECTIONS`] in all, [`MAX_CONNECTIONS_PER_SOURCE`] per
-//! source IP, so one idle client cannot take every slot), and closes a connection that has not
-//! sent a request within its header timeout (2 s on the metrics and readiness ports); readiness
-//! answers with `Connection: close`, as probes open a connection per check.
+//! Owns only the mapping of ztunnel's closures ([`AdminState`]) onto [`Handler`]; the
+//! listeners, caps and common routes are `dataplane::admin`'s. *What* readiness, the config
+//! dump and the log filter mean is the caller's. The admin port can change logging and reveals
+//! the whole config, so bind it to loopback.
 
-use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
-use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::Full;
+use dataplane::admin::{Handler, Listeners, Reply, only, text};
+use http::{Method, Request, StatusCode};
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
-use tracing::{debug, info, warn};
+use tracing::info;
 
-use crate::limits::{Gate, LOG_PERIOD, Throttle};
-use crate::metrics::{self, Metrics};
+use crate::metrics::Metrics;
 
-/// A client has this long to send its request headers (slow clients would otherwise hold a
-/// connection slot forever). hyper applies it between requests too, so it is also the idle
-/// timeout of a kept-alive connection.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// [`HEADER_READ_TIMEOUT`] of the ports any pod can reach: a probe or a scrape sends its
-/// request at once, and an idler's slot comes back quickly.
-const PUBLIC_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Connections served at once per server; further ones are closed as soon as accepted (left in
-/// the kernel's backlog, they would wait behind whoever holds the slots).
-pub const MAX_CONNECTIONS: usize = 64;
-
-/// Of those, from one source IP: kubelet probes and Prometheus come from their own addresses,
-/// so a client holding its share of idle connections leaves them served.
-pub const MAX_CONNECTIONS_PER_SOURCE: usize = 8;
+pub use dataplane::admin::{AdminError, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_SOURCE, Server};
 
 /// Answers readiness: `Ok(())` when ready, else `Err(reason)`.
 pub type ReadyFn = Box<dyn Fn() -> Result<(), String> + Send + Sync>;
@@ -78,33 +45,23 @@ pub struct AdminState {
     pub set_log_level: SetLogLevelFn,
 }
 
-/// Why the servers could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum AdminError {
-    #[error("cannot bind the {server} server to {addr}: {source}")]
-    Bind {
-        server: Server,
-        addr: SocketAddr,
-        #[source]
-        source: io::Error,
-    },
-}
-
-/// Which of the three servers (they route differently).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Server {
-    Admin,
-    Metrics,
-    Ready,
-}
-
-impl std::fmt::Display for Server {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Server::Admin => "admin",
-            Server::Metrics => "metrics",
-            Server::Ready => "readiness",
-        })
+impl Handler for AdminState {
+    fn metrics(&self) -> String {
+        self.metrics.encode()
+    }
+    fn ready(&self) -> Result<(), String> {
+        (self.ready)()
+    }
+    fn config_dump(&self) -> serde_json::Value {
+        (self.config_dump)()
+    }
+    fn extra(&self, server: Server, req: &Request<Incoming>) -> Option<Reply> {
+        match (server, req.uri().path()) {
+            (Server::Admin, "/logging") => Some(only(req, &Method::POST, || {
+                logging(self, req.uri().query())
+            })),
+            _ => None,
+        }
     }
 }
 
@@ -132,159 +89,47 @@ pub async fn bind(
     metrics_addr: SocketAddr,
     ready_addr: SocketAddr,
 ) -> Result<Bound, AdminError> {
-    let admin = listen(Server::Admin, admin_addr).await?;
-    let metrics = listen(Server::Metrics, metrics_addr).await?;
-    let ready = listen(Server::Ready, ready_addr).await?;
-    Ok(Bound {
-        state,
-        admin,
-        metrics,
-        ready,
-    })
-}
-
-async fn listen(server: Server, addr: SocketAddr) -> Result<TcpListener, AdminError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| AdminError::Bind {
-            server,
-            addr,
-            source,
-        })
+    let at = Listeners {
+        admin: Some(admin_addr),
+        metrics: metrics_addr,
+        ready: ready_addr,
+    };
+    Ok(Bound(dataplane::admin::bind(state, at).await?))
 }
 
 /// The three bound listeners, ready to [`run`](Bound::run).
-pub struct Bound {
-    state: Arc<AdminState>,
-    admin: TcpListener,
-    metrics: TcpListener,
-    ready: TcpListener,
-}
+pub struct Bound(dataplane::admin::Bound);
 
 impl Bound {
+    fn addr(&self, server: Server) -> io::Result<SocketAddr> {
+        self.0
+            .addr(server)
+            .unwrap_or_else(|| Err(io::Error::other("not bound")))
+    }
+
     /// The address the admin server is bound to.
     pub fn admin_addr(&self) -> io::Result<SocketAddr> {
-        self.admin.local_addr()
+        self.addr(Server::Admin)
     }
 
     /// The address the metrics server is bound to.
     pub fn metrics_addr(&self) -> io::Result<SocketAddr> {
-        self.metrics.local_addr()
+        self.addr(Server::Metrics)
     }
 
     /// The address the readiness server is bound to.
     pub fn ready_addr(&self) -> io::Result<SocketAddr> {
-        self.ready.local_addr()
+        self.addr(Server::Ready)
     }
 
-    /// Serves all three until this future is dropped. Accept errors (e.g. out of file
-    /// descriptors) are logged and retried after a pause; they never stop a server.
+    /// Serves all three until this future is dropped.
     pub async fn run(self) {
-        let Bound {
-            state,
-            admin,
-            metrics,
-            ready,
-        } = self;
-        tokio::join!(
-            accept_loop(Server::Admin, admin, Arc::clone(&state)),
-            accept_loop(Server::Metrics, metrics, Arc::clone(&state)),
-            accept_loop(Server::Ready, ready, state),
-        );
-    }
-}
-
-async fn accept_loop(server: Server, listener: TcpListener, state: Arc<AdminState>) {
-    if let Ok(addr) = listener.local_addr() {
-        info!(%server, %addr, "serving");
-    }
-    let slots = Arc::new(Gate::new(MAX_CONNECTIONS, MAX_CONNECTIONS_PER_SOURCE));
-    let (refused, accept_errors) = (Throttle::new(LOG_PERIOD), Throttle::new(LOG_PERIOD));
-    let mut builder = http1::Builder::new();
-    builder.timer(TokioTimer::new());
-    match server {
-        Server::Admin => builder.header_read_timeout(HEADER_READ_TIMEOUT),
-        Server::Metrics => builder.header_read_timeout(PUBLIC_HEADER_READ_TIMEOUT),
-        // A probe is one request per connection: closing after it frees the slot at once.
-        Server::Ready => builder
-            .header_read_timeout(PUBLIC_HEADER_READ_TIMEOUT)
-            .keep_alive(false),
-    };
-    let builder = Arc::new(builder);
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                if let Some(suppressed) = accept_errors.hit() {
-                    warn!(%server, error = %e, errors_since_last_line = suppressed, "accept failed; retrying");
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let permit = match slots.enter(peer.ip()) {
-            Ok(permit) => permit,
-            Err(full) => {
-                if let Some(suppressed) = refused.hit() {
-                    warn!(%server, %peer, reason = %full, refused_since_last_line = suppressed, "connection refused: too many connections");
-                }
-                continue;
-            }
-        };
-        let state = Arc::clone(&state);
-        let builder = Arc::clone(&builder);
-        tokio::spawn(async move {
-            let _permit = permit;
-            let svc = service_fn(move |req| {
-                let state = Arc::clone(&state);
-                async move { Ok::<_, Infallible>(route(server, &state, &req)) }
-            });
-            if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
-                debug!(%server, %peer, error = %e, "connection ended with an error");
-            }
-        });
-    }
-}
-
-/// Answers one request. Never fails: every outcome is an HTTP status.
-fn route(server: Server, state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-    let path = req.uri().path();
-    match (server, path) {
-        (Server::Metrics, "/metrics") => only(req, &Method::GET, || {
-            respond(
-                StatusCode::OK,
-                metrics::CONTENT_TYPE,
-                state.metrics.encode(),
-            )
-        }),
-        (Server::Ready, "/healthz/ready") => only(req, &Method::GET, || match (state.ready)() {
-            Ok(()) => text(StatusCode::OK, "ready\n".to_string()),
-            Err(reason) => text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("not ready: {reason}\n"),
-            ),
-        }),
-        (Server::Admin, "/config_dump") => only(req, &Method::GET, || {
-            match serde_json::to_string_pretty(&(state.config_dump)()) {
-                Ok(mut json) => {
-                    json.push('\n');
-                    respond(StatusCode::OK, "application/json", json)
-                }
-                Err(e) => text(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("cannot encode the config dump: {e}\n"),
-                ),
-            }
-        }),
-        (Server::Admin, "/logging") => {
-            only(req, &Method::POST, || logging(state, req.uri().query()))
-        }
-        _ => text(StatusCode::NOT_FOUND, format!("no such path: {path}\n")),
+        self.0.run().await
     }
 }
 
 /// `POST /logging?level=<filter>`: hands the (percent-decoded) filter to the caller's closure.
-fn logging(state: &AdminState, query: Option<&str>) -> Response<Full<Bytes>> {
+fn logging(state: &AdminState, query: Option<&str>) -> Reply {
     let level = match query_param(query.unwrap_or(""), "level") {
         Some(Ok(level)) if !level.is_empty() => level,
         Some(Ok(_)) | None => {
@@ -310,36 +155,6 @@ fn logging(state: &AdminState, query: Option<&str>) -> Response<Full<Bytes>> {
             format!("invalid log level {level:?}: {reason}\n"),
         ),
     }
-}
-
-/// Runs `ok` if the request's method is `allowed`, else answers 405 with `Allow`.
-fn only(
-    req: &Request<Incoming>,
-    allowed: &Method,
-    ok: impl FnOnce() -> Response<Full<Bytes>>,
-) -> Response<Full<Bytes>> {
-    if req.method() == allowed {
-        return ok();
-    }
-    let mut resp = text(StatusCode::METHOD_NOT_ALLOWED, format!("use {allowed}\n"));
-    if let Ok(v) = header::HeaderValue::from_str(allowed.as_str()) {
-        resp.headers_mut().insert(header::ALLOW, v);
-    }
-    resp
-}
-
-fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
-    respond(status, "text/plain; charset=utf-8", body)
-}
-
-fn respond(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(Bytes::from(body)));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static(content_type),
-    );
-    resp
 }
 
 /// Why a query parameter could not be decoded.
