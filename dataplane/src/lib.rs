@@ -7,6 +7,8 @@
 //! - [`drain`]: counting live connections and waiting for them on shutdown.
 //! - [`supervise`]: background tasks whose end is fatal.
 //! - [`admin`]: the metrics, readiness and admin HTTP servers.
+//! - [`telemetry`]: Istio's labels for both ends of a connection; [`tcp_metrics`]: Istio's
+//!   L4 metric families.
 //! - [`backoff`]: capped, jittered exponential retry delays.
 //!
 //! Nothing here captures traffic, proxies bytes or makes policy decisions.
@@ -18,3 +20,5 @@ pub mod drain;
 pub mod meshd;
 pub mod subscription;
 pub mod supervise;
+pub mod tcp_metrics;
+pub mod telemetry;

@@ -7,21 +7,10 @@
 //!
 //! # Names and semantics
 //!
-//! The L4 names are Istio's, exactly as a scrape shows them:
-//!
-//! | exposed name                          | counts                                                    |
-//! |---------------------------------------|-----------------------------------------------------------|
-//! | `istio_tcp_connections_opened_total`  | connections, when [`Metrics::open`] is called             |
-//! | `istio_tcp_connections_closed_total`  | connections, when their [`ConnMetrics`] guard is dropped  |
-//! | `istio_tcp_received_bytes_total`      | bytes from the client side (request direction)            |
-//! | `istio_tcp_sent_bytes_total`          | bytes to the client side (response direction)             |
-//!
-//! "Client side" is from the reporter's point of view: for `reporter="source"` (outbound) the
-//! client is the local pod; for `reporter="destination"` (inbound) it is the HBONE peer.
-//!
-//! prometheus-client appends `_total` to every counter, so counters are registered *without* it
-//! (`istio_tcp_connections_opened` → `istio_tcp_connections_opened_total`). The exposition is
-//! OpenMetrics text: serve it with [`CONTENT_TYPE`], which Prometheus negotiates natively.
+//! The L4 families (`istio_tcp_connections_opened_total`, `..._closed_total`,
+//! `istio_tcp_received_bytes_total`, `istio_tcp_sent_bytes_total`) and their labels are
+//! Istio's, shared with the waypoint: [`dataplane::tcp_metrics`] documents what each counts.
+//! The exposition is OpenMetrics text: serve it with [`CONTENT_TYPE`].
 //!
 //! ztunnel's own metrics:
 //! `ztunnel_cert_fetch_failures_total{identity}`, `ztunnel_certs_issued_total{identity}` and the
@@ -31,7 +20,6 @@
 //! direct because the waypoint their destination is bound to cannot be used (Istio's fail-open);
 //! `destination_service` is the service's hostname for a VIP, the pod's `ns/name` for a pod IP.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -40,92 +28,11 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-/// The `Content-Type` of [`Metrics::encode`]'s output (OpenMetrics text 1.0).
-pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-
-/// The value of any label whose fact is not known (Istio's convention).
-pub const UNKNOWN: &str = "unknown";
-
-/// `response_flags` when nothing went wrong.
-pub const NO_FLAGS: &str = "-";
-
-/// `response_flags` for a connection refused (or closed) by authorization policy.
-pub const FLAG_DENY: &str = "DENY";
-
-/// `response_flags` for a connection whose upstream could not be connected.
-pub const FLAG_CONNECT: &str = "CONNECT";
-
-/// The labels of one L4 series, named exactly as Istio names them.
-///
-/// Field order is the order labels appear in the exposition. Every value that is not known is
-/// the string [`UNKNOWN`]; start from [`TcpLabels::unknown`] and fill in what you know.
-/// Values are escaped by the encoder, so peer-supplied strings (e.g. a principal) cannot break
-/// the exposition.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct TcpLabels {
-    /// `"source"` (the outbound side reports) or `"destination"` (the inbound side reports).
-    pub reporter: String,
-    pub source_workload: String,
-    pub source_canonical_service: String,
-    pub source_canonical_revision: String,
-    pub source_workload_namespace: String,
-    /// The client's SPIFFE identity, e.g. `spiffe://cluster.local/ns/a/sa/b`.
-    pub source_principal: String,
-    pub source_app: String,
-    pub source_version: String,
-    pub source_cluster: String,
-    /// The destination service's hostname (e.g. `echo.default.svc.cluster.local`).
-    pub destination_service: String,
-    pub destination_service_namespace: String,
-    pub destination_service_name: String,
-    pub destination_workload: String,
-    pub destination_canonical_service: String,
-    pub destination_canonical_revision: String,
-    pub destination_workload_namespace: String,
-    pub destination_principal: String,
-    pub destination_app: String,
-    pub destination_version: String,
-    pub destination_cluster: String,
-    /// Always `"tcp"` at L4.
-    pub request_protocol: String,
-    /// [`NO_FLAGS`] when none; [`FLAG_DENY`], [`FLAG_CONNECT`], ...
-    pub response_flags: String,
-    /// `"mutual_tls"` when the connection was carried over mTLS, else `"unknown"`.
-    pub connection_security_policy: String,
-}
-
-impl TcpLabels {
-    /// Labels with every fact unknown: `reporter` as given, `request_protocol="tcp"`,
-    /// `response_flags="-"`, everything else `"unknown"`.
-    pub fn unknown(reporter: &str) -> Self {
-        let u = || UNKNOWN.to_string();
-        TcpLabels {
-            reporter: reporter.to_string(),
-            source_workload: u(),
-            source_canonical_service: u(),
-            source_canonical_revision: u(),
-            source_workload_namespace: u(),
-            source_principal: u(),
-            source_app: u(),
-            source_version: u(),
-            source_cluster: u(),
-            destination_service: u(),
-            destination_service_namespace: u(),
-            destination_service_name: u(),
-            destination_workload: u(),
-            destination_canonical_service: u(),
-            destination_canonical_revision: u(),
-            destination_workload_namespace: u(),
-            destination_principal: u(),
-            destination_app: u(),
-            destination_version: u(),
-            destination_cluster: u(),
-            request_protocol: "tcp".to_string(),
-            response_flags: NO_FLAGS.to_string(),
-            connection_security_policy: u(),
-        }
-    }
-}
+// Istio's L4 labels and families are shared with the waypoint (crate `dataplane`).
+pub use dataplane::tcp_metrics::{ConnMetrics, TcpMetrics};
+pub use dataplane::telemetry::{
+    CONTENT_TYPE, FLAG_CONNECT, FLAG_DENY, NO_FLAGS, TcpLabels, UNKNOWN,
+};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct IdentityLabels {
@@ -150,19 +57,13 @@ struct ModeLabels {
 /// byte path never hashes labels or takes a lock.
 pub struct Metrics {
     registry: Registry,
-    opened: Family<TcpLabels, Counter>,
-    closed: Family<TcpLabels, Counter>,
-    received_bytes: Family<TcpLabels, Counter>,
-    sent_bytes: Family<TcpLabels, Counter>,
+    tcp: Arc<TcpMetrics>,
     cert_fetch_failures: Family<IdentityLabels, Counter>,
     certs_issued: Family<IdentityLabels, Counter>,
     capture_mode: Family<ModeLabels, Gauge>,
     waypoint_bypass: Family<BypassLabels, Counter>,
     /// Serializes [`Metrics::set_capture_mode`] so the info gauge never holds two modes.
     capture_mode_lock: Mutex<()>,
-    /// Every L4 label set that has series, with how many open connections use it: what
-    /// [`Metrics::prune`] may remove (the families cannot be listed).
-    tcp_series: Mutex<HashMap<TcpLabels, usize>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -175,10 +76,6 @@ impl Metrics {
     /// A fresh registry with every metric registered (and no series yet).
     pub fn new() -> Arc<Metrics> {
         let mut registry = Registry::default();
-        let opened = Family::<TcpLabels, Counter>::default();
-        let closed = Family::<TcpLabels, Counter>::default();
-        let received_bytes = Family::<TcpLabels, Counter>::default();
-        let sent_bytes = Family::<TcpLabels, Counter>::default();
         let cert_fetch_failures = Family::<IdentityLabels, Counter>::default();
         let certs_issued = Family::<IdentityLabels, Counter>::default();
         let capture_mode = Family::<ModeLabels, Gauge>::default();
@@ -186,26 +83,7 @@ impl Metrics {
 
         // Families are handles (`Arc` inside): the registry and `Metrics` share the same series.
         // Counter names omit `_total`; the encoder appends it.
-        registry.register(
-            "istio_tcp_connections_opened",
-            "TCP connections opened, as seen by the reporter",
-            opened.clone(),
-        );
-        registry.register(
-            "istio_tcp_connections_closed",
-            "TCP connections closed, as seen by the reporter",
-            closed.clone(),
-        );
-        registry.register(
-            "istio_tcp_received_bytes",
-            "Bytes received from the client side of TCP connections (request direction)",
-            received_bytes.clone(),
-        );
-        registry.register(
-            "istio_tcp_sent_bytes",
-            "Bytes sent to the client side of TCP connections (response direction)",
-            sent_bytes.clone(),
-        );
+        let tcp = TcpMetrics::register(&mut registry);
         registry.register(
             "ztunnel_cert_fetch_failures",
             "Failed workload certificate fetches, by identity",
@@ -229,70 +107,23 @@ impl Metrics {
 
         Arc::new(Metrics {
             registry,
-            opened,
-            closed,
-            received_bytes,
-            sent_bytes,
+            tcp,
             cert_fetch_failures,
             certs_issued,
             capture_mode,
             waypoint_bypass,
             capture_mode_lock: Mutex::new(()),
-            tcp_series: Mutex::default(),
         })
     }
 
-    /// Counts a connection as opened now and returns its guard.
-    ///
-    /// The guard counts bytes as they flow ([`ConnMetrics::received`], [`ConnMetrics::sent`])
-    /// and counts the close when dropped, so hold it for exactly the connection's lifetime.
-    /// A connection refused before any byte flows (policy `DENY`, upstream `CONNECT` failure)
-    /// is still opened and closed: open it with those `response_flags` and drop the guard.
-    pub fn open(self: &Arc<Self>, labels: TcpLabels) -> ConnMetrics {
-        *self
-            .tcp_series
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(labels.clone())
-            .or_default() += 1;
-        self.opened.get_or_create(&labels).inc();
-        // Resolve the byte counters once; each chunk is then a single atomic add.
-        let received = self.received_bytes.get_or_create_owned(&labels);
-        let sent = self.sent_bytes.get_or_create_owned(&labels);
-        ConnMetrics {
-            metrics: Arc::clone(self),
-            labels,
-            close_flags: None,
-            received,
-            sent,
-        }
+    /// Counts a connection as opened now and returns its guard ([`TcpMetrics::open`]).
+    pub fn open(&self, labels: TcpLabels) -> ConnMetrics {
+        self.tcp.open(labels)
     }
 
-    /// Removes the L4 series of workloads that are gone, so churning pods do not grow the
-    /// exposition (and ztunnel's memory) without bound. A series is kept while a connection
-    /// using it is open, and when both of its workloads are unknown or still `exists(namespace,
-    /// name)`. Returns how many label sets were removed.
+    /// Removes the L4 series of workloads that are gone ([`TcpMetrics::prune`]).
     pub fn prune(&self, exists: impl Fn(&str, &str) -> bool) -> usize {
-        let known = |ns: &str, name: &str| name == UNKNOWN || exists(ns, name);
-        let mut series = self.tcp_series.lock().unwrap_or_else(|p| p.into_inner());
-        let before = series.len();
-        series.retain(|l, open| {
-            let keep = *open > 0
-                || (known(&l.source_workload_namespace, &l.source_workload)
-                    && known(&l.destination_workload_namespace, &l.destination_workload));
-            if !keep {
-                for family in [
-                    &self.opened,
-                    &self.closed,
-                    &self.received_bytes,
-                    &self.sent_bytes,
-                ] {
-                    family.remove(l);
-                }
-            }
-            keep
-        });
-        before - series.len()
+        self.tcp.prune(exists)
     }
 
     /// The OpenMetrics text exposition of every metric (serve with [`CONTENT_TYPE`]).
@@ -355,73 +186,6 @@ impl Metrics {
                 reason: reason.to_string(),
             })
             .inc();
-    }
-}
-
-/// One open connection's metrics: counts bytes as they flow, counts the close on drop.
-///
-/// Labels are fixed when the connection opens: the opened counter and both byte counters use
-/// them for the connection's whole life. Only the *closed* counter can carry a different
-/// `response_flags` (see [`ConnMetrics::set_response_flags`]), so that a connection closed by a
-/// later policy change shows up as `closed{response_flags="DENY"}` without splitting its byte
-/// series.
-#[derive(Debug)]
-pub struct ConnMetrics {
-    metrics: Arc<Metrics>,
-    labels: TcpLabels,
-    close_flags: Option<String>,
-    received: Counter,
-    sent: Counter,
-}
-
-impl ConnMetrics {
-    /// Counts `n` bytes received from the client side (request direction).
-    pub fn received(&self, n: u64) {
-        self.received.inc_by(n);
-    }
-
-    /// Counts `n` bytes sent to the client side (response direction).
-    pub fn sent(&self, n: u64) {
-        self.sent.inc_by(n);
-    }
-
-    /// Sets the `response_flags` the close will be counted with (e.g. [`FLAG_DENY`] when a
-    /// policy change ends the connection). Affects only `istio_tcp_connections_closed_total`;
-    /// the opened and byte series keep the labels given to [`Metrics::open`].
-    pub fn set_response_flags(&mut self, flags: &str) {
-        self.close_flags = Some(flags.to_string());
-    }
-
-    /// The labels this connection was opened with.
-    pub fn labels(&self) -> &TcpLabels {
-        &self.labels
-    }
-}
-
-impl Drop for ConnMetrics {
-    fn drop(&mut self) {
-        let mut series = self
-            .metrics
-            .tcp_series
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if let Some(open) = series.get_mut(&self.labels) {
-            *open = open.saturating_sub(1);
-        }
-        match self.close_flags.take() {
-            Some(flags) if flags != self.labels.response_flags => {
-                let labels = TcpLabels {
-                    response_flags: flags,
-                    ..self.labels.clone()
-                };
-                self.metrics.closed.get_or_create(&labels).inc();
-                // Only `closed` has this label set; prune must know of it to remove it.
-                series.entry(labels).or_default();
-            }
-            _ => {
-                self.metrics.closed.get_or_create(&self.labels).inc();
-            }
-        }
     }
 }
 
