@@ -8,7 +8,7 @@
 //! - [`supervise`]: background tasks whose end is fatal.
 //! - [`admin`]: the metrics, readiness and admin HTTP servers.
 //! - [`telemetry`]: Istio's labels for both ends of a connection; [`tcp_metrics`]: Istio's
-//!   L4 metric families.
+//!   L4 metric families; [`conn_result`]: one result per connection, logged and counted together.
 //! - [`backoff`]: capped, jittered exponential retry delays.
 //!
 //! Nothing here captures traffic, proxies bytes or makes policy decisions.
@@ -16,6 +16,7 @@
 pub mod admin;
 pub mod backoff;
 pub mod certs;
+pub mod conn_result;
 pub mod drain;
 pub mod meshd;
 pub mod subscription;

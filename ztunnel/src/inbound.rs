@@ -18,16 +18,16 @@ use std::time::Instant;
 use http::{HeaderMap, HeaderValue, StatusCode};
 use meshcore::hbone::{InboundRequest, ServerSettings};
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use meshcore::policy::Connection;
 use meshcore::store::canonical;
 
-use crate::copy::{self, Outcome, Totals};
-use crate::metrics::{FLAG_CONNECT, FLAG_DENY};
+use crate::copy;
+use crate::metrics::{FLAG_CONNECT, FLAG_DENY, UNKNOWN};
 use crate::policy::check;
 use crate::proxy::{Ctx, Pod, accept_loop, is_mesh_port};
-use crate::telemetry::{End, tcp_labels};
+use crate::telemetry::{AccessLog, ConnResult, End, Outcome, tcp_labels};
 
 /// Accepts HBONE connections on one of the pod's 15008 listeners until aborted.
 pub async fn serve_hbone(ctx: Arc<Ctx>, pod: Arc<Pod>, listener: TcpListener) {
@@ -136,51 +136,74 @@ async fn handle_connect(ctx: Arc<Ctx>, pod: Arc<Pod>, req: InboundRequest) {
         None,
         true,
     );
-    let mut m = ctx.metrics.open(labels);
+    let log = AccessLog {
+        direction: "inbound",
+        src_workload: Some(
+            src_workload
+                .as_ref()
+                .map_or(UNKNOWN, |w| w.uid.as_str())
+                .to_string(),
+        ),
+        src_identity: Some(principal),
+        dst_workload: Some(pod.workload.uid.clone()),
+        dst_namespace: Some(pod.workload.namespace.clone()),
+        dst_identity: Some(pod.identity.to_string()),
+        peer: Some(peer),
+        target: Some(target),
+        protocol: Some("HBONE"),
+        ..AccessLog::default()
+    };
+    let result = ConnResult::new(start, ctx.metrics.open(labels), log);
     if let Err(reason) = check(&policies, &ctx.decisions, &pod, &conn) {
-        m.set_response_flags(FLAG_DENY);
-        warn!(direction = "inbound", dst.workload = %pod.workload.uid, src.identity = %peer_identity, %peer, %target,
-            response_flags = "DENY", %reason, "connection denied; 401");
         req.reject(StatusCode::UNAUTHORIZED);
-        return;
+        return result.finish(Outcome::Denied {
+            reason: reason.to_string(),
+            message: "connection denied; 401",
+        });
     }
     let live = ctx.live.register(pod.clone(), conn);
     let mut app = match pod.dial_app(peer.ip(), target).await {
         Ok(a) => a,
         Err(e) => {
-            m.set_response_flags(FLAG_CONNECT);
-            warn!(pod = %pod.workload.uid, %target, error = %e, "HBONE: app connect failed; 503");
             req.reject(StatusCode::SERVICE_UNAVAILABLE);
-            return;
+            return result.finish(Outcome::failed(
+                Some(FLAG_CONNECT),
+                format!("connect {target}: {e}; 503"),
+            ));
         }
     };
     let mut tunnel = match req.accept(response_headers(&pod)) {
         Ok(t) => t,
         Err(e) => {
-            warn!(pod = %pod.workload.uid, error = %e, "HBONE: could not answer CONNECT");
-            return;
+            return result.finish(Outcome::failed(
+                None,
+                format!("could not answer CONNECT: {e}"),
+            ));
         }
     };
-    let result = copy::bidirectional_until(&mut tunnel, &mut app, &m, live.cancel.notified()).await;
-    let dur_ms = start.elapsed().as_millis() as u64;
-    match result {
-        Ok(Outcome::Cancelled(t)) => {
-            m.set_response_flags(FLAG_DENY);
-            warn!(direction = "inbound", dst.workload = %pod.workload.uid, src.identity = %peer_identity, %peer, %target,
-                received = t.client_to_server, sent = t.server_to_client, dur_ms, response_flags = "DENY",
-                error = "closed: denied by a policy change", "connection failed")
-        }
-        Ok(Outcome::Completed(Totals {
-            client_to_server: received,
-            server_to_client: sent,
-        })) => info!(
-            direction = "inbound", dst.workload = %pod.workload.uid, dst.namespace = %pod.workload.namespace, dst.identity = %pod.identity,
-            src.workload = %src_workload.as_ref().map_or("unknown", |w| w.uid.as_str()),
-            src.identity = %peer_identity, %peer, %target, protocol = "HBONE", sent, received, dur_ms, "connection complete"),
-        Err(error) => {
-            warn!(direction = "inbound", dst.workload = %pod.workload.uid, src.identity = %peer_identity,
-            %peer, %target, %error, dur_ms, "connection failed")
-        }
+    let copied = copy::bidirectional_until(
+        &mut tunnel,
+        &mut app,
+        result.metrics(),
+        live.cancel.notified(),
+    )
+    .await;
+    result.finish(outcome(copied));
+}
+
+/// How a copy that ran ended, as the access log and metrics count it.
+fn outcome(copied: std::io::Result<copy::Outcome>) -> Outcome {
+    match copied {
+        Ok(copy::Outcome::Completed(t)) => Outcome::Complete {
+            sent: t.server_to_client,
+            received: t.client_to_server,
+        },
+        Ok(copy::Outcome::Cancelled(t)) => Outcome::Failed {
+            flags: Some(FLAG_DENY),
+            error: "closed: denied by a policy change".to_string(),
+            bytes: Some((t.server_to_client, t.client_to_server)),
+        },
+        Err(e) => Outcome::failed(None, e.to_string()),
     }
 }
 
@@ -239,39 +262,28 @@ async fn plaintext(ctx: Arc<Ctx>, pod: Arc<Pod>, mut tcp: TcpStream, peer: Socke
         None,
         false,
     );
-    let mut m = ctx.metrics.open(labels);
+    let log = AccessLog {
+        direction: "inbound",
+        dst_workload: Some(pod.workload.uid.clone()),
+        peer: Some(peer),
+        dst: Some(dst),
+        protocol: Some("TCP"),
+        ..AccessLog::default()
+    };
+    let result = ConnResult::new(start, ctx.metrics.open(labels), log);
     if let Err(reason) = check(&policies, &ctx.decisions, &pod, &conn) {
-        m.set_response_flags(FLAG_DENY);
-        warn!(direction = "inbound", dst.workload = %pod.workload.uid, %peer, %dst, protocol = "TCP",
-            response_flags = "DENY", %reason, "connection denied; closed");
-        return;
+        return result.finish(Outcome::Denied {
+            reason: reason.to_string(),
+            message: "connection denied; closed",
+        });
     }
     let live = ctx.live.register(pod.clone(), conn);
-    let result = match pod.dial_app(peer.ip(), dst).await {
-        Ok(mut app) => {
-            match copy::bidirectional_until(&mut tcp, &mut app, &m, live.cancel.notified()).await {
-                Ok(Outcome::Completed(t)) => Ok((t.client_to_server, t.server_to_client)),
-                Ok(Outcome::Cancelled(_)) => {
-                    m.set_response_flags(FLAG_DENY);
-                    Err("closed: denied by a policy change".to_string())
-                }
-                Err(e) => Err(e.to_string()),
-            }
-        }
-        Err(e) => {
-            m.set_response_flags(FLAG_CONNECT);
-            Err(format!("connect {dst}: {e}"))
-        }
+    let outcome = match pod.dial_app(peer.ip(), dst).await {
+        Ok(mut app) => outcome(
+            copy::bidirectional_until(&mut tcp, &mut app, result.metrics(), live.cancel.notified())
+                .await,
+        ),
+        Err(e) => Outcome::failed(Some(FLAG_CONNECT), format!("connect {dst}: {e}")),
     };
-    drop(m);
-    let dur_ms = start.elapsed().as_millis() as u64;
-    match result {
-        Ok((received, sent)) => {
-            info!(direction = "inbound", dst.workload = %pod.workload.uid, %peer, %dst,
-            protocol = "TCP", sent, received, dur_ms, "connection complete")
-        }
-        Err(error) => {
-            warn!(direction = "inbound", dst.workload = %pod.workload.uid, %peer, %dst, %error, dur_ms, "connection failed")
-        }
-    }
+    result.finish(outcome);
 }

@@ -19,13 +19,13 @@ use meshcore::store::{ConfigStore, canonical, workload_identity};
 use meshcore::{HBONE_PORT, Identity};
 use rand::Rng;
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use crate::copy;
 use crate::limits::{LOG_PERIOD, Throttle};
 use crate::metrics::{FLAG_CONNECT, FLAG_DENY, Metrics};
 use crate::proxy::{Ctx, Pod, accept_loop, is_mesh_port};
-use crate::telemetry::{End, tcp_labels};
+use crate::telemetry::{AccessLog, ConnResult, End, Outcome, tcp_labels};
 
 /// Where a captured outbound connection goes.
 #[derive(Debug, PartialEq)]
@@ -359,7 +359,7 @@ async fn handle(ctx: Arc<Ctx>, pod: Arc<Pod>, mut tcp: TcpStream, peer: SocketAd
         Route::Passthrough(addr) => (store.workload_by_ip(addr.ip()).map(|w| w.as_ref()), false),
         Route::Refuse(_) | Route::Deny(_) => (None, false),
     };
-    let mut m = ctx.metrics.open(tcp_labels(
+    let labels = tcp_labels(
         "source",
         src,
         End {
@@ -368,16 +368,16 @@ async fn handle(ctx: Arc<Ctx>, pod: Arc<Pod>, mut tcp: TcpStream, peer: SocketAd
         },
         service,
         hbone,
-    ));
-    let result = match &route {
+    );
+    let result = ConnResult::new(
+        start,
+        ctx.metrics.open(labels),
+        access_log(&pod, peer, dst, &route),
+    );
+    let outcome = match &route {
         Route::Passthrough(addr) => match pod.netns.connect(*addr).await {
-            Ok(mut up) => copy::bidirectional(&mut tcp, &mut up, &m)
-                .await
-                .map_err(|e| e.to_string()),
-            Err(e) => {
-                m.set_response_flags(FLAG_CONNECT);
-                Err(format!("connect {addr}: {e}"))
-            }
+            Ok(mut up) => copied(copy::bidirectional(&mut tcp, &mut up, result.metrics()).await),
+            Err(e) => Outcome::failed(Some(FLAG_CONNECT), format!("connect {addr}: {e}")),
         },
         Route::Hbone {
             target,
@@ -385,56 +385,62 @@ async fn handle(ctx: Arc<Ctx>, pod: Arc<Pod>, mut tcp: TcpStream, peer: SocketAd
             identity,
             ..
         } => match hbone_out(&ctx, &pod, peer, *target, *hbone, identity.clone()).await {
-            Ok(mut stream) => copy::bidirectional(&mut tcp, &mut stream, &m)
-                .await
-                .map_err(|e| e.to_string()),
-            Err(e) => {
-                m.set_response_flags(if e.denied { FLAG_DENY } else { FLAG_CONNECT });
-                Err(e.message)
+            Ok(mut stream) => {
+                copied(copy::bidirectional(&mut tcp, &mut stream, result.metrics()).await)
             }
+            Err(e) => Outcome::failed(
+                Some(if e.denied { FLAG_DENY } else { FLAG_CONNECT }),
+                e.message,
+            ),
         },
-        Route::Refuse(reason) => {
-            m.set_response_flags("NR");
-            Err(reason.clone())
-        }
-        Route::Deny(reason) => {
-            m.set_response_flags(FLAG_DENY);
-            Err(reason.clone())
-        }
+        Route::Refuse(reason) => Outcome::failed(Some("NR"), reason.clone()),
+        Route::Deny(reason) => Outcome::failed(Some(FLAG_DENY), reason.clone()),
     };
-    drop(m);
-    let dur_ms = start.elapsed().as_millis() as u64;
-    let src_ns = &pod.workload.namespace;
-    match (result, route) {
-        (
-            Ok((sent, received)),
-            Route::Hbone {
-                workload,
-                identity,
-                target,
-                hbone,
-                waypoint: Some(waypoint),
-            },
-        ) => info!(
-            direction = "outbound", src.workload = %pod.workload.uid, src.namespace = %src_ns, src.identity = %pod.identity, %peer, %dst,
-            endpoint = %target, %waypoint, waypoint.workload = %workload, waypoint.address = %hbone, dst.identity = %identity, protocol = "HBONE", sent, received, dur_ms, "connection complete"),
-        (
-            Ok((sent, received)),
-            Route::Hbone {
-                workload,
-                identity,
-                target,
-                waypoint: None,
-                ..
-            },
-        ) => info!(
-            direction = "outbound", src.workload = %pod.workload.uid, src.namespace = %src_ns, src.identity = %pod.identity, %peer, %dst,
-            endpoint = %target, dst.workload = %workload, dst.identity = %identity, protocol = "HBONE", sent, received, dur_ms, "connection complete"),
-        (Ok((sent, received)), _) => info!(
-            direction = "outbound", src.workload = %pod.workload.uid, src.namespace = %src_ns, %peer, %dst, protocol = "TCP", sent, received, dur_ms, "connection complete"),
-        (Err(error), _) => {
-            warn!(direction = "outbound", src.workload = %pod.workload.uid, src.namespace = %src_ns, %peer, %dst, %error, dur_ms, "connection failed")
+    result.finish(outcome);
+}
+
+/// The access-log facts of an outbound connection taking `route`.
+fn access_log(pod: &Pod, peer: SocketAddr, dst: SocketAddr, route: &Route) -> AccessLog {
+    let mut log = AccessLog {
+        direction: "outbound",
+        src_workload: Some(pod.workload.uid.clone()),
+        src_namespace: Some(pod.workload.namespace.clone()),
+        peer: Some(peer),
+        dst: Some(dst),
+        ..AccessLog::default()
+    };
+    match route {
+        Route::Hbone {
+            target,
+            hbone,
+            identity,
+            workload,
+            waypoint,
+        } => {
+            log.src_identity = Some(pod.identity.to_string());
+            log.endpoint = Some(*target);
+            log.dst_identity = Some(identity.to_string());
+            log.protocol = Some("HBONE");
+            match waypoint {
+                Some(waypoint) => {
+                    log.waypoint = Some(waypoint.clone());
+                    log.waypoint_workload = Some(workload.clone());
+                    log.waypoint_address = Some(*hbone);
+                }
+                None => log.dst_workload = Some(workload.clone()),
+            }
         }
+        Route::Passthrough(_) => log.protocol = Some("TCP"),
+        Route::Refuse(_) | Route::Deny(_) => {}
+    }
+    log
+}
+
+/// How a copy ended: `(sent, received)` as `copy::bidirectional` counts them.
+fn copied(r: std::io::Result<(u64, u64)>) -> Outcome {
+    match r {
+        Ok((sent, received)) => Outcome::Complete { sent, received },
+        Err(e) => Outcome::failed(None, e.to_string()),
     }
 }
 
