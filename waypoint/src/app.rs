@@ -192,6 +192,7 @@ pub fn build(config: Config) -> Result<App, AppError> {
             (rx, cert)
         }
     };
+    metrics.use_config(config_rx.clone());
     let (router_tx, router_rx) = watch::channel(Router::default());
     let ctx = Arc::new(Ctx {
         gateway: config.gateway.clone(),

@@ -1,13 +1,22 @@
 //! One result per request or connection: [`Record`] writes the access-log line and the metrics
 //! together, so the two never disagree and no code path logs by hand.
 //!
-//! Owns the Prometheus registry (Istio's metric names, reporter `waypoint`) and the log line's
-//! fields. The pipeline fills a record as it goes; retries, timeouts, faults and policy (next
-//! issue) add their response flags here. Does not decide anything.
+//! Owns the waypoint's Prometheus registry and the log line's fields. The labels are Istio's,
+//! from the shared label code (`dataplane::telemetry`, reporter `waypoint`: both ends'
+//! workloads from the config, the client's principal, the destination service); the TCP
+//! families are the shared ones (`dataplane::tcp_metrics`); the L7 request families
+//! (`istio_requests_total`, `istio_request_duration_milliseconds`) add `destination_port` and
+//! `response_code`. The pipeline fills a record as it goes; retries, timeouts, faults and policy
+//! (next issue) add their response flags here. Does not decide anything.
 
-use std::sync::Arc;
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
+use dataplane::subscription::ConfigRx;
+use dataplane::tcp_metrics::{ConnMetrics, TcpMetrics};
+use dataplane::telemetry::{End, NO_FLAGS, ServiceNames, TcpLabels, labels};
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -15,62 +24,50 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tracing::{info, warn};
 
-type Labels = Vec<(String, String)>;
+/// Istio's labels of one request, plus the port and the response code.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    #[prometheus(flatten)]
+    istio: TcpLabels,
+    destination_port: String,
+    response_code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabels {
+    status: String,
+}
 
 /// The waypoint's metrics.
 pub struct Metrics {
     registry: Registry,
-    requests: Family<Labels, Counter>,
-    duration: Family<Labels, Histogram>,
-    tcp_opened: Family<Labels, Counter>,
-    tcp_closed: Family<Labels, Counter>,
-    tcp_sent: Family<Labels, Counter>,
-    tcp_received: Family<Labels, Counter>,
+    requests: Family<RequestLabels, Counter>,
+    duration: Family<RequestLabels, Histogram>,
+    tcp: Arc<TcpMetrics>,
     certs_issued: Counter,
     cert_failures: Counter,
-    connect_refused: Family<Labels, Counter>,
+    connect_refused: Family<StatusLabels, Counter>,
+    /// Where the labels' workload facts come from (set once the subscription exists).
+    config: OnceLock<ConfigRx>,
 }
 
 impl Metrics {
     pub fn new() -> Arc<Metrics> {
         let mut registry = Registry::default();
-        let requests = Family::<Labels, Counter>::default();
-        let duration = Family::<Labels, Histogram>::new_with_constructor(|| {
+        let requests = Family::<RequestLabels, Counter>::default();
+        let duration = Family::<RequestLabels, Histogram>::new_with_constructor(|| {
             Histogram::new(exponential_buckets(0.5, 2.0, 20))
         });
-        let tcp_opened = Family::<Labels, Counter>::default();
-        let tcp_closed = Family::<Labels, Counter>::default();
-        let tcp_sent = Family::<Labels, Counter>::default();
-        let tcp_received = Family::<Labels, Counter>::default();
         let certs_issued = Counter::default();
         let cert_failures = Counter::default();
-        let connect_refused = Family::<Labels, Counter>::default();
+        let connect_refused = Family::<StatusLabels, Counter>::default();
         registry.register("istio_requests", "Requests handled", requests.clone());
         registry.register(
             "istio_request_duration_milliseconds",
             "Request duration (to the end of the response)",
             duration.clone(),
         );
-        registry.register(
-            "istio_tcp_connections_opened",
-            "TCP connections opened",
-            tcp_opened.clone(),
-        );
-        registry.register(
-            "istio_tcp_connections_closed",
-            "TCP connections closed",
-            tcp_closed.clone(),
-        );
-        registry.register(
-            "istio_tcp_sent_bytes",
-            "Bytes sent to the client (TCP)",
-            tcp_sent.clone(),
-        );
-        registry.register(
-            "istio_tcp_received_bytes",
-            "Bytes received from the client (TCP)",
-            tcp_received.clone(),
-        );
+        let tcp = TcpMetrics::register(&mut registry);
         registry.register(
             "mesh_certificates_issued",
             "Workload certificates issued",
@@ -90,20 +87,26 @@ impl Metrics {
             registry,
             requests,
             duration,
-            tcp_opened,
-            tcp_closed,
-            tcp_sent,
-            tcp_received,
+            tcp,
             certs_issued,
             cert_failures,
             connect_refused,
+            config: OnceLock::new(),
         })
+    }
+
+    /// Gives the labels their workload facts: the config the waypoint serves from. Until
+    /// then (and for addresses not in it), workloads are `unknown`.
+    pub fn use_config(&self, config: ConfigRx) {
+        let _ = self.config.set(config);
     }
 
     /// Counts a refused CONNECT by the status it got.
     pub fn connect_refused(&self, status: u16) {
         self.connect_refused
-            .get_or_create(&vec![("status".to_string(), status.to_string())])
+            .get_or_create(&StatusLabels {
+                status: status.to_string(),
+            })
             .inc();
     }
 
@@ -114,6 +117,35 @@ impl Metrics {
             out.clear();
         }
         out
+    }
+
+    /// Istio's labels of `r` (reporter `waypoint`); the destination workload is the chosen
+    /// endpoint's when `with_upstream` and one was chosen.
+    fn labels(&self, r: &Record, with_upstream: bool) -> TcpLabels {
+        let store = self.config.get().and_then(|rx| rx.borrow().clone());
+        let workload = |addr: &str| {
+            let ip = addr.parse::<SocketAddr>().ok()?.ip();
+            store.as_deref()?.workload_by_ip(ip).map(|w| w.as_ref())
+        };
+        let principal = (!r.src_principal.is_empty()).then_some(r.src_principal.as_str());
+        let src = End {
+            workload: workload(&r.src_addr),
+            principal,
+        };
+        let dst = End {
+            workload: if with_upstream {
+                workload(&r.upstream)
+            } else {
+                None
+            },
+            principal: None,
+        };
+        let service = ServiceNames::from_hostname(&r.dst_service);
+        let mut l = labels("waypoint", src, dst, service, principal.is_some());
+        // A pod or address destination keeps its name here, as the waypoint always showed it.
+        l.destination_service = r.dst_service.clone();
+        l.response_flags = r.flag.map_or(NO_FLAGS, Flag::as_str).to_string();
+        l
     }
 }
 
@@ -184,6 +216,8 @@ pub struct Record {
     pub flag: Option<Flag>,
     pub error: Option<String>,
     pub kind: Kind,
+    /// The TCP connection's metrics guard, from [`Record::tcp_opened`].
+    conn: Option<ConnMetrics>,
 }
 
 impl Record {
@@ -205,33 +239,20 @@ impl Record {
             flag: None,
             error: None,
             kind,
+            conn: None,
         }
     }
 
-    fn labels(&self, code: Option<u16>) -> Labels {
-        let mut l = vec![
-            ("reporter".to_string(), "waypoint".to_string()),
-            ("source_principal".to_string(), self.src_principal.clone()),
-            ("destination_service".to_string(), self.dst_service.clone()),
-            ("destination_port".to_string(), self.dst_port.to_string()),
-            (
-                "response_flags".to_string(),
-                self.flag.map_or("-", Flag::as_str).to_string(),
-            ),
-        ];
-        if let Some(c) = code {
-            l.push(("response_code".to_string(), c.to_string()));
+    /// Counts a TCP connection as opened (at its start, as Istio does); its bytes and close
+    /// are counted by [`Record::finish`] with the same labels.
+    pub fn tcp_opened(&mut self, metrics: &Metrics) {
+        if self.conn.is_none() {
+            self.conn = Some(metrics.tcp.open(metrics.labels(self, false)));
         }
-        l
-    }
-
-    /// Counts a TCP connection as opened (at its start, as Istio does).
-    pub fn tcp_opened(&self, metrics: &Metrics) {
-        metrics.tcp_opened.get_or_create(&self.labels(None)).inc();
     }
 
     /// Writes the access-log line and the metrics.
-    pub fn finish(self, metrics: &Metrics) {
+    pub fn finish(mut self, metrics: &Metrics) {
         let dur_ms = self.start.elapsed().as_secs_f64() * 1000.0;
         let flags = self.flag.map_or("-", Flag::as_str);
         let error = self.error.as_deref().unwrap_or("");
@@ -243,7 +264,13 @@ impl Record {
                 protocol,
                 status,
             } => {
-                let labels = self.labels(Some(*status));
+                let mut istio = metrics.labels(&self, true);
+                istio.request_protocol = "http".to_string();
+                let labels = RequestLabels {
+                    istio,
+                    destination_port: self.dst_port.to_string(),
+                    response_code: status.to_string(),
+                };
                 metrics.requests.get_or_create(&labels).inc();
                 metrics.duration.get_or_create(&labels).observe(dur_ms);
                 let ok = self.flag.is_none() && *status < 500;
@@ -258,13 +285,16 @@ impl Record {
                 if ok { line!(info) } else { line!(warn) }
             }
             Kind::Tcp { sent, received } => {
-                let labels = self.labels(None);
-                metrics.tcp_closed.get_or_create(&labels).inc();
-                metrics.tcp_sent.get_or_create(&labels).inc_by(*sent);
-                metrics
-                    .tcp_received
-                    .get_or_create(&labels)
-                    .inc_by(*received);
+                let mut conn = match self.conn.take() {
+                    Some(conn) => conn,
+                    None => metrics.tcp.open(metrics.labels(&self, false)),
+                };
+                conn.sent(*sent);
+                conn.received(*received);
+                if let Some(f) = self.flag {
+                    conn.set_response_flags(f.as_str());
+                }
+                drop(conn);
                 macro_rules! line {
                     ($lvl:ident) => {
                         $lvl!(src.identity = %self.src_principal, src.addr = %self.src_addr,
