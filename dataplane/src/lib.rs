@@ -4,6 +4,7 @@
 //! - [`meshd`]: the connection to the control plane (unix socket or TLS) and its bearer token.
 //! - [`subscription`]: the config stream, kept through meshd outages, published on a watch.
 //! - [`certs`]: workload certificates from meshd's CA, cached and refreshed.
+//! - [`hbone_in`]: how an inbound HBONE connection's end is logged.
 //! - [`drain`]: counting live connections and waiting for them on shutdown.
 //! - [`supervise`]: background tasks whose end is fatal.
 //! - [`admin`]: the metrics, readiness and admin HTTP servers.
@@ -18,6 +19,7 @@ pub mod backoff;
 pub mod certs;
 pub mod conn_result;
 pub mod drain;
+pub mod hbone_in;
 pub mod meshd;
 pub mod subscription;
 pub mod supervise;

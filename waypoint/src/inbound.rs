@@ -79,17 +79,7 @@ async fn connection(ctx: Arc<Ctx>, tcp: TcpStream, peer: SocketAddr) {
         handshake_slot,
     )
     .await;
-    match result {
-        Ok(()) => {}
-        Err(e) if e.is_before_authentication() => {
-            debug!(%peer, error = %e, "HBONE handshake failed");
-            if let Some(n) = ctx.admission.handshakes_failed.hit() {
-                warn!(last_peer = %peer, last_error = %e, failed_since_last_line = n,
-                    "HBONE handshakes failing before the peer authenticated (each one is logged at debug)");
-            }
-        }
-        Err(e) => warn!(%peer, error = %e, "HBONE connection ended with error"),
-    }
+    dataplane::hbone_in::log_end(result, peer, None, &ctx.admission.handshakes_failed);
 }
 
 async fn handle_connect(ctx: Arc<Ctx>, req: InboundRequest) {

@@ -18,7 +18,7 @@ use std::time::Instant;
 use http::{HeaderMap, HeaderValue, StatusCode};
 use meshcore::hbone::{InboundRequest, ServerSettings};
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, warn};
+use tracing::warn;
 
 use meshcore::policy::Connection;
 use meshcore::store::canonical;
@@ -68,21 +68,12 @@ async fn hbone_connection(ctx: Arc<Ctx>, pod: Arc<Pod>, tcp: TcpStream, peer: So
         handshake_slot,
     )
     .await;
-    match result {
-        Ok(()) => {}
-        // Anyone who can reach the port can fail a handshake: one line each would let them
-        // flood the log, so each is a debug line and a periodic summary.
-        Err(e) if e.is_before_authentication() => {
-            debug!(pod = %pod.workload.uid, %peer, error = %e, "HBONE handshake failed");
-            if let Some(suppressed) = ctx.admission.handshakes_failed.hit() {
-                warn!(pod = %pod.workload.uid, last_peer = %peer, last_error = %e, failed_since_last_line = suppressed,
-                    "HBONE handshakes failing before the peer authenticated (each one is logged at debug)");
-            }
-        }
-        Err(e) => {
-            warn!(pod = %pod.workload.uid, %peer, error = %e, "HBONE connection ended with error")
-        }
-    }
+    dataplane::hbone_in::log_end(
+        result,
+        peer,
+        Some(&pod.workload.uid),
+        &ctx.admission.handshakes_failed,
+    );
 }
 
 async fn handle_connect(ctx: Arc<Ctx>, pod: Arc<Pod>, req: InboundRequest) {
