@@ -27,6 +27,7 @@ use tracing::{error, info, warn};
 
 use crate::parse;
 use crate::resources::{Resource, ResourceSet};
+use crate::waypoints::{Refusal, Waypoint};
 
 /// Every this many polls files are re-read even if mtime and size look unchanged, so an edit
 /// that kept both (coarse timestamps) is still picked up.
@@ -293,6 +294,7 @@ impl Scanner {
                 }
                 let mut resources = p.resources;
                 keep_last_good_routes(&mut resources, &state.resources, &p.rejected, &name);
+                keep_last_accepted_waypoints(&mut resources, &state.resources, &name);
                 info!(file = %name, "loaded {name}: {} resources", resources.len());
                 let changed = state.resources != resources;
                 state.resources = resources;
@@ -350,6 +352,43 @@ fn keep_last_good_routes(
             }
             None => {
                 error!(file = %file, "error in {}; not applied (no earlier good version)", r.error)
+            }
+        }
+    }
+}
+
+/// A waypoint Gateway whose new version is refused keeps its last accepted version from this
+/// file (marked with why), so a bad edit does not take a running waypoint away; one never
+/// accepted stays as written (reported not accepted, nothing rendered).
+fn keep_last_accepted_waypoints(resources: &mut [Resource], before: &[Resource], file: &str) {
+    for r in resources.iter_mut() {
+        let what = r.describe();
+        let Resource::Gateway(g) = r else { continue };
+        let Some(refusal) = Waypoint::from_gateway(g).and_then(|w| w.refusal) else {
+            continue;
+        };
+        let last_accepted = before.iter().find_map(|old| match old {
+            Resource::Gateway(o)
+                if o.metadata.ns() == g.metadata.ns()
+                    && o.metadata.name == g.metadata.name
+                    && Waypoint::from_gateway(o).is_some_and(|w| w.accepted()) =>
+            {
+                Some(o.clone())
+            }
+            _ => None,
+        });
+        let message = format!("{file}: {what}: {}", refusal.message);
+        match last_accepted {
+            Some(mut old) => {
+                error!(file = %file, "error in {message}; keeping its last accepted version in force");
+                old.refused_edit = Some(Refusal {
+                    reason: refusal.reason,
+                    message,
+                });
+                *r = Resource::Gateway(old);
+            }
+            None => {
+                error!(file = %file, "error in {message}; not accepted (no earlier accepted version)")
             }
         }
     }
@@ -545,6 +584,105 @@ mod tests {
                 && why.contains("VirtualService a/vs")
                 && why.contains("uri.regex"),
             "{why}"
+        );
+    }
+
+    #[test]
+    fn a_refused_waypoint_edit_keeps_the_last_accepted_waypoint_in_force() {
+        use crate::translate::{Settings, translate};
+        let gw = |listener: &str, labels: &str| {
+            format!(
+                "apiVersion: v1\nkind: Namespace\nmetadata: {{name: shop}}\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: wp, namespace: shop, labels: {{{labels}}}}}\nspec: {{gatewayClassName: istio-waypoint, listeners: [{listener}]}}\n"
+            )
+        };
+        let good = gw("{name: mesh, port: 15008, protocol: HBONE}", "");
+        // A Service bound to the waypoint, and the waypoint running (as local mode runs it).
+        let bound = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop, labels: {istio.io/use-waypoint: wp}}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: wp, namespace: shop}\nspec: {clusterIP: 10.96.0.2, selector: {gateway.networking.k8s.io/gateway-name: wp}, ports: [{name: mesh, port: 15008}]}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: wp-1, namespace: shop, labels: {gateway.networking.k8s.io/gateway-name: wp, istio.io/dataplane-mode: none}}\nspec: {serviceAccountName: wp}\nstatus: {podIP: 10.0.0.9}\n";
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("gw.yaml");
+        std::fs::write(&f, &good).unwrap();
+        std::fs::write(dir.path().join("web.yaml"), bound).unwrap();
+        let settings = Settings {
+            trust_domain: "td".into(),
+            cluster_domain: "cluster.local".into(),
+        };
+        let view = |s: &Scanner| translate(&s.merged(), &settings, &Default::default());
+        let mut s = Scanner::new(dir.path().to_path_buf());
+        s.scan(true);
+        let before = view(&s);
+        let accepted = before.waypoints["shop/wp"].clone();
+        assert!(accepted.accepted() && accepted.refused_edit.is_none());
+        let usable = before.services["shop/web"].waypoint.clone().unwrap();
+        assert_eq!(usable.unavailable, "");
+        for (bad, reason) in [
+            (
+                gw("{name: mesh, port: 15008, protocol: HTTP}", ""),
+                "ListenersNotValid",
+            ),
+            (
+                gw(
+                    "{name: mesh, port: 15008, protocol: HBONE}",
+                    "istio.io/waypoint-for: nope",
+                ),
+                "InvalidParameters",
+            ),
+        ] {
+            std::fs::write(&f, bad).unwrap();
+            s.scan(false);
+            assert!(s.scan(false));
+            let v = view(&s);
+            let w = &v.waypoints["shop/wp"];
+            assert!(
+                w.accepted(),
+                "the last accepted version is in force: {:?}",
+                w.refusal
+            );
+            assert_eq!(
+                crate::waypoints::render(w),
+                crate::waypoints::render(&accepted)
+            );
+            let why = w
+                .refused_edit
+                .as_ref()
+                .expect("the refused edit is reported");
+            assert_eq!(why.reason, reason);
+            assert!(
+                why.message.contains("gw.yaml") && why.message.contains("Gateway shop/wp"),
+                "{}",
+                why.message
+            );
+            assert_eq!(
+                v.services["shop/web"].waypoint.as_ref(),
+                Some(&usable),
+                "binding still usable"
+            );
+        }
+        // Fixed: accepted, nothing refused.
+        std::fs::write(&f, &good).unwrap();
+        s.scan(false);
+        assert!(s.scan(false));
+        assert_eq!(view(&s).waypoints["shop/wp"], accepted);
+        // Gone: no waypoint, and one never accepted is not made up from anything.
+        std::fs::write(
+            &f,
+            gw("{name: mesh, port: 15008, protocol: HTTP}", "")
+                .replace("name: wp,", "name: other,"),
+        )
+        .unwrap();
+        s.scan(false);
+        assert!(s.scan(false));
+        let v = view(&s);
+        assert!(!v.waypoints.contains_key("shop/wp"));
+        assert!(!v.waypoints["shop/other"].accepted());
+        assert!(
+            v.services["shop/web"]
+                .waypoint
+                .as_ref()
+                .unwrap()
+                .unavailable
+                .contains("no waypoint Gateway shop/wp"),
+            "{:?}",
+            v.services["shop/web"].waypoint
         );
     }
 

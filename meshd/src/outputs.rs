@@ -2,7 +2,8 @@
 //! controller applies them; a Kubernetes backend would write the same objects to the API server).
 //!
 //! - `DIR/objects/<ns>.<gw>.yaml`: an accepted waypoint Gateway's ServiceAccount, Deployment
-//!   and Service (`waypoints::render`); removed when the Gateway goes or is no longer accepted.
+//!   and Service (`waypoints::render`); removed when the Gateway goes. A refused edit keeps
+//!   the last accepted version's objects (the source keeps that version in force).
 //! - `DIR/status/Gateway.<ns>.<gw>.json`: its `Accepted` and `Programmed` conditions.
 //! - `DIR/status/<Kind>.<ns>.<name>.json`: a route resource's findings, when it has any.
 //!

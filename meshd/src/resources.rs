@@ -257,6 +257,10 @@ pub struct Gateway {
     pub metadata: ObjectMeta,
     #[serde(default, deserialize_with = "null_default")]
     pub spec: GatewaySpec,
+    /// Set by the source on the last accepted version of a waypoint Gateway, kept in force
+    /// because its newer version was refused: why that version was (never read from a file).
+    #[serde(skip)]
+    pub refused_edit: Option<crate::waypoints::Refusal>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]

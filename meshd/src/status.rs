@@ -19,16 +19,26 @@ pub struct Condition {
 }
 
 /// `Accepted` then `Programmed` for a waypoint Gateway. Programmed is True once the
-/// waypoint's Service has a ready endpoint pod in `view`.
+/// waypoint's Service has a ready endpoint pod in `view`. A refused edit of an accepted
+/// Gateway is Accepted=False while its last accepted version stays programmed.
 pub fn gateway_conditions(w: &Waypoint, view: &MeshView) -> [Condition; 2] {
-    let accepted = match &w.refusal {
-        None => Condition {
+    let accepted = match (&w.refusal, &w.refused_edit) {
+        (None, Some(r)) => Condition {
+            kind: "Accepted",
+            status: false,
+            reason: r.reason,
+            message: format!(
+                "{}; the last accepted version stays in force until this is fixed",
+                r.message
+            ),
+        },
+        (None, None) => Condition {
             kind: "Accepted",
             status: true,
             reason: "Accepted",
             message: format!("waypoint for {} traffic", w.waypoint_for.as_str()),
         },
-        Some(r) => Condition {
+        (Some(r), _) => Condition {
             kind: "Accepted",
             status: false,
             reason: r.reason,

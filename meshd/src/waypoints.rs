@@ -89,6 +89,9 @@ pub struct Waypoint {
     pub allowed_from: AllowedFrom,
     /// `None` when accepted.
     pub refusal: Option<Refusal>,
+    /// Why the Gateway's newest version was refused, when this is its last accepted version
+    /// kept in force (objects rendered, bindings usable) until the edit is fixed.
+    pub refused_edit: Option<Refusal>,
 }
 
 pub fn is_waypoint_class(g: &Gateway) -> bool {
@@ -127,7 +130,7 @@ impl Waypoint {
             refusal = Some(Refusal {
                 reason: "ListenersNotValid",
                 message: format!(
-                    "a waypoint needs a listener named {MESH_LISTENER:?} on port {MESH_PORT} with protocol HBONE"
+                    "spec.listeners: a waypoint needs a listener named {MESH_LISTENER:?} on port {MESH_PORT} with protocol HBONE"
                 ),
             });
         }
@@ -143,6 +146,7 @@ impl Waypoint {
             waypoint_for,
             allowed_from,
             refusal,
+            refused_edit: g.refused_edit.clone(),
         })
     }
 

@@ -246,25 +246,48 @@ status: {podIP: 10.0.0.50}
         "unchanged objects are not rewritten"
     );
 
-    // A bad edit: not accepted, no objects; the status says why.
+    // A bad edit of a running waypoint: refused, its status says why, and the last accepted
+    // version stays in force: the same objects, still programmed.
     meshd.write(
         "10-gw.yaml",
         &waypoint_gateway("wp", "").replace("protocol: HBONE", "protocol: HTTP"),
     );
     let s = wait_status(&status, "Accepted", "False", "ListenersNotValid").await;
-    assert_eq!(condition(&s, "Programmed").1, "Invalid");
+    let message = s["status"]["conditions"][0]["message"].as_str().unwrap();
+    assert!(
+        message.contains("10-gw.yaml")
+            && message.contains("spec.listeners")
+            && message.contains("last accepted version stays in force"),
+        "{message}"
+    );
+    assert_eq!(condition(&s, "Programmed").1, "Programmed");
     assert_ne!(condition(&s, "Accepted").2, OLD, "Accepted flipped");
-    wait_gone(objects.clone()).await;
-
-    // Fixed: the same objects come back.
-    meshd.write("10-gw.yaml", &waypoint_gateway("wp", ""));
-    wait_status(&status, "Programmed", "True", "Programmed").await;
-    wait_for("objects to be written again", || {
-        let o = objects.clone();
-        async move { o.exists() }
-    })
-    .await;
     assert_eq!(std::fs::read_to_string(&objects).unwrap(), text);
+    // A bad waypoint-for label is refused the same way.
+    meshd.write(
+        "10-gw.yaml",
+        &waypoint_gateway("wp", "istio.io/waypoint-for: everything"),
+    );
+    wait_status(&status, "Accepted", "False", "InvalidParameters").await;
+    assert_eq!(std::fs::read_to_string(&objects).unwrap(), text);
+
+    // Fixed: accepted again, the same objects.
+    meshd.write("10-gw.yaml", &waypoint_gateway("wp", ""));
+    let s = wait_status(&status, "Accepted", "True", "Accepted").await;
+    assert_eq!(condition(&s, "Programmed").1, "Programmed");
+    assert_eq!(std::fs::read_to_string(&objects).unwrap(), text);
+
+    // A Gateway never accepted: status says why, nothing rendered for it.
+    meshd.write(
+        "20-bad.yaml",
+        &waypoint_gateway("bad", "").replace("protocol: HBONE", "protocol: HTTP"),
+    );
+    let bad_status = out.join("status/Gateway.shop.bad.json");
+    let s = wait_status(&bad_status, "Accepted", "False", "ListenersNotValid").await;
+    assert_eq!(condition(&s, "Programmed").1, "Invalid");
+    assert!(!out.join("objects/shop.bad.yaml").exists());
+    std::fs::remove_file(meshd.config.join("20-bad.yaml")).unwrap();
+    wait_gone(bad_status).await;
 
     // The Gateway goes: its objects and status go.
     std::fs::remove_file(meshd.config.join("10-gw.yaml")).unwrap();
