@@ -8,7 +8,8 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use meshcore::hbone::{InboundRequest, ServerSettings};
+use dataplane::hbone_in;
+use meshcore::hbone::InboundRequest;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
@@ -69,17 +70,15 @@ async fn connection(ctx: Arc<Ctx>, tcp: TcpStream, peer: SocketAddr) {
     };
     let handler_ctx = ctx.clone();
     let handler = move |req: InboundRequest| handle_connect(handler_ctx.clone(), req);
-    let drain = ctx.drain.clone();
-    let result = meshcore::hbone::serve_connection_limited(
-        tcp,
-        entry.server_tls.clone(),
-        ServerSettings::default(),
-        handler,
-        async move { drain.stopping().await },
+    let at = hbone_in::Inbound {
+        tls: entry.server_tls.clone(),
+        drain: &ctx.drain,
         handshake_slot,
-    )
-    .await;
-    dataplane::hbone_in::log_end(result, peer, None, &ctx.admission.handshakes_failed);
+        peer,
+        pod: None,
+        handshakes_failed: &ctx.admission.handshakes_failed,
+    };
+    hbone_in::serve(tcp, handler, at).await;
 }
 
 async fn handle_connect(ctx: Arc<Ctx>, req: InboundRequest) {

@@ -15,8 +15,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use dataplane::hbone_in;
 use http::{HeaderMap, HeaderValue, StatusCode};
-use meshcore::hbone::{InboundRequest, ServerSettings};
+use meshcore::hbone::InboundRequest;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::warn;
 
@@ -58,22 +59,15 @@ async fn hbone_connection(ctx: Arc<Ctx>, pod: Arc<Pod>, tcp: TcpStream, peer: So
     let (handler_ctx, handler_pod) = (ctx.clone(), pod.clone());
     let handler =
         move |req: InboundRequest| handle_connect(handler_ctx.clone(), handler_pod.clone(), req);
-    let drain = ctx.drain.clone();
-    let result = meshcore::hbone::serve_connection_limited(
-        tcp,
-        entry.server_tls.clone(),
-        ServerSettings::default(),
-        handler,
-        async move { drain.stopping().await },
+    let at = hbone_in::Inbound {
+        tls: entry.server_tls.clone(),
+        drain: &ctx.drain,
         handshake_slot,
-    )
-    .await;
-    dataplane::hbone_in::log_end(
-        result,
         peer,
-        Some(&pod.workload.uid),
-        &ctx.admission.handshakes_failed,
-    );
+        pod: Some(&pod.workload.uid),
+        handshakes_failed: &ctx.admission.handshakes_failed,
+    };
+    hbone_in::serve(tcp, handler, at).await;
 }
 
 async fn handle_connect(ctx: Arc<Ctx>, pod: Arc<Pod>, req: InboundRequest) {
