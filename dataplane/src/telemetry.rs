@@ -128,7 +128,12 @@ fn describe(end: End<'_>) -> Described {
     let principal = end.principal.map(str::to_string);
     match end.workload {
         Some(w) => Described {
-            workload: w.name.clone(),
+            // Istio names the workload (a Deployment, not its pod); meshd sends that name.
+            workload: if w.workload_name.is_empty() {
+                w.name.clone()
+            } else {
+                w.workload_name.clone()
+            },
             canonical_service: label(
                 w,
                 &[

@@ -37,6 +37,19 @@ pub struct ObjectMeta {
     pub uid: Option<String>,
     #[serde(default)]
     pub generation: Option<i64>,
+    #[serde(default, rename = "ownerReferences", deserialize_with = "null_default")]
+    pub owner_references: Vec<OwnerReference>,
+}
+
+/// Who owns an object (only what workload naming needs).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+pub struct OwnerReference {
+    #[serde(default)]
+    pub kind: String,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default, deserialize_with = "null_default")]
+    pub controller: bool,
 }
 
 impl ObjectMeta {
@@ -104,6 +117,29 @@ impl Pod {
             }
         }
         out
+    }
+
+    /// The workload the pod belongs to, as Istio's telemetry names it: a ReplicaSet owner named
+    /// `<deployment>-<pod-template-hash>` gives the Deployment's name, any other controller its
+    /// own name, and a pod without one is its own workload.
+    pub fn workload_name(&self) -> String {
+        let m = &self.metadata;
+        let owner = m
+            .owner_references
+            .iter()
+            .find(|o| o.controller)
+            .or_else(|| m.owner_references.first());
+        let Some(owner) = owner.filter(|o| !o.name.is_empty()) else {
+            return m.name.clone();
+        };
+        if owner.kind == "ReplicaSet"
+            && let Some(hash) = m.labels.get("pod-template-hash")
+            && let Some(deployment) = owner.name.strip_suffix(&format!("-{hash}"))
+            && !deployment.is_empty()
+        {
+            return deployment.to_string();
+        }
+        owner.name.clone()
     }
 
     /// Succeeded/Failed pods no longer run, so they are neither workloads nor endpoints.

@@ -290,6 +290,7 @@ fn workload(res: &ResourceSet, pod: &Pod, settings: &Settings) -> Option<Workloa
         trust_domain: settings.trust_domain.clone(),
         annotations: m.annotations.clone().into_iter().collect(),
         waypoint: None,
+        workload_name: pod.workload_name(),
     })
 }
 
@@ -436,6 +437,47 @@ kind: Pod
 metadata: {name: v6only, namespace: amb}
 status: {podIPs: [{ip: 'fd00::5'}]}
 ";
+
+    #[test]
+    fn workload_names_follow_istio() {
+        let v = view(
+            "
+apiVersion: v1
+kind: Pod
+metadata:
+  name: web-7d9f8c6b5d-x2v4k
+  labels: {pod-template-hash: 7d9f8c6b5d}
+  ownerReferences: [{apiVersion: apps/v1, kind: ReplicaSet, name: web-7d9f8c6b5d, controller: true}]
+status: {podIP: 10.0.0.1}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: db-0
+  ownerReferences: [{apiVersion: apps/v1, kind: StatefulSet, name: db, controller: true}]
+status: {podIP: 10.0.0.2}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: odd-abc
+  labels: {pod-template-hash: other}
+  ownerReferences: [{kind: ReplicaSet, name: odd-rs, controller: true}]
+status: {podIP: 10.0.0.3}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: bare}
+status: {podIP: 10.0.0.4}
+",
+        );
+        let name = |k: &str| v.workloads[k].workload_name.clone();
+        assert_eq!(name("default/web-7d9f8c6b5d-x2v4k"), "web");
+        assert_eq!(name("default/db-0"), "db");
+        // A ReplicaSet not named after the hash is not a Deployment's: its own name.
+        assert_eq!(name("default/odd-abc"), "odd-rs");
+        assert_eq!(name("default/bare"), "bare");
+    }
 
     #[test]
     fn enrollment() {

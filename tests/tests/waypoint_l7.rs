@@ -632,7 +632,8 @@ fn identities(env: &Env, waypoint_pod: &str) {
             l.starts_with("istio_tcp_connections_opened_total{")
                 && l.contains("reporter=\"destination\"")
                 && l.contains(&format!("source_principal=\"{WAYPOINT_IDENTITY}\""))
-                && l.contains(&format!("destination_workload=\"{v3}\""))
+                // Istio's workload name: the Deployment, not the pod.
+                && l.contains("destination_workload=\"web-v3\"")
         }))
     })
     .unwrap_or_else(|e| panic!("{e:#}\n{text}"));
