@@ -4,13 +4,15 @@
 //! [`config`] (the config subscription), [`certs`] (workload certificates), [`pods`]
 //! (enrollment), [`netns`] (sockets in pod namespaces), [`capture`] (redirecting pod traffic; [`ebpf`] loads
 //! its kernel programs; [`cleanup`] removes what a killed one left),
-//! [`outbound`] and [`inbound`] (the proxy paths), [`proxy`] (what those share), [`supervise`] (background tasks that must not die).
+//! [`outbound`] and [`inbound`] (the proxy paths), [`proxy`] (what those share), [`supervise`] (background tasks that must not die),
+//! [`settings`] (the typed flags) and [`app`] (wiring them into a running ztunnel).
 
 // Shared with the waypoint (crate `dataplane`); re-exported under their old names.
 pub use dataplane::subscription as config;
 pub use dataplane::{certs, drain, meshd, supervise};
 
 pub mod admin;
+pub mod app;
 pub mod capture;
 pub mod cleanup;
 pub mod copy;
@@ -26,4 +28,5 @@ pub mod outbound;
 pub mod pods;
 pub mod policy;
 pub mod proxy;
+pub mod settings;
 pub mod telemetry;

@@ -1,0 +1,281 @@
+//! Wiring: [`build`] turns a [`Config`] into a running [`App`] (meshd connection, capture,
+//! config subscription, policy, certificates, admin listeners, pod manager); [`App::run`]
+//! serves until told to stop, then drains. The binary and the tests start ztunnel the same
+//! way. Owns no traffic path and no logging setup (that is `main`'s: one per process).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use meshcore::hbone::{Pool, PoolSettings};
+use meshcore::policy::{DecisionCache, PolicySet};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{error, info, warn};
+
+use crate::admin::{self, AdminState, SetLogLevelFn};
+use crate::capture::Capture;
+use crate::certs::CertManager;
+use crate::meshd::Meshd;
+use crate::metrics::Metrics;
+use crate::pods::OnExit;
+use crate::policy::LiveConns;
+use crate::proxy::Ctx;
+use crate::settings::Config;
+use crate::supervise::Supervisor;
+use crate::{config, dump, netns, pods, policy};
+
+/// Process-wide setup, once, on the main thread before any runtime thread exists: the
+/// open-files limit, the host network namespace every socket-making thread returns to, and the
+/// TLS crypto provider.
+pub fn prepare() -> anyhow::Result<()> {
+    raise_fd_limit();
+    netns::init_host_netns().context("reading this process's network namespace")?;
+    meshcore::tls::install_crypto_provider();
+    Ok(())
+}
+
+/// Every proxied connection costs ztunnel two or three fds, and the usual soft limit (1024)
+/// would cap a node at a few hundred connections: raise the soft limit to the hard one, as
+/// Istio's ztunnel does. Failure is logged, not fatal.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => info!(from = soft, to = hard, "raised the open-files limit"),
+            Err(e) => warn!(soft, hard, error = %e, "cannot raise the open-files limit"),
+        },
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "cannot read the open-files limit"),
+    }
+}
+
+/// A started ztunnel: its background tasks, admin listeners and pod manager are running.
+pub struct App {
+    config: Config,
+    ctx: Arc<Ctx>,
+    tasks: Supervisor,
+    pods: JoinHandle<()>,
+    shutdown: watch::Sender<bool>,
+    on_exit: OnExit,
+}
+
+/// How [`App::run`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// Stopped on request and drained.
+    Stopped,
+    /// A background task or the pod manager ended: the process must exit at once with this
+    /// code, as a crash does (capture stays; pods fail closed until a restart).
+    Fatal(i32),
+}
+
+/// Starts ztunnel. `set_log_level` serves the admin `/logging` endpoint.
+pub async fn build(config: Config, set_log_level: SetLogLevelFn) -> anyhow::Result<App> {
+    let token = Meshd::read_token(&config.token_file)?;
+    let meshd_tls = config
+        .meshd_ca
+        .clone()
+        .map(|ca_file| crate::meshd::MeshdTls {
+            ca_file,
+            server_name: config.meshd_name.clone(),
+        });
+    let meshd = Meshd::new(&config.meshd, &token, meshd_tls)?;
+    // Capture first: an explicit mode that cannot run stops us before anything else starts.
+    let capture = Capture::new(
+        config.capture,
+        &config.node,
+        config.fast_path,
+        config.ebpf_log,
+    )
+    .context("setting up capture")?;
+    if config.fast_path && capture.ebpf().is_none_or(|e| !e.fast_path()) {
+        warn!(capture = %capture.mode(), "--fast-path needs eBPF capture; same-node traffic uses HBONE");
+    }
+    if let Some(reason) = capture.fallback_reason() {
+        warn!(requested = %config.capture, effective = %capture.mode(), %reason, "capture fell back");
+    }
+    let metrics = Metrics::new();
+    metrics.set_capture_mode(&capture.mode().to_string());
+    let (config_tx, config_rx) = watch::channel(None);
+    let mut tasks = Supervisor::default();
+    tasks.spawn(
+        "config",
+        config::run(
+            meshd.clone(),
+            meshcore::proto::config::SubscribeRequest {
+                node: config.node.clone(),
+                waypoint: String::new(),
+            },
+            Duration::from_secs(config.mass_removal_hold),
+            config_tx,
+        ),
+    );
+    let (policies_tx, policies_rx) =
+        watch::channel(Arc::new(PolicySet::compile([], &config.root_namespace)));
+    let live = Arc::new(LiveConns::default());
+    let decisions = Arc::new(DecisionCache::new(65536));
+    tasks.spawn(
+        "policy",
+        policy::run(
+            config_rx.clone(),
+            config.root_namespace.clone(),
+            policies_tx,
+            live.clone(),
+            decisions.clone(),
+        ),
+    );
+    let certs = CertManager::new(meshd, metrics.clone());
+    tasks.spawn(
+        "trust-bundle",
+        trust_bundle_watch(config_rx.clone(), certs.clone()),
+    );
+    let ctx = Arc::new(Ctx {
+        node: config.node.clone(),
+        config: config_rx,
+        certs,
+        // A connection is full when the peer would refuse more streams: Istio's HBONE servers
+        // (and ours) advertise 200 concurrent streams.
+        pool: Pool::new(PoolSettings {
+            max_streams_per_conn: 200,
+            ..PoolSettings::default()
+        }),
+        capture,
+        policies: policies_rx,
+        decisions,
+        live,
+        metrics: metrics.clone(),
+        enrolled: Default::default(),
+        local_pods: Default::default(),
+        drain: Default::default(),
+        admission: Default::default(),
+        waypoints: crate::outbound::Waypoints::new(config.missing_waypoint),
+    });
+    let admin_state = Arc::new(AdminState {
+        metrics,
+        ready: Box::new({
+            let ctx = ctx.clone();
+            move || dump::ready(&ctx)
+        }),
+        config_dump: Box::new({
+            let ctx = ctx.clone();
+            move || dump::config_dump(&ctx)
+        }),
+        set_log_level,
+    });
+    let bound = admin::bind(
+        admin_state,
+        config.admin_addr,
+        config.metrics_addr,
+        config.ready_addr,
+    )
+    .await?;
+    tasks.spawn("admin", bound.run());
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let on_exit = if config.unenroll_on_exit {
+        OnExit::Unenroll
+    } else {
+        OnExit::KeepCapture
+    };
+    let pods = tokio::spawn(pods::run(ctx.clone(), shutdown_rx, on_exit));
+    info!(node = %config.node, meshd = %config.meshd, capture = %ctx.capture.mode(), admin = %config.admin_addr, metrics = %config.metrics_addr, "ztunnel started");
+    Ok(App {
+        config,
+        ctx,
+        tasks,
+        pods,
+        shutdown,
+        on_exit,
+    })
+}
+
+impl App {
+    /// Serves until `stop` completes, then closes the listeners, drains the connections (up
+    /// to `--drain-timeout`) and, with `--unenroll-on-exit`, removes capture.
+    pub async fn run(self, stop: impl Future<Output = ()>) -> Exit {
+        let App {
+            config,
+            ctx,
+            mut tasks,
+            mut pods,
+            shutdown,
+            on_exit,
+        } = self;
+        tokio::select! {
+            () = stop => {},
+            // Fail closed: a dead task would leave stale policy or config in force forever. Exit
+            // at once, as a crash does; capture stays and pods fail closed until a restart.
+            exit = tasks.first_exit() => {
+                error!(%exit, "a background task ended; exiting so ztunnel is restarted (capture stays)");
+                return crash(tasks, shutdown, pods);
+            }
+            r = &mut pods => {
+                error!(result = ?r.map_err(|e| e.to_string()), "the pod manager ended; exiting so ztunnel is restarted (capture stays)");
+                return crash(tasks, shutdown, pods);
+            }
+        }
+        info!(?on_exit, "shutting down");
+        let _ = shutdown.send(true);
+        if let Err(e) = pods.await {
+            error!(error = %e, "pod manager ended abnormally");
+        }
+        // Listeners are closed (a next ztunnel takes new connections); finish what we serve.
+        let open = ctx.drain.active();
+        if open > 0 {
+            info!(
+                connections = open,
+                timeout_s = config.drain_timeout,
+                "draining"
+            );
+        }
+        let left = ctx
+            .drain
+            .stop(Duration::from_secs(config.drain_timeout))
+            .await;
+        if left > 0 {
+            warn!(
+                connections = left,
+                "drain timeout: closing the connections still open"
+            );
+        }
+        if on_exit == OnExit::Unenroll {
+            ctx.capture.shutdown();
+        }
+        info!("ztunnel stopped");
+        Exit::Stopped
+    }
+}
+
+/// A fatal exit must look like a crash: dropping the shutdown sender or the tasks would read as
+/// a stop to the pod manager (which could then unenroll), so they are leaked until the caller
+/// exits the process.
+fn crash(tasks: Supervisor, shutdown: watch::Sender<bool>, pods: JoinHandle<()>) -> Exit {
+    std::mem::forget((tasks, shutdown, pods));
+    Exit::Fatal(70)
+}
+
+/// When meshd's trust bundle changes (a root added or retired), fetch fresh certificates so
+/// they carry the new bundle; connections in flight are untouched.
+async fn trust_bundle_watch(mut config: config::ConfigRx, certs: Arc<CertManager>) {
+    let mut last: Option<Vec<String>> = None;
+    loop {
+        let roots = config
+            .borrow_and_update()
+            .as_ref()
+            .and_then(|s| s.trust_bundle().map(|t| t.roots_pem.clone()));
+        if roots.is_some() && last.is_some() && roots != last {
+            info!(
+                roots = roots.as_ref().map_or(0, Vec::len),
+                "trust bundle changed; renewing certificates"
+            );
+            certs.refresh_all();
+        }
+        if roots.is_some() {
+            last = roots;
+        }
+        if config.changed().await.is_err() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,83 @@
+//! ztunnel's typed configuration: every flag of `ztunnel` (names, defaults, environment
+//! variables and help text are the command line's contract), parsed by `main` and built
+//! directly by tests. Owns no behaviour; [`crate::app`] reads it.
+
+use std::net::SocketAddr;
+
+use clap::Parser;
+
+use crate::capture::CaptureMode;
+
+// Everything ztunnel needs to start. (A `///` comment here would change `--help`.)
+#[derive(Parser, Debug, Clone)]
+#[command(
+    about = "Per-node agent of the ambient mesh: captures enrolled pods' TCP and carries it over HBONE"
+)]
+pub struct Config {
+    /// The Kubernetes node this agent serves.
+    #[arg(long, env = "NODE_NAME")]
+    pub node: String,
+    /// Where meshd listens: unix:/path/to/meshd.sock or host:port.
+    #[arg(long, env = "MESHD_ADDR")]
+    pub meshd: String,
+    /// File holding this node's token (from `meshd node-token --node <node>`).
+    #[arg(long, env = "NODE_TOKEN_FILE")]
+    pub token_file: String,
+    /// The mesh root certificate(s), PEM, that meshd's TLS certificate must chain to (needed
+    /// when --meshd is host:port: meshd over TCP is always TLS).
+    #[arg(long, env = "MESHD_CA")]
+    pub meshd_ca: Option<std::path::PathBuf>,
+    /// The DNS name meshd's certificate must carry: `meshd.<trust domain>`.
+    #[arg(long, env = "MESHD_NAME", default_value = "meshd.cluster.local")]
+    pub meshd_name: String,
+    /// How pod traffic is captured: `auto` prefers eBPF and falls back to nftables (saying why).
+    #[arg(long, value_enum, default_value_t = CaptureMode::Auto)]
+    pub capture: CaptureMode,
+    /// Same-node fast path: an authorized connection between two enrolled pods of this node is
+    /// spliced in the kernel (sockmap) instead of going over HBONE. Needs eBPF capture.
+    #[arg(long)]
+    pub fast_path: bool,
+    /// Log each eBPF capture decision in enrolled pods (redirect, pass, drop, with its reason)
+    /// at this level and above; `off` leaves the logging out of the loaded programs.
+    #[arg(long, value_enum, default_value_t = crate::capture::EbpfLog::Off)]
+    pub ebpf_log: crate::capture::EbpfLog,
+    /// On SIGTERM/SIGINT, remove capture from every pod and delete the pinned eBPF state:
+    /// ztunnel is leaving the node for good and its pods go back to direct traffic. Without it a
+    /// stop is a restart: capture stays, pods fail closed until a ztunnel returns and adopts them.
+    #[arg(long)]
+    pub unenroll_on_exit: bool,
+    /// Seconds a stopping ztunnel keeps serving the connections it has (HBONE clients are told
+    /// to go elsewhere for new ones) before it exits anyway.
+    #[arg(long, default_value_t = 30)]
+    pub drain_timeout: u64,
+    /// Istio's root namespace: policies there without a selector apply mesh-wide.
+    #[arg(long, default_value = meshcore::policy::DEFAULT_ROOT_NAMESPACE)]
+    pub root_namespace: String,
+    /// Admin endpoint (/config_dump, /logging): localhost only.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    pub admin_addr: SocketAddr,
+    /// Prometheus metrics (/metrics).
+    #[arg(long, default_value = "[::]:15020")]
+    pub metrics_addr: SocketAddr,
+    /// Readiness (/healthz/ready).
+    #[arg(long, default_value = "[::]:15021")]
+    pub ready_addr: SocketAddr,
+    /// Log format.
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+    /// Seconds a config from meshd that removes every pod of this node at once is held back
+    /// before it is applied (unless the pods' network namespaces are gone): an emptied config
+    /// source or a control-plane bug looks exactly like that, and applying it would unenroll
+    /// every pod and drop their STRICT and DENY.
+    #[arg(long, default_value_t = 10)]
+    pub mass_removal_hold: u64,
+    /// What to do with a connection to a Service (VIP) or pod (IP) bound to a waypoint
+    /// (label istio.io/use-waypoint) that cannot be used — no such Gateway, not for this kind of
+    /// traffic, no waypoint pods. `bypass` sends it direct, as Istio does (fail open: the
+    /// waypoint's L7 routing and policy are skipped); each such connection is counted in
+    /// mesh_waypoint_bypass_total{destination_service,waypoint,reason}, logged (throttled per
+    /// destination) and the binding's state is in /config_dump. `refuse` closes it instead
+    /// (fail closed), counted as a connection with response_flags="DENY".
+    #[arg(long, value_enum, default_value_t = crate::outbound::MissingWaypoint::Bypass)]
+    pub missing_waypoint: crate::outbound::MissingWaypoint,
+}
