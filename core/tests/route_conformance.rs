@@ -1,5 +1,5 @@
-//! Every route in the Gateway API mesh conformance suite (v1.6.1, read from ../shared at test
-//! time, never copied) compiles against the suite's Services with no Error and no field we do
+//! Every route in the Gateway API mesh conformance suite (v1.6.1, its YAML inputs kept under
+//! tests/conformance/) compiles against the suite's Services with no Error and no field we do
 //! not implement: the engine accepts what the suite applies. Behaviour per case is in route.rs.
 
 use std::path::PathBuf;
@@ -9,12 +9,12 @@ use meshcore::route::{PortInfo, RouteResourceRef, ServiceInfo, Severity, compile
 use serde_json::Value;
 
 fn suite_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/conformance/gateway-api-v1.6.1")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/conformance/gateway-api-v1.6.1")
 }
 
 fn docs(path: &PathBuf) -> Vec<Value> {
     let text = std::fs::read_to_string(path)
-        .unwrap_or_else(|e| panic!("{}: {e} (shared/ must sit beside the repo)", path.display()));
+        .unwrap_or_else(|e| panic!("{}: {e} (the suite's inputs live in tests/conformance/)", path.display()));
     parse_docs(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 

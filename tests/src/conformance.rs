@@ -14,7 +14,7 @@ use std::path::PathBuf;
 
 use serde_json::{Value, json};
 
-/// The upstream suite's version directory under ../shared/conformance.
+/// The upstream suite's version directory under tests/conformance.
 pub const SUITE: &str = "gateway-api-v1.6.1";
 /// The suite's namespaces (`suite.MeshNamespace`, `suite.MeshConsumerNamespace`).
 pub const MESH_NS: &str = "gateway-conformance-mesh";
@@ -22,15 +22,15 @@ pub const CONSUMER_NS: &str = "gateway-conformance-mesh-consumer";
 /// The waypoint each enrolled namespace gets (what `istioctl waypoint apply` names it).
 pub const WAYPOINT: &str = "waypoint";
 
-/// The suite's directory, beside the workspace (`<workspace>/../shared/conformance/<SUITE>`).
+/// The suite's inputs, kept in the repository (`tests/conformance/<SUITE>`).
 pub fn suite_dir() -> anyhow::Result<PathBuf> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/conformance")
+        .join("conformance")
         .join(SUITE);
     anyhow::ensure!(
         dir.join("mesh/manifests.yaml").is_file(),
-        "the Gateway API conformance suite is missing: expected {}/mesh/manifests.yaml (the \
-         upstream suite, kept beside the workspace in ../shared/conformance/{SUITE})",
+        "the Gateway API conformance inputs are missing: expected {}/mesh/manifests.yaml (kept in \
+         the repository under tests/conformance/{SUITE})",
         dir.display()
     );
     Ok(dir)

@@ -1,6 +1,6 @@
 //! The Gateway API mesh conformance suite (v1.6.1, MESH-HTTP profile) in local mode.
 //!
-//! Applies the suite's own files from ../shared/conformance (read at test time, never copied):
+//! Applies the suite's own YAML inputs (unmodified, kept in tests/conformance/):
 //! `mesh/manifests.yaml`, enrolled as an Istio ambient user would (namespaces labelled ambient
 //! and bound to a `waypoint` Gateway in each), then each case's route manifest in turn. The
 //! expectations are the suite's `tests/mesh/*.go` tables transcribed (facts, not code). Requests
