@@ -289,6 +289,7 @@ pub fn workload(u: &mut Unstructured<'_>, n: usize) -> Result<Workload> {
         netns: String::new(),
         trust_domain: pick(u, TRUST_DOMAINS)?.to_string(),
         annotations: Default::default(),
+        ..Default::default()
     })
 }
 
@@ -344,11 +345,13 @@ pub fn config_update(u: &mut Unstructured<'_>) -> Result<ConfigUpdate> {
                 port: u32::from(*u.choose(PORTS)?),
                 target_port: u.arbitrary()?,
                 name: String::new(),
+                ..Default::default()
             }],
             endpoints: vec![Endpoint {
                 workload_uid: format!("{namespace}/w{}", u.int_in_range(0..=4)?),
                 ports: [(u.arbitrary()?, u.arbitrary()?)].into_iter().collect(),
             }],
+            ..Default::default()
         });
     }
     for _ in 0..u.int_in_range(0..=2)? {
