@@ -13,8 +13,12 @@ fn suite_dir() -> PathBuf {
 }
 
 fn docs(path: &PathBuf) -> Vec<Value> {
-    let text = std::fs::read_to_string(path)
-        .unwrap_or_else(|e| panic!("{}: {e} (the suite's inputs live in tests/conformance/)", path.display()));
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (the suite's inputs live in tests/conformance/)",
+            path.display()
+        )
+    });
     parse_docs(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
