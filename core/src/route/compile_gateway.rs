@@ -203,6 +203,21 @@ fn gw_dests(
 /// path length.
 type RankedMatch = (Match, u8, usize);
 
+/// A rule without matches matches everything, as a `PathPrefix /` match ranks (Gateway API).
+fn or_match_all(mut matches: Vec<RankedMatch>) -> Vec<RankedMatch> {
+    if matches.is_empty() {
+        matches.push((
+            Match {
+                path: Some(PathCond::Gateway(PathMatch::prefix("/"))),
+                ..Match::default()
+            },
+            2,
+            1,
+        ));
+    }
+    matches
+}
+
 fn http_rules(
     r: &gw::HttpRoute,
     resource: &Arc<str>,
@@ -212,17 +227,7 @@ fn http_rules(
 ) -> Vec<(Arc<Rule>, Vec<RankedMatch>)> {
     let mut out = Vec::new();
     for (i, rule) in r.rules.iter().enumerate() {
-        let mut matches: Vec<RankedMatch> = rule.matches.iter().map(http_match).collect();
-        if matches.is_empty() {
-            matches.push((
-                Match {
-                    path: Some(PathCond::Gateway(PathMatch::prefix("/"))),
-                    ..Match::default()
-                },
-                2,
-                1,
-            ));
-        }
+        let matches = or_match_all(rule.matches.iter().map(http_match).collect());
         let (request, response) = gw_header_ops(&rule.filters);
         let redirect = rule.filters.iter().find_map(|f| {
             f.request_redirect
@@ -342,17 +347,7 @@ fn grpc_rules(
 ) -> Vec<(Arc<Rule>, Vec<RankedMatch>)> {
     let mut out = Vec::new();
     for (i, rule) in r.rules.iter().enumerate() {
-        let mut matches: Vec<RankedMatch> = rule.matches.iter().map(grpc_match).collect();
-        if matches.is_empty() {
-            matches.push((
-                Match {
-                    path: Some(PathCond::Gateway(PathMatch::prefix("/"))),
-                    ..Match::default()
-                },
-                2,
-                1,
-            ));
-        }
+        let matches = or_match_all(rule.matches.iter().map(grpc_match).collect());
         let (request, response) = gw_header_ops(&rule.filters);
         let (dests, total) = gw_dests(
             &rule.backend_refs,
