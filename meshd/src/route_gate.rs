@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 
 use meshcore::proto::config::RouteResource;
-use meshcore::route::{self, PortInfo, RouteResourceRef, ServiceInfo, Severity};
+use meshcore::route::{self, RouteResourceRef, ServiceInfo, Severity};
 use serde_json::Value;
 use tracing::{error, warn};
 
@@ -51,7 +51,7 @@ impl RouteGate {
                 generation_order: r.generation_order,
             })
             .collect();
-        let services: Vec<ServiceInfo> = view.services.values().map(service_info).collect();
+        let services: Vec<ServiceInfo> = view.services.values().map(ServiceInfo::from).collect();
         let (_, diags) = route::compile(&refs, &services, cluster_domain);
         let mut found = BTreeMap::new();
         let mut errors: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -156,22 +156,4 @@ fn refs_of(r: &RouteResource, cluster_domain: &str) -> Option<RouteRefs> {
         &spec,
         cluster_domain,
     ))
-}
-
-fn service_info(s: &meshcore::proto::config::Service) -> ServiceInfo {
-    ServiceInfo {
-        key: s.key.clone(),
-        name: s.name.clone(),
-        namespace: s.namespace.clone(),
-        hostname: s.hostname.clone(),
-        ports: s
-            .ports
-            .iter()
-            .map(|p| PortInfo {
-                port: u16::try_from(p.port).unwrap_or(0),
-                name: p.name.clone(),
-                app_protocol: p.app_protocol.clone(),
-            })
-            .collect(),
-    }
 }

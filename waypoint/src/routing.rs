@@ -14,8 +14,8 @@ use std::sync::Arc;
 use http::{HeaderMap, StatusCode};
 use meshcore::route::lb::LbPolicy;
 use meshcore::route::{
-    self, Diagnostic, HeaderEdits, HttpRequestInfo, PortInfo, RouteResourceRef, RouteTable,
-    ServiceInfo, Severity,
+    self, Diagnostic, HeaderEdits, HttpRequestInfo, RouteResourceRef, RouteTable, ServiceInfo,
+    Severity,
 };
 use meshcore::store::ConfigStore;
 use tracing::{info, warn};
@@ -108,26 +108,8 @@ impl Router {
     /// are left out (meshd refuses them and keeps their last good version); every finding is
     /// logged and kept for `/config_dump`.
     pub fn compile(store: &ConfigStore) -> Router {
-        let services: Vec<ServiceInfo> = store
-            .services()
-            .map(|s| ServiceInfo {
-                key: s.key.clone(),
-                name: s.name.clone(),
-                namespace: s.namespace.clone(),
-                hostname: s.hostname.clone(),
-                ports: s
-                    .ports
-                    .iter()
-                    .filter_map(|p| {
-                        Some(PortInfo {
-                            port: u16::try_from(p.port).ok()?,
-                            name: p.name.clone(),
-                            app_protocol: p.app_protocol.clone(),
-                        })
-                    })
-                    .collect(),
-            })
-            .collect();
+        let services: Vec<ServiceInfo> =
+            store.services().map(|s| ServiceInfo::from(&**s)).collect();
         let mut diagnostics = Vec::new();
         let specs: Vec<_> = store
             .routes()

@@ -36,6 +36,30 @@ pub struct PortInfo {
     pub app_protocol: String,
 }
 
+impl From<&crate::proto::config::Service> for ServiceInfo {
+    /// The Service as the config stream carries it (meshd and the waypoint both compile from
+    /// it). A port that is not a TCP port number is left out.
+    fn from(s: &crate::proto::config::Service) -> ServiceInfo {
+        ServiceInfo {
+            key: s.key.clone(),
+            name: s.name.clone(),
+            namespace: s.namespace.clone(),
+            hostname: s.hostname.clone(),
+            ports: s
+                .ports
+                .iter()
+                .filter_map(|p| {
+                    Some(PortInfo {
+                        port: u16::try_from(p.port).ok()?,
+                        name: p.name.clone(),
+                        app_protocol: p.app_protocol.clone(),
+                    })
+                })
+                .collect(),
+        }
+    }
+}
+
 /// One route resource as stored (meshd's `RouteResource`, with its spec parsed as JSON).
 #[derive(Debug, Clone, Copy)]
 pub struct RouteResourceRef<'a> {
