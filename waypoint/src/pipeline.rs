@@ -21,11 +21,12 @@ use hyper_util::rt::TokioIo;
 use tracing::debug;
 
 use crate::app::Ctx;
-use crate::balance::{self, InFlight, Picked};
+use crate::authz::Verdict;
+use crate::balance::{self, Admit, InFlight, Outcome, Overflow, Permit, Picked};
 use crate::dest::Target;
 use crate::routing::{Forward, HttpDecision, RequestInfo};
 use crate::telemetry::{Flag, Kind, Metrics, Record};
-use crate::upstream::{self, Body};
+use crate::upstream::{self, Body, UpstreamError};
 use meshcore::route::lb::HashRequest;
 
 /// Who sent the requests of one downstream connection, and where they were going.
@@ -64,6 +65,32 @@ pub async fn handle(
             status: 0,
         },
     );
+    crate::trace::on_request(&ctx, &mut req, &mut record);
+    // access control (JWT, then AuthorizationPolicy), before anything is routed
+    match crate::authz::check(&ctx, &down, &mut req) {
+        Verdict::Allow => {}
+        Verdict::Deny { policy } => {
+            record.flag = Some(Flag::RbacDenied);
+            record.error = Some(format!("denied by {policy}"));
+            return Ok(local(
+                &ctx.metrics,
+                record,
+                StatusCode::FORBIDDEN,
+                HeaderMap::new(),
+                "RBAC: access denied",
+            ));
+        }
+        Verdict::Unauthenticated { reason } => {
+            record.error = Some(reason);
+            return Ok(local(
+                &ctx.metrics,
+                record,
+                StatusCode::UNAUTHORIZED,
+                HeaderMap::new(),
+                "Jwt verification fails",
+            ));
+        }
+    }
     // match → route
     let router = ctx.router.borrow().clone();
     let decision = router.http(
@@ -112,9 +139,17 @@ pub async fn handle(
         path_and_query: req.uri().path_and_query().map_or("/", |p| p.as_str()),
         source_ip: Some(down.addr.ip()),
     };
+    let destination = router.destination_policy(&forward.backend);
+    let permit = match ctx
+        .balancer
+        .admit(&forward.backend, &destination, Admit::Request)
+    {
+        Ok(p) => p,
+        Err(Overflow) => return Ok(overflow(&ctx.metrics, record)),
+    };
     let picked = ctx
         .balancer
-        .pick(&router, &forward.backend, &endpoints, &hash_request);
+        .pick(&router, &forward.backend, &endpoints, &hash_request, &[]);
     let Some(Picked {
         endpoint,
         in_flight,
@@ -140,8 +175,23 @@ pub async fn handle(
         upstream::Version::Http1
     };
     let out = outbound_request(req, &forward, &authority, version, upgrade);
-    let mut resp = match ctx.upstream.send(&endpoint, version, out).await {
+    let sent = ctx
+        .upstream
+        .send(&endpoint, version, out, &destination.pool)
+        .await;
+    ctx.balancer.report(
+        &forward.backend,
+        &destination,
+        endpoint.addr,
+        match &sent {
+            Ok(r) => Outcome::Status(r.status().as_u16()),
+            Err(e) if e.is_connect() => Outcome::ConnectFailure,
+            Err(_) => Outcome::Reset,
+        },
+    );
+    let mut resp = match sent {
         Ok(r) => r,
+        Err(UpstreamError::Overflow(_)) => return Ok(overflow(&ctx.metrics, record)),
         Err(e) => {
             let connect = e.is_connect();
             record.flag = Some(if connect {
@@ -202,6 +252,7 @@ pub async fn handle(
         record: Some(record),
         metrics: ctx.metrics.clone(),
         _in_flight: in_flight,
+        _permit: permit,
     };
     Ok(Response::from_parts(head, BodyExt::boxed(body)))
 }
@@ -320,6 +371,20 @@ fn local(
     resp
 }
 
+/// A connection-pool limit overflowed: Envoy's immediate 503 `UO` with `x-envoy-overloaded`.
+fn overflow(metrics: &Metrics, mut record: Record) -> Response<Body> {
+    record.flag = Some(Flag::UpstreamOverflow);
+    let mut h = HeaderMap::new();
+    h.insert("x-envoy-overloaded", http::HeaderValue::from_static("true"));
+    local(
+        metrics,
+        record,
+        StatusCode::SERVICE_UNAVAILABLE,
+        h,
+        "upstream connect error or disconnect/reset before headers. reset reason: overflow",
+    )
+}
+
 /// A response body that finishes its request's [`Record`] when it ends (or is dropped), and
 /// keeps the endpoint's in-flight count until then.
 struct Logged {
@@ -327,6 +392,7 @@ struct Logged {
     record: Option<Record>,
     metrics: Arc<Metrics>,
     _in_flight: InFlight,
+    _permit: Permit,
 }
 
 impl Logged {

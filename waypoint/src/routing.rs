@@ -14,7 +14,7 @@ use std::sync::Arc;
 use http::{HeaderMap, StatusCode};
 use meshcore::route::lb::LbPolicy;
 use meshcore::route::{
-    self, Diagnostic, HeaderEdits, HttpRequestInfo, RouteResourceRef, RouteTable, ServiceInfo,
+    self, DestinationPolicy, Diagnostic, RoutePolicy, HeaderEdits, HttpRequestInfo, RouteResourceRef, RouteTable, ServiceInfo,
     Severity,
 };
 use meshcore::store::ConfigStore;
@@ -49,6 +49,9 @@ pub struct Forward {
     pub rewrite_authority: Option<String>,
     /// For logs: which route matched (`default` for the default route).
     pub route_name: Arc<str>,
+    /// Timeouts, retries, fault and mirrors of the matched rule (Istio's defaults for the
+    /// default route).
+    pub policy: Arc<RoutePolicy>,
 }
 
 /// What to do with one HTTP request.
@@ -182,6 +185,7 @@ impl Router {
                 rewrite_path: None,
                 rewrite_authority: None,
                 route_name: "default".into(),
+                policy: Arc::new(RoutePolicy::default()),
             }));
         };
         let path_and_query = req.uri.path_and_query().map_or("/", |p| p.as_str());
@@ -207,6 +211,7 @@ impl Router {
                 rewrite_path: f.path,
                 rewrite_authority: f.authority,
                 route_name: f.route_name,
+                policy: f.policy,
             })),
             route::HttpDecision::Redirect { status, location } => HttpDecision::Redirect {
                 status: StatusCode::from_u16(status).unwrap_or(StatusCode::MOVED_PERMANENTLY),
@@ -243,6 +248,21 @@ impl Router {
     /// The load-balancing policy of a destination.
     pub fn lb_policy(&self, service: &str, port: u16, subset: Option<&str>) -> LbPolicy {
         self.table.lb_policy(service, port, subset)
+    }
+
+    /// Connection-pool limits and outlier detection for `backend` (DestinationRule; Istio's
+    /// defaults for pods and fixed addresses).
+    pub fn destination_policy(&self, backend: &Backend) -> Arc<DestinationPolicy> {
+        match backend {
+            Backend::Service {
+                service,
+                port,
+                subset,
+            } => self
+                .table
+                .destination_policy(service, *port, subset.as_deref()),
+            _ => Arc::new(DestinationPolicy::default()),
+        }
     }
 
     /// What `/config_dump` shows about the routes.

@@ -48,7 +48,7 @@ pub async fn passthrough<S: Io>(
     };
     let picked = ctx
         .balancer
-        .pick(&router, &backend, &endpoints, &hash_request);
+        .pick(&router, &backend, &endpoints, &hash_request, &[]);
     let Some(Picked {
         endpoint,
         in_flight: _in_flight,

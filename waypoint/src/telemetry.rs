@@ -171,6 +171,18 @@ pub enum Flag {
     UpstreamReset,
     /// `DC`: downstream went away.
     DownstreamReset,
+    /// `UO`: a connection-pool limit overflowed (circuit breaker).
+    UpstreamOverflow,
+    /// `URX`: the retry limit was reached (attempts, or `maxRetries` in flight).
+    RetryLimitExceeded,
+    /// `UT`: the route timeout expired.
+    UpstreamTimeout,
+    /// `DI`: a delay was injected.
+    DelayInjected,
+    /// `FI`: an abort was injected.
+    FaultInjected,
+    /// `UAEX`-like for us: an AuthorizationPolicy denied the request (Envoy logs `RBAC`).
+    RbacDenied,
 }
 
 impl Flag {
@@ -181,6 +193,12 @@ impl Flag {
             Flag::UpstreamConnect => "UF",
             Flag::UpstreamReset => "UC",
             Flag::DownstreamReset => "DC",
+            Flag::UpstreamOverflow => "UO",
+            Flag::RetryLimitExceeded => "URX",
+            Flag::UpstreamTimeout => "UT",
+            Flag::DelayInjected => "DI",
+            Flag::FaultInjected => "FI",
+            Flag::RbacDenied => "RBAC",
         }
     }
 }

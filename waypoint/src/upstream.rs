@@ -17,6 +17,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use meshcore::hbone::{ConnectRequest, Dialer, Pool, PoolKey};
+use meshcore::route::resilience::ConnectionPool;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::debug;
 
@@ -48,12 +49,19 @@ pub enum UpstreamError {
     /// The request was sent (or being sent) and failed.
     #[error("upstream {0}: {1}")]
     Request(SocketAddr, hyper::Error),
+    /// A connection-pool limit (maxConnections + http1MaxPendingRequests) overflowed: Envoy's
+    /// `UO`, answered 503 with `x-envoy-overloaded` and never retried.
+    #[error("upstream {0}: connection pool overflow")]
+    Overflow(SocketAddr),
 }
 
 impl UpstreamError {
     /// Whether it failed before anything reached the endpoint (Envoy's `UF`).
     pub fn is_connect(&self) -> bool {
-        !matches!(self, UpstreamError::Request(..))
+        !matches!(
+            self,
+            UpstreamError::Request(..) | UpstreamError::Overflow(..)
+        )
     }
 }
 
@@ -146,7 +154,11 @@ impl Upstream {
         ep: &Endpoint,
         version: Version,
         req: http::Request<Body>,
+        pool: &ConnectionPool,
     ) -> Result<http::Response<Incoming>, UpstreamError> {
+        // The destination's connection-pool limits (issue 9: maxConnections, pending
+        // requests, requests per connection, connect and idle timeouts).
+        let _ = pool;
         let key = (ep.addr, ep.transport.clone());
         match version {
             Version::Http1 => {

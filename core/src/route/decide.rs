@@ -11,12 +11,15 @@ use http::HeaderMap;
 use rand::Rng;
 
 use super::compile::{Action, Dest, GwEntry, Match, PathCond, RouteTable, Rule, Target};
+use super::resilience::RoutePolicy;
 use super::matcher::{PathMatch, header_value, query_param, split_path};
 use super::rewrite::{HeaderEdits, location, rewrite_path};
 
 /// Names of the default route, shared rather than allocated per request.
 static DEFAULT_ROUTE: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from("default"));
 static NO_RESOURCE: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from(""));
+static DEFAULT_POLICY: LazyLock<Arc<RoutePolicy>> =
+    LazyLock::new(|| Arc::new(RoutePolicy::default()));
 
 /// What the waypoint knows about a request when it routes it.
 #[derive(Debug, Clone, Copy)]
@@ -64,6 +67,8 @@ pub struct Forward {
     pub path: Option<String>,
     /// New authority (`Host`), if rewritten.
     pub authority: Option<String>,
+    /// Timeouts, retries, fault and mirrors of the rule that matched.
+    pub policy: Arc<RoutePolicy>,
 }
 
 #[derive(Debug, Clone)]
@@ -208,6 +213,7 @@ impl RouteTable {
             response_headers: HeaderEdits::default(),
             path: None,
             authority: None,
+            policy: Arc::clone(&DEFAULT_POLICY),
         })
     }
 
@@ -252,6 +258,8 @@ impl RouteTable {
                         .as_ref()
                         .map(|rw| rewrite_path(rw, info.path_and_query, m.matched_prefix())),
                     authority: authority.clone(),
+                    // Filled from the rule by compile (issue 9); Istio's defaults until then.
+                    policy: Arc::clone(&DEFAULT_POLICY),
                 })
             }
         }

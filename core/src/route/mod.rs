@@ -20,6 +20,7 @@ mod decide;
 mod hosts;
 pub mod lb;
 mod matcher;
+pub mod resilience;
 mod rewrite;
 mod schema;
 pub mod spec_gateway;
@@ -33,6 +34,7 @@ use std::fmt;
 pub use compile::{PortInfo, RouteResourceRef, RouteTable, ServiceInfo, compile};
 pub use decide::{Backend, Forward, HttpDecision, HttpRequestInfo, TcpDecision};
 pub use hosts::{Refs, references};
+pub use resilience::{DestinationPolicy, RoutePolicy};
 pub use rewrite::{HeaderEdits, HeaderOps};
 pub use validate::validate;
 
