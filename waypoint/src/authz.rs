@@ -16,9 +16,13 @@ use crate::pipeline::Downstream;
 pub enum Verdict {
     Allow,
     /// 403 `RBAC: access denied`; `policy` names the deciding policy for the log.
-    Deny { policy: String },
+    Deny {
+        policy: String,
+    },
     /// 401: a token was presented and failed verification (why, for the log).
-    Unauthenticated { reason: String },
+    Unauthenticated {
+        reason: String,
+    },
 }
 
 /// Decides whether `req` may proceed; may add headers to it (`outputPayloadToHeader`).

@@ -14,8 +14,8 @@ use std::sync::Arc;
 use http::{HeaderMap, StatusCode};
 use meshcore::route::lb::LbPolicy;
 use meshcore::route::{
-    self, DestinationPolicy, Diagnostic, RoutePolicy, HeaderEdits, HttpRequestInfo, RouteResourceRef, RouteTable, ServiceInfo,
-    Severity,
+    self, DestinationPolicy, Diagnostic, HeaderEdits, HttpRequestInfo, RoutePolicy,
+    RouteResourceRef, RouteTable, ServiceInfo, Severity,
 };
 use meshcore::store::ConfigStore;
 use tracing::{info, warn};

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use super::lb::LbPolicy;
-use super::resilience::DestinationPolicy;
 use super::matcher::{PathMatch, StrMatch};
+use super::resilience::DestinationPolicy;
 use super::rewrite::{HeaderOps, PathRewrite, Redirect};
 use super::spec_istio as istio;
 use super::validate::{Parsed, parse};

@@ -11,8 +11,8 @@ use http::HeaderMap;
 use rand::Rng;
 
 use super::compile::{Action, Dest, GwEntry, Match, PathCond, RouteTable, Rule, Target};
-use super::resilience::RoutePolicy;
 use super::matcher::{PathMatch, header_value, query_param, split_path};
+use super::resilience::RoutePolicy;
 use super::rewrite::{HeaderEdits, location, rewrite_path};
 
 /// Names of the default route, shared rather than allocated per request.
