@@ -3,7 +3,11 @@
 //! - gRPC (`content-type: application/grpc*`) with the echo service (`grpc_serve`);
 //! - a WebSocket upgrade (any path) with a WebSocket echo of every message;
 //! - `/health` with `OK`, `/status/NNN` with status NNN (echo-basic's handlers);
-//! - everything else with echo-basic's JSON description of the request (`echo::RequestAssertions`).
+//! - `/control` (GET: the pod's behaviour and request count; POST: set it, see
+//!   `echo::Behaviour`), and the files of `serve --file` at their paths;
+//! - everything else with echo-basic's JSON description of the request (`echo::RequestAssertions`),
+//!   unless the pod's behaviour or the request's `x-echo-fail`/`x-echo-delay` say to delay, fail
+//!   with a status, reset or stall.
 //!
 //! Owns the HTTP listeners and request dispatch; must not touch the line protocol (`serve`).
 
@@ -14,7 +18,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use echo::{RequestAssertions, canonical_header_key, echo_set_headers, normalize_addr};
+use echo::{
+    Behaviour, Failure, Overrides, RequestAssertions, STALL_LIMIT, canonical_header_key,
+    echo_set_headers, normalize_addr,
+};
 use futures::{SinkExt as _, StreamExt as _};
 use http::header::{CONNECTION, CONTENT_TYPE, HOST, TRANSFER_ENCODING, UPGRADE};
 use http::{HeaderName, HeaderValue, Request, Response, StatusCode, Version};
@@ -27,6 +34,7 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tracing::{debug, info, warn};
 
+use crate::control::Control;
 use crate::grpc_serve;
 
 /// Response body type shared with `grpc_serve`.
@@ -45,12 +53,14 @@ pub fn full(body: impl Into<Bytes>) -> Body {
     Full::new(body.into()).boxed()
 }
 
-pub async fn accept_loop(listener: TcpListener, id: Arc<Identity>) {
+pub async fn accept_loop(listener: TcpListener, id: Arc<Identity>, ctl: Arc<Control>) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                let id = id.clone();
-                tokio::spawn(async move { serve_conn(stream, normalize_addr(peer), id).await });
+                let (id, ctl) = (id.clone(), ctl.clone());
+                tokio::spawn(
+                    async move { serve_conn(stream, normalize_addr(peer), id, ctl).await },
+                );
             }
             Err(err) => {
                 // E.g. EMFILE: back off briefly instead of spinning.
@@ -61,7 +71,13 @@ pub async fn accept_loop(listener: TcpListener, id: Arc<Identity>) {
     }
 }
 
-async fn serve_conn(stream: TcpStream, peer: SocketAddr, id: Arc<Identity>) {
+/// Returned by the service to make hyper drop the connection (HTTP/1) or stream (HTTP/2)
+/// without an answer.
+#[derive(Debug, thiserror::Error)]
+#[error("reset on demand")]
+struct ResetOnDemand;
+
+async fn serve_conn(stream: TcpStream, peer: SocketAddr, id: Arc<Identity>, ctl: Arc<Control>) {
     let local = match stream.local_addr() {
         Ok(addr) => normalize_addr(addr),
         Err(err) => {
@@ -70,12 +86,20 @@ async fn serve_conn(stream: TcpStream, peer: SocketAddr, id: Arc<Identity>) {
         }
     };
     let _ = stream.set_nodelay(true);
+    let sock = Arc::new(SockLinger(socket2::SockRef::from(&stream).try_clone().ok()));
     let requests = Arc::new(AtomicU64::new(0));
     let counter = requests.clone();
     let service = hyper::service::service_fn(move |req| {
         counter.fetch_add(1, Ordering::Relaxed);
-        let id = id.clone();
-        async move { Ok::<_, Infallible>(handle(req, &id, local.port()).await) }
+        let (id, ctl, sock) = (id.clone(), ctl.clone(), sock.clone());
+        async move {
+            let resp = handle(req, &id, &ctl, local.port()).await;
+            if resp.is_none() {
+                // An RST rather than a FIN on HTTP/1: a reset the proxy must see as one.
+                sock.abort_on_close();
+            }
+            resp.ok_or(ResetOnDemand)
+        }
     });
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     let result = builder
@@ -88,8 +112,112 @@ async fn serve_conn(stream: TcpStream, peer: SocketAddr, id: Arc<Identity>) {
     }
 }
 
-async fn handle(mut req: Request<Incoming>, id: &Identity, port: u16) -> Response<Body> {
+/// A duplicate of the connection's socket, kept to turn its close into an RST on demand.
+struct SockLinger(Option<socket2::Socket>);
+
+impl SockLinger {
+    fn abort_on_close(&self) {
+        if let Some(s) = &self.0 {
+            let _ = s.set_linger(Some(Duration::ZERO));
+        }
+    }
+}
+
+/// `None`: reset instead of answering.
+async fn handle(
+    req: Request<Incoming>,
+    id: &Identity,
+    ctl: &Control,
+    port: u16,
+) -> Option<Response<Body>> {
     debug!(method = %req.method(), uri = %req.uri(), version = ?req.version(), "request");
+    let route = req.uri().path().replace("//", "/");
+    if route == "/control" {
+        return Some(control(req, ctl).await);
+    }
+    if let Some(file) = ctl.file(&route) {
+        return Some(serve_file(file).await);
+    }
+    if route != "/health" {
+        let header = |n: &str| req.headers().get(n).and_then(|v| v.to_str().ok());
+        let own = match Overrides::parse(
+            header("x-echo-fail"),
+            header("x-echo-delay"),
+            req.uri().query(),
+        ) {
+            Ok(o) => o,
+            Err(e) => return Some(text(StatusCode::BAD_REQUEST, format!("{e}\n"))),
+        };
+        let plan = ctl.plan(own);
+        if !plan.delay.is_zero() {
+            tokio::time::sleep(plan.delay).await;
+        }
+        match plan.fail {
+            Failure::None => {}
+            Failure::Status(code) => {
+                let status = StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_REQUEST);
+                return Some(text(status, format!("failing on demand: {code}\n")));
+            }
+            Failure::Reset => return None,
+            Failure::Stall => {
+                tokio::time::sleep(STALL_LIMIT).await;
+                return None;
+            }
+        }
+    }
+    Some(answer(req, id, &route, port).await)
+}
+
+/// `GET /control` reports the behaviour; `POST /control` replaces it and reports the new one.
+async fn control(req: Request<Incoming>, ctl: &Control) -> Response<Body> {
+    if req.method() == http::Method::POST {
+        let body = match req.into_body().collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) => return text(StatusCode::BAD_REQUEST, format!("reading body: {e}\n")),
+        };
+        match Behaviour::from_json(&body) {
+            Ok(b) => {
+                info!(behaviour = %b.to_json(), "behaviour set over /control");
+                ctl.set(b);
+            }
+            Err(e) => return text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+        }
+    }
+    let mut resp = Response::new(full(ctl.report().to_string()));
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+async fn serve_file(path: &std::path::Path) -> Response<Body> {
+    match tokio::fs::read(path).await {
+        Ok(bytes) => {
+            let mut resp = Response::new(full(bytes));
+            if path.extension().is_some_and(|e| e == "json") {
+                resp.headers_mut()
+                    .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            }
+            resp
+        }
+        Err(e) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("reading {}: {e}\n", path.display()),
+        ),
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<Body> {
+    let mut resp = Response::new(full(body));
+    *resp.status_mut() = status;
+    resp
+}
+
+async fn answer(
+    mut req: Request<Incoming>,
+    id: &Identity,
+    route: &str,
+    port: u16,
+) -> Response<Body> {
     let is_grpc = req
         .headers()
         .get(CONTENT_TYPE)
@@ -101,7 +229,6 @@ async fn handle(mut req: Request<Incoming>, id: &Identity, port: u16) -> Respons
         return websocket(&mut req, &key);
     }
     // echo-basic routes on the path with `//` collapsed (its preserveSlashes wrapper).
-    let route = req.uri().path().replace("//", "/");
     if route == "/health" {
         return plain(StatusCode::OK, "OK");
     }

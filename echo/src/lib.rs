@@ -8,6 +8,7 @@
 //! `grpc_serve`, `grpc_call`, `ws_call`) owns the networking; this library owns only data
 //! formats and pure logic.
 
+mod behaviour;
 mod duration;
 pub mod grpc_frame;
 mod http_reply;
@@ -20,6 +21,7 @@ pub mod pb {
     tonic::include_proto!("mesh.echo.v1");
 }
 
+pub use behaviour::{Behaviour, BehaviourError, Failure, Overrides, STALL_LIMIT};
 pub use duration::{DurationParseError, parse_duration};
 pub use http_reply::{RequestAssertions, canonical_header_key, echo_set_headers, status_for_path};
 pub use protocol::{

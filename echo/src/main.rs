@@ -5,6 +5,7 @@
 
 mod bench;
 mod client;
+mod control;
 mod grpc_call;
 mod grpc_serve;
 mod http_serve;

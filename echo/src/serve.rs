@@ -4,6 +4,7 @@
 //! Runs until SIGINT or SIGTERM.
 
 use std::net::{Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,6 +18,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{info, warn};
 
+use crate::control::Control;
 use crate::http_serve;
 
 #[derive(Debug, clap::Args)]
@@ -36,6 +38,29 @@ pub struct ServeArgs {
     /// Name reported as `served_by` [default: $POD_NAME, else the hostname].
     #[arg(long, env = "POD_NAME", value_name = "NAME")]
     pub name: Option<String>,
+    /// HTTP answers fail from the start: a status (503), `reset` or `stall` (`POST /control`
+    /// changes it later; see `echo::Behaviour`).
+    #[arg(long, value_name = "FAILURE", value_parser = echo::Failure::parse)]
+    pub fail: Option<echo::Failure>,
+    /// With --fail: only every N-th request fails.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    pub fail_every: u64,
+    /// Delay every HTTP answer by this much (e.g. 300ms, 2s).
+    #[arg(long, value_name = "DURATION", value_parser = echo::parse_duration)]
+    pub delay: Option<Duration>,
+    /// Serve FILE as-is at URL path PATH on the HTTP ports (e.g. a JWKS:
+    /// `--file /jwks.json=keys.json`); repeatable.
+    #[arg(long = "file", value_name = "PATH=FILE", value_parser = parse_file_route)]
+    pub files: Vec<(String, PathBuf)>,
+}
+
+fn parse_file_route(s: &str) -> Result<(String, PathBuf), String> {
+    match s.split_once('=') {
+        Some((path, file)) if path.starts_with('/') && !file.is_empty() => {
+            Ok((path.to_owned(), PathBuf::from(file)))
+        }
+        _ => Err(format!("{s:?}: use PATH=FILE with PATH starting with /")),
+    }
 }
 
 /// The server flags of the Gateway API conformance image `echo-advanced` (Istio's echo app), so
@@ -80,6 +105,10 @@ impl AdvancedArgs {
             http_ports: keep(self.http_ports),
             grpc_ports: keep(self.grpc_ports),
             name: self.name,
+            fail: None,
+            fail_every: 1,
+            delay: None,
+            files: Vec::new(),
         };
         if serve.ports.is_empty() && serve.http_ports.is_empty() && serve.grpc_ports.is_empty() {
             anyhow::bail!("no port to serve: give --port, --grpc or --tcp (TLS ports are skipped)");
@@ -102,6 +131,15 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         ingress: env("INGRESS_NAME"),
     });
 
+    let ctl = Arc::new(Control::new(
+        echo::Behaviour {
+            fail: args.fail.unwrap_or_default(),
+            every: args.fail_every,
+            delay: args.delay.unwrap_or_default(),
+        },
+        args.files,
+    ));
+
     // Bind everything first so a bad port fails the whole command up front.
     let http_ports = args.http_ports.iter().chain(&args.grpc_ports);
     let mut listeners = Vec::new();
@@ -119,7 +157,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         let addr = listener.local_addr().context("reading listener address")?;
         if http {
             info!(%addr, name = %name, "listening (http, h2c, grpc)");
-            tokio::spawn(http_serve::accept_loop(listener, id.clone()));
+            tokio::spawn(http_serve::accept_loop(listener, id.clone(), ctl.clone()));
         } else {
             info!(%addr, name = %name, "listening");
             tokio::spawn(accept_loop(listener, name.clone()));

@@ -74,6 +74,29 @@ impl Server {
         Self::spawn_and_wait(&args, ports, http_ports, env)
     }
 
+    /// `echo serve --name test-pod` on one HTTP port with `extra` flags.
+    pub fn start_http_with(extra: &[&str]) -> Self {
+        let mut last_log = String::new();
+        for _ in 0..5 {
+            let http = free_port();
+            let mut args: Vec<String> = [
+                "serve",
+                "--name",
+                "test-pod",
+                "--http-port",
+                &http.to_string(),
+            ]
+            .map(str::to_owned)
+            .to_vec();
+            args.extend(extra.iter().map(|s| (*s).to_owned()));
+            match Self::spawn_and_wait(&args, vec![], vec![http], &[]) {
+                Ok(server) => return server,
+                Err(log) => last_log = log,
+            }
+        }
+        panic!("echo serve failed to start; last stderr:\n{last_log}");
+    }
+
     /// `mesh-echo echo-advanced` with the conformance manifests' flags: one `--tcp` port
     /// (`ports[0]`), one `--port` and one `--grpc` port (`http_ports`), and a `--tls` port that
     /// must stay closed (returned separately).
