@@ -1067,11 +1067,11 @@ fn compile_reports_unsupported_fields_and_still_applies_the_rest() {
         NS,
         "vs",
         json!({"hosts": ["web"], "http": [
-        {"timeout": "2s", "retries": {"attempts": 3}, "route": [{"destination": {"host": "web.other", "typo": 1}}]}]}),
+        {"corsPolicy": {}, "retries": {"retryRemoteLocalities": true}, "route": [{"destination": {"host": "web.other", "typo": 1}}]}]}),
     )]);
     for field in [
-        "spec.http[0].timeout",
-        "spec.http[0].retries",
+        "spec.http[0].corsPolicy",
+        "spec.http[0].retries.retryRemoteLocalities",
         "spec.http[0].route[0].destination.typo",
     ] {
         assert!(has_diag(&d, Severity::Unsupported, field), "{field}: {d:?}");

@@ -10,9 +10,10 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
+use super::decide::Backend;
 use super::lb::LbPolicy;
 use super::matcher::{PathMatch, StrMatch};
-use super::resilience::DestinationPolicy;
+use super::resilience::{DestinationPolicy, Mirror, RoutePolicy};
 use super::rewrite::{HeaderOps, PathRewrite, Redirect};
 use super::spec_istio as istio;
 use super::validate::{Parsed, parse};
@@ -102,6 +103,11 @@ pub(crate) struct Rule {
     pub action: Action,
     pub request: Arc<HeaderOps>,
     pub response: Arc<HeaderOps>,
+    /// Timeouts, retries, fault, and the mirrors whose port is known at compile time.
+    pub policy: Arc<RoutePolicy>,
+    /// Mirrors without a port on a multi-port Service: they use the request's port (Istio),
+    /// so `decide` adds them per request.
+    pub mirror_at_request_port: Vec<(Target, f64)>,
 }
 
 pub(crate) enum Action {
@@ -129,6 +135,7 @@ pub(crate) struct Dest {
 }
 
 /// A destination Service; `port` unset means "as Istio picks" (decided per request).
+#[derive(Clone)]
 pub(crate) struct Target {
     pub service: Arc<str>,
     pub port: Option<u16>,
@@ -169,6 +176,36 @@ pub(crate) struct TcpRule {
     pub ports: Vec<u16>,
     pub dests: Vec<Dest>,
     pub total: u64,
+}
+
+/// Puts the mirrors whose port is known now (set, or the Service's only port) into `policy`;
+/// returns the others, which take the request's port.
+pub(super) fn place_mirrors(
+    targets: Vec<(Target, f64)>,
+    svc: &Services<'_>,
+    policy: &mut RoutePolicy,
+) -> Vec<(Target, f64)> {
+    let mut later = Vec::new();
+    for (t, percent) in targets {
+        let only = svc
+            .get(t.service.as_ref())
+            .and_then(|s| match s.ports.as_slice() {
+                [one] => Some(one.port),
+                _ => None,
+            });
+        match t.port.or(only) {
+            Some(port) => policy.mirrors.push(Mirror {
+                backend: Backend {
+                    service: t.service,
+                    port,
+                    subset: t.subset,
+                },
+                percent,
+            }),
+            None => later.push((t, percent)),
+        }
+    }
+    later
 }
 
 /// One resource on its way through compilation.

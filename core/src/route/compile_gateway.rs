@@ -12,6 +12,7 @@ use std::sync::Arc;
 use super::compile::{Action, Dest, GwEntry, Inner, Item, Match, PathCond, Rule, Services, Target};
 use super::hosts::backend_key;
 use super::matcher::{PathMatch, StrMatch, full_regex};
+use super::resilience::RoutePolicy;
 use super::rewrite::{HeaderOps, PathRewrite, Redirect, RedirectPort};
 use super::spec_gateway as gw;
 use super::validate::{Parsed, is_service_ref};
@@ -277,6 +278,8 @@ fn http_rules(
             action,
             request,
             response,
+            policy: Arc::new(RoutePolicy::default()),
+            mirror_at_request_port: Vec::new(),
         };
         out.push((Arc::new(rule), matches));
     }
@@ -373,6 +376,8 @@ fn grpc_rules(
             action,
             request,
             response,
+            policy: Arc::new(RoutePolicy::default()),
+            mirror_at_request_port: Vec::new(),
         };
         out.push((Arc::new(rule), matches));
     }

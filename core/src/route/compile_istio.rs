@@ -9,9 +9,12 @@ use std::sync::Arc;
 
 use super::compile::{
     Action, Dest, Inner, Item, Match, PathCond, Rule, Services, Target, TcpRule, VsRoutes,
+    place_mirrors,
 };
 use super::hosts::host_to_key;
 use super::matcher::{StrMatch, search_regex};
+use super::resilience::RoutePolicy;
+use super::resilience_istio::{self, RulePolicy};
 use super::rewrite::{HeaderOps, PathRewrite, Redirect, RedirectPort, re2_replacement};
 use super::spec_istio as istio;
 use super::validate::Parsed;
@@ -186,7 +189,10 @@ fn vs_routes(
                 authority: rw.and_then(|rw| rw.authority.clone()),
             }
         };
+        let (policy, mirror_at_request_port) = rule_policy(rule, &p, ctx, d);
         http.push(Rule {
+            policy,
+            mirror_at_request_port,
             resource: Arc::clone(resource),
             name: rule
                 .name
@@ -257,33 +263,10 @@ fn istio_dests(
     let mut dests = Vec::new();
     let mut total = 0u64;
     for (k, r) in route.iter().enumerate() {
-        let fp = format!("{p}[{k}].destination");
-        let host = &r.destination.host;
-        let Some(key) =
-            host_to_key(host, ctx.ns, ctx.domain).filter(|k| ctx.svc.contains_key(k.as_str()))
+        let Some(target) = istio_target(&r.destination, &format!("{p}[{k}].destination"), ctx, d)
         else {
-            d.error(&format!("{fp}.host"), format!("{host:?} names no known Service: use name, name.namespace or the FQDN of a Service"));
             continue;
         };
-        if let Some(subset) = &r.destination.subset {
-            match ctx.dr.get(&key) {
-                None => d.error(&format!("{fp}.subset"), format!("no DestinationRule defines subsets for {key}: add one with subset {subset:?}")),
-                Some(dr) if !dr.subsets.iter().any(|s| &s.name == subset) => d.error(
-                    &format!("{fp}.subset"),
-                    format!("the DestinationRule for {key} has no subset {subset:?} (it has: {})", dr.subsets.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ")),
-                ),
-                Some(_) => {}
-            }
-        }
-        if let Some(port) = &r.destination.port
-            && let Some(s) = ctx.svc.get(key.as_str())
-            && !s.ports.iter().any(|sp| sp.port as u32 == port.number)
-        {
-            d.error(
-                &format!("{fp}.port.number"),
-                format!("Service {key} has no port {}", port.number),
-            );
-        }
         // One destination gets everything, whatever its weight (Istio).
         let weight = if single {
             1
@@ -293,15 +276,89 @@ fn istio_dests(
         total += weight as u64;
         let h = r.headers.as_ref();
         dests.push(Dest {
-            backend: Some(Target {
-                service: key.into(),
-                port: r.destination.port.as_ref().map(|p| p.number as u16),
-                subset: r.destination.subset.clone().map(Into::into),
-            }),
+            backend: Some(target),
             weight,
             request: ops(h.and_then(|h| h.request.as_ref())),
             response: ops(h.and_then(|h| h.response.as_ref())),
         });
     }
     (dests, total)
+}
+
+/// A route or mirror destination (at `fp`) checked against the Services and DestinationRules.
+fn istio_target(
+    dest: &istio::Destination,
+    fp: &str,
+    ctx: &Ctx<'_>,
+    d: &mut Diags,
+) -> Option<Target> {
+    let host = &dest.host;
+    let Some(key) =
+        host_to_key(host, ctx.ns, ctx.domain).filter(|k| ctx.svc.contains_key(k.as_str()))
+    else {
+        d.error(
+            &format!("{fp}.host"),
+            format!(
+                "{host:?} names no known Service: use name, name.namespace or the FQDN of a Service"
+            ),
+        );
+        return None;
+    };
+    if let Some(subset) = &dest.subset {
+        match ctx.dr.get(&key) {
+            None => d.error(
+                &format!("{fp}.subset"),
+                format!(
+                    "no DestinationRule defines subsets for {key}: add one with subset {subset:?}"
+                ),
+            ),
+            Some(dr) if !dr.subsets.iter().any(|s| &s.name == subset) => d.error(
+                &format!("{fp}.subset"),
+                format!(
+                    "the DestinationRule for {key} has no subset {subset:?} (it has: {})",
+                    dr.subsets
+                        .iter()
+                        .map(|s| s.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ),
+            Some(_) => {}
+        }
+    }
+    if let Some(port) = &dest.port
+        && let Some(s) = ctx.svc.get(key.as_str())
+        && !s.ports.iter().any(|sp| sp.port as u32 == port.number)
+    {
+        d.error(
+            &format!("{fp}.port.number"),
+            format!("Service {key} has no port {}", port.number),
+        );
+    }
+    Some(Target {
+        service: key.into(),
+        port: dest.port.as_ref().map(|p| p.number as u16),
+        subset: dest.subset.clone().map(Into::into),
+    })
+}
+
+/// The rule's timeout, retries, fault and mirrors (mirror hosts resolved to Services).
+fn rule_policy(
+    rule: &istio::HttpRoute,
+    p: &str,
+    ctx: &Ctx<'_>,
+    d: &mut Diags,
+) -> (Arc<RoutePolicy>, Vec<(Target, f64)>) {
+    // validate_istio already reported this rule's own problems into `d`.
+    let mut scratch = Diags::new("", "", "");
+    let RulePolicy {
+        mut policy,
+        mirrors,
+    } = resilience_istio::rule_policy(rule, p, &mut scratch);
+    let targets = mirrors
+        .into_iter()
+        .filter_map(|(dest, pct, fp)| Some((istio_target(dest, &fp, ctx, d)?, pct)))
+        .collect();
+    let later = place_mirrors(targets, ctx.svc, &mut policy);
+    (Arc::new(policy), later)
 }

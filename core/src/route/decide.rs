@@ -12,7 +12,7 @@ use rand::Rng;
 
 use super::compile::{Action, Dest, GwEntry, Match, PathCond, RouteTable, Rule, Target};
 use super::matcher::{PathMatch, header_value, query_param, split_path};
-use super::resilience::RoutePolicy;
+use super::resilience::{Mirror, RoutePolicy};
 use super::rewrite::{HeaderEdits, location, rewrite_path};
 
 /// Names of the default route, shared rather than allocated per request.
@@ -258,11 +258,27 @@ impl RouteTable {
                         .as_ref()
                         .map(|rw| rewrite_path(rw, info.path_and_query, m.matched_prefix())),
                     authority: authority.clone(),
-                    // Filled from the rule by compile (issue 9); Istio's defaults until then.
-                    policy: Arc::clone(&DEFAULT_POLICY),
+                    policy: self.policy(rule, info.port),
                 })
             }
         }
+    }
+
+    /// The rule's policy, with the mirrors that take the request's port added.
+    fn policy(&self, rule: &Rule, request_port: u16) -> Arc<RoutePolicy> {
+        if rule.mirror_at_request_port.is_empty() {
+            return Arc::clone(&rule.policy);
+        }
+        let mut p = RoutePolicy::clone(&rule.policy);
+        p.mirrors.extend(
+            rule.mirror_at_request_port
+                .iter()
+                .map(|(t, percent)| Mirror {
+                    backend: self.backend(t, request_port),
+                    percent: *percent,
+                }),
+        );
+        Arc::new(p)
     }
 
     /// Istio: a destination without a port uses the Service's only port, else the request's.

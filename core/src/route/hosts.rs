@@ -55,6 +55,16 @@ pub fn references(kind: &str, namespace: &str, spec: &Value, cluster_domain: &st
                 let http = vs.http.iter().flat_map(|r| r.route.iter());
                 let tcp = vs.tcp.iter().flat_map(|r| r.route.iter());
                 sends.extend(http.chain(tcp).filter_map(|r| key(&r.destination.host)));
+                // Mirrors are sent to as well: their Service needs this resource's waypoint.
+                for rule in &vs.http {
+                    let mirrors = rule.mirrors.iter().map(|m| &m.destination);
+                    sends.extend(
+                        rule.mirror
+                            .iter()
+                            .chain(mirrors)
+                            .filter_map(|d| key(&d.host)),
+                    );
+                }
             }
         }
         "DestinationRule" => {

@@ -21,6 +21,7 @@ mod hosts;
 pub mod lb;
 mod matcher;
 pub mod resilience;
+mod resilience_istio;
 mod rewrite;
 mod schema;
 pub mod spec_gateway;

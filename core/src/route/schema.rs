@@ -14,6 +14,8 @@ use super::{Diags, Kind, Severity};
 pub(crate) enum Shape {
     Str,
     Bool,
+    /// Any number (a protobuf double).
+    Num,
     /// An integer in `[min, max]`.
     Int(i64, i64),
     Obj(&'static [(&'static str, Shape)]),
@@ -42,6 +44,7 @@ const HEADER_OPS: Shape = Obj(&[
     ("remove", List(&Str)),
 ]);
 const VS_HEADERS: Shape = Obj(&[("request", HEADER_OPS), ("response", HEADER_OPS)]);
+const PERCENT: Shape = Obj(&[("value", Num)]);
 const PORT_SELECTOR: Shape = Obj(&[("number", PORT)]);
 const DESTINATION: Shape = Obj(&[("host", Str), ("subset", Str), ("port", PORT_SELECTOR)]);
 const HTTP_MATCH: Shape = Obj(&[
@@ -108,14 +111,63 @@ const VS_HTTP: Shape = Obj(&[
         ]),
     ),
     ("headers", VS_HEADERS),
-    ("timeout", LATER),
-    ("retries", LATER),
-    ("fault", LATER),
-    ("mirror", LATER),
-    ("mirrors", LATER),
-    ("mirrorPercentage", LATER),
-    ("mirrorPercent", LATER),
-    ("mirror_percent", LATER),
+    ("timeout", Str),
+    (
+        "retries",
+        Obj(&[
+            ("attempts", I32),
+            ("perTryTimeout", Str),
+            ("retryOn", Str),
+            (
+                "retryRemoteLocalities",
+                Unsupported("locality is not modelled: it has no effect"),
+            ),
+            ("retryIgnorePreviousHosts", Bool),
+            ("backoff", Str),
+        ]),
+    ),
+    (
+        "fault",
+        Obj(&[
+            (
+                "delay",
+                Obj(&[
+                    ("fixedDelay", Str),
+                    ("percentage", PERCENT),
+                    ("percent", I32),
+                    (
+                        "exponentialDelay",
+                        Unsupported("use fixedDelay: exponential delays are not implemented"),
+                    ),
+                ]),
+            ),
+            (
+                "abort",
+                Obj(&[
+                    ("httpStatus", I32),
+                    ("grpcStatus", Str),
+                    ("percentage", PERCENT),
+                    (
+                        "http2Error",
+                        Unsupported(
+                            "use httpStatus or grpcStatus: HTTP/2 error aborts are not implemented",
+                        ),
+                    ),
+                ]),
+            ),
+        ]),
+    ),
+    ("mirror", DESTINATION),
+    (
+        "mirrors",
+        List(&Obj(&[
+            ("destination", DESTINATION),
+            ("percentage", PERCENT),
+        ])),
+    ),
+    ("mirrorPercentage", PERCENT),
+    ("mirrorPercent", Int(0, u32::MAX as i64)),
+    ("mirror_percent", Int(0, u32::MAX as i64)),
     ("corsPolicy", LATER),
     (
         "delegate",
@@ -371,6 +423,7 @@ pub(crate) fn check(shape: &Shape, value: &Value, path: &str, d: &mut Diags) {
     match shape {
         Str if !value.is_string() => d.error(path, "must be a string"),
         Bool if !value.is_boolean() => d.error(path, "must be true or false"),
+        Num if !value.is_number() => d.error(path, "must be a number"),
         Int(min, max) => match value.as_i64() {
             Some(n) if n >= *min && n <= *max => {}
             Some(_) => d.error(path, format!("must be between {min} and {max}")),

@@ -29,6 +29,67 @@ pub struct HttpRoute {
     pub headers: Option<Headers>,
     /// Present only to tell "delegate" rules apart: they never match.
     pub delegate: Option<serde_json::Value>,
+    pub timeout: Option<String>,
+    pub retries: Option<Retries>,
+    pub fault: Option<Fault>,
+    pub mirror: Option<Destination>,
+    pub mirrors: Vec<MirrorPolicy>,
+    pub mirror_percentage: Option<Percent>,
+    /// Deprecated integer forms of `mirrorPercentage`.
+    pub mirror_percent: Option<u32>,
+    #[serde(rename = "mirror_percent")]
+    pub mirror_percent_snake: Option<u32>,
+}
+
+/// `HTTPRetry`; unset fields keep Istio's defaults.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Retries {
+    pub attempts: Option<i32>,
+    pub per_try_timeout: Option<String>,
+    pub retry_on: Option<String>,
+    pub retry_remote_localities: Option<bool>,
+    pub retry_ignore_previous_hosts: Option<bool>,
+    pub backoff: Option<String>,
+}
+
+/// `HTTPFaultInjection`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Fault {
+    pub delay: Option<FaultDelay>,
+    pub abort: Option<FaultAbort>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct FaultDelay {
+    pub fixed_delay: Option<String>,
+    pub percentage: Option<Percent>,
+    /// Deprecated integer percentage, used when `percentage` is unset.
+    pub percent: Option<i32>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct FaultAbort {
+    pub http_status: Option<i32>,
+    pub grpc_status: Option<String>,
+    pub percentage: Option<Percent>,
+}
+
+/// `Percent`: a double in [0, 100].
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct Percent {
+    pub value: f64,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct MirrorPolicy {
+    pub destination: Destination,
+    pub percentage: Option<Percent>,
 }
 
 /// One `HTTPMatchRequest`: every set field must match.

@@ -6,6 +6,7 @@
 
 use std::collections::BTreeSet;
 
+use super::resilience_istio;
 use super::spec_istio as istio;
 use super::validate::{header_pair, parse_duration, port_number, regex};
 use super::{Diags, Severity};
@@ -49,6 +50,7 @@ pub(super) fn virtual_service(vs: &istio::VirtualService, d: &mut Diags) {
             http_match(m, &format!("{p}.match[{j}]"), d);
         }
         destinations(&rule.route, &format!("{p}.route"), d);
+        resilience_istio::rule_policy(rule, &p, d);
         for (k, r) in rule.route.iter().enumerate() {
             if let Some(h) = &r.headers {
                 istio_headers(h, &format!("{p}.route[{k}].headers"), d);

@@ -1,0 +1,448 @@
+//! meshcore::route resilience config: VirtualService / HTTPRoute / GRPCRoute timeouts, retries,
+//! faults and mirrors compiled into the `RoutePolicy` a request's `Forward` carries, and
+//! DestinationRule connection pools and outlier detection into `destination_policy`, with
+//! Istio's defaults, its precedence of levels, and diagnostics that name the field.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::HeaderMap;
+use meshcore::route::resilience::{
+    Abort, AbortStatus, Delay, GrpcRetryOn, Mirror, RetryOn, RetryPolicy, RoutePolicy,
+};
+use meshcore::route::{
+    Backend, Diagnostic, HttpDecision, HttpRequestInfo, PortInfo, RouteResourceRef, RouteTable,
+    ServiceInfo, Severity, compile, references, validate,
+};
+use serde_json::{Value, json};
+
+const NS: &str = "mesh";
+
+fn service(name: &str, ports: &[u16]) -> ServiceInfo {
+    ServiceInfo {
+        key: format!("{NS}/{name}"),
+        name: name.into(),
+        namespace: NS.into(),
+        hostname: format!("{name}.{NS}.svc.cluster.local"),
+        ports: ports
+            .iter()
+            .map(|p| PortInfo {
+                port: *p,
+                name: format!("http-{p}"),
+                app_protocol: String::new(),
+            })
+            .collect(),
+    }
+}
+
+fn build(resources: &[(&str, Value)]) -> (RouteTable, Vec<Diagnostic>) {
+    let services = vec![
+        service("echo", &[80, 8080]),
+        service("shadow", &[80, 8080]),
+        service("single", &[9090]),
+    ];
+    let refs: Vec<RouteResourceRef<'_>> = resources
+        .iter()
+        .enumerate()
+        .map(|(i, (kind, spec))| RouteResourceRef {
+            kind,
+            namespace: NS,
+            name: "r",
+            spec,
+            generation_order: i as i64,
+        })
+        .collect();
+    compile(&refs, &services, "cluster.local")
+}
+
+fn table(resources: &[(&str, Value)]) -> RouteTable {
+    let (t, d) = build(resources);
+    let errors: Vec<_> = d.iter().filter(|d| d.severity == Severity::Error).collect();
+    assert!(errors.is_empty(), "unexpected errors: {errors:?}");
+    t
+}
+
+/// The policy a GET of `path` to echo:`port` is forwarded with.
+fn policy_at(t: &RouteTable, port: u16, path: &str) -> Arc<RoutePolicy> {
+    let headers = HeaderMap::new();
+    let info = HttpRequestInfo {
+        service: "mesh/echo",
+        port,
+        method: "GET",
+        scheme: "http",
+        authority: "echo",
+        path_and_query: path,
+        headers: &headers,
+        client_namespace: Some(NS),
+    };
+    match t.http(&info) {
+        HttpDecision::Forward(f) => f.policy,
+        other => panic!("expected a forward, got {other:?}"),
+    }
+}
+
+fn policy(t: &RouteTable) -> Arc<RoutePolicy> {
+    policy_at(t, 80, "/")
+}
+
+/// A VirtualService on echo whose only rule is `rule` plus a route to echo.
+fn vs(rule: Value) -> (&'static str, Value) {
+    let mut r = json!({"route": [{"destination": {"host": "echo"}}]});
+    if let (Some(r), Some(extra)) = (r.as_object_mut(), rule.as_object()) {
+        r.extend(extra.clone());
+    }
+    ("VirtualService", json!({"hosts": ["echo"], "http": [r]}))
+}
+
+/// The diagnostics of one resource, as (severity, field, message).
+fn diags(kind: &str, spec: Value) -> Vec<(Severity, String, String)> {
+    validate(kind, NS, "r", &spec)
+        .into_iter()
+        .map(|d| (d.severity, d.field, d.message))
+        .collect()
+}
+
+/// Asserts a diagnostic of `severity` at `field` whose message contains `says`.
+fn has(kind: &str, spec: Value, severity: Severity, field: &str, says: &str) {
+    let got = diags(kind, spec);
+    assert!(
+        got.iter()
+            .any(|(s, f, m)| *s == severity && f == field && m.contains(says)),
+        "expected {severity} at {field} saying {says:?}, got {got:?}"
+    );
+}
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+#[test]
+fn a_rule_without_resilience_fields_gets_istios_defaults() {
+    let p = policy(&table(&[vs(json!({}))]));
+    assert_eq!(*p, RoutePolicy::default());
+    assert_eq!(p.timeout, None);
+    assert_eq!(p.retry.attempts, 2);
+    assert!(p.retry.retry_on.connect_failure && p.retry.retry_on.refused_stream);
+    assert!(p.retry.retry_on.grpc.unavailable && p.retry.retry_on.grpc.cancelled);
+    assert!(!p.retry.retry_on.five_xx && !p.retry.retry_on.gateway_error);
+    assert!(
+        p.retry.retry_on.status_codes.is_empty(),
+        "503 is not retried by default"
+    );
+    // The default route (no VirtualService) too.
+    assert_eq!(*policy(&table(&[])), RoutePolicy::default());
+}
+
+#[test]
+fn timeout_and_retries_are_compiled_per_rule() {
+    let t = table(&[(
+        "VirtualService",
+        json!({"hosts": ["echo"], "http": [
+            {"match": [{"uri": {"prefix": "/slow"}}], "timeout": "1.5s",
+             "retries": {"attempts": 4, "perTryTimeout": "250ms",
+                         "retryOn": "5xx, gateway-error,reset,connect-failure,retriable-4xx,refused-stream,503,429,deadline-exceeded,internal,resource-exhausted",
+                         "retryIgnorePreviousHosts": false, "backoff": "100ms"},
+             "route": [{"destination": {"host": "echo"}}]},
+            {"route": [{"destination": {"host": "echo"}}], "retries": {"attempts": 0}}]}),
+    )]);
+    let p = policy_at(&t, 80, "/slow/x");
+    assert_eq!(p.timeout, Some(ms(1500)));
+    assert_eq!(
+        p.retry,
+        RetryPolicy {
+            attempts: 4,
+            per_try_timeout: Some(ms(250)),
+            retry_on: RetryOn {
+                five_xx: true,
+                gateway_error: true,
+                reset: true,
+                connect_failure: true,
+                retriable_4xx: true,
+                refused_stream: true,
+                status_codes: vec![503, 429],
+                grpc: GrpcRetryOn {
+                    deadline_exceeded: true,
+                    internal: true,
+                    resource_exhausted: true,
+                    ..GrpcRetryOn::default()
+                },
+            },
+            backoff_base: ms(100),
+            avoid_previous_hosts: false,
+        }
+    );
+    let other = policy_at(&t, 80, "/other");
+    assert_eq!(other.timeout, None);
+    assert_eq!(other.retry.attempts, 0, "attempts: 0 turns retries off");
+}
+
+#[test]
+fn retries_without_retry_on_keep_istios_conditions() {
+    let p = policy(&table(&[vs(
+        json!({"retries": {"attempts": 5}, "timeout": "0s"}),
+    )]));
+    assert_eq!(p.timeout, None, "0s means no timeout");
+    assert_eq!(
+        p.retry,
+        RetryPolicy {
+            attempts: 5,
+            ..RetryPolicy::istio_default()
+        }
+    );
+}
+
+#[test]
+fn a_fault_turns_off_retries_and_timeout() {
+    let p = policy(&table(&[vs(json!({
+        "timeout": "3s", "retries": {"attempts": 3, "retryOn": "5xx"},
+        "fault": {"delay": {"fixedDelay": "2s", "percentage": {"value": 12.5}},
+                  "abort": {"httpStatus": 503, "percentage": {"value": 100}}}}))]));
+    assert_eq!(p.timeout, None);
+    assert_eq!(p.retry.attempts, 0);
+    let f = p.fault.clone().expect("a fault");
+    assert_eq!(
+        f.delay,
+        Some(Delay {
+            fixed: Duration::from_secs(2),
+            percent: 12.5
+        })
+    );
+    assert_eq!(
+        f.abort,
+        Some(Abort {
+            status: AbortStatus::Http(503),
+            percent: 100.0
+        })
+    );
+}
+
+#[test]
+fn fault_percentages_grpc_status_and_the_old_percent_form() {
+    // Old integer `percent` on a delay; gRPC abort by name; a part without percentage is off.
+    let p = policy(&table(&[vs(json!({"fault": {
+        "delay": {"fixedDelay": "100ms", "percent": 30},
+        "abort": {"grpcStatus": "UNAVAILABLE", "percentage": {"value": 0.5}}}}))]));
+    let f = p.fault.clone().expect("a fault");
+    assert_eq!(f.delay.map(|d| (d.fixed, d.percent)), Some((ms(100), 30.0)));
+    assert_eq!(
+        f.abort.map(|a| (a.status, a.percent)),
+        Some((AbortStatus::Grpc(14), 0.5))
+    );
+    let p = policy(&table(&[vs(json!({"fault": {
+        "delay": {"fixedDelay": "100ms"}, "abort": {"httpStatus": 500}}}))]));
+    let f = p.fault.clone().expect("the fault field is set");
+    assert_eq!(
+        (f.delay, f.abort),
+        (None, None),
+        "unset percentage: no fault"
+    );
+}
+
+#[test]
+fn mirrors_resolve_to_backends_with_their_percentages() {
+    let echo = |port| Backend {
+        service: "mesh/shadow".into(),
+        port,
+        subset: None,
+    };
+    // mirror with no port on a two-port Service: the request's port; on a one-port Service:
+    // that port.
+    let t = table(&[vs(
+        json!({"mirror": {"host": "shadow"}, "mirrorPercentage": {"value": 25.0}}),
+    )]);
+    assert_eq!(
+        policy_at(&t, 8080, "/").mirrors,
+        vec![Mirror {
+            backend: echo(8080),
+            percent: 25.0
+        }]
+    );
+    assert_eq!(policy_at(&t, 80, "/").mirrors[0].backend, echo(80));
+    let t = table(&[vs(json!({"mirrors": [
+        {"destination": {"host": "single"}},
+        {"destination": {"host": "shadow.mesh.svc.cluster.local", "port": {"number": 8080}}, "percentage": {"value": 5}},
+        {"destination": {"host": "shadow"}, "percentage": {"value": 0}}]}))]);
+    assert_eq!(
+        policy(&t).mirrors,
+        vec![
+            Mirror {
+                backend: Backend {
+                    service: "mesh/single".into(),
+                    port: 9090,
+                    subset: None
+                },
+                percent: 100.0
+            },
+            Mirror {
+                backend: echo(8080),
+                percent: 5.0
+            },
+        ],
+        "a mirror at 0% is dropped"
+    );
+    let t = table(&[vs(
+        json!({"mirror": {"host": "shadow", "port": {"number": 80}}, "mirrorPercent": 40}),
+    )]);
+    assert_eq!(policy(&t).mirrors[0].percent, 40.0);
+}
+
+#[test]
+fn mirror_targets_are_sent_to() {
+    let (_, spec) = vs(json!({"mirror": {"host": "shadow"}, "mirrors": [
+        {"destination": {"host": "single.mesh"}}]}));
+    let r = references("VirtualService", NS, &spec, "cluster.local");
+    assert_eq!(r.sends_to, ["mesh/echo", "mesh/shadow", "mesh/single"]);
+}
+
+#[test]
+fn virtual_service_resilience_errors_name_the_field() {
+    let e = Severity::Error;
+    let check = |rule: Value, field: &str, says: &str| {
+        let (kind, spec) = vs(rule);
+        has(kind, spec, e, field, says);
+    };
+    let p = "spec.http[0]";
+    check(
+        json!({"retries": {"retryOn": "5xx,bogus"}}),
+        &format!("{p}.retries.retryOn"),
+        "\"bogus\"",
+    );
+    check(
+        json!({"retries": {"retryOn": "700"}}),
+        &format!("{p}.retries.retryOn"),
+        "\"700\"",
+    );
+    check(
+        json!({"retries": {"attempts": -1}}),
+        &format!("{p}.retries.attempts"),
+        "negative",
+    );
+    check(
+        json!({"retries": {"attempts": 2, "perTryTimeout": "0.5ms"}}),
+        &format!("{p}.retries.perTryTimeout"),
+        "at least 1ms",
+    );
+    check(
+        json!({"timeout": "-1s"}),
+        &format!("{p}.timeout"),
+        "not a duration",
+    );
+    check(
+        json!({"timeout": "soon"}),
+        &format!("{p}.timeout"),
+        "not a duration",
+    );
+    check(json!({"timeout": 5}), &format!("{p}.timeout"), "string");
+    check(
+        json!({"fault": {"delay": {"fixedDelay": "1s", "percentage": {"value": 101}}}}),
+        &format!("{p}.fault.delay.percentage.value"),
+        "0 to 100",
+    );
+    check(
+        json!({"fault": {"abort": {"httpStatus": 503, "percentage": {"value": -1}}}}),
+        &format!("{p}.fault.abort.percentage.value"),
+        "0 to 100",
+    );
+    check(
+        json!({"fault": {"abort": {"httpStatus": 99, "percentage": {"value": 1}}}}),
+        &format!("{p}.fault.abort.httpStatus"),
+        "200-599",
+    );
+    check(
+        json!({"fault": {"abort": {"grpcStatus": "NOPE", "percentage": {"value": 1}}}}),
+        &format!("{p}.fault.abort.grpcStatus"),
+        "NOPE",
+    );
+    check(
+        json!({"fault": {"abort": {"percentage": {"value": 1}}}}),
+        &format!("{p}.fault.abort"),
+        "httpStatus or grpcStatus",
+    );
+    check(
+        json!({"fault": {"delay": {"percentage": {"value": 1}}}}),
+        &format!("{p}.fault.delay.fixedDelay"),
+        "fixedDelay",
+    );
+    check(json!({"fault": {}}), &format!("{p}.fault"), "delay, abort");
+    check(
+        json!({"mirrorPercentage": {"value": 150}, "mirror": {"host": "shadow"}}),
+        &format!("{p}.mirrorPercentage.value"),
+        "0 to 100",
+    );
+    check(
+        json!({"mirrorPercentage": {"value": 50}}),
+        &format!("{p}.mirrorPercentage"),
+        "mirror",
+    );
+    check(
+        json!({"mirror": {"host": "shadow"}, "mirrors": [{"destination": {"host": "shadow"}}]}),
+        &format!("{p}.mirror"),
+        "exclude",
+    );
+    // A mirror host that names no Service is an Error at compile time.
+    let (_, d) = build(&[vs(json!({"mirror": {"host": "nowhere"}}))]);
+    assert!(
+        d.iter()
+            .any(|d| d.severity == e && d.field == format!("{p}.mirror.host")),
+        "{d:?}"
+    );
+    let (_, d) = build(&[vs(
+        json!({"mirrors": [{"destination": {"host": "shadow", "port": {"number": 1}}}]}),
+    )]);
+    assert!(
+        d.iter().any(
+            |d| d.severity == e && d.field == format!("{p}.mirrors[0].destination.port.number")
+        ),
+        "{d:?}"
+    );
+}
+
+#[test]
+fn implemented_fields_are_clean_and_the_rest_stays_unsupported() {
+    let (kind, spec) = vs(json!({"timeout": "2s",
+        "retries": {"attempts": 3, "perTryTimeout": "1s", "retryOn": "gateway-error,503", "backoff": "50ms", "retryIgnorePreviousHosts": true},
+        "mirror": {"host": "shadow"}, "mirrorPercentage": {"value": 10}}));
+    assert_eq!(diags(kind, spec), vec![]);
+    let (kind, spec) = vs(
+        json!({"fault": {"delay": {"fixedDelay": "1s", "percentage": {"value": 10}},
+        "abort": {"grpcStatus": "INTERNAL", "percentage": {"value": 10}}}}),
+    );
+    assert_eq!(diags(kind, spec), vec![]);
+    let u = Severity::Unsupported;
+    let p = "spec.http[0]";
+    let (kind, spec) =
+        vs(json!({"retries": {"retryOn": "reset-before-request", "retryRemoteLocalities": true}}));
+    has(
+        kind,
+        spec.clone(),
+        u,
+        &format!("{p}.retries.retryOn"),
+        "reset-before-request",
+    );
+    has(
+        kind,
+        spec,
+        u,
+        &format!("{p}.retries.retryRemoteLocalities"),
+        "locality",
+    );
+    let (kind, spec) = vs(
+        json!({"fault": {"delay": {"exponentialDelay": "1s"}, "abort": {"http2Error": "x", "httpStatus": 500}}}),
+    );
+    has(
+        kind,
+        spec.clone(),
+        u,
+        &format!("{p}.fault.delay.exponentialDelay"),
+        "fixedDelay",
+    );
+    has(
+        kind,
+        spec,
+        u,
+        &format!("{p}.fault.abort.http2Error"),
+        "httpStatus",
+    );
+    let (kind, spec) = vs(json!({"corsPolicy": {}}));
+    has(kind, spec, u, &format!("{p}.corsPolicy"), "no effect");
+}
