@@ -24,4 +24,5 @@ pub mod meshd;
 pub mod subscription;
 pub mod supervise;
 pub mod tcp_metrics;
+pub mod spans;
 pub mod telemetry;

@@ -35,6 +35,13 @@ pub enum AppError {
     Meshd(#[from] dataplane::meshd::MeshdError),
     #[error("the waypoint's certificate: {0}")]
     Cert(#[from] crate::own_cert::CertError),
+    #[error("tracing: {0}")]
+    Tracing(#[from] dataplane::spans::SpanError),
+    #[error("cannot open the access log {to:?}: {source}")]
+    AccessLog {
+        to: crate::config::AccessLog,
+        source: std::io::Error,
+    },
     #[error("cannot listen on {addr} ({what}): {source}")]
     Bind {
         what: &'static str,
@@ -82,6 +89,8 @@ pub struct Ctx {
     pub sniff_timeout: Duration,
     /// The plain-HTTP listener's backend, whose pooled connections are never pruned.
     pub plain_backend: Option<SocketAddr>,
+    /// Span export, when a collector is configured.
+    pub tracing: Option<crate::trace::Tracing>,
 }
 
 impl Ctx {
@@ -193,6 +202,20 @@ pub fn build(config: Config) -> Result<App, AppError> {
         }
     };
     metrics.use_config(config_rx.clone());
+    metrics
+        .log_access_to(&config.access_log)
+        .map_err(|source| AppError::AccessLog {
+            to: config.access_log.clone(),
+            source,
+        })?;
+    let tracing = match &config.tracing {
+        Some(t) => {
+            let (ns, name) = config.gateway_parts();
+            // Istio names a proxy's spans `<canonical service>.<namespace>`.
+            Some(crate::trace::Tracing::start(t, format!("{name}.{ns}"))?)
+        }
+        None => None,
+    };
     let (router_tx, router_rx) = watch::channel(Router::default());
     let ctx = Arc::new(Ctx {
         gateway: config.gateway.clone(),
@@ -212,6 +235,7 @@ pub fn build(config: Config) -> Result<App, AppError> {
         admission: Admission::default(),
         sniff_timeout: config.sniff_timeout,
         plain_backend: config.plain_http.as_ref().map(|p| p.backend),
+        tracing,
     });
     Ok(App {
         config,
@@ -339,6 +363,15 @@ impl Running {
             ..
         } = self;
         drop(tasks); // aborts the listeners and background tasks
-        ctx.drain.stop(drain_timeout).await
+        let left = ctx.drain.stop(drain_timeout).await;
+        // Send the spans still queued (blocking: the exporter has its own thread).
+        let ctx2 = ctx.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Some(t) = &ctx2.tracing {
+                t.shutdown();
+            }
+        })
+        .await;
+        left
     }
 }

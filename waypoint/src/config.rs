@@ -9,6 +9,9 @@ use std::time::Duration;
 use meshcore::store::ConfigStore;
 use meshcore::tls::WorkloadCert;
 
+pub use crate::telemetry::AccessLog;
+pub use crate::trace::TraceSettings;
+
 /// Everything the waypoint needs to start.
 #[derive(Clone)]
 pub struct Config {
@@ -34,6 +37,10 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// The plain-HTTP listener (bench, later ingress): no HBONE in, a static upstream.
     pub plain_http: Option<PlainHttp>,
+    /// Span export and sampling; `None`: no spans (only `x-request-id` is added).
+    pub tracing: Option<TraceSettings>,
+    /// Where the JSON access log goes (one line per request).
+    pub access_log: AccessLog,
 }
 
 /// A plain-HTTP listener with one static route to `backend`.
@@ -95,6 +102,8 @@ impl Config {
             sniff_timeout: Duration::from_millis(100),
             drain_timeout: Duration::from_secs(30),
             plain_http: None,
+            tracing: None,
+            access_log: AccessLog::Off,
         }
     }
 

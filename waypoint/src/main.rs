@@ -11,7 +11,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 use waypoint::app;
-use waypoint::config::{Config, MeshdSource, PlainHttp, Source};
+use waypoint::config::{AccessLog, Config, MeshdSource, PlainHttp, Source, TraceSettings};
 
 #[derive(Parser, Debug)]
 #[command(about = "The mesh's L7 proxy (waypoint): HBONE in, HTTP/gRPC routing, HBONE out")]
@@ -63,6 +63,28 @@ struct Args {
     http_backend: Option<SocketAddr>,
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
+    /// The JSON access log, one line per request: `-` standard output (Istio's
+    /// /dev/stdout), `off`, or a file to append to.
+    #[arg(long, env = "ACCESS_LOG", default_value = "-")]
+    access_log: String,
+    /// Export a span per request to this OTLP/gRPC collector (`host:port` or
+    /// `http://host:port`). Without it no spans are made; `x-request-id` is still added.
+    #[arg(long, env = "TRACE_COLLECTOR")]
+    trace_collector: Option<String>,
+    /// Percent of requests traced when the request carries no sampling decision (0-100;
+    /// Istio's default is 1). A sampled flag that arrives in `traceparent` or B3 is honoured.
+    #[arg(long, env = "TRACE_SAMPLING", default_value_t = 1.0, value_parser = sampling)]
+    trace_sampling: f64,
+    /// Milliseconds finished spans wait to be sent in a batch.
+    #[arg(long, default_value_t = 1000)]
+    trace_flush_ms: u64,
+}
+
+fn sampling(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(p) if (0.0..=100.0).contains(&p) => Ok(p),
+        _ => Err(format!("{s:?} is not a percentage from 0 to 100")),
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -113,6 +135,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let (Some(listen), Some(backend)) = (args.http_listen, args.http_backend) {
         config.plain_http = Some(PlainHttp { listen, backend });
     }
+    config.access_log = match args.access_log.as_str() {
+        "-" => AccessLog::Stdout,
+        "off" => AccessLog::Off,
+        path => AccessLog::File(path.into()),
+    };
+    config.tracing = args.trace_collector.map(|collector| TraceSettings {
+        collector,
+        sampling_percent: args.trace_sampling,
+        flush_every: Duration::from_millis(args.trace_flush_ms),
+    });
     let mut running = app::build(config)
         .context("building the waypoint")?
         .start()

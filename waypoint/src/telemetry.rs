@@ -5,13 +5,29 @@
 //! from the shared label code (`dataplane::telemetry`, reporter `waypoint`: both ends'
 //! workloads from the config, the client's principal, the destination service); the TCP
 //! families are the shared ones (`dataplane::tcp_metrics`); the L7 request families
-//! (`istio_requests_total`, `istio_request_duration_milliseconds`) add `destination_port` and
-//! `response_code`. The pipeline fills a record as it goes; retries, timeouts, faults and policy
-//! (next issue) add their response flags here. Does not decide anything.
+//! (`istio_requests_total`, `istio_request_duration_milliseconds`, `istio_request_bytes`,
+//! `istio_response_bytes`, Istio's buckets) add `destination_port` and `response_code`, and
+//! `response_flags` carries the record's flags. The access log is one JSON object per request
+//! (Istio's default JSON format's field names) to the configured sink; the request's span
+//! ([`crate::trace`]) ends here too. The pipeline fills a record as it goes. Decides nothing.
+//!
+//! Label cardinality: every label comes from the config (workloads by their Deployment's name,
+//! services, the client's SPIFFE identity) or from a small set (status codes, flags); paths and
+//! hosts from the request never become labels.
 
+use std::borrow::Cow;
+use std::io::{LineWriter, Write};
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
-use std::time::Instant;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
+use std::time::{Instant, SystemTime};
+
+use bytes::Bytes;
+use http::HeaderValue;
+use hyper::body::{Body, Frame, SizeHint};
 
 use dataplane::subscription::ConfigRx;
 use dataplane::tcp_metrics::{ConnMetrics, TcpMetrics};
@@ -20,9 +36,9 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// Istio's labels of one request, plus the port and the response code.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -38,11 +54,39 @@ struct StatusLabels {
     status: String,
 }
 
+/// Istio's `istio_request_duration_milliseconds` buckets.
+const DURATION_BUCKETS_MS: [f64; 19] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+    60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+];
+
+/// Istio's `istio_request_bytes` / `istio_response_bytes` buckets (1 to 10^7, ×10).
+const SIZE_BUCKETS: [f64; 8] = [1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6, 1e7];
+
+/// Where the access log goes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum AccessLog {
+    /// No access log.
+    #[default]
+    Off,
+    /// Standard output (Istio's `/dev/stdout`).
+    Stdout,
+    /// Appended to a file.
+    File(PathBuf),
+}
+
+/// The open access-log sink: whole lines, one write each, so concurrent requests never
+/// interleave within a line.
+type Sink = Mutex<LineWriter<Box<dyn Write + Send>>>;
+
 /// The waypoint's metrics.
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
     duration: Family<RequestLabels, Histogram>,
+    request_bytes: Family<RequestLabels, Histogram>,
+    response_bytes: Family<RequestLabels, Histogram>,
+    access_log: OnceLock<Sink>,
     tcp: Arc<TcpMetrics>,
     certs_issued: Counter,
     cert_failures: Counter,
@@ -56,7 +100,13 @@ impl Metrics {
         let mut registry = Registry::default();
         let requests = Family::<RequestLabels, Counter>::default();
         let duration = Family::<RequestLabels, Histogram>::new_with_constructor(|| {
-            Histogram::new(exponential_buckets(0.5, 2.0, 20))
+            Histogram::new(DURATION_BUCKETS_MS)
+        });
+        let request_bytes = Family::<RequestLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(SIZE_BUCKETS)
+        });
+        let response_bytes = Family::<RequestLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(SIZE_BUCKETS)
         });
         let certs_issued = Counter::default();
         let cert_failures = Counter::default();
@@ -66,6 +116,16 @@ impl Metrics {
             "istio_request_duration_milliseconds",
             "Request duration (to the end of the response)",
             duration.clone(),
+        );
+        registry.register(
+            "istio_request_bytes",
+            "Request body sizes",
+            request_bytes.clone(),
+        );
+        registry.register(
+            "istio_response_bytes",
+            "Response body sizes",
+            response_bytes.clone(),
         );
         let tcp = TcpMetrics::register(&mut registry);
         registry.register(
@@ -87,6 +147,9 @@ impl Metrics {
             registry,
             requests,
             duration,
+            request_bytes,
+            response_bytes,
+            access_log: OnceLock::new(),
             tcp,
             certs_issued,
             cert_failures,
@@ -99,6 +162,22 @@ impl Metrics {
     /// then (and for addresses not in it), workloads are `unknown`.
     pub fn use_config(&self, config: ConfigRx) {
         let _ = self.config.set(config);
+    }
+
+    /// Opens the access log (once; later calls change nothing).
+    pub fn log_access_to(&self, to: &AccessLog) -> std::io::Result<()> {
+        let out: Box<dyn Write + Send> = match to {
+            AccessLog::Off => return Ok(()),
+            AccessLog::Stdout => Box::new(std::io::stdout()),
+            AccessLog::File(path) => Box::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)?,
+            ),
+        };
+        let _ = self.access_log.set(Mutex::new(LineWriter::new(out)));
+        Ok(())
     }
 
     /// Counts a refused CONNECT by the status it got.
@@ -144,8 +223,17 @@ impl Metrics {
         let mut l = labels("waypoint", src, dst, service, principal.is_some());
         // A pod or address destination keeps its name here, as the waypoint always showed it.
         l.destination_service = r.dst_service.clone();
-        l.response_flags = r.flag.map_or(NO_FLAGS, Flag::as_str).to_string();
+        l.response_flags = r.flags().into_owned();
         l
+    }
+
+    fn write_access_log(&self, line: &serde_json::Value) {
+        if let Some(sink) = self.access_log.get() {
+            let mut out = sink.lock().unwrap_or_else(|p| p.into_inner());
+            // A full disk or closed stdout must not fail requests; the metrics still count.
+            let _ = serde_json::to_writer(&mut *out, line);
+            let _ = out.write_all(b"\n");
+        }
     }
 }
 
@@ -186,6 +274,22 @@ pub enum Flag {
 }
 
 impl Flag {
+    /// Every flag, in the order a combination is written (alphabetical by code, as Envoy's
+    /// table lists them).
+    const ALL: [Flag; 11] = [
+        Flag::DownstreamReset,
+        Flag::DelayInjected,
+        Flag::FaultInjected,
+        Flag::NoRoute,
+        Flag::RbacDenied,
+        Flag::UpstreamReset,
+        Flag::UpstreamConnect,
+        Flag::NoHealthyUpstream,
+        Flag::UpstreamOverflow,
+        Flag::RetryLimitExceeded,
+        Flag::UpstreamTimeout,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Flag::NoRoute => "NR",
@@ -200,6 +304,10 @@ impl Flag {
             Flag::FaultInjected => "FI",
             Flag::RbacDenied => "RBAC",
         }
+    }
+
+    fn bit(self) -> u16 {
+        1 << (self as u16)
     }
 }
 
@@ -224,6 +332,7 @@ pub enum Kind {
 #[derive(Debug)]
 pub struct Record {
     start: Instant,
+    start_time: SystemTime,
     pub src_principal: String,
     pub src_addr: String,
     pub dst_service: String,
@@ -231,9 +340,21 @@ pub struct Record {
     pub route: String,
     /// The endpoint chosen (`ip:port`), empty if none.
     pub upstream: String,
+    /// Envoy's upstream cluster name, `outbound|port|subset|host`, once a route chose one.
+    pub upstream_cluster: String,
+    /// The response flag; more can be added with [`Record::add_flag`] (e.g. `DI` and `FI`).
     pub flag: Option<Flag>,
+    more_flags: u16,
     pub error: Option<String>,
     pub kind: Kind,
+    /// The request's `x-request-id` (set by [`crate::trace::on_request`]).
+    pub request_id: Option<HeaderValue>,
+    /// The request's trace context and span (set by [`crate::trace::on_request`]).
+    pub trace: Option<crate::trace::Trace>,
+    /// Request body bytes, counted by [`Record::count_request`]'s body as they pass.
+    request_bytes: Option<Arc<AtomicU64>>,
+    /// Response body bytes, counted by [`Record::count_response`].
+    response_bytes: u64,
     /// The TCP connection's metrics guard, from [`Record::tcp_opened`].
     conn: Option<ConnMetrics>,
 }
@@ -248,17 +369,99 @@ impl Record {
     ) -> Record {
         Record {
             start: Instant::now(),
+            start_time: SystemTime::now(),
             src_principal,
             src_addr,
             dst_service,
             dst_port,
             route: String::new(),
             upstream: String::new(),
+            upstream_cluster: String::new(),
             flag: None,
+            more_flags: 0,
             error: None,
             kind,
+            request_id: None,
+            trace: None,
+            request_bytes: None,
+            response_bytes: 0,
             conn: None,
         }
+    }
+
+    /// When the request or connection started.
+    pub fn start_time(&self) -> SystemTime {
+        self.start_time
+    }
+
+    /// Adds a response flag next to [`Record::flag`] (set there if it is empty).
+    pub fn add_flag(&mut self, flag: Flag) {
+        match self.flag {
+            None => self.flag = Some(flag),
+            Some(f) if f == flag => {}
+            Some(_) => self.more_flags |= flag.bit(),
+        }
+    }
+
+    /// `response_flags`: `-` for none, else the codes joined with `,` (Envoy's form).
+    pub fn flags(&self) -> Cow<'static, str> {
+        let set = self.more_flags | self.flag.map_or(0, Flag::bit);
+        match (self.flag, self.more_flags) {
+            (None, _) => Cow::Borrowed(NO_FLAGS),
+            (Some(f), 0) => Cow::Borrowed(f.as_str()),
+            _ => Cow::Owned(
+                Flag::ALL
+                    .iter()
+                    .filter(|f| set & f.bit() != 0)
+                    .map(|f| f.as_str())
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ),
+        }
+    }
+
+    /// Names the upstream cluster the route chose (Envoy's `outbound|port|subset|host`).
+    pub fn set_backend(&mut self, backend: &crate::routing::Backend) {
+        use crate::routing::Backend;
+        self.upstream_cluster = match backend {
+            Backend::Service {
+                service,
+                port,
+                subset,
+            } => {
+                let (ns, name) = service.split_once('/').unwrap_or(("", service));
+                let subset = subset.as_deref().unwrap_or("");
+                format!("outbound|{port}|{subset}|{name}.{ns}.svc.cluster.local")
+            }
+            Backend::Workload { uid, port } => format!("outbound|{port}||{uid}"),
+            Backend::Address(a) => format!("outbound|{}||{}", a.port(), a.ip()),
+        };
+    }
+
+    /// Wraps the request body so its bytes are counted as they pass (no copy).
+    pub fn count_request<B>(&mut self, body: B) -> Counted<B> {
+        // One counter per request, shared with the body (which outlives borrows of the record).
+        let count = self.request_bytes.get_or_insert_with(Arc::default).clone();
+        Counted { inner: body, count }
+    }
+
+    /// Counts a response body frame as it passes.
+    pub fn count_response(&mut self, frame: &Frame<Bytes>) {
+        if let Some(d) = frame.data_ref() {
+            self.response_bytes += d.len() as u64;
+        }
+    }
+
+    /// Request body bytes counted so far.
+    pub fn bytes_received(&self) -> u64 {
+        self.request_bytes
+            .as_ref()
+            .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+
+    /// Response body bytes counted so far.
+    pub fn bytes_sent(&self) -> u64 {
+        self.response_bytes
     }
 
     /// Counts a TCP connection as opened (at its start, as Istio does); its bytes and close
@@ -269,10 +472,11 @@ impl Record {
         }
     }
 
-    /// Writes the access-log line and the metrics.
+    /// Writes the access-log line, the metrics, and ends the span.
     pub fn finish(mut self, metrics: &Metrics) {
         let dur_ms = self.start.elapsed().as_secs_f64() * 1000.0;
-        let flags = self.flag.map_or("-", Flag::as_str);
+        let flags = self.flags();
+        let trace = self.trace.take();
         let error = self.error.as_deref().unwrap_or("");
         match &self.kind {
             Kind::Http {
@@ -282,6 +486,7 @@ impl Record {
                 protocol,
                 status,
             } => {
+                let (received, sent) = (self.bytes_received(), self.bytes_sent());
                 let mut istio = metrics.labels(&self, true);
                 istio.request_protocol = "http".to_string();
                 let labels = RequestLabels {
@@ -291,16 +496,31 @@ impl Record {
                 };
                 metrics.requests.get_or_create(&labels).inc();
                 metrics.duration.get_or_create(&labels).observe(dur_ms);
+                metrics
+                    .request_bytes
+                    .get_or_create(&labels)
+                    .observe(received as f64);
+                metrics
+                    .response_bytes
+                    .get_or_create(&labels)
+                    .observe(sent as f64);
+                if metrics.access_log.get().is_some() {
+                    let line = self.access_log_line(&flags, dur_ms, trace.as_ref());
+                    metrics.write_access_log(&line);
+                }
+                if let Some(trace) = trace {
+                    trace.end(&self, *status, &flags);
+                }
                 let ok = self.flag.is_none() && *status < 500;
                 macro_rules! line {
                     ($lvl:ident) => {
                         $lvl!(src.identity = %self.src_principal, src.addr = %self.src_addr,
                             dst.service = %self.dst_service, dst.port = self.dst_port, route = %self.route,
-                            upstream = %self.upstream, %method, %authority, %path, %protocol, status, response_flags = flags,
+                            upstream = %self.upstream, %method, %authority, %path, %protocol, status, response_flags = %flags,
                             dur_ms = format!("{dur_ms:.2}"), error, "request")
                     };
                 }
-                if ok { line!(info) } else { line!(warn) }
+                if ok { line!(debug) } else { line!(warn) }
             }
             Kind::Tcp { sent, received } => {
                 let mut conn = match self.conn.take() {
@@ -309,15 +529,15 @@ impl Record {
                 };
                 conn.sent(*sent);
                 conn.received(*received);
-                if let Some(f) = self.flag {
-                    conn.set_response_flags(f.as_str());
+                if self.flag.is_some() {
+                    conn.set_response_flags(&flags);
                 }
                 drop(conn);
                 macro_rules! line {
                     ($lvl:ident) => {
                         $lvl!(src.identity = %self.src_principal, src.addr = %self.src_addr,
                             dst.service = %self.dst_service, dst.port = self.dst_port, upstream = %self.upstream,
-                            protocol = "TCP", sent, received, response_flags = flags,
+                            protocol = "TCP", sent, received, response_flags = %flags,
                             dur_ms = format!("{dur_ms:.2}"), error, "connection")
                     };
                 }
@@ -328,5 +548,95 @@ impl Record {
                 }
             }
         }
+    }
+
+    /// The access-log line: Istio's default JSON format's fields (Envoy's names), plus the
+    /// trace id and the client's identity.
+    fn access_log_line(
+        &self,
+        flags: &str,
+        dur_ms: f64,
+        trace: Option<&crate::trace::Trace>,
+    ) -> serde_json::Value {
+        let Kind::Http {
+            method,
+            authority,
+            path,
+            protocol,
+            status,
+        } = &self.kind
+        else {
+            return serde_json::Value::Null;
+        };
+        let or_null = |s: &str| {
+            if s.is_empty() {
+                serde_json::Value::Null
+            } else {
+                serde_json::Value::from(s)
+            }
+        };
+        let start = time::OffsetDateTime::from(self.start_time)
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        serde_json::json!({
+            "start_time": start,
+            "method": method,
+            "path": path,
+            "protocol": protocol,
+            "response_code": status,
+            "response_flags": flags,
+            "bytes_received": self.bytes_received(),
+            "bytes_sent": self.bytes_sent(),
+            "duration": dur_ms as u64,
+            "upstream_host": or_null(&self.upstream),
+            "upstream_cluster": or_null(&self.upstream_cluster),
+            "route_name": or_null(&self.route),
+            "x_request_id": self.request_id.as_ref().and_then(|v| v.to_str().ok()),
+            "authority": authority,
+            "downstream_remote_address": self.src_addr,
+            "downstream_peer_principal": or_null(&self.src_principal),
+            "destination_service": self.dst_service,
+            "traceparent": trace.map(|t| t.traceparent()),
+            "trace_id": trace.map(|t| t.trace_id_hex()),
+            "error": self.error,
+        })
+    }
+}
+
+/// The client's request body as the pipeline forwards it: counted.
+pub type RequestBody = Counted<hyper::body::Incoming>;
+
+/// A request body whose bytes are added to its record's count as they pass.
+pub struct Counted<B> {
+    inner: B,
+    count: Arc<AtomicU64>,
+}
+
+impl<B> Body for Counted<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(f))) = &polled
+            && let Some(d) = f.data_ref()
+        {
+            self.count.fetch_add(d.len() as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
