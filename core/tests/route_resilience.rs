@@ -446,3 +446,173 @@ fn implemented_fields_are_clean_and_the_rest_stays_unsupported() {
     let (kind, spec) = vs(json!({"corsPolicy": {}}));
     has(kind, spec, u, &format!("{p}.corsPolicy"), "no effect");
 }
+
+/// An HTTPRoute on echo whose only rule is `rule` plus a backendRef to echo:80.
+fn http_route(rule: Value) -> (&'static str, Value) {
+    let mut r = json!({"backendRefs": [{"name": "echo", "port": 80}]});
+    if let (Some(r), Some(extra)) = (r.as_object_mut(), rule.as_object()) {
+        r.extend(extra.clone());
+    }
+    (
+        "HTTPRoute",
+        json!({"parentRefs": [{"group": "", "kind": "Service", "name": "echo"}], "rules": [r]}),
+    )
+}
+
+fn mirror_filter(mirror: Value) -> Value {
+    json!({"type": "RequestMirror", "requestMirror": mirror})
+}
+
+#[test]
+fn httproute_timeouts_keep_istios_default_retries() {
+    let p = policy(&table(&[http_route(
+        json!({"timeouts": {"request": "10s", "backendRequest": "2s"}}),
+    )]));
+    assert_eq!(p.timeout, Some(Duration::from_secs(10)));
+    assert_eq!(
+        p.retry,
+        RetryPolicy {
+            per_try_timeout: Some(Duration::from_secs(2)),
+            ..RetryPolicy::istio_default()
+        }
+    );
+    let p = policy(&table(&[http_route(
+        json!({"timeouts": {"request": "0s"}}),
+    )]));
+    assert_eq!(*p, RoutePolicy::default(), "0s: no limit");
+    let p = policy(&table(&[http_route(json!({}))]));
+    assert_eq!(*p, RoutePolicy::default());
+}
+
+#[test]
+fn request_mirror_filters_become_mirrors() {
+    let shadow = |port| Backend {
+        service: "mesh/shadow".into(),
+        port,
+        subset: None,
+    };
+    let p = policy(&table(&[http_route(json!({"filters": [
+        mirror_filter(json!({"backendRef": {"name": "shadow", "port": 8080}})),
+        mirror_filter(json!({"backendRef": {"name": "shadow", "port": 80}, "percent": 30})),
+        mirror_filter(json!({"backendRef": {"name": "shadow", "port": 80}, "fraction": {"numerator": 1, "denominator": 8}})),
+        mirror_filter(json!({"backendRef": {"name": "shadow", "port": 80}, "fraction": {"numerator": 5}})),
+        mirror_filter(json!({"backendRef": {"name": "shadow", "port": 80}, "percent": 0}))]}))]));
+    let got: Vec<_> = p
+        .mirrors
+        .iter()
+        .map(|m| (m.backend.clone(), m.percent))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (shadow(8080), 100.0),
+            (shadow(80), 30.0),
+            (shadow(80), 12.5),
+            (shadow(80), 5.0)
+        ]
+    );
+    // GRPCRoute: mirrors, no timeouts field.
+    let (_, d) = build(&[(
+        "GRPCRoute",
+        json!({"parentRefs": [{"group": "", "kind": "Service", "name": "echo"}], "rules": [{
+            "filters": [mirror_filter(json!({"backendRef": {"name": "shadow", "port": 80}, "percent": 50}))],
+            "backendRefs": [{"name": "echo", "port": 80}]}]}),
+    )]);
+    assert!(d.is_empty(), "{d:?}");
+    let t = table(&[(
+        "GRPCRoute",
+        json!({"parentRefs": [{"group": "", "kind": "Service", "name": "echo"}], "rules": [{
+            "filters": [mirror_filter(json!({"backendRef": {"name": "shadow", "port": 80}, "percent": 50}))],
+            "backendRefs": [{"name": "echo", "port": 80}]}]}),
+    )]);
+    assert_eq!(
+        policy(&t).mirrors,
+        vec![Mirror {
+            backend: shadow(80),
+            percent: 50.0
+        }]
+    );
+}
+
+#[test]
+fn request_mirror_targets_are_sent_to() {
+    let (kind, spec) = http_route(json!({"filters": [
+        mirror_filter(json!({"backendRef": {"name": "shadow", "namespace": "other", "port": 80}}))]}));
+    let r = references(kind, NS, &spec, "cluster.local");
+    assert_eq!(r.sends_to, ["mesh/echo", "other/shadow"]);
+}
+
+#[test]
+fn gateway_resilience_errors_name_the_field() {
+    let e = Severity::Error;
+    let check = |rule: Value, field: &str, says: &str| {
+        let (kind, spec) = http_route(rule);
+        has(kind, spec, e, field, says);
+    };
+    let p = "spec.rules[0]";
+    check(
+        json!({"timeouts": {"request": "1s", "backendRequest": "2s"}}),
+        &format!("{p}.timeouts.backendRequest"),
+        "longer",
+    );
+    check(
+        json!({"timeouts": {"request": "soon"}}),
+        &format!("{p}.timeouts.request"),
+        "not a duration",
+    );
+    let m = format!("{p}.filters[0].requestMirror");
+    check(
+        json!({"filters": [mirror_filter(json!({"backendRef": {"name": "shadow", "port": 80}, "percent": 5, "fraction": {"numerator": 1}}))]}),
+        &m,
+        "exclude",
+    );
+    check(
+        json!({"filters": [mirror_filter(json!({"backendRef": {"name": "shadow", "port": 80}, "fraction": {"numerator": 3, "denominator": 2}}))]}),
+        &format!("{m}.fraction"),
+        "numerator",
+    );
+    check(
+        json!({"filters": [mirror_filter(json!({"backendRef": {"name": "shadow", "port": 80}, "percent": 101}))]}),
+        &format!("{m}.percent"),
+        "between 0 and 100",
+    );
+    check(
+        json!({"filters": [mirror_filter(json!({"backendRef": {"name": "shadow"}}))]}),
+        &format!("{m}.backendRef.port"),
+        "port",
+    );
+    check(
+        json!({"filters": [{"type": "RequestMirror"}]}),
+        &m,
+        "set it",
+    );
+    // A mirror to a Service that does not exist is a Warning: nothing is mirrored.
+    let (t, d) = build(&[http_route(json!({"filters": [
+        mirror_filter(json!({"backendRef": {"name": "gone", "port": 80}}))]}))]);
+    assert!(
+        d.iter()
+            .any(|d| d.severity == Severity::Warning && d.field == format!("{m}.backendRef")),
+        "{d:?}"
+    );
+    assert!(policy(&t).mirrors.is_empty());
+    // What stays unimplemented is reported.
+    let u = Severity::Unsupported;
+    let (kind, spec) = http_route(json!({"retry": {"attempts": 3}}));
+    has(kind, spec, u, &format!("{p}.retry"), "default retries");
+    let (kind, spec) = http_route(
+        json!({"backendRefs": [{"name": "echo", "port": 80, "filters": [
+        mirror_filter(json!({"backendRef": {"name": "shadow", "port": 80}}))]}]}),
+    );
+    has(
+        kind,
+        spec,
+        u,
+        &format!("{p}.backendRefs[0].filters[0].requestMirror"),
+        "on the rule",
+    );
+    let (kind, spec) = http_route(
+        json!({"timeouts": {"request": "2s", "backendRequest": "1s"},
+        "filters": [mirror_filter(json!({"backendRef": {"name": "shadow", "port": 80}, "percent": 10}))]}),
+    );
+    assert_eq!(diags(kind, spec), vec![]);
+}

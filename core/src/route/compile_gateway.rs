@@ -9,10 +9,13 @@ use std::cmp::Reverse;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::compile::{Action, Dest, GwEntry, Inner, Item, Match, PathCond, Rule, Services, Target};
+use super::compile::{
+    Action, Dest, GwEntry, Inner, Item, Match, PathCond, Rule, Services, Target, place_mirrors,
+};
 use super::hosts::backend_key;
 use super::matcher::{PathMatch, StrMatch, full_regex};
 use super::resilience::RoutePolicy;
+use super::resilience_gateway::{self, RulePolicy};
 use super::rewrite::{HeaderOps, PathRewrite, Redirect, RedirectPort};
 use super::spec_gateway as gw;
 use super::validate::{Parsed, is_service_ref};
@@ -200,6 +203,45 @@ fn gw_dests(
     (dests, total)
 }
 
+/// The rule's timeouts and mirrors (mirror backends resolved to Services).
+fn rule_policy(
+    timeouts: Option<&gw::Timeouts>,
+    filters: &[gw::Filter],
+    p: &str,
+    ns: &str,
+    svc: &Services<'_>,
+    d: &mut Diags,
+) -> (Arc<RoutePolicy>, Vec<(Target, f64)>) {
+    // validate_gateway already reported this rule's own problems into `d`.
+    let mut scratch = Diags::new("", "", "");
+    let RulePolicy {
+        mut policy,
+        mirrors,
+    } = resilience_gateway::rule_policy(timeouts, filters, p, &mut scratch);
+    let mut targets = Vec::new();
+    for (b, percent, fp) in mirrors {
+        let Some(key) = backend_key(b, ns) else {
+            continue;
+        };
+        if !svc.contains_key(key.as_str()) {
+            d.push(
+                Severity::Warning,
+                &fp,
+                format!("Service {key} does not exist: nothing is mirrored until it does"),
+            );
+            continue;
+        }
+        let target = Target {
+            service: key.into(),
+            port: b.port,
+            subset: None,
+        };
+        targets.push((target, percent));
+    }
+    let later = place_mirrors(targets, svc, &mut policy);
+    (Arc::new(policy), later)
+}
+
 /// A compiled Gateway API match with its precedence rank (3 exact, 2 prefix, 1 regex) and
 /// path length.
 type RankedMatch = (Match, u8, usize);
@@ -229,6 +271,9 @@ fn http_rules(
     let mut out = Vec::new();
     for (i, rule) in r.rules.iter().enumerate() {
         let matches = or_match_all(rule.matches.iter().map(http_match).collect());
+        let p = format!("spec.rules[{i}]");
+        let (policy, mirror_at_request_port) =
+            rule_policy(rule.timeouts.as_ref(), &rule.filters, &p, ns, svc, d);
         let (request, response) = gw_header_ops(&rule.filters);
         let redirect = rule.filters.iter().find_map(|f| {
             f.request_redirect
@@ -278,8 +323,8 @@ fn http_rules(
             action,
             request,
             response,
-            policy: Arc::new(RoutePolicy::default()),
-            mirror_at_request_port: Vec::new(),
+            policy,
+            mirror_at_request_port,
         };
         out.push((Arc::new(rule), matches));
     }
@@ -351,6 +396,8 @@ fn grpc_rules(
     let mut out = Vec::new();
     for (i, rule) in r.rules.iter().enumerate() {
         let matches = or_match_all(rule.matches.iter().map(grpc_match).collect());
+        let p = format!("spec.rules[{i}]");
+        let (policy, mirror_at_request_port) = rule_policy(None, &rule.filters, &p, ns, svc, d);
         let (request, response) = gw_header_ops(&rule.filters);
         let (dests, total) = gw_dests(
             &rule.backend_refs,
@@ -376,8 +423,8 @@ fn grpc_rules(
             action,
             request,
             response,
-            policy: Arc::new(RoutePolicy::default()),
-            mirror_at_request_port: Vec::new(),
+            policy,
+            mirror_at_request_port,
         };
         out.push((Arc::new(rule), matches));
     }

@@ -76,14 +76,22 @@ pub fn references(kind: &str, namespace: &str, spec: &Value, cluster_domain: &st
             if let Ok(r) = serde_json::from_value::<gw::HttpRoute>(spec) {
                 attaches.extend(parent_keys(&r.parent_refs, namespace));
                 let refs = r.rules.iter().flat_map(|r| r.backend_refs.iter());
-                sends.extend(refs.filter_map(|b| backend_key(b, namespace)));
+                let mirrors = r.rules.iter().flat_map(|r| mirror_refs(&r.filters));
+                sends.extend(
+                    refs.chain(mirrors)
+                        .filter_map(|b| backend_key(b, namespace)),
+                );
             }
         }
         "GRPCRoute" => {
             if let Ok(r) = serde_json::from_value::<gw::GrpcRoute>(spec) {
                 attaches.extend(parent_keys(&r.parent_refs, namespace));
                 let refs = r.rules.iter().flat_map(|r| r.backend_refs.iter());
-                sends.extend(refs.filter_map(|b| backend_key(b, namespace)));
+                let mirrors = r.rules.iter().flat_map(|r| mirror_refs(&r.filters));
+                sends.extend(
+                    refs.chain(mirrors)
+                        .filter_map(|b| backend_key(b, namespace)),
+                );
             }
         }
         _ => {}
@@ -92,6 +100,14 @@ pub fn references(kind: &str, namespace: &str, spec: &Value, cluster_domain: &st
         attaches_to: attaches.into_iter().collect(),
         sends_to: sends.into_iter().collect(),
     }
+}
+
+/// The backends a rule's RequestMirror filters copy requests to.
+fn mirror_refs(filters: &[gw::Filter]) -> impl Iterator<Item = &gw::BackendRef> {
+    filters
+        .iter()
+        .filter(|f| f.kind == "RequestMirror")
+        .filter_map(|f| f.request_mirror.as_ref().map(|m| &m.backend_ref))
 }
 
 /// The Service keys of the Service parents (kind defaults to Gateway for parentRefs).

@@ -303,7 +303,29 @@ const PATH_MODIFIER: Shape = Obj(&[
     ("replaceFullPath", Str),
     ("replacePrefixMatch", Str),
 ]);
-const MIRROR: Shape = Unsupported("request mirroring is not implemented yet: nothing is mirrored");
+const MIRROR: Shape = Obj(&[
+    (
+        "backendRef",
+        Obj(&[
+            ("group", Str),
+            ("kind", Str),
+            ("name", Str),
+            ("namespace", Str),
+            ("port", Int(1, 65535)),
+        ]),
+    ),
+    ("percent", Int(0, 100)),
+    (
+        "fraction",
+        Obj(&[
+            ("numerator", Int(0, i32::MAX as i64)),
+            ("denominator", Int(1, i32::MAX as i64)),
+        ]),
+    ),
+]);
+const BACKEND_MIRROR: Shape = Unsupported(
+    "mirroring from a backendRef is not implemented: put the RequestMirror filter on the rule",
+);
 const EXTENSION: Shape = Unsupported("extension filters are not implemented: it has no effect");
 const HTTP_FILTER: Shape = Obj(&[
     ("type", Str),
@@ -328,6 +350,29 @@ const HTTP_FILTER: Shape = Obj(&[
     ("extensionRef", EXTENSION),
     ("externalAuth", LATER),
 ]);
+const HTTP_BACKEND_FILTER: Shape = Obj(&[
+    ("type", Str),
+    ("requestHeaderModifier", HEADER_MODIFIER),
+    ("responseHeaderModifier", HEADER_MODIFIER),
+    (
+        "requestRedirect",
+        Obj(&[
+            ("scheme", Str),
+            ("hostname", Str),
+            ("path", PATH_MODIFIER),
+            ("port", Int(1, 65535)),
+            ("statusCode", Int(0, 999)),
+        ]),
+    ),
+    (
+        "urlRewrite",
+        Obj(&[("hostname", Str), ("path", PATH_MODIFIER)]),
+    ),
+    ("requestMirror", BACKEND_MIRROR),
+    ("cors", LATER),
+    ("extensionRef", EXTENSION),
+    ("externalAuth", LATER),
+]);
 const HTTP_BACKEND_REF: Shape = Obj(&[
     ("group", Str),
     ("kind", Str),
@@ -335,7 +380,7 @@ const HTTP_BACKEND_REF: Shape = Obj(&[
     ("namespace", Str),
     ("port", Int(1, 65535)),
     ("weight", Int(0, 1_000_000)),
-    ("filters", List(&HTTP_FILTER)),
+    ("filters", List(&HTTP_BACKEND_FILTER)),
 ]);
 const HTTP_MATCH_GW: Shape = Obj(&[
     ("path", Obj(&[("type", Str), ("value", Str)])),
@@ -354,8 +399,16 @@ const HTTP_ROUTE: Shape = Obj(&[
             ("matches", List(&HTTP_MATCH_GW)),
             ("filters", List(&HTTP_FILTER)),
             ("backendRefs", List(&HTTP_BACKEND_REF)),
-            ("timeouts", LATER),
-            ("retry", LATER),
+            (
+                "timeouts",
+                Obj(&[("request", Str), ("backendRequest", Str)]),
+            ),
+            (
+                "retry",
+                Unsupported(
+                    "HTTPRoute retry (experimental) is not implemented: Istio's default retries apply",
+                ),
+            ),
             ("sessionPersistence", LATER),
         ])),
     ),
@@ -367,6 +420,13 @@ const GRPC_FILTER: Shape = Obj(&[
     ("requestHeaderModifier", HEADER_MODIFIER),
     ("responseHeaderModifier", HEADER_MODIFIER),
     ("requestMirror", MIRROR),
+    ("extensionRef", EXTENSION),
+]);
+const GRPC_BACKEND_FILTER: Shape = Obj(&[
+    ("type", Str),
+    ("requestHeaderModifier", HEADER_MODIFIER),
+    ("responseHeaderModifier", HEADER_MODIFIER),
+    ("requestMirror", BACKEND_MIRROR),
     ("extensionRef", EXTENSION),
 ]);
 const GRPC_ROUTE: Shape = Obj(&[
@@ -396,7 +456,7 @@ const GRPC_ROUTE: Shape = Obj(&[
                     ("namespace", Str),
                     ("port", Int(1, 65535)),
                     ("weight", Int(0, 1_000_000)),
-                    ("filters", List(&GRPC_FILTER)),
+                    ("filters", List(&GRPC_BACKEND_FILTER)),
                 ])),
             ),
             ("sessionPersistence", LATER),

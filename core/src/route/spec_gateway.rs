@@ -30,6 +30,17 @@ pub struct HttpRule {
     pub matches: Vec<HttpMatch>,
     pub filters: Vec<Filter>,
     pub backend_refs: Vec<BackendRef>,
+    pub timeouts: Option<Timeouts>,
+}
+
+/// `HTTPRouteTimeouts`: Gateway API durations (`1h`, `30s`, `250ms`); `0s` disables.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Timeouts {
+    /// The whole exchange, retries included.
+    pub request: Option<String>,
+    /// Each attempt.
+    pub backend_request: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -70,6 +81,25 @@ pub struct Filter {
     pub response_header_modifier: Option<HeaderModifier>,
     pub request_redirect: Option<RequestRedirect>,
     pub url_rewrite: Option<UrlRewrite>,
+    pub request_mirror: Option<RequestMirror>,
+}
+
+/// `HTTPRequestMirrorFilter`: `percent` or `fraction`, neither means every request.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct RequestMirror {
+    /// A BackendObjectReference (weight and filters are not part of it).
+    pub backend_ref: BackendRef,
+    pub percent: Option<i64>,
+    pub fraction: Option<Fraction>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct Fraction {
+    pub numerator: i64,
+    /// Defaults to 100.
+    pub denominator: Option<i64>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

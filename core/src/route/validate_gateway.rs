@@ -7,6 +7,7 @@
 
 use std::collections::BTreeSet;
 
+use super::resilience_gateway;
 use super::spec_gateway as gw;
 use super::validate::{header_pair, is_service_ref, regex};
 use super::{Diags, Severity};
@@ -92,6 +93,7 @@ pub(super) fn http_route(r: &gw::HttpRoute, d: &mut Diags) {
             );
         }
         backend_refs(&rule.backend_refs, &format!("{p}.backendRefs"), false, d);
+        resilience_gateway::rule_policy(rule.timeouts.as_ref(), &rule.filters, &p, d);
     }
 }
 
@@ -130,6 +132,7 @@ pub(super) fn grpc_route(r: &gw::GrpcRoute, d: &mut Diags) {
         }
         filters(&rule.filters, &format!("{p}.filters"), true, d);
         backend_refs(&rule.backend_refs, &format!("{p}.backendRefs"), true, d);
+        resilience_gateway::rule_policy(None, &rule.filters, &p, d);
     }
 }
 
@@ -218,7 +221,8 @@ fn filters(list: &[gw::Filter], p: &str, grpc: bool, d: &mut Diags) {
                     }
                 }
             },
-            // Their members are reported as Unsupported by the schema walk.
+            // A rule's mirrors are `resilience_gateway`'s; a backendRef's and extension
+            // filters are reported as Unsupported by the schema walk.
             "RequestMirror" | "ExtensionRef" => {}
             "CORS" | "ExternalAuth" if !grpc => {}
             _ => d.error(&format!("{fp}.type"), "is not a filter type of this kind"),
