@@ -276,10 +276,10 @@ fn beta(mesh: &LocalMesh, wp: &Waypoint) -> anyhow::Result<Vec<String>> {
     // The waypoint's access log names the route each request took.
     let mut routes = Vec::new();
     crate::wait_for(DEADLINE, "the waypoint to log the beta requests", || {
-        routes = waypoint_log(mesh, &wp.pod)
-            .lines()
-            .filter(|l| l.contains(&format!(" path={path} ")))
-            .map(|l| kv(l, "route").unwrap_or_default().to_string())
+        routes = logged(&waypoint_log(mesh, &wp.pod))
+            .into_iter()
+            .filter(|r| r.path == path)
+            .map(|r| r.route)
             .collect();
         Ok(routes.len() >= pods.len())
     })?;
@@ -318,20 +318,14 @@ fn hops(mesh: &LocalMesh, wp: &Waypoint, run: &str) -> anyhow::Result<Vec<String
     let mut seen: Vec<String> = Vec::new();
     let mut routes: BTreeMap<String, usize> = BTreeMap::new();
     crate::wait_for(DEADLINE, "the waypoint to log the split's requests", || {
-        let log = waypoint_log(mesh, &wp.pod);
-        let lines: Vec<&str> = log
-            .lines()
-            .filter(|l| l.contains(&format!(" path=/{run} ")))
+        let lines: Vec<Logged> = logged(&waypoint_log(mesh, &wp.pod))
+            .into_iter()
+            .filter(|r| r.path == format!("/{run}"))
             .collect();
-        seen = lines
-            .iter()
-            .map(|l| kv(l, "src.identity").unwrap_or_default().to_string())
-            .collect();
+        seen = lines.iter().map(|r| r.src.clone()).collect();
         routes.clear();
-        for l in &lines {
-            *routes
-                .entry(kv(l, "route").unwrap_or("?").to_string())
-                .or_default() += 1;
+        for r in &lines {
+            *routes.entry(r.route.clone()).or_default() += 1;
         }
         Ok(seen.len() >= SPLIT_REQUESTS as usize)
     })?;
@@ -418,6 +412,37 @@ fn waypoint_log(mesh: &LocalMesh, pod: &str) -> String {
         }
     }
     out
+}
+
+/// One request as the waypoint logged it.
+struct Logged {
+    path: String,
+    route: String,
+    /// The client's identity.
+    src: String,
+}
+
+/// The requests in a waypoint's log: its JSON access-log lines (Envoy's field names), or, from
+/// a waypoint without one, its text `request` lines.
+fn logged(log: &str) -> Vec<Logged> {
+    log.lines()
+        .filter_map(|l| {
+            if l.starts_with('{') {
+                let v: serde_json::Value = serde_json::from_str(l).ok()?;
+                let s = |k: &str| v[k].as_str().unwrap_or("?").to_string();
+                return Some(Logged {
+                    path: v["path"].as_str()?.to_string(),
+                    route: s("route_name"),
+                    src: s("downstream_peer_principal"),
+                });
+            }
+            Some(Logged {
+                path: kv(l, "path")?.to_string(),
+                route: kv(l, "route").unwrap_or("?").to_string(),
+                src: kv(l, "src.identity").unwrap_or_default().to_string(),
+            })
+        })
+        .collect()
 }
 
 /// `key=value` of a text log line (the value up to the next space).
