@@ -1,16 +1,19 @@
 //! AuthorizationPolicy: validating the user's spec as Istio would, and compiling it to the L4
-//! form ztunnel can enforce.
+//! form ztunnel can enforce or, for policies attached with `targetRefs`, the L7 form a waypoint
+//! enforces (the same rules, request fields included).
 //!
 //! Owns which fields exist, which are enforceable at L4, and what happens to rules that need HTTP
-//! attributes (dropped from ALLOW/AUDIT — more restrictive; stripped from DENY — denies more).
-//! Does not decide which policies apply to a workload or combine their decisions (see `mod.rs`).
+//! attributes at L4 (dropped from ALLOW/AUDIT — more restrictive; stripped from DENY — denies
+//! more). Does not decide which policies apply or combine their decisions (`mod.rs`, `l7`).
 
 use std::collections::BTreeMap;
 
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use super::matcher::{L4Match, L4Rule, Peer, ServiceAccountMatch, StringMatch};
+use super::l7::{L7Authorization, parse_targets};
+use super::matcher::{KeyedMatch, L4Match, L4Rule, Peer, ServiceAccountMatch, StringMatch};
+use super::path::PathMatch;
 use super::spec::{
     Diag, as_array, as_object, check_known_fields, field, index, join, labels_match,
     parse_ip_block, parse_port, parse_selector, parse_spec, string_field, string_list,
@@ -81,27 +84,36 @@ impl L4Authorization {
 /// How to refer to the HTTP/TLS attributes that ztunnel cannot see.
 const HTTP_HINT: &str = "ztunnel cannot enforce these at L4 (they need a waypoint)";
 
-pub(crate) fn compile(p: &Policy, root_namespace: &str) -> (Option<L4Authorization>, PolicyReport) {
+/// The L4 form (ztunnel), or the L7 form (waypoints, `targetRefs`), and the report.
+pub(crate) fn compile(
+    p: &Policy,
+    root_namespace: &str,
+) -> (
+    Option<L4Authorization>,
+    Option<L7Authorization>,
+    PolicyReport,
+) {
     let mut d = Diag::new(KIND, &p.namespace, &p.name);
     let compiled = parse_spec(&p.spec_json, &mut d)
         .and_then(|spec| compile_spec(&spec, p, root_namespace, &mut d));
-    let (status, effective) = match compiled {
-        _ if d.has_errors() => (PolicyStatus::Rejected, None),
-        None => (PolicyStatus::Rejected, None),
-        Some(Compiled::Enforced(a)) => (PolicyStatus::Enforced, Some(a)),
-        Some(Compiled::NotEnforced) => (PolicyStatus::NotEnforced, None),
+    let (status, effective, waypoint) = match compiled {
+        _ if d.has_errors() => (PolicyStatus::Rejected, None, None),
+        None => (PolicyStatus::Rejected, None, None),
+        Some(Compiled::Enforced(a)) => (PolicyStatus::Enforced, Some(a), None),
+        Some(Compiled::NotEnforced(w)) => (PolicyStatus::NotEnforced, None, w),
     };
     let report = d.into_report(
         &p.key,
         status,
         effective.clone().map(Effective::Authorization),
     );
-    (effective, report)
+    (effective, waypoint, report)
 }
 
 enum Compiled {
     Enforced(L4Authorization),
-    NotEnforced,
+    /// Not enforced at L4; with the waypoint's form when attached with `targetRefs`.
+    NotEnforced(Option<L7Authorization>),
 }
 
 fn compile_spec(
@@ -145,6 +157,7 @@ fn compile_spec(
         None => false,
         Some(v) => as_array(v, "spec.targetRefs", d).is_some_and(|a| !a.is_empty()),
     };
+    let targets = parse_targets(spec, d);
     if [has_selector, has_target_ref, has_target_refs]
         .iter()
         .filter(|b| **b)
@@ -193,6 +206,8 @@ fn compile_spec(
 
     let mut rules = Vec::new();
     let mut dropped_rules = Vec::new();
+    // The waypoint's form: every rule as written, but for what even a waypoint cannot read.
+    let mut l7_rules = Vec::new();
     if let Some(v) = rules_value
         && let Some(items) = as_array(v, "spec.rules", d)
     {
@@ -207,6 +222,22 @@ fn compile_spec(
             let Some(parsed) = parse_rule(item, &path, &p.namespace, d) else {
                 continue;
             };
+            match (parsed.unsupported.is_empty(), action) {
+                (true, _) | (false, Action::Deny) => l7_rules.push(parsed.rule.clone()),
+                (false, _) => {}
+            }
+            if !parsed.unsupported.is_empty() && (has_target_ref || has_target_refs) {
+                let what = parsed.unsupported.join(", ");
+                let effect = if action == Action::Deny {
+                    "the DENY rule is enforced without them, so it denies more than requested"
+                } else {
+                    "the rule is dropped, making the policy more restrictive"
+                };
+                d.warn(
+                    &path,
+                    format!("the waypoint does not support {what}: {effect}"),
+                );
+            }
             if parsed.http.is_empty() {
                 rules.push(parsed.rule);
                 continue;
@@ -233,7 +264,7 @@ fn compile_spec(
                             p.namespace, p.name
                         ),
                     );
-                    rules.push(parsed.rule);
+                    rules.push(parsed.rule.for_l4(&parsed.http_only));
                 }
                 Action::Custom => {}
             }
@@ -253,14 +284,28 @@ fn compile_spec(
             f,
             "policy attached to a waypoint (targetRefs): enforced by waypoint, not at L4",
         );
-        return Some(Compiled::NotEnforced);
+        if action == Action::Custom {
+            d.warn(
+                "spec.action",
+                "CUSTOM (external authorization) is not supported by the waypoint: this policy \
+                 is NOT enforced",
+            );
+            return Some(Compiled::NotEnforced(None));
+        }
+        return Some(Compiled::NotEnforced(Some(L7Authorization {
+            key: format!("{}/{}", p.namespace, p.name),
+            namespace: p.namespace.clone(),
+            targets,
+            action,
+            rules: l7_rules,
+        })));
     }
     if action == Action::Custom {
         d.warn(
             "spec.action",
             "CUSTOM (external authorization) is not supported at L4: this policy is NOT enforced",
         );
-        return Some(Compiled::NotEnforced);
+        return Some(Compiled::NotEnforced(None));
     }
     let scope = match selector {
         Some(labels) => Scope::WorkloadSelector(labels),
@@ -279,9 +324,29 @@ fn compile_spec(
 }
 
 struct ParsedRule {
+    /// The whole rule (request fields included).
     rule: L4Rule,
     /// Names of the fields/condition keys the L4 form could not express.
     http: Vec<String>,
+    /// Clauses (`when` conditions) made only of request fields: absent from the L4 form.
+    http_only: Vec<usize>,
+    /// Condition keys not even the waypoint evaluates (left out of the rule).
+    unsupported: Vec<String>,
+}
+
+impl L4Rule {
+    /// The L4 form of a DENY rule: request fields stripped, request-only conditions gone.
+    fn for_l4(&self, http_only: &[usize]) -> L4Rule {
+        L4Rule {
+            clauses: self
+                .clauses
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| !http_only.contains(i))
+                .map(|(_, c)| c.iter().map(|m| m.without_request()).collect())
+                .collect(),
+        }
+    }
 }
 
 fn push_unique(v: &mut Vec<String>, s: &str) {
@@ -298,6 +363,8 @@ fn parse_rule(v: &Value, path: &str, policy_ns: &str, d: &mut Diag) -> Option<Pa
     check_known_fields(m, path, &["from", "to", "when"], d);
     let errors_before = d.errors.len();
     let mut http = Vec::new();
+    let mut http_only = Vec::new();
+    let mut unsupported = Vec::new();
     let mut rule = L4Rule::default();
 
     if let Some(from) = field(m, "from") {
@@ -362,14 +429,26 @@ fn parse_rule(v: &Value, path: &str, policy_ns: &str, d: &mut Diag) -> Option<Pa
                 let Some(cond) = as_object(item, &cpath, d) else {
                     continue;
                 };
-                if let Some(m) = parse_condition(cond, &cpath, d, &mut http) {
-                    rule.clauses.push(vec![m]);
+                match parse_condition(cond, &cpath, d, &mut http) {
+                    Condition::Match(m) => {
+                        if m.needs_request() {
+                            http_only.push(rule.clauses.len());
+                        }
+                        rule.clauses.push(vec![*m]);
+                    }
+                    Condition::Unsupported(key) => push_unique(&mut unsupported, &key),
+                    Condition::Invalid => {}
                 }
             }
         }
     }
 
-    (d.errors.len() == errors_before).then_some(ParsedRule { rule, http })
+    (d.errors.len() == errors_before).then_some(ParsedRule {
+        rule,
+        http,
+        http_only,
+        unsupported,
+    })
 }
 
 fn string_matches(values: &[String]) -> Vec<StringMatch> {
@@ -514,12 +593,16 @@ fn parse_source(
         if !get(f).is_empty() {
             push_unique(http, f);
         }
-        if f.ends_with("IpBlocks") {
-            // Still validated: Istio rejects bad CIDRs in every IP field.
-            ip_blocks(get(f), &join(path, f), d);
-        }
     }
     L4Match {
+        request_principals: string_matches(get("requestPrincipals")),
+        not_request_principals: string_matches(get("notRequestPrincipals")),
+        remote_ips: ip_blocks(get("remoteIpBlocks"), &join(path, "remoteIpBlocks"), d),
+        not_remote_ips: ip_blocks(
+            get("notRemoteIpBlocks"),
+            &join(path, "notRemoteIpBlocks"),
+            d,
+        ),
         principals: principal_matches(get("principals"), &join(path, "principals"), d),
         not_principals: principal_matches(get("notPrincipals"), &join(path, "notPrincipals"), d),
         namespaces: string_matches(get("namespaces")),
@@ -565,11 +648,19 @@ fn parse_operation(
     for f in OPERATION_FIELDS {
         let values = string_list(m, f, path, d);
         any |= !values.is_empty();
+        if !values.is_empty() && !f.ends_with("orts") {
+            push_unique(http, f);
+        }
+        let fpath = join(path, f);
         match *f {
-            "ports" => out.destination_ports = ports(&values, &join(path, f), d),
-            "notPorts" => out.not_destination_ports = ports(&values, &join(path, f), d),
-            _ if !values.is_empty() => push_unique(http, f),
-            _ => {}
+            "ports" => out.destination_ports = ports(&values, &fpath, d),
+            "notPorts" => out.not_destination_ports = ports(&values, &fpath, d),
+            "hosts" => out.hosts = host_matches(&values),
+            "notHosts" => out.not_hosts = host_matches(&values),
+            "methods" => out.methods = string_matches(&values),
+            "notMethods" => out.not_methods = string_matches(&values),
+            "paths" => out.paths = paths(&values, &fpath, d),
+            _ => out.not_paths = paths(&values, &fpath, d),
         }
     }
     if !any {
@@ -578,20 +669,41 @@ fn parse_operation(
     out
 }
 
-/// `when: [{key, values, notValues}]`. Returns the L4 match, or `None` when the key is not
-/// available at L4 (recorded in `http`) or invalid (recorded in `d`).
+enum Condition {
+    /// Request keys are recorded in `http` too (ztunnel cannot evaluate them).
+    Match(Box<L4Match>),
+    /// A valid key no one here evaluates (`experimental.envoy.filters.*`).
+    Unsupported(String),
+    /// Recorded in the diagnostics.
+    Invalid,
+}
+
+/// `when: [{key, values, notValues}]`.
 fn parse_condition(
     m: &Map<String, Value>,
     path: &str,
     d: &mut Diag,
     http: &mut Vec<String>,
-) -> Option<L4Match> {
+) -> Condition {
+    match parse_condition_inner(m, path, d, http) {
+        Ok(m) => Condition::Match(Box::new(m)),
+        Err(Some(key)) => Condition::Unsupported(key),
+        Err(None) => Condition::Invalid,
+    }
+}
+
+fn parse_condition_inner(
+    m: &Map<String, Value>,
+    path: &str,
+    d: &mut Diag,
+    http: &mut Vec<String>,
+) -> Result<L4Match, Option<String>> {
     check_known_fields(m, path, &["key", "values", "notValues"], d);
     let key = string_field(m, "key", path, d).unwrap_or_default();
     let kpath = join(path, "key");
     if key.is_empty() {
         d.error(&kpath, "`key` must not be empty");
-        return None;
+        return Err(None);
     }
     let values = string_list(m, "values", path, d);
     let not_values = string_list(m, "notValues", path, d);
@@ -600,7 +712,7 @@ fn parse_condition(
             path,
             format!("at least one of `values` or `notValues` must be set for key {key}"),
         );
-        return None;
+        return Err(None);
     }
     let vpath = join(path, "values");
     let npath = join(path, "notValues");
@@ -627,61 +739,110 @@ fn parse_condition(
             out.not_destination_ports = ports(&not_values, &npath, d);
         }
         "remote.ip" => {
-            ip_blocks(&values, &vpath, d);
-            ip_blocks(&not_values, &npath, d);
+            out.remote_ips = ip_blocks(&values, &vpath, d);
+            out.not_remote_ips = ip_blocks(&not_values, &npath, d);
             push_unique(http, &key);
-            return None;
         }
-        "request.auth.principal"
-        | "request.auth.audiences"
-        | "request.auth.presenter"
-        | "connection.sni" => {
+        "request.auth.principal" => {
+            out.request_principals = string_matches(&values);
+            out.not_request_principals = string_matches(&not_values);
             push_unique(http, &key);
-            return None;
+        }
+        "request.auth.audiences" => {
+            out.audiences = string_matches(&values);
+            out.not_audiences = string_matches(&not_values);
+            push_unique(http, &key);
+        }
+        "request.auth.presenter" => {
+            out.presenters = string_matches(&values);
+            out.not_presenters = string_matches(&not_values);
+            push_unique(http, &key);
+        }
+        "connection.sni" => {
+            out.snis = string_matches(&values);
+            out.not_snis = string_matches(&not_values);
+            push_unique(http, &key);
         }
         k if k.starts_with("request.headers")
             || k.starts_with("request.auth.claims")
             || k.starts_with("experimental.envoy.filters.") =>
         {
-            if !valid_map_key(k) {
-                d.error(&kpath, format!("bad key ({k}): should have format a[b]"));
-            }
             push_unique(http, &key);
-            return None;
+            let Some(parts) = map_key(k) else {
+                d.error(&kpath, format!("bad key ({k}): should have format a[b]"));
+                return Err(None);
+            };
+            let keyed = KeyedMatch {
+                key: parts,
+                values: string_matches(&values),
+                not_values: string_matches(&not_values),
+            };
+            if k.starts_with("request.headers[") && keyed.key.len() == 1 {
+                let mut keyed = keyed;
+                keyed.key[0] = keyed.key[0].to_ascii_lowercase();
+                out.headers.push(keyed);
+            } else if k.starts_with("request.auth.claims[") {
+                out.claims.push(keyed);
+            } else {
+                return Err(Some(key));
+            }
         }
         "destination.namespace" => {
             d.error(
                 &kpath,
                 "attribute destination.namespace is replaced by the metadata.namespace",
             );
-            return None;
+            return Err(None);
         }
         k if k.starts_with("destination.labels") => {
             d.error(
                 &kpath,
                 format!("attribute {k} is replaced by the workload selector"),
             );
-            return None;
+            return Err(None);
         }
         "destination.name" | "destination.user" => {
             d.error(
                 &kpath,
                 format!("deprecated attribute {key}: only supported in v1alpha1"),
             );
-            return None;
+            return Err(None);
         }
         other => {
             d.error(&kpath, format!("unknown attribute: {other}"));
-            return None;
+            return Err(None);
         }
     }
-    Some(out)
+    Ok(out)
 }
 
-/// Istio's `a[b]` form for map-valued attributes.
-fn valid_map_key(key: &str) -> bool {
-    match key.find('[') {
-        Some(open) => key.ends_with(']') && open > 0 && open + 2 < key.len(),
-        None => false,
+/// Istio's `a[b]` form for map-valued attributes (`request.auth.claims[a][b]` for nested
+/// claims): the bracketed names, or `None` when malformed.
+fn map_key(key: &str) -> Option<Vec<String>> {
+    let open = key.find('[').filter(|o| *o > 0)?;
+    let rest = key[open..].strip_prefix('[')?.strip_suffix(']')?;
+    let parts: Vec<String> = rest.split("][").map(str::to_string).collect();
+    if parts.iter().any(|p| p.is_empty() || p.contains(['[', ']'])) {
+        return None;
     }
+    Some(parts)
+}
+
+/// Hosts match case-insensitively: patterns are kept in lower case.
+fn host_matches(values: &[String]) -> Vec<StringMatch> {
+    values
+        .iter()
+        .map(|v| StringMatch::parse(&v.to_ascii_lowercase()))
+        .collect()
+}
+
+fn paths(values: &[String], path: &str, d: &mut Diag) -> Vec<PathMatch> {
+    let mut out = Vec::with_capacity(values.len());
+    for (i, v) in values.iter().enumerate() {
+        match PathMatch::parse(v) {
+            Ok(m) => out.push(m),
+            Err(e) => d.error(&index(path, i), e),
+        }
+    }
+    out
 }

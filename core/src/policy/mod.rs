@@ -1,6 +1,8 @@
-//! The L4 policy engine: Istio `AuthorizationPolicy` and `PeerAuthentication`, compiled once per
-//! config version into a [`PolicySet`] that answers, per inbound connection, "allow or deny?"
-//! and "is plaintext acceptable on this port?".
+//! The policy engine: Istio `AuthorizationPolicy`, `PeerAuthentication` and
+//! `RequestAuthentication`, compiled once per config version into a [`PolicySet`] that answers,
+//! per inbound connection (ztunnel), "allow or deny?" and "is plaintext acceptable on this
+//! port?", and per request at a waypoint (`l7`, policies attached with `targetRefs`), "allow,
+//! deny, or is the JWT bad?". L4 and L7 share the spec parsing, the matcher and the evaluation.
 //!
 //! Owns policy scoping (mesh / namespace / selector), the DENY → ALLOW evaluation order, mTLS
 //! mode resolution (mesh → namespace → workload → port), per-policy reports, and the
@@ -10,11 +12,16 @@
 //! [`PolicySet::errors`].
 //!
 //! Submodules: `spec` (reading JSON with field paths), `authz` (AuthorizationPolicy),
-//! `peerauthn` (PeerAuthentication), `matcher` (the L4 match form), `cache`.
+//! `peerauthn` (PeerAuthentication), `matcher` (the match form, L4 and L7), `path` (paths and
+//! URI templates), `l7` (waypoint attachment and decisions), `jwt` (RequestAuthentication),
+//! `cache`.
 
 mod authz;
 mod cache;
+pub mod jwt;
+mod l7;
 mod matcher;
+mod path;
 mod peerauthn;
 mod spec;
 
@@ -26,7 +33,11 @@ use serde::Serialize;
 
 pub use authz::{Action, L4Authorization, Scope};
 pub use cache::{CacheStats, DecisionCache};
-pub use matcher::{L4Match, L4Rule, ServiceAccountMatch, StringMatch};
+pub use l7::{GATEWAY_GROUP, L7Authorization, TargetRef, WAYPOINT_CLASS, WaypointTarget};
+pub use matcher::{
+    KeyedMatch, L4Match, L4Rule, Match, Request, Rule, ServiceAccountMatch, StringMatch,
+};
+pub use path::{PathMatch, Piece};
 pub use peerauthn::{L4PeerAuthentication, MtlsSetting, PeerAuthnLevel};
 pub use spec::PolicyError;
 
@@ -139,6 +150,10 @@ pub struct PolicySet {
     namespace_pa: HashMap<String, usize>,
     /// Per namespace, workload-level policies in name order (first matching wins).
     workload_pa: HashMap<String, Vec<usize>>,
+    /// AuthorizationPolicies with `targetRefs`, for waypoints; sorted by `ns/name`.
+    waypoint_authz: Vec<L7Authorization>,
+    /// RequestAuthentications, for waypoints; sorted by `ns/name`.
+    jwt: Vec<jwt::JwtPolicy>,
     reports: Vec<PolicyReport>,
 }
 
@@ -168,6 +183,8 @@ impl PolicySet {
             mesh_pa: None,
             namespace_pa: HashMap::new(),
             workload_pa: HashMap::new(),
+            waypoint_authz: Vec::new(),
+            jwt: Vec::new(),
             reports: Vec::with_capacity(input.len()),
         };
         // Report index of each compiled PeerAuthentication, to attach conflict warnings.
@@ -175,8 +192,14 @@ impl PolicySet {
         for p in input {
             match p.kind.as_str() {
                 authz::KIND => {
-                    let (effective, report) = authz::compile(p, root_namespace);
+                    let (effective, waypoint, report) = authz::compile(p, root_namespace);
                     set.authz.extend(effective);
+                    set.waypoint_authz.extend(waypoint);
+                    set.reports.push(report);
+                }
+                jwt::KIND => {
+                    let (compiled, report) = jwt::compile(p);
+                    set.jwt.extend(compiled);
                     set.reports.push(report);
                 }
                 peerauthn::KIND => {
@@ -345,32 +368,12 @@ impl PolicySet {
             src_ip: canonical(conn.src_ip),
             dst_ip: canonical(conn.dst_ip),
             dst_port: conn.dst_port,
+            request: None,
         };
-        let mut deny: Option<&str> = None;
-        let mut any_allow = false;
-        let mut allowed = false;
-        let mut audited = Vec::new();
+        let mut tally = Tally::default();
         for i in self.applicable_indexes(dst) {
             let Some(a) = self.authz.get(i) else { continue };
-            match a.action {
-                Action::Deny => {
-                    if deny.is_none() && a.matches(&peer) {
-                        deny = Some(&a.key);
-                    }
-                }
-                Action::Allow => {
-                    any_allow = true;
-                    if !allowed && a.matches(&peer) {
-                        allowed = true;
-                    }
-                }
-                Action::Audit => {
-                    if a.matches(&peer) {
-                        audited.push(a.key.clone());
-                    }
-                }
-                Action::Custom => {}
-            }
+            tally.add(a.action, &a.key, || a.matches(&peer));
         }
         let strict = match conn.src_identity {
             Some(_) => None,
@@ -379,22 +382,9 @@ impl PolicySet {
                 (MtlsMode::Permissive, _) => None,
             },
         };
-        let decision = if let Some(by) = strict {
-            Decision::Deny {
-                policy: format!("{by} (PeerAuthentication STRICT: plaintext refused)"),
-            }
-        } else if let Some(policy) = deny {
-            Decision::Deny {
-                policy: policy.to_string(),
-            }
-        } else if !any_allow || allowed {
-            Decision::Allow
-        } else {
-            Decision::Deny {
-                policy: NO_ALLOW_MATCHED.to_string(),
-            }
-        };
-        Verdict { decision, audited }
+        tally.verdict(strict.map(|by| Decision::Deny {
+            policy: format!("{by} (PeerAuthentication STRICT: plaintext refused)"),
+        }))
     }
 
     /// The mTLS mode in force for `dst` on `port`.
@@ -441,5 +431,61 @@ impl PolicySet {
             }
         }
         (mode, by)
+    }
+}
+
+/// Combines the policies that apply, L4 or L7: any matching DENY → deny; no ALLOW policy →
+/// allow; any matching ALLOW → allow; else deny. AUDIT never decides; CUSTOM is not enforced.
+#[derive(Default)]
+pub(crate) struct Tally<'a> {
+    deny: Option<&'a str>,
+    any_allow: bool,
+    allowed: bool,
+    audited: Vec<String>,
+}
+
+impl<'a> Tally<'a> {
+    /// `matches` is only evaluated when its answer can change the outcome.
+    pub(crate) fn add(&mut self, action: Action, key: &'a str, matches: impl FnOnce() -> bool) {
+        match action {
+            Action::Deny => {
+                if self.deny.is_none() && matches() {
+                    self.deny = Some(key);
+                }
+            }
+            Action::Allow => {
+                self.any_allow = true;
+                if !self.allowed && matches() {
+                    self.allowed = true;
+                }
+            }
+            Action::Audit => {
+                if matches() {
+                    self.audited.push(key.to_string());
+                }
+            }
+            Action::Custom => {}
+        }
+    }
+
+    /// `first`: a decision that takes precedence over every policy (STRICT mTLS at L4).
+    pub(crate) fn verdict(self, first: Option<Decision>) -> Verdict {
+        let decision = if let Some(d) = first {
+            d
+        } else if let Some(policy) = self.deny {
+            Decision::Deny {
+                policy: policy.to_string(),
+            }
+        } else if !self.any_allow || self.allowed {
+            Decision::Allow
+        } else {
+            Decision::Deny {
+                policy: NO_ALLOW_MATCHED.to_string(),
+            }
+        };
+        Verdict {
+            decision,
+            audited: self.audited,
+        }
     }
 }

@@ -27,7 +27,7 @@ pub struct PolicyError {
 /// Collects errors and warnings for one resource while it is compiled.
 pub(crate) struct Diag {
     kind: String,
-    namespace: String,
+    pub(crate) namespace: String,
     name: String,
     pub errors: Vec<PolicyError>,
     pub warnings: Vec<String>,
