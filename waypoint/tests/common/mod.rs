@@ -185,6 +185,9 @@ async fn respond(mut req: Request<Incoming>) -> Response<TestBody> {
             .unwrap();
         return resp;
     }
+    if req.uri().path() == "/headers" {
+        return Response::new(full(&headers_json(req.headers())));
+    }
     let grpc = req
         .headers()
         .get("content-type")
@@ -519,4 +522,119 @@ pub async fn send1(
         .await
         .expect("response in time")
         .expect("response")
+}
+
+// ---- Telemetry and tracing (telemetry tests) ----
+
+/// The request headers as a JSON object (`/headers` answers with it): name → value (the last
+/// one, for a repeated name).
+pub fn headers_json(h: &http::HeaderMap) -> String {
+    let map: serde_json::Map<String, serde_json::Value> = h
+        .iter()
+        .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into()))
+        .collect();
+    serde_json::Value::Object(map).to_string()
+}
+
+/// The Python interpreter with the test packages (`$MESH_PYTHON`, else `python3`).
+pub fn python() -> String {
+    std::env::var("MESH_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// `tests/py/<name>` in the repository.
+pub fn py_script(name: &str) -> String {
+    format!("{}/../tests/py/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Every sample of a Prometheus exposition, as the official `prometheus_client` parser reads
+/// it: `{"name", "labels", "value", "type"}`.
+pub fn prom_samples(text: &str) -> Vec<serde_json::Value> {
+    use std::io::Write;
+    let mut child = std::process::Command::new(python())
+        .arg(py_script("prom_parse.py"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 with prometheus_client (cargo xtask deps)");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("feed the parser");
+    let out = child.wait_with_output().expect("parser ran");
+    assert!(
+        out.status.success(),
+        "the Prometheus parser rejected the exposition:\n{text}"
+    );
+    serde_json::from_slice(&out.stdout).expect("parser output is JSON")
+}
+
+/// An independent OTLP/gRPC collector (`tests/py/otlp_receiver.py`): the spans it received,
+/// in arrival order. Ends with the test (its stdin closes, and it is killed on drop).
+pub struct OtlpReceiver {
+    pub addr: SocketAddr,
+    spans: Arc<Mutex<Vec<serde_json::Value>>>,
+    _child: tokio::process::Child,
+}
+
+impl OtlpReceiver {
+    pub async fn start() -> OtlpReceiver {
+        use tokio::io::AsyncBufReadExt;
+        let mut child = tokio::process::Command::new(python())
+            .arg(py_script("otlp_receiver.py"))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("python3 with grpcio and opentelemetry-proto (cargo xtask deps)");
+        let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let first = tokio::time::timeout(DEADLINE, lines.next_line())
+            .await
+            .expect("the receiver starts in time")
+            .expect("receiver output")
+            .expect("the receiver says where it listens");
+        let port: u16 = first
+            .strip_prefix("listening ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected first line {first:?}"));
+        let spans = Arc::new(Mutex::new(Vec::new()));
+        let s = spans.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Ok(v) = serde_json::from_str(&line) {
+                    s.lock().unwrap().push(v);
+                }
+            }
+        });
+        OtlpReceiver {
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            spans,
+            _child: child,
+        }
+    }
+
+    pub fn spans(&self) -> Vec<serde_json::Value> {
+        self.spans.lock().unwrap().clone()
+    }
+
+    /// Waits (to the deadline) until a span satisfies `f`; returns every span so far.
+    pub async fn wait_for(
+        &self,
+        what: &str,
+        f: impl Fn(&serde_json::Value) -> bool,
+    ) -> Vec<serde_json::Value> {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let spans = self.spans();
+            if spans.iter().any(&f) {
+                return spans;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no span {what} within {DEADLINE:?}; got {spans:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }
