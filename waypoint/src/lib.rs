@@ -19,6 +19,7 @@ pub mod app;
 pub mod authz;
 pub mod background;
 pub mod balance;
+pub mod circuit;
 pub mod config;
 pub mod dest;
 pub mod fault;
