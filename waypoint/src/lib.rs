@@ -26,6 +26,7 @@ pub mod fault;
 pub mod http_server;
 pub mod inbound;
 pub mod mirror;
+pub mod outlier;
 pub mod own_cert;
 pub mod pipeline;
 pub mod plain;
