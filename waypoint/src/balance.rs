@@ -1,20 +1,25 @@
-//! Choosing the endpoint a request or connection goes to.
+//! Choosing the endpoint a request or connection goes to, and whether it may go at all.
 //!
 //! Owns listing a backend's endpoints from the config (a subset filters them by its labels)
 //! and the choice among them with the destination's load-balancing policy
 //! (`meshcore::route::lb`: least request by default), fed with the requests this waypoint has
-//! in flight to each endpoint. Does not connect anywhere.
+//! in flight to each endpoint, leaving out endpoints outlier detection ejected (`outlier`) and
+//! those a retry already tried; admission under the destination's request and retry limits
+//! (`circuit`). Does not connect anywhere.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use meshcore::Identity;
 use meshcore::route::DestinationPolicy;
 use meshcore::route::lb::{self, EndpointView, HashRequest, LbPolicy};
 use meshcore::store::{ConfigStore, workload_identity};
 
+use crate::circuit::{Admitted, Circuits};
+use crate::outlier::{Detector, Usable};
 use crate::routing::{Backend, Router};
 
 /// One place a request can go.
@@ -24,6 +29,8 @@ pub struct Endpoint {
     pub addr: SocketAddr,
     /// How to reach it.
     pub transport: Transport,
+    /// The destination it was listed for: its connection-pool limits count there.
+    pub destination: Backend,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -43,6 +50,7 @@ pub fn endpoints(store: &ConfigStore, router: &Router, backend: &Backend) -> Vec
         Backend::Address(a) => vec![Endpoint {
             addr: *a,
             transport: Transport::Plain,
+            destination: backend.clone(),
         }],
         Backend::Workload { uid, port } => store
             .workload(uid)
@@ -50,6 +58,7 @@ pub fn endpoints(store: &ConfigStore, router: &Router, backend: &Backend) -> Vec
             .map(|(ip, identity)| Endpoint {
                 addr: SocketAddr::new(ip, *port),
                 transport: Transport::Hbone { identity },
+                destination: backend.clone(),
             })
             .into_iter()
             .collect(),
@@ -95,6 +104,7 @@ pub fn endpoints(store: &ConfigStore, router: &Router, backend: &Backend) -> Vec
                         transport: Transport::Hbone {
                             identity: workload_identity(w),
                         },
+                        destination: backend.clone(),
                     })
                 })
                 .collect()
@@ -106,12 +116,22 @@ fn first_ip(ips: &[String]) -> Option<IpAddr> {
     ips.iter().find_map(|s| s.parse().ok())
 }
 
-/// Requests in flight per endpoint, and one `meshcore::route::lb::Balancer` per destination
-/// (its round-robin position and hash ring live there).
-#[derive(Default)]
+/// Requests in flight per endpoint, one `meshcore::route::lb::Balancer` per destination
+/// (its round-robin position and hash ring live there), the destinations' circuit breakers
+/// and outlier detectors.
 pub struct Balancer {
     active: Mutex<HashMap<SocketAddr, Arc<AtomicUsize>>>,
     per_destination: Mutex<HashMap<Backend, Arc<lb::Balancer>>>,
+    circuits: Circuits,
+    outliers: Mutex<HashMap<Backend, Detector>>,
+    /// Time as outlier detection sees it; tests move it by hand.
+    clock: Arc<dyn Fn() -> Instant + Send + Sync>,
+}
+
+impl Default for Balancer {
+    fn default() -> Self {
+        Balancer::with_clock(Arc::new(Instant::now))
+    }
 }
 
 /// One request in flight to an endpoint, until dropped.
@@ -132,13 +152,26 @@ pub struct Picked {
 }
 
 impl Balancer {
+    /// A balancer whose outlier detection reads the time from `clock`.
+    pub fn with_clock(clock: Arc<dyn Fn() -> Instant + Send + Sync>) -> Balancer {
+        Balancer {
+            active: Mutex::default(),
+            per_destination: Mutex::default(),
+            circuits: Circuits::default(),
+            outliers: Mutex::default(),
+            clock,
+        }
+    }
+
     fn counter(&self, addr: SocketAddr) -> Arc<AtomicUsize> {
         let mut m = self.active.lock().unwrap_or_else(|p| p.into_inner());
         m.entry(addr).or_default().clone()
     }
 
     /// Chooses among `endpoints` of `backend` with its DestinationRule's policy (least request
-    /// by default), over the requests in flight from this waypoint. `None`: no endpoint.
+    /// by default), over the requests in flight from this waypoint, leaving out ejected
+    /// endpoints (all are candidates in panic) and those in `exclude` (unless no other is
+    /// left). `None`: no endpoint, or all ejected ("no healthy upstream").
     pub fn pick(
         &self,
         router: &Router,
@@ -147,9 +180,9 @@ impl Balancer {
         request: &HashRequest<'_>,
         exclude: &[SocketAddr],
     ) -> Option<Picked> {
-        // Retries avoid endpoints already tried (issue 9: and ejected ones), as long as some
-        // other endpoint is left.
-        let _ = exclude;
+        let destination = router.destination_policy(backend);
+        let candidates = self.candidates(&destination, backend, endpoints, exclude);
+        let endpoints: Vec<&Endpoint> = candidates.iter().map(|i| &endpoints[*i]).collect();
         let policy = match backend {
             Backend::Service {
                 service,
@@ -182,7 +215,7 @@ impl Balancer {
         let c = counters.get(i)?.clone();
         c.fetch_add(1, Ordering::AcqRel);
         Some(Picked {
-            endpoint: endpoints.get(i)?.clone(),
+            endpoint: (*endpoints.get(i)?).clone(),
             in_flight: InFlight(c),
             set_cookie: hash.set_cookie,
         })
@@ -197,6 +230,90 @@ mod tests {
         Endpoint {
             addr: SocketAddr::from(([10, 0, 0, 1], port)),
             transport: Transport::Plain,
+            destination: backend(),
+        }
+    }
+
+    fn backend() -> Backend {
+        Backend::Service {
+            service: "app/web".into(),
+            port: 80,
+            subset: None,
+        }
+    }
+
+    fn ejecting(min_health_percent: u32) -> DestinationPolicy {
+        DestinationPolicy {
+            outlier: Some(meshcore::route::resilience::OutlierDetection {
+                consecutive_5xx: 1,
+                max_ejection_percent: 100,
+                min_health_percent,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// A balancer whose clock stands still.
+    fn still() -> Balancer {
+        let t0 = Instant::now();
+        Balancer::with_clock(Arc::new(move || t0))
+    }
+
+    #[test]
+    fn ejected_endpoints_are_left_out_and_none_left_is_no_healthy_upstream() {
+        let b = still();
+        let p = ejecting(0);
+        let eps = [ep(1), ep(2), ep(3)];
+        assert_eq!(b.candidates(&p, &backend(), &eps, &[]), [0, 1, 2]);
+        b.report(&backend(), &p, eps[1].addr, Outcome::Status(500));
+        assert_eq!(b.candidates(&p, &backend(), &eps, &[]), [0, 2]);
+        b.report(&backend(), &p, eps[0].addr, Outcome::ConnectFailure);
+        b.report(&backend(), &p, eps[2].addr, Outcome::Status(503));
+        assert!(b.candidates(&p, &backend(), &eps, &[]).is_empty());
+        // Without outlier detection nothing is ejected (and the old ejections are forgotten).
+        let none = DestinationPolicy::default();
+        assert_eq!(b.candidates(&none, &backend(), &eps, &[]), [0, 1, 2]);
+        assert_eq!(b.candidates(&p, &backend(), &eps, &[]), [0, 1, 2]);
+    }
+
+    #[test]
+    fn in_panic_ejected_endpoints_are_used_again() {
+        let b = still();
+        let p = ejecting(50);
+        let eps = [ep(1), ep(2)];
+        b.report(&backend(), &p, eps[0].addr, Outcome::Status(500));
+        assert_eq!(b.candidates(&p, &backend(), &eps, &[]), [1]);
+        b.report(&backend(), &p, eps[1].addr, Outcome::Status(500));
+        assert_eq!(b.candidates(&p, &backend(), &eps, &[]), [0, 1]);
+    }
+
+    #[test]
+    fn excluded_endpoints_are_avoided_while_another_is_left() {
+        let b = still();
+        let p = ejecting(0);
+        let eps = [ep(1), ep(2), ep(3)];
+        let tried = [eps[0].addr];
+        assert_eq!(b.candidates(&p, &backend(), &eps, &tried), [1, 2]);
+        let tried = [eps[0].addr, eps[2].addr];
+        assert_eq!(b.candidates(&p, &backend(), &eps, &tried), [1]);
+        // Ejected and excluded together leave nothing: fall back to the excluded, not the
+        // ejected.
+        b.report(&backend(), &p, eps[1].addr, Outcome::Status(500));
+        assert_eq!(b.candidates(&p, &backend(), &eps, &tried), [0, 2]);
+        // pick itself honours exclude.
+        let router = Router::default();
+        let headers = http::HeaderMap::new();
+        let req = HashRequest {
+            headers: &headers,
+            path_and_query: "/",
+            source_ip: None,
+        };
+        for _ in 0..20 {
+            let p = b
+                .pick(&router, &backend(), &eps[..2], &req, &[eps[0].addr])
+                .unwrap();
+            assert_eq!(p.endpoint.addr, eps[1].addr);
         }
     }
 
@@ -250,18 +367,18 @@ pub enum Admit {
 }
 
 /// Holds one request's (or retry's) place under a destination's limits until dropped.
-pub struct Permit(());
+pub struct Permit(#[allow(dead_code)] Admitted);
 
 impl Balancer {
-    /// Counts `what` against `backend`'s connection-pool limits; `Err` when full.
+    /// Counts `what` against `backend`'s connection-pool limits (`http2MaxRequests` for a
+    /// request, `maxRetries` for a retry); `Err` when that many are in flight already.
     pub fn admit(
         &self,
         backend: &Backend,
         policy: &DestinationPolicy,
         what: Admit,
     ) -> Result<Permit, Overflow> {
-        let _ = (backend, policy, what);
-        Ok(Permit(()))
+        self.circuits.admit(backend, &policy.pool, what).map(Permit)
     }
 
     /// Feeds outlier detection with how an attempt to `endpoint` of `backend` ended.
@@ -272,6 +389,75 @@ impl Balancer {
         endpoint: SocketAddr,
         outcome: Outcome,
     ) {
-        let _ = (backend, policy, endpoint, outcome);
+        let Some(config) = &policy.outlier else {
+            return;
+        };
+        let now = (self.clock)();
+        let mut m = self.outliers.lock().unwrap_or_else(|p| p.into_inner());
+        m.entry(backend.clone())
+            .or_insert_with(|| Detector::new(now, config))
+            .report(now, config, endpoint, outcome);
+    }
+
+    /// Indices into `endpoints` a pick may choose from: not ejected (unless in panic), and not
+    /// excluded unless nothing else is left.
+    fn candidates(
+        &self,
+        policy: &DestinationPolicy,
+        backend: &Backend,
+        endpoints: &[Endpoint],
+        exclude: &[SocketAddr],
+    ) -> Vec<usize> {
+        let all = 0..endpoints.len();
+        let usable: Vec<usize> = match &policy.outlier {
+            None => {
+                // No detection (any more): forget what an earlier config ejected.
+                let mut m = self.outliers.lock().unwrap_or_else(|p| p.into_inner());
+                if !m.is_empty() {
+                    m.remove(backend);
+                }
+                all.collect()
+            }
+            Some(config) => {
+                let now = (self.clock)();
+                let addrs: Vec<SocketAddr> = endpoints.iter().map(|e| e.addr).collect();
+                let mut m = self.outliers.lock().unwrap_or_else(|p| p.into_inner());
+                let detector = m
+                    .entry(backend.clone())
+                    .or_insert_with(|| Detector::new(now, config));
+                match detector.usable(now, config, &addrs) {
+                    Usable::Panic => all.collect(),
+                    Usable::Healthy(h) => all.filter(|i| h[*i]).collect(),
+                }
+            }
+        };
+        if exclude.is_empty() {
+            return usable;
+        }
+        let fresh: Vec<usize> = usable
+            .iter()
+            .copied()
+            .filter(|i| !exclude.contains(&endpoints[*i].addr))
+            .collect();
+        if fresh.is_empty() { usable } else { fresh }
+    }
+
+    /// Circuit-breaker counts and ejections per destination, for `/config_dump`.
+    pub fn dump(&self, router: &Router) -> serde_json::Value {
+        let now = (self.clock)();
+        let m = self.outliers.lock().unwrap_or_else(|p| p.into_inner());
+        let outliers: Vec<serde_json::Value> = m
+            .iter()
+            .filter_map(|(b, d)| {
+                let policy = router.destination_policy(b);
+                let mut v = d.dump(now, policy.outlier.as_ref()?);
+                v["destination"] = format!("{b:?}").into();
+                Some(v)
+            })
+            .collect();
+        serde_json::json!({
+            "inFlight": self.circuits.dump(),
+            "outlierDetection": outliers,
+        })
     }
 }
