@@ -4,12 +4,15 @@
 //!
 //! Owns the access-log line of an L4 connection (target `access`, Istio's; message
 //! `connection complete`, `connection failed` or the denial's own; each fact in [`AccessLog`]
-//! written only when known) and the response flags its close is counted with. The counters
-//! are [`crate::tcp_metrics`]'s, the labels [`crate::telemetry`]'s; decides nothing.
+//! written only when known) and the response flags its close is counted with; and, when the
+//! connection was sampled ([`ConnResult::traced`]), its span (the same facts as attributes),
+//! exported by [`crate::spans`]. The counters are [`crate::tcp_metrics`]'s, the labels
+//! [`crate::telemetry`]'s; decides nothing.
 
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
+use crate::spans::{Attr, Kind, Span, SpanExt, Spans, Status};
 use crate::tcp_metrics::ConnMetrics;
 use crate::telemetry::FLAG_DENY;
 
@@ -71,12 +74,21 @@ impl Outcome {
     }
 }
 
-/// One open connection: its metrics guard (opened already) and its log facts.
+/// A span per sampled connection: the exporter and the share of connections traced.
+#[derive(Debug)]
+pub struct ConnSpans {
+    pub spans: Spans,
+    /// Probability in 0..=1.
+    pub sampling: f64,
+}
+
+/// One open connection: its metrics guard (opened already), its log facts, its span if traced.
 #[derive(Debug)]
 pub struct ConnResult {
     start: Instant,
     metrics: ConnMetrics,
     pub log: AccessLog,
+    span: Option<Span>,
 }
 
 impl ConnResult {
@@ -87,7 +99,30 @@ impl ConnResult {
             start,
             metrics,
             log,
+            span: None,
         }
+    }
+
+    /// Starts the connection's span when `spans` is set and the connection is sampled (a new
+    /// trace: an L4 connection carries no trace context). Call once the log facts are in.
+    pub fn traced(mut self, spans: Option<&ConnSpans>) -> ConnResult {
+        let Some(t) = spans.filter(|t| rand::random::<f64>() < t.sampling) else {
+            return self;
+        };
+        let l = &self.log;
+        let to = l.target.or(l.endpoint).or(l.dst);
+        let name = match to {
+            Some(to) => format!("{} {to}", l.direction),
+            None => l.direction.to_string(),
+        };
+        let kind = if l.direction == "inbound" {
+            Kind::Server
+        } else {
+            Kind::Client
+        };
+        let started = SystemTime::now() - self.start.elapsed();
+        self.span = Some(t.spans.start_span(name, kind, started, None, Vec::new()));
+        self
     }
 
     /// The metrics guard, for counting bytes while they flow.
@@ -101,6 +136,7 @@ impl ConnResult {
             start,
             mut metrics,
             log,
+            span,
         } = self;
         let flags = match &outcome {
             Outcome::Complete { .. } => None,
@@ -120,6 +156,17 @@ impl ConnResult {
             Outcome::Failed { error, bytes, .. } => ("connection failed", bytes, None, Some(error)),
         };
         let (sent, received) = (bytes.map(|b| b.0), bytes.map(|b| b.1));
+        if let Some(span) = span {
+            end_span(
+                span,
+                &log,
+                flags,
+                sent,
+                received,
+                error.as_deref(),
+                reason.as_deref(),
+            );
+        }
         let l = &log;
         macro_rules! line {
             ($lvl:ident) => {
@@ -141,4 +188,51 @@ impl ConnResult {
             line!(warn)
         }
     }
+}
+
+/// Ends a connection's span with its access-log facts as attributes.
+fn end_span(
+    mut span: Span,
+    l: &AccessLog,
+    flags: Option<&'static str>,
+    sent: Option<u64>,
+    received: Option<u64>,
+    error: Option<&str>,
+    reason: Option<&str>,
+) {
+    let mut attrs = vec![
+        Attr::new("direction", l.direction),
+        Attr::new(
+            "response_flags",
+            flags.unwrap_or(crate::telemetry::NO_FLAGS),
+        ),
+    ];
+    let mut text = |k: &'static str, v: Option<String>| {
+        if let Some(v) = v {
+            attrs.push(Attr::new(k, v));
+        }
+    };
+    text("src.workload", l.src_workload.clone());
+    text("src.namespace", l.src_namespace.clone());
+    text("src.identity", l.src_identity.clone());
+    text("dst.workload", l.dst_workload.clone());
+    text("dst.namespace", l.dst_namespace.clone());
+    text("dst.identity", l.dst_identity.clone());
+    text("peer.address", l.peer.map(|a| a.to_string()));
+    text("dst.address", l.dst.map(|a| a.to_string()));
+    text("target", l.target.map(|a| a.to_string()));
+    text("endpoint", l.endpoint.map(|a| a.to_string()));
+    text("waypoint", l.waypoint.clone());
+    text("protocol", l.protocol.map(str::to_string));
+    text("reason", reason.map(str::to_string));
+    for (k, v) in [("bytes_sent", sent), ("bytes_received", received)] {
+        if let Some(v) = v {
+            attrs.push(Attr::new(k, v as i64));
+        }
+    }
+    span.set_attributes(attrs);
+    if let Some(e) = error.or(flags) {
+        span.set_status(Status::error(e.to_string()));
+    }
+    span.end();
 }

@@ -96,6 +96,18 @@ pub async fn build(config: Config, set_log_level: SetLogLevelFn) -> anyhow::Resu
     if let Some(reason) = capture.fallback_reason() {
         warn!(requested = %config.capture, effective = %capture.mode(), %reason, "capture fell back");
     }
+    let spans = match &config.trace_collector {
+        Some(collector) => Some(dataplane::conn_result::ConnSpans {
+            spans: dataplane::spans::Spans::start(&dataplane::spans::ExportSettings {
+                collector: collector.clone(),
+                service_name: format!("ztunnel.{}", config.node),
+                flush_every: Duration::from_secs(1),
+            })
+            .context("--trace-collector")?,
+            sampling: (config.trace_sampling / 100.0).clamp(0.0, 1.0),
+        }),
+        None => None,
+    };
     let metrics = Metrics::new();
     metrics.set_capture_mode(&capture.mode().to_string());
     let (config_tx, config_rx) = watch::channel(None);
@@ -151,6 +163,7 @@ pub async fn build(config: Config, set_log_level: SetLogLevelFn) -> anyhow::Resu
         drain: Default::default(),
         admission: Default::default(),
         waypoints: crate::outbound::Waypoints::new(config.missing_waypoint),
+        spans,
     });
     let admin_state = Arc::new(AdminState {
         metrics,

@@ -138,7 +138,7 @@ async fn handle_connect(ctx: Arc<Ctx>, pod: Arc<Pod>, req: InboundRequest) {
         protocol: Some("HBONE"),
         ..AccessLog::default()
     };
-    let result = ConnResult::new(start, ctx.metrics.open(labels), log);
+    let result = ConnResult::new(start, ctx.metrics.open(labels), log).traced(ctx.spans.as_ref());
     if let Err(reason) = check(&policies, &ctx.decisions, &pod, &conn) {
         req.reject(StatusCode::UNAUTHORIZED);
         return result.finish(Outcome::Denied {
@@ -255,7 +255,7 @@ async fn plaintext(ctx: Arc<Ctx>, pod: Arc<Pod>, mut tcp: TcpStream, peer: Socke
         protocol: Some("TCP"),
         ..AccessLog::default()
     };
-    let result = ConnResult::new(start, ctx.metrics.open(labels), log);
+    let result = ConnResult::new(start, ctx.metrics.open(labels), log).traced(ctx.spans.as_ref());
     if let Err(reason) = check(&policies, &ctx.decisions, &pod, &conn) {
         return result.finish(Outcome::Denied {
             reason: reason.to_string(),

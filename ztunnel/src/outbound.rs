@@ -373,7 +373,8 @@ async fn handle(ctx: Arc<Ctx>, pod: Arc<Pod>, mut tcp: TcpStream, peer: SocketAd
         start,
         ctx.metrics.open(labels),
         access_log(&pod, peer, dst, &route),
-    );
+    )
+    .traced(ctx.spans.as_ref());
     let outcome = match &route {
         Route::Passthrough(addr) => match pod.netns.connect(*addr).await {
             Ok(mut up) => copied(copy::bidirectional(&mut tcp, &mut up, result.metrics()).await),

@@ -46,6 +46,8 @@ pub struct Ctx {
     pub admission: Admission,
     /// `--missing-waypoint` and the bypass log's throttles ([`crate::outbound`]).
     pub waypoints: crate::outbound::Waypoints,
+    /// A span per sampled connection, when `--trace-collector` is set.
+    pub spans: Option<dataplane::conn_result::ConnSpans>,
 }
 
 /// One enrolled pod, as its listeners see it.

@@ -80,4 +80,18 @@ pub struct Config {
     /// (fail closed), counted as a connection with response_flags="DENY".
     #[arg(long, value_enum, default_value_t = crate::outbound::MissingWaypoint::Bypass)]
     pub missing_waypoint: crate::outbound::MissingWaypoint,
+    /// Export a span per connection to this OTLP/gRPC collector (`host:port` or
+    /// `http://host:port`); none without it. Istio's ztunnel makes no spans; ours does.
+    #[arg(long, env = "TRACE_COLLECTOR")]
+    pub trace_collector: Option<String>,
+    /// Percent of connections traced (0-100) when --trace-collector is set.
+    #[arg(long, env = "TRACE_SAMPLING", default_value_t = 100.0, value_parser = percent)]
+    pub trace_sampling: f64,
+}
+
+fn percent(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(p) if (0.0..=100.0).contains(&p) => Ok(p),
+        _ => Err(format!("{s:?} is not a percentage from 0 to 100")),
+    }
 }

@@ -108,6 +108,8 @@ async fn starts_in_process_turns_ready_serves_metrics_and_stops_cleanly() {
         log_format: "text".into(),
         mass_removal_hold: 10,
         missing_waypoint: MissingWaypoint::Bypass,
+        trace_collector: None,
+        trace_sampling: 100.0,
     };
     let app = app::build(config, Box::new(|_| Ok(()))).await.unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
