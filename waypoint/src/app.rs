@@ -122,6 +122,8 @@ impl Ctx {
             "routes": self.router.borrow().dump(),
             "certificates": self.cert.status(),
             "connections": self.drain.active(),
+            "circuitBreakers": self.upstream.dump(),
+            "balancer": self.balancer.dump(&self.router.borrow()),
         })
     }
 }

@@ -8,11 +8,11 @@ use bytes::Bytes;
 use tokio::io::AsyncWriteExt;
 
 use crate::app::Ctx;
-use crate::balance::{self, Picked};
+use crate::balance::{self, Outcome, Picked};
 use crate::pipeline::Downstream;
 use crate::routing::TcpDecision;
 use crate::telemetry::{Flag, Kind, Record};
-use crate::upstream::Io;
+use crate::upstream::{Io, UpstreamError};
 use meshcore::route::lb::HashRequest;
 
 /// Passes `client` (whose first bytes, already read, are `prefix`) through to an endpoint.
@@ -60,8 +60,25 @@ pub async fn passthrough<S: Io>(
         return;
     };
     record.upstream = endpoint.addr.to_string();
-    let mut server = match ctx.upstream.open(&endpoint).await {
+    let destination = router.destination_policy(&backend);
+    let connected = ctx.upstream.connect(&endpoint, &destination.pool).await;
+    // For TCP, outlier detection counts connect failures (a connection made is a success).
+    let outcome = match &connected {
+        Ok(_) => Some(Outcome::Status(200)),
+        Err(UpstreamError::Overflow(_)) => None,
+        Err(_) => Some(Outcome::ConnectFailure),
+    };
+    if let Some(o) = outcome {
+        ctx.balancer
+            .report(&backend, &destination, endpoint.addr, o);
+    }
+    let mut server = match connected {
         Ok(s) => s,
+        Err(UpstreamError::Overflow(_)) => {
+            record.flag = Some(Flag::UpstreamOverflow);
+            record.finish(&ctx.metrics);
+            return;
+        }
         Err(e) => {
             record.flag = Some(Flag::UpstreamConnect);
             record.error = Some(e.to_string());
@@ -70,8 +87,8 @@ pub async fn passthrough<S: Io>(
         }
     };
     let result = async {
-        server.write_all(&prefix).await?;
-        tokio::io::copy_bidirectional(&mut client, &mut server).await
+        server.io.write_all(&prefix).await?;
+        tokio::io::copy_bidirectional(&mut client, &mut server.io).await
     }
     .await;
     match result {

@@ -1,15 +1,24 @@
 //! Connections to endpoints: HBONE streams (with the waypoint's own identity, expecting the
-//! endpoint's) or plain TCP, and pooled HTTP client connections on them.
+//! endpoint's) or plain TCP, and pooled HTTP client connections on them, under the
+//! destination's `connectionPool` limits.
 //!
-//! HTTP/1.1: a few kept-alive connections per endpoint, one request at a time each; a
-//! connection goes back to the pool once its response has been read to the end. HTTP/2 (and
-//! so gRPC): one multiplexed connection per endpoint. Bodies stream both ways. Owns the pools
-//! and the transport; not which endpoint (`balance`) nor what the request says (`pipeline`).
+//! HTTP/1.1: kept-alive connections per endpoint, one request at a time each; a connection
+//! goes back to the pool once its response has been read to the end. A request that finds no
+//! idle connection opens one if `maxConnections` (per destination, counted in `circuit`)
+//! allows, else waits for one in a queue bounded by `http1MaxPendingRequests` — beyond it,
+//! [`UpstreamError::Overflow`]. `maxRequestsPerConnection` closes a connection after that many
+//! requests (1: no keep-alive), `idleTimeout` closes idle ones, `connectTimeout` bounds making
+//! one. HTTP/2 (and so gRPC): one multiplexed connection per endpoint. TCP passthrough takes
+//! its connections ([`Upstream::connect`]) under the same limits. Bodies stream both ways.
+//! Owns the pools and the transport; not which endpoint (`balance`) nor what the request says
+//! (`pipeline`).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
@@ -22,7 +31,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::debug;
 
 use crate::balance::{Endpoint, HBONE_PORT, Transport};
+use crate::circuit::{ConnSlot, Slots, Waiting};
 use crate::own_cert::{CertError, OwnCert};
+use crate::routing::Backend;
 
 /// A request or response body as the pipeline passes it on.
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -44,13 +55,17 @@ pub enum UpstreamError {
     },
     #[error("connect {0}: {1}")]
     Tcp(SocketAddr, std::io::Error),
+    /// No connection within the destination's `connectTimeout`.
+    #[error("connect {0}: no connection within {1:?} (DestinationRule connectTimeout)")]
+    ConnectTimeout(SocketAddr, Duration),
     #[error("HTTP handshake with {0}: {1}")]
     Handshake(SocketAddr, hyper::Error),
     /// The request was sent (or being sent) and failed.
     #[error("upstream {0}: {1}")]
     Request(SocketAddr, hyper::Error),
     /// A connection-pool limit (maxConnections + http1MaxPendingRequests) overflowed: Envoy's
-    /// `UO`, answered 503 with `x-envoy-overloaded` and never retried.
+    /// `UO`, answered 503 with `x-envoy-overloaded` and never retried. Nothing reached the
+    /// endpoint.
     #[error("upstream {0}: connection pool overflow")]
     Overflow(SocketAddr),
 }
@@ -79,19 +94,61 @@ pub struct Upstream {
     hbone: Pool,
     cert: OwnCert,
     dial: Dialer,
-    http1: Arc<Mutex<HashMap<Key, Vec<http1::SendRequest<Body>>>>>,
+    destinations: Mutex<HashMap<Backend, Arc<Destination>>>,
+}
+
+/// One destination's connections and their limits' counters.
+#[derive(Default)]
+struct Destination {
+    slots: Arc<Slots>,
+    http1: Mutex<HashMap<Key, Vec<Http1>>>,
     /// One slot per endpoint; its lock is held while the connection is made, so concurrent
     /// first requests share one connection instead of racing to make several.
     http2: Mutex<HashMap<Key, Http2Slot>>,
 }
 
-type Http2Slot = Arc<tokio::sync::Mutex<Option<http2::SendRequest<Body>>>>;
+/// A pooled HTTP/1.1 connection and what its driver task watches.
+struct Http1 {
+    sender: http1::SendRequest<Body>,
+    state: Arc<ConnState>,
+}
 
-/// Limit on a plain TCP connect (HBONE's is the pool's, also 10 s).
-const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+#[derive(Clone)]
+struct Http2 {
+    sender: http2::SendRequest<Body>,
+    served: Arc<AtomicU32>,
+}
+
+type Http2Slot = Arc<tokio::sync::Mutex<Option<Http2>>>;
+
+/// Shared by a connection's pool entry and its driver task.
+#[derive(Default)]
+struct ConnState {
+    served: AtomicU32,
+    idle: Mutex<Idle>,
+}
+
+#[derive(Default)]
+struct Idle {
+    since: Option<Instant>,
+    /// The driver is closing it for idleness: never hand it out again.
+    closing: bool,
+}
+
+/// Limit on connecting when no DestinationRule says (Istio's `connectTimeout` default).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Idle connections are closed after this when no DestinationRule says (Istio: 1 h).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// Idle HTTP/1.1 connections kept per endpoint.
 const MAX_IDLE_HTTP1: usize = 32;
+
+/// A connection for TCP passthrough, counted under `maxConnections` while held.
+pub struct Connection {
+    pub io: BoxIo,
+    _slot: ConnSlot,
+}
 
 impl Upstream {
     pub fn new(hbone: Pool, cert: OwnCert) -> Upstream {
@@ -99,25 +156,39 @@ impl Upstream {
             hbone,
             cert,
             dial: Arc::new(|addr| Box::pin(tokio::net::TcpStream::connect(addr))),
-            http1: Arc::default(),
-            http2: Mutex::default(),
+            destinations: Mutex::default(),
         }
     }
 
-    /// A new byte stream to `ep`: an HBONE CONNECT to `<ip>:<port>` via `<ip>:15008`, or TCP.
+    fn destination(&self, backend: &Backend) -> Arc<Destination> {
+        let mut m = self.destinations.lock().unwrap_or_else(|p| p.into_inner());
+        m.entry(backend.clone()).or_default().clone()
+    }
+
+    /// A new byte stream to `ep`: an HBONE CONNECT to `<ip>:<port>` via `<ip>:15008`, or TCP,
+    /// within Istio's default connect timeout.
     pub async fn open(&self, ep: &Endpoint) -> Result<BoxIo, UpstreamError> {
+        self.open_within(ep, CONNECT_TIMEOUT).await
+    }
+
+    /// [`Upstream::open`] within `limit`.
+    pub async fn open_within(
+        &self,
+        ep: &Endpoint,
+        limit: Duration,
+    ) -> Result<BoxIo, UpstreamError> {
+        match tokio::time::timeout(limit, self.open_unbounded(ep)).await {
+            Ok(r) => r,
+            Err(_) => Err(UpstreamError::ConnectTimeout(ep.addr, limit)),
+        }
+    }
+
+    async fn open_unbounded(&self, ep: &Endpoint) -> Result<BoxIo, UpstreamError> {
         match &ep.transport {
             Transport::Plain => {
-                let connect = tokio::net::TcpStream::connect(ep.addr);
-                let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
-                    Ok(r) => r.map_err(|e| UpstreamError::Tcp(ep.addr, e))?,
-                    Err(_) => {
-                        return Err(UpstreamError::Tcp(
-                            ep.addr,
-                            std::io::ErrorKind::TimedOut.into(),
-                        ));
-                    }
-                };
+                let tcp = tokio::net::TcpStream::connect(ep.addr)
+                    .await
+                    .map_err(|e| UpstreamError::Tcp(ep.addr, e))?;
                 let _ = tcp.set_nodelay(true);
                 Ok(Box::pin(tcp))
             }
@@ -148,7 +219,38 @@ impl Upstream {
         }
     }
 
-    /// Sends one request to `ep` over a pooled connection of `version`.
+    /// A connection to `ep` for TCP passthrough under `pool`'s `maxConnections` (waiting, up
+    /// to `http1MaxPendingRequests` others, for one to close) and `connectTimeout`.
+    pub async fn connect(
+        &self,
+        ep: &Endpoint,
+        pool: &ConnectionPool,
+    ) -> Result<Connection, UpstreamError> {
+        let dest = self.destination(&ep.destination);
+        let mut waiting: Option<Waiting> = None;
+        let slot = loop {
+            let changed = dest.slots.changed();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if let Some(slot) = dest.slots.open(ep.addr, pool.max_connections) {
+                break slot;
+            }
+            if waiting.is_none() {
+                waiting = Some(
+                    dest.slots
+                        .wait(pool.max_pending_requests)
+                        .map_err(|_| UpstreamError::Overflow(ep.addr))?,
+                );
+            }
+            changed.await;
+        };
+        drop(waiting);
+        let io = self.open_within(ep, pool.connect_timeout).await?;
+        Ok(Connection { io, _slot: slot })
+    }
+
+    /// Sends one request to `ep` over a pooled connection of `version`, under the
+    /// destination's connection-pool limits.
     pub async fn send(
         &self,
         ep: &Endpoint,
@@ -156,39 +258,49 @@ impl Upstream {
         req: http::Request<Body>,
         pool: &ConnectionPool,
     ) -> Result<http::Response<Incoming>, UpstreamError> {
-        // The destination's connection-pool limits (issue 9: maxConnections, pending
-        // requests, requests per connection, connect and idle timeouts).
-        let _ = pool;
+        let dest = self.destination(&ep.destination);
         let key = (ep.addr, ep.transport.clone());
         match version {
             Version::Http1 => {
-                let mut sender = match self.idle_http1(&key) {
-                    Some(s) => s,
-                    None => self.new_http1(ep).await?,
-                };
-                let resp = sender
+                let mut conn = self.http1_connection(&dest, ep, &key, pool).await?;
+                conn.state.served.fetch_add(1, Ordering::AcqRel);
+                let resp = conn
+                    .sender
                     .send_request(req)
                     .await
                     .map_err(|e| UpstreamError::Request(ep.addr, e))?;
-                self.recycle_http1(key, sender);
+                recycle_http1(dest, key, conn, pool.max_requests_per_connection);
                 Ok(resp)
             }
             Version::Http2 => {
                 let slot = {
-                    let mut m = self.http2.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut m = dest.http2.lock().unwrap_or_else(|p| p.into_inner());
                     m.entry(key).or_default().clone()
                 };
-                let mut sender = {
+                let limit = pool.max_requests_per_connection;
+                let Http2 {
+                    mut sender, served, ..
+                } = {
                     let mut conn = slot.lock().await;
-                    match conn.as_ref().filter(|s| !s.is_closed()) {
-                        Some(s) => s.clone(),
+                    let usable = conn.as_ref().filter(|c| {
+                        !c.sender.is_closed()
+                            && (limit == 0 || c.served.load(Ordering::Acquire) < limit)
+                    });
+                    match usable {
+                        Some(c) => c.clone(),
                         None => {
-                            let s = self.new_http2(ep).await?;
-                            *conn = Some(s.clone());
-                            s
+                            // The old one (if any) closes once its last stream ends.
+                            *conn = None;
+                            let Some(cslot) = dest.slots.open(ep.addr, pool.max_connections) else {
+                                return Err(UpstreamError::Overflow(ep.addr));
+                            };
+                            let c = self.new_http2(ep, cslot, pool).await?;
+                            *conn = Some(c.clone());
+                            c
                         }
                     }
                 };
+                served.fetch_add(1, Ordering::AcqRel);
                 sender
                     .ready()
                     .await
@@ -201,72 +313,202 @@ impl Upstream {
         }
     }
 
+    /// An idle connection to `ep`, a new one if `maxConnections` allows, or the first to be
+    /// released while this request waits (if `http1MaxPendingRequests` lets it wait).
+    async fn http1_connection(
+        &self,
+        dest: &Arc<Destination>,
+        ep: &Endpoint,
+        key: &Key,
+        pool: &ConnectionPool,
+    ) -> Result<Http1, UpstreamError> {
+        let mut waiting: Option<Waiting> = None;
+        loop {
+            let changed = dest.slots.changed();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if let Some(c) = dest.idle_http1(key) {
+                return Ok(c);
+            }
+            if let Some(slot) = dest.slots.open(ep.addr, pool.max_connections) {
+                drop(waiting);
+                return self.new_http1(ep, slot, pool).await;
+            }
+            if waiting.is_none() {
+                waiting = Some(
+                    dest.slots
+                        .wait(pool.max_pending_requests)
+                        .map_err(|_| UpstreamError::Overflow(ep.addr))?,
+                );
+            }
+            changed.await;
+        }
+    }
+
     /// Drops the pooled connections of endpoints for which `keep` is false (gone from the
     /// config): their HTTP/2 connections close once their last request ends.
     pub fn retain(&self, keep: impl Fn(&SocketAddr) -> bool) {
-        self.http1
+        let dests: Vec<Arc<Destination>> = self
+            .destinations
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .retain(|(addr, _), _| keep(addr));
-        self.http2
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|(addr, _), _| keep(addr));
-    }
-
-    fn idle_http1(&self, key: &Key) -> Option<http1::SendRequest<Body>> {
-        let mut m = self.http1.lock().unwrap_or_else(|p| p.into_inner());
-        let idle = m.get_mut(key)?;
-        while let Some(s) = idle.pop() {
-            if s.is_ready() {
-                return Some(s);
-            }
+            .values()
+            .cloned()
+            .collect();
+        for d in dests {
+            d.http1
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|(addr, _), _| keep(addr));
+            d.http2
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|(addr, _), _| keep(addr));
         }
-        None
     }
 
-    /// Back into the pool once the response has been read (hyper says ready); a connection
-    /// that fails or was upgraded is dropped instead.
-    fn recycle_http1(&self, key: Key, mut sender: http1::SendRequest<Body>) {
-        let this = self.http1.clone();
-        tokio::spawn(async move {
-            if sender.ready().await.is_ok() {
-                let mut m = this.lock().unwrap_or_else(|p| p.into_inner());
-                let idle = m.entry(key).or_default();
-                if idle.len() < MAX_IDLE_HTTP1 {
-                    idle.push(sender);
-                }
-            }
-        });
+    /// Open connections and requests waiting for one, per destination, for `/config_dump`.
+    pub fn dump(&self) -> serde_json::Value {
+        let m = self.destinations.lock().unwrap_or_else(|p| p.into_inner());
+        m.iter()
+            .map(|(b, d)| {
+                let (open, pending) = d.slots.counts();
+                serde_json::json!({
+                    "destination": format!("{b:?}"),
+                    "connections": open,
+                    "pending": pending,
+                })
+            })
+            .collect()
     }
 
-    async fn new_http1(&self, ep: &Endpoint) -> Result<http1::SendRequest<Body>, UpstreamError> {
-        let io = self.open(ep).await?;
+    async fn new_http1(
+        &self,
+        ep: &Endpoint,
+        slot: ConnSlot,
+        pool: &ConnectionPool,
+    ) -> Result<Http1, UpstreamError> {
+        let io = self.open_within(ep, pool.connect_timeout).await?;
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(io))
             .await
             .map_err(|e| UpstreamError::Handshake(ep.addr, e))?;
-        let addr = ep.addr;
-        tokio::spawn(async move {
-            if let Err(e) = conn.with_upgrades().await {
-                debug!(upstream = %addr, error = %e, "upstream HTTP/1.1 connection ended");
-            }
-        });
-        Ok(sender)
+        let state = Arc::new(ConnState::default());
+        let idle_timeout = pool.http_idle_timeout.unwrap_or(IDLE_TIMEOUT);
+        tokio::spawn(drive_http1(
+            ep.addr,
+            conn,
+            slot,
+            state.clone(),
+            idle_timeout,
+        ));
+        Ok(Http1 { sender, state })
     }
 
-    async fn new_http2(&self, ep: &Endpoint) -> Result<http2::SendRequest<Body>, UpstreamError> {
-        let io = self.open(ep).await?;
+    async fn new_http2(
+        &self,
+        ep: &Endpoint,
+        slot: ConnSlot,
+        pool: &ConnectionPool,
+    ) -> Result<Http2, UpstreamError> {
+        let io = self.open_within(ep, pool.connect_timeout).await?;
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .handshake(TokioIo::new(io))
             .await
             .map_err(|e| UpstreamError::Handshake(ep.addr, e))?;
         let addr = ep.addr;
         tokio::spawn(async move {
+            let _slot = slot;
             if let Err(e) = conn.await {
                 debug!(upstream = %addr, error = %e, "upstream HTTP/2 connection ended");
             }
         });
-        Ok(sender)
+        Ok(Http2 {
+            sender,
+            served: Arc::default(),
+        })
+    }
+}
+
+impl Destination {
+    fn idle_http1(&self, key: &Key) -> Option<Http1> {
+        let mut m = self.http1.lock().unwrap_or_else(|p| p.into_inner());
+        let idle = m.get_mut(key)?;
+        while let Some(c) = idle.pop() {
+            let mut i = c.state.idle.lock().unwrap_or_else(|p| p.into_inner());
+            if i.closing || !c.sender.is_ready() {
+                continue;
+            }
+            i.since = None;
+            drop(i);
+            return Some(c);
+        }
+        None
+    }
+}
+
+/// Back into the pool once the response has been read (hyper says ready), and the waiters
+/// told; a connection that failed, was upgraded or served its `maxRequestsPerConnection` is
+/// dropped instead (and closes).
+fn recycle_http1(dest: Arc<Destination>, key: Key, mut conn: Http1, max_requests: u32) {
+    tokio::spawn(async move {
+        if conn.sender.ready().await.is_err() {
+            return;
+        }
+        if max_requests != 0 && conn.state.served.load(Ordering::Acquire) >= max_requests {
+            return;
+        }
+        conn.state
+            .idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .since = Some(Instant::now());
+        {
+            let mut m = dest.http1.lock().unwrap_or_else(|p| p.into_inner());
+            let idle = m.entry(key).or_default();
+            if idle.len() >= MAX_IDLE_HTTP1 {
+                return;
+            }
+            idle.push(conn);
+        }
+        dest.slots.released();
+    });
+}
+
+/// Runs one HTTP/1.1 connection, holding its place under `maxConnections`, and closes it once
+/// it has been idle for `idle_timeout`.
+async fn drive_http1<T>(
+    addr: SocketAddr,
+    conn: http1::Connection<TokioIo<T>, Body>,
+    _slot: ConnSlot,
+    state: Arc<ConnState>,
+    idle_timeout: Duration,
+) where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let conn = conn.with_upgrades();
+    tokio::pin!(conn);
+    let mut check_in = idle_timeout;
+    loop {
+        tokio::select! {
+            r = &mut conn => {
+                if let Err(e) = r {
+                    debug!(upstream = %addr, error = %e, "upstream HTTP/1.1 connection ended");
+                }
+                return;
+            }
+            _ = tokio::time::sleep(check_in) => {
+                let mut idle = state.idle.lock().unwrap_or_else(|p| p.into_inner());
+                match idle.since.map(|t| t.elapsed()) {
+                    Some(e) if e >= idle_timeout => {
+                        idle.closing = true;
+                        debug!(upstream = %addr, "closing idle upstream HTTP/1.1 connection");
+                        return;
+                    }
+                    Some(e) => check_in = idle_timeout - e,
+                    None => check_in = idle_timeout,
+                }
+            }
+        }
     }
 }
