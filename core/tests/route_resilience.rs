@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use http::HeaderMap;
 use meshcore::route::resilience::{
-    Abort, AbortStatus, Delay, GrpcRetryOn, Mirror, RetryOn, RetryPolicy, RoutePolicy,
+    Abort, AbortStatus, ConnectionPool, Delay, DestinationPolicy, GrpcRetryOn, Mirror,
+    OutlierDetection, RetryOn, RetryPolicy, RoutePolicy,
 };
 use meshcore::route::{
     Backend, Diagnostic, HttpDecision, HttpRequestInfo, PortInfo, RouteResourceRef, RouteTable,
@@ -615,4 +616,222 @@ fn gateway_resilience_errors_name_the_field() {
         "filters": [mirror_filter(json!({"backendRef": {"name": "shadow", "port": 80}, "percent": 10}))]}),
     );
     assert_eq!(diags(kind, spec), vec![]);
+}
+
+fn dr(spec: Value) -> (&'static str, Value) {
+    ("DestinationRule", spec)
+}
+
+#[test]
+fn destination_rule_pools_and_outlier_detection() {
+    let t = table(&[dr(json!({"host": "echo", "trafficPolicy": {
+        "connectionPool": {
+            "tcp": {"maxConnections": 3, "connectTimeout": "250ms", "idleTimeout": "30s"},
+            "http": {"http1MaxPendingRequests": 2, "http2MaxRequests": 7, "maxRequestsPerConnection": 1,
+                     "maxRetries": 4, "idleTimeout": "5s"}},
+        "outlierDetection": {"consecutive5xxErrors": 2, "consecutiveGatewayErrors": 1, "interval": "1s",
+                             "baseEjectionTime": "15s", "maxEjectionPercent": 50, "minHealthPercent": 20}}}))]);
+    let p = t.destination_policy("mesh/echo", 80, None);
+    assert_eq!(
+        p.pool,
+        ConnectionPool {
+            max_connections: 3,
+            connect_timeout: ms(250),
+            tcp_idle_timeout: Duration::from_secs(30),
+            max_pending_requests: 2,
+            max_requests: 7,
+            max_requests_per_connection: 1,
+            max_retries: 4,
+            http_idle_timeout: Some(Duration::from_secs(5)),
+        }
+    );
+    assert_eq!(
+        p.outlier,
+        Some(OutlierDetection {
+            consecutive_5xx: 2,
+            consecutive_gateway: 1,
+            interval: Duration::from_secs(1),
+            base_ejection_time: Duration::from_secs(15),
+            max_ejection_time: Duration::from_secs(300),
+            max_ejection_percent: 50,
+            min_health_percent: 20,
+        })
+    );
+    // No DestinationRule: Istio's defaults, no outlier detection.
+    assert_eq!(
+        *t.destination_policy("mesh/shadow", 80, None),
+        DestinationPolicy::default()
+    );
+    assert_eq!(DestinationPolicy::default().outlier, None);
+    assert_eq!(DestinationPolicy::default().pool.max_requests, u32::MAX);
+}
+
+#[test]
+fn unset_and_zero_fields_keep_istios_defaults() {
+    let t = table(&[dr(json!({"host": "echo", "trafficPolicy": {
+        "connectionPool": {"http": {"http2MaxRequests": 0}, "tcp": {}},
+        "outlierDetection": {"maxEjectionPercent": 0}}}))]);
+    let p = t.destination_policy("mesh/echo", 80, None);
+    assert_eq!(p.pool, ConnectionPool::default());
+    assert_eq!(p.outlier, Some(OutlierDetection::default()));
+    assert_eq!(OutlierDetection::default().consecutive_5xx, 5);
+    // The deprecated consecutiveErrors counts gateway errors only (Istio).
+    let t = table(&[dr(json!({"host": "echo", "trafficPolicy": {
+        "outlierDetection": {"consecutiveErrors": 3}}}))]);
+    let o = t.destination_policy("mesh/echo", 80, None).outlier.clone();
+    assert_eq!(
+        o.map(|o| (o.consecutive_5xx, o.consecutive_gateway)),
+        Some((0, 3))
+    );
+}
+
+#[test]
+fn levels_replace_whole_fields_in_istios_order() {
+    let pool = |n: u32| json!({"http": {"http2MaxRequests": n}});
+    let t = table(&[dr(json!({"host": "echo",
+        "trafficPolicy": {"connectionPool": pool(1), "outlierDetection": {"consecutive5xxErrors": 1},
+            "portLevelSettings": [{"port": {"number": 8080}, "connectionPool": {"tcp": {"maxConnections": 9}}}]},
+        "subsets": [
+            {"name": "v1", "labels": {"v": "1"}},
+            {"name": "v2", "labels": {"v": "2"}, "trafficPolicy": {"connectionPool": pool(3),
+                "portLevelSettings": [{"port": {"number": 80}, "outlierDetection": {"consecutive5xxErrors": 4}}]}}]}))]);
+    let at = |port, subset| {
+        let p = t.destination_policy("mesh/echo", port, subset);
+        (
+            p.pool.max_requests,
+            p.pool.max_connections,
+            p.outlier.as_ref().map(|o| o.consecutive_5xx),
+        )
+    };
+    let max = u32::MAX;
+    // trafficPolicy.
+    assert_eq!(at(80, None), (1, max, Some(1)));
+    // A port entry replaces the top level whole: its pool, and no outlier detection since it
+    // sets none ("replace, not merge").
+    assert_eq!(at(8080, None), (max, 9, None));
+    // A subset without its own policy inherits the top level, port entry included.
+    assert_eq!(at(8080, Some("v1")), (max, 9, None));
+    assert_eq!(at(80, Some("v1")), (1, max, Some(1)));
+    // The subset's pool beats the top level's port entry; the subset's port entry replaces
+    // both fields (its pool unset: the default).
+    assert_eq!(at(8080, Some("v2")), (3, max, None));
+    assert_eq!(at(80, Some("v2")), (max, max, Some(4)));
+    // An unknown subset falls back to the top level.
+    assert_eq!(at(80, Some("nope")), (1, max, Some(1)));
+}
+
+#[test]
+fn destination_rule_errors_name_the_field() {
+    let e = Severity::Error;
+    let check = |tp: Value, field: &str, says: &str| {
+        has(
+            "DestinationRule",
+            json!({"host": "echo", "trafficPolicy": tp}),
+            e,
+            field,
+            says,
+        );
+    };
+    let p = "spec.trafficPolicy";
+    check(
+        json!({"connectionPool": {"http": {"http2MaxRequests": -1}}}),
+        &format!("{p}.connectionPool.http.http2MaxRequests"),
+        "negative",
+    );
+    check(
+        json!({"connectionPool": {"tcp": {"maxConnections": -5}}}),
+        &format!("{p}.connectionPool.tcp.maxConnections"),
+        "negative",
+    );
+    check(
+        json!({"connectionPool": {"tcp": {"connectTimeout": "0s"}}}),
+        &format!("{p}.connectionPool.tcp.connectTimeout"),
+        "at least 1ms",
+    );
+    check(
+        json!({"connectionPool": {"http": {"idleTimeout": "forever"}}}),
+        &format!("{p}.connectionPool.http.idleTimeout"),
+        "duration",
+    );
+    check(
+        json!({"outlierDetection": {"maxEjectionPercent": 101}}),
+        &format!("{p}.outlierDetection.maxEjectionPercent"),
+        "0 to 100",
+    );
+    check(
+        json!({"outlierDetection": {"minHealthPercent": -1}}),
+        &format!("{p}.outlierDetection.minHealthPercent"),
+        "0 to 100",
+    );
+    check(
+        json!({"outlierDetection": {"interval": "-1s"}}),
+        &format!("{p}.outlierDetection.interval"),
+        "duration",
+    );
+    check(
+        json!({"outlierDetection": {"consecutive5xxErrors": -1}}),
+        &format!("{p}.outlierDetection.consecutive5xxErrors"),
+        "between 0 and",
+    );
+    check(
+        json!({"portLevelSettings": [{"port": {"number": 80}, "outlierDetection": {"baseEjectionTime": "x"}}]}),
+        &format!("{p}.portLevelSettings[0].outlierDetection.baseEjectionTime"),
+        "duration",
+    );
+    has(
+        "DestinationRule",
+        json!({"host": "echo", "subsets": [{"name": "a", "trafficPolicy": {"connectionPool": {"http": {"maxRetries": -2}}}}]}),
+        e,
+        "spec.subsets[0].trafficPolicy.connectionPool.http.maxRetries",
+        "negative",
+    );
+    has(
+        "DestinationRule",
+        json!({"host": "echo", "trafficPolicy": {"connectionPool": {}}}),
+        Severity::Warning,
+        "spec.trafficPolicy.connectionPool",
+        "neither tcp nor http",
+    );
+    // Implemented fields are clean; the rest is reported.
+    assert_eq!(
+        diags(
+            "DestinationRule",
+            json!({"host": "echo", "trafficPolicy": {
+            "connectionPool": {"tcp": {"maxConnections": 1}, "http": {"http2MaxRequests": 1, "maxRetries": 0}},
+            "outlierDetection": {"consecutive5xxErrors": 0, "interval": "5s"}}})
+        ),
+        vec![]
+    );
+    let u = Severity::Unsupported;
+    let spec = json!({"host": "echo", "trafficPolicy": {
+        "connectionPool": {"tcp": {"tcpKeepalive": {"time": "1s"}}, "http": {"h2UpgradePolicy": "UPGRADE"}},
+        "outlierDetection": {"splitExternalLocalOriginErrors": true}, "retryBudget": {}}});
+    has(
+        "DestinationRule",
+        spec.clone(),
+        u,
+        &format!("{p}.connectionPool.tcp.tcpKeepalive"),
+        "keepalive",
+    );
+    has(
+        "DestinationRule",
+        spec.clone(),
+        u,
+        &format!("{p}.connectionPool.http.h2UpgradePolicy"),
+        "no effect",
+    );
+    has(
+        "DestinationRule",
+        spec.clone(),
+        u,
+        &format!("{p}.outlierDetection.splitExternalLocalOriginErrors"),
+        "no effect",
+    );
+    has(
+        "DestinationRule",
+        spec,
+        u,
+        &format!("{p}.retryBudget"),
+        "no effect",
+    );
 }

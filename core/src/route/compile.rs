@@ -6,7 +6,7 @@
 //! Owns the compiled form (consumed by `decide`); a resource with an Error is left out whole.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use serde_json::Value;
 
@@ -14,6 +14,7 @@ use super::decide::Backend;
 use super::lb::LbPolicy;
 use super::matcher::{PathMatch, StrMatch};
 use super::resilience::{DestinationPolicy, Mirror, RoutePolicy};
+use super::resilience_dr::DrPolicies;
 use super::rewrite::{HeaderOps, PathRewrite, Redirect};
 use super::spec_istio as istio;
 use super::validate::{Parsed, parse};
@@ -74,6 +75,10 @@ pub struct RouteResourceRef<'a> {
     pub generation_order: i64,
 }
 
+/// Istio's defaults, shared by every destination without a DestinationRule.
+static DEFAULT_DESTINATION: LazyLock<Arc<DestinationPolicy>> =
+    LazyLock::new(|| Arc::new(DestinationPolicy::default()));
+
 /// The compiled routes of every Service; cheap to clone.
 #[derive(Clone, Default)]
 pub struct RouteTable {
@@ -88,6 +93,8 @@ pub(crate) struct Inner {
     /// Service key → Gateway API match entries, in precedence order.
     pub gw: HashMap<String, Vec<GwEntry>>,
     pub dr: HashMap<String, Arc<istio::DestinationRule>>,
+    /// Service key → its DestinationRule's pools and outlier detection, per subset and port.
+    pub dest_policy: HashMap<String, DrPolicies>,
 }
 
 pub(crate) struct VsRoutes {
@@ -316,8 +323,10 @@ impl RouteTable {
         port: u16,
         subset: Option<&str>,
     ) -> Arc<DestinationPolicy> {
-        // Filled from DestinationRules by issue 9's compile work.
-        let _ = (service, port, subset);
-        Arc::new(DestinationPolicy::default())
+        self.inner
+            .dest_policy
+            .get(service)
+            .and_then(|p| p.get(port, subset))
+            .unwrap_or_else(|| Arc::clone(&DEFAULT_DESTINATION))
     }
 }

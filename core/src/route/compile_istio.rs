@@ -14,6 +14,7 @@ use super::compile::{
 use super::hosts::host_to_key;
 use super::matcher::{StrMatch, search_regex};
 use super::resilience::RoutePolicy;
+use super::resilience_dr::DrPolicies;
 use super::resilience_istio::{self, RulePolicy};
 use super::rewrite::{HeaderOps, PathRewrite, Redirect, RedirectPort, re2_replacement};
 use super::spec_istio as istio;
@@ -46,6 +47,7 @@ pub(super) fn destination_rules(
                 format!("an older DestinationRule already applies to {k}: this one is ignored"),
             ),
             Some(k) => {
+                inner.dest_policy.insert(k.clone(), DrPolicies::new(dr));
                 inner.dr.insert(k, Arc::new(dr.clone()));
             }
         }

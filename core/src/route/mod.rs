@@ -21,6 +21,7 @@ mod hosts;
 pub mod lb;
 mod matcher;
 pub mod resilience;
+mod resilience_dr;
 mod resilience_gateway;
 mod resilience_istio;
 mod rewrite;

@@ -30,7 +30,7 @@ use Shape::*;
 
 const I32: Shape = Int(i32::MIN as i64, i32::MAX as i64);
 const PORT: Shape = Int(0, u32::MAX as i64);
-const LATER: Shape = Unsupported("not implemented yet (resilience comes next): it has no effect");
+const LATER: Shape = Unsupported("not implemented yet: it has no effect");
 const SELECTOR: Shape = Unsupported(
     "selects clients by labels, namespace or gateway; a waypoint does not evaluate it, so this \
      match applies to every client",
@@ -243,11 +243,69 @@ const LOAD_BALANCER: Shape = Obj(&[
 ]);
 const RING: Shape =
     Unsupported("the hash ring has a fixed size (256 points per endpoint): it has no effect");
+const U32: Shape = Int(0, u32::MAX as i64);
+const CONNECTION_POOL: Shape = Obj(&[
+    (
+        "tcp",
+        Obj(&[
+            ("maxConnections", I32),
+            ("connectTimeout", Str),
+            ("idleTimeout", Str),
+            (
+                "tcpKeepalive",
+                Unsupported("TCP keepalive is not configurable: the waypoint's defaults apply"),
+            ),
+            (
+                "maxConnectionDuration",
+                Unsupported("connections are not aged out: it has no effect"),
+            ),
+        ]),
+    ),
+    (
+        "http",
+        Obj(&[
+            ("http1MaxPendingRequests", I32),
+            ("http2MaxRequests", I32),
+            ("maxRequestsPerConnection", I32),
+            ("maxRetries", I32),
+            ("idleTimeout", Str),
+            (
+                "h2UpgradePolicy",
+                Unsupported("the upstream protocol follows the client's: it has no effect"),
+            ),
+            (
+                "useClientProtocol",
+                Unsupported("the upstream protocol always follows the client's: it has no effect"),
+            ),
+            (
+                "maxConcurrentStreams",
+                Unsupported("not implemented: the upstream's HTTP/2 limit applies"),
+            ),
+        ]),
+    ),
+]);
+const OUTLIER_DETECTION: Shape = Obj(&[
+    ("consecutive5xxErrors", U32),
+    ("consecutiveGatewayErrors", U32),
+    ("consecutiveErrors", I32),
+    ("interval", Str),
+    ("baseEjectionTime", Str),
+    ("maxEjectionPercent", I32),
+    ("minHealthPercent", I32),
+    (
+        "splitExternalLocalOriginErrors",
+        Unsupported("local-origin failures are not counted apart: it has no effect"),
+    ),
+    (
+        "consecutiveLocalOriginFailures",
+        Unsupported("local-origin failures are not counted apart: it has no effect"),
+    ),
+]);
 const PORT_TRAFFIC_POLICY: Shape = Obj(&[
     ("port", PORT_SELECTOR),
     ("loadBalancer", LOAD_BALANCER),
-    ("connectionPool", LATER),
-    ("outlierDetection", LATER),
+    ("connectionPool", CONNECTION_POOL),
+    ("outlierDetection", OUTLIER_DETECTION),
     ("tls", TLS),
 ]);
 const TLS: Shape =
@@ -255,8 +313,8 @@ const TLS: Shape =
 const TRAFFIC_POLICY: Shape = Obj(&[
     ("loadBalancer", LOAD_BALANCER),
     ("portLevelSettings", List(&PORT_TRAFFIC_POLICY)),
-    ("connectionPool", LATER),
-    ("outlierDetection", LATER),
+    ("connectionPool", CONNECTION_POOL),
+    ("outlierDetection", OUTLIER_DETECTION),
     ("tls", TLS),
     ("proxyProtocol", LATER),
     ("retryBudget", LATER),

@@ -230,6 +230,8 @@ pub struct Subset {
 pub struct TrafficPolicy {
     pub load_balancer: Option<LoadBalancer>,
     pub port_level_settings: Vec<PortTrafficPolicy>,
+    pub connection_pool: Option<ConnectionPoolSettings>,
+    pub outlier_detection: Option<OutlierDetection>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -237,6 +239,49 @@ pub struct TrafficPolicy {
 pub struct PortTrafficPolicy {
     pub port: Option<PortSelector>,
     pub load_balancer: Option<LoadBalancer>,
+    pub connection_pool: Option<ConnectionPoolSettings>,
+    pub outlier_detection: Option<OutlierDetection>,
+}
+
+/// `ConnectionPoolSettings`; a limit of 0 (or unset) means Istio's default (unlimited).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ConnectionPoolSettings {
+    pub tcp: Option<TcpSettings>,
+    pub http: Option<HttpSettings>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct TcpSettings {
+    pub max_connections: Option<i64>,
+    pub connect_timeout: Option<String>,
+    pub idle_timeout: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct HttpSettings {
+    pub http1_max_pending_requests: Option<i64>,
+    pub http2_max_requests: Option<i64>,
+    pub max_requests_per_connection: Option<i64>,
+    pub max_retries: Option<i64>,
+    pub idle_timeout: Option<String>,
+}
+
+/// `OutlierDetection`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct OutlierDetection {
+    #[serde(rename = "consecutive5xxErrors")]
+    pub consecutive_5xx_errors: Option<i64>,
+    pub consecutive_gateway_errors: Option<i64>,
+    /// Deprecated: counts gateway errors (Istio maps it so).
+    pub consecutive_errors: Option<i64>,
+    pub interval: Option<String>,
+    pub base_ejection_time: Option<String>,
+    pub max_ejection_percent: Option<i64>,
+    pub min_health_percent: Option<i64>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

@@ -15,6 +15,8 @@ use super::spec_istio as istio;
 use super::{Diagnostic, Diags, Kind, matcher, validate_gateway, validate_istio};
 
 /// A resource's spec, typed.
+// Made once per resource and kept only while compiling: boxing would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub(crate) enum Parsed {
     VirtualService(istio::VirtualService),

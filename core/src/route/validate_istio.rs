@@ -6,6 +6,7 @@
 
 use std::collections::BTreeSet;
 
+use super::resilience_dr;
 use super::resilience_istio;
 use super::spec_istio as istio;
 use super::validate::{header_pair, parse_duration, port_number, regex};
@@ -255,6 +256,12 @@ fn traffic_policy(tp: &istio::TrafficPolicy, p: &str, d: &mut Diags) {
     if let Some(lb) = &tp.load_balancer {
         load_balancer(lb, &format!("{p}.loadBalancer"), d);
     }
+    resilience(
+        tp.connection_pool.as_ref(),
+        tp.outlier_detection.as_ref(),
+        p,
+        d,
+    );
     let mut ports = BTreeSet::new();
     for (i, pl) in tp.port_level_settings.iter().enumerate() {
         let pp = format!("{p}.portLevelSettings[{i}]");
@@ -270,6 +277,26 @@ fn traffic_policy(tp: &istio::TrafficPolicy, p: &str, d: &mut Diags) {
         if let Some(lb) = &pl.load_balancer {
             load_balancer(lb, &format!("{pp}.loadBalancer"), d);
         }
+        resilience(
+            pl.connection_pool.as_ref(),
+            pl.outlier_detection.as_ref(),
+            &pp,
+            d,
+        );
+    }
+}
+
+fn resilience(
+    pool: Option<&istio::ConnectionPoolSettings>,
+    outlier: Option<&istio::OutlierDetection>,
+    p: &str,
+    d: &mut Diags,
+) {
+    if let Some(c) = pool {
+        resilience_dr::connection_pool(c, &format!("{p}.connectionPool"), d);
+    }
+    if let Some(o) = outlier {
+        resilience_dr::outlier_detection(o, &format!("{p}.outlierDetection"), d);
     }
 }
 
