@@ -91,6 +91,8 @@ pub struct Ctx {
     pub plain_backend: Option<SocketAddr>,
     /// Span export, when a collector is configured.
     pub tracing: Option<crate::trace::Tracing>,
+    /// L7 policy compiled per config version, and the JWKS cache.
+    pub authz: crate::authz::Authz,
 }
 
 impl Ctx {
@@ -219,6 +221,7 @@ pub fn build(config: Config) -> Result<App, AppError> {
         None => None,
     };
     let (router_tx, router_rx) = watch::channel(Router::default());
+    let authz = crate::authz::Authz::start(config_rx.clone(), cert.clone());
     let ctx = Arc::new(Ctx {
         gateway: config.gateway.clone(),
         config: config_rx,
@@ -238,6 +241,7 @@ pub fn build(config: Config) -> Result<App, AppError> {
         sniff_timeout: config.sniff_timeout,
         plain_backend: config.plain_http.as_ref().map(|p| p.backend),
         tracing,
+        authz,
     });
     Ok(App {
         config,

@@ -2,13 +2,24 @@
 //! attached with `targetRefs` to our Gateway or to a Service bound to it, evaluated per
 //! request with the client's identity (from its certificate) and the request's attributes.
 //!
-//! Owns the per-request verdict; the policy model and its evaluation are meshcore's (one
-//! engine for L4 and L7). Does not route or forward.
+//! Owns the per-request verdict and the policy set compiled once per config version; the
+//! policy model and its evaluation are meshcore's (one engine for L4 and L7), the keys of
+//! `jwksUri`s are `jwks`'s. Does not route or forward.
+
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 
 use http::Request;
 use hyper::body::Incoming;
+use meshcore::Identity;
+use meshcore::policy::jwt::{self, Authn};
+use meshcore::policy::{self, DEFAULT_ROOT_NAMESPACE, Decision, PolicySet, WaypointTarget};
+use meshcore::store::ConfigStore;
+use tracing::{debug, info, warn};
 
 use crate::app::Ctx;
+use crate::dest::Target;
+use crate::jwks::Jwks;
 use crate::pipeline::Downstream;
 
 /// The answer for one request.
@@ -25,8 +36,145 @@ pub enum Verdict {
     },
 }
 
-/// Decides whether `req` may proceed; may add headers to it (`outputPayloadToHeader`).
+/// The compiled policies (per config version) and the JWKS cache.
+pub struct Authz {
+    compiled: Mutex<Option<(usize, u64, Arc<PolicySet>)>>,
+    pub jwks: Jwks,
+}
+
+impl Authz {
+    /// Needs a tokio runtime (starts the JWKS refresher).
+    pub fn start(
+        config: dataplane::subscription::ConfigRx,
+        cert: crate::own_cert::OwnCert,
+    ) -> Authz {
+        Authz {
+            compiled: Mutex::new(None),
+            jwks: Jwks::start(config, cert),
+        }
+    }
+
+    /// The policy set of `store`, compiled on the first request that sees this version.
+    fn policies(&self, store: &Arc<ConfigStore>) -> Arc<PolicySet> {
+        let id = (Arc::as_ptr(store) as usize, store.version);
+        let mut c = self.compiled.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((ptr, version, set)) = c.as_ref()
+            && (*ptr, *version) == id
+        {
+            return set.clone();
+        }
+        let set = Arc::new(PolicySet::compile(
+            store.policies().map(|p| &**p),
+            DEFAULT_ROOT_NAMESPACE,
+        ));
+        for e in set.errors() {
+            warn!("policy rejected: {e}");
+        }
+        *c = Some((id.0, id.1, set.clone()));
+        set
+    }
+}
+
+/// Decides whether `req` may proceed; may add headers to it (`outputPayloadToHeader`) and
+/// remove the verified token (unless `forwardOriginalToken`).
 pub fn check(ctx: &Ctx, down: &Downstream, req: &mut Request<Incoming>) -> Verdict {
-    let _ = (ctx, down, req);
-    Verdict::Allow
+    let Some(store) = ctx.config.borrow().clone() else {
+        return Verdict::Allow;
+    };
+    let Some((gw_ns, gw_name)) = ctx.gateway.split_once('/') else {
+        return Verdict::Allow; // standalone: no Gateway, nothing attaches
+    };
+    let set = ctx.authz.policies(&store);
+    let at = WaypointTarget {
+        gateway_namespace: gw_ns,
+        gateway_name: gw_name,
+        service: match &down.target {
+            Target::Service { service, .. } => Some((&service.namespace, &service.name)),
+            Target::Workload { .. } | Target::Address(_) => None,
+        },
+    };
+    let rules = set.jwt_rules(&at);
+    let claims = if rules.is_empty() {
+        None
+    } else {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let keys = |uri: &str| ctx.authz.jwks.get(uri);
+        match jwt::authenticate(&rules, req.headers(), req.uri().query(), &keys, now) {
+            Authn::NoToken => None,
+            Authn::Failed(reason) => {
+                debug!(client = %down.principal, %reason, "JWT refused");
+                return Verdict::Unauthenticated { reason };
+            }
+            Authn::Verified(v) => {
+                v.apply(req.headers_mut());
+                Some(v.claims)
+            }
+        }
+    };
+    if set.waypoint_authorizations(&at).next().is_none() {
+        return Verdict::Allow;
+    }
+    let (dst_ip, dst_port) = destination(&down.target);
+    let conn = policy::Connection {
+        src_identity: down.principal.parse::<Identity>().ok(),
+        src_ip: down.addr.ip(),
+        dst_ip,
+        dst_port,
+    };
+    let host = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| {
+            req.headers()
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })
+        .unwrap_or_default();
+    let attrs = policy::Request {
+        method: req.method().as_str(),
+        host: &host,
+        path: req.uri().path(),
+        headers: req.headers(),
+        remote_ip: down.addr.ip(),
+        // The waypoint does not terminate the application's TLS: there is no SNI to see.
+        sni: None,
+        auth: claims.as_ref(),
+    };
+    let verdict = set.authorize_request(&at, &conn, &attrs);
+    if !verdict.audited.is_empty() {
+        info!(client = %down.principal, method = %attrs.method, path = %attrs.path,
+            policies = ?verdict.audited, "request matched AUDIT policies");
+    }
+    match verdict.decision {
+        Decision::Allow => Verdict::Allow,
+        Decision::Deny { policy } => Verdict::Deny { policy },
+    }
+}
+
+/// `destination.ip` / `destination.port`: the address the client asked for.
+fn destination(target: &Target) -> (IpAddr, u16) {
+    let unspecified = IpAddr::from([0, 0, 0, 0]);
+    match target {
+        Target::Service { service, port } => (
+            service
+                .vips
+                .iter()
+                .find_map(|v| v.parse().ok())
+                .unwrap_or(unspecified),
+            port.port as u16,
+        ),
+        Target::Workload { workload, port, .. } => (
+            workload
+                .ips
+                .iter()
+                .find_map(|v| v.parse().ok())
+                .unwrap_or(unspecified),
+            *port,
+        ),
+        Target::Address(a) => (a.ip(), a.port()),
+    }
 }

@@ -11,7 +11,7 @@
 //! - [`upstream`]: HBONE / TCP streams and pooled HTTP connections; [`tcp`]: passthrough.
 //! - [`telemetry`]: the one record per request or connection (log line + metrics);
 //!   [`trace`]: trace headers and spans.
-//! - [`authz`]: L7 AuthorizationPolicy and JWT.
+//! - [`authz`]: L7 AuthorizationPolicy and JWT; [`jwks`]: `jwksUri` keys fetched in the mesh.
 //! - [`own_cert`]: the waypoint's certificate.
 
 pub mod admin;
@@ -25,6 +25,7 @@ pub mod dest;
 pub mod fault;
 pub mod http_server;
 pub mod inbound;
+pub mod jwks;
 pub mod mirror;
 pub mod outlier;
 pub mod own_cert;

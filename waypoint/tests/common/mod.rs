@@ -638,3 +638,172 @@ impl OtlpReceiver {
         }
     }
 }
+
+// ---- L7 policy and JWT (authz tests) ----
+
+pub const KEYS_VIP: &str = "10.96.0.14";
+
+/// A pod behind Service `keys` whose HTTP/1.1 app (8080) answers `/jwks` with the JWKS set
+/// here (500 while it is `None`) and every other path with the request's headers as JSON.
+pub struct KeysPod {
+    pub ip: IpAddr,
+    pub jwks: Arc<Mutex<Option<String>>>,
+    /// `/jwks` requests served.
+    pub fetches: Arc<AtomicUsize>,
+}
+
+pub async fn start_keys_pod(ca: &CertAuthority) -> KeysPod {
+    let seen = Arc::new(Seen::default());
+    let ip = loop {
+        let r: [u8; 3] = rand::random();
+        let ip = IpAddr::from([127, r[0], r[1], r[2].clamp(2, 254)]);
+        if let Ok(l) = TcpListener::bind((ip, 15008)).await {
+            start_hbone_server(ca, l, seen.clone());
+            break ip;
+        }
+    };
+    let app = TcpListener::bind((ip, 8080)).await.expect("bind 8080");
+    let jwks: Arc<Mutex<Option<String>>> = Arc::default();
+    let fetches = Arc::new(AtomicUsize::new(0));
+    let (j, f) = (jwks.clone(), fetches.clone());
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = app.accept().await {
+            let (j, f) = (j.clone(), f.clone());
+            let serve = service_fn(move |req: Request<Incoming>| {
+                let (j, f) = (j.clone(), f.clone());
+                async move {
+                    let resp = if req.uri().path() == "/jwks" {
+                        f.fetch_add(1, Ordering::SeqCst);
+                        match j.lock().unwrap().clone() {
+                            Some(body) => Response::new(full(&body)),
+                            None => Response::builder().status(500).body(full("down")).unwrap(),
+                        }
+                    } else {
+                        let map: serde_json::Map<String, serde_json::Value> = req
+                            .headers()
+                            .iter()
+                            .map(|(k, v)| {
+                                (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into())
+                            })
+                            .collect();
+                        Response::new(full(&serde_json::Value::Object(map).to_string()))
+                    };
+                    Ok::<_, Infallible>(resp)
+                }
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), serve),
+            );
+        }
+    });
+    KeysPod { ip, jwks, fetches }
+}
+
+/// A policy resource as meshd sends it: (kind, namespace, name, spec).
+pub fn policy_resource(
+    kind: &str,
+    ns: &str,
+    name: &str,
+    spec: serde_json::Value,
+) -> meshcore::proto::config::Policy {
+    meshcore::proto::config::Policy {
+        key: format!("{kind}/{ns}/{name}"),
+        kind: kind.into(),
+        namespace: ns.into(),
+        name: name.into(),
+        spec_json: spec.to_string(),
+    }
+}
+
+/// One standard backend pod behind `web`, the keys pod behind `keys` (also bound to the
+/// waypoint), and `policies` in force.
+pub async fn authz_mesh(policies: Vec<meshcore::proto::config::Policy>) -> (Mesh, KeysPod) {
+    meshcore::tls::install_crypto_provider();
+    let ca = CertAuthority::new_in_memory(TD).expect("ca");
+    let (ip, seen) = start_backend(&ca, "backend-0").await;
+    let web = vec![Pod {
+        name: "backend-0".into(),
+        ip,
+        labels: Vec::new(),
+        seen,
+    }];
+    let keys = start_keys_pod(&ca).await;
+    let mut s = store(&web, &[]);
+    let keys_svc = s
+        .service("app/web")
+        .map(|svc| Service {
+            key: "app/keys".into(),
+            name: "keys".into(),
+            hostname: "keys.app.svc.cluster.local".into(),
+            vips: vec![KEYS_VIP.into()],
+            endpoints: vec![Endpoint {
+                workload_uid: "app/keys-0".into(),
+                ports: HashMap::new(),
+            }],
+            ..svc.as_ref().clone()
+        })
+        .expect("web service");
+    s.apply(ConfigUpdate {
+        version: 2,
+        workloads: vec![Workload {
+            uid: "app/keys-0".into(),
+            name: "keys-0".into(),
+            namespace: "app".into(),
+            service_account: "backend".into(),
+            trust_domain: TD.into(),
+            ips: vec![keys.ip.to_string()],
+            captured: true,
+            ..Default::default()
+        }],
+        services: vec![keys_svc],
+        policies,
+        ..Default::default()
+    });
+    let cert = Arc::new(ca.mint(&waypoint_id(), DAY).expect("mint waypoint"));
+    let (tx, rx) = tokio::sync::watch::channel(Some(Arc::new(s)));
+    let mut config = Config::new(
+        "app/wp",
+        IpAddr::from([127, 0, 0, 1]),
+        Source::Channel { config: rx, cert },
+    );
+    for a in [
+        &mut config.hbone_addr,
+        &mut config.ready_addr,
+        &mut config.metrics_addr,
+    ] {
+        a.set_port(0);
+    }
+    let waypoint = app::build(config)
+        .expect("build")
+        .start()
+        .await
+        .expect("start");
+    let mesh = Mesh {
+        waypoint,
+        backend_ip: web[0].ip,
+        seen: web[0].seen.clone(),
+        pods: web,
+        config: tx,
+        pool: Pool::new(PoolSettings::default()),
+        client_cert: Arc::new(ca.mint(&client_id(), DAY).expect("mint client")),
+    };
+    (mesh, keys)
+}
+
+impl Mesh {
+    /// Replaces the policies, as a delta from meshd would.
+    pub fn set_policies(&self, policies: Vec<meshcore::proto::config::Policy>) {
+        self.config.send_modify(|current| {
+            let mut next = current.as_deref().cloned().unwrap_or_default();
+            let old: Vec<String> = next.policies().map(|p| p.key.clone()).collect();
+            next.apply(ConfigUpdate {
+                version: next.version + 1,
+                removed_policies: old,
+                policies,
+                ..Default::default()
+            });
+            *current = Some(Arc::new(next));
+        });
+    }
+}
