@@ -835,3 +835,41 @@ fn destination_rule_errors_name_the_field() {
         "no effect",
     );
 }
+
+#[test]
+fn retries_to_a_hashing_destination_may_reuse_the_host() {
+    // Istio drops the previous-hosts predicate when the destination uses consistentHash.
+    let hashing = dr(json!({"host": "echo", "trafficPolicy": {
+        "loadBalancer": {"consistentHash": {"httpHeaderName": "x-user"}},
+        "portLevelSettings": [{"port": {"number": 8080}, "loadBalancer": {"simple": "ROUND_ROBIN"}}]}}));
+    let t = table(std::slice::from_ref(&hashing));
+    assert!(!policy_at(&t, 80, "/").retry.avoid_previous_hosts);
+    assert!(policy_at(&t, 8080, "/").retry.avoid_previous_hosts);
+    let t = table(&[hashing, vs(json!({"retries": {"attempts": 3}}))]);
+    let p = policy_at(&t, 80, "/");
+    assert_eq!((p.retry.attempts, p.retry.avoid_previous_hosts), (3, false));
+    assert!(policy_at(&t, 8080, "/").retry.avoid_previous_hosts);
+}
+
+#[test]
+fn what_a_fault_turns_off_is_said_and_grpcroute_timeouts_stay_reported() {
+    let (kind, spec) = vs(json!({"timeout": "1s",
+        "fault": {"abort": {"httpStatus": 500, "percentage": {"value": 1}}}}));
+    has(
+        kind,
+        spec,
+        Severity::Warning,
+        "spec.http[0].fault",
+        "no timeout and no retries",
+    );
+    // GRPCRoute (v1) has no timeouts field: it is reported, not applied.
+    let spec = json!({"parentRefs": [{"group": "", "kind": "Service", "name": "echo"}],
+        "rules": [{"timeouts": {"request": "1s"}, "backendRefs": [{"name": "echo", "port": 80}]}]});
+    has(
+        "GRPCRoute",
+        spec,
+        Severity::Unsupported,
+        "spec.rules[0].timeouts",
+        "unknown field",
+    );
+}

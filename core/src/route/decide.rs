@@ -11,6 +11,7 @@ use http::HeaderMap;
 use rand::Rng;
 
 use super::compile::{Action, Dest, GwEntry, Match, PathCond, RouteTable, Rule, Target};
+use super::lb::LbPolicy;
 use super::matcher::{PathMatch, header_value, query_param, split_path};
 use super::resilience::{Mirror, RoutePolicy};
 use super::rewrite::{HeaderEdits, location, rewrite_path};
@@ -201,19 +202,21 @@ impl RouteTable {
             Some((key, _)) => Arc::clone(key),
             None => req.service.into(),
         };
+        let backend = Backend {
+            service,
+            port: req.port,
+            subset: None,
+        };
+        let policy = self.sticky(Arc::clone(&DEFAULT_POLICY), &backend);
         HttpDecision::Forward(Forward {
-            backend: Backend {
-                service,
-                port: req.port,
-                subset: None,
-            },
+            backend,
             route_name: Arc::clone(&DEFAULT_ROUTE),
             resource: Arc::clone(&NO_RESOURCE),
             request_headers: HeaderEdits::default(),
             response_headers: HeaderEdits::default(),
             path: None,
             authority: None,
-            policy: Arc::clone(&DEFAULT_POLICY),
+            policy,
         })
     }
 
@@ -248,8 +251,10 @@ impl RouteTable {
                 let Some(target) = &dest.backend else {
                     return no_backend();
                 };
+                let backend = self.backend(target, info.port);
+                let policy = self.sticky(self.policy(rule, info.port), &backend);
                 HttpDecision::Forward(Forward {
-                    backend: self.backend(target, info.port),
+                    backend,
                     route_name: Arc::clone(&rule.name),
                     resource: Arc::clone(&rule.resource),
                     request_headers: HeaderEdits::of(&[&rule.request, &dest.request]),
@@ -258,7 +263,7 @@ impl RouteTable {
                         .as_ref()
                         .map(|rw| rewrite_path(rw, info.path_and_query, m.matched_prefix())),
                     authority: authority.clone(),
-                    policy: self.policy(rule, info.port),
+                    policy,
                 })
             }
         }
@@ -278,6 +283,21 @@ impl RouteTable {
                     percent: *percent,
                 }),
         );
+        Arc::new(p)
+    }
+
+    /// Istio leaves out the previous-hosts retry predicate when the destination hashes
+    /// (consistentHash): a retry goes back to the endpoint the key picks.
+    fn sticky(&self, policy: Arc<RoutePolicy>, backend: &Backend) -> Arc<RoutePolicy> {
+        if !policy.retry.avoid_previous_hosts || !self.inner.dr.contains_key(&*backend.service) {
+            return policy;
+        }
+        let lb = self.lb_policy(&backend.service, backend.port, backend.subset.as_deref());
+        if !matches!(lb, LbPolicy::ConsistentHash(_)) {
+            return policy;
+        }
+        let mut p = RoutePolicy::clone(&policy);
+        p.retry.avoid_previous_hosts = false;
         Arc::new(p)
     }
 

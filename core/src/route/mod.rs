@@ -11,7 +11,9 @@
 //! `spec_gateway` (serde types), `validate` (+ `validate_istio`, `validate_gateway`: per-resource
 //! checks), `hosts` (host names → service keys, [`references`]), `matcher` (compiled matches),
 //! `compile` (+ `compile_istio`, `compile_gateway`: building the table), `decide` (the
-//! per-request decision), `rewrite` (paths, redirects, header edits), [`lb`].
+//! per-request decision), `rewrite` (paths, redirects, header edits), [`lb`], [`resilience`]
+//! (timeouts, retries, faults, mirrors, pools, outlier detection; read by `resilience_istio`,
+//! `resilience_gateway` and `resilience_dr`).
 
 mod compile;
 mod compile_gateway;

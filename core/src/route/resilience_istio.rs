@@ -37,6 +37,14 @@ pub(super) fn rule_policy<'a>(
     }
     if let Some(f) = &rule.fault {
         policy.fault = Some(fault(f, &format!("{p}.fault"), d));
+        if rule.timeout.is_some() || rule.retries.is_some() {
+            d.push(
+                Severity::Warning,
+                &format!("{p}.fault"),
+                "a rule with a fault has no timeout and no retries (as in Istio): \
+                 the timeout and retries set here are not used",
+            );
+        }
         // Istio: "timeouts or retries will not be enabled when faults are enabled".
         policy.timeout = None;
         policy.retry = RetryPolicy::none();
