@@ -337,6 +337,10 @@ impl App {
         }
         tasks.spawn("routes", background::routes(ctx.config.clone(), router_tx));
         tasks.spawn("prune-upstreams", background::prune_upstreams(ctx.clone()));
+        tasks.spawn(
+            "prune-metrics",
+            crate::telemetry::prune_on_change(ctx.metrics.clone(), ctx.config.clone()),
+        );
         tasks.spawn("hbone", inbound::serve(ctx.clone(), hbone));
         tasks.spawn("admin", servers.run());
         info!(gateway = %config.gateway, hbone = %hbone_addr, ready = %ready_addr, metrics = %metrics_addr,

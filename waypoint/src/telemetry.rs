@@ -16,12 +16,13 @@
 //! hosts from the request never become labels.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::io::{LineWriter, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime};
 
@@ -79,6 +80,24 @@ pub enum AccessLog {
 /// interleave within a line.
 type Sink = Mutex<LineWriter<Box<dyn Write + Send>>>;
 
+/// One request label set's four metrics, resolved once: a request hashes its labels once,
+/// not once per family.
+struct Series {
+    requests: Counter,
+    duration: Histogram,
+    request_bytes: Histogram,
+    response_bytes: Histogram,
+}
+
+impl Series {
+    fn observe(&self, dur_ms: f64, received: u64, sent: u64) {
+        self.requests.inc();
+        self.duration.observe(dur_ms);
+        self.request_bytes.observe(received as f64);
+        self.response_bytes.observe(sent as f64);
+    }
+}
+
 /// The waypoint's metrics.
 pub struct Metrics {
     registry: Registry,
@@ -87,6 +106,9 @@ pub struct Metrics {
     request_bytes: Family<RequestLabels, Histogram>,
     response_bytes: Family<RequestLabels, Histogram>,
     access_log: OnceLock<Sink>,
+    /// Every request label set with series: what [`Metrics::prune`] may remove (the families
+    /// cannot be listed).
+    series: RwLock<HashMap<RequestLabels, Series>>,
     tcp: Arc<TcpMetrics>,
     certs_issued: Counter,
     cert_failures: Counter,
@@ -150,6 +172,7 @@ impl Metrics {
             request_bytes,
             response_bytes,
             access_log: OnceLock::new(),
+            series: RwLock::default(),
             tcp,
             certs_issued,
             cert_failures,
@@ -178,6 +201,11 @@ impl Metrics {
         };
         let _ = self.access_log.set(Mutex::new(LineWriter::new(out)));
         Ok(())
+    }
+
+    /// Whether requests are written to an access log.
+    pub fn logs_access(&self) -> bool {
+        self.access_log.get().is_some()
     }
 
     /// Counts a refused CONNECT by the status it got.
@@ -227,12 +255,95 @@ impl Metrics {
         l
     }
 
+    fn observe(&self, labels: RequestLabels, dur_ms: f64, received: u64, sent: u64) {
+        if let Some(s) = self
+            .series
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&labels)
+        {
+            return s.observe(dur_ms, received, sent);
+        }
+        let mut all = self.series.write().unwrap_or_else(|p| p.into_inner());
+        let s = all.entry(labels).or_insert_with_key(|l| Series {
+            requests: self.requests.get_or_create(l).clone(),
+            duration: self.duration.get_or_create(l).clone(),
+            request_bytes: self.request_bytes.get_or_create(l).clone(),
+            response_bytes: self.response_bytes.get_or_create(l).clone(),
+        });
+        s.observe(dur_ms, received, sent);
+    }
+
+    /// Removes the request and TCP series of workloads and services that left the config, so
+    /// churn does not grow the exposition without bound (Istio's proxies expire idle series
+    /// the same way). Returns how many request label sets were removed.
+    pub fn prune(&self, store: &meshcore::store::ConfigStore) -> usize {
+        let workloads: std::collections::HashSet<(&str, &str)> = store
+            .workloads()
+            .map(|w| {
+                let name = if w.workload_name.is_empty() {
+                    &w.name
+                } else {
+                    &w.workload_name
+                };
+                (w.namespace.as_str(), name.as_str())
+            })
+            .collect();
+        let exists = |ns: &str, name: &str| workloads.contains(&(ns, name));
+        let known =
+            |ns: &str, name: &str| name == dataplane::telemetry::UNKNOWN || exists(ns, name);
+        let services: std::collections::HashSet<&str> =
+            store.services().map(|s| s.hostname.as_str()).collect();
+        let mut all = self.series.write().unwrap_or_else(|p| p.into_inner());
+        let before = all.len();
+        all.retain(|l, _| {
+            let i = &l.istio;
+            // A pod-addressed destination is named `ns/name`; its workload decides.
+            let service = i.destination_service.contains('/')
+                || services.contains(i.destination_service.as_str());
+            let keep = service
+                && known(&i.source_workload_namespace, &i.source_workload)
+                && known(&i.destination_workload_namespace, &i.destination_workload);
+            if !keep {
+                self.requests.remove(l);
+                self.duration.remove(l);
+                self.request_bytes.remove(l);
+                self.response_bytes.remove(l);
+            }
+            keep
+        });
+        let removed = before - all.len();
+        drop(all);
+        self.tcp.prune(exists);
+        removed
+    }
+
     fn write_access_log(&self, line: &serde_json::Value) {
         if let Some(sink) = self.access_log.get() {
             let mut out = sink.lock().unwrap_or_else(|p| p.into_inner());
             // A full disk or closed stdout must not fail requests; the metrics still count.
             let _ = serde_json::to_writer(&mut *out, line);
             let _ = out.write_all(b"\n");
+        }
+    }
+}
+
+/// Prunes `metrics` ([`Metrics::prune`]) whenever the config changes.
+pub async fn prune_on_change(metrics: Arc<Metrics>, mut config: ConfigRx) {
+    loop {
+        if config.changed().await.is_err() {
+            // A fixed config (or the subscription gone: the supervisor reports that).
+            return std::future::pending().await;
+        }
+        let store = config.borrow_and_update().clone();
+        if let Some(store) = store {
+            let removed = metrics.prune(&store);
+            if removed > 0 {
+                debug!(
+                    removed,
+                    "request series of departed workloads and services removed"
+                );
+            }
         }
     }
 }
@@ -494,16 +605,7 @@ impl Record {
                     destination_port: self.dst_port.to_string(),
                     response_code: status.to_string(),
                 };
-                metrics.requests.get_or_create(&labels).inc();
-                metrics.duration.get_or_create(&labels).observe(dur_ms);
-                metrics
-                    .request_bytes
-                    .get_or_create(&labels)
-                    .observe(received as f64);
-                metrics
-                    .response_bytes
-                    .get_or_create(&labels)
-                    .observe(sent as f64);
+                metrics.observe(labels, dur_ms, received, sent);
                 if metrics.access_log.get().is_some() {
                     let line = self.access_log_line(&flags, dur_ms, trace.as_ref());
                     metrics.write_access_log(&line);

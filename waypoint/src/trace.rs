@@ -151,7 +151,11 @@ struct Caller {
 /// Starts (or continues) the request's trace: fixes its headers and notes the span in `record`.
 pub fn on_request(ctx: &Ctx, req: &mut Request<Incoming>, record: &mut Record) {
     let headers = req.headers_mut();
-    record.request_id = Some(request_id(headers));
+    let id = request_id(headers);
+    // Kept only for what reads it (a clone of a fresh value allocates).
+    if ctx.tracing.is_some() || ctx.metrics.logs_access() {
+        record.request_id = Some(id);
+    }
     let Some(tracing) = &ctx.tracing else {
         return;
     };

@@ -173,6 +173,53 @@ async fn request_metrics_count_each_request_by_code_flag_and_bytes() {
         4.0,
         "Istio's size buckets (1, 10, … 1e7): the 1000-byte body is in le=1000"
     );
+    // The pod leaves the config: its series go (bounded cardinality under churn); the
+    // series of a service that is still there, with no workload, stays.
+    m.config
+        .send_replace(Some(std::sync::Arc::new(store(&[], &[routes()]))));
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let samples = loop {
+        let samples = prom_samples(&m.metrics().await);
+        if total(&samples, requests, &[("destination_workload", "backend-0")]) == 0.0 {
+            break samples;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "backend-0's request series outlived it"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        matching(
+            &samples,
+            "istio_response_bytes_sum",
+            &[("destination_workload", "backend-0")]
+        )
+        .is_empty()
+    );
+    let empty_svc = [("destination_service", "empty.app.svc.cluster.local")];
+    assert_eq!(total(&samples, requests, &empty_svc), 1.0);
+    // Then the service goes too: its series follow.
+    m.config.send_modify(|current| {
+        let mut next = current.as_deref().cloned().unwrap_or_default();
+        next.apply(meshcore::proto::config::ConfigUpdate {
+            version: next.version + 1,
+            removed_services: vec!["app/empty".into()],
+            ..Default::default()
+        });
+        *current = Some(std::sync::Arc::new(next));
+    });
+    loop {
+        let samples = prom_samples(&m.metrics().await);
+        if matching(&samples, requests, &empty_svc).is_empty() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the removed service's request series stayed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Starts a waypoint that traces every request to `otlp` and logs access to `log`.
