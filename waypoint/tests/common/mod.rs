@@ -524,6 +524,282 @@ pub async fn send1(
         .expect("response")
 }
 
+// ---- Scripted backends (resilience tests) ----
+
+/// What a scripted backend does with one request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Act {
+    /// Answer with this status (after reading the whole request body).
+    Status(u16),
+    /// A trailers-only gRPC answer: HTTP 200 with this `grpc-status` in the headers.
+    Grpc(u32),
+    /// End the stream (HTTP/2 RST_STREAM INTERNAL_ERROR) or connection (HTTP/1.1) unanswered.
+    Reset,
+    /// HTTP/2 RST_STREAM REFUSED_STREAM (the request was not processed).
+    Refuse,
+    /// Never answer.
+    Stall,
+}
+
+/// A backend's script and what it saw: requests take the next scripted act, then `then`.
+pub struct Script {
+    acts: Mutex<std::collections::VecDeque<Act>>,
+    then: Act,
+    /// Requests that arrived.
+    pub hits: AtomicUsize,
+    /// Host (HTTP/1.1) or authority (HTTP/2) of each request, in arrival order.
+    pub hosts: Mutex<Vec<String>>,
+    /// Request body bytes read, per answered request.
+    pub bodies: Mutex<Vec<usize>>,
+    /// Make the pod's apps refuse connections: nothing listens on its app ports.
+    pub dead: bool,
+}
+
+impl Script {
+    pub fn new(acts: &[Act], then: Act) -> Arc<Script> {
+        Arc::new(Script {
+            acts: Mutex::new(acts.iter().copied().collect()),
+            then,
+            hits: AtomicUsize::new(0),
+            hosts: Mutex::new(Vec::new()),
+            bodies: Mutex::new(Vec::new()),
+            dead: false,
+        })
+    }
+
+    /// A pod whose app ports are closed (HBONE CONNECTs to it fail).
+    pub fn dead() -> Arc<Script> {
+        Arc::new(Script {
+            dead: true,
+            ..Arc::into_inner(Script::new(&[], Act::Stall)).expect("fresh")
+        })
+    }
+
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+
+    fn next(&self, host: String) -> Act {
+        self.hits.fetch_add(1, Ordering::SeqCst);
+        self.hosts.lock().unwrap().push(host);
+        self.acts.lock().unwrap().pop_front().unwrap_or(self.then)
+    }
+}
+
+#[derive(Debug)]
+struct ScriptedReset;
+impl std::fmt::Display for ScriptedReset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("scripted reset")
+    }
+}
+impl std::error::Error for ScriptedReset {}
+
+/// A scripted pod: HBONE on 15008 delivering to an HTTP/1.1 app on 8080 and an HTTP/2 app
+/// (the `h2` crate, so it can refuse streams) on 8082, both following `script`.
+pub async fn start_scripted(ca: &CertAuthority, name: &str, script: Arc<Script>) -> Pod {
+    let seen = Arc::new(Seen::default());
+    let ip = loop {
+        let r: [u8; 3] = rand::random();
+        let ip = IpAddr::from([127, r[0], r[1], r[2].clamp(2, 254)]);
+        if let Ok(l) = TcpListener::bind((ip, 15008)).await {
+            start_hbone_server(ca, l, seen.clone());
+            break ip;
+        }
+    };
+    if !script.dead {
+        let h1 = TcpListener::bind((ip, 8080)).await.expect("bind 8080");
+        let h2 = TcpListener::bind((ip, 8082)).await.expect("bind 8082");
+        let s = script.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = h1.accept().await {
+                let s = s.clone();
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(
+                            TokioIo::new(tcp),
+                            service_fn(move |r| scripted_h1(s.clone(), r)),
+                        )
+                        .with_upgrades(),
+                );
+            }
+        });
+        let s = script.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = h2.accept().await {
+                let s = s.clone();
+                tokio::spawn(async move {
+                    let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                        return;
+                    };
+                    while let Some(Ok((req, respond))) = conn.accept().await {
+                        tokio::spawn(scripted_h2(s.clone(), req, respond));
+                    }
+                });
+            }
+        });
+    }
+    Pod {
+        name: name.to_string(),
+        ip,
+        labels: Vec::new(),
+        seen,
+    }
+}
+
+async fn scripted_h1(
+    script: Arc<Script>,
+    req: Request<Incoming>,
+) -> Result<Response<TestBody>, ScriptedReset> {
+    let host = req
+        .headers()
+        .get("host")
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let act = script.next(host);
+    if act == Act::Stall {
+        std::future::pending::<()>().await;
+    }
+    let len = match req.into_body().collect().await {
+        Ok(b) => b.to_bytes().len(),
+        Err(_) => return Err(ScriptedReset),
+    };
+    script.bodies.lock().unwrap().push(len);
+    match act {
+        Act::Status(s) => Ok(Response::builder()
+            .status(s)
+            .body(full(&format!("scripted {s}")))
+            .unwrap()),
+        Act::Grpc(code) => Ok(Response::builder()
+            .header("content-type", "application/grpc")
+            .header("grpc-status", code.to_string())
+            .body(full(""))
+            .unwrap()),
+        Act::Reset | Act::Refuse | Act::Stall => Err(ScriptedReset),
+    }
+}
+
+async fn scripted_h2(
+    script: Arc<Script>,
+    req: Request<h2::RecvStream>,
+    mut respond: h2::server::SendResponse<Bytes>,
+) {
+    let host = req
+        .uri()
+        .authority()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let act = script.next(host);
+    match act {
+        Act::Stall => std::future::pending::<()>().await,
+        Act::Refuse => return respond.send_reset(h2::Reason::REFUSED_STREAM),
+        _ => {}
+    }
+    let mut body = req.into_body();
+    let mut len = 0;
+    while let Some(Ok(d)) = body.data().await {
+        len += d.len();
+        let _ = body.flow_control().release_capacity(d.len());
+    }
+    script.bodies.lock().unwrap().push(len);
+    let resp = match act {
+        Act::Status(s) => Response::builder().status(s).body(()).unwrap(),
+        Act::Grpc(code) => Response::builder()
+            .header("content-type", "application/grpc")
+            .header("grpc-status", code.to_string())
+            .body(())
+            .unwrap(),
+        _ => return respond.send_reset(h2::Reason::INTERNAL_ERROR),
+    };
+    let _ = respond.send_response(resp, true);
+}
+
+/// The mesh with scripted pods behind `web` and, behind a Service `mirror` (not bound to the
+/// waypoint; a mirror target), `mirror_pods`; `routes` in force.
+pub async fn scripted_mesh(
+    web_pods: &[(&str, Arc<Script>)],
+    mirror_pods: &[(&str, Arc<Script>)],
+    routes: &[Route<'_>],
+) -> Mesh {
+    meshcore::tls::install_crypto_provider();
+    let ca = CertAuthority::new_in_memory(TD).expect("ca");
+    let mut web = Vec::new();
+    for (name, script) in web_pods {
+        web.push(start_scripted(&ca, name, script.clone()).await);
+    }
+    let mut mirror = Vec::new();
+    for (name, script) in mirror_pods {
+        mirror.push(start_scripted(&ca, name, script.clone()).await);
+    }
+    let mut s = store(&web, &[]);
+    let base = store(&mirror, &[]);
+    let mirror_svc = base
+        .service("app/web")
+        .map(|svc| Service {
+            key: "app/mirror".into(),
+            name: "mirror".into(),
+            hostname: "mirror.app.svc.cluster.local".into(),
+            vips: vec![MIRROR_VIP.into()],
+            waypoint: None,
+            ..svc.as_ref().clone()
+        })
+        .expect("web service");
+    s.apply(ConfigUpdate {
+        version: 2,
+        workloads: mirror
+            .iter()
+            .filter_map(|p| base.workload(&format!("app/{}", p.name)))
+            .map(|w| w.as_ref().clone())
+            .collect(),
+        services: vec![mirror_svc],
+        routes: route_resources(routes),
+        ..Default::default()
+    });
+    let cert = Arc::new(ca.mint(&waypoint_id(), DAY).expect("mint waypoint"));
+    let (tx, rx) = tokio::sync::watch::channel(Some(Arc::new(s)));
+    let mut config = Config::new(
+        "app/wp",
+        IpAddr::from([127, 0, 0, 1]),
+        Source::Channel { config: rx, cert },
+    );
+    for a in [
+        &mut config.hbone_addr,
+        &mut config.ready_addr,
+        &mut config.metrics_addr,
+    ] {
+        a.set_port(0);
+    }
+    let waypoint = app::build(config)
+        .expect("build")
+        .start()
+        .await
+        .expect("start");
+    web.extend(mirror);
+    Mesh {
+        waypoint,
+        backend_ip: web[0].ip,
+        seen: web[0].seen.clone(),
+        pods: web,
+        config: tx,
+        pool: Pool::new(PoolSettings::default()),
+        client_cert: Arc::new(ca.mint(&client_id(), DAY).expect("mint client")),
+    }
+}
+
+pub const MIRROR_VIP: &str = "10.96.0.13";
+
+/// The sum of `istio_requests_total` samples whose labels include `label` (e.g.
+/// `response_flags="DI"`), from a `/metrics` text.
+pub fn requests_with(metrics: &str, label: &str) -> u64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("istio_requests_total{") && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum()
+}
+
 // ---- Telemetry and tracing (telemetry tests) ----
 
 /// The request headers as a JSON object (`/headers` answers with it): name → value (the last
