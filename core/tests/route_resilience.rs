@@ -178,6 +178,20 @@ fn timeout_and_retries_are_compiled_per_rule() {
 }
 
 #[test]
+fn retries_without_attempts_turn_retries_off_as_in_istio() {
+    let (kind, spec) = vs(json!({"retries": {"perTryTimeout": "1s", "retryOn": "5xx"}}));
+    let p = policy(&table(&[(kind, spec.clone())]));
+    assert_eq!(p.retry, RetryPolicy::none());
+    has(
+        kind,
+        spec,
+        Severity::Warning,
+        "spec.http[0].retries.attempts",
+        "set attempts",
+    );
+}
+
+#[test]
 fn retries_without_retry_on_keep_istios_conditions() {
     let p = policy(&table(&[vs(
         json!({"retries": {"attempts": 5}, "timeout": "0s"}),
@@ -466,17 +480,17 @@ fn mirror_filter(mirror: Value) -> Value {
 
 #[test]
 fn httproute_timeouts_keep_istios_default_retries() {
+    // Istio, for a rule without `retry`: backendRequest is the route timeout, retries default.
     let p = policy(&table(&[http_route(
         json!({"timeouts": {"request": "10s", "backendRequest": "2s"}}),
     )]));
+    assert_eq!(p.timeout, Some(Duration::from_secs(2)));
+    assert_eq!(p.retry, RetryPolicy::istio_default());
+    let p = policy(&table(&[http_route(
+        json!({"timeouts": {"request": "10s"}}),
+    )]));
     assert_eq!(p.timeout, Some(Duration::from_secs(10)));
-    assert_eq!(
-        p.retry,
-        RetryPolicy {
-            per_try_timeout: Some(Duration::from_secs(2)),
-            ..RetryPolicy::istio_default()
-        }
-    );
+    assert_eq!(p.retry, RetryPolicy::istio_default());
     let p = policy(&table(&[http_route(
         json!({"timeouts": {"request": "0s"}}),
     )]));

@@ -1,7 +1,8 @@
 //! A Gateway API rule's `timeouts` (HTTPRoute) and `RequestMirror` filters (HTTPRoute,
 //! GRPCRoute) → the rule's [`RoutePolicy`], checked as the CRDs' schema and CEL rules check them.
-//! Retries stay Istio's default policy (Istio applies it to HTTPRoute too); `timeouts.request`
-//! bounds the whole exchange and `timeouts.backendRequest` each attempt. One pass both validates
+//! Retries stay Istio's default policy (Istio applies it to HTTPRoute too); as Istio does for a
+//! rule without `retry`, `timeouts.backendRequest` (else `request`) bounds the whole exchange.
+//! One pass both validates
 //! (`validate_gateway` discards the result) and builds (`compile_gateway` resolves backends).
 //!
 //! Owns the meaning of these fields only; Service lookups are `compile_gateway`'s.
@@ -45,8 +46,9 @@ pub(super) fn rule_policy<'a>(
                 "is longer than timeouts.request, which covers every attempt: make it shorter or equal",
             );
         }
-        policy.timeout = request;
-        policy.retry.per_try_timeout = backend;
+        // Istio without a `retry` stanza (not implemented here): backendRequest becomes the
+        // route's timeout in place of request; the default retries apply.
+        policy.timeout = backend.or(request);
     }
     let mut mirrors = Vec::new();
     for (i, f) in filters.iter().enumerate() {

@@ -101,19 +101,30 @@ fn retries(r: &istio::Retries, p: &str, d: &mut Diags) -> RetryPolicy {
     if let Some(avoid) = r.retry_ignore_previous_hosts {
         out.avoid_previous_hosts = avoid;
     }
+    // Istio: a `retries` block with attempts 0 or unset turns retries off altogether, per-try
+    // timeout included.
     match r.attempts {
         Some(n) if n < 0 => {
             d.error(
                 &format!("{p}.attempts"),
                 "cannot be negative: use 0 to turn retries off",
             );
+            RetryPolicy::none()
         }
-        // The only way to turn retries off; the other fields then mean nothing.
-        Some(0) => out.attempts = 0,
-        Some(n) => out.attempts = n as u32,
-        None => {}
+        Some(0) => RetryPolicy::none(),
+        None => {
+            d.push(
+                Severity::Warning,
+                &format!("{p}.attempts"),
+                "is unset, which turns retries off (as in Istio): set attempts to retry",
+            );
+            RetryPolicy::none()
+        }
+        Some(n) => {
+            out.attempts = n as u32;
+            out
+        }
     }
-    out
 }
 
 const RETRY_ON_WORDS: &str = "5xx, gateway-error, reset, connect-failure, retriable-4xx, \
