@@ -229,6 +229,7 @@ fn typed(kind: &str, value: Value) -> Result<Resource, String> {
         "Service" => Resource::Service(serde_json::from_value(value).map_err(|e| e.to_string())?),
         "AuthorizationPolicy" => policy(PolicyKind::AuthorizationPolicy, value)?,
         "PeerAuthentication" => policy(PolicyKind::PeerAuthentication, value)?,
+        "RequestAuthentication" => policy(PolicyKind::RequestAuthentication, value)?,
         "Gateway" => Resource::Gateway(serde_json::from_value(value).map_err(|e| e.to_string())?),
         "Deployment" | "ServiceAccount" => Resource::Passive(Passive {
             kind: kind.to_string(),
@@ -369,6 +370,13 @@ fn validate_policy(p: &Policy) -> Result<(), String> {
             }
             Ok(())
         }
+        // Shape only here; meshcore's policy engine validates the rules field by field.
+        PolicyKind::RequestAuthentication => match spec.get("jwtRules").filter(|r| !r.is_null()) {
+            Some(rules) if !rules.is_array() => {
+                Err(format!("spec.jwtRules: expected a list, got {rules}"))
+            }
+            _ => Ok(()),
+        },
         PolicyKind::PeerAuthentication => {
             const MODES: &[&str] = &["UNSET", "STRICT", "PERMISSIVE", "DISABLE"];
             one_of(

@@ -268,6 +268,8 @@ pub fn is_tcp(protocol: Option<&str>) -> bool {
 pub enum PolicyKind {
     AuthorizationPolicy,
     PeerAuthentication,
+    /// JWT rules; applied by waypoints (attached with `targetRefs`).
+    RequestAuthentication,
 }
 
 impl PolicyKind {
@@ -275,6 +277,7 @@ impl PolicyKind {
         match self {
             PolicyKind::AuthorizationPolicy => "AuthorizationPolicy",
             PolicyKind::PeerAuthentication => "PeerAuthentication",
+            PolicyKind::RequestAuthentication => "RequestAuthentication",
         }
     }
 }

@@ -193,6 +193,27 @@ static AUTHZ_SPEC: Schema = Schema {
     ],
 };
 
+static REQUEST_AUTHN: Schema = Schema {
+    fields: &[
+        ("apiVersion", Used),
+        ("kind", Used),
+        ("metadata", Object(&META)),
+        ("spec", Object(&REQUEST_AUTHN_SPEC)),
+        ("status", Inert),
+    ],
+};
+
+/// Istio 1.30's RequestAuthentication; the rules' fields are checked (and unsupported ones
+/// reported) by meshcore's policy engine.
+static REQUEST_AUTHN_SPEC: Schema = Schema {
+    fields: &[
+        ("selector", Used),
+        ("targetRef", Used),
+        ("targetRefs", Used),
+        ("jwtRules", Used),
+    ],
+};
+
 static PEER_AUTHN: Schema = Schema {
     fields: &[
         ("apiVersion", Used),
@@ -291,6 +312,7 @@ pub fn for_kind(api_version: &str, kind: &str) -> Option<&'static Schema> {
         ("apps/v1", "Deployment") => Some(&DEPLOYMENT),
         (_, "AuthorizationPolicy") if istio_security => Some(&AUTHZ),
         (_, "PeerAuthentication") if istio_security => Some(&PEER_AUTHN),
+        (_, "RequestAuthentication") if istio_security => Some(&REQUEST_AUTHN),
         (_, "Gateway") if gateway_api => Some(&GATEWAY),
         (_, "HTTPRoute") if gateway_api => Some(&ROUTE),
         ("gateway.networking.k8s.io/v1", "GRPCRoute") => Some(&ROUTE),
