@@ -800,6 +800,185 @@ pub fn requests_with(metrics: &str, label: &str) -> u64 {
         .sum()
 }
 
+// ---- Controlled backends (circuit breaking and outlier detection tests) ----
+
+pub const CTL_VIP: &str = "10.96.0.20";
+/// The port the controlled apps listen on in each pod (service `ctl` port 80 targets it).
+pub const CTL_PORT: u16 = 8090;
+
+/// An HTTP/1.1 app a test steers: every request is counted; while `hold` is on it waits to be
+/// released; it answers `status`.
+#[derive(Default)]
+pub struct Control {
+    pub status: std::sync::atomic::AtomicU16,
+    hold: std::sync::atomic::AtomicBool,
+    release: tokio::sync::Notify,
+    pub requests: AtomicUsize,
+    pub in_flight: AtomicUsize,
+    pub max_in_flight: AtomicUsize,
+    /// TCP connections accepted.
+    pub conns: AtomicUsize,
+    /// TCP connections that have ended.
+    pub closed: AtomicUsize,
+    changed: tokio::sync::Notify,
+}
+
+impl Control {
+    /// Requests from now on wait until [`Control::release`].
+    pub fn hold(&self) {
+        self.hold.store(true, Ordering::SeqCst);
+    }
+
+    /// Lets every waiting request (and later ones) through.
+    pub fn release(&self) {
+        self.hold.store(false, Ordering::SeqCst);
+        self.release.notify_waiters();
+    }
+
+    pub fn answer(&self, status: u16) {
+        self.status.store(status, Ordering::SeqCst);
+    }
+
+    /// Waits (up to [`DEADLINE`]) until `cond` holds of this app's counters.
+    pub async fn until(&self, what: &str, cond: impl Fn(&Control) -> bool) {
+        let wait = async {
+            loop {
+                let changed = self.changed.notified();
+                tokio::pin!(changed);
+                changed.as_mut().enable();
+                if cond(self) {
+                    return;
+                }
+                changed.await;
+            }
+        };
+        tokio::time::timeout(DEADLINE, wait)
+            .await
+            .unwrap_or_else(|_| panic!("backend never reached: {what}"));
+    }
+
+    fn bump(&self, n: &AtomicUsize) {
+        n.fetch_add(1, Ordering::SeqCst);
+        self.changed.notify_waiters();
+    }
+
+    async fn handle(self: Arc<Self>, pod: Arc<str>) -> Response<TestBody> {
+        self.requests.fetch_add(1, Ordering::SeqCst);
+        let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        self.changed.notify_waiters();
+        loop {
+            let released = self.release.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            if !self.hold.load(Ordering::SeqCst) {
+                break;
+            }
+            released.await;
+        }
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        self.changed.notify_waiters();
+        let status = match self.status.load(Ordering::SeqCst) {
+            0 => 200,
+            s => s,
+        };
+        Response::builder()
+            .status(status)
+            .header("x-pod", &*pod)
+            .body(full(&pod))
+            .unwrap()
+    }
+}
+
+/// Starts a controlled app on `ip`:[`CTL_PORT`] (a pod's address: its HBONE server delivers
+/// there).
+pub async fn start_controlled(ip: IpAddr, pod: &str) -> Arc<Control> {
+    let control = Arc::new(Control::default());
+    let listener = TcpListener::bind((ip, CTL_PORT)).await.expect("bind ctl");
+    let (c, pod): (_, Arc<str>) = (control.clone(), pod.into());
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            c.bump(&c.conns);
+            let (c, pod) = (c.clone(), pod.clone());
+            tokio::spawn(async move {
+                let svc = {
+                    let c = c.clone();
+                    service_fn(move |_r: Request<Incoming>| {
+                        let (c, pod) = (c.clone(), pod.clone());
+                        async move { Ok::<_, Infallible>(c.handle(pod).await) }
+                    })
+                };
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+                c.bump(&c.closed);
+            });
+        }
+    });
+    control
+}
+
+/// Pods `names` behind `web` as [`mesh_of`] starts them, each also running a controlled app,
+/// and a Service `ctl` (VIP [`CTL_VIP`], port 80 → [`CTL_PORT`], bound to the waypoint) over
+/// them with `routes` in force (in effect when this returns).
+pub async fn mesh_controlled(names: &[&str], routes: &[Route<'_>]) -> (Mesh, Vec<Arc<Control>>) {
+    let pods: Vec<(&str, &[(&str, &str)])> = names.iter().map(|n| (*n, &[][..])).collect();
+    let m = mesh_of(&pods, &[], |_| {}).await;
+    let mut controls = Vec::new();
+    for p in &m.pods {
+        controls.push(start_controlled(p.ip, &p.name).await);
+    }
+    let ctl = Service {
+        key: "app/ctl".into(),
+        name: "ctl".into(),
+        namespace: "app".into(),
+        hostname: "ctl.app.svc.cluster.local".into(),
+        vips: vec![CTL_VIP.into()],
+        ports: vec![port(80, u32::from(CTL_PORT), "http", "")],
+        endpoints: m
+            .pods
+            .iter()
+            .map(|p| Endpoint {
+                workload_uid: format!("app/{}", p.name),
+                ports: HashMap::new(),
+            })
+            .collect(),
+        waypoint: bound(),
+    };
+    let mut generation = 0;
+    m.config.send_modify(|current| {
+        let mut next = current.as_deref().cloned().unwrap_or_default();
+        let old: Vec<String> = next.routes().map(|r| r.key.clone()).collect();
+        next.apply(ConfigUpdate {
+            version: next.version + 1,
+            services: vec![ctl],
+            removed_routes: old,
+            routes: route_resources(routes),
+            ..Default::default()
+        });
+        generation = next.route_generation;
+        *current = Some(Arc::new(next));
+    });
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let dump = m.config_dump().await;
+        if dump["routes"]["generation"] == generation {
+            let diagnostics = &dump["routes"]["diagnostics"];
+            assert!(
+                diagnostics.as_array().is_none_or(|d| d.is_empty()),
+                "routes do not compile: {diagnostics}"
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "routes never applied"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (m, controls)
+}
+
 // ---- Telemetry and tracing (telemetry tests) ----
 
 /// The request headers as a JSON object (`/headers` answers with it): name → value (the last
