@@ -861,3 +861,42 @@ fn request_authentication_validation() {
         );
     }
 }
+
+/// A 2048-bit RSA key made for this test with `openssl genrsa` (PKCS#1 DER) and its modulus:
+/// rcgen (ring) cannot make RSA keys.
+const RSA_PKCS1_DER_HEX: &str = "308204a402010002820101009e517e5efa58867339fc7a95e65a12d0a407a27e806c88b0d40611e59f5f15445dea06698bf3edc840f77507e05a4514c8827e86c22ad5347e611fa145923a08207f870732b9dc5c53908120985b6e551e8e016d0b5404eef9f261b624650a73e1dee81b50e20eb8328bb705b85e60e1d8ff83dd33772e2da7ff99704a54ae943cd69a4401758bfe6f9be76d0a8ebc7450fdc10590ac1c051eec45b8766535f40e6f1d317daf9ccaa670033f575a859238532fc2b011d0331a863168f2b3706a1935ab1b234554626bf233d3809a0a0225def13571164fca2cc0f86f7e8edacaaa7ee2f09715e9a13b5481d198e9d9d1af78dc64768e631c9c162fd6f6e9ae9302030100010282010016a57ef784701800c63c00d263250ca9490d73dd0c99cf391c307cc18ff9409d8af6e8513e1d228266bdff165002c451a36cfc94623f50f2e00671f3d673d8569944cf6d39805a03e04ae76db632e8a6c711767ac15d6a11ea8715706c91acdbc40f92bc203c75f13b5469007f230ba6182daa1080f0276c387fd8d4608d99d08e572f96e5edd1a08cfd2056269bdb69a0d835151506dcefd5c297448d6f536da6cd44ae6e30b5e24316372c2c6963d3ccb7c70e732c749aa8c38e08c9a1a4a38aedc327cce697f7c842d9581c6c94fc116dde696806ec75408b4bd1d70c6b591ef285da8023d656e80bc97b379971c338ea9e495d901bfac41eb7924b32a20102818100cdd0a389d103596dad17b6151933e96f851fd3c6aee59f702fcc21c6ba35df260389a1f9c1fc6aa9052059300f4f05ce8301924666c7e5e83a63d7f362dc79a13766bbcf2062e6ed82162d5709162e9032c993ef5afa08238102a02e5b007d80382d373fa596bc552173ab0801a903ee58db396d753b15ef74f1a91806fb74d302818100c4ec05ffc398b1f90a3c2c72a90696b825597345d0a9ff25d8857a711d79eb8385d8c07a6507e2468606e436dee2d2875c9946ce0a0056173eb42b2c2b06beb7900826aba8c6d761c168a2505369e50a26a90311b2c6440aa98b40569d8a95cb33fe98e0263a4b42c0584ba7a9d73ec47fa2dd70a7dc993b46ff5c279d1bc74102818100b3ec0ccb52192778a5b4f0cc88f7c4be651669c06aecf9f0cd181afeeb9264bd8aa22b2377ddfe303bf70780e82120e663c85fe383be84d1fb198593937d4227199389e38c6069987ffc7b2e771719259e00727ef07d5bd80dd409cbfc69f54cbdcf69590e9d338f086b61bce216ab051650af676cf076409b6f176f95cb0559028180388d63c7a8df8034fa187fd749ed677968d8807f4b4696ccc29acaa8138400fbdb837cfb696a533457a74100f50f84d074ea5be82dfd1cbc3e38b5b15085f65d7712b0305a1f0899bd56944ea735e11e022e45805eac0bbc5826728aad61b055141088ccce8dad317555a61c776d264c7e2f4292e8d2347b4e8f6562c6fec44102818100b4bf22158b3b56f1517bb9349fb1e97ecd5c5a3849c15763404f72b20476405ebaa46d7dfa22fb6f40605b0d2a55cab25100b9af7f95ff8bc2d7db9f2544a91e1bb961baf0d86fdf6a2b5c4743a1c9b395fcc33af2510414c64dd121ffc137edcff9b2813d7b93ca4c55e440fa08ac11b36f2638e43ff950e7f2eb6319776e43";
+const RSA_N: &str = "nlF-XvpYhnM5_HqV5loS0KQHon6AbIiw1AYR5Z9fFURd6gZpi_PtyED3dQfgWkUUyIJ-hsIq1TR-YR-hRZI6CCB_hwcyudxcU5CBIJhbblUejgFtC1QE7vnyYbYkZQpz4d7oG1DiDrgyi7cFuF5g4dj_g90zdy4tp_-ZcEpUrpQ81ppEAXWL_m-b520Kjrx0UP3BBZCsHAUe7EW4dmU19A5vHTF9r5zKpnADP1dahZI4Uy_CsBHQMxqGMWjys3BqGTWrGyNFVGJr8jPTgJoKAiXe8TVxFk_KLMD4b36O2sqqfuLwlxXpoTtUgdGY6dnRr3jcZHaOYxycFi_W9umukw";
+
+#[test]
+fn jwt_rs256_with_an_rsa_jwk() {
+    let key = EncodingKey::from_rsa_der(&hex::decode(RSA_PKCS1_DER_HEX).unwrap());
+    let jwk = json!({"kty": "RSA", "kid": "r1", "n": RSA_N, "e": "AQAB"});
+    let set = ra(json!([{"issuer": "rsa-issuer", "jwks": json!({"keys": [jwk]}).to_string()}]));
+    let mut h = Header::new(Algorithm::RS256);
+    h.kid = Some("r1".into());
+    let t = jsonwebtoken::encode(
+        &h,
+        &json!({"iss": "rsa-issuer", "sub": "carol", "exp": now() + 60}),
+        &key,
+    )
+    .unwrap();
+    match run(&set, &bearer(&t), None) {
+        Authn::Verified(v) => assert_eq!(v.claims.principal, "rsa-issuer/carol"),
+        other => panic!("RS256 token: {other:?}"),
+    }
+    let mut parts: Vec<&str> = t.split('.').collect();
+    let other = b64url(
+        json!({"iss": "rsa-issuer", "sub": "mallory"})
+            .to_string()
+            .as_bytes(),
+    );
+    parts[1] = &other;
+    assert!(matches!(
+        run(&set, &bearer(&parts.join(".")), None),
+        Authn::Failed(_)
+    ));
+    // An ES256 header against the RSA key: no key of that kind, refused.
+    let es = signer("r1");
+    let t = token(&es, "r1", json!({"iss": "rsa-issuer", "sub": "carol"}));
+    assert!(matches!(run(&set, &bearer(&t), None), Authn::Failed(_)));
+}
