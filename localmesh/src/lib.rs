@@ -143,6 +143,9 @@ pub struct Mesh {
     next_vip: AtomicU32,
     next_node: AtomicUsize,
     next_seq: AtomicU64,
+    /// Extra environment for waypoint pods started from now on (e.g. `TRACE_COLLECTOR`): what
+    /// Istio sets for its proxies through meshConfig.
+    waypoint_env: Mutex<Vec<(String, String)>>,
 }
 
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -198,6 +201,7 @@ impl LocalMesh {
             next_vip: AtomicU32::new(10),
             next_node: AtomicUsize::new(0),
             next_seq: AtomicU64::new(0),
+            waypoint_env: Mutex::new(Vec::new()),
         });
         mesh.start_meshd()?;
         let n = mesh.cluster.nodes().len();
@@ -808,5 +812,14 @@ pub fn wait_for(
     match last_err {
         Some(e) => bail!("timed out after {deadline:?} waiting for {what} (last error: {e:#})"),
         None => bail!("timed out after {deadline:?} waiting for {what}"),
+    }
+}
+
+impl Mesh {
+    /// Sets `key=value` in the environment of every waypoint pod started after this call.
+    pub fn set_waypoint_env(&self, key: &str, value: &str) {
+        let mut env = self.waypoint_env.lock().unwrap_or_else(|p| p.into_inner());
+        env.retain(|(k, _)| k != key);
+        env.push((key.to_owned(), value.to_owned()));
     }
 }
