@@ -160,7 +160,18 @@ async fn refresh(
         }
         let next = due.values().map(|(at, _)| *at).min();
         tokio::select! {
-            changed = config.changed() => if changed.is_err() { return },
+            changed = config.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                // A failure may have been the config's (the Service not there yet): retry now.
+                let now = Instant::now();
+                for (at, failures) in due.values_mut() {
+                    if *failures > 0 {
+                        *at = now;
+                    }
+                }
+            }
             _ = sleep_until(next) => {}
         }
     }
