@@ -126,6 +126,7 @@ impl Ctx {
             "connections": self.drain.active(),
             "circuitBreakers": self.upstream.dump(),
             "balancer": self.balancer.dump(&self.router.borrow()),
+            "authz": store.as_ref().map(|s| self.authz.dump(s, &self.gateway)),
         })
     }
 }

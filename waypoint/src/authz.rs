@@ -75,6 +75,43 @@ impl Authz {
     }
 }
 
+impl Authz {
+    /// For `/config_dump`: the L7 policies that attach to this waypoint (to its Gateway or
+    /// any Service), the RequestAuthentications, the rejected policies, and each `jwksUri`'s
+    /// state.
+    pub fn dump(&self, store: &Arc<ConfigStore>, gateway: &str) -> serde_json::Value {
+        let set = self.policies(store);
+        let (ns, name) = gateway.split_once('/').unwrap_or(("", gateway));
+        let at = WaypointTarget {
+            gateway_namespace: ns,
+            gateway_name: name,
+            service: None,
+        };
+        let on_gateway: Vec<&str> = set
+            .waypoint_authorizations(&at)
+            .map(|a| a.key.as_str())
+            .collect();
+        let jwks: serde_json::Map<String, serde_json::Value> = set
+            .jwks_uris()
+            .into_iter()
+            .map(|u| {
+                let state = match self.jwks.get(&u) {
+                    Ok(k) => format!("{} key(s)", k.keys.len()),
+                    Err(e) => format!("no keys: {e}"),
+                };
+                (u, state.into())
+            })
+            .collect();
+        serde_json::json!({
+            "authorizationPolicies": set.waypoint_policies(),
+            "onGateway": on_gateway,
+            "requestAuthentications": set.jwt_policies(),
+            "jwks": jwks,
+            "rejected": set.errors(),
+        })
+    }
+}
+
 /// Decides whether `req` may proceed; may add headers to it (`outputPayloadToHeader`) and
 /// remove the verified token (unless `forwardOriginalToken`).
 pub fn check(ctx: &Ctx, down: &Downstream, req: &mut Request<Incoming>) -> Verdict {

@@ -75,6 +75,16 @@ async fn denied_requests_get_403_and_allowed_ones_reach_the_backend() {
         (status, pod.as_deref()),
         (StatusCode::OK, Some("backend-0"))
     );
+    let dump = m.config_dump().await;
+    assert_eq!(
+        dump["authz"]["onGateway"],
+        json!(["app/no-admin"]),
+        "{dump}"
+    );
+    assert_eq!(
+        dump["authz"]["authorizationPolicies"][1]["key"],
+        json!("app/no-admin")
+    );
     for (method, path) in [("GET", "/admin/users"), ("POST", "/items")] {
         let (status, pod, body) = call(&m, WEB_VIP, method, path, None).await;
         assert_eq!(status, StatusCode::FORBIDDEN, "{method} {path}");

@@ -143,6 +143,11 @@ impl PolicySet {
             .filter(move |a| a.targets.iter().any(|t| t.selects(&a.namespace, root, &at)))
     }
 
+    /// Every AuthorizationPolicy attached with `targetRefs` (to any waypoint).
+    pub fn waypoint_policies(&self) -> &[L7Authorization] {
+        &self.waypoint_authz
+    }
+
     /// The JWT rules of every RequestAuthentication (`targetRefs`) that applies at `at`.
     pub fn jwt_rules(&self, at: &WaypointTarget<'_>) -> Vec<&JwtRule> {
         self.jwt
