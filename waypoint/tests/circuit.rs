@@ -14,6 +14,7 @@ use std::time::Duration;
 use common::*;
 use http::{HeaderMap, StatusCode};
 use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn dr(traffic_policy: Value) -> Route<'static> {
     (
@@ -381,4 +382,92 @@ async fn an_ejected_pod_returns_on_its_own_and_a_second_ejection_lasts_twice_as_
         );
         ask_on(&mut client).await;
     }
+}
+
+#[tokio::test]
+async fn max_retries_limits_the_retries_in_flight() {
+    let vs = (
+        "VirtualService",
+        "ctl",
+        json!({"hosts": ["ctl"], "http": [{
+            "route": [{"destination": {"host": "ctl"}}],
+            "retries": {"attempts": 2, "retryOn": "5xx"},
+        }]}),
+    );
+    let (m, c) = mesh_controlled(
+        &["ctl-0"],
+        &[
+            dr(json!({"connectionPool": {"http": {"maxRetries": 1}}})),
+            vs,
+        ],
+    )
+    .await;
+    let m = Arc::new(m);
+    c[0].hold();
+    // The first request fails once; its retry is held by the backend.
+    c[0].fail_first.store(1, Ordering::SeqCst);
+    let held = start(&m, 1);
+    c[0].until("a retry in flight", |c| {
+        c.in_flight.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    assert_eq!(c[0].requests.load(Ordering::SeqCst), 2);
+    // The second fails too, and may not retry: the one retry allowed is taken. Its own 500
+    // comes back at once.
+    c[0].fail_first.store(1, Ordering::SeqCst);
+    let a = ask(m.clone()).await;
+    assert_eq!(a.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(c[0].requests.load(Ordering::SeqCst), 3);
+    c[0].release();
+    all_ok(held).await;
+}
+
+async fn echo(t: &mut meshcore::hbone::H2Stream, b: &[u8]) {
+    t.write_all(b).await.expect("write");
+    let mut got = vec![0; b.len()];
+    tokio::time::timeout(DEADLINE, t.read_exact(&mut got))
+        .await
+        .expect("echo in time")
+        .expect("echo");
+    assert_eq!(got, b);
+}
+
+#[tokio::test]
+async fn tcp_connections_wait_for_max_connections_then_overflow() {
+    let (m, _c) = mesh_controlled(
+        &["ctl-0"],
+        &[dr(json!({"connectionPool": {
+            "tcp": {"maxConnections": 1},
+            "http": {"http1MaxPendingRequests": 1},
+        }}))],
+    )
+    .await;
+    let authority = format!("{CTL_VIP}:9000");
+    let mut first = m.connect(&authority).await.expect("CONNECT");
+    echo(&mut first, b"one").await;
+    // The second waits for the first's connection to close.
+    let mut second = m.connect(&authority).await.expect("CONNECT");
+    second.write_all(b"two").await.expect("write");
+    until_pending(&m, 1).await;
+    // The third finds the queue full: refused (the tunnel reset, or closed without an answer).
+    if let Ok(mut third) = m.connect(&authority).await {
+        let _ = third.write_all(b"three").await;
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(DEADLINE, third.read_to_end(&mut got))
+            .await
+            .expect("closed in time");
+        assert!(got.is_empty(), "{got:?}");
+    }
+    let metrics = m.metrics().await;
+    assert!(
+        metrics.contains(r#"response_flags="UO""#),
+        "the refused connection is counted as UO:\n{metrics}"
+    );
+    drop(first);
+    let mut got = vec![0; 3];
+    tokio::time::timeout(DEADLINE, second.read_exact(&mut got))
+        .await
+        .expect("second connected once the first closed")
+        .expect("echo");
+    assert_eq!(got, b"two");
 }

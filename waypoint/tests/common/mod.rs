@@ -806,11 +806,12 @@ pub const CTL_VIP: &str = "10.96.0.20";
 /// The port the controlled apps listen on in each pod (service `ctl` port 80 targets it).
 pub const CTL_PORT: u16 = 8090;
 
-/// An HTTP/1.1 app a test steers: every request is counted; while `hold` is on it waits to be
-/// released; it answers `status`.
+/// An HTTP/1.1 app a test steers: every request is counted; the next `fail_first` requests
+/// answer 500 at once; others wait while `hold` is on, until released, and answer `status`.
 #[derive(Default)]
 pub struct Control {
     pub status: std::sync::atomic::AtomicU16,
+    pub fail_first: AtomicUsize,
     hold: std::sync::atomic::AtomicBool,
     release: tokio::sync::Notify,
     pub requests: AtomicUsize,
@@ -864,6 +865,18 @@ impl Control {
 
     async fn handle(self: Arc<Self>, pod: Arc<str>) -> Response<TestBody> {
         self.requests.fetch_add(1, Ordering::SeqCst);
+        let failing = self
+            .fail_first
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if failing {
+            self.changed.notify_waiters();
+            return Response::builder()
+                .status(500)
+                .header("x-pod", &*pod)
+                .body(full(&pod))
+                .unwrap();
+        }
         let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         self.max_in_flight.fetch_max(now, Ordering::SeqCst);
         self.changed.notify_waiters();
@@ -919,8 +932,8 @@ pub async fn start_controlled(ip: IpAddr, pod: &str) -> Arc<Control> {
 }
 
 /// Pods `names` behind `web` as [`mesh_of`] starts them, each also running a controlled app,
-/// and a Service `ctl` (VIP [`CTL_VIP`], port 80 → [`CTL_PORT`], bound to the waypoint) over
-/// them with `routes` in force (in effect when this returns).
+/// and a Service `ctl` (VIP [`CTL_VIP`], port 80 → [`CTL_PORT`] and TCP port 9000 → the pods'
+/// echo, bound to the waypoint) over them with `routes` in force (in effect when this returns).
 pub async fn mesh_controlled(names: &[&str], routes: &[Route<'_>]) -> (Mesh, Vec<Arc<Control>>) {
     let pods: Vec<(&str, &[(&str, &str)])> = names.iter().map(|n| (*n, &[][..])).collect();
     let m = mesh_of(&pods, &[], |_| {}).await;
@@ -934,7 +947,10 @@ pub async fn mesh_controlled(names: &[&str], routes: &[Route<'_>]) -> (Mesh, Vec
         namespace: "app".into(),
         hostname: "ctl.app.svc.cluster.local".into(),
         vips: vec![CTL_VIP.into()],
-        ports: vec![port(80, u32::from(CTL_PORT), "http", "")],
+        ports: vec![
+            port(80, u32::from(CTL_PORT), "http", ""),
+            port(9000, 9000, "tcp-echo", ""),
+        ],
         endpoints: m
             .pods
             .iter()
