@@ -16,6 +16,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod attempts;
 pub mod authz;
 pub mod background;
 pub mod balance;

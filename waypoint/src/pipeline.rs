@@ -1,13 +1,12 @@
 //! One HTTP request's way through the waypoint: authorize → match → route → fault → mirror →
-//! admit → (pick endpoint → send) per attempt.
+//! admit → attempts (`attempts`: pick endpoint → send, retried as the route says).
 //!
-//! Owns the order of those steps, the attempt loop (retries, per-try and route timeouts, with
-//! `retry` saying what is retriable and keeping the body), what the request and response look
-//! like on the way out (header operations, rewrites, origin-form vs absolute URI, hop-by-hop
-//! headers), local answers (404 no route, 503 no healthy upstream, 504 timeout, redirects,
-//! direct responses, injected aborts) and `Upgrade` (WebSocket) hand-over, never retried.
-//! Every request ends in exactly one [`Record`], finished when its response body ends. Does
-//! not own connections (`upstream`), endpoint choice and limits (`balance`) or routing rules.
+//! Owns the order of those steps, what the request and response look like on the way out
+//! (header operations, rewrites, origin-form vs absolute URI, hop-by-hop headers), local
+//! answers (404 no route, 503 no healthy upstream, redirects, direct responses, injected
+//! aborts) and `Upgrade` (WebSocket) hand-over, never retried. Every request ends in exactly
+//! one [`Record`], finished when its response body ends. Does not own connections
+//! (`upstream`), endpoint choice and limits (`balance`) or routing rules.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -23,17 +22,16 @@ use hyper_util::rt::TokioIo;
 use tracing::debug;
 
 use crate::app::Ctx;
+use crate::attempts::{AttemptBody, Attempts, Forwarded};
 use crate::authz::Verdict;
-use crate::balance::{self, Admit, Endpoint, InFlight, Outcome, Overflow, Permit};
+use crate::balance::{self, Admit, InFlight, Overflow, Permit};
 use crate::dest::Target;
-use crate::retry::{self, Failure, REQUEST_BUFFER_LIMIT, Tee};
-use crate::routing::{Forward, HttpDecision, RequestInfo, Router};
+use crate::retry::{REQUEST_BUFFER_LIMIT, Tee};
+use crate::routing::{Forward, HttpDecision, RequestInfo};
 use crate::telemetry::{Flag, Kind, Metrics, Record};
-use crate::upstream::{self, Body, UpstreamError};
+use crate::upstream::{self, Body};
 use crate::{fault, mirror};
-use meshcore::route::DestinationPolicy;
 use meshcore::route::lb::HashRequest;
-use tokio::time::Instant;
 
 /// Who sent the requests of one downstream connection, and where they were going.
 #[derive(Debug)]
@@ -385,7 +383,7 @@ fn local(
     resp
 }
 
-const OVERFLOW_TEXT: &str =
+pub(crate) const OVERFLOW_TEXT: &str =
     "upstream connect error or disconnect/reset before headers. reset reason: overflow";
 
 /// A connection-pool limit overflowed: Envoy's immediate 503 `UO` with `x-envoy-overloaded`.
@@ -469,275 +467,5 @@ impl Drop for Logged {
             // Dropped before its end: the client went away mid-response.
             self.finish(Some(Flag::DownstreamReset), None);
         }
-    }
-}
-
-/// A request's body for its attempts.
-enum AttemptBody {
-    /// Kept for replay while it fits the buffer.
-    Kept(Tee),
-    /// Sent as it comes, once (upgrades).
-    Once(Option<crate::telemetry::RequestBody>),
-}
-
-impl AttemptBody {
-    /// The body for a new attempt; `None` once it can no longer be sent whole.
-    fn attempt(&mut self) -> Option<Body> {
-        match self {
-            AttemptBody::Kept(tee) => tee.attempt().map(|b| b.boxed()),
-            AttemptBody::Once(b) => b.take().map(|b| b.boxed()),
-        }
-    }
-
-    fn replayable(&self) -> bool {
-        match self {
-            AttemptBody::Kept(tee) => tee.replayable(),
-            AttemptBody::Once(_) => false,
-        }
-    }
-}
-
-/// Everything the attempts of one request share.
-struct Attempts<'a> {
-    ctx: &'a Ctx,
-    router: &'a Router,
-    forward: &'a Forward,
-    endpoints: &'a [Endpoint],
-    hash: &'a HashRequest<'a>,
-    destination: &'a DestinationPolicy,
-    version: upstream::Version,
-}
-
-/// How the attempts ended.
-enum Forwarded {
-    /// An endpoint's response, to pass on.
-    Response {
-        resp: Response<Incoming>,
-        in_flight: InFlight,
-        set_cookie: Option<String>,
-        upstream: SocketAddr,
-        /// `URX` (retries used up on a retriable status) or `UO` (`maxRetries` full).
-        flag: Option<Flag>,
-    },
-    /// An answer made here.
-    Local(LocalAnswer),
-}
-
-struct LocalAnswer {
-    status: StatusCode,
-    text: &'static str,
-    flag: Flag,
-    /// `URX` or `UO` after the cause, as Envoy lists them (`UF,URX`).
-    extra: Option<Flag>,
-    error: Option<String>,
-    upstream: Option<SocketAddr>,
-}
-
-/// Envoy's words, which clients and runbooks grep for.
-const TIMEOUT_TEXT: &str = "upstream request timeout";
-const CONNECT_TEXT: &str =
-    "upstream connect error or disconnect/reset before headers. reset reason: connection failure";
-const RESET_TEXT: &str = "upstream connect error or disconnect/reset before headers. reset reason: connection termination";
-const REFUSED_TEXT: &str = "upstream connect error or disconnect/reset before headers. reset reason: remote refused stream reset";
-
-impl LocalAnswer {
-    fn timeout(upstream: Option<SocketAddr>) -> LocalAnswer {
-        LocalAnswer {
-            status: StatusCode::GATEWAY_TIMEOUT,
-            text: TIMEOUT_TEXT,
-            flag: Flag::UpstreamTimeout,
-            extra: None,
-            error: None,
-            upstream,
-        }
-    }
-
-    fn failed(failure: Failure, error: String, upstream: SocketAddr) -> LocalAnswer {
-        let (text, flag) = match failure {
-            Failure::Connect => (CONNECT_TEXT, Flag::UpstreamConnect),
-            Failure::RefusedStream => (REFUSED_TEXT, Flag::UpstreamReset),
-            Failure::Reset => (RESET_TEXT, Flag::UpstreamReset),
-            Failure::PerTryTimeout => return LocalAnswer::timeout(Some(upstream)),
-        };
-        LocalAnswer {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-            text,
-            flag,
-            extra: None,
-            error: Some(error),
-            upstream: Some(upstream),
-        }
-    }
-}
-
-impl Attempts<'_> {
-    /// Sends the request (`head` + `body`) as the route's retry policy says: 1 + `attempts`
-    /// tries at most, each within `perTryTimeout`, all (backoff included) within the route's
-    /// `timeout`, retrying only what `retryOn` names and only with a body still whole.
-    async fn run(&self, head: &http::request::Parts, mut body: AttemptBody) -> Forwarded {
-        let policy = &self.forward.policy;
-        let retry = &policy.retry;
-        let deadline = policy.timeout.map(|t| Instant::now() + t);
-        let mut tried: Vec<SocketAddr> = Vec::new();
-        let mut retries = 0u32;
-        // Held from the decision to retry until that retry's answer (`maxRetries`).
-        let mut retry_permit: Option<Permit> = None;
-        loop {
-            let exclude = if retry.avoid_previous_hosts {
-                &tried[..]
-            } else {
-                &[]
-            };
-            let Some(picked) = self.ctx.balancer.pick(
-                self.router,
-                &self.forward.backend,
-                self.endpoints,
-                self.hash,
-                exclude,
-            ) else {
-                return Forwarded::Local(LocalAnswer {
-                    status: StatusCode::SERVICE_UNAVAILABLE,
-                    text: "no healthy upstream",
-                    flag: Flag::NoHealthyUpstream,
-                    extra: None,
-                    error: None,
-                    upstream: tried.last().copied(),
-                });
-            };
-            let addr = picked.endpoint.addr;
-            tried.push(addr);
-            let Some(attempt_body) = body.attempt() else {
-                // Only a retry can find the body gone, and retries check first.
-                return Forwarded::Local(LocalAnswer::failed(
-                    Failure::Reset,
-                    "request body no longer available".to_string(),
-                    addr,
-                ));
-            };
-            let req = Request::from_parts(head.clone(), attempt_body);
-            let per_try = retry.per_try_timeout.map(|t| Instant::now() + t);
-            // Which limit ends this attempt: the route's (504, final) or its own (retriable).
-            let (limit, route_limit) = match (deadline, per_try) {
-                (Some(d), Some(p)) if p < d => (Some(p), false),
-                (Some(d), _) => (Some(d), true),
-                (None, p) => (p, false),
-            };
-            let send =
-                self.ctx
-                    .upstream
-                    .send(&picked.endpoint, self.version, req, &self.destination.pool);
-            let sent = match limit {
-                Some(l) => tokio::time::timeout_at(l, send).await.ok(),
-                None => Some(send.await),
-            };
-            drop(retry_permit.take());
-            let report = |o| {
-                self.ctx
-                    .balancer
-                    .report(&self.forward.backend, self.destination, addr, o)
-            };
-            let (retriable, answer) = match sent {
-                None => {
-                    report(Outcome::Timeout);
-                    if route_limit {
-                        return Forwarded::Local(LocalAnswer::timeout(Some(addr)));
-                    }
-                    (
-                        retry::retries_failure(&retry.retry_on, Failure::PerTryTimeout),
-                        Forwarded::Local(LocalAnswer::timeout(Some(addr))),
-                    )
-                }
-                Some(Ok(resp)) => {
-                    let status = resp.status().as_u16();
-                    report(Outcome::Status(status));
-                    let retriable = retry::retries_status(&retry.retry_on, status, resp.headers());
-                    let answer = Forwarded::Response {
-                        resp,
-                        in_flight: picked.in_flight,
-                        set_cookie: picked.set_cookie,
-                        upstream: addr,
-                        flag: None,
-                    };
-                    (retriable, answer)
-                }
-                // Never reached the endpoint: not its fault, and Envoy never retries it.
-                Some(Err(UpstreamError::Overflow(_))) => {
-                    return Forwarded::Local(LocalAnswer {
-                        status: StatusCode::SERVICE_UNAVAILABLE,
-                        text: OVERFLOW_TEXT,
-                        flag: Flag::UpstreamOverflow,
-                        extra: None,
-                        error: None,
-                        upstream: Some(addr),
-                    });
-                }
-                Some(Err(e)) => {
-                    let failure = Failure::of(&e);
-                    report(if failure == Failure::Connect {
-                        Outcome::ConnectFailure
-                    } else {
-                        Outcome::Reset
-                    });
-                    (
-                        retry::retries_failure(&retry.retry_on, failure),
-                        Forwarded::Local(LocalAnswer::failed(failure, e.to_string(), addr)),
-                    )
-                }
-            };
-            if !retriable || !body.replayable() {
-                return answer;
-            }
-            if retries >= retry.attempts {
-                // Envoy flags `URX` when a retry policy ran out; `attempts: 0` has none.
-                return if retry.attempts > 0 {
-                    with_flag(answer, Flag::RetryLimitExceeded)
-                } else {
-                    answer
-                };
-            }
-            match self
-                .ctx
-                .balancer
-                .admit(&self.forward.backend, self.destination, Admit::Retry)
-            {
-                Ok(p) => retry_permit = Some(p),
-                // `maxRetries` is full: the last answer stands, flagged `UO` (Envoy).
-                Err(Overflow) => return with_flag(answer, Flag::UpstreamOverflow),
-            }
-            drop(answer);
-            retries += 1;
-            let wait = Instant::now() + retry::backoff(retry, retries);
-            match deadline {
-                Some(d) if d <= wait => {
-                    tokio::time::sleep_until(d).await;
-                    return Forwarded::Local(LocalAnswer::timeout(Some(addr)));
-                }
-                _ => tokio::time::sleep_until(wait).await,
-            }
-            debug!(retry = retries, previous = %addr, "retrying");
-        }
-    }
-}
-
-/// `answer` with `flag` added after its cause.
-fn with_flag(answer: Forwarded, flag: Flag) -> Forwarded {
-    match answer {
-        Forwarded::Response {
-            resp,
-            in_flight,
-            set_cookie,
-            upstream,
-            ..
-        } => Forwarded::Response {
-            resp,
-            in_flight,
-            set_cookie,
-            upstream,
-            flag: Some(flag),
-        },
-        Forwarded::Local(l) => Forwarded::Local(LocalAnswer {
-            extra: Some(flag),
-            ..l
-        }),
     }
 }

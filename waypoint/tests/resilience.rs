@@ -485,3 +485,64 @@ async fn a_dead_or_stalled_mirror_changes_nothing_for_clients() {
     assert!(stalled.hits() > 0);
     assert_eq!(web.hits(), 2 * n);
 }
+
+#[tokio::test]
+async fn a_retry_beyond_max_retries_is_not_made_and_the_last_answer_is_flagged_uo() {
+    use Act::*;
+    // maxRetries: 1. The first request's retry stalls and so holds the only retry place; the
+    // second request's 503 then cannot be retried: the client gets that 503, flagged UO.
+    let script = Script::new(&[Status(503), Stall, Status(503)], Status(200));
+    let dr = (
+        "DestinationRule",
+        "web",
+        json!({"host": "web", "trafficPolicy": {"connectionPool": {"http": {"maxRetries": 1}}}}),
+    );
+    let m = scripted_mesh(&[("web-0", script.clone())], &[], &[dr, retries("5xx", 2)]).await;
+    let mut first = m.http1(H1).await;
+    let stuck = tokio::spawn(async move { first.send_request(get_web()).await.map(|_| ()) });
+    let end = Instant::now() + DEADLINE;
+    while script.hits() < 2 {
+        assert!(
+            Instant::now() < end,
+            "the first request's retry never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (status, _, body) = call(&m, false, get_web()).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body, "scripted 503");
+    assert_eq!(script.hits(), 3);
+    wait_for_flag(&m, "UO", 1).await;
+    stuck.abort();
+}
+
+#[tokio::test]
+async fn httproute_request_and_backend_request_timeouts_end_in_504() {
+    use Act::*;
+    let httproute = |timeouts: Value| {
+        (
+            "HTTPRoute",
+            "web",
+            json!({"parentRefs": [{"group": "", "kind": "Service", "name": "web", "port": 80}],
+                   "rules": [{"timeouts": timeouts,
+                              "backendRefs": [{"name": "web", "port": 80}]}]}),
+        )
+    };
+    // The whole exchange: a stalled pod is cut at 500 ms with a 504.
+    let ((status, _, body), seen) =
+        attempts_for(&[httproute(json!({"request": "500ms"}))], false, &[], Stall).await;
+    assert_eq!((status, seen), (StatusCode::GATEWAY_TIMEOUT, 1));
+    assert_eq!(body, "upstream request timeout");
+    // A rule without `retry`: Istio makes backendRequest the limit of the exchange (the
+    // client's 20 s patience ends long before the 60 s request timeout); nothing retries it.
+    let ((status, _, _), seen) = attempts_for(
+        &[httproute(
+            json!({"request": "60s", "backendRequest": "300ms"}),
+        )],
+        false,
+        &[Stall],
+        Status(200),
+    )
+    .await;
+    assert_eq!((status, seen), (StatusCode::GATEWAY_TIMEOUT, 1));
+}
