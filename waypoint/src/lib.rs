@@ -7,6 +7,8 @@
 //! - [`inbound`]: HBONE in; [`plain`]: the plain-HTTP listener; [`admin`]: 15021 / 15020.
 //! - [`dest`]: original destination and protocol; [`sniff`]: telling HTTP from TCP.
 //! - [`http_server`]: hyper on a downstream stream; [`pipeline`]: one request, end to end.
+//! - [`attempts`]: an exchange's tries and retries; [`retry`]: what is retried, backoff and the
+//!   kept request body; [`fault`]: injected delays and aborts; [`mirror`]: request copies.
 //! - [`routing`]: route decisions; [`balance`]: endpoints and load balancing.
 //! - [`upstream`]: HBONE / TCP streams and pooled HTTP connections; [`tcp`]: passthrough.
 //! - [`telemetry`]: the one record per request or connection (log line + metrics);
