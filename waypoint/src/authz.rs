@@ -171,10 +171,11 @@ pub fn check(ctx: &Ctx, down: &Downstream, req: &mut Request<Incoming>) -> Verdi
                 .map(str::to_string)
         })
         .unwrap_or_default();
+    let path = policy::normalize_path(req.uri().path());
     let attrs = policy::Request {
         method: req.method().as_str(),
         host: &host,
-        path: req.uri().path(),
+        path: &path,
         headers: req.headers(),
         remote_ip: down.addr.ip(),
         // The waypoint does not terminate the application's TLS: there is no SNI to see.

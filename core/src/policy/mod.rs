@@ -37,7 +37,7 @@ pub use l7::{GATEWAY_GROUP, L7Authorization, TargetRef, WAYPOINT_CLASS, Waypoint
 pub use matcher::{
     KeyedMatch, L4Match, L4Rule, Match, Request, Rule, ServiceAccountMatch, StringMatch,
 };
-pub use path::{PathMatch, Piece};
+pub use path::{PathMatch, Piece, normalize as normalize_path};
 pub use peerauthn::{L4PeerAuthentication, MtlsSetting, PeerAuthnLevel};
 pub use spec::PolicyError;
 

@@ -78,6 +78,36 @@ impl PathMatch {
     }
 }
 
+/// RFC 3986 §5.2.4 dot-segment removal, as Envoy applies it before authorization under
+/// Istio's default `pathNormalization: BASE`: `/public/../admin` is matched as `/admin`, so a
+/// rule on `/admin` cannot be stepped around. Borrowed when there is nothing to remove.
+pub fn normalize(path: &str) -> std::borrow::Cow<'_, str> {
+    let dotted = path.split('/').any(|s| s == "." || s == "..");
+    if !dotted {
+        return std::borrow::Cow::Borrowed(path);
+    }
+    let mut out: Vec<&str> = Vec::new();
+    let segments: Vec<&str> = path.split('/').skip(1).collect();
+    for (i, seg) in segments.iter().enumerate() {
+        let last = i + 1 == segments.len();
+        match *seg {
+            "." => {
+                if last {
+                    out.push("");
+                }
+            }
+            ".." => {
+                out.pop();
+                if last {
+                    out.push("");
+                }
+            }
+            s => out.push(s),
+        }
+    }
+    std::borrow::Cow::Owned(format!("/{}", out.join("/")))
+}
+
 fn template_matches(pieces: &[Piece], path: &str) -> bool {
     let Some((first, rest)) = pieces.split_first() else {
         return path.is_empty();
@@ -119,6 +149,21 @@ mod tests {
         for (t, path, want) in cases {
             let m = PathMatch::parse(t).unwrap();
             assert_eq!(m.matches(path), want, "{t} vs {path}");
+        }
+    }
+
+    #[test]
+    fn dot_segments_are_removed() {
+        for (raw, want) in [
+            ("/a/b", "/a/b"),
+            ("/public/../admin/x", "/admin/x"),
+            ("/a/./b", "/a/b"),
+            ("/../../admin", "/admin"),
+            ("/a/b/..", "/a/"),
+            ("/a/.", "/a/"),
+            ("/a..b/c", "/a..b/c"),
+        ] {
+            assert_eq!(normalize(raw), want, "{raw}");
         }
     }
 
