@@ -471,3 +471,32 @@ async fn tcp_connections_wait_for_max_connections_then_overflow() {
         .expect("echo");
     assert_eq!(got, b"two");
 }
+
+#[tokio::test]
+async fn connect_timeout_bounds_connecting_to_a_hung_pod() {
+    let m = mesh().await;
+    let routes = [(
+        "DestinationRule",
+        "silent",
+        json!({"host": "silent", "trafficPolicy": {"connectionPool": {
+            "tcp": {"connectTimeout": "100ms"},
+        }}}),
+    )];
+    let accepted = silent_pod(&m, &routes).await;
+    let mut c = m.http1(&format!("{SILENT_VIP}:80")).await;
+    // Istio's default is 10 s per attempt (and the default policy retries connect failures
+    // twice): an answer within 5 s means the DestinationRule's 100 ms applied.
+    let resp = tokio::time::timeout(Duration::from_secs(5), c.send_request(get("/", "silent")))
+        .await
+        .expect("answered within 5 s")
+        .expect("response");
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(accepted.load(Ordering::SeqCst) >= 1, "the pod was dialled");
+    let metrics = m.metrics().await;
+    assert_eq!(
+        // UF, with URX once the default retries are spent.
+        requests_with(&metrics, r#"response_flags="UF"#),
+        1,
+        "{metrics}"
+    );
+}

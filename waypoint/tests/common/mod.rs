@@ -961,13 +961,26 @@ pub async fn mesh_controlled(names: &[&str], routes: &[Route<'_>]) -> (Mesh, Vec
             .collect(),
         waypoint: bound(),
     };
+    update_mesh(&m, Vec::new(), vec![ctl], routes).await;
+    (m, controls)
+}
+
+/// Adds `workloads` and `services` to the waypoint's config and replaces its routes with
+/// `routes`; returns once the waypoint has compiled them (without diagnostics).
+pub async fn update_mesh(
+    m: &Mesh,
+    workloads: Vec<Workload>,
+    services: Vec<Service>,
+    routes: &[Route<'_>],
+) {
     let mut generation = 0;
     m.config.send_modify(|current| {
         let mut next = current.as_deref().cloned().unwrap_or_default();
         let old: Vec<String> = next.routes().map(|r| r.key.clone()).collect();
         next.apply(ConfigUpdate {
             version: next.version + 1,
-            services: vec![ctl],
+            workloads,
+            services,
             removed_routes: old,
             routes: route_resources(routes),
             ..Default::default()
@@ -984,7 +997,7 @@ pub async fn mesh_controlled(names: &[&str], routes: &[Route<'_>]) -> (Mesh, Vec
                 diagnostics.as_array().is_none_or(|d| d.is_empty()),
                 "routes do not compile: {diagnostics}"
             );
-            break;
+            return;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
@@ -992,7 +1005,56 @@ pub async fn mesh_controlled(names: &[&str], routes: &[Route<'_>]) -> (Mesh, Vec
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    (m, controls)
+}
+
+pub const SILENT_VIP: &str = "10.96.0.21";
+
+/// A pod whose HBONE port accepts connections and never answers (a hung node), behind a
+/// Service `silent` (VIP [`SILENT_VIP`], port 80, bound to the waypoint), with `routes` in
+/// force. Returns how many connections it accepted.
+pub async fn silent_pod(m: &Mesh, routes: &[Route<'_>]) -> Arc<AtomicUsize> {
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let (ip, listener) = loop {
+        let r: [u8; 3] = rand::random();
+        let ip = IpAddr::from([127, r[0], r[1], r[2].clamp(2, 254)]);
+        if let Ok(l) = TcpListener::bind((ip, 15008)).await {
+            break (ip, l);
+        }
+    };
+    let a = accepted.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = listener.accept().await {
+            a.fetch_add(1, Ordering::SeqCst);
+            held.push(tcp);
+        }
+    });
+    let workload = Workload {
+        uid: "app/silent-0".into(),
+        name: "silent-0".into(),
+        namespace: "app".into(),
+        service_account: "backend".into(),
+        trust_domain: TD.into(),
+        ips: vec![ip.to_string()],
+        captured: true,
+        waypoint: bound(),
+        ..Default::default()
+    };
+    let silent = Service {
+        key: "app/silent".into(),
+        name: "silent".into(),
+        namespace: "app".into(),
+        hostname: "silent.app.svc.cluster.local".into(),
+        vips: vec![SILENT_VIP.into()],
+        ports: vec![port(80, 8080, "http", "")],
+        endpoints: vec![Endpoint {
+            workload_uid: "app/silent-0".into(),
+            ports: HashMap::new(),
+        }],
+        waypoint: bound(),
+    };
+    update_mesh(m, vec![workload], vec![silent], routes).await;
+    accepted
 }
 
 // ---- Telemetry and tracing (telemetry tests) ----
