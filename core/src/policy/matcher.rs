@@ -238,7 +238,10 @@ impl Match {
     fn matches_request(&self, peer: &Peer<'_>) -> bool {
         let req = peer.request;
         let auth = req.and_then(|r| r.auth);
-        let host = req.map(|r| r.host.to_ascii_lowercase());
+        // Lower-cased once, and only when a host list needs it.
+        let host = req
+            .filter(|_| !self.hosts.is_empty() || !self.not_hosts.is_empty())
+            .map(|r| r.host.to_ascii_lowercase());
         pos_neg(
             &self.request_principals,
             &self.not_request_principals,
