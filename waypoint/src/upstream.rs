@@ -278,9 +278,7 @@ impl Upstream {
                     m.entry(key).or_default().clone()
                 };
                 let limit = pool.max_requests_per_connection;
-                let Http2 {
-                    mut sender, served, ..
-                } = {
+                let Http2 { mut sender, served } = {
                     let mut conn = slot.lock().await;
                     let usable = conn.as_ref().filter(|c| {
                         !c.sender.is_closed()
