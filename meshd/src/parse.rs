@@ -560,7 +560,7 @@ spec: {parentRefs: [{group: '', kind: Service, name: web}], rules: [{backendRefs
 apiVersion: networking.istio.io/v1
 kind: VirtualService
 metadata: {name: web, namespace: shop}
-spec: {hosts: [web], http: [{fault: {abort: {httpStatus: 500}}, route: [{destination: {host: web}}]}]}
+spec: {hosts: [web], http: [{corsPolicy: {allowOrigins: [{exact: 'https://x'}]}, route: [{destination: {host: web}}]}]}
 ";
         let parsed = parse_file("k.yaml", text).unwrap();
         let kinds: Vec<String> = parsed.resources.iter().map(Resource::describe).collect();
@@ -581,7 +581,7 @@ spec: {hosts: [web], http: [{fault: {abort: {httpStatus: 500}}, route: [{destina
         assert!(
             parsed.warnings[0].contains("document 7")
                 && parsed.warnings[0].contains("VirtualService shop/web")
-                && parsed.warnings[0].contains("spec.http[0].fault"),
+                && parsed.warnings[0].contains("spec.http[0].corsPolicy"),
             "{:?}",
             parsed.warnings
         );
