@@ -86,9 +86,17 @@ pub async fn passthrough<S: Io>(
             return;
         }
     };
+    // DestinationRule tcp.idleTimeout: no byte either way for that long closes both sides.
+    let idle = server.idle();
     let result = async {
-        server.io.write_all(&prefix).await?;
-        tokio::io::copy_bidirectional(&mut client, &mut server.io).await
+        server.write_all(&prefix).await?;
+        tokio::select! {
+            r = tokio::io::copy_bidirectional(&mut client, &mut server) => r,
+            () = idle => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "idle longer than the DestinationRule's tcp.idleTimeout",
+            )),
+        }
     }
     .await;
     match result {

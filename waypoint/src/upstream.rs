@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -144,10 +144,80 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Idle HTTP/1.1 connections kept per endpoint.
 const MAX_IDLE_HTTP1: usize = 32;
 
-/// A connection for TCP passthrough, counted under `maxConnections` while held.
+/// A connection for TCP passthrough, counted under `maxConnections` while held, noting when
+/// bytes last moved either way (for `tcp.idleTimeout`).
 pub struct Connection {
-    pub io: BoxIo,
+    io: BoxIo,
     _slot: ConnSlot,
+    opened: Instant,
+    /// Milliseconds after `opened` that bytes last moved.
+    active_at: Arc<AtomicU64>,
+    idle_timeout: Duration,
+}
+
+impl Connection {
+    fn touch(&self) {
+        let ms = u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.active_at.store(ms, Ordering::Relaxed);
+    }
+
+    /// Resolves once no byte has moved either way for the destination's `tcp.idleTimeout`.
+    pub fn idle(&self) -> impl Future<Output = ()> + Send + 'static {
+        let (opened, active_at, timeout) = (self.opened, self.active_at.clone(), self.idle_timeout);
+        async move {
+            loop {
+                let last = opened + Duration::from_millis(active_at.load(Ordering::Relaxed));
+                let deadline = last + timeout;
+                if Instant::now() >= deadline {
+                    return;
+                }
+                tokio::time::sleep_until(deadline.into()).await;
+            }
+        }
+    }
+}
+
+impl AsyncRead for Connection {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = self.io.as_mut().poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.touch();
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Connection {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let polled = self.io.as_mut().poll_write(cx, buf);
+        if matches!(polled, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            self.touch();
+        }
+        polled
+    }
+
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.io.as_mut().poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.io.as_mut().poll_shutdown(cx)
+    }
 }
 
 impl Upstream {
@@ -220,7 +290,8 @@ impl Upstream {
     }
 
     /// A connection to `ep` for TCP passthrough under `pool`'s `maxConnections` (waiting, up
-    /// to `http1MaxPendingRequests` others, for one to close) and `connectTimeout`.
+    /// to `http1MaxPendingRequests` others, for one to close), `connectTimeout` and
+    /// `tcp.idleTimeout` (see [`Connection::idle`]).
     pub async fn connect(
         &self,
         ep: &Endpoint,
@@ -246,7 +317,13 @@ impl Upstream {
         };
         drop(waiting);
         let io = self.open_within(ep, pool.connect_timeout).await?;
-        Ok(Connection { io, _slot: slot })
+        Ok(Connection {
+            io,
+            _slot: slot,
+            opened: Instant::now(),
+            active_at: Arc::default(),
+            idle_timeout: pool.tcp_idle_timeout,
+        })
     }
 
     /// Sends one request to `ep` over a pooled connection of `version`, under the

@@ -500,3 +500,25 @@ async fn connect_timeout_bounds_connecting_to_a_hung_pod() {
         "{metrics}"
     );
 }
+
+#[tokio::test]
+async fn tcp_idle_timeout_closes_a_quiet_connection() {
+    let (m, _c) = mesh_controlled(
+        &["ctl-0"],
+        &[dr(
+            json!({"connectionPool": {"tcp": {"idleTimeout": "200ms"}}}),
+        )],
+    )
+    .await;
+    let mut tunnel = m
+        .connect(&format!("{CTL_VIP}:9000"))
+        .await
+        .expect("CONNECT");
+    echo(&mut tunnel, b"hello").await;
+    // Then nothing: the waypoint closes it (Istio's default would wait an hour).
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(DEADLINE, tunnel.read_to_end(&mut rest))
+        .await
+        .expect("closed for idleness");
+    assert!(rest.is_empty(), "{rest:?}");
+}
