@@ -10,9 +10,9 @@
 
 use std::sync::Arc;
 
-use jsonwebtoken::jwk::{AlgorithmParameters, Jwk};
 /// A JSON Web Key Set (`jsonwebtoken`'s), as `jwks` and `jwksUri` hold it.
 pub use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::jwk::{AlgorithmParameters, Jwk};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Serialize;
 use serde_json::{Map, Value};
