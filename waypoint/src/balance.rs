@@ -445,9 +445,9 @@ impl Balancer {
     /// Circuit-breaker counts and ejections per destination, for `/config_dump`.
     pub fn dump(&self, router: &Router) -> serde_json::Value {
         let now = (self.clock)();
-        let m = self.outliers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut m = self.outliers.lock().unwrap_or_else(|p| p.into_inner());
         let outliers: Vec<serde_json::Value> = m
-            .iter()
+            .iter_mut()
             .filter_map(|(b, d)| {
                 let policy = router.destination_policy(b);
                 let mut v = d.dump(now, policy.outlier.as_ref()?);

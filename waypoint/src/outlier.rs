@@ -201,8 +201,10 @@ impl Detector {
         }
     }
 
-    /// The ejected endpoints with when they were ejected and for how long, for `/config_dump`.
-    pub fn dump(&self, now: Instant, config: &OutlierDetection) -> serde_json::Value {
+    /// The ejected endpoints with when they were ejected and for how long, for `/config_dump`
+    /// (after the reviews due, so an endpoint whose time is up shows as back).
+    pub fn dump(&mut self, now: Instant, config: &OutlierDetection) -> serde_json::Value {
+        self.review(now, config);
         let mut ejected: Vec<serde_json::Value> = self
             .hosts
             .iter()
