@@ -50,6 +50,15 @@ pub async fn handle(
     down: Arc<Downstream>,
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
+    if !normalize_path(&mut req) {
+        let mut resp = Response::new(
+            Full::new(Bytes::from_static(b"Bad Request"))
+                .map_err(|n: Infallible| match n {})
+                .boxed(),
+        );
+        *resp.status_mut() = StatusCode::BAD_REQUEST;
+        return Ok(resp);
+    }
     let authority = request_authority(&req).unwrap_or_default();
     let protocol = match req.version() {
         Version::HTTP_2 => "HTTP/2",
@@ -268,6 +277,31 @@ pub async fn handle(
         _permit: permit,
     };
     Ok(Response::from_parts(head, BodyExt::boxed(body)))
+}
+
+/// Removes dot segments from the path once, before policy, routing and forwarding all read it
+/// (Istio's default `pathNormalization: BASE`, as Envoy does): the backend serves the very path
+/// the AuthorizationPolicy and the route matched, so `/public/%2e%2e/admin` cannot reach
+/// `/admin` under a rule meant for `/public`.
+/// `false`: the normalized path does not form a URI (the request is refused, not passed raw).
+fn normalize_path<B>(req: &mut Request<B>) -> bool {
+    let uri = req.uri();
+    let std::borrow::Cow::Owned(path) = meshcore::policy::normalize_path(uri.path()) else {
+        return true;
+    };
+    let path_and_query = match uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path,
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = path_and_query.parse().ok();
+    match Uri::from_parts(parts) {
+        Ok(normalized) => {
+            *req.uri_mut() = normalized;
+            true
+        }
+        Err(_) => false,
+    }
 }
 
 /// The request's authority: the URI's (HTTP/2 `:authority`) or `Host` (HTTP/1.1).

@@ -91,12 +91,19 @@ async fn denied_requests_get_403_and_allowed_ones_reach_the_backend() {
         // Dot segments are resolved before matching (Istio's default path normalization).
         ("GET", "/public/../admin/users"),
         ("GET", "/./admin/users"),
+        // ...with the dots percent-encoded too, as Envoy's canonicalizer reads them.
+        ("GET", "/public/%2e%2e/admin/users"),
+        ("GET", "/public/%2E./admin/users"),
     ] {
         let (status, pod, body) = call(&m, WEB_VIP, method, path, None).await;
         assert_eq!(status, StatusCode::FORBIDDEN, "{method} {path}");
         assert_eq!(body, "RBAC: access denied", "{method} {path}");
         assert_eq!(pod, None, "{method} {path} must not reach the backend");
     }
+    // The backend serves the path the policy judged, not the raw one it could resolve itself.
+    let (status, _, body) = call(&m, WEB_VIP, "GET", "/public/%2e%2e/items?x=1", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(body.starts_with("path=/items "), "{body}");
     // The ALLOW policy is on Service web only: the keys service has none (the DENY still holds).
     assert_eq!(
         call(&m, KEYS_VIP, "POST", "/x", None).await.0,

@@ -78,34 +78,59 @@ impl PathMatch {
     }
 }
 
-/// RFC 3986 §5.2.4 dot-segment removal, as Envoy applies it before authorization under
-/// Istio's default `pathNormalization: BASE`: `/public/../admin` is matched as `/admin`, so a
-/// rule on `/admin` cannot be stepped around. Borrowed when there is nothing to remove.
+/// RFC 3986 §5.2.4 dot-segment removal, as Envoy applies it under Istio's default
+/// `pathNormalization: BASE` before authorization, routing and forwarding: `/public/../admin`
+/// becomes `/admin`, so a rule on `/admin` cannot be stepped around. Like Envoy's canonicalizer,
+/// a backslash is a slash and `%2e` (either case) is a dot, so `/public/%2e%2e/admin` and
+/// `/public\..\admin` are `/admin` too. Borrowed when there is nothing to change.
 pub fn normalize(path: &str) -> std::borrow::Cow<'_, str> {
-    let dotted = path.split('/').any(|s| s == "." || s == "..");
+    let slashed: std::borrow::Cow<'_, str> = if path.contains('\\') {
+        std::borrow::Cow::Owned(path.replace('\\', "/"))
+    } else {
+        std::borrow::Cow::Borrowed(path)
+    };
+    let dotted = slashed.split('/').any(|s| dot_segment(s).is_some());
     if !dotted {
-        return std::borrow::Cow::Borrowed(path);
+        return slashed;
     }
     let mut out: Vec<&str> = Vec::new();
-    let segments: Vec<&str> = path.split('/').skip(1).collect();
+    let segments: Vec<&str> = slashed.split('/').skip(1).collect();
     for (i, seg) in segments.iter().enumerate() {
         let last = i + 1 == segments.len();
-        match *seg {
-            "." => {
+        match dot_segment(seg) {
+            Some(Dots::One) => {
                 if last {
                     out.push("");
                 }
             }
-            ".." => {
+            Some(Dots::Two) => {
                 out.pop();
                 if last {
                     out.push("");
                 }
             }
-            s => out.push(s),
+            None => out.push(seg),
         }
     }
     std::borrow::Cow::Owned(format!("/{}", out.join("/")))
+}
+
+enum Dots {
+    One,
+    Two,
+}
+
+/// `.` / `..`, with any dot written `%2e` or `%2E`.
+fn dot_segment(seg: &str) -> Option<Dots> {
+    if seg.len() > 6 {
+        return None;
+    }
+    let lower = seg.to_ascii_lowercase();
+    match lower.replace("%2e", ".").as_str() {
+        "." => Some(Dots::One),
+        ".." => Some(Dots::Two),
+        _ => None,
+    }
 }
 
 fn template_matches(pieces: &[Piece], path: &str) -> bool {
@@ -162,6 +187,13 @@ mod tests {
             ("/a/b/..", "/a/"),
             ("/a/.", "/a/"),
             ("/a..b/c", "/a..b/c"),
+            ("/public/%2e%2e/admin", "/admin"),
+            ("/public/%2E./admin", "/admin"),
+            ("/public/.%2e/admin", "/admin"),
+            ("/a/%2e/b", "/a/b"),
+            ("/public\\..\\admin", "/admin"),
+            ("/a/%2e%2e%2e/b", "/a/%2e%2e%2e/b"),
+            ("/a%2eb", "/a%2eb"),
         ] {
             assert_eq!(normalize(raw), want, "{raw}");
         }
