@@ -318,7 +318,7 @@ impl Metrics {
         removed
     }
 
-    fn write_access_log(&self, line: &serde_json::Value) {
+    fn write_access_log(&self, line: &AccessLine<'_>) {
         if let Some(sink) = self.access_log.get() {
             let mut out = sink.lock().unwrap_or_else(|p| p.into_inner());
             // A full disk or closed stdout must not fail requests; the metrics still count.
@@ -607,8 +607,9 @@ impl Record {
                 };
                 metrics.observe(labels, dur_ms, received, sent);
                 if metrics.access_log.get().is_some() {
-                    let line = self.access_log_line(&flags, dur_ms, trace.as_ref());
-                    metrics.write_access_log(&line);
+                    if let Some(line) = self.access_log_line(&flags, dur_ms, trace.as_ref()) {
+                        metrics.write_access_log(&line);
+                    }
                 }
                 if let Some(trace) = trace {
                     trace.end(&self, *status, &flags);
@@ -654,12 +655,12 @@ impl Record {
 
     /// The access-log line: Istio's default JSON format's fields (Envoy's names), plus the
     /// trace id and the client's identity.
-    fn access_log_line(
-        &self,
-        flags: &str,
+    fn access_log_line<'a>(
+        &'a self,
+        flags: &'a str,
         dur_ms: f64,
         trace: Option<&crate::trace::Trace>,
-    ) -> serde_json::Value {
+    ) -> Option<AccessLine<'a>> {
         let Kind::Http {
             method,
             authority,
@@ -668,41 +669,59 @@ impl Record {
             status,
         } = &self.kind
         else {
-            return serde_json::Value::Null;
+            return None;
         };
-        let or_null = |s: &str| {
-            if s.is_empty() {
-                serde_json::Value::Null
-            } else {
-                serde_json::Value::from(s)
-            }
-        };
-        let start = time::OffsetDateTime::from(self.start_time)
-            .format(&time::format_description::well_known::Rfc3339)
-            .unwrap_or_default();
-        serde_json::json!({
-            "start_time": start,
-            "method": method,
-            "path": path,
-            "protocol": protocol,
-            "response_code": status,
-            "response_flags": flags,
-            "bytes_received": self.bytes_received(),
-            "bytes_sent": self.bytes_sent(),
-            "duration": dur_ms as u64,
-            "upstream_host": or_null(&self.upstream),
-            "upstream_cluster": or_null(&self.upstream_cluster),
-            "route_name": or_null(&self.route),
-            "x_request_id": self.request_id.as_ref().and_then(|v| v.to_str().ok()),
-            "authority": authority,
-            "downstream_remote_address": self.src_addr,
-            "downstream_peer_principal": or_null(&self.src_principal),
-            "destination_service": self.dst_service,
-            "traceparent": trace.map(|t| t.traceparent()),
-            "trace_id": trace.map(|t| t.trace_id_hex()),
-            "error": self.error,
+        let some = |s: &'a str| (!s.is_empty()).then_some(s);
+        Some(AccessLine {
+            start_time: time::OffsetDateTime::from(self.start_time)
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default(),
+            method,
+            path,
+            protocol,
+            response_code: *status,
+            response_flags: flags,
+            bytes_received: self.bytes_received(),
+            bytes_sent: self.bytes_sent(),
+            duration: dur_ms as u64,
+            upstream_host: some(&self.upstream),
+            upstream_cluster: some(&self.upstream_cluster),
+            route_name: some(&self.route),
+            x_request_id: self.request_id.as_ref().and_then(|v| v.to_str().ok()),
+            authority,
+            downstream_remote_address: &self.src_addr,
+            downstream_peer_principal: some(&self.src_principal),
+            destination_service: &self.dst_service,
+            traceparent: trace.map(|t| t.traceparent()),
+            trace_id: trace.map(|t| t.trace_id_hex()),
+            error: self.error.as_deref(),
         })
     }
+}
+
+/// One access-log line, serialized straight to the sink (no intermediate JSON tree).
+#[derive(serde::Serialize)]
+struct AccessLine<'a> {
+    start_time: String,
+    method: &'a str,
+    path: &'a str,
+    protocol: &'a str,
+    response_code: u16,
+    response_flags: &'a str,
+    bytes_received: u64,
+    bytes_sent: u64,
+    duration: u64,
+    upstream_host: Option<&'a str>,
+    upstream_cluster: Option<&'a str>,
+    route_name: Option<&'a str>,
+    x_request_id: Option<&'a str>,
+    authority: &'a str,
+    downstream_remote_address: &'a str,
+    downstream_peer_principal: Option<&'a str>,
+    destination_service: &'a str,
+    traceparent: Option<String>,
+    trace_id: Option<String>,
+    error: Option<&'a str>,
 }
 
 /// The client's request body as the pipeline forwards it: counted.

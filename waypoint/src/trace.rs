@@ -13,7 +13,6 @@
 //! flag that arrived (`traceparent` flags, `x-b3-sampled`/`x-b3-flags`, `b3`) is honoured;
 //! otherwise the request is sampled with the configured probability.
 
-use std::fmt::Write as _;
 use std::time::Duration;
 
 use dataplane::spans::{Attr, ExportSettings, Kind, Parent, SpanError, SpanExt, Spans, Status};
@@ -308,37 +307,61 @@ fn extract(h: &HeaderMap) -> Caller {
     }
 }
 
-fn set(h: &mut HeaderMap, name: &HeaderName, value: &str) {
-    if let Ok(v) = HeaderValue::from_str(value) {
+fn set(h: &mut HeaderMap, name: &HeaderName, value: &[u8]) {
+    if let Ok(v) = HeaderValue::from_bytes(value) {
         h.insert(name.clone(), v);
     }
 }
 
+/// Lowercase hex of `bytes` into `out` (twice as long), on the stack.
+fn hex_into<'a>(bytes: &[u8], out: &'a mut [u8]) -> &'a [u8] {
+    if hex::encode_to_slice(bytes, out).is_err() {
+        return b"";
+    }
+    out
+}
+
 /// Writes this hop's context into the request for the upstream: `traceparent` and B3
 /// multi-header always, `b3` when the caller used it; `tracestate` kept only with the W3C
-/// parent it belongs to.
+/// parent it belongs to. Formatted on the stack: one allocation per header value.
 fn inject(h: &mut HeaderMap, t: &Trace, incoming: &Caller) {
-    let (trace_id, span_id) = (hex::encode(t.trace_id), hex::encode(t.span_id));
-    let sampled = if t.sampled { "1" } else { "0" };
-    set(h, &TRACEPARENT, &t.traceparent());
+    let (mut trace_buf, mut span_buf) = ([0u8; 32], [0u8; 16]);
+    let trace_id = hex_into(&t.trace_id, &mut trace_buf);
+    let span_id = hex_into(&t.span_id, &mut span_buf);
+    let sampled: &[u8] = if t.sampled { b"1" } else { b"0" };
+    let mut tp = [0u8; 55];
+    tp[..3].copy_from_slice(b"00-");
+    tp[3..35].copy_from_slice(trace_id);
+    tp[35] = b'-';
+    tp[36..52].copy_from_slice(span_id);
+    tp[52..].copy_from_slice(if t.sampled { b"-01" } else { b"-00" });
+    set(h, &TRACEPARENT, &tp);
     if !incoming.w3c {
         h.remove(&TRACESTATE);
     }
-    set(h, &B3_TRACE, &trace_id);
-    set(h, &B3_SPAN, &span_id);
-    set(h, &B3_SAMPLED, sampled);
+    set(h, &B3_TRACE, trace_id);
+    set(h, &B3_SPAN, span_id);
+    h.insert(
+        B3_SAMPLED.clone(),
+        HeaderValue::from_static(if t.sampled { "1" } else { "0" }),
+    );
     h.remove(&B3_FLAGS);
-    let parent = incoming.parent.map(|p| hex::encode(p.1));
-    match &parent {
+    let mut parent_buf = [0u8; 16];
+    let parent = incoming.parent.map(|p| hex_into(&p.1, &mut parent_buf));
+    match parent {
         Some(p) => set(h, &B3_PARENT, p),
         None => {
             h.remove(&B3_PARENT);
         }
     }
     if h.contains_key(&B3) {
-        let mut single = format!("{trace_id}-{span_id}-{sampled}");
-        if let Some(p) = &parent {
-            let _ = write!(single, "-{p}");
+        let mut single = Vec::with_capacity(68);
+        for part in [trace_id, b"-", span_id, b"-", sampled] {
+            single.extend_from_slice(part);
+        }
+        if let Some(p) = parent {
+            single.push(b'-');
+            single.extend_from_slice(p);
         }
         set(h, &B3, &single);
     }
