@@ -1,6 +1,10 @@
 //! The through-the-mesh half of the waypoint bench: a client pod calling a Service bound to a
-//! waypoint vs a Service selecting the same pod without one (L4 only), in one local-mode mesh.
-//! Owns that scenario only; the tools are `load`'s.
+//! waypoint vs a Service selecting the same pod without one (L4 only), in one local-mode mesh;
+//! and, in the same rounds, more Services on the same pod and waypoint that differ by one
+//! feature: retries off (`attempts: 0`), retries on (a VirtualService retry policy and a route
+//! timeout), and an AuthorizationPolicy (ALLOW by principal, method and path, DENY /admin/*),
+//! each reported as a ratio to the plain waypoint Service (Istio's default retry policy, no
+//! policy). Owns that scenario only; the tools are `load`'s.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -28,7 +32,46 @@ pub struct MeshReport {
     pub waypoint_requests: f64,
     /// Where the waypoint pod ran.
     pub waypoint_node: String,
+    /// The feature variants: (what, saturation figures).
+    pub features: Vec<(String, Figures)>,
+    /// Whether the waypoint answered 403 to `/admin/` on the policy's Service before the runs.
+    pub policy_enforced: bool,
 }
+
+/// The feature variants: Service name, row name.
+const FEATURES: [(&str, &str); 3] = [
+    ("web-noretry", "retries off (retries.attempts: 0)"),
+    (
+        "web-retry",
+        "retries on (attempts 3, 5xx/reset/connect-failure, timeouts)",
+    ),
+    (
+        "web-authz",
+        "AuthorizationPolicy (ALLOW principal+GET+/*, DENY /admin/*)",
+    ),
+];
+
+/// The feature Services' VirtualServices and policies.
+const FEATURE_CONFIG: &str = "apiVersion: networking.istio.io/v1\nkind: VirtualService\n\
+    metadata: {name: web-noretry, namespace: bench-shop}\nspec:\n  \
+    hosts: [web-noretry.bench-shop.svc.cluster.local]\n  http:\n  \
+    - route: [{destination: {host: web-noretry.bench-shop.svc.cluster.local}}]\n    \
+    retries: {attempts: 0}\n---\n\
+    apiVersion: networking.istio.io/v1\nkind: VirtualService\n\
+    metadata: {name: web-retry, namespace: bench-shop}\nspec:\n  \
+    hosts: [web-retry.bench-shop.svc.cluster.local]\n  http:\n  \
+    - route: [{destination: {host: web-retry.bench-shop.svc.cluster.local}}]\n    \
+    timeout: 10s\n    \
+    retries: {attempts: 3, perTryTimeout: 2s, retryOn: \"5xx,reset,connect-failure\"}\n---\n\
+    apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+    metadata: {name: web-authz-allow, namespace: bench-shop}\nspec:\n  \
+    targetRefs: [{kind: Service, group: \"\", name: web-authz}]\n  action: ALLOW\n  rules:\n  \
+    - from: [{source: {principals: [cluster.local/ns/bench-client/sa/default]}}]\n    \
+    to: [{operation: {methods: [GET], paths: [\"/*\"]}}]\n---\n\
+    apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+    metadata: {name: web-authz-deny, namespace: bench-shop}\nspec:\n  \
+    targetRefs: [{kind: Service, group: \"\", name: web-authz}]\n  action: DENY\n  rules:\n  \
+    - to: [{operation: {paths: [\"/admin/*\"]}}]\n";
 
 fn mesh_manifest(dir: &Path) -> String {
     let conf = dir.join("web-backend.conf");
@@ -39,7 +82,10 @@ fn mesh_manifest(dir: &Path) -> String {
          apiVersion: v1\nkind: Namespace\n\
          metadata: {name: bench-shop, labels: {istio.io/dataplane-mode: ambient}}\n",
     );
-    for (name, label) in [("web", "waypoint"), ("web-l4", "none")] {
+    let services = [("web", "waypoint"), ("web-l4", "none")]
+        .into_iter()
+        .chain(FEATURES.iter().map(|(s, _)| (*s, "waypoint")));
+    for (name, label) in services {
         let _ = write!(
             y,
             "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: bench-shop\n  \
@@ -82,6 +128,7 @@ pub fn run_mesh(duration: Duration) -> anyhow::Result<MeshReport> {
     mesh.wait_enrolled("bench-shop", "web")?;
     mesh.wait_enrolled("bench-client", "client")?;
     mesh.apply("20-waypoint.yaml", MESH_GATEWAY)?;
+    mesh.apply("30-features.yaml", FEATURE_CONFIG)?;
     let pods = mesh.wait_for_pods("bench-shop", "waypoint", 1)?;
     let wp = pods.first().context("no waypoint pod")?.clone();
     mesh.wait_listening("bench-shop", &wp, 15008)?;
@@ -91,8 +138,13 @@ pub fn run_mesh(duration: Duration) -> anyhow::Result<MeshReport> {
         || {
             let dump = mesh.config_dump(0)?;
             Ok(dump["services"].as_array().is_some_and(|ss| {
-                ss.iter()
-                    .any(|s| s["key"] == "bench-shop/web" && s["waypoint"]["state"] == "ready")
+                ["web", "web-noretry", "web-retry", "web-authz"]
+                    .iter()
+                    .all(|name| {
+                        let key = format!("bench-shop/{name}");
+                        ss.iter()
+                            .any(|s| s["key"] == key.as_str() && s["waypoint"]["state"] == "ready")
+                    })
             }))
         },
     )?;
@@ -107,10 +159,39 @@ pub fn run_mesh(duration: Duration) -> anyhow::Result<MeshReport> {
             .map(|ip| format!("http://{ip}:80/"))
             .with_context(|| format!("no VIP for Service bench-shop/{name}"))
     };
-    let urls = [vip("web-l4")?, vip("web")?];
+    let mut urls = vec![vip("web-l4")?, vip("web")?];
+    for (name, _) in FEATURES {
+        urls.push(vip(name)?);
+    }
     for u in &urls {
         wait_body(&mesh.cluster, &client.netns, u)?;
     }
+    // The policy is enforced once /admin/ is refused (it may take a moment to arrive); if it
+    // never is, the row is still measured and the report says so.
+    let authz = urls[urls.len() - 1].clone();
+    let policy_enforced = wait_for(
+        Duration::from_secs(20),
+        "the waypoint to enforce bench-shop/web-authz-deny",
+        || {
+            let url = format!("{authz}admin/x");
+            let out = mesh.cluster.run(
+                &client.netns,
+                &[
+                    "curl",
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    "--max-time",
+                    "2",
+                    &url,
+                ],
+            )?;
+            Ok(out.stdout == b"403")
+        },
+    )
+    .is_ok();
     let counted = || -> anyhow::Result<f64> {
         let url = format!("http://{}:15020/metrics", wp_pod.ip4);
         let out = mesh.exec("bench-shop", &wp, &["curl", "-sf", "--max-time", "5", &url])?;
@@ -130,16 +211,24 @@ pub fn run_mesh(duration: Duration) -> anyhow::Result<MeshReport> {
             Duration::from_secs(1),
         )?;
     }
-    let mut samples = [Vec::new(), Vec::new()];
+    let mut samples = vec![Vec::new(); urls.len()];
     let mut through = 0.0;
+    let mut sent_through = 0.0;
     let mut wp_cpu = (0u64, 0f64);
+    // The waypoint's CPU ticks and the requests sent, per URL.
+    let mut url_cpu = vec![(0u64, 0f64); urls.len()];
     let wp_pid = listener_pid(&mesh, "bench-shop", &wp, 15008)?;
     for _ in 0..ROUNDS {
         for (i, u) in urls.iter().enumerate() {
             let before = (counted()?, cpu_ticks(wp_pid)?);
             let w = wrk(&mesh.cluster, &client.netns, &None, &script, u, duration)?;
-            if i == 1 {
+            if i >= 1 {
                 through += counted()? - before.0;
+                sent_through += num(&w, "requests");
+                url_cpu[i].0 += cpu_ticks(wp_pid)?.saturating_sub(before.1);
+                url_cpu[i].1 += num(&w, "requests");
+            }
+            if i == 1 {
                 wp_cpu.0 += cpu_ticks(wp_pid)?.saturating_sub(before.1);
                 wp_cpu.1 += num(&w, "requests");
             }
@@ -149,20 +238,19 @@ pub fn run_mesh(duration: Duration) -> anyhow::Result<MeshReport> {
     // Every request sent to the bound Service must have been the waypoint's, else this
     // measured a bypass.
     anyhow::ensure!(
-        through >= wp_cpu.1,
-        "the waypoint counted {through} requests of the {} sent to bench-shop/web: not bound?",
-        wp_cpu.1
+        through >= sent_through,
+        "the waypoint counted {through} requests of the {sent_through} sent to its Services: not bound?"
     );
     let rps = |w: &Value| num(w, "requests") / (num(w, "duration_us") / 1e6);
     let median = |runs: &mut Vec<Value>| -> Value {
         runs.sort_by(|a, b| rps(a).total_cmp(&rps(b)));
         runs[runs.len() / 2].clone()
     };
-    let med = [median(&mut samples[0]), median(&mut samples[1])];
+    let med: Vec<Value> = samples.iter_mut().map(median).collect();
     let slowest = rps(&med[0]).min(rps(&med[1]));
     let per_conn = (slowest * 0.5 / f64::from(CONNECTIONS)).max(1.0).floor();
     let mut figures = Vec::new();
-    for (i, (w, u)) in med.iter().zip(&urls).enumerate() {
+    for (i, (w, u)) in med.iter().zip(&urls).take(2).enumerate() {
         let log = dir.join(format!("h2load-mesh-{i}.tsv"));
         let (achieved, p50, p99) = h2load_fixed(
             &mesh.cluster,
@@ -193,7 +281,27 @@ pub fn run_mesh(duration: Duration) -> anyhow::Result<MeshReport> {
     let [l4, wp_f]: [Figures; 2] = figures
         .try_into()
         .map_err(|_| anyhow::anyhow!("two measurements expected"))?;
+    let features = FEATURES
+        .iter()
+        .zip(med[2..].iter().zip(&url_cpu[2..]))
+        .map(|((_, what), (w, cpu))| {
+            let f = Figures {
+                target: Target::Waypoint,
+                rps: rps(w),
+                p50_us: num(w, "p50_us"),
+                p99_us: num(w, "p99_us"),
+                fixed_p50_us: f64::NAN,
+                fixed_p99_us: f64::NAN,
+                fixed_rps: f64::NAN,
+                cpu_us_per_req: cpu.0 as f64 * 1e6 / clock_ticks() / cpu.1,
+                rss_mib: f64::NAN,
+            };
+            (what.to_string(), f)
+        })
+        .collect();
     Ok(MeshReport {
+        features,
+        policy_enforced,
         figures: [l4, wp_f],
         fixed_rate: per_conn * f64::from(CONNECTIONS),
         waypoint_requests: through,
@@ -232,5 +340,22 @@ pub fn print_mesh(r: &MeshReport) {
     println!(
         "waypoint: {:.1} µs CPU per request, peak RSS {:.1} MiB; it counted {:.0} requests during the wrk rounds",
         wp.cpu_us_per_req, wp.rss_mib, r.waypoint_requests
+    );
+    let rows: Vec<(String, &Figures)> = r
+        .features
+        .iter()
+        .map(|(what, f)| {
+            let note = if what.starts_with("AuthorizationPolicy") && !r.policy_enforced {
+                " [NOT ENFORCED: /admin/ was not refused]"
+            } else {
+                ""
+            };
+            (format!("{what}{note}"), f)
+        })
+        .collect();
+    super::print_features(
+        "waypoint features through the mesh (same run; plain = Istio's default retry policy, no policy)",
+        wp,
+        &rows,
     );
 }

@@ -10,8 +10,12 @@
 //! children over the run ÷ requests) and peak RSS (VmHWM, summed over its processes).
 //! With two cores or more, each proxy is pinned to the second core and the load generators and
 //! backend to the first, so a proxy is measured on one core it does not share with the load.
-//! No access logs anywhere. Owns this scenario; `load` has the tools and configs, `mesh` the
-//! same comparison through the mesh (client → Service bound to a waypoint vs L4 only).
+//! No access logs anywhere, except in the telemetry row: a second waypoint process with its
+//! JSON access log to a file and every request traced (`--trace-sampling 100`) to an OTLP/gRPC
+//! receiver (`otlp_sink.py --count-only`, on the load's CPU), measured in the same interleaved rounds and
+//! reported as a ratio to the plain waypoint. Owns this scenario; `load` has the tools and
+//! configs, `mesh` the same comparison through the mesh (client → Service bound to a waypoint vs
+//! L4 only, and the route and policy features).
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -21,7 +25,7 @@ use anyhow::{Context, bail};
 use serde_json::Value;
 use testbed::{Cluster, ClusterConfig, Netns, Proc};
 
-use crate::Bins;
+use crate::{Bins, wait_for};
 
 mod load;
 mod mesh;
@@ -33,6 +37,8 @@ use load::{
 pub use mesh::{MeshReport, print_mesh, run_mesh};
 
 const BACKEND_PORT: u16 = 8080;
+/// The OTLP receiver of the telemetry row.
+const OTLP_PORT: u16 = 4317;
 const CONNECTIONS: u32 = 32;
 /// Interleaved saturation rounds (the median is reported).
 const ROUNDS: usize = 3;
@@ -44,14 +50,17 @@ pub enum Target {
     Waypoint,
     Envoy,
     Nginx,
+    /// The waypoint with its access log on and 100% of requests traced.
+    WaypointTelemetry,
 }
 
 impl Target {
-    const ALL: [Target; 4] = [
+    const ALL: [Target; 5] = [
         Target::Direct,
         Target::Waypoint,
         Target::Envoy,
         Target::Nginx,
+        Target::WaypointTelemetry,
     ];
 
     fn url(self) -> String {
@@ -64,6 +73,7 @@ impl Target {
             Target::Nginx => 8081,
             Target::Envoy => 8082,
             Target::Waypoint => 8083,
+            Target::WaypointTelemetry => 8084,
         }
     }
 
@@ -73,6 +83,7 @@ impl Target {
             Target::Waypoint => "waypoint",
             Target::Envoy => "Envoy",
             Target::Nginx => "nginx",
+            Target::WaypointTelemetry => "waypoint+telemetry",
         }
     }
 }
@@ -98,6 +109,8 @@ pub struct Report {
     pub fixed_rate: f64,
     /// How processes were pinned.
     pub pinning: String,
+    /// Spans the OTLP receiver got from the telemetry waypoint (proof tracing was on).
+    pub spans: usize,
 }
 
 /// A proxy process (for nginx: the master; its workers are its children).
@@ -164,23 +177,72 @@ pub fn run(duration: Duration) -> anyhow::Result<Report> {
     wait_serving(&cluster, &netns, Target::Direct)?;
     let listen = |t: Target| format!("127.0.0.1:{}", t.port());
     let backend = listen(Target::Direct);
+    let spans = dir.join("spans.jsonl");
+    let sink = write(&dir, "otlp_sink.py", include_str!("../otlp_sink.py"))?;
+    procs.push(cluster.spawn(
+        &netns,
+        pin(
+            &load_cpu,
+            &[
+                "python3",
+                &s(&sink),
+                &format!("127.0.0.1:{OTLP_PORT}"),
+                &s(&spans),
+                "--count-only",
+            ],
+        ),
+        "otlp-sink",
+    )?);
+    wait_for(
+        Duration::from_secs(30),
+        "the OTLP receiver (python3 with grpcio and opentelemetry-proto) to listen",
+        || {
+            let out = cluster.run(&netns, &["ss", "-Hltn", &format!("sport = :{OTLP_PORT}")])?;
+            Ok(!out.stdout.is_empty())
+        },
+    )?;
     let mut proxies = Vec::new();
-    let mut waypoint = pin(
-        &proxy_cpu,
-        &[
-            &s(&bins.waypoint),
-            "--gateway",
-            "bench/waypoint",
-            "--pod-ip",
-            "127.0.0.1",
-            "--http-listen",
-            &listen(Target::Waypoint),
-            "--http-backend",
-            &backend,
-        ],
-    );
-    waypoint.env("RUST_LOG", "warn");
-    proxies.push((Target::Waypoint, waypoint));
+    let access_log = s(&dir.join("access.jsonl"));
+    let collector = format!("http://127.0.0.1:{OTLP_PORT}");
+    for (target, telemetry) in [
+        (Target::Waypoint, &["--access-log", "off"][..]),
+        (
+            Target::WaypointTelemetry,
+            &[
+                "--access-log",
+                &access_log,
+                "--trace-collector",
+                &collector,
+                "--trace-sampling",
+                "100",
+                // Beside the first one in the same namespace: its own admin ports.
+                "--hbone-port",
+                "15108",
+                "--ready-port",
+                "15121",
+                "--metrics-port",
+                "15120",
+            ][..],
+        ),
+    ] {
+        let listen = listen(target);
+        let mut argv = vec![
+            s(&bins.waypoint),
+            "--gateway".into(),
+            "bench/waypoint".into(),
+            "--pod-ip".into(),
+            "127.0.0.1".into(),
+            "--http-listen".into(),
+            listen,
+            "--http-backend".into(),
+            backend.clone(),
+        ];
+        argv.extend(telemetry.iter().map(|a| a.to_string()));
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        let mut waypoint = pin(&proxy_cpu, &argv);
+        waypoint.env("RUST_LOG", "warn");
+        proxies.push((target, waypoint));
+    }
     proxies.push((
         Target::Envoy,
         pin(
@@ -234,7 +296,7 @@ pub fn run(duration: Duration) -> anyhow::Result<Report> {
     // Saturation in ROUNDS interleaved rounds, so drift on the shared machine hits every target
     // alike; each target's median round (by req/s) is reported, CPU over all rounds.
     let mut samples: Vec<Vec<Value>> = vec![Vec::new(); Target::ALL.len()];
-    let mut cpu = [(0u64, 0f64); 4];
+    let mut cpu = [(0u64, 0f64); Target::ALL.len()];
     for _ in 0..ROUNDS {
         for (i, t) in Target::ALL.into_iter().enumerate() {
             let before = pid_of(t).map(cpu_ticks).transpose()?;
@@ -272,7 +334,7 @@ pub fn run(duration: Duration) -> anyhow::Result<Report> {
     }
     let slowest = figures
         .iter()
-        .filter(|f| f.target != Target::Direct)
+        .filter(|f| matches!(f.target, Target::Waypoint | Target::Envoy | Target::Nginx))
         .map(|f| f.rps)
         .fold(f64::INFINITY, f64::min);
     let per_conn = (slowest * 0.5 / f64::from(CONNECTIONS)).max(1.0).floor();
@@ -296,10 +358,15 @@ pub fn run(duration: Duration) -> anyhow::Result<Report> {
         p.terminate(Duration::from_secs(5));
     }
     procs.clear();
+    let spans = std::fs::read_to_string(&spans)
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(0);
     Ok(Report {
         figures,
         fixed_rate,
         pinning,
+        spans,
     })
 }
 
@@ -347,6 +414,44 @@ pub fn print(r: &Report) {
         .map(|(what, ok)| format!("{what}: {}", if *ok { "yes" } else { "NO" }))
         .collect();
     println!("issue 8 bar — {}", line.join("; "));
+    if let Some(t) = get(Target::WaypointTelemetry) {
+        print_features(
+            "waypoint features, plain HTTP listener (same run; ratios to the plain waypoint)",
+            w,
+            &[(
+                format!(
+                    "+ JSON access log + tracing 100% ({} spans received)",
+                    r.spans
+                ),
+                t,
+            )],
+        );
+    }
+}
+
+/// A feature table: req/s, p99 at saturation and the waypoint's CPU per request of each
+/// variant, and their ratios to `plain` (CPU is the steadiest figure on a shared machine).
+pub(crate) fn print_features(title: &str, plain: &Figures, rows: &[(String, &Figures)]) {
+    println!("{title}");
+    println!(
+        "{:<62} {:>9} {:>9} {:>9} {:>7} {:>7} {:>7}",
+        "", "req/s", "p99 (µs)", "CPU/req", "req/s×", "p99×", "CPU×"
+    );
+    let line = |name: &str, f: &Figures| {
+        println!(
+            "{name:<62} {:>9.1} {:>9.1} {:>9.1} {:>6.2}x {:>6.2}x {:>6.2}x",
+            f.rps,
+            f.p99_us,
+            f.cpu_us_per_req,
+            f.rps / plain.rps,
+            f.p99_us / plain.p99_us,
+            f.cpu_us_per_req / plain.cpu_us_per_req
+        );
+    };
+    line("plain waypoint", plain);
+    for (name, f) in rows {
+        line(name, f);
+    }
 }
 
 /// The table's rows: name (`{rate}` stands for the fixed rate) and the figure.
