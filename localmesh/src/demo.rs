@@ -4,8 +4,12 @@
 //! about, checks what happened (who served, both identities, what crossed the wire) and prints
 //! it. Non-interactive runs return whether every check held; interactive runs stay up and say
 //! how to poke the mesh. Owns the scenario and the report only; the waypoint part (a canary
-//! release routed by a waypoint that meshctl applies) is [`waypoint`]'s.
+//! release routed by a waypoint that meshctl applies) is [`waypoint`]'s, the resilience and L7
+//! policy part behind the same waypoint [`resilience`]'s.
 
+mod jwt;
+mod resilience;
+mod trace;
 mod waypoint;
 
 use std::path::{Path, PathBuf};
@@ -47,6 +51,8 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<bool> {
     for (ns, pod) in [("shop", "frontend"), ("billing", "payments")] {
         mesh.wait_enrolled(ns, pod)?;
     }
+    // Before any waypoint starts: they are started pointing at it.
+    let collector = trace::start_collector(&mesh);
     let mut checks = vec![
         Check {
             title: "shop/frontend (node-0) → billing/payments pod IP (node-1), IPv4".into(),
@@ -80,6 +86,9 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<bool> {
     // After the L4 checks: meshctl edits the Namespace in the config directory, and the
     // manifests were applied before it (re-applying 00-namespaces.yaml would drop its label).
     checks.extend(waypoint::checks(&mesh));
+    // Behind the same waypoint: resilience, L7 policy and the waypoint's metrics.
+    checks.extend(resilience::checks(&mesh));
+    checks.push(trace::check(&mesh, &collector));
     let ok = report(&mesh, &checks);
     if opts.interactive {
         interact(&mesh)?;
@@ -457,6 +466,9 @@ fn interact(mesh: &LocalMesh) -> anyhow::Result<()> {
     );
     if let Err(e) = waypoint::how_to_poke(mesh) {
         println!("  * (the waypoint's part is not up: {e:#})");
+    }
+    if let Err(e) = resilience::how_to_poke(mesh) {
+        println!("  * (the resilience part is not up: {e:#})");
     }
     println!(
         "  * Logs of meshd, each ztunnel and each pod: {}/*.log",
