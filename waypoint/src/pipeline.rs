@@ -50,14 +50,16 @@ pub async fn handle(
     down: Arc<Downstream>,
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
+    // A gRPC client gets every answer made here as a gRPC status (Envoy's local replies).
+    let grpc = is_grpc(req.headers());
     if !normalize_path(&mut req) {
-        let mut resp = Response::new(
-            Full::new(Bytes::from_static(b"Bad Request"))
-                .map_err(|n: Infallible| match n {})
-                .boxed(),
+        let (status, headers, text) = local_answer(
+            grpc,
+            StatusCode::BAD_REQUEST,
+            HeaderMap::new(),
+            "Bad Request",
         );
-        *resp.status_mut() = StatusCode::BAD_REQUEST;
-        return Ok(resp);
+        return Ok(local_response(status, headers, text));
     }
     let authority = request_authority(&req).unwrap_or_default();
     let protocol = match req.version() {
@@ -87,6 +89,7 @@ pub async fn handle(
             record.error = Some(format!("denied by {policy}"));
             return Ok(local(
                 &ctx.metrics,
+                grpc,
                 record,
                 StatusCode::FORBIDDEN,
                 HeaderMap::new(),
@@ -97,6 +100,7 @@ pub async fn handle(
             record.error = Some(reason);
             return Ok(local(
                 &ctx.metrics,
+                grpc,
                 record,
                 StatusCode::UNAUTHORIZED,
                 HeaderMap::new(),
@@ -122,6 +126,7 @@ pub async fn handle(
             record.flag = Some(Flag::NoRoute);
             return Ok(local(
                 &ctx.metrics,
+                grpc,
                 record,
                 StatusCode::NOT_FOUND,
                 HeaderMap::new(),
@@ -134,11 +139,18 @@ pub async fn handle(
                 h.insert(header::LOCATION, v);
             }
             record.route = "redirect".to_string();
-            return Ok(local(&ctx.metrics, record, status, h, ""));
+            return Ok(local(&ctx.metrics, grpc, record, status, h, ""));
         }
         HttpDecision::Direct { status, body } => {
             record.route = "direct".to_string();
-            return Ok(local(&ctx.metrics, record, status, HeaderMap::new(), &body));
+            return Ok(local(
+                &ctx.metrics,
+                grpc,
+                record,
+                status,
+                HeaderMap::new(),
+                &body,
+            ));
         }
     };
     record.route = forward.route_name.to_string();
@@ -154,7 +166,7 @@ pub async fn handle(
         if let Some(abort) = injected.abort {
             record.add_flag(Flag::FaultInjected);
             let (status, headers, text) = fault::answer(abort);
-            return Ok(local(&ctx.metrics, record, status, headers, text));
+            return Ok(local(&ctx.metrics, grpc, record, status, headers, text));
         }
     }
     let upgrade = is_upgrade(&req);
@@ -192,7 +204,7 @@ pub async fn handle(
         .admit(&forward.backend, &destination, Admit::Request)
     {
         Ok(p) => p,
-        Err(Overflow) => return Ok(overflow(&ctx.metrics, record)),
+        Err(Overflow) => return Ok(overflow(&ctx.metrics, grpc, record)),
     };
     let attempts = Attempts {
         ctx: &ctx,
@@ -234,7 +246,7 @@ pub async fn handle(
             if l.flag == Flag::UpstreamOverflow {
                 h.insert("x-envoy-overloaded", http::HeaderValue::from_static("true"));
             }
-            return Ok(local(&ctx.metrics, record, l.status, h, l.text));
+            return Ok(local(&ctx.metrics, grpc, record, l.status, h, l.text));
         }
     };
     if let (Some(down_upgrade), true) = (
@@ -389,18 +401,25 @@ fn outbound_head(
     head
 }
 
-/// A response made here (not by an endpoint); the record is finished now.
+/// A response made here (not by an endpoint); the record is finished now, with the status
+/// the client gets (200 for a gRPC client, as Envoy records its gRPC local replies).
 fn local(
     metrics: &Metrics,
+    grpc: bool,
     mut record: Record,
     status: StatusCode,
     headers: HeaderMap,
     text: &str,
 ) -> Response<Body> {
+    let (status, headers, text) = local_answer(grpc, status, headers, text);
     if let Kind::Http { status: s, .. } = &mut record.kind {
         *s = status.as_u16();
     }
     record.finish(metrics);
+    local_response(status, headers, text)
+}
+
+fn local_response(status: StatusCode, headers: HeaderMap, text: &str) -> Response<Body> {
     let mut resp = Response::new(
         Full::new(Bytes::from(text.to_string()))
             .map_err(|n: Infallible| match n {})
@@ -408,25 +427,94 @@ fn local(
     );
     *resp.status_mut() = status;
     *resp.headers_mut() = headers;
-    if !text.is_empty() {
-        resp.headers_mut().insert(
-            header::CONTENT_TYPE,
-            http::HeaderValue::from_static("text/plain"),
-        );
-    }
     resp
+}
+
+/// A local answer's status, headers and body as the client receives it. Plain HTTP: as given,
+/// `text/plain` when there is text. A gRPC request: Envoy's trailers-only gRPC reply — HTTP
+/// 200, `content-type: application/grpc`, `grpc-status` mapped from the HTTP status,
+/// `grpc-message` the percent-encoded text, no body — unless it already is one (an injected
+/// gRPC abort).
+fn local_answer(
+    grpc: bool,
+    status: StatusCode,
+    mut headers: HeaderMap,
+    text: &str,
+) -> (StatusCode, HeaderMap, &str) {
+    if !grpc {
+        if !text.is_empty() {
+            headers.insert(
+                header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/plain"),
+            );
+        }
+        return (status, headers, text);
+    }
+    if headers.contains_key("grpc-status") {
+        return (status, headers, "");
+    }
+    headers.insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    headers.insert(
+        "grpc-status",
+        http::HeaderValue::from(grpc_status_of(status)),
+    );
+    if let Ok(v) = http::HeaderValue::from_str(&grpc_message(text))
+        && !text.is_empty()
+    {
+        headers.insert("grpc-message", v);
+    }
+    (StatusCode::OK, headers, "")
+}
+
+/// Whether the request is gRPC: `content-type` `application/grpc`, `application/grpc+<codec>`
+/// or with parameters (Envoy's test; gRPC-Web is not gRPC here).
+fn is_grpc(h: &HeaderMap) -> bool {
+    h.get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("application/grpc"))
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('+') || rest.starts_with(';'))
+}
+
+/// Envoy's `httpToGrpcStatus` (gRPC's http-grpc-status-mapping.md).
+fn grpc_status_of(status: StatusCode) -> u16 {
+    match status.as_u16() {
+        400 => 13,
+        401 => 16,
+        403 => 7,
+        404 => 12,
+        429 | 502 | 503 | 504 => 14,
+        _ => 2,
+    }
+}
+
+/// `grpc-message` encoding (gRPC's PROTOCOL-HTTP2.md): bytes outside printable ASCII and `%`
+/// as `%XX`.
+fn grpc_message(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if (0x20..0x7f).contains(&b) && b != b'%' {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 pub(crate) const OVERFLOW_TEXT: &str =
     "upstream connect error or disconnect/reset before headers. reset reason: overflow";
 
 /// A connection-pool limit overflowed: Envoy's immediate 503 `UO` with `x-envoy-overloaded`.
-fn overflow(metrics: &Metrics, mut record: Record) -> Response<Body> {
+fn overflow(metrics: &Metrics, grpc: bool, mut record: Record) -> Response<Body> {
     record.flag = Some(Flag::UpstreamOverflow);
     let mut h = HeaderMap::new();
     h.insert("x-envoy-overloaded", http::HeaderValue::from_static("true"));
     local(
         metrics,
+        grpc,
         record,
         StatusCode::SERVICE_UNAVAILABLE,
         h,

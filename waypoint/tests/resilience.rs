@@ -546,3 +546,120 @@ async fn httproute_request_and_backend_request_timeouts_end_in_504() {
     .await;
     assert_eq!((status, seen), (StatusCode::GATEWAY_TIMEOUT, 1));
 }
+
+/// A gRPC call (HTTP/2, `application/grpc`) to `path`: the HTTP status, `grpc-status`,
+/// `grpc-message` and how many body bytes came.
+async fn grpc_call(m: &Mesh, path: &str) -> (StatusCode, Option<String>, Option<String>, usize) {
+    let mut req = grpc_req();
+    *req.uri_mut() = format!("http://web{path}").parse().unwrap();
+    let mut c = m.http2(H2).await;
+    let resp = tokio::time::timeout(DEADLINE, c.send_request(req))
+        .await
+        .expect("response in time")
+        .expect("response");
+    let header = |n: &str| {
+        resp.headers()
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let (grpc, message) = (header("grpc-status"), header("grpc-message"));
+    let status = resp.status();
+    (status, grpc, message, body_text(resp).await.len())
+}
+
+/// `istio_requests_total` samples with all of `labels`.
+fn requests_with_all(metrics: &str, labels: &[&str]) -> u64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("istio_requests_total{") && labels.iter().all(|x| l.contains(x)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum()
+}
+
+#[tokio::test]
+async fn grpc_clients_get_the_waypoints_own_answers_as_grpc_statuses() {
+    use Act::*;
+    // /slow.S/* is cut at 300 ms, /hold.S/* never answers, anything else has no route; one
+    // request in flight at most (http2MaxRequests 1); DENY on /denied.S/*.
+    let route = (
+        "VirtualService",
+        "web",
+        json!({"hosts": ["web"], "http": [
+            {"match": [{"uri": {"prefix": "/slow.S/"}}], "timeout": "300ms",
+             "route": [{"destination": {"host": "web"}}]},
+            {"match": [{"uri": {"prefix": "/hold.S/"}}],
+             "route": [{"destination": {"host": "web"}}]},
+        ]}),
+    );
+    let dr = (
+        "DestinationRule",
+        "web",
+        json!({"host": "web",
+               "trafficPolicy": {"connectionPool": {"http": {"http2MaxRequests": 1}}}}),
+    );
+    let script = Script::new(&[], Stall);
+    let m = scripted_mesh(&[("web-0", script.clone())], &[], &[route, dr]).await;
+    let ok = StatusCode::OK;
+    let some = |s: &str| Some(s.to_string());
+
+    // No route: UNIMPLEMENTED (Envoy's 404 has no text, so no message).
+    assert_eq!(
+        grpc_call(&m, "/none.S/Call").await,
+        (ok, some("12"), None, 0)
+    );
+    // The route timeout: UNAVAILABLE with Envoy's text.
+    assert_eq!(
+        grpc_call(&m, "/slow.S/Call").await,
+        (ok, some("14"), some("upstream request timeout"), 0)
+    );
+    // One request held in flight: the next overflows, UNAVAILABLE.
+    let mut held = m.http2(H2).await;
+    let mut req = grpc_req();
+    *req.uri_mut() = "http://web/hold.S/Call".parse().unwrap();
+    let stuck = tokio::spawn(async move { held.send_request(req).await.map(|_| ()) });
+    let end = Instant::now() + DEADLINE;
+    while script.hits() < 2 {
+        assert!(Instant::now() < end, "the held request never arrived");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let overflow =
+        "upstream connect error or disconnect/reset before headers. reset reason: overflow";
+    assert_eq!(
+        grpc_call(&m, "/slow.S/Call").await,
+        (ok, some("14"), some(overflow), 0)
+    );
+    stuck.abort();
+    // RBAC: PERMISSION_DENIED, once the policy is in force.
+    m.set_policies(vec![policy_resource(
+        "AuthorizationPolicy",
+        "app",
+        "deny",
+        json!({"targetRefs": [{"group": "", "kind": "Service", "name": "web"}],
+               "action": "DENY",
+               "rules": [{"to": [{"operation": {"paths": ["/denied.S/*"]}}]}]}),
+    )]);
+    let end = Instant::now() + DEADLINE;
+    let denied = loop {
+        let got = grpc_call(&m, "/denied.S/Call").await;
+        if got.1.as_deref() != Some("12") || Instant::now() > end {
+            break got;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(denied, (ok, some("7"), some("RBAC: access denied"), 0));
+
+    // Recorded as Envoy records gRPC local replies: code 200, the cause in the flags.
+    let metrics = m.metrics().await;
+    for flag in ["NR", "UT", "UO", "RBAC"] {
+        let n = requests_with_all(
+            &metrics,
+            &[
+                "response_code=\"200\"",
+                &format!("response_flags=\"{flag}\""),
+            ],
+        );
+        assert!(n >= 1, "no 200 flagged {flag}: {metrics}");
+    }
+}
