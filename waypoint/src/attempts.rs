@@ -2,7 +2,8 @@
 //! policy says — 1 + `attempts` tries at most, each within `perTryTimeout`, all of them and
 //! their backoff within the route's `timeout` (504 `upstream request timeout`, `UT`, never
 //! retried), retries preferring untried endpoints and admitted under `maxRetries`, each
-//! attempt's outcome reported to the balancer.
+//! attempt's outcome reported to the balancer. Both timeouts span the whole response: the
+//! answer carries the deadline its body must meet (`pipeline` enforces it).
 //!
 //! Owns the loop and the answers it makes; `retry` decides what is retriable, how long to
 //! back off and keeps the body; `pipeline` does everything before and after.
@@ -70,6 +71,9 @@ pub(crate) enum Forwarded {
         upstream: SocketAddr,
         /// `URX` (retries used up on a retriable status) or `UO` (`maxRetries` full).
         flag: Option<Flag>,
+        /// When the response must have ended: the route timeout or the attempt's
+        /// `perTryTimeout`, whichever comes first (both span the whole response in Envoy).
+        deadline: Option<Instant>,
     },
     /// An answer made here.
     Local(LocalAnswer),
@@ -209,6 +213,7 @@ impl Attempts<'_> {
                         set_cookie: picked.set_cookie,
                         upstream: addr,
                         flag: None,
+                        deadline: limit,
                     };
                     (retriable, answer)
                 }
@@ -279,6 +284,7 @@ fn with_flag(answer: Forwarded, flag: Flag) -> Forwarded {
             in_flight,
             set_cookie,
             upstream,
+            deadline,
             ..
         } => Forwarded::Response {
             resp,
@@ -286,6 +292,7 @@ fn with_flag(answer: Forwarded, flag: Flag) -> Forwarded {
             set_cookie,
             upstream,
             flag: Some(flag),
+            deadline,
         },
         Forwarded::Local(l) => Forwarded::Local(LocalAnswer {
             extra: Some(flag),

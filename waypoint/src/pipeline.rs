@@ -4,8 +4,9 @@
 //! Owns the order of those steps, what the request and response look like on the way out
 //! (header operations, rewrites, origin-form vs absolute URI, hop-by-hop headers), local
 //! answers (404 no route, 503 no healthy upstream, redirects, direct responses, injected
-//! aborts) and `Upgrade` (WebSocket) hand-over, never retried. Every request ends in exactly
-//! one [`Record`], finished when its response body ends. Does not own connections
+//! aborts; to gRPC clients as gRPC statuses, as Envoy does) and `Upgrade` (WebSocket)
+//! hand-over, never retried. Every request ends in exactly one [`Record`], finished when its
+//! response body ends — or fails, reset at the route timeout if the body is still coming. Does not own connections
 //! (`upstream`), endpoint choice and limits (`balance`) or routing rules.
 
 use std::convert::Infallible;
@@ -16,6 +17,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response, StatusCode, Uri, Version, header};
+use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body as _, Frame, Incoming, SizeHint};
 use hyper_util::rt::TokioIo;
@@ -49,7 +51,7 @@ pub async fn handle(
     ctx: Arc<Ctx>,
     down: Arc<Downstream>,
     mut req: Request<Incoming>,
-) -> Result<Response<Body>, Infallible> {
+) -> Result<Response<ResponseBody>, Infallible> {
     // A gRPC client gets every answer made here as a gRPC status (Envoy's local replies).
     let grpc = is_grpc(req.headers());
     if !normalize_path(&mut req) {
@@ -219,19 +221,20 @@ pub async fn handle(
         destination: &destination,
         version,
     };
-    let (mut resp, in_flight, set_cookie) = match attempts.run(&out, body).await {
+    let (mut resp, in_flight, set_cookie, deadline) = match attempts.run(&out, body).await {
         Forwarded::Response {
             resp,
             in_flight,
             set_cookie,
             upstream,
             flag,
+            deadline,
         } => {
             record.upstream = upstream.to_string();
             if let Some(f) = flag {
                 record.add_flag(f);
             }
-            (resp, in_flight, set_cookie)
+            (resp, in_flight, set_cookie, deadline)
         }
         Forwarded::Local(l) => {
             if let Some(u) = l.upstream {
@@ -287,6 +290,10 @@ pub async fn handle(
         metrics: ctx.metrics.clone(),
         _in_flight: in_flight,
         _permit: permit,
+        // An upgraded connection is no longer this exchange's response.
+        deadline: deadline
+            .filter(|_| head.status != StatusCode::SWITCHING_PROTOCOLS)
+            .map(|d| Box::pin(tokio::time::sleep_until(d))),
     };
     Ok(Response::from_parts(head, BodyExt::boxed(body)))
 }
@@ -410,7 +417,7 @@ fn local(
     status: StatusCode,
     headers: HeaderMap,
     text: &str,
-) -> Response<Body> {
+) -> Response<ResponseBody> {
     let (status, headers, text) = local_answer(grpc, status, headers, text);
     if let Kind::Http { status: s, .. } = &mut record.kind {
         *s = status.as_u16();
@@ -419,7 +426,7 @@ fn local(
     local_response(status, headers, text)
 }
 
-fn local_response(status: StatusCode, headers: HeaderMap, text: &str) -> Response<Body> {
+fn local_response(status: StatusCode, headers: HeaderMap, text: &str) -> Response<ResponseBody> {
     let mut resp = Response::new(
         Full::new(Bytes::from(text.to_string()))
             .map_err(|n: Infallible| match n {})
@@ -508,7 +515,7 @@ pub(crate) const OVERFLOW_TEXT: &str =
     "upstream connect error or disconnect/reset before headers. reset reason: overflow";
 
 /// A connection-pool limit overflowed: Envoy's immediate 503 `UO` with `x-envoy-overloaded`.
-fn overflow(metrics: &Metrics, grpc: bool, mut record: Record) -> Response<Body> {
+fn overflow(metrics: &Metrics, grpc: bool, mut record: Record) -> Response<ResponseBody> {
     record.flag = Some(Flag::UpstreamOverflow);
     let mut h = HeaderMap::new();
     h.insert("x-envoy-overloaded", http::HeaderValue::from_static("true"));
@@ -522,14 +529,26 @@ fn overflow(metrics: &Metrics, grpc: bool, mut record: Record) -> Response<Body>
     )
 }
 
+/// The body of a response to the client: an endpoint's (whose error may also be the route
+/// timeout expiring mid-body) or one made here.
+pub type ResponseBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+/// The route timeout or `perTryTimeout` expired after the response headers were passed on:
+/// the client's stream is reset (HTTP/2 RST_STREAM, HTTP/1.1 connection closed), as Envoy does.
+#[derive(Debug, thiserror::Error)]
+#[error("upstream request timeout after the response started")]
+struct ResponseTimeout;
+
 /// A response body that finishes its request's [`Record`] when it ends (or is dropped), and
-/// keeps the endpoint's in-flight count until then.
+/// keeps the endpoint's in-flight count until then; it fails (`UT`) if the response has not
+/// ended by its deadline.
 struct Logged {
     inner: Body,
     record: Option<Record>,
     metrics: Arc<Metrics>,
     _in_flight: InFlight,
     _permit: Permit,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl Logged {
@@ -548,13 +567,26 @@ impl Logged {
 
 impl hyper::body::Body for Logged {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if polled.is_pending()
+            && let Some(deadline) = self.deadline.as_mut()
+            && deadline.as_mut().poll(cx).is_ready()
+        {
+            self.deadline = None;
+            if let Some(r) = self.record.as_mut() {
+                r.add_flag(Flag::UpstreamTimeout);
+            }
+            self.finish(None, Some(ResponseTimeout.to_string()));
+            // Dropping the endpoint's body resets its stream too.
+            self.inner = Body::default();
+            return Poll::Ready(Some(Err(Box::new(ResponseTimeout))));
+        }
         if let (Poll::Ready(Some(Ok(f))), Some(r)) = (&polled, &mut self.record) {
             r.count_response(f);
         }
@@ -568,7 +600,7 @@ impl hyper::body::Body for Logged {
             }
             _ => {}
         }
-        polled
+        polled.map_err(Into::into)
     }
 
     fn is_end_stream(&self) -> bool {

@@ -663,3 +663,61 @@ async fn grpc_clients_get_the_waypoints_own_answers_as_grpc_statuses() {
         assert!(n >= 1, "no 200 flagged {flag}: {metrics}");
     }
 }
+
+/// The body of `resp` as it arrives: the bytes, and whether it ended in an error (a reset
+/// stream or a cut connection) rather than its proper end.
+async fn read_body(resp: http::Response<hyper::body::Incoming>) -> (Vec<u8>, bool) {
+    let mut body = resp.into_body();
+    let mut got = Vec::new();
+    loop {
+        match tokio::time::timeout(DEADLINE, body.frame()).await {
+            Err(_) => panic!("the body neither ended nor failed in time"),
+            Ok(None) => return (got, false),
+            Ok(Some(Err(_))) => return (got, true),
+            Ok(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    got.extend_from_slice(d);
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn route_and_per_try_timeouts_cut_a_response_whose_body_stalls() {
+    // The pod sends its headers and a first chunk, then nothing. Envoy's timeouts last until
+    // the response is complete: once the headers are out, expiry can only reset the stream.
+    let route_timeout = vs(json!({"timeout": "500ms"}));
+    let per_try = vs(json!({"retries": {"attempts": 2, "perTryTimeout": "500ms",
+                                        "retryOn": "5xx"}}));
+    for (route, h2) in [
+        (&route_timeout, false),
+        (&route_timeout, true),
+        (&per_try, false),
+    ] {
+        let script = Script::new(&[], Act::StallBody);
+        let m = scripted_mesh(
+            &[("web-0", script.clone())],
+            &[],
+            std::slice::from_ref(route),
+        )
+        .await;
+        let resp = if h2 {
+            let mut c = m.http2(H2).await;
+            tokio::time::timeout(DEADLINE, c.send_request(grpc_req()))
+                .await
+                .expect("response in time")
+                .expect("response")
+        } else {
+            let mut c = m.http1(H1).await;
+            send1(&mut c, get_web()).await
+        };
+        assert_eq!(resp.status(), StatusCode::OK, "{route:?} h2 {h2}");
+        let (got, failed) = read_body(resp).await;
+        assert_eq!(got, b"partial", "{route:?} h2 {h2}");
+        assert!(failed, "the stream must end in an error: {route:?} h2 {h2}");
+        // Not retried: the response had started.
+        assert_eq!(script.hits(), 1, "{route:?} h2 {h2}");
+        wait_for_flag(&m, "UT", 1).await;
+    }
+}

@@ -539,6 +539,8 @@ pub enum Act {
     Refuse,
     /// Never answer.
     Stall,
+    /// Answer 200 with a first body chunk, then never send the rest.
+    StallBody,
 }
 
 /// A backend's script and what it saw: requests take the next scripted act, then `then`.
@@ -676,6 +678,7 @@ async fn scripted_h1(
             .header("grpc-status", code.to_string())
             .body(full(""))
             .unwrap()),
+        Act::StallBody => Ok(Response::new(BodyExt::boxed(StallingBody(false)))),
         Act::Reset | Act::Refuse | Act::Stall => Err(ScriptedReset),
     }
 }
@@ -710,6 +713,15 @@ async fn scripted_h2(
             .header("grpc-status", code.to_string())
             .body(())
             .unwrap(),
+        Act::StallBody => {
+            let resp = Response::builder().status(200).body(()).unwrap();
+            if let Ok(mut stream) = respond.send_response(resp, false) {
+                let _ = stream.send_data(Bytes::from_static(b"partial"), false);
+                // Keeps the stream open, its body unfinished.
+                std::future::pending::<()>().await;
+            }
+            return;
+        }
         _ => return respond.send_reset(h2::Reason::INTERNAL_ERROR),
     };
     let _ = respond.send_response(resp, true);
@@ -1338,5 +1350,26 @@ impl Mesh {
             });
             *current = Some(Arc::new(next));
         });
+    }
+}
+
+/// A response body that sends `partial` and then nothing, never ending (`Act::StallBody`).
+struct StallingBody(bool);
+
+impl hyper::body::Body for StallingBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        if self.0 {
+            return std::task::Poll::Pending;
+        }
+        self.0 = true;
+        std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(Bytes::from_static(
+            b"partial",
+        )))))
     }
 }
