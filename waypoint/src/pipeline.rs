@@ -623,3 +623,48 @@ impl Drop for Logged {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_requests_are_recognised_by_content_type() {
+        let h = |ct: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::CONTENT_TYPE, ct.parse().unwrap());
+            is_grpc(&h)
+        };
+        assert!(h("application/grpc") && h("application/grpc+proto") && h("application/grpc;x=1"));
+        assert!(!h("application/grpc-web") && !h("application/json"));
+        assert!(!is_grpc(&HeaderMap::new()));
+    }
+
+    #[test]
+    fn local_answers_to_grpc_follow_envoys_mapping() {
+        for (http, grpc) in [
+            (400, 13),
+            (401, 16),
+            (403, 7),
+            (404, 12),
+            (429, 14),
+            (502, 14),
+        ] {
+            assert_eq!(grpc_status_of(StatusCode::from_u16(http).unwrap()), grpc);
+        }
+        assert_eq!(grpc_status_of(StatusCode::IM_A_TEAPOT), 2);
+        let (status, h, body) =
+            local_answer(true, StatusCode::FORBIDDEN, HeaderMap::new(), "a%b\n");
+        assert_eq!((status, body), (StatusCode::OK, ""));
+        assert_eq!(
+            (&h["grpc-status"], &h["grpc-message"]),
+            (&"7".parse().unwrap(), &"a%25b%0A".parse().unwrap())
+        );
+        // Plain HTTP is answered as given.
+        let (status, h, body) = local_answer(false, StatusCode::FORBIDDEN, HeaderMap::new(), "no");
+        assert_eq!(
+            (status, body, h.contains_key("grpc-status")),
+            (StatusCode::FORBIDDEN, "no", false)
+        );
+    }
+}
