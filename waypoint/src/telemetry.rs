@@ -606,10 +606,10 @@ impl Record {
                     response_code: status.to_string(),
                 };
                 metrics.observe(labels, dur_ms, received, sent);
-                if metrics.access_log.get().is_some() {
-                    if let Some(line) = self.access_log_line(&flags, dur_ms, trace.as_ref()) {
-                        metrics.write_access_log(&line);
-                    }
+                if metrics.logs_access()
+                    && let Some(line) = self.access_log_line(&flags, dur_ms, trace.as_ref())
+                {
+                    metrics.write_access_log(&line);
                 }
                 if let Some(trace) = trace {
                     trace.end(&self, *status, &flags);
