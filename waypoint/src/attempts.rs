@@ -2,19 +2,22 @@
 //! policy says — 1 + `attempts` tries at most, each within `perTryTimeout`, all of them and
 //! their backoff within the route's `timeout` (504 `upstream request timeout`, `UT`, never
 //! retried), retries preferring untried endpoints and admitted under `maxRetries`, each
-//! attempt's outcome reported to the balancer. Both timeouts span the whole response: the
-//! answer carries the deadline its body must meet (`pipeline` enforces it).
+//! attempt's outcome reported to the balancer. Both timeouts run, as Envoy's, from the end of
+//! the client's request (or the retry's start) to the end of the response: the answer carries
+//! a timer its body must beat (`pipeline` enforces it).
 //!
 //! Owns the loop and the answers it makes; `retry` decides what is retriable, how long to
 //! back off and keeps the body; `pipeline` does everything before and after.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use meshcore::route::DestinationPolicy;
 use meshcore::route::lb::HashRequest;
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tracing::debug;
 
@@ -71,9 +74,9 @@ pub(crate) enum Forwarded {
         upstream: SocketAddr,
         /// `URX` (retries used up on a retriable status) or `UO` (`maxRetries` full).
         flag: Option<Flag>,
-        /// When the response must have ended: the route timeout or the attempt's
+        /// Fires when the response must have ended: the route timeout or the attempt's
         /// `perTryTimeout`, whichever comes first (both span the whole response in Envoy).
-        deadline: Option<Instant>,
+        expires: Option<oneshot::Receiver<()>>,
     },
     /// An answer made here.
     Local(LocalAnswer),
@@ -133,7 +136,12 @@ impl Attempts<'_> {
     pub async fn run(&self, head: &http::request::Parts, mut body: AttemptBody) -> Forwarded {
         let policy = &self.forward.policy;
         let retry = &policy.retry;
-        let deadline = policy.timeout.map(|t| Instant::now() + t);
+        let start = Instant::now();
+        let tee = match &body {
+            AttemptBody::Kept(t) => Some(t.clone()),
+            AttemptBody::Once(_) => None,
+        };
+        let route_expiry = || policy.timeout.map(|t| expiry(tee.clone(), start, t));
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut retries = 0u32;
         // Held from the decision to retry until that retry's answer (`maxRetries`).
@@ -171,20 +179,26 @@ impl Attempts<'_> {
                 ));
             };
             let req = Request::from_parts(head.clone(), attempt_body);
-            let per_try = retry.per_try_timeout.map(|t| Instant::now() + t);
-            // Which limit ends this attempt: the route's (504, final) or its own (retriable).
-            let (limit, route_limit) = match (deadline, per_try) {
-                (Some(d), Some(p)) if p < d => (Some(p), false),
-                (Some(d), _) => (Some(d), true),
-                (None, p) => (p, false),
+            let try_start = Instant::now();
+            let try_expiry = || {
+                retry
+                    .per_try_timeout
+                    .map(|t| expiry(tee.clone(), try_start, t))
             };
             let send =
                 self.ctx
                     .upstream
                     .send(&picked.endpoint, self.version, req, &self.destination.pool);
-            let sent = match limit {
-                Some(l) => tokio::time::timeout_at(l, send).await.ok(),
-                None => Some(send.await),
+            // Which limit ends this attempt: the route's (504, final) or its own (retriable).
+            let mut route_limit = false;
+            let sent = tokio::select! {
+                biased;
+                sent = send => Some(sent),
+                () = maybe(route_expiry()) => {
+                    route_limit = true;
+                    None
+                }
+                () = maybe(try_expiry()) => None,
             };
             drop(retry_permit.take());
             let report = |o| {
@@ -213,7 +227,7 @@ impl Attempts<'_> {
                         set_cookie: picked.set_cookie,
                         upstream: addr,
                         flag: None,
-                        deadline: limit,
+                        expires: watchdog(route_expiry(), try_expiry()),
                     };
                     (retriable, answer)
                 }
@@ -263,13 +277,13 @@ impl Attempts<'_> {
             }
             drop(answer);
             retries += 1;
-            let wait = Instant::now() + retry::backoff(retry, retries);
-            match deadline {
-                Some(d) if d <= wait => {
-                    tokio::time::sleep_until(d).await;
+            let wait = tokio::time::sleep(retry::backoff(retry, retries));
+            tokio::select! {
+                biased;
+                () = maybe(route_expiry()) => {
                     return Forwarded::Local(LocalAnswer::timeout(Some(addr)));
                 }
-                _ => tokio::time::sleep_until(wait).await,
+                () = wait => {}
             }
             debug!(retry = retries, previous = %addr, "retrying");
         }
@@ -284,7 +298,7 @@ fn with_flag(answer: Forwarded, flag: Flag) -> Forwarded {
             in_flight,
             set_cookie,
             upstream,
-            deadline,
+            expires,
             ..
         } => Forwarded::Response {
             resp,
@@ -292,11 +306,52 @@ fn with_flag(answer: Forwarded, flag: Flag) -> Forwarded {
             set_cookie,
             upstream,
             flag: Some(flag),
-            deadline,
+            expires,
         },
         Forwarded::Local(l) => Forwarded::Local(LocalAnswer {
             extra: Some(flag),
             ..l
         }),
     }
+}
+
+/// A timeout that runs from when the client's request ended (Envoy starts its route and
+/// per-try timers there, so a streaming request is not cut while the client still sends) or
+/// from `start`, if later (a retry). A body sent once (an upgrade) counts as ended at `start`.
+type Expiry = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
+fn expiry(tee: Option<Tee>, start: Instant, timeout: Duration) -> Expiry {
+    Box::pin(async move {
+        let ended = match tee {
+            Some(t) => t.ended_at().await,
+            None => start,
+        };
+        tokio::time::sleep_until(ended.max(start) + timeout).await;
+    })
+}
+
+/// `expiry`, or never.
+async fn maybe(expiry: Option<Expiry>) {
+    match expiry {
+        Some(e) => e.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A receiver that fires at the first of two expiries (none if neither is set); the timer
+/// task ends early once the receiver is dropped (the response ended).
+fn watchdog(a: Option<Expiry>, b: Option<Expiry>) -> Option<oneshot::Receiver<()>> {
+    if a.is_none() && b.is_none() {
+        return None;
+    }
+    let (mut tx, rx) = oneshot::channel();
+    tokio::spawn(async move {
+        tokio::select! {
+            () = maybe(a) => {}
+            () = maybe(b) => {}
+            () = tx.closed() => return,
+        }
+        let _ = tx.send(());
+    });
+    Some(rx)
 }

@@ -221,20 +221,20 @@ pub async fn handle(
         destination: &destination,
         version,
     };
-    let (mut resp, in_flight, set_cookie, deadline) = match attempts.run(&out, body).await {
+    let (mut resp, in_flight, set_cookie, expires) = match attempts.run(&out, body).await {
         Forwarded::Response {
             resp,
             in_flight,
             set_cookie,
             upstream,
             flag,
-            deadline,
+            expires,
         } => {
             record.upstream = upstream.to_string();
             if let Some(f) = flag {
                 record.add_flag(f);
             }
-            (resp, in_flight, set_cookie, deadline)
+            (resp, in_flight, set_cookie, expires)
         }
         Forwarded::Local(l) => {
             if let Some(u) = l.upstream {
@@ -291,9 +291,7 @@ pub async fn handle(
         _in_flight: in_flight,
         _permit: permit,
         // An upgraded connection is no longer this exchange's response.
-        deadline: deadline
-            .filter(|_| head.status != StatusCode::SWITCHING_PROTOCOLS)
-            .map(|d| Box::pin(tokio::time::sleep_until(d))),
+        expires: expires.filter(|_| head.status != StatusCode::SWITCHING_PROTOCOLS),
     };
     Ok(Response::from_parts(head, BodyExt::boxed(body)))
 }
@@ -548,7 +546,8 @@ struct Logged {
     metrics: Arc<Metrics>,
     _in_flight: InFlight,
     _permit: Permit,
-    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Fires at the route timeout or `perTryTimeout` (see `attempts`).
+    expires: Option<tokio::sync::oneshot::Receiver<()>>,
 }
 
 impl Logged {
@@ -574,11 +573,18 @@ impl hyper::body::Body for Logged {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if polled.is_pending()
-            && let Some(deadline) = self.deadline.as_mut()
-            && deadline.as_mut().poll(cx).is_ready()
-        {
-            self.deadline = None;
+        let expired = match self.expires.as_mut().map(|e| Pin::new(e).poll(cx)) {
+            Some(Poll::Ready(fired)) => {
+                self.expires = None;
+                fired.is_ok()
+            }
+            _ => false,
+        };
+        // Past the deadline the response is cut even while data still flows; a response
+        // ending right now is let through.
+        let ending = matches!(polled, Poll::Ready(None))
+            || matches!(polled, Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream());
+        if expired && !ending {
             if let Some(r) = self.record.as_mut() {
                 r.add_flag(Flag::UpstreamTimeout);
             }

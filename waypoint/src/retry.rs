@@ -17,6 +17,7 @@ use hyper::body::{Body as _, Frame, SizeHint};
 use meshcore::route::resilience::{RetryOn, RetryPolicy};
 use rand::Rng;
 use tokio::sync::Notify;
+use tokio::time::Instant;
 
 use crate::upstream::UpstreamError;
 
@@ -136,6 +137,8 @@ struct TeeState {
     /// The client's body failed.
     failed: bool,
     ended: bool,
+    /// When the client's body ended or failed: Envoy's route timeout starts there.
+    ended_at: Option<Instant>,
     /// Only this attempt may pull from the client; an abandoned one waits forever.
     current: u32,
     hint: SizeHint,
@@ -154,6 +157,7 @@ impl Tee {
                 overflowed: false,
                 failed: false,
                 ended,
+                ended_at: ended.then(Instant::now),
                 current: 0,
                 hint,
             })),
@@ -184,6 +188,19 @@ impl Tee {
             attempt: s.current,
             pos: 0,
         })
+    }
+
+    /// When the client finished sending the body (or it failed), once it has.
+    pub async fn ended_at(&self) -> Instant {
+        loop {
+            let notified = self.settled.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(t) = self.lock().ended_at {
+                return t;
+            }
+            notified.await;
+        }
     }
 
     /// The whole body once the client has sent it, if it fitted the limit (for mirrors).
@@ -271,6 +288,7 @@ impl hyper::body::Body for Replay {
                 // hyper stops polling a body that says it has ended (Content-Length reached).
                 if s.source.as_ref().is_some_and(|b| b.is_end_stream()) {
                     s.ended = true;
+                    s.ended_at = Some(Instant::now());
                     s.source = None;
                     settled = true;
                 }
@@ -278,11 +296,13 @@ impl hyper::body::Body for Replay {
             }
             Poll::Ready(None) => {
                 s.ended = true;
+                s.ended_at = Some(Instant::now());
                 s.source = None;
                 true
             }
             Poll::Ready(Some(Err(_))) => {
                 s.failed = true;
+                s.ended_at = Some(Instant::now());
                 s.source = None;
                 true
             }

@@ -721,3 +721,54 @@ async fn route_and_per_try_timeouts_cut_a_response_whose_body_stalls() {
         wait_for_flag(&m, "UT", 1).await;
     }
 }
+
+/// A request body fed by the test, chunk by chunk; it ends when the sender is dropped.
+struct Fed(tokio::sync::mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for Fed {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|c| c.map(|b| Ok(hyper::body::Frame::data(b))))
+    }
+}
+
+#[tokio::test]
+async fn the_route_timeout_starts_when_the_client_has_sent_its_whole_request() {
+    // Envoy's route timeout runs from the end of the downstream request: a client stream
+    // that takes longer than the timeout is not cut while it is still sending.
+    let script = Script::new(&[], Act::Status(200));
+    let route = vs(json!({"timeout": "300ms",
+        "retries": {"attempts": 1, "perTryTimeout": "300ms", "retryOn": "5xx"}}));
+    let m = scripted_mesh(&[("web-0", script.clone())], &[], &[route]).await;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let (head, _) = grpc_req().into_parts();
+    let req = Request::from_parts(head, BodyExt::boxed(Fed(rx)));
+    let mut c = m.http2(H2).await;
+    let call = tokio::spawn(async move { c.send_request(req).await });
+    tx.send(Bytes::from_static(b"first")).await.unwrap();
+    // The client is slow: its stream stays open for more than the timeouts.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // (Fails if the waypoint already gave up on the request; the response tells why.)
+    let _ = tx.send(Bytes::from_static(b"last")).await;
+    drop(tx);
+    let resp = tokio::time::timeout(DEADLINE, call)
+        .await
+        .expect("response in time")
+        .unwrap()
+        .expect("response");
+    // The backend's answer, not the waypoint's (a gRPC timeout would be 200 + grpc-status 14).
+    assert_eq!(
+        (resp.status(), resp.headers().get("grpc-status")),
+        (StatusCode::OK, None)
+    );
+    assert_eq!(script.hits(), 1);
+    assert_eq!(*script.bodies.lock().unwrap(), vec![9]);
+    wait_for_flag(&m, "-", 1).await;
+}
