@@ -221,7 +221,8 @@ pub async fn handle(
         destination: &destination,
         version,
     };
-    let (mut resp, in_flight, set_cookie, expires) = match attempts.run(&out, body).await {
+    let (mut resp, in_flight, set_cookie, expires, endpoint) = match attempts.run(&out, body).await
+    {
         Forwarded::Response {
             resp,
             in_flight,
@@ -234,7 +235,7 @@ pub async fn handle(
             if let Some(f) = flag {
                 record.add_flag(f);
             }
-            (resp, in_flight, set_cookie, expires)
+            (resp, in_flight, set_cookie, expires, upstream)
         }
         Forwarded::Local(l) => {
             if let Some(u) = l.upstream {
@@ -292,6 +293,13 @@ pub async fn handle(
         _permit: permit,
         // An upgraded connection is no longer this exchange's response.
         expires: expires.filter(|_| head.status != StatusCode::SWITCHING_PROTOCOLS),
+        on_timeout: Some({
+            let (ctx, backend) = (ctx.clone(), forward.backend.clone());
+            Box::new(move || {
+                ctx.balancer
+                    .report(&backend, &destination, endpoint, balance::Outcome::Timeout)
+            })
+        }),
     };
     Ok(Response::from_parts(head, BodyExt::boxed(body)))
 }
@@ -548,6 +556,9 @@ struct Logged {
     _permit: Permit,
     /// Fires at the route timeout or `perTryTimeout` (see `attempts`).
     expires: Option<tokio::sync::oneshot::Receiver<()>>,
+    /// Tells outlier detection the endpoint timed out (Envoy counts it, as a 504, also when
+    /// the headers had come).
+    on_timeout: Option<Box<dyn FnOnce() + Send + Sync>>,
 }
 
 impl Logged {
@@ -589,6 +600,9 @@ impl hyper::body::Body for Logged {
                 r.add_flag(Flag::UpstreamTimeout);
             }
             self.finish(None, Some(ResponseTimeout.to_string()));
+            if let Some(report) = self.on_timeout.take() {
+                report();
+            }
             // Dropping the endpoint's body resets its stream too.
             self.inner = Body::default();
             return Poll::Ready(Some(Err(Box::new(ResponseTimeout))));

@@ -772,3 +772,42 @@ async fn the_route_timeout_starts_when_the_client_has_sent_its_whole_request() {
     assert_eq!(*script.bodies.lock().unwrap(), vec![9]);
     wait_for_flag(&m, "-", 1).await;
 }
+
+#[tokio::test]
+async fn a_response_cut_by_the_timeout_counts_against_its_pod_in_outlier_detection() {
+    // web-0 sends headers and stalls its body; one such timeout ejects it (Envoy reports a
+    // timed-out response to outlier detection as a 504 even after its headers came).
+    let stalls = Script::new(&[], Act::StallBody);
+    let good = Script::new(&[], Act::Status(200));
+    let dr = (
+        "DestinationRule",
+        "web",
+        json!({"host": "web", "trafficPolicy": {"outlierDetection": {
+            "consecutive5xxErrors": 1, "interval": "1s", "baseEjectionTime": "1h",
+            "maxEjectionPercent": 100}}}),
+    );
+    let route = vs(json!({"timeout": "300ms"}));
+    let m = scripted_mesh(
+        &[("web-0", stalls.clone()), ("web-1", good.clone())],
+        &[],
+        &[dr, route],
+    )
+    .await;
+    let mut sent = 0;
+    while stalls.hits() == 0 {
+        assert!(sent < 200, "web-0 never got a request");
+        let mut c = m.http1(H1).await;
+        let resp = send1(&mut c, get_web()).await;
+        read_body(resp).await;
+        sent += 1;
+    }
+    for _ in 0..20 {
+        let mut c = m.http1(H1).await;
+        let (body, failed) = read_body(send1(&mut c, get_web()).await).await;
+        assert!(
+            !failed && body == b"scripted 200",
+            "web-0 was tried again: not ejected"
+        );
+    }
+    assert_eq!(stalls.hits(), 1);
+}
