@@ -235,7 +235,7 @@ impl Attempts<'_> {
                 Some(Err(UpstreamError::Overflow(_))) => {
                     return Forwarded::Local(LocalAnswer {
                         status: StatusCode::SERVICE_UNAVAILABLE,
-                        text: crate::pipeline::OVERFLOW_TEXT,
+                        text: crate::local_reply::OVERFLOW_TEXT,
                         flag: Flag::UpstreamOverflow,
                         extra: None,
                         error: None,

@@ -6,7 +6,8 @@
 //!   [`background`]: certificate, route and pool upkeep.
 //! - [`inbound`]: HBONE in; [`plain`]: the plain-HTTP listener; [`admin`]: 15021 / 15020.
 //! - [`dest`]: original destination and protocol; [`sniff`]: telling HTTP from TCP.
-//! - [`http_server`]: hyper on a downstream stream; [`pipeline`]: one request, end to end.
+//! - [`http_server`]: hyper on a downstream stream; [`pipeline`]: one request, end to end;
+//!   [`local_reply`]: the answers the waypoint makes itself (gRPC-shaped for gRPC clients).
 //! - [`attempts`]: an exchange's tries and retries; [`retry`]: what is retried, backoff and the
 //!   kept request body; [`fault`]: injected delays and aborts; [`mirror`]: request copies.
 //! - [`routing`]: route decisions; [`balance`]: endpoints and load balancing.
@@ -29,6 +30,7 @@ pub mod fault;
 pub mod http_server;
 pub mod inbound;
 pub mod jwks;
+pub mod local_reply;
 pub mod mirror;
 pub mod outlier;
 pub mod own_cert;
