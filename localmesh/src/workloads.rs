@@ -591,7 +591,12 @@ impl Mesh {
         cmd.env("MESH_TOKEN_FILE", token)
             .env("NODE_NAME", node)
             .env("RUST_LOG", &self.opts.log);
-        for (k, v) in self.waypoint_env.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        for (k, v) in self
+            .waypoint_env
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
             cmd.env(k, v);
         }
         Ok(cmd)
