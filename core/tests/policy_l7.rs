@@ -752,6 +752,23 @@ fn jwt_valid_expired_wrong_issuer_wrong_audience_bad_signature_missing() {
     };
     let expired = token(&good, "k1", claims(json!({"exp": now() - 3600})));
     assert_eq!(failed(run(&set, &bearer(&expired), None)), "Jwt is expired");
+    // An expiry that is not a number is not "no expiry"; a huge one does not wrap around.
+    let string_exp = token(&good, "k1", claims(json!({"exp": "never"})));
+    assert_eq!(
+        failed(run(&set, &bearer(&string_exp), None)),
+        "Jwt exp claim is not a number of seconds"
+    );
+    let float_expired = token(
+        &good,
+        "k1",
+        claims(json!({"exp": (now() - 3600) as f64 + 0.5})),
+    );
+    assert_eq!(
+        failed(run(&set, &bearer(&float_expired), None)),
+        "Jwt is expired"
+    );
+    let far = token(&good, "k1", claims(json!({"exp": u64::MAX})));
+    assert!(matches!(run(&set, &bearer(&far), None), Authn::Verified(_)));
     let wrong_iss = token(&good, "k1", claims(json!({"iss": "https://evil.example"})));
     assert_eq!(
         failed(run(&set, &bearer(&wrong_iss), None)),

@@ -347,14 +347,25 @@ fn verify(rule: &JwtRule, token: &str, keys: KeyLookup<'_>, now: u64) -> Result<
 
 /// Times (Envoy's 60 s skew) and audiences, once the signature holds.
 fn check_claims(rule: &JwtRule, payload: Map<String, Value>, now: u64) -> Result<Claims, String> {
-    let num = |k: &str| payload.get(k).and_then(Value::as_u64);
-    if let Some(exp) = num("exp")
-        && exp + CLOCK_SKEW_SECS < now
+    // A time claim that is present must be a number of seconds (RFC 7519 NumericDate): one
+    // of another type must not read as "no expiry".
+    let time = |k: &str| -> Result<Option<u64>, String> {
+        match payload.get(k) {
+            None => Ok(None),
+            Some(v) => match (v.as_u64(), v.as_f64()) {
+                (Some(n), _) => Ok(Some(n)),
+                (None, Some(f)) if f >= 0.0 => Ok(Some(f as u64)),
+                _ => Err(format!("Jwt {k} claim is not a number of seconds")),
+            },
+        }
+    };
+    if let Some(exp) = time("exp")?
+        && exp.saturating_add(CLOCK_SKEW_SECS) < now
     {
         return Err("Jwt is expired".into());
     }
-    if let Some(nbf) = num("nbf")
-        && nbf > now + CLOCK_SKEW_SECS
+    if let Some(nbf) = time("nbf")?
+        && nbf > now.saturating_add(CLOCK_SKEW_SECS)
     {
         return Err("Jwt not yet valid".into());
     }
