@@ -138,6 +138,7 @@ pub fn check(ctx: &Ctx, down: &Downstream, req: &mut Request<Incoming>) -> Verdi
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         let keys = |uri: &str| ctx.authz.jwks.get(uri);
+        jwt::strip_outputs(&rules, req.headers_mut());
         match jwt::authenticate(&rules, req.headers(), req.uri().query(), &keys, now) {
             Authn::NoToken => None,
             Authn::Failed(reason) => {

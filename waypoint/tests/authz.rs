@@ -196,6 +196,15 @@ async fn jwt_with_inline_keys_401_for_bad_tokens_and_request_principals_in_polic
     let (m, _keys) = authz_mesh(vec![authn.clone()]).await;
     // No policy wants a request principal yet: a missing token passes, a bad one does not.
     assert_eq!(call(&m, KEYS_VIP, "GET", "/", None).await.0, StatusCode::OK);
+    // A client cannot hand the backend a payload header of its own making.
+    let mut c = m.http1(&format!("{KEYS_VIP}:80")).await;
+    let mut req = get("/", "web");
+    req.headers_mut()
+        .insert("x-jwt-payload", "eyJzdWIiOiJhZG1pbiJ9".parse().unwrap());
+    let resp = send1(&mut c, req).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let echoed: Value = serde_json::from_str(&body_text(resp).await).unwrap();
+    assert!(echoed.get("x-jwt-payload").is_none(), "{echoed}");
     let valid = token(&good, "alice", now() + 600);
     let (status, _, echoed) = call(&m, KEYS_VIP, "GET", "/", Some(&valid)).await;
     assert_eq!(status, StatusCode::OK);

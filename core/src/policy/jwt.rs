@@ -211,6 +211,21 @@ pub fn authenticate(
     }
 }
 
+/// Removes, from a request as it arrived, every header the rules would write their outputs to
+/// (`outputPayloadToHeader`, `outputClaimToHeaders`), as Envoy does first thing: otherwise a
+/// client with no token (or a token without that claim) could send the backend a payload or
+/// claim header of its own making.
+pub fn strip_outputs(rules: &[&JwtRule], headers: &mut http::HeaderMap) {
+    for rule in rules {
+        if let Some(h) = &rule.output_payload_to_header {
+            headers.remove(h.as_str());
+        }
+        for (h, _) in &rule.output_claim_to_headers {
+            headers.remove(h.as_str());
+        }
+    }
+}
+
 impl Verified {
     /// Applies the rule's outputs to the request's headers: the payload header, claim headers,
     /// and (unless `forwardOriginalToken`) removing the token's header.
