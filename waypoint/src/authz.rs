@@ -194,6 +194,41 @@ pub fn check(ctx: &Ctx, down: &Downstream, req: &mut Request<Incoming>) -> Verdi
     }
 }
 
+/// Decides whether a TCP connection (a TCP port, or bytes that were not HTTP) may proceed:
+/// the same AuthorizationPolicies as requests, judged on the connection alone (meshcore's
+/// `authorize_connection`). RequestAuthentication has nothing to read here.
+pub fn check_connection(ctx: &Ctx, down: &Downstream) -> Verdict {
+    let Some(store) = ctx.config.borrow().clone() else {
+        return Verdict::Allow;
+    };
+    let Some((gw_ns, gw_name)) = ctx.gateway.split_once('/') else {
+        return Verdict::Allow; // standalone: no Gateway, nothing attaches
+    };
+    let set = ctx.authz.policies(&store);
+    let at = WaypointTarget {
+        gateway_namespace: gw_ns,
+        gateway_name: gw_name,
+        service: match &down.target {
+            Target::Service { service, .. } => Some((&service.namespace, &service.name)),
+            Target::Workload { .. } | Target::Address(_) => None,
+        },
+    };
+    if set.waypoint_authorizations(&at).next().is_none() {
+        return Verdict::Allow;
+    }
+    let (dst_ip, dst_port) = destination(&down.target);
+    let conn = policy::Connection {
+        src_identity: down.principal.parse::<Identity>().ok(),
+        src_ip: down.addr.ip(),
+        dst_ip,
+        dst_port,
+    };
+    match set.authorize_connection(&at, &conn).decision {
+        Decision::Allow => Verdict::Allow,
+        Decision::Deny { policy } => Verdict::Deny { policy },
+    }
+}
+
 /// `destination.ip` / `destination.port`: the address the client asked for.
 fn destination(target: &Target) -> (IpAddr, u16) {
     let unspecified = IpAddr::from([0, 0, 0, 0]);

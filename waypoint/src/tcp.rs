@@ -8,6 +8,7 @@ use bytes::Bytes;
 use tokio::io::AsyncWriteExt;
 
 use crate::app::Ctx;
+use crate::authz::Verdict;
 use crate::balance::{self, Outcome, Picked};
 use crate::pipeline::Downstream;
 use crate::routing::TcpDecision;
@@ -33,6 +34,14 @@ pub async fn passthrough<S: Io>(
         },
     );
     record.tcp_opened(&ctx.metrics);
+    // The policies that judge this destination's requests judge its connections too: speaking
+    // something other than HTTP must not step around them.
+    if let Verdict::Deny { policy } = crate::authz::check_connection(&ctx, &down) {
+        record.flag = Some(Flag::RbacDenied);
+        record.error = Some(format!("denied by {policy}"));
+        record.finish(&ctx.metrics);
+        return;
+    }
     let router = ctx.router.borrow().clone();
     let TcpDecision::Forward(backend) = router.tcp(&down.target);
     record.route = "default".to_string();

@@ -297,3 +297,82 @@ async fn jwks_uri_is_fetched_through_the_mesh_and_a_failed_fetch_refuses_tokens(
         StatusCode::UNAUTHORIZED
     );
 }
+
+/// Sends bytes that are not HTTP through the waypoint to `authority` and reports whether they
+/// came back (the backend's TCP port echoes); a refused connection ends with nothing.
+async fn tcp_echoes(m: &Mesh, authority: &str) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let payload = b"\x00not http\r\n\x01".to_vec();
+    // A refusal may reset the stream before the client has read the CONNECT's answer.
+    let Ok(tunnel) = m.connect(authority).await else {
+        return false;
+    };
+    let (mut r, mut w) = tokio::io::split(tunnel);
+    // A refused connection may be closed before or while this is written.
+    let _ = w.write_all(&payload).await;
+    let _ = w.shutdown().await;
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(DEADLINE, r.read_to_end(&mut got))
+        .await
+        .expect("the waypoint answers or closes in time");
+    got == payload
+}
+
+/// TCP through the waypoint — a TCP port, or bytes that are not HTTP on a sniffed one — is
+/// judged by the same policies, on its connection alone: an ALLOW rule needing the request
+/// never matches, a DENY rule matches on its connection fields (as Istio's waypoint does).
+#[tokio::test]
+async fn tcp_connections_are_judged_by_the_same_policies() {
+    let (m, _keys) = authz_mesh(Vec::new()).await;
+    let ports = [format!("{WEB_VIP}:9000"), format!("{WEB_VIP}:83")];
+    for a in &ports {
+        assert!(tcp_echoes(&m, a).await, "{a}: no policy, passes");
+    }
+    let cases = [
+        (
+            "DENY with only an HTTP field refuses every connection",
+            json!({"targetRefs": on_gateway(), "action": "DENY",
+                "rules": [{"to": [{"operation": {"paths": ["/admin/{**}"]}}]}]}),
+            false,
+        ),
+        (
+            "DENY for another principal leaves the client alone",
+            json!({"targetRefs": on_gateway(), "action": "DENY",
+                "rules": [{"from": [{"source": {"principals": ["td/ns/other/sa/x"]}}],
+                           "to": [{"operation": {"methods": ["POST"]}}]}]}),
+            true,
+        ),
+        (
+            "ALLOW of the client's principal admits it",
+            json!({"targetRefs": on_service("web"),
+                "rules": [{"from": [{"source": {"principals": ["td/ns/client/sa/cli"]}}]}]}),
+            true,
+        ),
+        (
+            "ALLOW of someone else refuses the client",
+            json!({"targetRefs": on_service("web"),
+                "rules": [{"from": [{"source": {"principals": ["td/ns/other/sa/cli"]}}]}]}),
+            false,
+        ),
+        (
+            "ALLOW that needs the request never matches a connection",
+            json!({"targetRefs": on_service("web"),
+                "rules": [{"from": [{"source": {"principals": ["td/ns/client/sa/cli"]}}],
+                           "to": [{"operation": {"methods": ["GET"]}}]}]}),
+            false,
+        ),
+        (
+            "...even when its request field is a not-list",
+            json!({"targetRefs": on_service("web"),
+                "rules": [{"from": [{"source": {"principals": ["td/ns/client/sa/cli"]}}],
+                           "to": [{"operation": {"notPaths": ["/private"]}}]}]}),
+            false,
+        ),
+    ];
+    for (what, spec, passes) in cases {
+        m.set_policies(vec![ap("p", spec)]);
+        for a in &ports {
+            assert_eq!(tcp_echoes(&m, a).await, passes, "{what} ({a})");
+        }
+    }
+}

@@ -208,4 +208,34 @@ impl PolicySet {
         }
         tally.verdict(None)
     }
+
+    /// The decision for a TCP connection through the waypoint, which has no HTTP request to
+    /// look at: the same policies, an ALLOW rule needing the request never matches and a DENY
+    /// rule matches on its connection fields alone (Istio's waypoint does the same for TCP), so
+    /// policy cannot be stepped around by speaking something other than HTTP.
+    pub fn authorize_connection(&self, at: &WaypointTarget<'_>, conn: &Connection) -> Verdict {
+        let peer = Peer {
+            identity: conn.src_identity.as_ref(),
+            principal: conn.src_identity.as_ref().map(|i| {
+                format!(
+                    "{}/ns/{}/sa/{}",
+                    i.trust_domain, i.namespace, i.service_account
+                )
+            }),
+            src_ip: canonical(conn.src_ip),
+            dst_ip: canonical(conn.dst_ip),
+            dst_port: conn.dst_port,
+            request: None,
+        };
+        let mut tally = Tally::default();
+        for a in self.waypoint_authorizations(at) {
+            let deny = a.action == Action::Deny;
+            tally.add(a.action, &a.key, || {
+                a.rules
+                    .iter()
+                    .any(|r| r.matches_without_request(&peer, deny))
+            });
+        }
+        tally.verdict(None)
+    }
 }

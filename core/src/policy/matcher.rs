@@ -344,6 +344,23 @@ impl Rule {
             .iter()
             .all(|clause| clause.is_empty() || clause.iter().any(|m| m.matches(peer)))
     }
+
+    /// Whether any of its matches needs an HTTP request.
+    pub fn needs_request(&self) -> bool {
+        self.clauses.iter().flatten().any(Match::needs_request)
+    }
+
+    /// Whether it matches a connection with no HTTP request to look at, for `action`: an ALLOW
+    /// (or AUDIT) rule that needs the request never matches, a DENY rule matches on its
+    /// connection fields alone — Istio's rule for TCP traffic, which errs towards refusing.
+    pub(crate) fn matches_without_request(&self, peer: &Peer<'_>, deny: bool) -> bool {
+        if !deny {
+            return !self.needs_request() && self.matches(peer);
+        }
+        self.clauses.iter().all(|clause| {
+            clause.is_empty() || clause.iter().any(|m| m.without_request().matches(peer))
+        })
+    }
 }
 
 #[cfg(test)]
