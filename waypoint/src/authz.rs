@@ -115,20 +115,8 @@ impl Authz {
 /// Decides whether `req` may proceed; may add headers to it (`outputPayloadToHeader`) and
 /// remove the verified token (unless `forwardOriginalToken`).
 pub fn check(ctx: &Ctx, down: &Downstream, req: &mut Request<Incoming>) -> Verdict {
-    let Some(store) = ctx.config.borrow().clone() else {
+    let Some((set, at)) = scope(ctx, down) else {
         return Verdict::Allow;
-    };
-    let Some((gw_ns, gw_name)) = ctx.gateway.split_once('/') else {
-        return Verdict::Allow; // standalone: no Gateway, nothing attaches
-    };
-    let set = ctx.authz.policies(&store);
-    let at = WaypointTarget {
-        gateway_namespace: gw_ns,
-        gateway_name: gw_name,
-        service: match &down.target {
-            Target::Service { service, .. } => Some((&service.namespace, &service.name)),
-            Target::Workload { .. } | Target::Address(_) => None,
-        },
     };
     let rules = set.jwt_rules(&at);
     let claims = if rules.is_empty() {
@@ -154,13 +142,7 @@ pub fn check(ctx: &Ctx, down: &Downstream, req: &mut Request<Incoming>) -> Verdi
     if set.waypoint_authorizations(&at).next().is_none() {
         return Verdict::Allow;
     }
-    let (dst_ip, dst_port) = destination(&down.target);
-    let conn = policy::Connection {
-        src_identity: down.principal.parse::<Identity>().ok(),
-        src_ip: down.addr.ip(),
-        dst_ip,
-        dst_port,
-    };
+    let conn = connection(down);
     let host = req
         .uri()
         .authority()
@@ -198,13 +180,24 @@ pub fn check(ctx: &Ctx, down: &Downstream, req: &mut Request<Incoming>) -> Verdi
 /// the same AuthorizationPolicies as requests, judged on the connection alone (meshcore's
 /// `authorize_connection`). RequestAuthentication has nothing to read here.
 pub fn check_connection(ctx: &Ctx, down: &Downstream) -> Verdict {
-    let Some(store) = ctx.config.borrow().clone() else {
+    let Some((set, at)) = scope(ctx, down) else {
         return Verdict::Allow;
     };
-    let Some((gw_ns, gw_name)) = ctx.gateway.split_once('/') else {
-        return Verdict::Allow; // standalone: no Gateway, nothing attaches
-    };
-    let set = ctx.authz.policies(&store);
+    if set.waypoint_authorizations(&at).next().is_none() {
+        return Verdict::Allow;
+    }
+    let conn = connection(down);
+    match set.authorize_connection(&at, &conn).decision {
+        Decision::Allow => Verdict::Allow,
+        Decision::Deny { policy } => Verdict::Deny { policy },
+    }
+}
+
+/// The compiled policies and where this connection stands among them; `None` with no config
+/// yet or no Gateway (the standalone listener), where nothing attaches.
+fn scope<'a>(ctx: &'a Ctx, down: &'a Downstream) -> Option<(Arc<PolicySet>, WaypointTarget<'a>)> {
+    let store = ctx.config.borrow().clone()?;
+    let (gw_ns, gw_name) = ctx.gateway.split_once('/')?;
     let at = WaypointTarget {
         gateway_namespace: gw_ns,
         gateway_name: gw_name,
@@ -213,19 +206,17 @@ pub fn check_connection(ctx: &Ctx, down: &Downstream) -> Verdict {
             Target::Workload { .. } | Target::Address(_) => None,
         },
     };
-    if set.waypoint_authorizations(&at).next().is_none() {
-        return Verdict::Allow;
-    }
+    Some((ctx.authz.policies(&store), at))
+}
+
+/// The connection's facts as the policy engine reads them.
+fn connection(down: &Downstream) -> policy::Connection {
     let (dst_ip, dst_port) = destination(&down.target);
-    let conn = policy::Connection {
+    policy::Connection {
         src_identity: down.principal.parse::<Identity>().ok(),
         src_ip: down.addr.ip(),
         dst_ip,
         dst_port,
-    };
-    match set.authorize_connection(&at, &conn).decision {
-        Decision::Allow => Verdict::Allow,
-        Decision::Deny { policy } => Verdict::Deny { policy },
     }
 }
 

@@ -13,7 +13,6 @@ use super::jwt::{JwtPolicy, JwtRule, Keys};
 use super::matcher::{Peer, Request, Rule};
 use super::spec::{Diag, as_array, as_object, check_known_fields, field, index, string_field};
 use super::{Action, Connection, PolicySet, Tally, Verdict};
-use crate::store::canonical;
 
 pub const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
 /// The GatewayClass of waypoints: a policy in the root namespace attached to it applies to
@@ -187,19 +186,7 @@ impl PolicySet {
         conn: &Connection,
         req: &Request<'_>,
     ) -> Verdict {
-        let peer = Peer {
-            identity: conn.src_identity.as_ref(),
-            principal: conn.src_identity.as_ref().map(|i| {
-                format!(
-                    "{}/ns/{}/sa/{}",
-                    i.trust_domain, i.namespace, i.service_account
-                )
-            }),
-            src_ip: canonical(conn.src_ip),
-            dst_ip: canonical(conn.dst_ip),
-            dst_port: conn.dst_port,
-            request: Some(req),
-        };
+        let peer = Peer::of(conn, Some(req));
         let mut tally = Tally::default();
         for a in self.waypoint_authorizations(at) {
             tally.add(a.action, &a.key, || {
@@ -214,19 +201,7 @@ impl PolicySet {
     /// rule matches on its connection fields alone (Istio's waypoint does the same for TCP), so
     /// policy cannot be stepped around by speaking something other than HTTP.
     pub fn authorize_connection(&self, at: &WaypointTarget<'_>, conn: &Connection) -> Verdict {
-        let peer = Peer {
-            identity: conn.src_identity.as_ref(),
-            principal: conn.src_identity.as_ref().map(|i| {
-                format!(
-                    "{}/ns/{}/sa/{}",
-                    i.trust_domain, i.namespace, i.service_account
-                )
-            }),
-            src_ip: canonical(conn.src_ip),
-            dst_ip: canonical(conn.dst_ip),
-            dst_port: conn.dst_port,
-            request: None,
-        };
+        let peer = Peer::of(conn, None);
         let mut tally = Tally::default();
         for a in self.waypoint_authorizations(at) {
             let deny = a.action == Action::Deny;

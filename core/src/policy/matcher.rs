@@ -199,6 +199,25 @@ pub(crate) struct Peer<'a> {
     pub request: Option<&'a Request<'a>>,
 }
 
+impl<'a> Peer<'a> {
+    /// The facts of `conn` (and of its `request`, at a waypoint), in canonical form.
+    pub(crate) fn of(conn: &'a super::Connection, request: Option<&'a Request<'a>>) -> Peer<'a> {
+        Peer {
+            identity: conn.src_identity.as_ref(),
+            principal: conn.src_identity.as_ref().map(|i| {
+                format!(
+                    "{}/ns/{}/sa/{}",
+                    i.trust_domain, i.namespace, i.service_account
+                )
+            }),
+            src_ip: crate::store::canonical(conn.src_ip),
+            dst_ip: crate::store::canonical(conn.dst_ip),
+            dst_port: conn.dst_port,
+            request,
+        }
+    }
+}
+
 /// "Any of `positive` (when non-empty) and none of `negative`". A predicate that cannot be
 /// evaluated (no peer identity) is false, so an absent identity fails positive lists and passes
 /// negative ones — as in ztunnel and Envoy.

@@ -43,7 +43,6 @@ pub use spec::PolicyError;
 
 use crate::identity::Identity;
 use crate::proto::config::{Policy, Workload};
-use crate::store::canonical;
 use matcher::Peer;
 use spec::labels_match;
 
@@ -357,19 +356,7 @@ impl PolicySet {
     /// any matching DENY → deny; no ALLOW policy applies → allow; any matching ALLOW → allow;
     /// else deny. CUSTOM policies are not enforced (see reports).
     pub fn authorize_verbose(&self, conn: &Connection, dst: &Workload) -> Verdict {
-        let peer = Peer {
-            identity: conn.src_identity.as_ref(),
-            principal: conn.src_identity.as_ref().map(|i| {
-                format!(
-                    "{}/ns/{}/sa/{}",
-                    i.trust_domain, i.namespace, i.service_account
-                )
-            }),
-            src_ip: canonical(conn.src_ip),
-            dst_ip: canonical(conn.dst_ip),
-            dst_port: conn.dst_port,
-            request: None,
-        };
+        let peer = Peer::of(conn, None);
         let mut tally = Tally::default();
         for i in self.applicable_indexes(dst) {
             let Some(a) = self.authz.get(i) else { continue };
