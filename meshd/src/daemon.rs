@@ -75,6 +75,8 @@ pub enum RunError {
     Serve(#[from] tonic::transport::Error),
     #[error(transparent)]
     Outputs(#[from] OutputError),
+    #[error(transparent)]
+    Kube(#[from] crate::kube::KubeError),
 }
 
 /// What `meshd run` does beyond serving (kept out of [`RunConfig`] so its users need not
@@ -83,6 +85,9 @@ pub enum RunError {
 pub struct RunOptions {
     /// Where rendered waypoint objects and status are written (`--write-dir`; see `outputs`).
     pub write_dir: Option<PathBuf>,
+    /// Kubernetes mode: read the API instead of `config_dir`, keep the CA in a Secret, accept
+    /// service-account tokens, and (as the elected leader) write waypoint objects and status.
+    pub kube: Option<crate::kube::KubeSettings>,
 }
 
 /// Runs until `shutdown` completes, then stops accepting, ends open config streams and
@@ -104,6 +109,16 @@ pub async fn run_with(
     let outputs = opts.write_dir.as_deref().map(Outputs::new).transpose()?;
     let auth = Arc::new(state::node_authority(&cfg.state_dir)?);
     let ca_dir = state::ca_dir(&cfg.state_dir);
+    let kube_client = match &opts.kube {
+        Some(k) => {
+            let client = crate::kube::client(k).await?;
+            // Every replica signs with the root kept in the API, not one of its own.
+            crate::kube::ca_secret::sync(client.clone(), k, &ca_dir, &cfg.settings.trust_domain)
+                .await?;
+            Some((client, k.clone()))
+        }
+        None => None,
+    };
     let first = roots::load(&ca_dir, &cfg.settings.trust_domain)?;
     let roots = roots::watch(
         ca_dir,
@@ -112,10 +127,31 @@ pub async fn run_with(
         Duration::from_millis(500),
     );
 
-    let (_source, resources) = LocalSource::start(&cfg.config_dir, cfg.poll_interval)?;
+    let (_source, resources) = match &kube_client {
+        None => {
+            let (s, r) = LocalSource::start(&cfg.config_dir, cfg.poll_interval)?;
+            (Source::Directory(s), r)
+        }
+        Some((client, k)) => {
+            info!("reading resources from the Kubernetes API");
+            let (s, r) = crate::kube::source::KubeSource::start(client.clone(), k).await?;
+            (Source::Kube(s), r)
+        }
+    };
     let views = spawn_translation(resources, cfg.settings.clone(), roots.clone());
     if let Some(outputs) = outputs {
         spawn_outputs(outputs, views.clone());
+    }
+    let mut kube_auth = crate::kube::identity::KubeAuthLayer::default();
+    if let Some((client, k)) = &kube_client {
+        let leader = crate::kube::leader::spawn(client.clone(), k);
+        crate::kube::writer::spawn(client.clone(), k, views.clone(), leader.clone());
+        crate::kube::ca_secret::publish_root(client.clone(), k, roots.clone(), leader);
+        kube_auth.reviewer = Some(crate::kube::identity::TokenReviewer::new(
+            client.clone(),
+            k,
+            views.clone(),
+        ));
     }
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -132,6 +168,7 @@ pub async fn run_with(
         CertificateServiceServer::new(CaService::new(roots.clone(), views, cfg.cert_lifetime))
             .max_decoding_message_size(MAX_REQUEST_BYTES);
     let router = Server::builder()
+        .layer(kube_auth)
         .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
         .concurrency_limit_per_connection(CONCURRENCY_PER_CONNECTION)
         .timeout(REQUEST_TIMEOUT)
@@ -181,6 +218,12 @@ pub async fn run_with(
     }
     info!("stopped");
     result
+}
+
+/// The running resource source (stops when dropped).
+enum Source {
+    Directory(#[allow(dead_code)] LocalSource),
+    Kube(#[allow(dead_code)] crate::kube::source::KubeSource),
 }
 
 /// Translates every new resource set and publishes the view when it changed, with the next

@@ -2,7 +2,7 @@
 //! mode), translates them into what the data plane needs, streams that to every node over gRPC
 //! and runs the certificate authority.
 //!
-//! Data flow: `local_source` (via `parse`) → `ResourceSet` → `translate` → `MeshView` → `config_service`
+//! Data flow: `local_source` or `kube::source` (both via `parse`) → `ResourceSet` → `translate` → `MeshView` → `config_service`
 //! (via `delta`) and `ca_service`; `daemon` wires them, `main.rs` is the CLI. Waypoint Gateways
 //! are rendered by `waypoints`, their status computed by `status`, and both written by `outputs`;
 //! `binding` resolves `istio.io/use-waypoint`; route resources are checked alone by `route_check`
@@ -15,6 +15,7 @@ pub mod ca_service;
 pub mod config_service;
 pub mod daemon;
 pub mod delta;
+pub mod kube;
 pub mod listener;
 pub mod local_source;
 pub mod outputs;

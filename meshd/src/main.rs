@@ -29,8 +29,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Watch a config directory and serve the config stream and the CA.
-    Run(RunArgs),
+    /// Watch a config directory (or the Kubernetes API) and serve the config stream and the CA.
+    Run(Box<RunArgs>),
     /// Print a token a node's ztunnel authenticates with (`node:<name>:<expiry>:<mac>`).
     NodeToken {
         /// meshd's state directory (the token derives from its node secret, created if missing).
@@ -85,9 +85,41 @@ struct CaArgs {
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// Directory of Kubernetes-style YAML/JSON manifests, watched for changes.
+    /// Directory of Kubernetes-style YAML/JSON manifests, watched for changes (local mode).
+    #[arg(
+        long,
+        required_unless_present = "kubernetes",
+        conflicts_with = "kubernetes"
+    )]
+    config_dir: Option<PathBuf>,
+    /// Read resources from the Kubernetes API instead of a directory (Kubernetes mode).
     #[arg(long)]
-    config_dir: PathBuf,
+    kubernetes: bool,
+    /// kubeconfig for --kubernetes (default: $KUBECONFIG, ~/.kube/config, or in-cluster).
+    #[arg(long, requires = "kubernetes")]
+    kubeconfig: Option<PathBuf>,
+    /// meshd's own namespace (its Lease, CA Secret and root ConfigMap).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "mesh-system")]
+    namespace: String,
+    /// This replica's name in leader election (the pod's name in a cluster).
+    #[arg(long, env = "POD_NAME")]
+    pod_name: Option<String>,
+    /// Leader election: how long a lease lasts without renewal (client-go's default 15s).
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    lease_duration: Duration,
+    /// Leader election: a leader that could not renew within this steps down (10s).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    renew_deadline: Duration,
+    /// Leader election: how often to renew or retry (2s).
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    retry_period: Duration,
+    /// The audience service-account tokens presented to meshd must carry.
+    #[arg(long, default_value = meshd::kube::DEFAULT_TOKEN_AUDIENCE)]
+    token_audience: String,
+    /// ztunnel's service account as NAMESPACE/NAME (default: <namespace>/ztunnel): its tokens
+    /// prove the node their pod runs on.
+    #[arg(long)]
+    ztunnel_service_account: Option<String>,
     /// Where the CA root and the node secret live (created if missing).
     #[arg(long)]
     state_dir: PathBuf,
@@ -134,7 +166,7 @@ fn main() -> ExitCode {
             service_account,
             ttl,
         } => workload_token(&state_dir, &namespace, &service_account, ttl),
-        Cmd::Run(args) => run(args),
+        Cmd::Run(args) => run(*args),
         Cmd::Ca { step } => ca_step(step),
     };
     match result {
@@ -207,8 +239,37 @@ fn ca_step(step: CaStep) -> anyhow::Result<()> {
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
     init_logging(args.log_format);
+    let kube = if args.kubernetes {
+        let identity = match args.pod_name {
+            Some(n) => n,
+            None => hostname()?,
+        };
+        let mut k = meshd::kube::KubeSettings::new(&args.namespace, &identity);
+        k.kubeconfig = args.kubeconfig;
+        k.lease = meshd::kube::LeaseTimings {
+            duration: args.lease_duration,
+            renew_deadline: args.renew_deadline,
+            retry_period: args.retry_period,
+        };
+        anyhow::ensure!(
+            k.lease.renew_deadline < k.lease.duration
+                && k.lease.retry_period < k.lease.renew_deadline,
+            "leader election needs --retry-period < --renew-deadline < --lease-duration"
+        );
+        k.token_audience = args.token_audience;
+        if let Some(sa) = args.ztunnel_service_account {
+            let (ns, name) = sa
+                .split_once('/')
+                .filter(|(ns, name)| !ns.is_empty() && !name.is_empty())
+                .context("--ztunnel-service-account must be NAMESPACE/NAME")?;
+            k.ztunnel_service_account = (ns.to_string(), name.to_string());
+        }
+        Some(k)
+    } else {
+        None
+    };
     let cfg = RunConfig {
-        config_dir: args.config_dir,
+        config_dir: args.config_dir.unwrap_or_default(),
         state_dir: args.state_dir,
         listen: args.listen,
         settings: Settings {
@@ -221,6 +282,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let opts = RunOptions {
         write_dir: args.write_dir,
+        kube,
     };
     let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
     rt.block_on(async {
@@ -229,6 +291,13 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             .await
             .map_err(anyhow::Error::from)
     })
+}
+
+/// This machine's name (a replica's default identity in leader election).
+fn hostname() -> anyhow::Result<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .context("reading the hostname (pass --pod-name)")?;
+    Ok(name.trim().to_string())
 }
 
 fn init_logging(format: LogFormat) {

@@ -31,10 +31,10 @@ pub enum ParseError {
     },
     #[error("{file}: {size} bytes is over the {} MiB limit for a manifest file", MAX_FILE_BYTES >> 20)]
     TooLarge { file: String, size: u64 },
-    #[error("{file}: document {doc} ({what}): {message}")]
+    /// `at` is where the object came from: `"<file>: document <n>"`, or the API's name.
+    #[error("{at} ({what}): {message}")]
     Invalid {
-        file: String,
-        doc: usize,
+        at: String,
         what: String,
         message: String,
     },
@@ -111,98 +111,108 @@ pub fn parse_file(file: &str, text: &str) -> Result<ParsedFile, ParseError> {
     let mut out = ParsedFile::default();
     for doc in docs {
         let n = document_at_line(text, doc.referenced.line());
-        let value = doc.value;
-        if value.is_null() {
-            continue; // empty document, e.g. a trailing `---`
-        }
-        let invalid = |what: &str, message: String| ParseError::Invalid {
-            file: file.to_string(),
-            doc: n,
-            what: what.to_string(),
-            message,
-        };
-        let Some(obj) = value.as_object() else {
-            return Err(invalid(
-                "document",
-                "is not a Kubernetes object (expected a mapping)".into(),
-            ));
-        };
-        let api_version = obj.get("apiVersion").and_then(Value::as_str).unwrap_or("");
-        let Some(kind) = obj.get("kind").and_then(Value::as_str) else {
-            return Err(invalid("document", "has no `kind`".into()));
-        };
-        let Some(schema) = schema::for_kind(api_version, kind) else {
-            out.warnings.push(format!(
-                "{file}: document {n}: kind {kind} (apiVersion {api_version:?}) is not supported by meshd; ignored"
-            ));
-            continue;
-        };
-        let resource = typed(kind, value.clone()).map_err(|e| invalid(kind, e))?;
-        let what = resource.describe();
-        if resource.metadata().name.is_empty() {
-            return Err(invalid(&what, "metadata.name is required".into()));
-        }
-        validate(&resource).map_err(|e| invalid(&what, e))?;
-        for field in schema::unsupported_fields(schema, &value) {
-            out.warnings.push(format!(
-                "{file}: document {n}: {what}: field {field} is not supported by meshd; ignored"
-            ));
-        }
-        let mut resource = resource;
-        if let Resource::Route(route) = &mut resource {
-            // A bad route is refused on its own: the file's other resources still apply.
-            let checked = route_check::check(route);
-            for note in &checked.notes {
-                out.warnings.push(format!("{file}: document {n}: {note}"));
-            }
-            route.notes = checked.notes;
-            if !checked.errors.is_empty() {
-                out.rejected.push(Rejected {
-                    key: route.key(),
-                    error: format!(
-                        "{file}: document {n} ({what}): {}",
-                        checked.errors.join("; ")
-                    ),
-                });
-                continue;
-            }
-        }
-        if let Resource::Gateway(g) = &resource
-            && !waypoints::is_waypoint_class(g)
-        {
-            out.warnings.push(format!(
-                "{file}: document {n}: {what}: gatewayClassName {:?} is not handled by meshd (only {}); ignored",
-                g.spec.gateway_class_name,
-                waypoints::WAYPOINT_CLASS
-            ));
-        }
-        if let Resource::Service(s) = &resource {
-            for (i, p) in s
-                .spec
-                .ports
-                .iter()
-                .enumerate()
-                .filter(|(_, p)| !is_tcp(p.protocol.as_deref()))
-            {
-                let proto = p.protocol.as_deref().unwrap_or_default();
-                out.warnings.push(format!(
-                    "{file}: document {n}: {what}: spec.ports[{i}].protocol {proto}: the mesh carries TCP only; port left out"
-                ));
-            }
-        }
-        if matches!(resource, Resource::Namespace(_))
-            && obj
-                .get("metadata")
-                .and_then(|m| m.get("namespace"))
-                .is_some()
-        {
-            out.warnings.push(format!(
-                "{file}: document {n}: {what}: metadata.namespace on a Namespace; ignored"
-            ));
-        }
-        out.resources.push(resource);
+        parse_value(&format!("{file}: document {n}"), doc.value, &mut out)?;
     }
     Ok(out)
+}
+
+/// Parses one object as read from the Kubernetes API (already JSON): the same checks, the same
+/// warnings and the same errors as a file's document, with `origin` (e.g. `"Kubernetes API"`)
+/// where a file would name itself and the document.
+pub fn parse_object(origin: &str, value: Value) -> Result<ParsedFile, ParseError> {
+    let mut out = ParsedFile::default();
+    parse_value(origin, value, &mut out)?;
+    Ok(out)
+}
+
+/// Checks one document (`at` says where it came from in every message) and adds it to `out`.
+fn parse_value(at: &str, value: Value, out: &mut ParsedFile) -> Result<(), ParseError> {
+    if value.is_null() {
+        return Ok(()); // empty document, e.g. a trailing `---`
+    }
+    let invalid = |what: &str, message: String| ParseError::Invalid {
+        at: at.to_string(),
+        what: what.to_string(),
+        message,
+    };
+    let Some(obj) = value.as_object() else {
+        return Err(invalid(
+            "document",
+            "is not a Kubernetes object (expected a mapping)".into(),
+        ));
+    };
+    let api_version = obj.get("apiVersion").and_then(Value::as_str).unwrap_or("");
+    let Some(kind) = obj.get("kind").and_then(Value::as_str) else {
+        return Err(invalid("document", "has no `kind`".into()));
+    };
+    let Some(schema) = schema::for_kind(api_version, kind) else {
+        out.warnings.push(format!(
+            "{at}: kind {kind} (apiVersion {api_version:?}) is not supported by meshd; ignored"
+        ));
+        return Ok(());
+    };
+    let resource = typed(kind, value.clone()).map_err(|e| invalid(kind, e))?;
+    let what = resource.describe();
+    if resource.metadata().name.is_empty() {
+        return Err(invalid(&what, "metadata.name is required".into()));
+    }
+    validate(&resource).map_err(|e| invalid(&what, e))?;
+    for field in schema::unsupported_fields(schema, &value) {
+        out.warnings.push(format!(
+            "{at}: {what}: field {field} is not supported by meshd; ignored"
+        ));
+    }
+    let mut resource = resource;
+    if let Resource::Route(route) = &mut resource {
+        // A bad route is refused on its own: the file's other resources still apply.
+        let checked = route_check::check(route);
+        for note in &checked.notes {
+            out.warnings.push(format!("{at}: {note}"));
+        }
+        route.notes = checked.notes;
+        if !checked.errors.is_empty() {
+            out.rejected.push(Rejected {
+                key: route.key(),
+                error: format!("{at} ({what}): {}", checked.errors.join("; ")),
+            });
+            return Ok(());
+        }
+    }
+    if let Resource::Gateway(g) = &resource
+        && !waypoints::is_waypoint_class(g)
+    {
+        out.warnings.push(format!(
+            "{at}: {what}: gatewayClassName {:?} is not handled by meshd (only {}); ignored",
+            g.spec.gateway_class_name,
+            waypoints::WAYPOINT_CLASS
+        ));
+    }
+    if let Resource::Service(s) = &resource {
+        for (i, p) in s
+            .spec
+            .ports
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| !is_tcp(p.protocol.as_deref()))
+        {
+            let proto = p.protocol.as_deref().unwrap_or_default();
+            out.warnings.push(format!(
+                "{at}: {what}: spec.ports[{i}].protocol {proto}: the mesh carries TCP only; port left out"
+            ));
+        }
+    }
+    if matches!(resource, Resource::Namespace(_))
+        && obj
+            .get("metadata")
+            .and_then(|m| m.get("namespace"))
+            .is_some()
+    {
+        out.warnings.push(format!(
+            "{at}: {what}: metadata.namespace on a Namespace; ignored"
+        ));
+    }
+    out.resources.push(resource);
+    Ok(())
 }
 
 fn typed(kind: &str, value: Value) -> Result<Resource, String> {

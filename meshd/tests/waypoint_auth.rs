@@ -126,6 +126,7 @@ async fn start() -> Meshd {
         ],
         |dir| RunOptions {
             write_dir: Some(dir.join("out")),
+            ..Default::default()
         },
     )
     .await

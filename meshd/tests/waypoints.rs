@@ -190,6 +190,7 @@ async fn write_dir_objects_and_status_follow_the_gateway() {
         std::fs::write(status.join("Gateway.shop.old.json"), doc.to_string()).unwrap();
         RunOptions {
             write_dir: Some(dir.join("out")),
+            ..Default::default()
         }
     };
     let meshd = Meshd::start_with(

@@ -9,6 +9,7 @@
 pub mod child;
 mod cluster;
 mod error;
+pub mod kubeapi;
 mod netns;
 mod proc;
 mod runs;

@@ -1,0 +1,1 @@
+//! (Stub; see /work/helpers/s5/design.md.)
