@@ -82,6 +82,9 @@ pub struct RequestRecord {
     pub query: String,
     /// The bearer token's user (`admin`, or a service account's name).
     pub user: String,
+    /// The pod the bearer token is bound to, if any (tells replicas sharing a service account
+    /// apart).
+    pub pod: Option<String>,
     /// `fieldManager` of a write, if given.
     pub field_manager: Option<String>,
     pub code: u16,
