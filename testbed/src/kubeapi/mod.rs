@@ -16,6 +16,7 @@
 
 pub mod apply;
 pub mod patch;
+pub mod synth;
 pub mod tokens;
 
 use std::path::{Path, PathBuf};
