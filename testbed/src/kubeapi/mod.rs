@@ -12,17 +12,39 @@
 //! (local mode plays those). Test hooks (compaction, dropped watches, outages, injected
 //! failures, a request log) are the reason to own it.
 //!
-//! (Skeleton: the public API below is the contract; see /work/helpers/s5/design.md.)
+//! Modules: `server` (HTTPS, auth, hooks, routing), `handlers` (verbs), `store` (objects,
+//! events, write rules), `watch` (streams), `selector`, `kinds` (built-in table, CRDs),
+//! `defaults` (cluster IPs, initial status), `discovery`, `tls` (certs, kubeconfigs),
+//! `hooks`, `meta`, `errors`; `patch`, `apply`, `tokens` are pure helpers, `synth` generates
+//! synthetic clusters.
 
 pub mod apply;
+mod defaults;
+mod discovery;
+mod errors;
+mod handlers;
+mod hooks;
+mod kinds;
+mod meta;
 pub mod patch;
+mod selector;
+mod server;
+mod store;
 pub mod synth;
+mod tls;
 pub mod tokens;
+mod watch;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::Value;
+
+use errors::ApiErr;
+use server::Shared;
+use store::Propagation;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KubeApiError {
@@ -102,42 +124,148 @@ pub struct RequestMatch {
 
 /// A running double; dropping it stops it.
 pub struct ApiServer {
-    _private: (),
+    shared: Arc<Shared>,
+    runtime: Option<tokio::runtime::Runtime>,
+    port: u16,
+    tls: tokio_rustls::TlsAcceptor,
+    ca_pem: String,
+    accept: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    kubeconfig: PathBuf,
+    kubeconfigs: AtomicU64,
+    // Last: removed after everything that might write into it.
+    dir: tls::PrivateDir,
+}
+
+fn start_err(e: impl std::fmt::Display) -> KubeApiError {
+    KubeApiError::Start(e.to_string())
+}
+
+/// `apiVersion`/`kind` → the kind and version, or the 404 the server would give.
+fn kind_of(
+    st: &store::State,
+    api_version: &str,
+    kind: &str,
+) -> Result<(kinds::Kind, String), ApiErr> {
+    st.kinds
+        .by_kind(api_version, kind)
+        .map(|(k, v)| (k.clone(), v))
+        .ok_or_else(|| {
+            ApiErr::new(
+                404,
+                "NotFound",
+                format!("the server doesn't have a resource type for {api_version} {kind}"),
+            )
+        })
 }
 
 impl ApiServer {
     /// Starts serving on 127.0.0.1 (a port of its own) on its own runtime thread; usable from
     /// synchronous and asynchronous code alike.
     pub fn start(opts: ApiOptions) -> Result<ApiServer, KubeApiError> {
-        let _ = opts;
-        Err(KubeApiError::Start("not built yet".into()))
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("kubeapi")
+            .enable_all()
+            .build()
+            .map_err(start_err)?;
+        let identity = tls::identity().map_err(KubeApiError::Start)?;
+        let ips = defaults::ServiceIps::new(&opts.service_cidr, opts.service_cidr_v6.as_deref());
+        if ips.v4.is_none() {
+            return Err(KubeApiError::Start(format!(
+                "service_cidr {:?} is not an IPv4 CIDR with room for hosts",
+                opts.service_cidr
+            )));
+        }
+        let mut state = store::State::new(opts.event_window, ips);
+        let admin_token = format!("admin-{}", meta::uid());
+        let (ns_kind, ns_version) =
+            kind_of(&state, "v1", "Namespace").map_err(|e| start_err(e.message))?;
+        // The namespaces every cluster has.
+        for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
+            let obj = serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}});
+            state
+                .create(&ns_kind, &ns_version, None, obj, None)
+                .map_err(|e| start_err(e.message))?;
+        }
+        let shared = Arc::new(Shared::new(opts, state, admin_token.clone()));
+        let tls = tokio_rustls::TlsAcceptor::from(identity.server_config);
+        let listener = {
+            let _guard = runtime.enter();
+            server::bind(0).map_err(|e| start_err(format!("binding 127.0.0.1: {e}")))?
+        };
+        let port = listener.local_addr().map_err(start_err)?.port();
+        let accept = runtime.spawn(server::accept_loop(shared.clone(), listener, tls.clone()));
+        let dir = tls::PrivateDir::new().map_err(KubeApiError::Start)?;
+        let url = format!("https://127.0.0.1:{port}");
+        let kubeconfig = dir
+            .write(
+                "kubeconfig",
+                &tls::kubeconfig(&url, &identity.ca_pem, "admin", &admin_token),
+            )
+            .map_err(KubeApiError::Start)?;
+        tracing::info!(%url, kubeconfig = %kubeconfig.display(), "kubeapi double serving");
+        Ok(ApiServer {
+            shared,
+            runtime: Some(runtime),
+            port,
+            tls,
+            ca_pem: identity.ca_pem,
+            accept: Mutex::new(Some(accept)),
+            kubeconfig,
+            kubeconfigs: AtomicU64::new(0),
+            dir,
+        })
     }
     /// `https://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
-        unimplemented!()
+        format!("https://127.0.0.1:{}", self.port)
     }
     /// A kubeconfig for the admin user (cluster CA included), written in the double's dir.
     pub fn kubeconfig(&self) -> &Path {
-        unimplemented!()
+        &self.kubeconfig
     }
     /// A kubeconfig for a given bearer token (e.g. one from [`ApiServer::issue_token`]).
     pub fn kubeconfig_for(&self, token: &str) -> Result<PathBuf, KubeApiError> {
-        let _ = token;
-        unimplemented!()
+        if token.is_empty() || !token.chars().all(|c| c.is_ascii_graphic()) {
+            return Err(KubeApiError::Start(
+                "a bearer token must be non-empty printable ASCII".into(),
+            ));
+        }
+        let n = self.kubeconfigs.fetch_add(1, Ordering::SeqCst);
+        let text = tls::kubeconfig(&self.url(), &self.ca_pem, "token-user", token);
+        self.dir
+            .write(&format!("kubeconfig-{n}"), &text)
+            .map_err(KubeApiError::Start)
     }
     /// PEM of the CA the serving certificate chains to.
     pub fn ca_pem(&self) -> String {
-        unimplemented!()
+        self.ca_pem.clone()
     }
     /// Creates `obj` (POST semantics: 409 AlreadyExists).
     pub fn create(&self, obj: Value) -> Result<Value, KubeApiError> {
-        let _ = obj;
-        unimplemented!()
+        let mut st = self.shared.lock_state();
+        let (kind, version) = kind_of(
+            &st,
+            obj["apiVersion"].as_str().unwrap_or_default(),
+            obj["kind"].as_str().unwrap_or_default(),
+        )?;
+        let ns = obj["metadata"]["namespace"].as_str().map(str::to_string);
+        let ns = if kind.namespaced {
+            Some(ns.unwrap_or_else(|| "default".into()))
+        } else {
+            None
+        };
+        Ok(st.create(&kind, &version, ns.as_deref(), obj, Some("testbed"))?)
     }
     /// Creates or replaces `obj` without a resourceVersion precondition (spec and status both).
     pub fn put(&self, obj: Value) -> Result<Value, KubeApiError> {
-        let _ = obj;
-        unimplemented!()
+        let mut st = self.shared.lock_state();
+        let (kind, version) = kind_of(
+            &st,
+            obj["apiVersion"].as_str().unwrap_or_default(),
+            obj["kind"].as_str().unwrap_or_default(),
+        )?;
+        Ok(st.put(&kind, &version, obj)?)
     }
     pub fn get(
         &self,
@@ -146,13 +274,31 @@ impl ApiServer {
         namespace: Option<&str>,
         name: &str,
     ) -> Option<Value> {
-        let _ = (api_version, kind, namespace, name);
-        unimplemented!()
+        let st = self.shared.lock_state();
+        let (k, version) = kind_of(&st, api_version, kind).ok()?;
+        let ns = if k.namespaced {
+            namespace.unwrap_or("default")
+        } else {
+            ""
+        };
+        let mut obj = st.get(&k, ns, name)?.clone();
+        obj["apiVersion"] = Value::String(k.api_version(&version));
+        Some(obj)
     }
     /// Every object of a kind, across namespaces.
     pub fn list(&self, api_version: &str, kind: &str) -> Vec<Value> {
-        let _ = (api_version, kind);
-        unimplemented!()
+        let st = self.shared.lock_state();
+        let Ok((k, version)) = kind_of(&st, api_version, kind) else {
+            return Vec::new();
+        };
+        st.list(&k, None)
+            .into_iter()
+            .map(|o| {
+                let mut o = o.clone();
+                o["apiVersion"] = Value::String(k.api_version(&version));
+                o
+            })
+            .collect()
     }
     /// DELETE semantics (owner-referenced dependents are collected in the background).
     pub fn delete(
@@ -162,46 +308,110 @@ impl ApiServer {
         namespace: Option<&str>,
         name: &str,
     ) -> Result<(), KubeApiError> {
-        let _ = (api_version, kind, namespace, name);
-        unimplemented!()
+        let mut st = self.shared.lock_state();
+        let (k, _) = kind_of(&st, api_version, kind)?;
+        let ns = if k.namespaced {
+            namespace.unwrap_or("default")
+        } else {
+            ""
+        };
+        st.delete(&k, ns, name, Propagation::Background, &Value::Null)?;
+        Ok(())
     }
     /// Registers the CRDs of every Istio and Gateway API kind meshd reads (names, groups,
     /// versions and scope as upstream's, no schema), as installing Istio's base chart would.
+    /// Already registered ones are left as they are.
     pub fn install_mesh_crds(&self) -> Result<(), KubeApiError> {
-        unimplemented!()
+        let mut st = self.shared.lock_state();
+        let (kind, version) = kind_of(&st, "apiextensions.k8s.io/v1", "CustomResourceDefinition")?;
+        for crd in kinds::mesh_crds() {
+            match st.create(&kind, &version, None, crd, Some("testbed")) {
+                Ok(_) => {}
+                Err(e) if e.reason == "AlreadyExists" => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
     }
     /// Mints a token (as TokenRequest does) that TokenReview will report per `spec`.
     pub fn issue_token(&self, spec: TokenSpec) -> String {
-        let _ = spec;
-        unimplemented!()
+        self.shared.lock_state().tokens.issue(spec)
     }
     /// The current global resourceVersion.
     pub fn resource_version(&self) -> u64 {
-        unimplemented!()
+        self.shared.lock_state().rv
     }
     /// Hook: forgets the event history, so any watch resuming from before now gets 410.
-    pub fn compact(&self) {}
+    pub fn compact(&self) {
+        self.shared.lock_state().compact();
+    }
     /// Hook: ends every open watch (`clean`: with a proper chunked end; else the connection is
     /// cut mid-stream).
     pub fn drop_watches(&self, clean: bool) {
-        let _ = clean;
+        self.shared.drop_tx.send_modify(|(n, c)| {
+            *n += 1;
+            *c = clean;
+        });
     }
     /// Hook: stops listening and cuts every connection (the API is unreachable) until
     /// [`ApiServer::come_back`], which listens again on the same port with the same state.
-    pub fn go_down(&self) {}
-    pub fn come_back(&self) {}
+    pub fn go_down(&self) {
+        if let Some(task) = self.accept.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            task.abort();
+        }
+        self.shared.down_tx.send_modify(|n| *n += 1);
+    }
+    pub fn come_back(&self) {
+        let mut accept = self.accept.lock().unwrap_or_else(|p| p.into_inner());
+        if accept.is_some() {
+            return;
+        }
+        let Some(rt) = &self.runtime else { return };
+        let _guard = rt.enter();
+        // The aborted accept task may still hold the old socket for a moment.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let listener = loop {
+            match server::bind(self.port) {
+                Ok(l) => break l,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    tracing::debug!(error = %e, "kubeapi double: rebinding");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, port = self.port, "kubeapi double: cannot listen again");
+                    return;
+                }
+            }
+        };
+        *accept = Some(rt.spawn(server::accept_loop(
+            self.shared.clone(),
+            listener,
+            self.tls.clone(),
+        )));
+    }
     /// Hook: answers matching requests with `code` (e.g. 500, 503, 429) until cleared.
     pub fn fail_requests(&self, m: RequestMatch, code: u16) {
-        let _ = (m, code);
+        self.shared.hooks.fail(m, code);
     }
     /// Hook: holds matching requests (they wait, unanswered) until cleared.
     pub fn hold_requests(&self, m: RequestMatch) {
-        let _ = m;
+        self.shared.hooks.hold(m);
     }
     /// Clears every failure and hold hook (held requests then proceed).
-    pub fn clear_hooks(&self) {}
+    pub fn clear_hooks(&self) {
+        self.shared.hooks.clear();
+    }
     /// Every request so far.
     pub fn requests(&self) -> Vec<RequestRecord> {
-        unimplemented!()
+        self.shared.hooks.records()
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        // Allowed inside an async context too (a plain drop of a Runtime is not).
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
     }
 }

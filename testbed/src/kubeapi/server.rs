@@ -1,0 +1,419 @@
+//! The HTTPS front: accepting connections (and cutting them all for `go_down`), TLS, bearer
+//! authentication, the failure/hold hooks, the request log, the body cap, and routing a path
+//! to discovery or to a resource handler. The verbs themselves live in `handlers`.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited, StreamBody, combinators::BoxBody};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+
+use super::errors::ApiErr;
+use super::hooks::Hooks;
+use super::kinds::Kind;
+use super::store::State;
+use super::{ApiOptions, RequestRecord, discovery, handlers, meta};
+
+pub(crate) type BodyError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type Body = BoxBody<Bytes, BodyError>;
+
+/// Request bodies above this are refused (the real server's limit is 3 MiB).
+const MAX_BODY: usize = 3 * 1024 * 1024;
+
+/// Everything the server tasks and the Rust API share.
+pub(crate) struct Shared {
+    state: Mutex<State>,
+    pub opts: ApiOptions,
+    pub admin_token: String,
+    pub hooks: Hooks,
+    /// `drop_watches`: (generation, clean).
+    pub drop_tx: watch::Sender<(u64, bool)>,
+    /// `go_down`: bumping it cuts every open connection.
+    pub down_tx: watch::Sender<u64>,
+    pub watchers: AtomicUsize,
+}
+
+impl Shared {
+    pub fn new(opts: ApiOptions, state: State, admin_token: String) -> Self {
+        Shared {
+            state: Mutex::new(state),
+            opts,
+            admin_token,
+            hooks: Hooks::new(),
+            drop_tx: watch::channel((0, true)).0,
+            down_tx: watch::channel(0).0,
+            watchers: AtomicUsize::new(0),
+        }
+    }
+
+    /// The store; a panic while holding it (a bug) must not wedge every later request.
+    pub fn lock_state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// What one request is, after parsing (handlers read it).
+pub(crate) struct Req {
+    pub method: http::Method,
+    pub path: String,
+    pub query: BTreeMap<String, String>,
+    pub content_type: String,
+    pub user_agent: String,
+    pub body: Bytes,
+}
+
+impl Req {
+    pub fn q(&self, k: &str) -> Option<&str> {
+        self.query.get(k).map(String::as_str)
+    }
+    pub fn flag(&self, k: &str) -> bool {
+        matches!(self.q(k), Some("true" | "1"))
+    }
+    /// `fieldManager`, else what the real server derives from the User-Agent.
+    pub fn manager(&self) -> String {
+        match self.q("fieldManager") {
+            Some(m) if !m.is_empty() => m.to_string(),
+            _ => {
+                let ua = self.user_agent.split('/').next().unwrap_or_default();
+                if ua.is_empty() {
+                    "unknown".into()
+                } else {
+                    ua.chars().take(128).collect()
+                }
+            }
+        }
+    }
+}
+
+pub(crate) fn json(code: u16, v: &Value) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(Bytes::from(v.to_string()))
+            .map_err(|never: Infallible| match never {})
+            .boxed(),
+    );
+    *r.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+pub(crate) fn error(e: &ApiErr) -> Response<Body> {
+    let mut r = json(e.code, &e.status());
+    if e.code == 429 {
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+    }
+    r
+}
+
+/// A streamed 200 (watch).
+pub(crate) fn streaming(
+    rx: tokio::sync::mpsc::Receiver<Result<hyper::body::Frame<Bytes>, BodyError>>,
+) -> Response<Body> {
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    let mut r = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// Binds `127.0.0.1:port` (0: any) with SO_REUSEADDR so `come_back` gets the same port.
+pub(crate) fn bind(port: u16) -> std::io::Result<TcpListener> {
+    let sock = tokio::net::TcpSocket::new_v4()?;
+    sock.set_reuseaddr(true)?;
+    sock.bind((std::net::Ipv4Addr::LOCALHOST, port).into())?;
+    sock.listen(1024)
+}
+
+pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, tls: TlsAcceptor) {
+    loop {
+        let tcp = match listener.accept().await {
+            Ok((tcp, _)) => tcp,
+            Err(e) => {
+                tracing::warn!(error = %e, "kubeapi double: accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let (shared, tls) = (shared.clone(), tls.clone());
+        tokio::spawn(async move {
+            let mut down = shared.down_tx.subscribe();
+            let serve = async {
+                let Ok(stream) = tls.accept(tcp).await else {
+                    return;
+                };
+                let svc = hyper::service::service_fn(move |req| {
+                    let shared = shared.clone();
+                    async move { Ok::<_, Infallible>(handle(shared, req).await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            };
+            tokio::select! {
+                _ = serve => {}
+                _ = down.changed() => {}
+            }
+        });
+    }
+}
+
+/// Who the bearer token authenticates: (user, bound pod).
+fn authenticate(shared: &Shared, req: &Request<Incoming>) -> Option<(String, Option<String>)> {
+    let token = req
+        .headers()
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")?
+        .trim();
+    if token == shared.admin_token {
+        return Some(("admin".into(), None));
+    }
+    let user = shared.lock_state().tokens.user(token, meta::now_unix())?;
+    Some((user.username, user.pod))
+}
+
+async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
+    let method = req.method().to_string();
+    let path = req.uri().path().to_string();
+    let raw_query = req.uri().query().unwrap_or_default().to_string();
+    let query = parse_query(&raw_query);
+    let mut rec = RequestRecord {
+        method: method.clone(),
+        path: path.clone(),
+        query: raw_query,
+        user: String::new(),
+        pod: None,
+        field_manager: query.get("fieldManager").cloned(),
+        code: 0,
+    };
+    let resp = match authenticate(&shared, &req) {
+        None => error(&ApiErr::new(401, "Unauthorized", "Unauthorized")),
+        Some((user, pod)) => {
+            rec.user = user;
+            rec.pod = pod;
+            if let Some(code) = shared.hooks.failure(&method, &path) {
+                error(&ApiErr::for_code(code))
+            } else {
+                shared.hooks.wait_unheld(&method, &path).await;
+                match read(req, path.clone(), query).await {
+                    Ok(r) => route(&shared, r).unwrap_or_else(|e| error(&e)),
+                    Err(e) => error(&e),
+                }
+            }
+        }
+    };
+    rec.code = resp.status().as_u16();
+    tracing::debug!(method = %rec.method, path = %rec.path, code = rec.code, "kubeapi double");
+    shared.hooks.log(rec);
+    resp
+}
+
+async fn read(
+    req: Request<Incoming>,
+    path: String,
+    query: BTreeMap<String, String>,
+) -> Result<Req, ApiErr> {
+    let header_text = |h: header::HeaderName| {
+        req.headers()
+            .get(h)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string()
+    };
+    let content_type = header_text(header::CONTENT_TYPE);
+    let user_agent = header_text(header::USER_AGENT);
+    let method = req.method().clone();
+    let body = Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                ApiErr::new(
+                    413,
+                    "RequestEntityTooLarge",
+                    "the request body is too large (limit 3 MiB)",
+                )
+            } else {
+                ApiErr::bad_request(format!("reading the request body: {e}"))
+            }
+        })?
+        .to_bytes();
+    Ok(Req {
+        method,
+        path,
+        query,
+        content_type,
+        user_agent,
+        body,
+    })
+}
+
+/// What a resource path names.
+pub(crate) enum Target {
+    Collection {
+        ns: Option<String>,
+    },
+    Object {
+        ns: Option<String>,
+        name: String,
+        sub: Option<String>,
+    },
+}
+
+fn route(shared: &Arc<Shared>, req: Req) -> Result<Response<Body>, ApiErr> {
+    let segs: Vec<&str> = req.path.split('/').filter(|s| !s.is_empty()).collect();
+    let (group, version, rest) = match segs.as_slice() {
+        [] => return Ok(json(200, &discovery::root_paths())),
+        ["version"] => return Ok(json(200, &discovery::version())),
+        ["healthz" | "livez" | "readyz"] => return Ok(json(200, &Value::String("ok".into()))),
+        ["api"] => return Ok(json(200, &discovery::api_versions())),
+        ["apis"] => return Ok(json(200, &discovery::groups(&shared.lock_state().kinds))),
+        ["apis", g] => {
+            return discovery::group(&shared.lock_state().kinds, g)
+                .map(|v| json(200, &v))
+                .ok_or_else(|| {
+                    ApiErr::new(
+                        404,
+                        "NotFound",
+                        "the server could not find the requested resource",
+                    )
+                });
+        }
+        ["api", v, rest @ ..] => ("", *v, rest),
+        ["apis", g, v, rest @ ..] => (*g, *v, rest),
+        _ => {
+            return Err(ApiErr::new(
+                404,
+                "NotFound",
+                "the server could not find the requested resource",
+            ));
+        }
+    };
+    if rest.is_empty() {
+        return discovery::resources(&shared.lock_state().kinds, group, version)
+            .map(|v| json(200, &v))
+            .ok_or_else(|| {
+                ApiErr::new(
+                    404,
+                    "NotFound",
+                    "the server could not find the requested resource",
+                )
+            });
+    }
+    let owned = |s: &&str| s.to_string();
+    let (plural, target) = match rest {
+        ["namespaces", ns, res, tail @ ..] if !matches!(*res, "status" | "finalize") => {
+            let ns = Some(ns.to_string());
+            let t = match tail {
+                [] => Target::Collection { ns },
+                [name] => Target::Object {
+                    ns,
+                    name: owned(name),
+                    sub: None,
+                },
+                [name, sub] => Target::Object {
+                    ns,
+                    name: owned(name),
+                    sub: Some(owned(sub)),
+                },
+                _ => return Err(not_found_path()),
+            };
+            (*res, t)
+        }
+        [res] => (*res, Target::Collection { ns: None }),
+        [res, name] => (
+            *res,
+            Target::Object {
+                ns: None,
+                name: owned(name),
+                sub: None,
+            },
+        ),
+        [res, name, sub] => (
+            *res,
+            Target::Object {
+                ns: None,
+                name: owned(name),
+                sub: Some(owned(sub)),
+            },
+        ),
+        _ => return Err(not_found_path()),
+    };
+    let kind: Kind = shared
+        .lock_state()
+        .kinds
+        .by_url(group, version, plural)
+        .cloned()
+        .ok_or_else(not_found_path)?;
+    // A namespaced path for a cluster-scoped kind (or a named object of a namespaced kind
+    // without one) names nothing.
+    match &target {
+        Target::Collection { ns: Some(_) } | Target::Object { ns: Some(_), .. }
+            if !kind.namespaced =>
+        {
+            return Err(not_found_path());
+        }
+        Target::Object { ns: None, .. } if kind.namespaced => return Err(not_found_path()),
+        _ => {}
+    }
+    handlers::handle(shared, &req, &kind, version, target)
+}
+
+pub(crate) fn not_found_path() -> ApiErr {
+    ApiErr::new(
+        404,
+        "NotFound",
+        "the server could not find the requested resource",
+    )
+}
+
+fn parse_query(q: &str) -> BTreeMap<String, String> {
+    q.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (decode(k), decode(v))
+        })
+        .collect()
+}
+
+/// Percent-decoding (`+` is a space in a query); invalid escapes stay as they are.
+fn decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let hex = |c: u8| (c as char).to_digit(16);
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match (
+            b[i],
+            b.get(i + 1).copied().and_then(hex),
+            b.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 2;
+            }
+            (b'+', _, _) => out.push(b' '),
+            (c, _, _) => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
