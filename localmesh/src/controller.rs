@@ -2,6 +2,9 @@
 //! directory (`<ns>.<gw>.yaml`, a waypoint's ServiceAccount, Deployment and Service) and
 //! applies each file as if a user had (config file `generated.<ns>.<gw>.yaml`), so its Service
 //! gets VIPs and its Deployment pods; a file that disappears is removed with its pods.
+//! In API mode meshd writes to the API instead: the controller polls the Deployments labelled
+//! `gateway.istio.io/managed` there and runs their pods the same way (the Service already has
+//! its VIP from the API; only the pods are written back).
 //!
 //! Owns only that loop and its log (`controller.log` in the run directory); applying is
 //! [`Mesh::apply`]'s.
@@ -51,12 +54,15 @@ fn run(mesh: &Mesh, objects: &Path, stop: &AtomicBool) {
     // Objects file name → the text last applied from it.
     let mut applied: HashMap<String, String> = HashMap::new();
     while !stop.load(Ordering::Relaxed) {
-        let now = read_objects(objects);
+        let now = match &mesh.api {
+            Some(api) => api.managed_deployments(),
+            None => read_objects(objects),
+        };
         for (name, text) in &now {
             if applied.get(name) == Some(text) {
                 continue;
             }
-            let file = format!("generated.{name}");
+            let file = format!("{}{name}", crate::api_mode::CONTROLLER_FILE_PREFIX);
             match mesh.apply(&file, text) {
                 Ok(()) => log(mesh, &format!("applied {file}")),
                 Err(e) => log(
@@ -74,7 +80,7 @@ fn run(mesh: &Mesh, objects: &Path, stop: &AtomicBool) {
             .collect();
         for name in gone {
             applied.remove(&name);
-            let file = format!("generated.{name}");
+            let file = format!("{}{name}", crate::api_mode::CONTROLLER_FILE_PREFIX);
             match mesh.remove(&file) {
                 Ok(()) => log(mesh, &format!("removed {file}")),
                 Err(e) => log(mesh, &format!("removing {file}: {e:#}")),

@@ -29,6 +29,23 @@ struct Check {
 pub struct DemoOptions {
     pub interactive: bool,
     pub examples: PathBuf,
+    /// API mode: the Kubernetes API double is meshd's source (`cargo xtask demo --api`); the
+    /// waypoint is then created in the API instead of by meshctl.
+    pub api: bool,
+    /// Only the L4 checks (the first part), e.g. for a test that runs them in API mode.
+    pub l4_only: bool,
+}
+
+impl DemoOptions {
+    /// The full demo, directory mode, as `cargo xtask demo` runs it.
+    pub fn new(examples: PathBuf) -> Self {
+        DemoOptions {
+            interactive: false,
+            examples,
+            api: false,
+            l4_only: false,
+        }
+    }
 }
 
 /// Runs the demo; `Ok(true)` only if every check held.
@@ -36,10 +53,19 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<bool> {
     if opts.interactive {
         install_stop_handler()?;
     }
-    println!(
-        "Starting a local-mode mesh: 2 nodes (network namespaces), meshd, one ztunnel per node…"
-    );
-    let mesh = LocalMesh::start(MeshOptions::default())?;
+    if opts.api {
+        println!(
+            "Starting a local-mode mesh with a Kubernetes API (the test double) as meshd's source: 2 nodes (network namespaces), meshd --kubernetes, one ztunnel per node…"
+        );
+    } else {
+        println!(
+            "Starting a local-mode mesh: 2 nodes (network namespaces), meshd, one ztunnel per node…"
+        );
+    }
+    let mesh = LocalMesh::start(MeshOptions {
+        api: opts.api,
+        ..MeshOptions::default()
+    })?;
     apply_dir(&mesh, &opts.examples)?;
     for (ns, pod) in [
         ("shop", "frontend"),
@@ -52,49 +78,57 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<bool> {
         mesh.wait_enrolled(ns, pod)?;
     }
     // Before any waypoint starts: they are started pointing at it.
-    let collector = trace::start_collector(&mesh);
-    let mut checks = vec![
-        Check {
-            title: "shop/frontend (node-0) → billing/payments pod IP (node-1), IPv4".into(),
-            result: cross_node(&mesh, false),
-        },
-        Check {
-            title: "shop/frontend (node-0) → billing/payments pod IP (node-1), IPv6".into(),
-            result: cross_node(&mesh, true),
-        },
-        Check {
-            title: "shop/frontend → Service payments.billing VIP :80".into(),
-            result: via_vip(&mesh),
-        },
-        Check {
-            title: "shop/frontend (mesh) → legacy/inventory (not in mesh)".into(),
-            result: mesh_to_plain(&mesh),
-        },
-        Check {
-            title: "legacy/inventory (not in mesh) → shop/frontend (mesh, PERMISSIVE)".into(),
-            result: plain_to_mesh(&mesh),
-        },
-        Check {
-            title: "legacy/inventory (not in mesh) → billing/payments (mesh, STRICT)".into(),
-            result: strict_refuses(&mesh),
-        },
-        Check {
-            title: "shop/frontend → billing/payments admin port :9090 (DENY policy)".into(),
-            result: deny_blocks(&mesh),
-        },
-    ];
-    // After the L4 checks: meshctl edits the Namespace in the config directory, and the
-    // manifests were applied before it (re-applying 00-namespaces.yaml would drop its label).
-    checks.extend(waypoint::checks(&mesh));
-    // Behind the same waypoint: resilience, L7 policy and the waypoint's metrics.
-    checks.extend(resilience::checks(&mesh));
-    checks.push(trace::check(&mesh, &collector));
+    let collector = (!opts.l4_only).then(|| trace::start_collector(&mesh));
+    let mut checks = l4_checks(&mesh);
+    if let Some(collector) = collector {
+        // After the L4 checks: meshctl edits the Namespace in the config directory, and the
+        // manifests were applied before it (re-applying 00-namespaces.yaml would drop its label).
+        checks.extend(waypoint::checks(&mesh));
+        // Behind the same waypoint: resilience, L7 policy and the waypoint's metrics.
+        checks.extend(resilience::checks(&mesh));
+        checks.push(trace::check(&mesh, &collector));
+    }
     let ok = report(&mesh, &checks);
     if opts.interactive {
         interact(&mesh)?;
         wait_for_stop();
     }
     Ok(ok)
+}
+
+/// The L4 checks, in report order: pod IPs both families, a Service VIP, mesh ↔ plain, STRICT
+/// and a DENY policy.
+fn l4_checks(mesh: &LocalMesh) -> Vec<Check> {
+    vec![
+        Check {
+            title: "shop/frontend (node-0) → billing/payments pod IP (node-1), IPv4".into(),
+            result: cross_node(mesh, false),
+        },
+        Check {
+            title: "shop/frontend (node-0) → billing/payments pod IP (node-1), IPv6".into(),
+            result: cross_node(mesh, true),
+        },
+        Check {
+            title: "shop/frontend → Service payments.billing VIP :80".into(),
+            result: via_vip(mesh),
+        },
+        Check {
+            title: "shop/frontend (mesh) → legacy/inventory (not in mesh)".into(),
+            result: mesh_to_plain(mesh),
+        },
+        Check {
+            title: "legacy/inventory (not in mesh) → shop/frontend (mesh, PERMISSIVE)".into(),
+            result: plain_to_mesh(mesh),
+        },
+        Check {
+            title: "legacy/inventory (not in mesh) → billing/payments (mesh, STRICT)".into(),
+            result: strict_refuses(mesh),
+        },
+        Check {
+            title: "shop/frontend → billing/payments admin port :9090 (DENY policy)".into(),
+            result: deny_blocks(mesh),
+        },
+    ]
 }
 
 /// Applies every YAML file in `dir`, in name order.
@@ -457,13 +491,21 @@ fn interact(mesh: &LocalMesh) -> anyhow::Result<()> {
         mesh.bins.echo.display(),
         pay.ip4
     );
-    println!(
-        "  * Edit the live config (meshd applies changes without restarts): {}",
-        mesh.config_dir.display()
-    );
-    println!(
-        "      e.g. remove the istio.io/dataplane-mode label from namespace billing in 00-namespaces.yaml"
-    );
+    if let Some(api) = mesh.api() {
+        println!(
+            "  * Edit the live config in the API (meshd watches it): kubectl --kubeconfig {}",
+            api.kubeconfig().display()
+        );
+        println!("      e.g. kubectl label namespace billing istio.io/dataplane-mode-");
+    } else {
+        println!(
+            "  * Edit the live config (meshd applies changes without restarts): {}",
+            mesh.config_dir.display()
+        );
+        println!(
+            "      e.g. remove the istio.io/dataplane-mode label from namespace billing in 00-namespaces.yaml"
+        );
+    }
     if let Err(e) = waypoint::how_to_poke(mesh) {
         println!("  * (the waypoint's part is not up: {e:#})");
     }

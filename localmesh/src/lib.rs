@@ -14,6 +14,7 @@
 //! meshd's socket admits only root.
 //! Owns processes and manifests; the network itself is the testbed's.
 
+mod api_mode;
 pub mod bench;
 pub mod bench_policy;
 pub mod bench_restart;
@@ -63,6 +64,9 @@ pub struct MeshOptions {
     /// its fabric address ([`MESHD_TLS_ADDR`]), every ztunnel verifying it with `--meshd-ca`
     /// (the mesh root). Otherwise meshd listens on a root-only unix socket.
     pub meshd_tls: bool,
+    /// API mode: meshd reads the Kubernetes API double (started with the mesh) instead of
+    /// `config/`, and what local mode renders is written there (`api_mode`).
+    pub api: bool,
 }
 
 /// Where meshd listens when [`MeshOptions::meshd_tls`] is set: node-0's fabric address and
@@ -82,6 +86,7 @@ impl Default for MeshOptions {
             unenroll_on_exit: false,
             ztunnel_args: Vec::new(),
             meshd_tls: false,
+            api: false,
         }
     }
 }
@@ -146,6 +151,8 @@ pub struct Mesh {
     /// Extra environment for waypoint pods started from now on (e.g. `TRACE_COLLECTOR`): what
     /// Istio sets for its proxies through meshConfig.
     waypoint_env: Mutex<Vec<(String, String)>>,
+    /// The API double and what was written to it, in API mode.
+    api: Option<api_mode::ApiMode>,
 }
 
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -182,6 +189,7 @@ impl LocalMesh {
         let meshd_out = dir.join("meshd-out");
         make_private_dir(&meshd_out)?;
         std::fs::create_dir_all(meshd_out.join("objects"))?;
+        let api = api_mode::start_if(&opts, &cluster)?;
         let mesh = Arc::new(Mesh {
             socket: dir.join("meshd.sock"),
             cluster,
@@ -202,6 +210,7 @@ impl LocalMesh {
             next_node: AtomicUsize::new(0),
             next_seq: AtomicU64::new(0),
             waypoint_env: Mutex::new(Vec::new()),
+            api,
         });
         mesh.start_meshd()?;
         let n = mesh.cluster.nodes().len();
@@ -237,10 +246,14 @@ impl Mesh {
             format!("unix:{}", self.socket.display())
         };
         let mut cmd = Command::new(&self.bins.meshd);
-        cmd.arg("run")
-            .arg("--config-dir")
-            .arg(&self.config_dir)
-            .arg("--state-dir")
+        cmd.arg("run");
+        match &self.api {
+            Some(api) => api.meshd_args(&mut cmd),
+            None => {
+                cmd.arg("--config-dir").arg(&self.config_dir);
+            }
+        }
+        cmd.arg("--state-dir")
             .arg(&self.state_dir)
             .arg("--listen")
             .arg(listen)
@@ -249,7 +262,7 @@ impl Mesh {
             .arg("--cert-lifetime")
             .arg(&self.opts.cert_lifetime)
             .env("RUST_LOG", &self.opts.log);
-        if self.meshd_writes {
+        if self.meshd_writes && self.api.is_none() {
             cmd.arg("--write-dir").arg(&self.meshd_out);
         }
         if self.opts.meshd_tls {
@@ -291,6 +304,10 @@ impl Mesh {
 
     fn node_token(&self, node: &str) -> anyhow::Result<PathBuf> {
         let path = self.dir().join(format!("{node}.token"));
+        if let Some(api) = &self.api {
+            api.node_token(node, &path)?;
+            return Ok(path);
+        }
         if !path.exists() {
             let out = Command::new(&self.bins.meshd)
                 .args(["node-token", "--node", node, "--state-dir"])
@@ -561,6 +578,11 @@ impl Mesh {
         self.forget_services(previous.as_deref(), &[]);
         let owned = self.take_pods(|p| p.file == file && p.owner.is_some());
         let _ = std::fs::remove_file(self.config_dir.join(file));
+        if let Some(api) = &self.api
+            && let Err(e) = api.sync_file(file, &[])
+        {
+            tracing::warn!("{e:#}");
+        }
         for k in keys {
             self.delete_pod(&k)?;
         }

@@ -436,6 +436,10 @@ impl Mesh {
                 docs.push(doc);
             }
         }
+        if let Some(api) = &self.api {
+            // API mode: the API is meshd's source; config/<file> stays as a record of it.
+            api.sync_file(file, &docs)?;
+        }
         let out = render::to_yaml(&docs).with_context(|| file.to_string())?;
         write_atomically(&self.config_dir.join(file), &out)
     }
@@ -604,6 +608,9 @@ impl Mesh {
 
     /// A service-account token from `meshd workload-token`, in a root-only file.
     fn workload_token(&self, namespace: &str, sa: &str) -> anyhow::Result<PathBuf> {
+        if let Some(api) = &self.api {
+            return api.workload_token(self.dir(), namespace, sa);
+        }
         let out = Command::new(&self.bins.meshd)
             .args([
                 "workload-token",

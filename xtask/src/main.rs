@@ -3,7 +3,7 @@
 //!
 //! - `deps`   install system packages the mesh and its tests use
 //! - `test`   the whole test suite (what CI runs)
-//! - `demo`   the local-mode demo; `--interactive` keeps it up
+//! - `demo`   the local-mode demo; `--interactive` keeps it up; `--api`: meshd reads the Kubernetes API double
 //! - `local`  run local mode with your own manifests
 //! - `bench`  raw TCP vs mesh, eBPF vs nftables capture, fast path on/off, a rolling update of
 //!   ztunnel under load, 10k policies, the waypoint's HTTP engine vs Envoy and nginx: ratios
@@ -39,6 +39,10 @@ enum Cmd {
         /// Stay up after the report and explain how to poke the mesh.
         #[arg(long)]
         interactive: bool,
+        /// meshd reads a Kubernetes API (the test double, started with the mesh) instead of
+        /// the config directory; the manifests are written there.
+        #[arg(long)]
+        api: bool,
     },
     /// Run local mode with your own manifests (a directory of Kubernetes YAML).
     Local {
@@ -92,13 +96,14 @@ fn main() -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Deps => deps(),
         Cmd::Test { args } => test(&args),
-        Cmd::Demo { interactive } => {
+        Cmd::Demo { interactive, api } => {
             need_root()?;
             deps()?;
             build(false)?;
             let ok = localmesh::demo::run(localmesh::demo::DemoOptions {
                 interactive,
-                examples: root.join("examples/demo"),
+                api,
+                ..localmesh::demo::DemoOptions::new(root.join("examples/demo"))
             })?;
             if !ok {
                 bail!("some demo checks failed (logs are kept under /tmp/mesh-testbed)");

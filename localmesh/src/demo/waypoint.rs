@@ -48,7 +48,11 @@ pub(super) fn checks(mesh: &LocalMesh) -> Vec<Check> {
     let mut setup_lines = Vec::new();
     let setup = set_up(mesh, &mut setup_lines);
     let mut checks = vec![Check {
-        title: format!("$ meshctl {}", MESHCTL.join(" ")),
+        title: match mesh.api() {
+            // API mode: what meshctl does, done in the API (meshctl is local-only).
+            Some(_) => format!("in the API: Gateway {NS}/waypoint, namespace {NS} enrolled"),
+            None => format!("$ meshctl {}", MESHCTL.join(" ")),
+        },
         result: match &setup {
             Ok(_) => Ok(setup_lines),
             Err(e) => Err(anyhow::anyhow!(
@@ -102,6 +106,10 @@ fn set_up(mesh: &LocalMesh, lines: &mut Vec<String>) -> anyhow::Result<Waypoint>
     for d in ["web-stable", "web-canary"] {
         mesh.wait_for_pods(NS, d, 1)?;
     }
+    if mesh.api().is_some() {
+        lines.extend(mesh.api_waypoint_apply(NS, "waypoint")?);
+        return wait_bound(mesh, lines);
+    }
     let out = mesh.meshctl(&MESHCTL)?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     lines.extend(
@@ -117,6 +125,11 @@ fn set_up(mesh: &LocalMesh, lines: &mut Vec<String>) -> anyhow::Result<Waypoint>
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
+    wait_bound(mesh, lines)
+}
+
+/// Waits for the waypoint's pod and for the client node's ztunnel to bind store/web to it.
+fn wait_bound(mesh: &LocalMesh, lines: &mut Vec<String>) -> anyhow::Result<Waypoint> {
     let pod = mesh
         .wait_for_pods(NS, "waypoint", 1)?
         .into_iter()

@@ -1,0 +1,424 @@
+//! API mode: local mode with the Kubernetes API server double (`testbed::kubeapi`) as meshd's
+//! source instead of the config directory. meshd runs with `--kubernetes`; what local mode
+//! renders for a file (Pods with status and netns, Services with VIPs, policies, Namespaces)
+//! is created or replaced in the API, and objects a file no longer lists are deleted from it;
+//! ztunnels and waypoints present tokens the double mints (audience `mesh-ca`; a ztunnel's is
+//! bound to a pod `mesh-system/ztunnel-<node>` on its node).
+//!
+//! Owns the double's lifetime, the per-file record of what was written to the API, and the
+//! tokens. It must not touch pods or processes (workloads.rs) nor decide what a file renders
+//! to (lib.rs `apply`). `config/<file>` is still written as a record of what was synced, which
+//! meshd does not read in this mode.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use serde_json::{Value, json};
+use testbed::kubeapi::{ApiOptions, ApiServer, KubeApiError, TokenSpec};
+
+use testbed::Cluster;
+
+use crate::{Mesh, MeshOptions, write_private};
+
+/// meshd's namespace: its Lease, CA Secret and root ConfigMap; the ztunnel pods and their SA.
+pub const MESH_NAMESPACE: &str = "mesh-system";
+/// The service account ztunnel tokens belong to (meshd's default `--ztunnel-service-account`).
+pub const ZTUNNEL_SA: &str = "ztunnel";
+/// The audience meshd's TokenReviews ask for (meshd's default `--token-audience`).
+pub const AUDIENCE: &str = "mesh-ca";
+/// ClusterIPs the double gives Services created without one (meshd's waypoint Services):
+/// the top of the 10.96/16 range local mode routes, far above what `service_vips` hands out.
+pub const SERVICE_CIDR: &str = "10.96.240.0/20";
+pub const SERVICE_CIDR_V6: &str = "fd00:96::f:0/112";
+/// Files the controller applies (from meshd's objects in the API): their Deployment,
+/// ServiceAccount and Service are meshd's, so only their Pods are written.
+pub const CONTROLLER_FILE_PREFIX: &str = "generated.";
+/// Short lease timings, so the only replica leads (and renders waypoints) soon after start.
+const LEASE: [&str; 6] = [
+    "--lease-duration",
+    "4s",
+    "--renew-deadline",
+    "3s",
+    "--retry-period",
+    "500ms",
+];
+/// Lifetime of the tokens minted for ztunnels and waypoints (longer than any run).
+const TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// Kinds without a namespace (what local mode's files may hold).
+const CLUSTER_SCOPED: [&str; 5] = [
+    "Namespace",
+    "Node",
+    "GatewayClass",
+    "CustomResourceDefinition",
+    "ClusterRole",
+];
+
+/// An object's identity across API versions: (group, kind, namespace, name).
+type ObjKey = (String, String, Option<String>, String);
+
+/// The double and what each file put into it.
+pub struct ApiMode {
+    pub server: ApiServer,
+    /// File → (object → the document last written for it).
+    written: Mutex<HashMap<String, BTreeMap<ObjKey, Value>>>,
+}
+
+impl ApiMode {
+    /// Starts the double and sets up what a cluster with the mesh installed has: the mesh
+    /// CRDs, meshd's namespace, ztunnel's service account and one Node per testbed node.
+    pub fn start(opts: &MeshOptions, nodes: &[String]) -> anyhow::Result<ApiMode> {
+        let server = ApiServer::start(ApiOptions {
+            service_cidr: SERVICE_CIDR.into(),
+            service_cidr_v6: opts.ipv6.then(|| SERVICE_CIDR_V6.to_string()),
+            ..ApiOptions::default()
+        })
+        .context("starting the Kubernetes API double")?;
+        server
+            .install_mesh_crds()
+            .context("installing the mesh CRDs")?;
+        let api = ApiMode {
+            server,
+            written: Mutex::new(HashMap::new()),
+        };
+        api.ensure_namespace(MESH_NAMESPACE)?;
+        api.server
+            .put(json!({
+                "apiVersion": "v1", "kind": "ServiceAccount",
+                "metadata": {"name": ZTUNNEL_SA, "namespace": MESH_NAMESPACE},
+            }))
+            .context("creating ztunnel's ServiceAccount")?;
+        for node in nodes {
+            api.server
+                .put(json!({
+                    "apiVersion": "v1", "kind": "Node",
+                    "metadata": {"name": node, "labels": {"kubernetes.io/hostname": node}},
+                    "status": {"conditions": [{"type": "Ready", "status": "True"}]},
+                }))
+                .with_context(|| format!("creating Node {node}"))?;
+        }
+        Ok(api)
+    }
+
+    /// meshd's arguments for this API (instead of `--config-dir` and `--write-dir`).
+    pub fn meshd_args(&self, cmd: &mut Command) {
+        cmd.arg("--kubernetes")
+            .arg("--kubeconfig")
+            .arg(self.server.kubeconfig())
+            .args(["--namespace", MESH_NAMESPACE, "--pod-name", "meshd-0"])
+            .args(LEASE);
+    }
+
+    /// Makes the API hold exactly `docs` for `file`: each created or replaced (spec and
+    /// status) if it changed since the last write, and what the file listed before but no
+    /// longer does deleted. Every object is tried; the first failure is returned.
+    pub fn sync_file(&self, file: &str, docs: &[Value]) -> anyhow::Result<()> {
+        let only_pods = file.starts_with(CONTROLLER_FILE_PREFIX);
+        let mut written = self.written.lock().unwrap_or_else(|p| p.into_inner());
+        let before = written.remove(file).unwrap_or_default();
+        let mut now: BTreeMap<ObjKey, Value> = BTreeMap::new();
+        let mut first_err: Option<anyhow::Error> = None;
+        for doc in docs {
+            if only_pods && crate::render::kind(doc) != "Pod" {
+                continue;
+            }
+            let doc = with_namespace(doc);
+            let Some(key) = key_of(&doc) else {
+                first_err.get_or_insert(anyhow::anyhow!(
+                    "{file}: a document without apiVersion, kind or metadata.name cannot go to the API"
+                ));
+                continue;
+            };
+            if before.get(&key) == Some(&doc) {
+                now.insert(key, doc);
+                continue;
+            }
+            let put = key
+                .2
+                .as_deref()
+                .map_or(Ok(()), |ns| self.ensure_namespace(ns))
+                .and_then(|()| self.server.put(doc.clone()).map_err(anyhow::Error::from));
+            match put {
+                Ok(_) => {
+                    now.insert(key, doc);
+                }
+                Err(e) => {
+                    first_err.get_or_insert(
+                        e.context(format!("{file}: writing {} to the API", show(&key))),
+                    );
+                }
+            }
+        }
+        for (key, doc) in &before {
+            if now.contains_key(key) {
+                continue;
+            }
+            let api_version = doc["apiVersion"].as_str().unwrap_or("v1");
+            match self
+                .server
+                .delete(api_version, &key.1, key.2.as_deref(), &key.3)
+            {
+                Ok(()) | Err(KubeApiError::Status { code: 404, .. }) => {}
+                Err(e) => {
+                    first_err.get_or_insert(
+                        anyhow::Error::from(e)
+                            .context(format!("{file}: deleting {} from the API", show(key))),
+                    );
+                }
+            }
+        }
+        if !now.is_empty() {
+            written.insert(file.to_string(), now);
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Creates Namespace `name` if the API has none (objects cannot live in a missing one).
+    fn ensure_namespace(&self, name: &str) -> anyhow::Result<()> {
+        if self.server.get("v1", "Namespace", None, name).is_some() {
+            return Ok(());
+        }
+        match self.server.create(json!({
+            "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name},
+        })) {
+            Ok(_) | Err(KubeApiError::Status { code: 409, .. }) => Ok(()),
+            Err(e) => Err(anyhow::Error::from(e).context(format!("creating Namespace {name}"))),
+        }
+    }
+
+    /// Node `node`'s ztunnel credentials, written to `path` unless there already (a restarted
+    /// ztunnel presents the token it had, as a restarted container finds its projected token):
+    /// its pod `ztunnel-<node>` in meshd's namespace (created if absent, on that node) and a
+    /// token bound to it.
+    pub fn node_token(&self, node: &str, path: &Path) -> anyhow::Result<()> {
+        if path.exists() {
+            return Ok(());
+        }
+        let name = format!("ztunnel-{node}");
+        let pod = match self.server.get("v1", "Pod", Some(MESH_NAMESPACE), &name) {
+            Some(p) => p,
+            None => self
+                .server
+                .put(json!({
+                    "apiVersion": "v1", "kind": "Pod",
+                    "metadata": {
+                        "name": name, "namespace": MESH_NAMESPACE,
+                        "labels": {"app": "ztunnel", "istio.io/dataplane-mode": "none"},
+                    },
+                    "spec": {
+                        "nodeName": node, "serviceAccountName": ZTUNNEL_SA, "hostNetwork": true,
+                        "containers": [{"name": "istio-proxy", "image": "ztunnel"}],
+                    },
+                    "status": {"phase": "Running"},
+                }))
+                .with_context(|| format!("creating ztunnel pod {MESH_NAMESPACE}/{name}"))?,
+        };
+        let uid = pod["metadata"]["uid"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let token = self.server.issue_token(TokenSpec {
+            namespace: MESH_NAMESPACE.into(),
+            service_account: ZTUNNEL_SA.into(),
+            audiences: vec![AUDIENCE.into()],
+            pod: Some((name, uid)),
+            node: Some(node.to_string()),
+            expires_at: expiry(),
+        });
+        write_private(path, token.as_bytes())
+    }
+
+    /// A token of service account `namespace/sa` (a waypoint's), written to a root-only file
+    /// in `dir`.
+    pub fn workload_token(&self, dir: &Path, namespace: &str, sa: &str) -> anyhow::Result<PathBuf> {
+        let token = self.server.issue_token(TokenSpec {
+            namespace: namespace.into(),
+            service_account: sa.into(),
+            audiences: vec![AUDIENCE.into()],
+            pod: None,
+            node: None,
+            expires_at: expiry(),
+        });
+        let path = dir.join(format!("sa.{namespace}.{sa}.token"));
+        write_private(&path, token.as_bytes())?;
+        Ok(path)
+    }
+
+    /// meshd's waypoint Deployments (label `gateway.istio.io/managed`), each as the YAML of a
+    /// Deployment the local controller can apply, keyed `<ns>.<name>.yaml` as meshd's
+    /// write-dir names them. Only what running it needs is kept (not resourceVersion or
+    /// status), so an update that changes nothing of that is not a change here.
+    pub fn managed_deployments(&self) -> HashMap<String, String> {
+        let mut out = HashMap::new();
+        for d in self.server.list("apps/v1", "Deployment") {
+            let meta = &d["metadata"];
+            if meta["labels"]
+                .get("gateway.istio.io/managed")
+                .and_then(Value::as_str)
+                .is_none()
+            {
+                continue;
+            }
+            let (Some(ns), Some(name)) = (meta["namespace"].as_str(), meta["name"].as_str()) else {
+                continue;
+            };
+            let doc = json!({
+                "apiVersion": "apps/v1", "kind": "Deployment",
+                "metadata": {"name": name, "namespace": ns, "labels": meta["labels"].clone()},
+                "spec": d["spec"].clone(),
+            });
+            match crate::render::to_yaml(&[doc]) {
+                Ok(text) => {
+                    out.insert(format!("{ns}.{name}.yaml"), text);
+                }
+                Err(e) => tracing::warn!("Deployment {ns}/{name}: {e:#}"),
+            }
+        }
+        out
+    }
+}
+
+/// The double for a mesh started with [`MeshOptions::api`] (`None` otherwise).
+pub(crate) fn start_if(opts: &MeshOptions, cluster: &Cluster) -> anyhow::Result<Option<ApiMode>> {
+    if !opts.api {
+        return Ok(None);
+    }
+    // The double listens on the host's loopback, which meshd in node-0's namespace cannot reach.
+    anyhow::ensure!(
+        !opts.meshd_tls,
+        "API mode runs meshd on the host (unix socket): it cannot be combined with meshd_tls"
+    );
+    let nodes: Vec<String> = cluster.nodes().iter().map(|n| n.name.clone()).collect();
+    ApiMode::start(opts, &nodes).map(Some)
+}
+
+impl Mesh {
+    /// The Kubernetes API double meshd reads, in API mode ([`MeshOptions::api`]): for a test's
+    /// direct changes, its hooks (compaction, dropped watches, outages) and its kubeconfig.
+    pub fn api(&self) -> Option<&ApiServer> {
+        self.api.as_ref().map(|a| &a.server)
+    }
+}
+
+impl Mesh {
+    /// What `meshctl waypoint apply -n NS --name NAME --enroll-namespace --wait` does, done in
+    /// the API: Gateway `NS/NAME` of class `istio-waypoint` (one HBONE listener on 15008),
+    /// namespace NS labelled `istio.io/use-waypoint=NAME`, then wait until meshd's leader
+    /// reports the Gateway `Programmed=True`. Returns what a user would see.
+    pub fn api_waypoint_apply(&self, ns: &str, name: &str) -> anyhow::Result<Vec<String>> {
+        let api = self.api().context("not in API mode")?;
+        api.put(json!({
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {
+                "gatewayClassName": "istio-waypoint",
+                "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}],
+            },
+        }))
+        .with_context(|| format!("creating Gateway {ns}/{name}"))?;
+        let mut namespace = api
+            .get("v1", "Namespace", None, ns)
+            .with_context(|| format!("no Namespace {ns} in the API"))?;
+        let meta = namespace
+            .get_mut("metadata")
+            .and_then(Value::as_object_mut)
+            .with_context(|| format!("Namespace {ns} has no metadata"))?;
+        let labels = meta.entry("labels").or_insert_with(|| json!({}));
+        if !labels.is_object() {
+            *labels = json!({});
+        }
+        labels["istio.io/use-waypoint"] = json!(name);
+        api.put(namespace)
+            .with_context(|| format!("labelling Namespace {ns}"))?;
+        let mut last = Value::Null;
+        crate::wait_for(
+            Duration::from_secs(60),
+            &format!("Gateway {ns}/{name} to be Programmed"),
+            || {
+                last = api
+                    .get("gateway.networking.k8s.io/v1", "Gateway", Some(ns), name)
+                    .map(|g| g["status"]["conditions"].clone())
+                    .unwrap_or_default();
+                Ok(last.as_array().is_some_and(|cs| {
+                    cs.iter()
+                        .any(|c| c["type"] == "Programmed" && c["status"] == "True")
+                }))
+            },
+        )
+        .with_context(|| format!("last conditions: {last}"))?;
+        Ok(vec![
+            format!("Gateway {ns}/{name} (class istio-waypoint) created in the API"),
+            format!("namespace {ns} labelled istio.io/use-waypoint={name}"),
+            format!("meshd reports Gateway {ns}/{name} Programmed=True"),
+        ])
+    }
+}
+
+/// The document with `metadata.namespace` set to `default` where a namespaced object has
+/// none (as kubectl does), so its record names the object the API holds.
+fn with_namespace(doc: &Value) -> Value {
+    let mut doc = doc.clone();
+    let kind = crate::render::kind(&doc).to_string();
+    if !CLUSTER_SCOPED.contains(&kind.as_str())
+        && let Some(meta) = doc.get_mut("metadata").and_then(Value::as_object_mut)
+        && meta.get("namespace").and_then(Value::as_str).is_none()
+    {
+        meta.insert("namespace".into(), "default".into());
+    }
+    doc
+}
+
+fn key_of(doc: &Value) -> Option<ObjKey> {
+    let api_version = doc["apiVersion"].as_str()?;
+    let group = api_version.rsplit_once('/').map_or("", |(g, _)| g);
+    let kind = doc["kind"].as_str().filter(|k| !k.is_empty())?;
+    let name = doc["metadata"]["name"].as_str().filter(|n| !n.is_empty())?;
+    let ns = doc["metadata"]["namespace"].as_str().map(str::to_string);
+    Some((group.into(), kind.into(), ns, name.into()))
+}
+
+fn show(key: &ObjKey) -> String {
+    match &key.2 {
+        Some(ns) => format!("{} {ns}/{}", key.1, key.3),
+        None => format!("{} {}", key.1, key.3),
+    }
+}
+
+fn expiry() -> u64 {
+    (SystemTime::now() + TOKEN_TTL)
+        .duration_since(UNIX_EPOCH)
+        .map_or(u64::MAX, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn objects_are_known_across_versions_and_default_to_namespace_default() {
+        let v1 = with_namespace(&json!({
+            "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": "deny"},
+        }));
+        let beta = json!({
+            "apiVersion": "security.istio.io/v1beta1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": "deny", "namespace": "default"},
+        });
+        assert_eq!(key_of(&v1), key_of(&beta));
+        let ns = with_namespace(
+            &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "a"}}),
+        );
+        assert_eq!(
+            key_of(&ns),
+            Some(("".into(), "Namespace".into(), None, "a".into()))
+        );
+        assert_eq!(
+            key_of(&json!({"apiVersion": "v1", "kind": "Pod", "metadata": {}})),
+            None
+        );
+    }
+}
