@@ -1,13 +1,14 @@
 //! The connection to meshd: one lazily (re)connecting gRPC channel, and node authentication.
 //!
 //! Owns how to reach meshd (`unix:/path`, root only, or `host:port` over TLS) and how to attach
-//! the node token. Over TCP meshd must present a certificate for [`MeshdTls::server_name`]
+//! the node token (read again from its file when it changes, see [`Meshd::with_token_file`]).
+//! Over TCP meshd must present a certificate for [`MeshdTls::server_name`]
 //! chaining to a root in [`MeshdTls::ca_file`] (the mesh root, given out of band: what meshd
 //! itself sends cannot vouch for meshd); there is no plaintext TCP. Does not know what is asked
 //! over it.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use meshcore::nodeauth::AUTH_METADATA;
 use rustls::pki_types::pem::PemObject;
@@ -83,7 +84,64 @@ impl MeshdTls {
 #[derive(Clone)]
 pub struct Meshd {
     pub channel: Channel,
-    auth: MetadataValue<tonic::metadata::Ascii>,
+    auth: Auth,
+}
+
+type AuthValue = MetadataValue<tonic::metadata::Ascii>;
+
+/// The `authorization` value requests carry.
+#[derive(Clone)]
+enum Auth {
+    Fixed(AuthValue),
+    /// Read again whenever the file changes: kubelet replaces projected service-account tokens
+    /// before they expire (an atomic symlink swap), and a long-lived client must present the
+    /// new one.
+    File(Arc<TokenFile>),
+}
+
+struct TokenFile {
+    path: String,
+    /// What the file was (identity, size, modification time) when `value` was read from it.
+    current: Mutex<(Option<FileStamp>, AuthValue)>,
+}
+
+type FileStamp = (u64, u64, u64, Option<std::time::SystemTime>);
+
+fn stamp(path: &str) -> Option<FileStamp> {
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::metadata(path).ok()?;
+    Some((md.dev(), md.ino(), md.len(), md.modified().ok()))
+}
+
+fn auth_value(token: &str) -> Option<AuthValue> {
+    format!("Bearer {}", token.trim()).parse().ok()
+}
+
+impl TokenFile {
+    /// The current token: the cached one unless the file changed. A file that changed into
+    /// something unusable (mid-write, removed, empty) leaves the last good token in use.
+    fn value(&self) -> AuthValue {
+        let Ok(mut cur) = self.current.lock() else {
+            // Poisoned only if a holder panicked; nothing here can panic while holding it.
+            return AuthValue::from_static("");
+        };
+        let now = stamp(&self.path);
+        if now.is_some() && now != cur.0 {
+            match Meshd::read_token(&self.path).map(|t| auth_value(&t)) {
+                Ok(Some(v)) => {
+                    tracing::info!(path = %self.path, "token file changed; using the new token");
+                    *cur = (now, v);
+                }
+                Ok(None) => {
+                    tracing::warn!(path = %self.path, "token file holds a token that is not valid ASCII metadata; keeping the previous token")
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the new token; keeping the previous one")
+                }
+            }
+        }
+        cur.1.clone()
+    }
 }
 
 impl Meshd {
@@ -126,10 +184,32 @@ impl Meshd {
                 }
             }))
         };
-        let auth = format!("Bearer {}", token.trim())
-            .parse()
-            .map_err(|_| bad("token is not valid ASCII metadata"))?;
-        Ok(Meshd { channel, auth })
+        let auth = auth_value(token).ok_or_else(|| bad("token is not valid ASCII metadata"))?;
+        Ok(Meshd {
+            channel,
+            auth: Auth::Fixed(auth),
+        })
+    }
+
+    /// [`Meshd::new`] with the token read from `path` now (errors as [`Meshd::read_token`]'s)
+    /// and again whenever the file changes.
+    pub fn with_token_file(
+        addr: &str,
+        path: &str,
+        tls: Option<MeshdTls>,
+    ) -> Result<Meshd, MeshdError> {
+        let stamped = stamp(path);
+        let token = Self::read_token(path)?;
+        let mut meshd = Self::new(addr, &token, tls)?;
+        let value = match &meshd.auth {
+            Auth::Fixed(v) => v.clone(),
+            Auth::File(f) => f.value(),
+        };
+        meshd.auth = Auth::File(Arc::new(TokenFile {
+            path: path.to_string(),
+            current: Mutex::new((stamped, value)),
+        }));
+        Ok(meshd)
     }
 
     /// Reads the node token from a file (as written by `meshd node-token`).
@@ -148,7 +228,70 @@ impl Meshd {
     /// Wraps a message in a request carrying the node token.
     pub fn request<T>(&self, msg: T) -> tonic::Request<T> {
         let mut req = tonic::Request::new(msg);
-        req.metadata_mut().insert(AUTH_METADATA, self.auth.clone());
+        let auth = match &self.auth {
+            Auth::Fixed(v) => v.clone(),
+            Auth::File(f) => f.value(),
+        };
+        req.metadata_mut().insert(AUTH_METADATA, auth);
         req
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A private scratch directory, removed at the end of the test.
+    struct Scratch(PathBuf);
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn sent(meshd: &Meshd) -> String {
+        let req = meshd.request(());
+        req.metadata()
+            .get(AUTH_METADATA)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    #[tokio::test]
+    async fn a_rotated_token_file_is_read_again() {
+        let dir = Scratch(std::env::temp_dir().join(format!(
+            "meshd-token-test-{}-{:x}",
+            std::process::id(),
+            rand::random::<u64>()
+        )));
+        std::fs::create_dir(&dir.0).unwrap();
+        let path = dir.0.join("token");
+        let path_s = path.display().to_string();
+        std::fs::write(&path, "first\n").unwrap();
+        let meshd = Meshd::with_token_file("unix:/nonexistent.sock", &path_s, None).unwrap();
+        assert_eq!(sent(&meshd), "Bearer first");
+        // As kubelet does: a new file swapped in atomically.
+        let tmp = dir.0.join("token.new");
+        std::fs::write(&tmp, "second\n").unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+        assert_eq!(sent(&meshd), "Bearer second");
+        assert_eq!(
+            sent(&meshd.clone()),
+            "Bearer second",
+            "clones share the file"
+        );
+        // A file caught empty or gone keeps the last good token.
+        std::fs::write(&path, "").unwrap();
+        assert_eq!(sent(&meshd), "Bearer second");
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(sent(&meshd), "Bearer second");
+        std::fs::write(&path, "third").unwrap();
+        assert_eq!(sent(&meshd), "Bearer third");
+        // A fixed token stays fixed, and a missing file stops start-up as before.
+        let fixed = Meshd::new("unix:/nonexistent.sock", "node:x", None).unwrap();
+        assert_eq!(sent(&fixed), "Bearer node:x");
+        let missing = Meshd::with_token_file("unix:/x", "/nonexistent/token", None);
+        assert!(matches!(missing, Err(MeshdError::Token { .. })));
     }
 }

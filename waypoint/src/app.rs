@@ -172,7 +172,9 @@ pub fn build(config: Config) -> Result<App, AppError> {
                 ca_file,
                 server_name: m.server_name.clone(),
             });
-            let meshd = Meshd::new(&m.address, &token, tls)?;
+            // Read again when it changes (kubelet rotates projected tokens).
+            let meshd =
+                Meshd::with_token_file(&m.address, &m.token_file.display().to_string(), tls)?;
             let (gw_ns, gw_name) = config.gateway_parts();
             let service_account = m
                 .service_account

@@ -73,7 +73,6 @@ pub enum Exit {
 
 /// Starts ztunnel. `set_log_level` serves the admin `/logging` endpoint.
 pub async fn build(config: Config, set_log_level: SetLogLevelFn) -> anyhow::Result<App> {
-    let token = Meshd::read_token(&config.token_file)?;
     let meshd_tls = config
         .meshd_ca
         .clone()
@@ -81,7 +80,8 @@ pub async fn build(config: Config, set_log_level: SetLogLevelFn) -> anyhow::Resu
             ca_file,
             server_name: config.meshd_name.clone(),
         });
-    let meshd = Meshd::new(&config.meshd, &token, meshd_tls)?;
+    // The token file is read again when it changes (kubelet rotates projected tokens).
+    let meshd = Meshd::with_token_file(&config.meshd, &config.token_file, meshd_tls)?;
     // Capture first: an explicit mode that cannot run stops us before anything else starts.
     let capture = Capture::new(
         config.capture,
