@@ -6,7 +6,8 @@
 //! service decodes anything, so an unauthenticated caller costs no more than its headers. What a
 //! principal may then do is each service's decision ([`principal_of`] tells them who it is). A
 //! connection that carried a valid token is marked so (`listener` closes the others after a
-//! while).
+//! while). In Kubernetes mode a layer in front reviews service-account tokens and hands the
+//! interceptor the principal they proved.
 
 use std::sync::Arc;
 
@@ -17,7 +18,8 @@ use tracing::{debug, warn};
 
 use crate::listener::ConnAuth;
 
-/// The principal a request's token proved; set by [`NodeAuth`] in the request's extensions.
+/// The principal a request's token proved; set in the request's extensions by [`NodeAuth`],
+/// or before it by `kube::identity` for a Kubernetes service-account token.
 #[derive(Debug, Clone)]
 pub struct Authenticated(pub Principal);
 
@@ -36,7 +38,12 @@ impl NodeAuth {
 
 impl Interceptor for NodeAuth {
     fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
-        let principal = authenticate(&self.auth, &req)?;
+        // Already proved by a Kubernetes token (`kube::identity`, a layer in front of this one:
+        // extensions are set only by meshd's own code, never from anything on the wire).
+        let principal = match req.extensions().get::<Authenticated>() {
+            Some(proved) => proved.0.clone(),
+            None => authenticate(&self.auth, &req)?,
+        };
         // The connection may live on: it proved a principal (see `listener`).
         if let Some(conn) = req.extensions().get::<ConnAuth>() {
             conn.mark_authenticated();

@@ -109,12 +109,21 @@ pub async fn run_with(
     let outputs = opts.write_dir.as_deref().map(Outputs::new).transpose()?;
     let auth = Arc::new(state::node_authority(&cfg.state_dir)?);
     let ca_dir = state::ca_dir(&cfg.state_dir);
+    // Keeps the CA directory following the Secret while meshd runs.
+    let mut _ca_sync = None;
     let kube_client = match &opts.kube {
         Some(k) => {
             let client = crate::kube::client(k).await?;
             // Every replica signs with the root kept in the API, not one of its own.
-            crate::kube::ca_secret::sync(client.clone(), k, &ca_dir, &cfg.settings.trust_domain)
-                .await?;
+            _ca_sync = Some(
+                crate::kube::ca_secret::sync(
+                    client.clone(),
+                    k,
+                    &ca_dir,
+                    &cfg.settings.trust_domain,
+                )
+                .await?,
+            );
             Some((client, k.clone()))
         }
         None => None,

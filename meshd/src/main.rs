@@ -76,11 +76,20 @@ enum CaStep {
 
 #[derive(clap::Args)]
 struct CaArgs {
-    /// meshd's state directory.
-    #[arg(long)]
-    state_dir: PathBuf,
+    /// meshd's state directory (local mode).
+    #[arg(long, required_unless_present = "kubernetes", conflicts_with = "kubernetes")]
+    state_dir: Option<PathBuf>,
     #[arg(long, default_value = "cluster.local")]
     trust_domain: String,
+    /// Apply the step to the CA Secret in the Kubernetes API (every replica follows it).
+    #[arg(long)]
+    kubernetes: bool,
+    /// kubeconfig for --kubernetes (default: $KUBECONFIG, ~/.kube/config, or in-cluster).
+    #[arg(long, requires = "kubernetes")]
+    kubeconfig: Option<PathBuf>,
+    /// meshd's namespace, where its CA Secret is.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "mesh-system")]
+    namespace: String,
 }
 
 #[derive(clap::Args)]
@@ -211,7 +220,11 @@ fn workload_token(
 
 fn ca_step(step: CaStep) -> anyhow::Result<()> {
     let (CaStep::PrepareRotation(args) | CaStep::Activate(args) | CaStep::Retire(args)) = &step;
-    let ca_dir = state::ca_dir(&args.state_dir);
+    if args.kubernetes {
+        return ca_step_kubernetes(&step, args);
+    }
+    let state_dir = args.state_dir.clone().unwrap_or_default();
+    let ca_dir = state::ca_dir(&state_dir);
     anyhow::ensure!(
         ca_dir.join("root-cert.pem").exists(),
         "{} has no CA yet: start meshd once first",
@@ -234,6 +247,26 @@ fn ca_step(step: CaStep) -> anyhow::Result<()> {
             println!("retired {n} old root(s)");
         }
     }
+    Ok(())
+}
+
+/// A rotation step on the CA Secret: the same steps as on a state directory, made on the
+/// Secret with its resourceVersion as precondition, so replicas and operators never interleave.
+fn ca_step_kubernetes(step: &CaStep, args: &CaArgs) -> anyhow::Result<()> {
+    use meshd::kube::ca_secret::{self, RotationStep};
+    let which = match step {
+        CaStep::PrepareRotation(_) => RotationStep::Prepare,
+        CaStep::Activate(_) => RotationStep::Activate,
+        CaStep::Retire(_) => RotationStep::Retire,
+    };
+    let mut k = meshd::kube::KubeSettings::new(&args.namespace, "meshd-ca");
+    k.kubeconfig = args.kubeconfig.clone();
+    let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
+    let said = rt.block_on(async {
+        let client = meshd::kube::client(&k).await?;
+        ca_secret::rotate(client, &args.namespace, &args.trust_domain, which).await
+    })?;
+    println!("{said}");
     Ok(())
 }
 

@@ -8,8 +8,12 @@
 //! `ca_secret` (the CA root in a Secret, the root certificate in a ConfigMap). Translation,
 //! the config stream and the CA itself do not know which source is in use.
 
+pub mod ca_files;
 pub mod ca_secret;
 pub mod identity;
+pub mod identity_cache;
+pub mod identity_jwt;
+pub mod identity_review;
 pub mod kinds;
 pub mod leader;
 pub mod source;
