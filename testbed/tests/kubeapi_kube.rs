@@ -220,6 +220,14 @@ async fn an_expired_watch_relists_in_stream_with_no_spurious_deletion() {
         http_410, 0,
         "an expired watch is answered 200, the 410 in-stream"
     );
+    let in_stream = r.seen().into_iter().any(
+        |s| matches!(s, Seen::Error(e) if e.contains("during watch") && e.contains("too old")),
+    );
+    assert!(
+        in_stream,
+        "the watcher met the 410 as a watch event: {:?}",
+        r.seen()
+    );
     // A relist replaces the store at InitDone; nothing that exists is ever reported deleted.
     let existing = cm_state(&server);
     for name in r.deleted() {

@@ -316,3 +316,76 @@ fn get_kinds_registered_by_crds() {
     let out = env.ok(&["get", "gatewayclasses", "-o", "name"]);
     assert_eq!(out.trim(), "");
 }
+
+#[test]
+fn apply_server_side_merges_containers_by_name_across_managers() {
+    let Some(env) = Env::new() else { return };
+    let deployment = |containers: &str| {
+        format!(
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: d\n  namespace: {NS}\n\
+             spec:\n  template:\n    spec:\n      containers:\n{containers}"
+        )
+    };
+    let c = |name: &str, image: &str| format!("      - name: {name}\n        image: {image}\n");
+    let apply = |file: &str, manager: &str| {
+        let f = env.dir.join(file).to_string_lossy().into_owned();
+        let args = [
+            "apply",
+            "--server-side",
+            "--validate=false",
+            "--field-manager",
+            manager,
+        ];
+        env.ok(&[&args[..], &["-f", &f]].concat());
+    };
+    env.write(
+        "mine.yaml",
+        &deployment(&(c("app", "a:1") + &c("side", "s:1"))),
+    );
+    apply("mine.yaml", "owner");
+    env.write("theirs.yaml", &deployment(&c("extra", "e:1")));
+    apply("theirs.yaml", "injector");
+    // The owner drops `side` and bumps `app`: `extra` is the injector's and stays.
+    env.write("mine.yaml", &deployment(&c("app", "a:2")));
+    apply("mine.yaml", "owner");
+    let d = env
+        .server
+        .get("apps/v1", "Deployment", Some(NS), "d")
+        .unwrap();
+    let images: Vec<(String, String)> = d["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| {
+            (
+                c["name"].as_str().unwrap_or("").into(),
+                c["image"].as_str().unwrap_or("").into(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        images,
+        [
+            ("app".to_string(), "a:2".to_string()),
+            ("extra".into(), "e:1".into())
+        ]
+    );
+    // The injector changing the owner's image is a conflict naming the container.
+    env.write("theirs.yaml", &deployment(&c("app", "evil:1")));
+    let f = env.dir.join("theirs.yaml").to_string_lossy().into_owned();
+    let out = env.run(&[
+        "apply",
+        "--server-side",
+        "--validate=false",
+        "--field-manager",
+        "injector",
+        "-f",
+        &f,
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(".spec.template.spec.containers[name=\"app\"].image"),
+        "{err}"
+    );
+}
