@@ -7,11 +7,11 @@
 //!
 //! The subset, precisely:
 //! - A field set is a set of paths. Path elements are a field name (`f:name`) or a list-map
-//!   item (`k:{"name":"app"}`). Lists of objects are list-maps when [`patch::list_map_key`]
-//!   names their key (containers/env/volumes/... by `name`, ports by `containerPort` or `port`
+//!   item (`k:{"name":"app"}`). Lists of objects are list-maps when [`super::patch::list_map_key`]
+//!   names their key (containers, env, volumes, ... by `name`, ports by `containerPort` or `port`
 //!   plus `protocol` (default TCP), conditions by `type`, ownerReferences by `uid`); every other
 //!   list is atomic (one leaf, owned whole). The set holds leaves, list-map items, and the maps
-//!   `labels`/`annotations`/... (granular maps, listed in [`GRANULAR_MAPS`]) themselves — the
+//!   `labels`, `annotations`, ... (granular maps, listed in [`GRANULAR_MAPS`]) themselves: the
 //!   members the API writes as `.` in `fieldsV1`. Empty objects are leaves too.
 //! - Not tracked: apiVersion, kind, metadata name/namespace and server-owned metadata
 //!   ([`UNTRACKED_METADATA`]).
@@ -23,8 +23,8 @@
 //!   by key, list-maps by item key, atomic lists and scalars replaced. `null`s in the
 //!   configuration are ignored.
 //! - Conflicts: a leaf the configuration sets to a value different from the live one, owned by
-//!   another entry (any other manager, or the same manager's `Update` entry does not count) at
-//!   the same path (or an atomic ancestor/descendant) → [`ApplyError::Conflict`] with
+//!   an entry of another manager (the applier's own `Update` entry never conflicts) at the
+//!   same path (or an atomic ancestor/descendant) → [`ApplyError::Conflict`] with
 //!   `(.spec.containers[name="app"].image, manager)` pairs, unless `force`, which takes those
 //!   paths away from their owners. Two managers applying the same value share the field.
 //! - record_update (create/update/patch): the manager's `Update` entry gains every leaf whose
