@@ -23,6 +23,10 @@ use testbed::kubeapi::{ApiOptions, ApiServer, KubeApiError, TokenSpec};
 use testbed::Cluster;
 
 use crate::{Mesh, MeshOptions, write_private};
+use services::{adopt_service_ips, service_ips_for_put};
+
+mod services;
+mod waypoint;
 
 /// meshd's namespace: its Lease, CA Secret and root ConfigMap; the ztunnel pods and their SA.
 pub const MESH_NAMESPACE: &str = "mesh-system";
@@ -30,10 +34,12 @@ pub const MESH_NAMESPACE: &str = "mesh-system";
 pub const ZTUNNEL_SA: &str = "ztunnel";
 /// The audience meshd's TokenReviews ask for (meshd's default `--token-audience`).
 pub const AUDIENCE: &str = "mesh-ca";
-/// ClusterIPs the double gives Services created without one (meshd's waypoint Services):
-/// the top of the 10.96/16 range local mode routes, far above what `service_vips` hands out.
-pub const SERVICE_CIDR: &str = "10.96.240.0/20";
-pub const SERVICE_CIDR_V6: &str = "fd00:96::f:0/112";
+/// The API's Service range. It holds the VIPs local mode gives user Services (10.96.0.11
+/// upward, and fd00:96::a upward: explicit IPs the API must accept) and those the double
+/// allocates for meshd's waypoint Services (from the bottom, skipping taken ones; a clash
+/// would need more than ten waypoints before local mode's next Service).
+pub const SERVICE_CIDR: &str = "10.96.0.0/16";
+pub const SERVICE_CIDR_V6: &str = "fd00:96::/112";
 /// Files the controller applies (from meshd's objects in the API): their Deployment,
 /// ServiceAccount and Service are meshd's, so only their Pods are written.
 pub const CONTROLLER_FILE_PREFIX: &str = "generated.";
@@ -115,35 +121,49 @@ impl ApiMode {
 
     /// Makes the API hold exactly `docs` for `file`: each created or replaced (spec and
     /// status) if it changed since the last write, and what the file listed before but no
-    /// longer does deleted. Every object is tried; the first failure is returned.
-    pub fn sync_file(&self, file: &str, docs: &[Value]) -> anyhow::Result<()> {
+    /// longer does deleted. Every object is tried; the first failure is returned. A Service's
+    /// cluster IPs in `docs` become those the API holds (the API has the last word on them).
+    pub fn sync_file(&self, file: &str, docs: &mut [Value]) -> anyhow::Result<()> {
         let only_pods = file.starts_with(CONTROLLER_FILE_PREFIX);
         let mut written = self.written.lock().unwrap_or_else(|p| p.into_inner());
         let before = written.remove(file).unwrap_or_default();
         let mut now: BTreeMap<ObjKey, Value> = BTreeMap::new();
         let mut first_err: Option<anyhow::Error> = None;
-        for doc in docs {
-            if only_pods && crate::render::kind(doc) != "Pod" {
+        for rendered in docs.iter_mut() {
+            if only_pods && crate::render::kind(rendered) != "Pod" {
                 continue;
             }
-            let doc = with_namespace(doc);
+            let doc = with_namespace(rendered);
             let Some(key) = key_of(&doc) else {
                 first_err.get_or_insert(anyhow::anyhow!(
                     "{file}: a document without apiVersion, kind or metadata.name cannot go to the API"
                 ));
                 continue;
             };
+            let is_service = key.0.is_empty() && key.1 == "Service";
             if before.get(&key) == Some(&doc) {
+                if is_service {
+                    let held = self.server.get("v1", "Service", key.2.as_deref(), &key.3);
+                    adopt_service_ips(rendered, held.as_ref());
+                }
                 now.insert(key, doc);
                 continue;
+            }
+            let mut sent = doc.clone();
+            if is_service {
+                let held = self.server.get("v1", "Service", key.2.as_deref(), &key.3);
+                service_ips_for_put(&mut sent, held.as_ref());
             }
             let put = key
                 .2
                 .as_deref()
                 .map_or(Ok(()), |ns| self.ensure_namespace(ns))
-                .and_then(|()| self.server.put(doc.clone()).map_err(anyhow::Error::from));
+                .and_then(|()| self.server.put(sent).map_err(anyhow::Error::from));
             match put {
-                Ok(_) => {
+                Ok(held) => {
+                    if is_service {
+                        adopt_service_ips(rendered, Some(&held));
+                    }
                     now.insert(key, doc);
                 }
                 Err(e) => {
@@ -301,60 +321,6 @@ impl Mesh {
     /// direct changes, its hooks (compaction, dropped watches, outages) and its kubeconfig.
     pub fn api(&self) -> Option<&ApiServer> {
         self.api.as_ref().map(|a| &a.server)
-    }
-}
-
-impl Mesh {
-    /// What `meshctl waypoint apply -n NS --name NAME --enroll-namespace --wait` does, done in
-    /// the API: Gateway `NS/NAME` of class `istio-waypoint` (one HBONE listener on 15008),
-    /// namespace NS labelled `istio.io/use-waypoint=NAME`, then wait until meshd's leader
-    /// reports the Gateway `Programmed=True`. Returns what a user would see.
-    pub fn api_waypoint_apply(&self, ns: &str, name: &str) -> anyhow::Result<Vec<String>> {
-        let api = self.api().context("not in API mode")?;
-        api.put(json!({
-            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
-            "metadata": {"name": name, "namespace": ns},
-            "spec": {
-                "gatewayClassName": "istio-waypoint",
-                "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}],
-            },
-        }))
-        .with_context(|| format!("creating Gateway {ns}/{name}"))?;
-        let mut namespace = api
-            .get("v1", "Namespace", None, ns)
-            .with_context(|| format!("no Namespace {ns} in the API"))?;
-        let meta = namespace
-            .get_mut("metadata")
-            .and_then(Value::as_object_mut)
-            .with_context(|| format!("Namespace {ns} has no metadata"))?;
-        let labels = meta.entry("labels").or_insert_with(|| json!({}));
-        if !labels.is_object() {
-            *labels = json!({});
-        }
-        labels["istio.io/use-waypoint"] = json!(name);
-        api.put(namespace)
-            .with_context(|| format!("labelling Namespace {ns}"))?;
-        let mut last = Value::Null;
-        crate::wait_for(
-            Duration::from_secs(60),
-            &format!("Gateway {ns}/{name} to be Programmed"),
-            || {
-                last = api
-                    .get("gateway.networking.k8s.io/v1", "Gateway", Some(ns), name)
-                    .map(|g| g["status"]["conditions"].clone())
-                    .unwrap_or_default();
-                Ok(last.as_array().is_some_and(|cs| {
-                    cs.iter()
-                        .any(|c| c["type"] == "Programmed" && c["status"] == "True")
-                }))
-            },
-        )
-        .with_context(|| format!("last conditions: {last}"))?;
-        Ok(vec![
-            format!("Gateway {ns}/{name} (class istio-waypoint) created in the API"),
-            format!("namespace {ns} labelled istio.io/use-waypoint={name}"),
-            format!("meshd reports Gateway {ns}/{name} Programmed=True"),
-        ])
     }
 }
 

@@ -579,7 +579,7 @@ impl Mesh {
         let owned = self.take_pods(|p| p.file == file && p.owner.is_some());
         let _ = std::fs::remove_file(self.config_dir.join(file));
         if let Some(api) = &self.api
-            && let Err(e) = api.sync_file(file, &[])
+            && let Err(e) = api.sync_file(file, &mut [])
         {
             tracing::warn!("{e:#}");
         }

@@ -438,7 +438,7 @@ impl Mesh {
         }
         if let Some(api) = &self.api {
             // API mode: the API is meshd's source; config/<file> stays as a record of it.
-            api.sync_file(file, &docs)?;
+            api.sync_file(file, &mut docs)?;
         }
         let out = render::to_yaml(&docs).with_context(|| file.to_string())?;
         write_atomically(&self.config_dir.join(file), &out)
