@@ -356,10 +356,20 @@ impl ApiServer {
     /// Hook: stops listening and cuts every connection (the API is unreachable) until
     /// [`ApiServer::come_back`], which listens again on the same port with the same state.
     pub fn go_down(&self) {
-        if let Some(task) = self.accept.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        let task = self.accept.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(task) = &task {
             task.abort();
         }
         self.shared.down_tx.send_modify(|n| *n += 1);
+        // Down means down when this returns: the listener closed (the aborted task dropped
+        // it) and every connection task gone. The runtime's own threads do that promptly.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while (task.as_ref().is_some_and(|t| !t.is_finished())
+            || self.shared.connections.load(Ordering::SeqCst) > 0)
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
     pub fn come_back(&self) {
         let mut accept = self.accept.lock().unwrap_or_else(|p| p.into_inner());

@@ -4,12 +4,12 @@
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full, Limited, StreamBody, combinators::BoxBody};
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
@@ -28,6 +28,8 @@ pub(crate) type Body = BoxBody<Bytes, BodyError>;
 
 /// Request bodies above this are refused (the real server's limit is 3 MiB).
 const MAX_BODY: usize = 3 * 1024 * 1024;
+/// How much of an oversized body is read and dropped before the connection is given up.
+const DRAIN_LIMIT: usize = 64 * 1024 * 1024;
 
 /// Everything the server tasks and the Rust API share.
 pub(crate) struct Shared {
@@ -40,6 +42,8 @@ pub(crate) struct Shared {
     /// `go_down`: bumping it cuts every open connection.
     pub down_tx: watch::Sender<u64>,
     pub watchers: AtomicUsize,
+    /// Open connections (`go_down` waits for none).
+    pub connections: AtomicUsize,
 }
 
 impl Shared {
@@ -52,6 +56,7 @@ impl Shared {
             drop_tx: watch::channel((0, true)).0,
             down_tx: watch::channel(0).0,
             watchers: AtomicUsize::new(0),
+            connections: AtomicUsize::new(0),
         }
     }
 
@@ -140,6 +145,14 @@ pub(crate) fn bind(port: u16) -> std::io::Result<TcpListener> {
     sock.listen(1024)
 }
 
+/// Counts a connection until its task ends.
+struct Counted(Arc<Shared>);
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, tls: TlsAcceptor) {
     loop {
         let tcp = match listener.accept().await {
@@ -151,8 +164,12 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, tls:
             }
         };
         let (shared, tls) = (shared.clone(), tls.clone());
+        shared.connections.fetch_add(1, Ordering::SeqCst);
+        let counted = Counted(shared.clone());
+        // Subscribed before the task runs, so a go_down from now on reaches it.
+        let mut down = shared.down_tx.subscribe();
         tokio::spawn(async move {
-            let mut down = shared.down_tx.subscribe();
+            let _counted = counted;
             let serve = async {
                 let Ok(stream) = tls.accept(tcp).await else {
                     return;
@@ -240,21 +257,7 @@ async fn read(
     let content_type = header_text(header::CONTENT_TYPE);
     let user_agent = header_text(header::USER_AGENT);
     let method = req.method().clone();
-    let body = Limited::new(req.into_body(), MAX_BODY)
-        .collect()
-        .await
-        .map_err(|e| {
-            if e.is::<http_body_util::LengthLimitError>() {
-                ApiErr::new(
-                    413,
-                    "RequestEntityTooLarge",
-                    "the request body is too large (limit 3 MiB)",
-                )
-            } else {
-                ApiErr::bad_request(format!("reading the request body: {e}"))
-            }
-        })?
-        .to_bytes();
+    let body = read_body(req.into_body()).await?;
     Ok(Req {
         method,
         path,
@@ -263,6 +266,33 @@ async fn read(
         user_agent,
         body,
     })
+}
+
+/// The body, up to [`MAX_BODY`]. A larger one is read on (up to [`DRAIN_LIMIT`]) and
+/// discarded so the client, still sending, gets the 413 instead of a reset connection.
+async fn read_body(mut body: Incoming) -> Result<Bytes, ApiErr> {
+    let mut buf = bytes::BytesMut::new();
+    let mut total = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame =
+            frame.map_err(|e| ApiErr::bad_request(format!("reading the request body: {e}")))?;
+        if let Ok(data) = frame.into_data() {
+            total += data.len();
+            if total <= MAX_BODY {
+                buf.extend_from_slice(&data);
+            } else if total > DRAIN_LIMIT {
+                break;
+            }
+        }
+    }
+    if total > MAX_BODY {
+        return Err(ApiErr::new(
+            413,
+            "RequestEntityTooLarge",
+            "the request body is too large (limit 3 MiB)",
+        ));
+    }
+    Ok(buf.freeze())
 }
 
 /// What a resource path names.

@@ -134,10 +134,13 @@ pub(crate) fn start(shared: Arc<Shared>, req: WatchReq) -> Result<mpsc::Receiver
     }
     let slot = Slot(shared.clone());
     let (initial, live) = begin(&shared, &req);
+    // Subscribed before the response goes out: a drop_watches after the client sees the
+    // headers must reach this watch.
+    let drops = shared.drop_tx.subscribe();
     let (tx, rx) = mpsc::channel::<Chunk>(256);
     tokio::spawn(async move {
         let _slot = slot;
-        stream(shared, req, initial, live, tx).await;
+        stream(shared, req, initial, live, drops, tx).await;
     });
     Ok(rx)
 }
@@ -147,6 +150,7 @@ async fn stream(
     req: WatchReq,
     initial: Vec<Bytes>,
     live: Option<broadcast::Receiver<Arc<Event>>>,
+    mut drops: tokio::sync::watch::Receiver<(u64, bool)>,
     tx: mpsc::Sender<Chunk>,
 ) {
     for line in initial {
@@ -157,8 +161,6 @@ async fn stream(
     let Some(mut live) = live else {
         return;
     };
-    let mut drops = shared.drop_tx.subscribe();
-    drops.mark_unchanged();
     let deadline = req.timeout.map(|t| tokio::time::Instant::now() + t);
     let period = shared.opts.bookmark_interval.max(Duration::from_millis(10));
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
