@@ -363,3 +363,34 @@ async fn publish(api: &Api<ConfigMap>, pem: &str) -> Result<bool, kube::Error> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use testbed::kubeapi::{ApiOptions, ApiServer};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_root_configmap_is_written_only_when_it_differs() {
+        let api = ApiServer::start(ApiOptions::default()).unwrap();
+        api.create(serde_json::json!({"apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": "mesh-system"}}))
+            .unwrap();
+        let mut settings = KubeSettings::new("mesh-system", "t");
+        settings.kubeconfig = Some(api.kubeconfig().to_path_buf());
+        let client = super::super::client(&settings).await.unwrap();
+        let cms: Api<ConfigMap> = Api::namespaced(client, "mesh-system");
+        for (pem, written) in [("A\n", true), ("A\n", false), ("B\n", true), ("B\n", false)] {
+            assert_eq!(publish(&cms, pem).await.unwrap(), written, "{pem}");
+        }
+        let writes = api
+            .requests()
+            .into_iter()
+            .filter(|r| r.method != "GET" && r.path.contains("/configmaps"))
+            .count();
+        assert_eq!(writes, 2);
+        let cm = api
+            .get("v1", "ConfigMap", Some("mesh-system"), ROOT_CONFIGMAP)
+            .unwrap();
+        assert_eq!(cm["data"][ROOT_CONFIGMAP_KEY], "B\n");
+    }
+}

@@ -16,6 +16,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use meshcore::admission::Throttle;
 use tokio::sync::watch;
 use tonic::codegen::http;
 use tracing::{debug, warn};
@@ -30,7 +31,12 @@ use crate::translate::VersionedView;
 #[derive(Clone)]
 pub struct TokenReviewer {
     reviews: Reviews,
+    /// "Cannot verify" lines, at most one per period: anyone can cause them at will.
+    unavailable_log: Arc<Throttle>,
 }
+
+/// At most one log line per this interval about tokens meshd could not verify.
+const UNAVAILABLE_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl TokenReviewer {
     /// `_views` is unused: the node a ztunnel runs on is read from its pod in the API, which
@@ -46,6 +52,7 @@ impl TokenReviewer {
         };
         TokenReviewer {
             reviews: Reviews::new(client, policy, Limits::default()),
+            unavailable_log: Arc::new(Throttle::new(UNAVAILABLE_LOG_EVERY)),
         }
     }
 
@@ -62,7 +69,9 @@ impl TokenReviewer {
                 Err(tonic::Status::unauthenticated(why))
             }
             Verdict::Unavailable(why) => {
-                warn!(reason = %why, "cannot verify a Kubernetes token right now");
+                if let Some(suppressed) = self.unavailable_log.hit() {
+                    warn!(reason = %why, suppressed_since_last_line = suppressed, "cannot verify a Kubernetes token right now");
+                }
                 Err(tonic::Status::unavailable(format!(
                     "cannot verify the token now: {why}"
                 )))
