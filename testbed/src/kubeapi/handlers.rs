@@ -11,10 +11,14 @@ use serde_json::{Value, json};
 
 use super::errors::ApiErr;
 use super::kinds::Kind;
+use super::routing::Target;
 use super::selector::Selector;
-use super::server::{Body, Req, Shared, Target, json as reply, streaming};
+use super::server::{Body, Req, Shared, json as reply, streaming};
 use super::store::{Part, Propagation};
-use super::{TokenSpec, apply, meta, patch, watch};
+use super::{apply, meta, patch, watch};
+
+mod auth;
+mod list;
 
 pub(crate) fn handle(
     shared: &Arc<Shared>,
@@ -26,7 +30,7 @@ pub(crate) fn handle(
     if !kind.stored {
         return match (&req.method, &target) {
             (&Method::POST, Target::Collection { ns: None }) => {
-                token_review(shared, req, kind, version)
+                auth::token_review(shared, req, kind, version)
             }
             _ => Err(ApiErr::method_not_allowed(format!(
                 "{} only supports create",
@@ -38,7 +42,7 @@ pub(crate) fn handle(
         (Method::GET, Target::Collection { ns }) if req.flag("watch") => {
             start_watch(shared, req, kind, version, ns)
         }
-        (Method::GET, Target::Collection { ns }) => list(shared, req, kind, version, ns),
+        (Method::GET, Target::Collection { ns }) => list::list(shared, req, kind, version, ns),
         (Method::POST, Target::Collection { ns }) => {
             if kind.namespaced && ns.is_none() {
                 return Err(ApiErr::method_not_allowed(
@@ -106,7 +110,7 @@ pub(crate) fn handle(
                 sub: Some(sub),
             },
         ) if sub == "token" && kind.group.is_empty() && kind.plural == "serviceaccounts" => {
-            token_request(shared, req, &ns, &name)
+            auth::token_request(shared, req, &ns, &name)
         }
         (m, _) => Err(ApiErr::method_not_allowed(format!(
             "the server does not allow this method on the requested resource ({m})"
@@ -119,17 +123,17 @@ fn check_sub(kind: &Kind, sub: Option<&str>) -> Result<Part, ApiErr> {
     match sub {
         None => Ok(Part::Main),
         Some("status") if kind.status => Ok(Part::Status),
-        Some(_) => Err(super::server::not_found_path()),
+        Some(_) => Err(super::routing::not_found_path()),
     }
 }
 
-fn in_version(mut obj: Value, kind: &Kind, version: &str) -> Value {
+pub(super) fn in_version(mut obj: Value, kind: &Kind, version: &str) -> Value {
     obj["apiVersion"] = json!(kind.api_version(version));
     obj
 }
 
 /// A JSON body, or YAML when the client says so (`application/yaml`).
-fn parse_body(req: &Req) -> Result<Value, ApiErr> {
+pub(super) fn parse_body(req: &Req) -> Result<Value, ApiErr> {
     let text = std::str::from_utf8(&req.body)
         .map_err(|_| ApiErr::bad_request("the request body is not UTF-8"))?;
     let yaml = req.content_type.contains("yaml");
@@ -144,98 +148,6 @@ fn parse_body(req: &Req) -> Result<Value, ApiErr> {
         return Err(ApiErr::bad_request("the request body must be an object"));
     }
     Ok(v)
-}
-
-/// Opaque continue token: the list's RV and the last key served, hex-encoded.
-fn encode_continue(rv: u64, ns: &str, name: &str) -> String {
-    let raw = json!([rv, ns, name]).to_string();
-    raw.bytes().map(|b| format!("{b:02x}")).collect()
-}
-
-fn decode_continue(token: &str) -> Option<(u64, String, String)> {
-    if !token.len().is_multiple_of(2) || token.len() > 2048 {
-        return None;
-    }
-    let bytes: Option<Vec<u8>> = (0..token.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(token.get(i..i + 2)?, 16).ok())
-        .collect();
-    let v: Value = serde_json::from_slice(&bytes?).ok()?;
-    Some((v[0].as_u64()?, v[1].as_str()?.into(), v[2].as_str()?.into()))
-}
-
-fn list(
-    shared: &Arc<Shared>,
-    req: &Req,
-    kind: &Kind,
-    version: &str,
-    ns: Option<String>,
-) -> Result<Response<Body>, ApiErr> {
-    let sel = Selector::parse(req.q("labelSelector"), req.q("fieldSelector"), &kind.kind)?;
-    let limit: usize = match req.q("limit") {
-        None | Some("") => 0,
-        Some(l) => l
-            .parse()
-            .map_err(|_| ApiErr::bad_request(format!("invalid limit {l:?}")))?,
-    };
-    let st = shared.lock_state();
-    let (list_rv, after) = match req.q("continue").filter(|c| !c.is_empty()) {
-        None => (st.rv, None),
-        Some(c) => {
-            let (rv, cns, cname) = decode_continue(c)
-                .ok_or_else(|| ApiErr::bad_request("continue key is not valid"))?;
-            if rv < st.horizon {
-                return Err(ApiErr::expired(
-                    "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter.",
-                ));
-            }
-            (rv, Some((cns, cname)))
-        }
-    };
-    let key = |o: &Value| {
-        (
-            o["metadata"]["namespace"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string(),
-            o["metadata"]["name"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string(),
-        )
-    };
-    let matching: Vec<&Value> = st
-        .list(kind, ns.as_deref())
-        .into_iter()
-        .filter(|o| after.as_ref().is_none_or(|a| key(o) > *a))
-        .filter(|o| sel.matches(o))
-        .collect();
-    let take = if limit == 0 {
-        matching.len()
-    } else {
-        limit.min(matching.len())
-    };
-    let items: Vec<Value> = matching[..take]
-        .iter()
-        .map(|o| in_version((*o).clone(), kind, version))
-        .collect();
-    let mut metadata = json!({"resourceVersion": list_rv.to_string()});
-    if take < matching.len()
-        && let Some(last) = matching.get(take.wrapping_sub(1))
-    {
-        let (lns, lname) = key(last);
-        metadata["continue"] = json!(encode_continue(list_rv, &lns, &lname));
-        metadata["remainingItemCount"] = json!(matching.len() - take);
-    }
-    Ok(reply(
-        200,
-        &json!({
-            "kind": format!("{}List", kind.kind),
-            "apiVersion": kind.api_version(version),
-            "metadata": metadata,
-            "items": items,
-        }),
-    ))
 }
 
 fn start_watch(
@@ -423,125 +335,4 @@ fn delete(
         .lock_state()
         .delete(kind, &ns, name, propagation, &opts["preconditions"])?;
     Ok(reply(200, &obj))
-}
-
-fn token_review(
-    shared: &Arc<Shared>,
-    req: &Req,
-    kind: &Kind,
-    version: &str,
-) -> Result<Response<Body>, ApiErr> {
-    let mut body = parse_body(req)?;
-    let token = body["spec"]["token"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    let audiences: Vec<String> = body["spec"]["audiences"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|a| a.as_str().map(str::to_string))
-        .collect();
-    let status = shared
-        .lock_state()
-        .tokens
-        .review(&token, &audiences, meta::now_unix());
-    body["apiVersion"] = json!(kind.api_version(version));
-    body["kind"] = json!("TokenReview");
-    body["status"] = status;
-    Ok(reply(201, &body))
-}
-
-fn token_request(
-    shared: &Arc<Shared>,
-    req: &Req,
-    ns: &str,
-    sa: &str,
-) -> Result<Response<Body>, ApiErr> {
-    let mut body = parse_body(req)?;
-    let expiration = body["spec"]["expirationSeconds"].as_u64().unwrap_or(3600);
-    if expiration < 600 {
-        return Err(ApiErr::invalid(
-            "spec.expirationSeconds: Invalid value: may not specify a duration less than 10 minutes",
-        ));
-    }
-    if expiration > 1 << 32 {
-        return Err(ApiErr::invalid(
-            "spec.expirationSeconds: Invalid value: may not specify a duration larger than 2^32 seconds",
-        ));
-    }
-    let audiences: Vec<String> = body["spec"]["audiences"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|a| a.as_str().map(str::to_string))
-        .collect();
-    let mut st = shared.lock_state();
-    let sa_kind = st
-        .kinds
-        .by_url("", "v1", "serviceaccounts")
-        .cloned()
-        .ok_or_else(super::server::not_found_path)?;
-    if st.get(&sa_kind, ns, sa).is_none() {
-        return Err(ApiErr::not_found("serviceaccounts", sa));
-    }
-    let bound = &body["spec"]["boundObjectRef"];
-    let (pod, node) = match bound["kind"].as_str() {
-        None => (None, None),
-        Some("Pod") => {
-            let pod_name = bound["name"].as_str().unwrap_or_default();
-            let pod_kind = st
-                .kinds
-                .by_url("", "v1", "pods")
-                .cloned()
-                .ok_or_else(super::server::not_found_path)?;
-            let p = st
-                .get(&pod_kind, ns, pod_name)
-                .ok_or_else(|| ApiErr::not_found("pods", pod_name))?;
-            let uid = p["metadata"]["uid"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string();
-            if let Some(want) = bound["uid"].as_str()
-                && !want.is_empty()
-                && want != uid
-            {
-                return Err(ApiErr::conflict(
-                    "pods",
-                    pod_name,
-                    &format!(
-                        "the UID in the bound object reference ({want}) does not match the UID in record. The object might have been deleted and then recreated"
-                    ),
-                ));
-            }
-            let node = p["spec"]["nodeName"].as_str().map(str::to_string);
-            (Some((pod_name.to_string(), uid)), node)
-        }
-        Some(other) => {
-            return Err(ApiErr::bad_request(format!(
-                "cannot bind token to object of kind {other:?} (only Pod is supported by this server)"
-            )));
-        }
-    };
-    let now = meta::now_unix();
-    let token = st.tokens.issue(TokenSpec {
-        namespace: ns.to_string(),
-        service_account: sa.to_string(),
-        audiences: audiences.clone(),
-        pod: pod.clone(),
-        node,
-        expires_at: now + expiration,
-    });
-    drop(st);
-    body["apiVersion"] = json!("authentication.k8s.io/v1");
-    body["kind"] = json!("TokenRequest");
-    body["metadata"] =
-        json!({"name": sa, "namespace": ns, "creationTimestamp": meta::rfc3339(now)});
-    body["spec"]["expirationSeconds"] = json!(expiration);
-    if let Some((_, uid)) = &pod {
-        body["spec"]["boundObjectRef"]["uid"] = json!(uid);
-    }
-    body["status"] =
-        json!({"token": token, "expirationTimestamp": meta::rfc3339(now + expiration)});
-    Ok(reply(201, &body))
 }

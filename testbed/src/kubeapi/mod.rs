@@ -27,6 +27,7 @@ mod hooks;
 mod kinds;
 mod meta;
 pub mod patch;
+mod routing;
 mod selector;
 mod server;
 mod store;

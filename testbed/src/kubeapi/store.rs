@@ -18,6 +18,9 @@ use super::kinds::{Kind, Registry, ResKey};
 use super::meta;
 use super::tokens::Tokens;
 
+mod cascade;
+mod update;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum EventType {
     Added,
@@ -69,6 +72,10 @@ pub(crate) struct State {
     pub tx: broadcast::Sender<Arc<Event>>,
     pub tokens: Tokens,
     ips: ServiceIps,
+    /// Owner uid → its dependents (garbage collection without scanning every object).
+    dependents: HashMap<String, HashSet<(ResKey, ObjKey)>>,
+    /// Cluster IPs Services hold (allocation without scanning every Service).
+    taken_ips: HashSet<IpAddr>,
 }
 
 impl State {
@@ -85,6 +92,8 @@ impl State {
             tx,
             tokens: Tokens::default(),
             ips,
+            dependents: HashMap::new(),
+            taken_ips: HashSet::new(),
         }
     }
 
@@ -145,16 +154,6 @@ impl State {
     fn next_rv(&mut self) -> u64 {
         self.rv += 1;
         self.rv
-    }
-
-    fn taken_ips(&self) -> HashSet<IpAddr> {
-        let svc = ("".to_string(), "services".to_string());
-        self.objects
-            .get(&svc)
-            .into_iter()
-            .flat_map(|m| m.values())
-            .flat_map(defaults::service_ips)
-            .collect()
     }
 
     /// POST semantics. `ns`: the request's namespace (namespaced kinds). `manager`: records
@@ -226,8 +225,7 @@ impl State {
         defaults::initial_status(&kind.kind, &mut obj);
         match kind.kind.as_str() {
             "Service" if kind.group.is_empty() => {
-                let taken = self.taken_ips();
-                self.ips.on_create(&mut obj, &taken)?;
+                self.ips.on_create(&mut obj, &self.taken_ips)?;
             }
             "CustomResourceDefinition" => {
                 let crd = super::kinds::crd_kind(&obj).map_err(ApiErr::invalid)?;
@@ -294,293 +292,58 @@ impl State {
         self.get(kind, ns, name).is_some()
     }
 
+    /// Stores `obj` at its key, keeping the uid, owner and cluster IP indexes in step.
     fn insert(&mut self, kind: &Kind, ns: &str, name: &str, obj: Value) {
+        let okey = (ns.to_string(), name.to_string());
+        if let Some(old) = self
+            .objects
+            .get(&kind.key())
+            .and_then(|m| m.get(&okey))
+            .cloned()
+        {
+            self.unindex(kind, &okey, &old);
+        }
+        let at = (kind.key(), okey.clone());
         if let Some(uid) = obj["metadata"]["uid"].as_str() {
-            self.uids.insert(
-                uid.to_string(),
-                (kind.key(), (ns.to_string(), name.to_string())),
-            );
+            self.uids.insert(uid.to_string(), at.clone());
+        }
+        for owner in owner_uids(&obj) {
+            self.dependents.entry(owner).or_default().insert(at.clone());
+        }
+        if is_service(kind) {
+            self.taken_ips.extend(defaults::service_ips(&obj));
         }
         self.objects
             .entry(kind.key())
             .or_default()
-            .insert((ns.to_string(), name.to_string()), obj);
+            .insert(okey, obj);
     }
 
-    /// PUT semantics (and the last step of PATCH and apply). `precondition`: a non-empty
-    /// `metadata.resourceVersion` in `new` must be the current one.
-    #[allow(clippy::too_many_arguments)]
-    pub fn update(
-        &mut self,
-        kind: &Kind,
-        version: &str,
-        ns: &str,
-        name: &str,
-        mut new: Value,
-        part: Part,
-        manager: Option<&str>,
-    ) -> Result<Value, ApiErr> {
-        let Some(old) = self.get(kind, ns, name).cloned() else {
-            return Err(ApiErr::not_found(&kind.resource_name(), name));
-        };
-        if !new.is_object() {
-            return Err(ApiErr::bad_request("the body must be a JSON object"));
+    /// Takes an object out of the map and the indexes (no event).
+    fn take(&mut self, kind: &Kind, ns: &str, name: &str) -> Option<Value> {
+        let okey = (ns.to_string(), name.to_string());
+        let obj = self.objects.get_mut(&kind.key())?.remove(&okey)?;
+        self.unindex(kind, &okey, &obj);
+        if let Some(uid) = obj["metadata"]["uid"].as_str() {
+            self.uids.remove(uid);
         }
-        if let Some(given) = new["metadata"]["resourceVersion"].as_str()
-            && !given.is_empty()
-            && Some(given) != old["metadata"]["resourceVersion"].as_str()
-        {
-            return Err(ApiErr::stale(&kind.resource_name(), name));
-        }
-        match new["metadata"]["name"].as_str() {
-            Some(n) if n != name => {
-                return Err(ApiErr::bad_request(format!(
-                    "the name of the object ({n}) does not match the name on the URL ({name})"
-                )));
-            }
-            _ => {}
-        }
-        if kind.namespaced
-            && let Some(n) = new["metadata"]["namespace"].as_str()
-            && !n.is_empty()
-            && n != ns
-        {
-            return Err(ApiErr::bad_request(
-                "the namespace of the provided object does not match the namespace sent on the request",
-            ));
-        }
-        let mut merged = match part {
-            Part::Status => {
-                let mut m = old.clone();
-                m["status"] = new["status"].take();
-                m
-            }
-            Part::Main if kind.status => {
-                new["status"] = old["status"].clone();
-                new
-            }
-            _ => new,
-        };
-        if merged["status"].is_null()
-            && let Some(o) = merged.as_object_mut()
-        {
-            o.remove("status");
-        }
-        merged["apiVersion"] = json!(kind.api_version(version));
-        merged["kind"] = json!(kind.kind);
-        if !merged["metadata"].is_object() {
-            merged["metadata"] = json!({});
-        }
-        let om = &old["metadata"];
-        let m = &mut merged["metadata"];
-        m["name"] = json!(name);
-        if kind.namespaced {
-            m["namespace"] = json!(ns);
-        }
-        for kept in [
-            "uid",
-            "creationTimestamp",
-            "deletionTimestamp",
-            "deletionGracePeriodSeconds",
-            "generation",
-        ] {
-            match om.get(kept) {
-                Some(v) => m[kept] = v.clone(),
-                None => {
-                    if let Some(o) = m.as_object_mut() {
-                        o.remove(kept);
-                    }
-                }
-            }
-        }
-        if kind.kind == "Service" && kind.group.is_empty() {
-            defaults::service_on_update(&old, &mut merged)?;
-        }
-        if meta::spec_changed(&old, &merged, kind.status) {
-            let g = old["metadata"]["generation"].as_i64().unwrap_or(0) + 1;
-            merged["metadata"]["generation"] = json!(g);
-        }
-        if kind.kind == "CustomResourceDefinition" && part != Part::Status {
-            let crd = super::kinds::crd_kind(&merged).map_err(ApiErr::invalid)?;
-            if crd.key() != kind_key_of_crd(&old) {
-                return Err(ApiErr::invalid("spec.names and spec.group are immutable"));
-            }
-        }
-        if meta::same_object(&old, &merged) {
-            return Ok(old);
-        }
-        let now = meta::now_rfc3339();
-        if let Some(mgr) = manager {
-            apply::record_update(Some(&old), &mut merged, mgr, &now);
-        }
-        if kind.kind == "CustomResourceDefinition" {
-            self.kinds.register_crd(&merged).map_err(ApiErr::invalid)?;
-        }
-        let rv = self.next_rv();
-        merged["metadata"]["resourceVersion"] = json!(rv.to_string());
-        self.insert(kind, ns, name, merged.clone());
-        if finalizable(&merged) {
-            // The write that drops the last finalizer deletes the object (one DELETED event,
-            // as the real server does it in the same transaction).
-            return Ok(self.remove(kind, ns, name).unwrap_or(merged));
-        }
-        self.emit(&kind.key(), EventType::Modified, merged.clone(), Some(old));
-        Ok(merged)
-    }
-
-    /// DELETE semantics: with finalizers, marks the object (deletionTimestamp) and returns it;
-    /// otherwise removes it and collects dependents.
-    pub fn delete(
-        &mut self,
-        kind: &Kind,
-        ns: &str,
-        name: &str,
-        propagation: Propagation,
-        precondition: &Value,
-    ) -> Result<Value, ApiErr> {
-        let Some(obj) = self.get(kind, ns, name).cloned() else {
-            return Err(ApiErr::not_found(&kind.resource_name(), name));
-        };
-        for (field, what) in [("uid", "UID"), ("resourceVersion", "ResourceVersion")] {
-            if let Some(want) = precondition[field].as_str()
-                && Some(want) != obj["metadata"][field].as_str()
-            {
-                return Err(ApiErr::conflict(
-                    &kind.resource_name(),
-                    name,
-                    &format!(
-                        "Precondition failed: {what} in precondition: {want}, {what} in object meta: {}",
-                        obj["metadata"][field].as_str().unwrap_or_default()
-                    ),
-                ));
-            }
-        }
-        let uid = obj["metadata"]["uid"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
-        if propagation == Propagation::Orphan {
-            self.orphan_dependents(&uid);
-        }
-        let has_finalizers = obj["metadata"]["finalizers"]
-            .as_array()
-            .is_some_and(|f| !f.is_empty());
-        if has_finalizers {
-            if !obj["metadata"]["deletionTimestamp"].is_null() {
-                return Ok(obj);
-            }
-            let mut marked = obj.clone();
-            marked["metadata"]["deletionTimestamp"] = json!(meta::now_rfc3339());
-            marked["metadata"]["deletionGracePeriodSeconds"] = json!(0);
-            let g = obj["metadata"]["generation"].as_i64().unwrap_or(0) + 1;
-            marked["metadata"]["generation"] = json!(g);
-            let rv = self.next_rv();
-            marked["metadata"]["resourceVersion"] = json!(rv.to_string());
-            self.insert(kind, ns, name, marked.clone());
-            self.emit(&kind.key(), EventType::Modified, marked.clone(), Some(obj));
-            return Ok(marked);
-        }
-        Ok(self.remove(kind, ns, name).unwrap_or(obj))
-    }
-
-    /// Takes an object out for good (DELETED with a new RV) and runs the cascades: a
-    /// namespace's contents, a CRD's objects, dependents whose every owner is gone.
-    fn remove(&mut self, kind: &Kind, ns: &str, name: &str) -> Option<Value> {
-        let mut obj = self
-            .objects
-            .get_mut(&kind.key())?
-            .remove(&(ns.to_string(), name.to_string()))?;
-        let uid = obj["metadata"]["uid"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
-        self.uids.remove(&uid);
-        let rv = self.next_rv();
-        obj["metadata"]["resourceVersion"] = json!(rv.to_string());
-        self.emit(&kind.key(), EventType::Deleted, obj.clone(), None);
-        if kind.group.is_empty() && kind.plural == "namespaces" {
-            self.delete_namespace_contents(name);
-        }
-        if kind.kind == "CustomResourceDefinition" {
-            let key = kind_key_of_crd(&obj);
-            if let Some(crd_kind) = self.kinds.by_key(&key).cloned() {
-                let all: Vec<ObjKey> = self
-                    .objects
-                    .get(&key)
-                    .map(|m| m.keys().cloned().collect())
-                    .unwrap_or_default();
-                for (ons, oname) in all {
-                    self.remove(&crd_kind, &ons, &oname);
-                }
-            }
-            self.kinds.unregister_crd(&key);
-        }
-        self.collect_dependents(&uid);
         Some(obj)
     }
 
-    fn delete_namespace_contents(&mut self, ns: &str) {
-        let kinds: Vec<Kind> = self
-            .objects
-            .keys()
-            .filter_map(|k| self.kinds.by_key(k).filter(|k| k.namespaced).cloned())
-            .collect();
-        for kind in kinds {
-            let names: Vec<String> = self
-                .list(&kind, Some(ns))
-                .iter()
-                .filter_map(|o| o["metadata"]["name"].as_str().map(str::to_string))
-                .collect();
-            for name in names {
-                let _ = self.delete(&kind, ns, &name, Propagation::Background, &Value::Null);
-            }
-        }
-    }
-
-    /// Objects that name `uid` as an owner: (kind, namespace, name, object).
-    fn dependents(&self, uid: &str) -> Vec<(Kind, String, String, Value)> {
-        let mut out = Vec::new();
-        for (key, objs) in &self.objects {
-            let Some(kind) = self.kinds.by_key(key) else {
-                continue;
-            };
-            for ((ns, name), obj) in objs {
-                let owned = obj["metadata"]["ownerReferences"]
-                    .as_array()
-                    .is_some_and(|refs| refs.iter().any(|r| r["uid"] == uid));
-                if owned {
-                    out.push((kind.clone(), ns.clone(), name.clone(), obj.clone()));
+    fn unindex(&mut self, kind: &Kind, okey: &ObjKey, obj: &Value) {
+        let at = (kind.key(), okey.clone());
+        for owner in owner_uids(obj) {
+            if let Some(set) = self.dependents.get_mut(&owner) {
+                set.remove(&at);
+                if set.is_empty() {
+                    self.dependents.remove(&owner);
                 }
             }
         }
-        out
-    }
-
-    /// Background garbage collection: dependents whose every owner is gone are deleted.
-    fn collect_dependents(&mut self, uid: &str) {
-        if uid.is_empty() {
-            return;
-        }
-        for (kind, ns, name, obj) in self.dependents(uid) {
-            let orphaned = obj["metadata"]["ownerReferences"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .all(|r| r["uid"].as_str().is_none_or(|u| !self.uids.contains_key(u)));
-            if orphaned {
-                let _ = self.delete(&kind, &ns, &name, Propagation::Background, &Value::Null);
+        if is_service(kind) {
+            for ip in defaults::service_ips(obj) {
+                self.taken_ips.remove(&ip);
             }
-        }
-    }
-
-    /// Orphan propagation: dependents lose their reference to `uid` and stay.
-    fn orphan_dependents(&mut self, uid: &str) {
-        for (kind, ns, name, mut obj) in self.dependents(uid) {
-            if let Some(refs) = obj["metadata"]["ownerReferences"].as_array_mut() {
-                refs.retain(|r| r["uid"] != uid);
-            }
-            let version = kind.versions[0].clone();
-            let _ = self.update(&kind, &version, &ns, &name, obj, Part::All, None);
         }
     }
 
@@ -614,6 +377,20 @@ impl State {
             )
         }
     }
+}
+
+fn is_service(kind: &Kind) -> bool {
+    kind.group.is_empty() && kind.plural == "services"
+}
+
+/// The uids an object names in `metadata.ownerReferences`.
+fn owner_uids(obj: &Value) -> Vec<String> {
+    obj["metadata"]["ownerReferences"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["uid"].as_str().map(str::to_string))
+        .collect()
 }
 
 /// Deleting and no finalizer left: the object goes.
