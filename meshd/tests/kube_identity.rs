@@ -279,3 +279,24 @@ fn root_configmap_now(api: &testbed::kubeapi::ApiServer) -> Option<String> {
     api.get("v1", "ConfigMap", Some(NS), "mesh-root-cert")
         .and_then(|cm| cm["data"]["root-cert.pem"].as_str().map(str::to_string))
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_step_without_a_ca_secret_says_to_start_meshd_first() {
+    let api = cluster();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_meshd"))
+        .args(["ca", "activate", "--kubernetes", "--namespace", NS])
+        .arg("--kubeconfig")
+        .arg(api.kubeconfig())
+        .output()
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(
+            "Secret mesh-system/mesh-ca does not exist: start meshd with --kubernetes once first"
+        ),
+        "{err}"
+    );
+    assert!(ca_secret(&api).is_none(), "a failed step creates nothing");
+}
