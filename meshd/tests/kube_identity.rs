@@ -300,3 +300,64 @@ async fn a_rotation_step_without_a_ca_secret_says_to_start_meshd_first() {
     );
     assert!(ca_secret(&api).is_none(), "a failed step creates nothing");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_step_never_overwrites_a_concurrent_change_of_the_secret() {
+    use meshd::kube::ca_secret::{RotationStep, rotate};
+    use testbed::kubeapi::RequestMatch;
+    let api = cluster();
+    let _meshd = Replica::start(&api, "meshd-0").await;
+    let path = format!("/api/v1/namespaces/{NS}/secrets/mesh-ca");
+    let gets = |api: &testbed::kubeapi::ApiServer| {
+        api.requests()
+            .iter()
+            .filter(|r| r.method == "GET" && r.path == path)
+            .count()
+    };
+    let before = gets(&api);
+    // The step reads the Secret, then its write waits while someone else changes the Secret.
+    api.hold_requests(RequestMatch {
+        method: Some("PUT".into()),
+        path_prefix: path.clone(),
+    });
+    let mut k = meshd::kube::KubeSettings::new(NS, "operator");
+    k.kubeconfig = Some(api.kubeconfig().to_path_buf());
+    let client = meshd::kube::client(&k).await.unwrap();
+    let step = tokio::spawn(rotate(client, NS, TD, RotationStep::Prepare));
+    wait(DEADLINE, "the step to read the Secret", || {
+        gets(&api) > before
+    })
+    .await;
+    let extra = meshcore::ca::CertAuthority::new_in_memory(TD)
+        .unwrap()
+        .root_pem()
+        .to_string();
+    let mut secret = api.get("v1", "Secret", Some(NS), "mesh-ca").unwrap();
+    secret["data"]["trusted-extra.pem"] =
+        serde_json::to_value(k8s_openapi::ByteString(extra.clone().into_bytes())).unwrap();
+    api.put(secret).unwrap();
+    api.clear_hooks();
+
+    let said = tokio::time::timeout(DEADLINE, step)
+        .await
+        .expect("the step finished")
+        .unwrap()
+        .expect("the step succeeded after reading again");
+    assert!(said.contains("new root created"), "{said}");
+    let data = ca_secret(&api).unwrap();
+    assert!(data.contains_key("next-root-cert.pem"), "the step is in");
+    assert_eq!(
+        data["trusted-extra.pem"],
+        extra.as_bytes(),
+        "the other change is too"
+    );
+    let conflicts = api
+        .requests()
+        .iter()
+        .filter(|r| r.method == "PUT" && r.path == path && r.code == 409)
+        .count();
+    assert_eq!(
+        conflicts, 1,
+        "the stale write was refused by its resourceVersion"
+    );
+}
