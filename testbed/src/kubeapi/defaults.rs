@@ -122,6 +122,11 @@ impl ServiceIps {
             .and_then(Value::as_str)
             .unwrap_or("SingleStack")
             .to_string();
+        if policy == "RequireDualStack" && self.v6.is_none() {
+            return Err(ApiErr::invalid(
+                "spec.ipFamilyPolicy: Invalid value: \"RequireDualStack\": this cluster is not configured for dual-stack services",
+            ));
+        }
         let mut ips = Vec::new();
         if asked.is_empty() {
             let range = self
@@ -287,6 +292,13 @@ mod tests {
         assert_eq!(b["spec"]["clusterIPs"], json!(["10.97.0.2"]));
         taken.insert("10.97.0.2".parse().unwrap());
         assert!(ips.on_create(&mut json!({"spec": {}}), &taken).is_err());
+        let mut dual = ServiceIps::new("10.97.0.0/24", Some("fd00:97::/112"));
+        let mut d = json!({"spec": {"ipFamilyPolicy": "PreferDualStack"}});
+        dual.on_create(&mut d, &HashSet::new()).unwrap();
+        assert_eq!(d["spec"]["clusterIPs"], json!(["10.97.0.1", "fd00:97::1"]));
+        assert_eq!(d["spec"]["ipFamilies"], json!(["IPv4", "IPv6"]));
+        let mut req = json!({"spec": {"ipFamilyPolicy": "RequireDualStack"}});
+        assert_eq!(ips.on_create(&mut req, &taken).unwrap_err().code, 422);
         let mut h = json!({"spec": {"clusterIP": "None"}});
         ips.on_create(&mut h, &taken).unwrap();
         assert_eq!(h["spec"]["clusterIP"], "None");

@@ -27,6 +27,12 @@ pub(crate) fn handle(
     version: &str,
     target: Target,
 ) -> Result<Response<Body>, ApiErr> {
+    if req.q("dryRun").is_some_and(|d| !d.is_empty()) {
+        // Honest refusal: a dry run here would write.
+        return Err(ApiErr::bad_request(
+            "dryRun is not supported by the API server double",
+        ));
+    }
     if !kind.stored {
         return match (&req.method, &target) {
             (&Method::POST, Target::Collection { ns: None }) => {

@@ -106,6 +106,16 @@ impl Registry {
             builtin("", "v1", "secrets", "Secret", true, false, &[]),
             builtin("", "v1", "nodes", "Node", false, true, &["no"]),
             builtin("", "v1", "events", "Event", true, false, &["ev"]),
+            // kube's event Recorder writes these.
+            builtin(
+                "events.k8s.io",
+                "v1",
+                "events",
+                "Event",
+                true,
+                false,
+                &["ev"],
+            ),
             builtin(
                 "discovery.k8s.io",
                 "v1",
