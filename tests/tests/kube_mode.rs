@@ -194,6 +194,15 @@ fn held(mesh: &LocalMesh, i: usize) -> Option<(BTreeSet<String>, BTreeSet<String
     ))
 }
 
+/// Sets the flag when dropped (also while unwinding from a failed assertion).
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 /// A Service the test adds to prove a change made now reaches both ztunnels.
 fn marker(mesh: &LocalMesh, n: u32) {
     let name = format!("marker-{n}");
@@ -284,6 +293,8 @@ fn expired_watches_and_an_api_outage_never_make_ztunnel_forget() {
                 std::thread::sleep(Duration::from_millis(50));
             }
         });
+        // A failing assertion below must stop the sampler too, or the scope never ends.
+        let _stop = StopOnDrop(&stop);
         let rounds: [(&str, fn(&testbed::kubeapi::ApiServer)); 4] = [
             ("clean drop", |a| a.drop_watches(true)),
             ("cut drop", |a| a.drop_watches(false)),
@@ -308,7 +319,6 @@ fn expired_watches_and_an_api_outage_never_make_ztunnel_forget() {
             );
             marker(&mesh, n as u32);
         }
-        stop.store(true, Ordering::Relaxed);
     });
     let lost = lost.into_inner().unwrap();
     assert!(lost.is_empty(), "ztunnels forgot config: {lost:?}");
