@@ -1029,6 +1029,31 @@ async fn malformed_requests_get_status_errors() {
         .0,
         415
     );
+    // Bodies shaped to make the server write into a non-object: refused, connection intact.
+    let (code, _) = post(&c, CMS, json!({"kind": "ConfigMap", "metadata": "x"})).await;
+    assert_eq!(code, 400);
+    let (code, _) = call(
+        &c,
+        "PATCH",
+        &format!("{CMS}/x?fieldManager=m"),
+        "application/apply-patch+yaml",
+        Some(json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": 5})),
+    )
+    .await;
+    assert_eq!(code, 400);
+    post(
+        &c,
+        "/api/v1/namespaces/t/serviceaccounts",
+        json!({"metadata": {"name": "sa"}}),
+    )
+    .await;
+    let (code, _) = post(
+        &c,
+        "/api/v1/namespaces/t/serviceaccounts/sa/token",
+        json!({"spec": [1]}),
+    )
+    .await;
+    assert_eq!(code, 400);
     assert_eq!(
         get(&c, &format!("{CMS}?watch=true&resourceVersion=abc"))
             .await

@@ -153,6 +153,7 @@ pub(super) fn parse_body(req: &Req) -> Result<Value, ApiErr> {
     if !v.is_object() {
         return Err(ApiErr::bad_request("the request body must be an object"));
     }
+    object_parts(&v, &["metadata"])?;
     Ok(v)
 }
 
@@ -307,6 +308,7 @@ fn parse_apply_body(req: &Req) -> Result<Value, ApiErr> {
     if !v.is_object() {
         return Err(ApiErr::bad_request("the apply body must be an object"));
     }
+    object_parts(&v, &["metadata"])?;
     Ok(v)
 }
 
@@ -341,4 +343,18 @@ fn delete(
         .lock_state()
         .delete(kind, &ns, name, propagation, &opts["preconditions"])?;
     Ok(reply(200, &obj))
+}
+
+/// Refuses a body whose named parts are present but not objects (the server writes into
+/// them; the real one refuses such a body when decoding it).
+pub(super) fn object_parts(v: &Value, parts: &[&str]) -> Result<(), ApiErr> {
+    for part in parts {
+        let p = &v[*part];
+        if !p.is_null() && !p.is_object() {
+            return Err(ApiErr::bad_request(format!(
+                "{part} must be an object, not {p}"
+            )));
+        }
+    }
+    Ok(())
 }

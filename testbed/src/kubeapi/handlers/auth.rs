@@ -11,7 +11,7 @@ use super::super::errors::ApiErr;
 use super::super::kinds::Kind;
 use super::super::server::{Body, Req, Shared, json as reply};
 use super::super::{TokenSpec, meta};
-use super::parse_body;
+use super::{object_parts, parse_body};
 
 pub(super) fn token_review(
     shared: &Arc<Shared>,
@@ -20,6 +20,7 @@ pub(super) fn token_review(
     version: &str,
 ) -> Result<Response<Body>, ApiErr> {
     let mut body = parse_body(req)?;
+    object_parts(&body, &["spec", "status"])?;
     let token = body["spec"]["token"]
         .as_str()
         .unwrap_or_default()
@@ -47,6 +48,7 @@ pub(super) fn token_request(
     sa: &str,
 ) -> Result<Response<Body>, ApiErr> {
     let mut body = parse_body(req)?;
+    object_parts(&body, &["spec", "status"])?;
     let expiration = body["spec"]["expirationSeconds"].as_u64().unwrap_or(3600);
     if expiration < 600 {
         return Err(ApiErr::invalid(
