@@ -16,6 +16,7 @@
 
 mod api_mode;
 pub mod bench;
+pub mod bench_control_plane;
 pub mod bench_policy;
 pub mod bench_restart;
 pub mod bench_waypoint;

@@ -7,7 +7,7 @@
 //! - `local`  run local mode with your own manifests
 //! - `bench`  raw TCP vs mesh, eBPF vs nftables capture, fast path on/off, a rolling update of
 //!   ztunnel under load, 10k policies, the waypoint's HTTP engine vs Envoy and nginx: ratios
-//!   from one run
+//!   from one run; the control plane at 10k pods against the Kubernetes API double
 //! - `fuzz`   the libFuzzer targets in fuzz/ (cargo-fuzz, nightly), each for a while
 
 use std::path::{Path, PathBuf};
@@ -58,10 +58,14 @@ enum Cmd {
         seconds: u64,
         /// Run only one scenario: `l4` (raw vs mesh), `capture` (eBPF vs nftables), `fastpath`
         /// (same-node bulk with/without `--fast-path`), `restart` (a rolling update of both
-        /// ztunnels under load), `policy` (10,000 policies) or `waypoint` (the waypoint's HTTP
-        /// engine vs Envoy and nginx as reverse proxies).
-        #[arg(long, value_parser = ["l4", "capture", "fastpath", "restart", "policy", "waypoint"])]
+        /// ztunnels under load), `policy` (10,000 policies), `waypoint` (the waypoint's HTTP
+        /// engine vs Envoy and nginx as reverse proxies) or `control-plane` (meshd in Kubernetes
+        /// mode with 10,000 pods, 1,000 Services, 1,000 policies and 100 nodes' subscribers).
+        #[arg(long, value_parser = ["l4", "capture", "fastpath", "restart", "policy", "waypoint", "control-plane"])]
         only: Option<String>,
+        /// control-plane: divide the cluster's size by this (10: 1,000 pods over 10 nodes).
+        #[arg(long, default_value_t = 1)]
+        scale: usize,
     },
     /// Run the fuzz targets in fuzz/ (all, or one), each for a time or a number of runs.
     /// Crashes are saved under fuzz/artifacts/<target>/; new coverage under fuzz/corpus/.
@@ -116,7 +120,11 @@ fn main() -> anyhow::Result<()> {
             build(false)?;
             local(&manifests, nodes)
         }
-        Cmd::Bench { seconds, only } => {
+        Cmd::Bench {
+            seconds,
+            only,
+            scale,
+        } => {
             need_root()?;
             deps()?;
             build(true)?;
@@ -162,6 +170,15 @@ fn main() -> anyhow::Result<()> {
                     "{:<32} {:>10} {:<3} {:>10} {:<3}   (handover took {:.2?})",
                     "failed connections", r.errors_steady, "", r.errors_during, "", r.handover
                 );
+            }
+            if want("control-plane") {
+                // Changes for four times the measuring time (20 s by default) at 20/s.
+                let opts = localmesh::bench_control_plane::Options::new(
+                    scale,
+                    Duration::from_secs(seconds.max(1) * 4),
+                );
+                let r = localmesh::bench_control_plane::run(opts)?;
+                localmesh::bench_control_plane::print(&r);
             }
             if want("waypoint") {
                 let r = localmesh::bench_waypoint::run(Duration::from_secs(seconds))?;
