@@ -152,8 +152,10 @@ pub async fn run_with(
         spawn_outputs(outputs, views.clone());
     }
     let mut kube_auth = crate::kube::identity::KubeAuthLayer::default();
+    let mut elected = None;
     if let Some((client, k)) = &kube_client {
         let leader = crate::kube::leader::spawn(client.clone(), k);
+        elected = Some(leader.clone());
         crate::kube::writer::spawn(client.clone(), k, views.clone(), leader.clone());
         crate::kube::ca_secret::publish_root(client.clone(), k, roots.clone(), leader);
         kube_auth.reviewer = Some(crate::kube::identity::TokenReviewer::new(
@@ -224,6 +226,10 @@ pub async fn run_with(
     };
     if let Listen::Unix(path) = &cfg.listen {
         let _ = std::fs::remove_file(path);
+    }
+    if let Some(leader) = &elected {
+        // Stop writing and release the Lease before exiting: another replica leads at once.
+        crate::kube::leader::resign_and_wait(leader).await;
     }
     info!("stopped");
     result

@@ -121,3 +121,79 @@ fn a_leader_that_cannot_renew_steps_down_before_its_lease_expires() {
         a.leading()
     });
 }
+
+/// Two whole meshd replicas: only the leader renders the waypoint; stopping it (as SIGTERM
+/// would) hands the Lease over at once, and the other then writes — never both.
+#[test]
+fn two_meshd_replicas_one_writes_and_a_stopped_leader_hands_over_at_once() {
+    let api = cluster();
+    let t = LeaseTimings {
+        duration: Duration::from_secs(60),
+        renew_deadline: Duration::from_secs(40),
+        retry_period: Duration::from_millis(300),
+    };
+    let mut a = kube_h4::Daemon::start(settings(&api, "meshd-0", t));
+    wait_until("meshd-0 to lead", Duration::from_secs(20), || {
+        lease(&api)["holderIdentity"] == "meshd-0"
+    });
+    let b = kube_h4::Daemon::start(settings(&api, "meshd-1", t));
+    let gw = |marker: &str| {
+        serde_json::json!({
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+            "metadata": {"name": "waypoint", "namespace": "app", "annotations": {"m": marker}},
+            "spec": {"gatewayClassName": "istio-waypoint",
+                     "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]},
+        })
+    };
+    api.create(gw("1")).expect("gateway");
+    wait_until("the waypoint Deployment", Duration::from_secs(20), || {
+        api.get("apps/v1", "Deployment", Some("app"), "waypoint")
+            .is_some()
+    });
+    a.stop();
+    let handed_over = api.requests().len();
+    // Far sooner than the 60 s lease could expire: only a release explains it.
+    wait_until(
+        "meshd-1 to take the released lease",
+        Duration::from_secs(20),
+        || lease(&api)["holderIdentity"] == "meshd-1",
+    );
+    // The new leader writes: the Gateway deleted and re-created gets new objects.
+    api.delete(
+        "gateway.networking.k8s.io/v1",
+        "Gateway",
+        Some("app"),
+        "waypoint",
+    )
+    .expect("delete");
+    wait_until("the old objects to go", Duration::from_secs(20), || {
+        api.get("apps/v1", "Deployment", Some("app"), "waypoint")
+            .is_none()
+    });
+    let uid = api.create(gw("2")).expect("gateway")["metadata"]["uid"].clone();
+    wait_until(
+        "meshd-1 to render the new Gateway",
+        Duration::from_secs(20),
+        || {
+            api.get("apps/v1", "Deployment", Some("app"), "waypoint")
+                .is_some_and(|d| d["metadata"]["ownerReferences"][0]["uid"] == uid)
+        },
+    );
+    let log = api.requests();
+    let writes: Vec<(usize, &str)> = log
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.method != "GET" && !r.path.contains("/leases"))
+        .filter(|(_, r)| r.path.contains("/apis/apps/") || r.path.contains("gateway"))
+        .filter_map(|(i, r)| r.pod.as_deref().map(|p| (i, p)))
+        .collect();
+    assert!(writes.iter().any(|(_, p)| *p == "meshd-0"));
+    assert!(writes.iter().any(|(_, p)| *p == "meshd-1"));
+    for (i, p) in writes {
+        match p {
+            "meshd-0" => assert!(i < handed_over, "meshd-0 wrote after it stopped"),
+            _ => assert!(i >= handed_over, "{p} wrote while meshd-0 led"),
+        }
+    }
+    drop(b);
+}

@@ -23,13 +23,17 @@ use tracing::{debug, info, warn};
 use super::{KubeSettings, LEASE_NAME, LeaseTimings};
 
 /// Runs the elector until this replica resigns ([`resign`], when meshd stops: the Lease is
-/// released so another replica takes over at once) or the returned receiver and every clone
-/// are dropped. `true` while this replica leads: a writer must check it before each write and
-/// stop at once when it turns false.
+/// released so another replica takes over at once). `true` while this replica leads: a writer
+/// must check it before each write and stop at once when it turns false.
 pub fn spawn(client: kube::Client, settings: &KubeSettings) -> watch::Receiver<bool> {
     let (tx, rx) = watch::channel(false);
     let stop = Arc::new(Notify::new());
-    registry().push((rx.clone(), stop.clone()));
+    let (done_tx, done) = watch::channel(false);
+    registry().push(Entry {
+        leader: rx.clone(),
+        stop: stop.clone(),
+        done,
+    });
     let elector = Elector {
         api: Api::namespaced(client, &settings.namespace),
         identity: settings.identity.clone(),
@@ -39,27 +43,44 @@ pub fn spawn(client: kube::Client, settings: &KubeSettings) -> watch::Receiver<b
     let watched = rx.clone();
     tokio::spawn(async move {
         elector.run(tx, stop).await;
-        registry().retain(|(r, _)| !r.same_channel(&watched));
+        registry().retain(|e| !e.leader.same_channel(&watched));
+        done_tx.send_replace(true);
     });
     rx
 }
 
-/// Ends the elector behind `leader` (a receiver [`spawn`] returned, or a clone): stops leading
-/// and releases the Lease. For a stopping meshd.
+/// Ends the elector behind `leader` (a receiver [`spawn`] returned, or a clone): it stops
+/// leading and releases the Lease. For a stopping meshd; see [`resign_and_wait`].
 pub fn resign(leader: &watch::Receiver<bool>) {
-    let mut reg = registry();
-    if let Some(i) = reg.iter().position(|(r, _)| r.same_channel(leader)) {
-        let (_, stop) = reg.swap_remove(i);
-        stop.notify_one();
+    let _ = take(leader);
+}
+
+/// [`resign`], and returns once the Lease is released (or releasing it failed): a process
+/// that exits right after still hands over at once.
+pub async fn resign_and_wait(leader: &watch::Receiver<bool>) {
+    if let Some(mut done) = take(leader) {
+        let _ = done.wait_for(|d| *d).await;
     }
 }
 
-type Registry = Vec<(watch::Receiver<bool>, Arc<Notify>)>;
+fn take(leader: &watch::Receiver<bool>) -> Option<watch::Receiver<bool>> {
+    let mut reg = registry();
+    let i = reg.iter().position(|e| e.leader.same_channel(leader))?;
+    let e = reg.swap_remove(i);
+    e.stop.notify_one();
+    Some(e.done)
+}
 
-/// Electors that can be asked to resign, by their channel. (A receiver kept here does not keep
-/// an elector alive: the elector also ends on [`resign`].)
-fn registry() -> std::sync::MutexGuard<'static, Registry> {
-    static REG: Mutex<Registry> = Mutex::new(Vec::new());
+/// A running elector: its channel, how to stop it, and whether it has ended.
+struct Entry {
+    leader: watch::Receiver<bool>,
+    stop: Arc<Notify>,
+    done: watch::Receiver<bool>,
+}
+
+/// Electors that can be asked to resign, by their channel.
+fn registry() -> std::sync::MutexGuard<'static, Vec<Entry>> {
+    static REG: Mutex<Vec<Entry>> = Mutex::new(Vec::new());
     REG.lock().unwrap_or_else(|p| p.into_inner())
 }
 

@@ -180,3 +180,81 @@ pub fn view_of(api: &ApiServer) -> MeshView {
     };
     meshd::translate::translate(&res, &settings, &Default::default())
 }
+
+/// A whole meshd (`daemon::run_with` in Kubernetes mode) on a runtime of its own.
+pub struct Daemon {
+    pub name: String,
+    _dir: tempfile::TempDir,
+    rt: Option<tokio::runtime::Runtime>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), meshd::daemon::RunError>>>,
+}
+
+impl Daemon {
+    pub fn start(settings: KubeSettings) -> Daemon {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let cfg = meshd::daemon::RunConfig {
+            config_dir: dir.path().join("config"),
+            state_dir: dir.path().join("state"),
+            listen: meshd::settings::Listen::Unix(dir.path().join("meshd.sock")),
+            settings: Settings {
+                trust_domain: "cluster.local".into(),
+                cluster_domain: "cluster.local".into(),
+            },
+            root_namespace: "istio-system".into(),
+            cert_lifetime: Duration::from_secs(3600),
+            poll_interval: Duration::from_millis(50),
+        };
+        let opts = meshd::daemon::RunOptions {
+            write_dir: None,
+            kube: Some(settings.clone()),
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let _in_runtime = rt.enter();
+        let task = rt.spawn(meshd::daemon::run_with(cfg, opts, async move {
+            let _ = stopped.await;
+        }));
+        drop(_in_runtime);
+        Daemon {
+            name: settings.identity,
+            _dir: dir,
+            rt: Some(rt),
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// Stops meshd as SIGTERM would and, once `run_with` returns, ends the process: nothing
+    /// meshd left running gets to finish.
+    pub fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let (Some(rt), Some(task)) = (self.rt.take(), self.task.take()) {
+            let r =
+                rt.block_on(async { tokio::time::timeout(Duration::from_secs(20), task).await });
+            rt.shutdown_background();
+            assert!(matches!(r, Ok(Ok(Ok(())))), "meshd stopped cleanly: {r:?}");
+        }
+    }
+
+    /// The process dies.
+    pub fn kill(mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
