@@ -174,6 +174,26 @@ fn labelling_a_namespace_enrolls_running_pods_and_policies_follow_the_api() {
         )
         .unwrap();
     eventually(&mesh, client, server, 8080, true);
+
+    // A waypoint Gateway created in the API runs as a pod (meshd renders its Deployment, the
+    // local controller runs it and writes the Pod to the API); deleting the Gateway removes
+    // the Deployment (garbage collection), then the pod, from the cluster and the API.
+    mesh.api_waypoint_apply("lab", "waypoint").unwrap();
+    let pods = mesh.wait_for_pods("lab", "waypoint", 1).unwrap();
+    let in_api = |name: &str| api(&mesh).get("v1", "Pod", Some("lab"), name).is_some();
+    assert!(in_api(&pods[0]), "the waypoint's Pod is in the API");
+    api(&mesh)
+        .delete(
+            "gateway.networking.k8s.io/v1",
+            "Gateway",
+            Some("lab"),
+            "waypoint",
+        )
+        .unwrap();
+    wait_for(WAIT, "the waypoint's pod to go", || {
+        Ok(mesh.pods_of("lab", "waypoint").is_empty() && !in_api(&pods[0]))
+    })
+    .unwrap();
 }
 
 /// What node `i`'s ztunnel holds: workload uids and policy keys.
