@@ -1029,6 +1029,15 @@ async fn malformed_requests_get_status_errors() {
         .0,
         415
     );
+    // A timeout no clock can add is no timeout, not a crash.
+    let huge = format!(
+        "{CMS}?watch=true&timeoutSeconds={}&resourceVersion={}",
+        u64::MAX,
+        server.resource_version()
+    );
+    let mut w = Watch::open(&c, &huge).await;
+    post(&c, CMS, cm("after-huge", json!({}))).await;
+    assert_eq!(summary(&w.next_change().await).1, "after-huge");
     // Bodies shaped to make the server write into a non-object: refused, connection intact.
     let (code, _) = post(&c, CMS, json!({"kind": "ConfigMap", "metadata": "x"})).await;
     assert_eq!(code, 400);

@@ -161,7 +161,10 @@ async fn stream(
     let Some(mut live) = live else {
         return;
     };
-    let deadline = req.timeout.map(|t| tokio::time::Instant::now() + t);
+    // A timeout too large to add to now is no timeout.
+    let deadline = req
+        .timeout
+        .and_then(|t| tokio::time::Instant::now().checked_add(t));
     let period = shared.opts.bookmark_interval.max(Duration::from_millis(10));
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     loop {
