@@ -101,9 +101,33 @@ pub struct Replica {
 }
 
 impl Replica {
-    /// Starts meshd named `name` with an empty state directory; returns once it listens.
+    /// Starts meshd named `name` with an empty state directory; returns once it answers TLS
+    /// with a certificate from its own CA. A port taken meanwhile (the free port is picked,
+    /// released, then bound by meshd: another test process may win it) is retried with another.
     pub async fn start(api: &ApiServer, name: &str) -> Replica {
         let dir = tempfile::tempdir().unwrap();
+        for _ in 0..5 {
+            if let Some((addr, stop, task)) = Self::try_start(api, name, &dir).await {
+                return Replica {
+                    addr,
+                    dir,
+                    stop: Some(stop),
+                    task,
+                };
+            }
+        }
+        panic!("meshd {name} found no free port in 5 tries");
+    }
+
+    async fn try_start(
+        api: &ApiServer,
+        name: &str,
+        dir: &tempfile::TempDir,
+    ) -> Option<(
+        String,
+        oneshot::Sender<()>,
+        tokio::task::JoinHandle<Result<(), RunError>>,
+    )> {
         let addr = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -131,21 +155,22 @@ impl Replica {
         let task = tokio::spawn(daemon::run_with(cfg, opts, async move {
             let _ = stopped.await;
         }));
+        let root = dir.path().join("state/ca/root-cert.pem");
         let start = std::time::Instant::now();
-        while tokio::net::TcpStream::connect(addr).await.is_err() {
-            assert!(
-                !task.is_finished(),
-                "meshd {name} stopped: {:?}",
-                task.await
-            );
+        loop {
+            if task.is_finished() {
+                match task.await {
+                    Ok(Err(RunError::Listen { .. })) => return None,
+                    other => panic!("meshd {name} stopped: {other:?}"),
+                }
+            }
             assert!(start.elapsed() < DEADLINE, "meshd {name} did not listen");
+            if let Ok(pem) = std::fs::read_to_string(&root)
+                && tls_handshake(&addr.to_string(), &pem).await
+            {
+                return Some((addr.to_string(), stop, task));
+            }
             tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Replica {
-            addr: addr.to_string(),
-            dir,
-            stop: Some(stop),
-            task,
         }
     }
 
@@ -181,9 +206,17 @@ pub fn ca_secret(api: &ApiServer) -> Option<BTreeMap<String, Vec<u8>>> {
     Some(s.data?.into_iter().map(|(k, v)| (k, v.0)).collect())
 }
 
-/// A channel to `addr` over TLS, verifying meshd as `meshd.test.local` against `roots_pem`
-/// only.
-pub fn tls_channel(addr: &str, roots_pem: &str) -> Channel {
+/// Whether `addr` completes a TLS handshake as meshd against `roots_pem`.
+async fn tls_handshake(addr: &str, roots_pem: &str) -> bool {
+    let Ok(tcp) = tokio::net::TcpStream::connect(addr).await else {
+        return false;
+    };
+    let name = ServerName::try_from(format!("meshd.{TD}")).unwrap();
+    let connect = tokio_rustls::TlsConnector::from(client_config(roots_pem)).connect(name, tcp);
+    matches!(tokio::time::timeout(DEADLINE, connect).await, Ok(Ok(_)))
+}
+
+fn client_config(roots_pem: &str) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_slice_iter(roots_pem.as_bytes()) {
         roots.add(c.unwrap()).unwrap();
@@ -195,7 +228,13 @@ pub fn tls_channel(addr: &str, roots_pem: &str) -> Channel {
         .with_root_certificates(roots)
         .with_no_client_auth();
     config.alpn_protocols = vec![b"h2".to_vec()];
-    let config = Arc::new(config);
+    Arc::new(config)
+}
+
+/// A channel to `addr` over TLS, verifying meshd as `meshd.test.local` against `roots_pem`
+/// only.
+pub fn tls_channel(addr: &str, roots_pem: &str) -> Channel {
+    let config = client_config(roots_pem);
     let addr = addr.to_string();
     Endpoint::from_static("http://meshd.invalid").connect_with_connector_lazy(tower::service_fn(
         move |_| {
