@@ -92,12 +92,14 @@ pub fn ztunnel_a(api: &ApiServer) -> String {
     pod_token(api, NS, "ztunnel-a", "ztunnel", "mesh-ca")
 }
 
+type MeshdTask = tokio::task::JoinHandle<Result<(), RunError>>;
+
 /// A meshd replica in Kubernetes mode on 127.0.0.1; stopped when dropped.
 pub struct Replica {
     pub addr: String,
     pub dir: tempfile::TempDir,
     stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<Result<(), RunError>>,
+    task: MeshdTask,
 }
 
 impl Replica {
@@ -123,11 +125,7 @@ impl Replica {
         api: &ApiServer,
         name: &str,
         dir: &tempfile::TempDir,
-    ) -> Option<(
-        String,
-        oneshot::Sender<()>,
-        tokio::task::JoinHandle<Result<(), RunError>>,
-    )> {
+    ) -> Option<(String, oneshot::Sender<()>, MeshdTask)> {
         let addr = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
