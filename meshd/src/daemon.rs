@@ -109,25 +109,31 @@ pub async fn run_with(
     let outputs = opts.write_dir.as_deref().map(Outputs::new).transpose()?;
     let auth = Arc::new(state::node_authority(&cfg.state_dir)?);
     let ca_dir = state::ca_dir(&cfg.state_dir);
-    // Keeps the CA directory following the Secret while meshd runs.
-    let mut _ca_sync = None;
-    let kube_client = match &opts.kube {
-        Some(k) => {
-            let client = crate::kube::client(k).await?;
-            // Every replica signs with the root kept in the API, not one of its own.
-            _ca_sync = Some(
-                crate::kube::ca_secret::sync(
-                    client.clone(),
-                    k,
-                    &ca_dir,
-                    &cfg.settings.trust_domain,
-                )
-                .await?,
-            );
-            Some((client, k.clone()))
+    // Shutdown is a channel from the start: waiting for the API (below) must heed it too.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        info!("shutting down");
+        let _ = stop_tx.send(true);
+    });
+    let kube = opts.kube.clone().map(|mut k| {
+        k.root_namespace = cfg.root_namespace.clone();
+        k
+    });
+    let mut stopped = stop_rx.clone();
+    let started = tokio::select! {
+        r = start_source(&cfg, kube.as_ref(), &ca_dir) => r?,
+        _ = stopped.wait_for(|s| *s) => {
+            info!("stopped before the resource source was ready");
+            return Ok(());
         }
-        None => None,
     };
+    let Started {
+        kube_client,
+        _ca_sync,
+        _source,
+        resources,
+    } = started;
     let first = roots::load(&ca_dir, &cfg.settings.trust_domain)?;
     let roots = roots::watch(
         ca_dir,
@@ -135,18 +141,6 @@ pub async fn run_with(
         first,
         Duration::from_millis(500),
     );
-
-    let (_source, resources) = match &kube_client {
-        None => {
-            let (s, r) = LocalSource::start(&cfg.config_dir, cfg.poll_interval)?;
-            (Source::Directory(s), r)
-        }
-        Some((client, k)) => {
-            info!("reading resources from the Kubernetes API");
-            let (s, r) = crate::kube::source::KubeSource::start(client.clone(), k).await?;
-            (Source::Kube(s), r)
-        }
-    };
     let views = spawn_translation(resources, cfg.settings.clone(), roots.clone());
     if let Some(outputs) = outputs {
         spawn_outputs(outputs, views.clone());
@@ -165,7 +159,6 @@ pub async fn run_with(
         ));
     }
 
-    let (stop_tx, stop_rx) = watch::channel(false);
     // Every service authenticates in an interceptor, which runs on the headers: no body of an
     // unauthenticated caller is ever decoded.
     let node_auth = NodeAuth::new(auth);
@@ -185,10 +178,9 @@ pub async fn run_with(
         .timeout(REQUEST_TIMEOUT)
         .add_service(InterceptedService::new(config_service, node_auth.clone()))
         .add_service(InterceptedService::new(ca_service, node_auth));
+    let mut stop = stop_rx.clone();
     let signal = async move {
-        shutdown.await;
-        info!("shutting down");
-        let _ = stop_tx.send(true);
+        let _ = stop.wait_for(|s| *s).await;
     };
     let listen = cfg.listen.clone();
     let listen_err = |reason: String| RunError::Listen {
@@ -233,6 +225,45 @@ pub async fn run_with(
     }
     info!("stopped");
     result
+}
+
+/// What start-up made before anything is served.
+struct Started {
+    kube_client: Option<(kube::Client, crate::kube::KubeSettings)>,
+    /// Keeps the CA directory following the Secret while meshd runs.
+    _ca_sync: Option<crate::kube::ca_secret::CaSecretSync>,
+    _source: Source,
+    resources: watch::Receiver<Arc<ResourceSet>>,
+}
+
+/// The resource source, and in Kubernetes mode the CA from the API first (every replica signs
+/// with the root kept there, not one of its own). Returns once the source has a complete first
+/// set: in Kubernetes mode that can wait for the API.
+async fn start_source(
+    cfg: &RunConfig,
+    kube: Option<&crate::kube::KubeSettings>,
+    ca_dir: &std::path::Path,
+) -> Result<Started, RunError> {
+    let Some(k) = kube else {
+        let (s, resources) = LocalSource::start(&cfg.config_dir, cfg.poll_interval)?;
+        return Ok(Started {
+            kube_client: None,
+            _ca_sync: None,
+            _source: Source::Directory(s),
+            resources,
+        });
+    };
+    let client = crate::kube::client(k).await?;
+    let ca_sync =
+        crate::kube::ca_secret::sync(client.clone(), k, ca_dir, &cfg.settings.trust_domain).await?;
+    info!("reading resources from the Kubernetes API");
+    let (s, resources) = crate::kube::source::KubeSource::start(client.clone(), k).await?;
+    Ok(Started {
+        kube_client: Some((client, k.clone())),
+        _ca_sync: Some(ca_sync),
+        _source: Source::Kube(s),
+        resources,
+    })
 }
 
 /// The running resource source (stops when dropped).

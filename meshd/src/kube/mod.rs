@@ -73,6 +73,8 @@ pub struct KubeSettings {
     pub ztunnel_service_account: (String, String),
     /// How long the source waits for more changes before publishing (a burst is one rebuild).
     pub debounce: Duration,
+    /// Istio's root namespace (meshd's `--root-namespace`; set from it by `daemon`).
+    pub root_namespace: String,
 }
 
 impl KubeSettings {
@@ -86,6 +88,7 @@ impl KubeSettings {
             token_audience: DEFAULT_TOKEN_AUDIENCE.to_string(),
             ztunnel_service_account: (namespace.to_string(), "ztunnel".to_string()),
             debounce: Duration::from_millis(100),
+            root_namespace: meshcore::policy::DEFAULT_ROOT_NAMESPACE.to_string(),
         }
     }
 }

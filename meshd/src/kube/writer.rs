@@ -48,14 +48,20 @@ pub fn spawn(
     views: watch::Receiver<Arc<VersionedView>>,
     leader: watch::Receiver<bool>,
 ) {
-    let _ = settings;
-    tokio::spawn(run(Ctx { client, leader }, views));
+    let ctx = Ctx {
+        client,
+        leader,
+        root_namespace: settings.root_namespace.clone(),
+    };
+    tokio::spawn(run(ctx, views));
 }
 
 /// What every write needs: the client, and the leader channel it checks first.
 pub(crate) struct Ctx {
     client: kube::Client,
     leader: watch::Receiver<bool>,
+    /// Istio's root namespace (policies there may target the waypoint GatewayClass).
+    root_namespace: String,
 }
 
 /// Why a write did not happen.

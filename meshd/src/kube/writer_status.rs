@@ -43,8 +43,7 @@ pub(super) async fn write_all(
         out.push(route(ctx, memory, key, r, view).await);
         stop_if_not_leader(&out)?;
     }
-    let root = meshcore::policy::DEFAULT_ROOT_NAMESPACE;
-    for (key, c) in status::policy_conditions(view, root) {
+    for (key, c) in status::policy_conditions(view, &ctx.root_namespace) {
         let Some(p) = view.policies.get(&key) else {
             continue;
         };
