@@ -3,7 +3,7 @@
 //! removed on drop. Knows nothing of requests.
 
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -66,17 +66,14 @@ pub(crate) fn identity() -> Result<Identity, String> {
 pub(crate) struct PrivateDir(PathBuf);
 
 impl PrivateDir {
+    /// A run directory of the testbed's (`/tmp/mesh-testbed/<run id>`, owner-stamped), so
+    /// what a killed test leaves behind is removed by the next run's `sweep_stale` like any
+    /// other dead run's.
     pub fn new() -> Result<Self, String> {
-        let base = std::env::temp_dir();
-        for _ in 0..16 {
-            let p = base.join(format!("kubeapi-{}", super::meta::name_suffix()));
-            match std::fs::DirBuilder::new().mode(0o700).create(&p) {
-                Ok(()) => return Ok(PrivateDir(p)),
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(format!("creating {}: {e}", p.display())),
-            }
-        }
-        Err(format!("no free directory name under {}", base.display()))
+        let (_, dir) = crate::runs::new_run().map_err(|e| e.to_string())?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| format!("making {} private: {e}", dir.display()))?;
+        Ok(PrivateDir(dir))
     }
     /// Writes `name` (mode 0600) and returns its path.
     pub fn write(&self, name: &str, text: &str) -> Result<PathBuf, String> {
