@@ -1,10 +1,11 @@
 //! The config stream (`mesh.config.v1.ConfigService`): each authenticated node (or waypoint)
 //! gets a snapshot of its part of the mesh view and then only what changed.
 //!
-//! Owns per-subscriber state (what it was last sent), who may subscribe as what (a node token
-//! for its node, a service-account token for the waypoint Gateway that runs as it), and what of
-//! the mesh each is told ([`view_for_node`], [`view_for_waypoint`]). Does not translate
-//! resources and does not decide what a diff contains (see `delta`); the token was checked by
+//! Owns the streams, who may subscribe as what (a node token for its node, a service-account
+//! token for the waypoint Gateway that runs as it), and what of the mesh each is told
+//! ([`view_for_node`], [`view_for_waypoint`]). A node's updates are computed incrementally by
+//! `config_node` (what changed is found once per version pair for all nodes); a waypoint's by
+//! diffing its whole view (`delta`). Does not translate resources; the token was checked by
 //! `authn`'s interceptor before this runs.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -19,6 +20,7 @@ use tonic::{Request, Response, Status};
 use tracing::{debug, info};
 
 use crate::authn::principal_of;
+use crate::config_node::{self, NodeSubscriber};
 use crate::delta;
 use crate::translate::{MeshView, VersionedView};
 
@@ -31,6 +33,8 @@ pub struct ConfigStream {
     root_namespace: String,
     /// Becomes true at shutdown: open streams end so the server can stop.
     shutdown: watch::Receiver<bool>,
+    /// Per-version facts and diffs, computed once for every node subscriber.
+    shared: Arc<config_node::Shared>,
 }
 
 impl ConfigStream {
@@ -43,6 +47,7 @@ impl ConfigStream {
             views,
             root_namespace,
             shutdown,
+            shared: Arc::default(),
         }
     }
 }
@@ -86,6 +91,7 @@ pub fn view_for_node(view: &MeshView, node: &str, root_namespace: &str) -> MeshV
         .filter(|(_, p)| {
             p.namespace == root_namespace || local_namespaces.contains(p.namespace.as_str())
         })
+        .filter(|(_, p)| config_node::for_nodes(p))
         .map(|(k, p)| (k.clone(), p.clone()))
         .collect();
     MeshView {
@@ -352,38 +358,103 @@ impl ConfigService for ConfigStream {
         let principal = principal_of(&req)?;
         let scope = authorize(principal, req.into_inner(), &self.views.borrow().view)?;
         let (tx, rx) = mpsc::channel(QUEUE);
-        let mut views = self.views.clone();
-        let mut shutdown = self.shutdown.clone();
+        let views = self.views.clone();
+        let shutdown = self.shutdown.clone();
         let root_namespace = self.root_namespace.clone();
-        tokio::spawn(async move {
-            let current = views.borrow_and_update().clone();
-            let mut sent = scope.view(&current.view, &root_namespace);
-            info!(subscriber = %scope, version = current.version, "subscribed; sending snapshot");
-            if tx
-                .send(Ok(delta::snapshot(&sent, current.version)))
-                .await
-                .is_err()
-            {
-                return;
+        match scope {
+            Scope::Node(node) => {
+                let shared = self.shared.clone();
+                tokio::spawn(serve_node(
+                    node,
+                    root_namespace,
+                    shared,
+                    views,
+                    shutdown,
+                    tx,
+                ));
             }
-            loop {
-                tokio::select! {
-                    changed = views.changed() => if changed.is_err() { break },
-                    _ = tx.closed() => break,
-                    _ = shutdown.wait_for(|s| *s) => break,
-                }
-                let current = views.borrow_and_update().clone();
-                let next = scope.view(&current.view, &root_namespace);
-                if let Some(update) = delta::delta(&sent, &next, current.version) {
-                    debug!(subscriber = %scope, version = current.version, "sending update");
-                    if tx.send(Ok(update)).await.is_err() {
-                        break;
-                    }
-                }
-                sent = next;
+            Scope::Waypoint(gw) => {
+                tokio::spawn(serve_waypoint(gw, root_namespace, views, shutdown, tx));
             }
-            info!(subscriber = %scope, "subscription ended");
-        });
+        }
         Ok(Response::new(ReceiverStream::new(rx)))
     }
+}
+
+type Tx = mpsc::Sender<Result<ConfigUpdate, Status>>;
+
+/// Waits for a new view; false when the stream should end.
+async fn next_view(
+    views: &mut watch::Receiver<Arc<VersionedView>>,
+    shutdown: &mut watch::Receiver<bool>,
+    tx: &Tx,
+) -> bool {
+    tokio::select! {
+        changed = views.changed() => changed.is_ok(),
+        _ = tx.closed() => false,
+        _ = shutdown.wait_for(|s| *s) => false,
+    }
+}
+
+/// A node's stream: state is the version it was brought to and its policy keys; what changed
+/// between versions is computed once for all nodes (`config_node`).
+async fn serve_node(
+    node: String,
+    root_namespace: String,
+    shared: Arc<config_node::Shared>,
+    mut views: watch::Receiver<Arc<VersionedView>>,
+    mut shutdown: watch::Receiver<bool>,
+    tx: Tx,
+) {
+    let current = views.borrow_and_update().clone();
+    let version = current.version;
+    let (mut sub, snapshot) = NodeSubscriber::start(&shared, node.clone(), root_namespace, current);
+    info!(subscriber = %format_args!("node {node}"), version, "subscribed; sending snapshot");
+    if tx.send(Ok(snapshot)).await.is_err() {
+        return;
+    }
+    while next_view(&mut views, &mut shutdown, &tx).await {
+        let current = views.borrow_and_update().clone();
+        let version = current.version;
+        if let Some(update) = sub.advance(&shared, current) {
+            debug!(subscriber = %format_args!("node {node}"), version, "sending update");
+            if tx.send(Ok(update)).await.is_err() {
+                break;
+            }
+        }
+    }
+    info!(subscriber = %format_args!("node {node}"), "subscription ended");
+}
+
+/// A waypoint's stream (few of them): its whole view is kept and diffed.
+async fn serve_waypoint(
+    gateway: String,
+    root_namespace: String,
+    mut views: watch::Receiver<Arc<VersionedView>>,
+    mut shutdown: watch::Receiver<bool>,
+    tx: Tx,
+) {
+    let scope = Scope::Waypoint(gateway);
+    let current = views.borrow_and_update().clone();
+    let mut sent = scope.view(&current.view, &root_namespace);
+    info!(subscriber = %scope, version = current.version, "subscribed; sending snapshot");
+    if tx
+        .send(Ok(delta::snapshot(&sent, current.version)))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    while next_view(&mut views, &mut shutdown, &tx).await {
+        let current = views.borrow_and_update().clone();
+        let next = scope.view(&current.view, &root_namespace);
+        if let Some(update) = delta::delta(&sent, &next, current.version) {
+            debug!(subscriber = %scope, version = current.version, "sending update");
+            if tx.send(Ok(update)).await.is_err() {
+                break;
+            }
+        }
+        sent = next;
+    }
+    info!(subscriber = %scope, "subscription ended");
 }

@@ -12,6 +12,7 @@
 pub mod authn;
 pub mod binding;
 pub mod ca_service;
+pub mod config_node;
 pub mod config_service;
 pub mod daemon;
 pub mod delta;
