@@ -77,7 +77,11 @@ enum CaStep {
 #[derive(clap::Args)]
 struct CaArgs {
     /// meshd's state directory (local mode).
-    #[arg(long, required_unless_present = "kubernetes", conflicts_with = "kubernetes")]
+    #[arg(
+        long,
+        required_unless_present = "kubernetes",
+        conflicts_with = "kubernetes"
+    )]
     state_dir: Option<PathBuf>,
     #[arg(long, default_value = "cluster.local")]
     trust_domain: String,

@@ -39,7 +39,13 @@ impl Synth {
         }
     }
 
-    pub(super) fn insert_policy(&mut self, kind: &'static str, namespace: &str, name: &str, spec: Value) {
+    pub(super) fn insert_policy(
+        &mut self,
+        kind: &'static str,
+        namespace: &str,
+        name: &str,
+        spec: Value,
+    ) {
         let p = SynthPolicy {
             kind,
             namespace: namespace.to_string(),
