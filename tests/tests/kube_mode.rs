@@ -252,6 +252,9 @@ fn marker(mesh: &LocalMesh, n: u32) {
     .unwrap();
 }
 
+/// Something done to the API server double in a round.
+type Hook = fn(&testbed::kubeapi::ApiServer);
+
 #[test]
 fn expired_watches_and_an_api_outage_never_make_ztunnel_forget() {
     if !privileged() {
@@ -315,7 +318,7 @@ fn expired_watches_and_an_api_outage_never_make_ztunnel_forget() {
         });
         // A failing assertion below must stop the sampler too, or the scope never ends.
         let _stop = StopOnDrop(&stop);
-        let rounds: [(&str, fn(&testbed::kubeapi::ApiServer)); 4] = [
+        let rounds: [(&str, Hook); 4] = [
             ("clean drop", |a| a.drop_watches(true)),
             ("cut drop", |a| a.drop_watches(false)),
             ("compaction + clean drop", |a| {
