@@ -70,9 +70,29 @@ impl VersionFacts {
     }
 }
 
-/// Whether nodes are sent this policy at all (beyond its namespace being theirs).
-pub fn for_nodes(_p: &Policy) -> bool {
-    true
+/// Whether nodes are sent this policy at all (beyond its namespace being theirs). ztunnel
+/// enforces neither a RequestAuthentication (it cannot read JWTs) nor an AuthorizationPolicy
+/// attached with `targetRef`/`targetRefs` (meshcore's policy engine compiles those for
+/// waypoints only, never into ztunnel's L4 set): they are the waypoints' alone. A spec the
+/// engine could read otherwise (not an object, `targetRefs` not a list) is still sent.
+pub fn for_nodes(p: &Policy) -> bool {
+    match p.kind.as_str() {
+        "RequestAuthentication" => false,
+        "AuthorizationPolicy" => !attached_with_target_refs(&p.spec_json),
+        _ => true,
+    }
+}
+
+/// As meshcore's engine decides it: `targetRef` set, or `targetRefs` a non-empty list.
+fn attached_with_target_refs(spec_json: &str) -> bool {
+    let Ok(serde_json::Value::Object(spec)) = serde_json::from_str(spec_json) else {
+        return false;
+    };
+    spec.get("targetRef").is_some_and(|v| !v.is_null())
+        || spec
+            .get("targetRefs")
+            .and_then(|v| v.as_array())
+            .is_some_and(|a| !a.is_empty())
 }
 
 /// What changed between two versions, by key, in each section.

@@ -76,7 +76,15 @@ fn random_view(rng: &mut StdRng) -> MeshView {
     }
     for i in 0..rng.random_range(0..6) {
         let ns = pick(rng, &NAMESPACES);
-        let kind = pick(rng, &["AuthorizationPolicy", "PeerAuthentication"]);
+        let kind = pick(
+            rng,
+            &[
+                "AuthorizationPolicy",
+                "AuthorizationPolicy",
+                "PeerAuthentication",
+                "RequestAuthentication",
+            ],
+        );
         let key = format!("{kind}/{ns}/p{i}");
         let spec = pick(
             rng,
@@ -84,6 +92,7 @@ fn random_view(rng: &mut StdRng) -> MeshView {
                 "{}",
                 r#"{"action":"DENY","rules":[{}]}"#,
                 r#"{"targetRefs":[{"group":"gateway.networking.k8s.io","kind":"Gateway","name":"wp"}]}"#,
+                r#"{"targetRef":{"group":"","kind":"Service","name":"s0"}}"#,
             ],
         );
         let p = Policy {
@@ -225,4 +234,38 @@ fn node_updates_equal_whole_view_diffs_and_rebuild_the_node_view() {
             );
         }
     }
+}
+
+fn policy(kind: &str, spec: &str) -> Policy {
+    Policy {
+        key: format!("{kind}/a/p"),
+        kind: kind.into(),
+        namespace: "a".into(),
+        name: "p".into(),
+        spec_json: spec.into(),
+    }
+}
+
+#[test]
+fn nodes_are_not_sent_what_only_waypoints_enforce() {
+    let gw = r#"{"targetRefs":[{"group":"gateway.networking.k8s.io","kind":"Gateway","name":"wp"}],"rules":[{}]}"#;
+    let svc = r#"{"targetRef":{"group":"","kind":"Service","name":"web"}}"#;
+    assert!(!for_nodes(&policy("AuthorizationPolicy", gw)));
+    assert!(!for_nodes(&policy("AuthorizationPolicy", svc)));
+    assert!(!for_nodes(&policy(
+        "RequestAuthentication",
+        r#"{"jwtRules":[]}"#
+    )));
+    // ztunnel enforces these (or reports them rejected): still sent.
+    for spec in [
+        "",
+        "{}",
+        r#"{"targetRefs":[],"rules":[{}]}"#,
+        r#"{"targetRefs":"wp"}"#,
+        r#"{"targetRef":null,"action":"DENY","rules":[{}]}"#,
+        "not json",
+    ] {
+        assert!(for_nodes(&policy("AuthorizationPolicy", spec)), "{spec}");
+    }
+    assert!(for_nodes(&policy("PeerAuthentication", gw)));
 }

@@ -60,7 +60,8 @@ impl ConfigStream {
 /// - Policies of the namespaces that have a pod on this node (policy is enforced at the
 ///   destination pod, by its node), and every policy of the root namespace (mesh-wide ones, and
 ///   root-namespace selectors that reach other namespaces). `root_namespace` must be the
-///   ztunnels' `--root-namespace`.
+///   ztunnels' `--root-namespace`. Not those only waypoints enforce (`config_node::for_nodes`:
+///   RequestAuthentications, AuthorizationPolicies attached with `targetRefs`).
 /// - The trust bundle.
 pub fn view_for_node(view: &MeshView, node: &str, root_namespace: &str) -> MeshView {
     // Pods without an address yet count too: their policies are in place before they start.

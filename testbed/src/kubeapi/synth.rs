@@ -160,6 +160,20 @@ impl SynthPolicy {
     pub fn key(&self) -> String {
         format!("{}/{}/{}", self.kind, self.namespace, self.name)
     }
+
+    /// Whether ztunnel enforces it, so nodes are sent it: not a RequestAuthentication, not an
+    /// AuthorizationPolicy attached with `targetRef(s)` (waypoints enforce those).
+    pub fn for_ztunnel(&self) -> bool {
+        let attached = !self.spec["targetRef"].is_null()
+            || self.spec["targetRefs"]
+                .as_array()
+                .is_some_and(|a| !a.is_empty());
+        match self.kind {
+            "RequestAuthentication" => false,
+            "AuthorizationPolicy" => !attached,
+            _ => true,
+        }
+    }
 }
 
 /// splitmix64: tiny, seeded, and the same on every platform and dependency version.

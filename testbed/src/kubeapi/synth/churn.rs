@@ -108,7 +108,13 @@ impl Synth {
     }
 
     fn churn_policy(&mut self, serial: u64, roll: usize) -> Churn {
-        let keys: Vec<String> = self.policies.keys().cloned().collect();
+        // Policies nodes hold: a waypoint-only one's edit reaches no node to wait for.
+        let keys: Vec<String> = self
+            .policies
+            .iter()
+            .filter(|(_, p)| p.for_ztunnel())
+            .map(|(k, _)| k.clone())
+            .collect();
         let marker = format!("churn-{serial}");
         if roll >= 97 || keys.is_empty() {
             let ns = self.team_namespaces();

@@ -37,12 +37,14 @@ impl Synth {
             .collect()
     }
 
-    /// Policy keys `node` needs: those of the root namespace and of its local namespaces.
+    /// Policy keys `node` needs: those ztunnel enforces of the root namespace and of its local
+    /// namespaces.
     pub fn policies_for_node(&self, node: &str) -> BTreeSet<String> {
         let local = self.local_namespaces(node);
         self.policies
             .values()
             .filter(|p| p.namespace == ROOT_NAMESPACE || local.contains(&p.namespace))
+            .filter(|p| p.for_ztunnel())
             .map(SynthPolicy::key)
             .collect()
     }
