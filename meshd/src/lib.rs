@@ -14,6 +14,7 @@ pub mod binding;
 pub mod ca_service;
 pub mod config_node;
 pub mod config_service;
+pub mod config_waypoint;
 pub mod daemon;
 pub mod delta;
 pub mod kube;
