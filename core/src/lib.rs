@@ -4,6 +4,7 @@
 //! - [`ca`]: certificate authority primitives (root, signing CSRs) and CSR generation.
 //! - [`tls`]: rustls configurations for HBONE's mutual TLS, with SPIFFE verification.
 //! - [`hbone`]: the HBONE protocol (HTTP/2 CONNECT over mTLS): client pool and server.
+//! - [`enrollment`]: who is in the ambient mesh (the label rule meshd and the CNI agent share).
 //! - [`nodeauth`]: how a node agent proves which node it is to meshd.
 //! - [`manifest`]: the limits on reading an operator's YAML manifests (meshd, local mode).
 //! - [`proto`]: the gRPC protocols between meshd and the data plane.
@@ -15,6 +16,7 @@
 
 pub mod admission;
 pub mod ca;
+pub mod enrollment;
 pub mod hbone;
 pub mod identity;
 pub mod manifest;

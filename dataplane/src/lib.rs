@@ -26,3 +26,4 @@ pub mod subscription;
 pub mod supervise;
 pub mod tcp_metrics;
 pub mod telemetry;
+pub mod zds;

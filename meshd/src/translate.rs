@@ -17,7 +17,7 @@ use crate::waypoints::Waypoint;
 use crate::{binding, route_check};
 
 /// Namespace (and pod) label that enrolls pods in the ambient mesh.
-pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
+pub use meshcore::enrollment::DATAPLANE_MODE_LABEL;
 
 /// Mesh-wide settings translation depends on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -254,17 +254,15 @@ fn bind(res: &ResourceSet, view: &mut MeshView) {
 /// Ambient enrollment: namespace opted in, pod not opted out, and not sharing the node's
 /// network (a hostNetwork pod's traffic is the node's, which the mesh must not capture).
 pub fn is_captured(res: &ResourceSet, pod: &Pod) -> bool {
-    let ns_ambient = res
+    let ns_label = res
         .namespaces
         .get(pod.metadata.ns())
-        .and_then(|n| n.metadata.labels.get(DATAPLANE_MODE_LABEL))
-        .is_some_and(|v| v == "ambient");
-    let opted_out = pod
-        .metadata
-        .labels
-        .get(DATAPLANE_MODE_LABEL)
-        .is_some_and(|v| v == "none");
-    ns_ambient && !opted_out && !pod.spec.host_network
+        .and_then(|n| n.metadata.labels.get(DATAPLANE_MODE_LABEL));
+    meshcore::enrollment::is_ambient(
+        ns_label.map(String::as_str),
+        pod.metadata.labels.get(DATAPLANE_MODE_LABEL).map(String::as_str),
+        pod.spec.host_network,
+    )
 }
 
 fn workload(res: &ResourceSet, pod: &Pod, settings: &Settings) -> Option<Workload> {
