@@ -14,8 +14,9 @@ pub const REDIRECTION_ANNOTATION: &str = "ambient.istio.io/redirection";
 /// The source address kubelet probes are rewritten to on the node (Istio's choice), so the pod's
 /// capture can let them reach the app without mTLS. IPv4 and IPv6.
 pub const PROBE_SNAT_V4: std::net::Ipv4Addr = std::net::Ipv4Addr::new(169, 254, 7, 127);
-pub const PROBE_SNAT_V6: std::net::Ipv6Addr =
-    std::net::Ipv6Addr::new(0xfd16, 0x9254, 0x7127, 0x1337, 0xffff, 0xffff, 0xffff, 0xffff);
+pub const PROBE_SNAT_V6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(
+    0xfd16, 0x9254, 0x7127, 0x1337, 0xffff, 0xffff, 0xffff, 0xffff,
+);
 
 /// Ambient enrollment: the namespace opted in, the pod did not opt out, and it does not share
 /// the node's network (a hostNetwork pod's traffic is the node's, which the mesh must not
@@ -38,7 +39,13 @@ mod tests {
         assert!(is_ambient(Some("ambient"), Some("ambient"), false));
         assert!(!is_ambient(Some("ambient"), Some("none"), false));
         assert!(!is_ambient(Some("ambient"), None, true));
-        assert!(!is_ambient(None, Some("ambient"), false), "a pod alone cannot opt in");
-        assert!(!is_ambient(Some("Ambient"), None, false), "values are case-sensitive");
+        assert!(
+            !is_ambient(None, Some("ambient"), false),
+            "a pod alone cannot opt in"
+        );
+        assert!(
+            !is_ambient(Some("Ambient"), None, false),
+            "values are case-sensitive"
+        );
     }
 }

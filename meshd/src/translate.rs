@@ -260,7 +260,10 @@ pub fn is_captured(res: &ResourceSet, pod: &Pod) -> bool {
         .and_then(|n| n.metadata.labels.get(DATAPLANE_MODE_LABEL));
     meshcore::enrollment::is_ambient(
         ns_label.map(String::as_str),
-        pod.metadata.labels.get(DATAPLANE_MODE_LABEL).map(String::as_str),
+        pod.metadata
+            .labels
+            .get(DATAPLANE_MODE_LABEL)
+            .map(String::as_str),
         pod.spec.host_network,
     )
 }
