@@ -14,7 +14,10 @@ use waypoint::app;
 use waypoint::config::{AccessLog, Config, MeshdSource, PlainHttp, Source, TraceSettings};
 
 #[derive(Parser, Debug)]
-#[command(about = "The mesh's L7 proxy (waypoint): HBONE in, HTTP/gRPC routing, HBONE out")]
+#[command(
+    version,
+    about = "The mesh's L7 proxy (waypoint): HBONE in, HTTP/gRPC routing, HBONE out"
+)]
 struct Args {
     /// The Gateway this waypoint runs for, `namespace/name`.
     #[arg(long)]

@@ -11,6 +11,7 @@ use crate::capture::CaptureMode;
 // Everything ztunnel needs to start. (A `///` comment here would change `--help`.)
 #[derive(Parser, Debug, Clone)]
 #[command(
+    version,
     about = "Per-node agent of the ambient mesh: captures enrolled pods' TCP and carries it over HBONE"
 )]
 pub struct Config {
