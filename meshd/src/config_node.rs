@@ -112,9 +112,10 @@ pub struct GlobalDiff {
 
 impl GlobalDiff {
     pub fn between(old: &MeshView, new: &MeshView) -> Self {
-        let (workloads, removed_workloads) = diff_keys(&old.workloads, &new.workloads);
-        let (services, removed_services) = diff_keys(&old.services, &new.services);
-        let (policies, removed_policies) = diff_keys(&old.policies, &new.policies);
+        let (workloads, removed_workloads) =
+            crate::delta::diff_keys(&old.workloads, &new.workloads);
+        let (services, removed_services) = crate::delta::diff_keys(&old.services, &new.services);
+        let (policies, removed_policies) = crate::delta::diff_keys(&old.policies, &new.policies);
         // Added, removed, or edited into or out of what nodes are sent.
         let policy_keys_changed = !removed_policies.is_empty()
             || policies.iter().any(|k| {
@@ -131,24 +132,6 @@ impl GlobalDiff {
             trust_bundle: old.trust_bundle != new.trust_bundle,
         }
     }
-}
-
-/// (keys new or changed in `new`, keys gone), each in key order.
-fn diff_keys<T: PartialEq>(
-    old: &BTreeMap<String, T>,
-    new: &BTreeMap<String, T>,
-) -> (Vec<String>, Vec<String>) {
-    let upserts = new
-        .iter()
-        .filter(|(k, v)| old.get(*k) != Some(*v))
-        .map(|(k, _)| k.clone())
-        .collect();
-    let removed = old
-        .keys()
-        .filter(|k| !new.contains_key(*k))
-        .cloned()
-        .collect();
-    (upserts, removed)
 }
 
 /// A value computed once, by whoever asks first.

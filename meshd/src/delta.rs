@@ -60,17 +60,27 @@ fn diff_map<T: Clone + PartialEq>(
     old: &BTreeMap<String, T>,
     new: &BTreeMap<String, T>,
 ) -> (Vec<T>, Vec<String>) {
-    let upserts = new
+    let (changed, removed) = diff_keys(old, new);
+    let upserts = changed.iter().filter_map(|k| new.get(k).cloned()).collect();
+    (upserts, removed)
+}
+
+/// (keys new or changed in `new`, keys gone), each in key order.
+pub(crate) fn diff_keys<T: PartialEq>(
+    old: &BTreeMap<String, T>,
+    new: &BTreeMap<String, T>,
+) -> (Vec<String>, Vec<String>) {
+    let changed = new
         .iter()
         .filter(|(k, v)| old.get(*k) != Some(*v))
-        .map(|(_, v)| v.clone())
+        .map(|(k, _)| k.clone())
         .collect();
     let removed = old
         .keys()
         .filter(|k| !new.contains_key(*k))
         .cloned()
         .collect();
-    (upserts, removed)
+    (changed, removed)
 }
 
 #[cfg(test)]
