@@ -164,6 +164,10 @@ pub async fn build(config: Config, set_log_level: SetLogLevelFn) -> anyhow::Resu
         admission: Default::default(),
         waypoints: crate::outbound::Waypoints::new(config.missing_waypoint),
         spans,
+        enrollment: match config.enrollment {
+            pods::EnrollmentSource::Config => pods::SourceStatus::Config,
+            pods::EnrollmentSource::Zds => pods::SourceStatus::zds(config.zds_socket.clone()),
+        },
     });
     let admin_state = Arc::new(AdminState {
         metrics,
@@ -191,8 +195,13 @@ pub async fn build(config: Config, set_log_level: SetLogLevelFn) -> anyhow::Resu
     } else {
         OnExit::KeepCapture
     };
-    let pods = tokio::spawn(pods::run(ctx.clone(), shutdown_rx, on_exit));
-    info!(node = %config.node, meshd = %config.meshd, capture = %ctx.capture.mode(), admin = %config.admin_addr, metrics = %config.metrics_addr, "ztunnel started");
+    let pods = tokio::spawn(pods::run(
+        ctx.clone(),
+        shutdown_rx,
+        on_exit,
+        config.trust_domain.clone(),
+    ));
+    info!(node = %config.node, meshd = %config.meshd, capture = %ctx.capture.mode(), enrollment = %config.enrollment, admin = %config.admin_addr, metrics = %config.metrics_addr, "ztunnel started");
     Ok(App {
         config,
         ctx,

@@ -7,20 +7,38 @@ use meshcore::store::{ConfigStore, workload_identity};
 use serde_json::{Value, json};
 
 use crate::outbound::{MissingWaypoint, binding, waypoint_pods};
+use crate::pods::SourceStatus;
 use crate::proxy::Ctx;
 
-/// Ready once config has arrived and every enrolled pod's certificate is in hand.
+/// Ready once config has arrived and every enrolled pod's certificate is in hand; with
+/// `--enrollment zds` also connected to the CNI agent, its snapshot processed, nothing pending.
 pub fn ready(ctx: &Ctx) -> Result<(), String> {
     let Some(store) = ctx.config.borrow().clone() else {
         return Err("no config from meshd yet".to_string());
     };
-    let missing: Vec<String> = store
-        .local_workloads(&ctx.node)
-        .filter(|w| w.captured && !w.netns.is_empty())
-        .map(|w| workload_identity(w))
-        .filter(|id| !ctx.certs.is_ready(id))
-        .map(|id| id.to_string())
-        .collect();
+    let missing: Vec<String> = match &ctx.enrollment {
+        SourceStatus::Config => store
+            .local_workloads(&ctx.node)
+            .filter(|w| w.captured && !w.netns.is_empty())
+            .map(|w| workload_identity(w))
+            .filter(|id| !ctx.certs.is_ready(id))
+            .map(|id| id.to_string())
+            .collect(),
+        SourceStatus::Zds(zds) => {
+            zds.ready()?;
+            let mut ids: Vec<String> = ctx
+                .local_pods
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .filter(|p| !ctx.certs.is_ready(&p.identity))
+                .map(|p| p.identity.to_string())
+                .collect();
+            ids.sort();
+            ids.dedup();
+            ids
+        }
+    };
     if missing.is_empty() {
         Ok(())
     } else {
@@ -74,6 +92,10 @@ pub fn config_dump(ctx: &Ctx) -> Value {
         "configVersion": version,
         "captureMode": ctx.capture.mode().to_string(),
         "captureFallbackReason": ctx.capture.fallback_reason(),
+        "enrollment": match &ctx.enrollment {
+            SourceStatus::Config => json!({"source": "config"}),
+            SourceStatus::Zds(zds) => zds.dump(),
+        },
         "missingWaypoint": ctx.waypoints.missing.to_string(),
         "trustBundle": bundle,
         "pods": pods,

@@ -2,7 +2,9 @@
 //!
 //! Flat modules named by their job: [`meshd`] (the connection to the control plane),
 //! [`config`] (the config subscription), [`certs`] (workload certificates), [`pods`]
-//! (enrollment), [`netns`] (sockets in pod namespaces), [`capture`] (redirecting pod traffic; [`ebpf`] loads
+//! (which pods are enrolled: from the config or over ZDS, [`zds_client`] and [`zds_pods`]),
+//! [`enroll`] (one pod's listeners and capture; [`pod_netns`] checks its namespace,
+//! [`exclusions`] its port annotations), [`netns`] (sockets in pod namespaces), [`capture`] (redirecting pod traffic; [`ebpf`] loads
 //! its kernel programs; [`cleanup`] removes what a killed one left),
 //! [`outbound`] and [`inbound`] (the proxy paths), [`proxy`] (what those share), [`supervise`] (background tasks that must not die),
 //! [`settings`] (the typed flags) and [`app`] (wiring them into a running ztunnel).
@@ -18,6 +20,8 @@ pub mod cleanup;
 pub mod copy;
 pub mod dump;
 pub mod ebpf;
+pub mod enroll;
+pub mod exclusions;
 pub mod fastpath;
 pub mod inbound;
 pub mod limits;
@@ -25,8 +29,11 @@ pub mod metrics;
 pub mod netns;
 pub mod origsrc;
 pub mod outbound;
+pub mod pod_netns;
 pub mod pods;
 pub mod policy;
 pub mod proxy;
 pub mod settings;
 pub mod telemetry;
+pub mod zds_client;
+pub mod zds_pods;

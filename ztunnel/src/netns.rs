@@ -256,3 +256,22 @@ fn set_bind_address_no_port(s: &Socket) -> io::Result<()> {
     }
     Ok(())
 }
+
+impl Netns {
+    /// A namespace handed over as an open fd (the CNI agent's, over ZDS); `label` names it in
+    /// logs and the config dump, as a path does for one opened by name.
+    pub fn from_fd(fd: std::os::fd::OwnedFd, label: PathBuf) -> Netns {
+        Netns {
+            path: label,
+            file: File::from(fd),
+        }
+    }
+
+    /// A second handle on the same namespace (for a pod whose listeners are replaced).
+    pub fn try_clone(&self) -> io::Result<Netns> {
+        Ok(Netns {
+            path: self.path.clone(),
+            file: self.file.try_clone()?,
+        })
+    }
+}

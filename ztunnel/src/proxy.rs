@@ -48,6 +48,8 @@ pub struct Ctx {
     pub waypoints: crate::outbound::Waypoints,
     /// A span per sampled connection, when `--trace-collector` is set.
     pub spans: Option<dataplane::conn_result::ConnSpans>,
+    /// Where enrolled pods come from (`--enrollment`), and that source's state.
+    pub enrollment: crate::pods::SourceStatus,
 }
 
 /// One enrolled pod, as its listeners see it.

@@ -88,6 +88,18 @@ pub struct Config {
     /// Percent of connections traced (0-100) when --trace-collector is set.
     #[arg(long, env = "TRACE_SAMPLING", default_value_t = 100.0, value_parser = percent)]
     pub trace_sampling: f64,
+    /// Where ztunnel learns which pods to serve: `config` (meshd's config: captured pods that
+    /// name their network namespace, local mode's annotation) or `zds` (the CNI node agent
+    /// hands each pod's network namespace over its socket, --zds-socket, as Istio's CNI does).
+    #[arg(long, value_enum, default_value_t = crate::pods::EnrollmentSource::Config)]
+    pub enrollment: crate::pods::EnrollmentSource,
+    /// The CNI node agent's ZDS socket (--enrollment zds).
+    #[arg(long, env = "INPOD_UDS", default_value = dataplane::zds::DEFAULT_SOCKET)]
+    pub zds_socket: std::path::PathBuf,
+    /// The trust domain of pod identities until meshd's config names one (--enrollment zds:
+    /// a pod may be enrolled before meshd knows it).
+    #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
 }
 
 fn percent(s: &str) -> Result<f64, String> {

@@ -110,6 +110,9 @@ async fn starts_in_process_turns_ready_serves_metrics_and_stops_cleanly() {
         missing_waypoint: MissingWaypoint::Bypass,
         trace_collector: None,
         trace_sampling: 100.0,
+        enrollment: ztunnel::pods::EnrollmentSource::Config,
+        zds_socket: dataplane::zds::DEFAULT_SOCKET.into(),
+        trust_domain: "cluster.local".into(),
     };
     let app = app::build(config, Box::new(|_| Ok(()))).await.unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
