@@ -1,5 +1,6 @@
 //! meshctl's command line (clap): commands, flags and the parsers of their values. Owns only
-//! the syntax; what a command does is [`crate::waypoint`]'s.
+//! the syntax; what a command does is [`crate::waypoint`]'s (and, on clusters, `install`,
+//! `check`, `status`, `uninstall`).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -20,6 +21,13 @@ pub struct Cli {
     /// Where meshd reports status: the `status` directory under meshd's `--write-dir`.
     #[arg(long, global = true, env = "MESH_STATUS_DIR", value_name = "DIR")]
     pub status_dir: Option<PathBuf>,
+    /// A kubeconfig for the cluster (default: $KUBECONFIG, ~/.kube/config, or the pod's
+    /// service account in a cluster). Used when --config-dir is not given.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+    /// The kubeconfig context to use (default: its current context).
+    #[arg(long, global = true, value_name = "NAME")]
+    pub context: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -29,6 +37,81 @@ pub enum Command {
     /// Manage waypoints: the L7 proxies of namespaces and services.
     #[command(subcommand)]
     Waypoint(Waypoint),
+    /// Install the mesh on a cluster (server-side apply) and wait until it is ready.
+    Install(InstallArgs),
+    /// Check a cluster: before installing (node kernel, BTF, cgroup2, bpffs, the CNI and its
+    /// conflicts, Istio) and after (every component and every node's agents ready).
+    Check(CheckArgs),
+    /// Show the mesh on a cluster: components, nodes, enrolled namespaces and pods, waypoints.
+    Status,
+    /// Remove the mesh from a cluster: every node's agent first removes capture from its pods,
+    /// then the mesh's objects are deleted.
+    Uninstall(UninstallArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Overlay {
+    /// One meshd replica: small and test clusters.
+    Dev,
+    /// Production: replicated meshd, spread across nodes.
+    Ha,
+}
+
+#[derive(Debug, Args)]
+pub struct ManifestArgs {
+    /// Which of the built-in manifests (manifests/overlays/*, compiled into meshctl).
+    #[arg(long, value_enum, default_value = "dev")]
+    pub overlay: Overlay,
+    /// Use these manifests instead: a rendered YAML file, or a kustomize directory (rendered
+    /// with `kubectl kustomize`, so kubectl must be installed).
+    #[arg(long, value_name = "PATH", conflicts_with = "overlay")]
+    pub manifests: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct InstallArgs {
+    #[command(flatten)]
+    pub manifests: ManifestArgs,
+    /// Say what would be created, updated or skipped; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// How long to wait for the components to be ready (e.g. 5m, 90s).
+    #[arg(long, default_value = "5m", value_parser = duration)]
+    pub timeout: Duration,
+    /// Apply and return without waiting for readiness.
+    #[arg(long, conflicts_with = "timeout")]
+    pub no_wait: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Only the pre-flight checks (what must hold before `meshctl install`).
+    #[arg(long)]
+    pub pre_install: bool,
+    /// Where this node's filesystem is mounted, for the node checks (kernel, BTF, cgroup2,
+    /// bpffs are read under it: DIR/proc/sys/kernel/osrelease, DIR/sys/kernel/btf/vmlinux,
+    /// DIR/proc/mounts). Run meshctl on a node, or in a pod with the host's / mounted.
+    #[arg(long, default_value = "/", value_name = "DIR")]
+    pub host_root: PathBuf,
+    /// Skip the checks of this machine (meshctl is not running on a node).
+    #[arg(long, conflicts_with = "host_root")]
+    pub no_host: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct UninstallArgs {
+    #[command(flatten)]
+    pub manifests: ManifestArgs,
+    /// Also delete the CRDs meshctl installed (never ones it did not install, such as Istio's).
+    #[arg(long)]
+    pub crds: bool,
+    /// How long to wait for every node's agent to remove capture (e.g. 2m).
+    #[arg(long, default_value = "2m", value_parser = duration)]
+    pub timeout: Duration,
+    /// Delete the mesh's objects even if some nodes' agents did not confirm (capture may then
+    /// stay on those nodes: run `ztunnel cleanup --node` there).
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Subcommand)]

@@ -562,8 +562,13 @@ fn usage_errors_exit_2() {
     ] {
         assert_eq!(d.run(args).code, 2, "{args:?}");
     }
+    // Neither local mode nor a cluster to be found.
+    let home = tempfile::tempdir().unwrap();
     let no_dir = Command::new(env!("CARGO_BIN_EXE_meshctl"))
         .env_remove("MESH_CONFIG_DIR")
+        .env_remove("KUBECONFIG")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env("HOME", home.path())
         .args(["waypoint", "list"])
         .output()
         .unwrap();

@@ -1,0 +1,298 @@
+//! `meshctl install` and `meshctl uninstall` as the real binary against the API server double:
+//! everything in the built-in manifests applied with server-side apply (manager meshctl), the
+//! wait for readiness (the test plays the kubelets and controllers, see `common`), the report
+//! when something is not ready, CRDs that are not ours left alone, and the uninstall protocol
+//! (agents confirm by annotating their pods; a silent one is named and nothing is deleted).
+
+mod common;
+
+use common::{Env, NS, Readiness, name, wait_for};
+use meshctl::manifests::{self, Manifests};
+use serde_json::{Value, json};
+
+fn embedded() -> Manifests {
+    Manifests::embedded("dev", manifests::DEV).unwrap()
+}
+
+fn live(env: &Env, o: &Value) -> Option<Value> {
+    let ns = o["metadata"]["namespace"].as_str();
+    env.get(
+        o["apiVersion"].as_str().unwrap(),
+        o["kind"].as_str().unwrap(),
+        ns,
+        name(o),
+    )
+}
+
+fn applied_by_meshctl(o: &Value) -> bool {
+    o["metadata"]["managedFields"].as_array().is_some_and(|m| {
+        m.iter()
+            .any(|e| e["manager"] == "meshctl" && e["operation"] == "Apply")
+    })
+}
+
+/// Starts `meshctl install`, plays the kubelets once every workload exists, and waits.
+fn install(env: &Env) -> common::Run {
+    let m = embedded();
+    let bg = env.spawn(&["install", "--timeout", "60s"]);
+    let workloads: Vec<Value> = m.workloads().cloned().collect();
+    wait_for("the workloads to be applied", || {
+        workloads.iter().all(|w| live(env, w).is_some())
+    });
+    env.kubelet_ready();
+    bg.wait()
+}
+
+#[test]
+fn install_applies_everything_and_waits_until_ready() {
+    let env = Env::start(&[("node-a", "6.1.0"), ("node-b", "6.8.0")]);
+    let run = install(&env);
+    assert_eq!(run.code, 0, "{run:?}");
+    for o in &embedded().objects {
+        let l = live(&env, o).unwrap_or_else(|| panic!("{} {} not applied", o["kind"], name(o)));
+        assert!(
+            applied_by_meshctl(&l),
+            "{} {} not applied by meshctl",
+            o["kind"],
+            name(o)
+        );
+    }
+    // Readiness as the controllers reported it, so install waited for it.
+    assert!(
+        run.stdout
+            .contains("✓ DaemonSet mesh-system/ztunnel: 2/2 ready"),
+        "{run:?}"
+    );
+    assert!(
+        run.stdout
+            .contains("✓ DaemonSet mesh-system/mesh-cni: 2/2 ready"),
+        "{run:?}"
+    );
+    assert!(
+        run.stdout.contains("✓ Deployment mesh-system/meshd"),
+        "{run:?}"
+    );
+    // Again: nothing to create, and ready at once.
+    let again = env.run(&["install", "--timeout", "10s"]);
+    assert_eq!(again.code, 0, "{again:?}");
+    assert!(!again.stdout.contains(": created"), "{again:?}");
+}
+
+#[test]
+fn install_reports_what_is_not_ready_and_why() {
+    let env = Env::start(&[("node-a", "6.1.0"), ("node-b", "6.8.0")]);
+    let applied = env.run(&["install", "--no-wait"]);
+    assert_eq!(applied.code, 0, "{applied:?}");
+    let meshd = env.get("apps/v1", "Deployment", Some(NS), "meshd").unwrap();
+    let ztunnel = env
+        .get("apps/v1", "DaemonSet", Some(NS), "ztunnel")
+        .unwrap();
+    env.kubelet_ready();
+    // Then meshd cannot be scheduled and one ztunnel cannot pull its image.
+    let mut d = env.get("apps/v1", "Deployment", Some(NS), "meshd").unwrap();
+    d["status"]["readyReplicas"] = json!(0);
+    d["status"]["availableReplicas"] = json!(0);
+    env.api.put(d).unwrap();
+    env.pod_for(
+        &meshd,
+        "meshd-0",
+        "node-a",
+        Readiness::Unschedulable("0/2 nodes are available: 2 Insufficient cpu."),
+    );
+    env.pod_for(
+        &ztunnel,
+        "ztunnel-node-b",
+        "node-b",
+        Readiness::Waiting(
+            "ImagePullBackOff",
+            "Back-off pulling image \"mesh/ztunnel:0.1.0\"",
+        ),
+    );
+    let ds = env
+        .get("apps/v1", "DaemonSet", Some(NS), "ztunnel")
+        .unwrap();
+    env.daemonset_status(&ds, 1);
+
+    let run = env.run(&["install", "--timeout", "2s"]);
+    assert_eq!(run.code, 1, "{run:?}");
+    let err = &run.stderr;
+    assert!(
+        err.contains("Deployment mesh-system/meshd: ready 0/1"),
+        "{err}"
+    );
+    assert!(
+        err.contains(
+            "pod meshd-0: Pending, Unschedulable: 0/2 nodes are available: 2 Insufficient cpu."
+        ),
+        "{err}"
+    );
+    assert!(
+        err.contains("DaemonSet mesh-system/ztunnel: ready 1/2"),
+        "{err}"
+    );
+    assert!(err.contains("pod ztunnel-node-b on node node-b: Pending, container main ImagePullBackOff: Back-off pulling image"), "{err}");
+    assert!(!err.contains("mesh-cni"), "mesh-cni is ready: {err}");
+}
+
+/// Manifests with a CRD that Istio also installs and one only we do.
+fn crd_manifests(dir: &std::path::Path) -> std::path::PathBuf {
+    let crd = |group: &str, kind: &str, plural: &str| {
+        json!({
+            "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+            "metadata": {"name": format!("{plural}.{group}"), "labels": {"app.kubernetes.io/part-of": "mesh"}},
+            "spec": {"group": group, "scope": "Namespaced",
+                "names": {"plural": plural, "singular": kind.to_lowercase(), "kind": kind},
+                "versions": [{"name": "v1", "served": true, "storage": true,
+                    "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}}]},
+        })
+    };
+    let mut docs = vec![
+        crd(
+            "security.istio.io",
+            "AuthorizationPolicy",
+            "authorizationpolicies",
+        ),
+        crd("example.mesh.dev", "Thing", "things"),
+        json!({"apiVersion": "example.mesh.dev/v1", "kind": "Thing", "metadata": {"name": "one", "namespace": NS, "labels": {"app.kubernetes.io/part-of": "mesh"}}}),
+    ];
+    docs.extend(embedded().objects);
+    let text: Vec<String> = docs
+        .iter()
+        .map(|d| serde_json::to_string(d).unwrap())
+        .collect();
+    let path = dir.join("manifests.yaml");
+    std::fs::write(&path, text.join("\n---\n")).unwrap();
+    path
+}
+
+#[test]
+fn crds_that_are_not_ours_are_never_overwritten_nor_deleted() {
+    let env = Env::start(&[("node-a", "6.1.0")]);
+    env.api.install_mesh_crds().unwrap();
+    let istio = "authorizationpolicies.security.istio.io";
+    let crd = |n: &str| {
+        env.get(
+            "apiextensions.k8s.io/v1",
+            "CustomResourceDefinition",
+            None,
+            n,
+        )
+    };
+    let before = crd(istio).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = crd_manifests(dir.path());
+    let file = file.to_str().unwrap();
+
+    let run = env.run(&["install", "--manifests", file, "--no-wait"]);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(
+        run.stdout
+            .contains(&format!("CRD {istio}: exists and is not ours")),
+        "{run:?}"
+    );
+    assert_eq!(
+        crd(istio).unwrap()["metadata"]["resourceVersion"],
+        before["metadata"]["resourceVersion"]
+    );
+    assert!(applied_by_meshctl(&crd("things.example.mesh.dev").unwrap()));
+    // The custom resource of our own CRD was applied after its CRD was served.
+    assert!(
+        env.get("example.mesh.dev/v1", "Thing", Some(NS), "one")
+            .is_some()
+    );
+
+    env.kubelet_ready();
+    let bg = env.spawn(&[
+        "uninstall",
+        "--manifests",
+        file,
+        "--crds",
+        "--timeout",
+        "30s",
+    ]);
+    agents_answer(&env, &["node-a"]);
+    let run = bg.wait();
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(
+        run.stdout.contains(&format!(
+            "CustomResourceDefinition {istio}: not ours, left as it is"
+        )),
+        "{run:?}"
+    );
+    assert_eq!(
+        crd(istio).unwrap()["metadata"]["resourceVersion"],
+        before["metadata"]["resourceVersion"]
+    );
+    assert!(
+        crd("things.example.mesh.dev").is_none(),
+        "our CRD is deleted with --crds"
+    );
+}
+
+/// Plays the node agents of `nodes`: once the uninstall ConfigMap exists, each annotates its
+/// own mesh-cni pod as design.md's protocol says.
+fn agents_answer(env: &Env, nodes: &[&str]) {
+    wait_for("the uninstall ConfigMap", || {
+        env.get("v1", "ConfigMap", Some(NS), "mesh-uninstall")
+            .is_some()
+    });
+    for node in nodes {
+        let mut pod = env
+            .get("v1", "Pod", Some(NS), &format!("mesh-cni-{node}"))
+            .unwrap();
+        pod["metadata"]["annotations"]["mesh.dev/uninstalled"] = json!("true");
+        env.api.put(pod).unwrap();
+    }
+}
+
+#[test]
+fn uninstall_waits_for_every_agent_then_removes_what_install_created() {
+    let env = Env::start(&[("node-a", "6.1.0"), ("node-b", "6.8.0")]);
+    env.api.install_mesh_crds().unwrap();
+    assert_eq!(install(&env).code, 0);
+    let crds_before = env
+        .api
+        .list("apiextensions.k8s.io/v1", "CustomResourceDefinition");
+
+    // node-b's agent never answers: it is named, and nothing is deleted.
+    let bg = env.spawn(&["uninstall", "--timeout", "2s"]);
+    agents_answer(&env, &["node-a"]);
+    let run = bg.wait();
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(
+        run.stderr.contains("node node-b (pod mesh-cni-node-b)"),
+        "{run:?}"
+    );
+    assert!(!run.stderr.contains("node node-a"), "{run:?}");
+    assert!(run.stderr.contains("nothing was deleted"), "{run:?}");
+    for o in &embedded().objects {
+        assert!(
+            live(&env, o).is_some(),
+            "{} {} deleted too early",
+            o["kind"],
+            name(o)
+        );
+    }
+
+    let bg = env.spawn(&["uninstall", "--timeout", "30s"]);
+    agents_answer(&env, &["node-b"]);
+    let run = bg.wait();
+    assert_eq!(run.code, 0, "{run:?}");
+    for o in &embedded().objects {
+        assert!(
+            live(&env, o).is_none(),
+            "{} {} left behind",
+            o["kind"],
+            name(o)
+        );
+    }
+    assert!(
+        env.get("v1", "ConfigMap", Some(NS), "mesh-uninstall")
+            .is_none()
+    );
+    // Istio's CRDs (and any other) untouched.
+    let crds_after = env
+        .api
+        .list("apiextensions.k8s.io/v1", "CustomResourceDefinition");
+    assert_eq!(crds_before.len(), crds_after.len());
+}
