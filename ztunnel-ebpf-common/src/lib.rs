@@ -14,6 +14,14 @@ pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
 /// HBONE (mirrors `meshcore::HBONE_PORT`): arrives at ztunnel directly, never redirected.
 pub const HBONE_PORT: u16 = 15008;
 
+/// Source address kubelet probes arrive from once the node's probe SNAT rewrote them
+/// (mirrors `meshcore::enrollment::PROBE_SNAT_V4` / `_V6`): inbound TCP from exactly these
+/// reaches the app without capture.
+pub const PROBE_SNAT_V4: [u8; 4] = [169, 254, 7, 127];
+pub const PROBE_SNAT_V6: [u8; 16] = [
+    0xfd, 0x16, 0x92, 0x54, 0x71, 0x27, 0x13, 0x37, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+];
+
 pub const AF_INET: u32 = 2;
 pub const AF_INET6: u32 = 10;
 

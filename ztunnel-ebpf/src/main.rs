@@ -12,7 +12,8 @@
 //!   and v4-mapped addresses — is handed to ztunnel's 15006 listener, which decides (a foreign
 //!   address is closed there), unless it comes in on `lo`, targets a mesh port, is excluded, or
 //!   is ztunnel's own delivery to the app (from the pod's own address, or from a client's
-//!   address while listed in `ZT_OWN_DIAL`). The accepted socket keeps the original
+//!   address while listed in `ZT_OWN_DIAL`), or is a kubelet probe (source exactly the
+//!   node's probe SNAT address, `PROBE_SNAT_V4/V6`). The accepted socket keeps the original
 //!   destination as its local address. No listener (ztunnel down) means drop: fail closed.
 //!   New connections to ztunnel's own in-pod ports go to exactly its sockets too (HBONE 15008
 //!   from outside, 15001 from the pod's redirected connects on `lo`). Every such selection
@@ -50,7 +51,7 @@ use aya_log_ebpf::macro_support::Level;
 use ztunnel_ebpf_common::{
     AF_INET, AF_INET6, DIR_INBOUND, DIR_OUTBOUND, ExclKey, HBONE_PORT, INBOUND_PLAINTEXT_PORT,
     IpKey, ListenKey, MESH_SOCKET_MARK, NetnsConf, ORIG_SRC_MARK, OUTBOUND_PORT, OrigDst,
-    OwnDialKey, PortKey,
+    OwnDialKey, PROBE_SNAT_V4, PROBE_SNAT_V6, PortKey,
 };
 
 const SOCK_STREAM: u32 = 1;
@@ -630,6 +631,11 @@ fn lookup_decision(
     if excluded(netns, port, DIR_INBOUND) {
         return (PASS, Level::Debug, "pass", "excluded-port");
     }
+    // A kubelet probe, SNATed by the node to the probe address (which the node refuses to
+    // forward from anywhere else): straight to the app, as with Istio.
+    if is_probe_source(family, remote) {
+        return (PASS, Level::Debug, "pass", "kubelet-probe");
+    }
     // For the log only: ztunnel's inbound listener closes connections to foreign addresses.
     let pod_ip = own_address(netns, addr, family);
     match steer(ctx, netns, family, INBOUND_PLAINTEXT_PORT) {
@@ -638,6 +644,25 @@ fn lookup_decision(
         // Enrolled but ztunnel's listener is gone (restarting): refuse rather than deliver
         // plaintext that bypassed policy.
         Err(_) => (sk_action::SK_DROP, Level::Warn, "drop", "no-listener"),
+    }
+}
+
+/// Whether `remote` (network-order words, as the context holds it) is exactly the probe SNAT
+/// address of `family`.
+#[inline(always)]
+fn is_probe_source(family: u32, remote: [u32; 4]) -> bool {
+    let w = |i: usize| {
+        u32::from_ne_bytes([
+            PROBE_SNAT_V6[i],
+            PROBE_SNAT_V6[i + 1],
+            PROBE_SNAT_V6[i + 2],
+            PROBE_SNAT_V6[i + 3],
+        ])
+    };
+    if family == AF_INET {
+        remote[0] == u32::from_ne_bytes(PROBE_SNAT_V4)
+    } else {
+        remote == [w(0), w(4), w(8), w(12)]
     }
 }
 

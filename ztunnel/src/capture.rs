@@ -8,6 +8,9 @@
 //!   outbound listener (15001), arriving TCP other than HBONE (15008) to the inbound plaintext
 //!   listener (15006); sockets carrying the mesh mark and loopback traffic are left alone. The
 //!   original destination comes from conntrack (SO_ORIGINAL_DST).
+//! - Both modes let inbound TCP from exactly the node's probe SNAT address
+//!   (`meshcore::enrollment::PROBE_SNAT_V4/V6`, what mesh-cni's probe SNAT rewrites the node's
+//!   own connections to) reach the app directly: kubelet probes work on STRICT pods.
 //! - `auto`: eBPF if it loads, else nftables, with the reason logged, in the config dump
 //!   ([`Capture::fallback_reason`]) and in the metric label.
 //!
@@ -18,6 +21,7 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsRawFd, RawFd};
 
+use meshcore::enrollment::{PROBE_SNAT_V4, PROBE_SNAT_V6};
 use meshcore::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, MESH_SOCKET_MARK, OUTBOUND_PORT};
 use tokio::net::TcpStream;
 use tracing::{info, warn};
@@ -267,6 +271,8 @@ fn nft_ruleset(excl: &Exclusions) -> String {
              meta l4proto != tcp return\n\
              meta mark {mark:#x} return\n\
              iifname \"lo\" return\n\
+             ip saddr {probe4} return\n\
+             ip6 saddr {probe6} return\n\
              tcp dport {hbone} return\n\
              {in_excl}\
              meta l4proto tcp redirect to :{inb}\n\
@@ -277,6 +283,8 @@ fn nft_ruleset(excl: &Exclusions) -> String {
         out = OUTBOUND_PORT,
         inb = INBOUND_PLAINTEXT_PORT,
         hbone = HBONE_PORT,
+        probe4 = PROBE_SNAT_V4,
+        probe6 = PROBE_SNAT_V6,
     )
 }
 
@@ -337,5 +345,23 @@ fn so_original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
                 0,
             )))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_programs_exempt_the_same_probe_addresses_as_the_node_snat() {
+        assert_eq!(ztunnel_ebpf_common::PROBE_SNAT_V4, PROBE_SNAT_V4.octets());
+        assert_eq!(ztunnel_ebpf_common::PROBE_SNAT_V6, PROBE_SNAT_V6.octets());
+    }
+
+    #[test]
+    fn nft_inbound_exempts_exactly_the_probe_sources() {
+        let rules = nft_ruleset(&Exclusions::default());
+        assert!(rules.contains("ip saddr 169.254.7.127 return"));
+        assert!(rules.contains("ip6 saddr fd16:9254:7127:1337:ffff:ffff:ffff:ffff return"));
     }
 }
