@@ -8,7 +8,8 @@
 //! selector transitions, the status subresource and generation, optimistic concurrency,
 //! merge/JSON/strategic patches, a documented subset of server-side apply, ownerReference
 //! garbage collection, Lease, TokenReview/TokenRequest, CRD registration and discovery.
-//! Out of scope: admission, RBAC, protobuf, HTTP/2, the scheduler, kubelet and controllers
+//! RBAC for service-account tokens when a test turns it on ([`ApiServer::enforce_rbac`]).
+//! Out of scope: admission, protobuf, HTTP/2, the scheduler, kubelet and controllers
 //! (local mode plays those). Test hooks (compaction, dropped watches, outages, injected
 //! failures, a request log) are the reason to own it.
 //!
@@ -27,6 +28,7 @@ mod hooks;
 mod kinds;
 mod meta;
 pub mod patch;
+mod rbac;
 mod routing;
 mod selector;
 mod server;
@@ -333,6 +335,12 @@ impl ApiServer {
             }
         }
         Ok(())
+    }
+    /// Turns RBAC on (or off) for service-account tokens: from then on their requests need a
+    /// Role/ClusterRole binding as on a real cluster, and get the real 403 otherwise. The admin
+    /// kubeconfig is never restricted. Off by default (tests that predate RBAC use bare tokens).
+    pub fn enforce_rbac(&self, on: bool) {
+        self.shared.rbac.store(on, Ordering::SeqCst);
     }
     /// Mints a token (as TokenRequest does) that TokenReview will report per `spec`.
     pub fn issue_token(&self, spec: TokenSpec) -> String {

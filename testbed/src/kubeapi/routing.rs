@@ -12,6 +12,7 @@ use super::discovery;
 use super::errors::ApiErr;
 use super::handlers;
 use super::kinds::Kind;
+use super::rbac;
 use super::server::{Body, Req, Shared, json};
 
 /// What a resource path names.
@@ -121,6 +122,30 @@ pub(crate) fn route(shared: &Arc<Shared>, req: Req) -> Result<Response<Body>, Ap
         }
         Target::Object { ns: None, .. } if kind.namespaced => return Err(not_found_path()),
         _ => {}
+    }
+    if shared.rbac.load(std::sync::atomic::Ordering::SeqCst) && req.user != "admin" {
+        let (ns, name, sub, collection) = match &target {
+            Target::Collection { ns } => (ns.as_deref(), "", None, true),
+            Target::Object { ns, name, sub } => {
+                (ns.as_deref(), name.as_str(), sub.as_deref(), false)
+            }
+        };
+        let verb = rbac::verb(&req.method, collection, req.flag("watch"));
+        // As the real server: a list/watch of one name (fieldSelector metadata.name=X) is
+        // authorized as a request for X, so resourceNames can allow it.
+        let by_field = collection
+            .then(|| rbac::selected_name(verb, req.q("fieldSelector")))
+            .flatten();
+        let name = by_field.unwrap_or(name);
+        let attrs = rbac::Attrs {
+            verb,
+            group,
+            resource: plural,
+            subresource: sub,
+            namespace: ns.unwrap_or_default(),
+            name,
+        };
+        rbac::authorize(&shared.lock_state(), &req.user, &attrs)?;
     }
     handlers::handle(shared, &req, &kind, version, target)
 }

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
@@ -41,6 +41,8 @@ pub(crate) struct Shared {
     /// `go_down`: bumping it cuts every open connection.
     pub down_tx: watch::Sender<u64>,
     pub watchers: AtomicUsize,
+    /// `enforce_rbac`: service-account tokens are authorized by `rbac`.
+    pub rbac: AtomicBool,
     /// Open connections (`go_down` waits for none).
     pub connections: AtomicUsize,
 }
@@ -55,6 +57,7 @@ impl Shared {
             drop_tx: watch::channel((0, true)).0,
             down_tx: watch::channel(0).0,
             watchers: AtomicUsize::new(0),
+            rbac: AtomicBool::new(false),
             connections: AtomicUsize::new(0),
         }
     }
@@ -73,6 +76,8 @@ pub(crate) struct Req {
     pub content_type: String,
     pub user_agent: String,
     pub body: Bytes,
+    /// Who the bearer token authenticated (`admin` or a service account's username).
+    pub user: String,
 }
 
 impl Req {
@@ -228,7 +233,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
                 error(&ApiErr::for_code(code))
             } else {
                 shared.hooks.wait_unheld(&method, &path).await;
-                match read(req, path.clone(), query).await {
+                match read(req, path.clone(), query, rec.user.clone()).await {
                     Ok(r) => routing::route(&shared, r).unwrap_or_else(|e| error(&e)),
                     Err(e) => error(&e),
                 }
@@ -245,6 +250,7 @@ async fn read(
     req: Request<Incoming>,
     path: String,
     query: BTreeMap<String, String>,
+    user: String,
 ) -> Result<Req, ApiErr> {
     let header_text = |h: header::HeaderName| {
         req.headers()
@@ -264,6 +270,7 @@ async fn read(
         content_type,
         user_agent,
         body,
+        user,
     })
 }
 
