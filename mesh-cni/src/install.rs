@@ -47,6 +47,10 @@ pub struct InstallArgs {
     /// Remove our entry from every config in the conf dir and our binary, then exit.
     #[arg(long)]
     pub uninstall: bool,
+    /// While this file exists, nothing is inserted (the agent creates it before it takes our
+    /// entry out on uninstall, so the watcher does not put it back).
+    #[arg(long)]
+    pub pause_file: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -211,6 +215,10 @@ fn run_inner(args: &InstallArgs) -> Result<(), InstallError> {
     // Polling, not inotify: the primary may replace the dir's files in any way (rename, a
     // new name, a bind-mounted dir swapped), and a pass costs one small read.
     loop {
+        if args.pause_file.as_ref().is_some_and(|p| p.exists()) {
+            std::thread::sleep(interval);
+            continue;
+        }
         match insert(&args.cni_conf_dir, &entry) {
             Ok(Pass::NoPrimary) => {
                 if !waiting_logged {

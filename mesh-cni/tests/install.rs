@@ -280,3 +280,39 @@ fn a_malformed_primary_is_reported_and_left_alone() {
     assert_eq!(std::fs::read_to_string(&conf).expect("read"), text);
     assert_eq!(read(&d.conf.join("10-calico.conflist")), calico());
 }
+
+#[test]
+fn a_paused_watcher_does_not_put_the_entry_back() {
+    let d = dirs();
+    let pause = d.conf.parent().expect("tmp").join("uninstall");
+    let conf = d.conf.join("10-calico.conflist");
+    write(&conf, &calico());
+    let _w = Watcher(
+        cmd(&d, &["--pause-file", pause.to_str().expect("utf-8 path")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawning mesh-cni install"),
+    );
+    wait_for("the entry", || types(&read(&conf)).len() == 3);
+    // The agent's uninstall: pause first, then take the entry out.
+    std::fs::write(&pause, b"").expect("pause file");
+    assert!(run(&d, &["--uninstall"]).status.success());
+    // A marker the watcher would react to: a rewrite by the primary.
+    write(&conf, &calico());
+    // The watcher polls every 20 ms; an unpaused one re-inserts within a few polls, so this
+    // many passes of ours without a re-insertion means it stayed paused.
+    let deadline = Instant::now() + Duration::from_millis(500);
+    while Instant::now() < deadline {
+        assert_eq!(
+            read(&conf),
+            calico(),
+            "a paused watcher re-inserted the entry"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::fs::remove_file(&pause).expect("unpause");
+    wait_for("the entry back after unpausing", || {
+        types(&read(&conf)).len() == 3
+    });
+}
