@@ -78,20 +78,29 @@ pub fn run(
         established(cluster, name, deadline)?;
     }
     for obj in m.others() {
-        let what = format!("{} {}", kind(obj), path(namespace(obj), name(obj)));
-        if dry_run {
-            let live = served_get(cluster, obj)?;
-            println!(
-                "{what}: would {}",
-                if live.is_some() {
-                    "apply (update)"
-                } else {
-                    "create"
-                }
-            );
+        let scoped = cluster.namespaced(api_version(obj), kind(obj))?;
+        let ns = namespace(obj).filter(|_| scoped != Some(false));
+        let what = format!("{} {}", kind(obj), path(ns, name(obj)));
+        let before = served_get(cluster, obj)?;
+        // A cluster-scoped object of the same name that is not ours (Istio's istio-waypoint
+        // GatewayClass) is someone else's: left alone. Our namespace is ours by name.
+        if let Some(b) = &before
+            && kind(obj) != "Namespace"
+            && scoped == Some(false)
+            && !is_ours(b, obj)
+        {
+            println!("{what}: exists and is not ours: left as it is");
             continue;
         }
-        let before = served_get(cluster, obj)?;
+        if dry_run {
+            let verb = if before.is_some() {
+                "apply (update)"
+            } else {
+                "create"
+            };
+            println!("{what}: would {verb}");
+            continue;
+        }
         let after = cluster.apply(obj, true)?;
         let rv = |o: &Value| o.pointer("/metadata/resourceVersion").cloned();
         let done = match &before {

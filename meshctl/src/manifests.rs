@@ -1,7 +1,8 @@
 //! The objects `meshctl install` applies and `meshctl uninstall` removes.
 //!
-//! By default they are the kustomize overlays of `manifests/` as rendered at build time: the
-//! rendered YAML is checked in under `src/rendered/` and compiled into the binary, so a user
+//! By default they are the kustomize overlays of `manifests/` (`overlays/dev`, `overlays/ha`)
+//! and its CRDs (`crds/`) as rendered at build time: the rendered YAML is checked in under
+//! `src/rendered/` and compiled into the binary, so a user
 //! who has only the meshctl binary (no kubectl, no checkout) installs exactly what the
 //! manifests say; the test `rendered.rs` fails when a checked-in file differs from `kubectl
 //! kustomize` of its overlay (and says how to refresh it). `--manifests PATH` takes a rendered
@@ -18,8 +19,13 @@ use crate::backend::str_at;
 pub const DEV: &str = include_str!("rendered/dev.yaml");
 pub const HA: &str = include_str!("rendered/ha.yaml");
 
-/// The label every object of ours carries (set by the kustomization's `labels:`).
+pub const CRDS: &str = include_str!("rendered/crds.yaml");
+
+/// The label every component of ours carries (set by the base kustomization's `labels:`).
 pub const PART_OF: &str = "app.kubernetes.io/part-of";
+/// The label our CRDs carry (the crds kustomization's).
+pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+const MARKERS: [&str; 2] = [PART_OF, MANAGED_BY];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestsError {
@@ -51,9 +57,12 @@ pub struct Manifests {
 }
 
 impl Manifests {
-    /// The embedded overlay `name` (dev, ha).
+    /// The embedded overlay `name` (dev, ha) and the embedded CRDs.
     pub fn embedded(overlay: &str, text: &str) -> Result<Manifests, ManifestsError> {
-        Manifests::parse(format!("the built-in {overlay} manifests"), text)
+        Manifests::parse(
+            format!("the built-in {overlay} manifests"),
+            &format!("{text}\n---\n{CRDS}"),
+        )
     }
 
     /// A rendered file, or a kustomize directory rendered with `kubectl kustomize`.
@@ -143,19 +152,19 @@ pub fn is_crd(o: &Value) -> bool {
     kind(o) == "CustomResourceDefinition" && api_version(o).starts_with("apiextensions.k8s.io/")
 }
 
-/// Whether a live object is ours: it carries every label our rendered object carries (the
-/// kustomization labels everything it renders), or meshctl applied it. A CRD Istio or the
-/// Gateway API installed has neither.
+/// Whether a live object is ours: it carries one of our marker labels with our value (the
+/// kustomizations label everything they render: `part-of` the components, `managed-by` the
+/// CRDs), or meshctl applied it. A CRD Istio or the Gateway API installed has neither, even
+/// when its other labels are the same (ours are verbatim copies).
 pub fn is_ours(live: &Value, rendered: &Value) -> bool {
-    let ours = rendered
-        .pointer("/metadata/labels")
-        .and_then(Value::as_object)
-        .filter(|l| !l.is_empty());
-    let labelled = ours.is_some_and(|labels| {
-        labels
-            .iter()
-            .all(|(k, v)| live.pointer("/metadata/labels").and_then(|l| l.get(k)) == Some(v))
-    });
+    let label = |o: &Value, k: &str| {
+        o.pointer("/metadata/labels")
+            .and_then(|l| l.get(k))
+            .cloned()
+    };
+    let labelled = MARKERS
+        .iter()
+        .any(|k| label(rendered, k).is_some_and(|v| label(live, k) == Some(v)));
     let applied = live
         .pointer("/metadata/managedFields")
         .and_then(Value::as_array)

@@ -68,7 +68,10 @@ pub fn run(
             continue;
         }
         let (av, k, name) = (api_version(obj), kind(obj), name(obj));
-        let in_ns = str_at(obj, &["metadata", "namespace"]);
+        let in_ns = match cluster.namespaced(av, k) {
+            Ok(Some(false)) => None,
+            _ => str_at(obj, &["metadata", "namespace"]),
+        };
         let what = format!("{k} {}", path(in_ns, name));
         if in_ns.is_none() {
             // Cluster-scoped: delete only what is ours (Istio may own a CRD or GatewayClass

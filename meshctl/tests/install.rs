@@ -179,16 +179,31 @@ fn crds_that_are_not_ours_are_never_overwritten_nor_deleted() {
         )
     };
     let before = crd(istio).unwrap();
+    // Istio's waypoint class, as istiod creates it.
+    let class = || {
+        env.get(
+            "gateway.networking.k8s.io/v1",
+            "GatewayClass",
+            None,
+            "istio-waypoint",
+        )
+    };
+    env.api
+        .create(json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "GatewayClass",
+            "metadata": {"name": "istio-waypoint"}, "spec": {"controllerName": "istio.io/mesh-controller"}}))
+        .unwrap();
+    let class_before = class().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let file = crd_manifests(dir.path());
     let file = file.to_str().unwrap();
 
-    let run = env.run(&["install", "--manifests", file, "--no-wait"]);
-    assert_eq!(run.code, 0, "{run:?}");
+    let installed = env.run(&["install", "--manifests", file, "--no-wait"]);
+    assert_eq!(installed.code, 0, "{installed:?}");
     assert!(
-        run.stdout
+        installed
+            .stdout
             .contains(&format!("CRD {istio}: exists and is not ours")),
-        "{run:?}"
+        "{installed:?}"
     );
     assert_eq!(
         crd(istio).unwrap()["metadata"]["resourceVersion"],
@@ -222,6 +237,14 @@ fn crds_that_are_not_ours_are_never_overwritten_nor_deleted() {
     assert_eq!(
         crd(istio).unwrap()["metadata"]["resourceVersion"],
         before["metadata"]["resourceVersion"]
+    );
+    let skipped = "GatewayClass istio-waypoint: exists and is not ours: left as it is";
+    assert!(installed.stdout.contains(skipped), "{installed:?}");
+    let kept = "GatewayClass istio-waypoint: not ours, left as it is";
+    assert!(run.stdout.contains(kept), "{run:?}");
+    assert_eq!(
+        class().unwrap()["metadata"]["resourceVersion"],
+        class_before["metadata"]["resourceVersion"]
     );
     assert!(
         crd("things.example.mesh.dev").is_none(),
@@ -278,7 +301,8 @@ fn uninstall_waits_for_every_agent_then_removes_what_install_created() {
     agents_answer(&env, &["node-b"]);
     let run = bg.wait();
     assert_eq!(run.code, 0, "{run:?}");
-    for o in &embedded().objects {
+    // Everything but the CRDs (kept without --crds; Istio's here in any case).
+    for o in embedded().others() {
         assert!(
             live(&env, o).is_none(),
             "{} {} left behind",

@@ -171,6 +171,13 @@ impl Cluster {
             })
     }
 
+    /// Whether the kind is namespaced, as the API serves it (None: not served). Rendered
+    /// manifests cannot tell: kustomize sets a namespace on kinds it does not know, even
+    /// cluster-scoped ones (GatewayClass).
+    pub fn namespaced(&self, api_version: &str, kind: &str) -> Result<Option<bool>, ClusterError> {
+        Ok(self.resource(api_version, kind)?.map(|r| r.namespaced))
+    }
+
     /// Whether the cluster serves the kind.
     pub fn serves(&self, api_version: &str, kind: &str) -> Result<bool, ClusterError> {
         Ok(self.resource(api_version, kind)?.is_some())
