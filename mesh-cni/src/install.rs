@@ -95,8 +95,17 @@ pub fn entry(agent_socket: &str, exclude_namespaces: &[String]) -> Value {
 pub fn install_binary(from: &Path, bin_dir: &Path) -> Result<PathBuf, InstallError> {
     let target = bin_dir.join(PLUGIN_TYPE);
     let tmp = bin_dir.join(format!(".{PLUGIN_TYPE}.tmp-{}", std::process::id()));
+    if same_file(from, &target) {
+        // Already linked there (a rename between two links of one file does nothing).
+        return Ok(target);
+    }
     let copy = || -> Result<(), InstallError> {
-        std::fs::copy(from, &tmp).map_err(io("copying the plugin binary to", &tmp))?;
+        // Same filesystem (local mode's nodes share the host's): a hard link, not a copy of
+        // a large binary per node. Across mounts (a DaemonSet's container) it fails: copy.
+        let _ = std::fs::remove_file(&tmp);
+        if std::fs::hard_link(from, &tmp).is_err() {
+            std::fs::copy(from, &tmp).map_err(io("copying the plugin binary to", &tmp))?;
+        }
         std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))
             .map_err(io("making executable", &tmp))?;
         std::fs::File::open(&tmp)
@@ -108,6 +117,14 @@ pub fn install_binary(from: &Path, bin_dir: &Path) -> Result<PathBuf, InstallErr
         let _ = std::fs::remove_file(&tmp);
     })?;
     Ok(target)
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
+    }
 }
 
 /// Writes `text` to `path` by renaming a synced temporary file over it, keeping the
