@@ -1,0 +1,194 @@
+//! Keeping the cache in line with the view without a CNI event: an enrolled pod that is gone
+//! or no longer ambient is deleted; a pod of this node that is ambient but not enrolled (a
+//! label flipped on, or pods found again after an agent restart) has its netns found
+//! (Directory: the `mesh.local/netns` annotation; Kube: host /proc) and is added. Owns that
+//! decision; never answers the plugin.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dataplane::zds::proto::WorkloadInfo;
+
+use super::handle::skip_reason;
+use super::view::{PodFacts, View};
+use super::ztunnels::CachedPod;
+use super::{Agent, netns};
+
+/// A pass runs at least this often even without view changes (retries of pods whose netns
+/// was not found or that ztunnel refused).
+const RESYNC: Duration = Duration::from_secs(5);
+
+/// What the reconciler remembers between passes.
+#[derive(Default)]
+pub struct Reconciler {
+    /// uid → ambient at the last pass (a false → true change is a label flip).
+    last_ambient: HashMap<String, bool>,
+    /// Pods to enroll that could not be yet (netns not found, ztunnel refused).
+    pending: HashSet<String>,
+    started: bool,
+}
+
+impl Reconciler {
+    /// Whether an ambient, unenrolled pod should be found and added now. Kube: any such pod
+    /// with an IP (its sandbox's CNI ADD is over); Directory: at start, on a label flip, or
+    /// when pending (local mode's kubelet writes the pod before its ADD, and a failed ADD
+    /// must not be undone by discovery).
+    fn wants(&self, view: &View, pod: &PodFacts) -> bool {
+        match view {
+            View::Kube(_) => !pod.ips.is_empty(),
+            View::Directory(_) => {
+                !self.started
+                    || self.last_ambient.get(&pod.uid) == Some(&false)
+                    || self.pending.contains(&pod.uid)
+            }
+        }
+    }
+
+    /// One pass over the view.
+    pub async fn pass(&mut self, agent: &Arc<Agent>) {
+        if agent.uninstalling() {
+            return;
+        }
+        let snap = agent.view.snapshot();
+        let ambient = |pod: &PodFacts| {
+            let ns = snap
+                .namespaces
+                .get(&pod.namespace)
+                .and_then(|l| l.as_deref());
+            skip_reason(agent, pod, ns).is_none()
+        };
+        // Gone, replaced (another uid under the name) or no longer ambient: del.
+        let mut gone = Vec::new();
+        {
+            let state = agent.state.lock().await;
+            for uid in state.uids() {
+                let Some(cached) = state.get(&uid) else {
+                    continue;
+                };
+                let key = (cached.info.namespace.clone(), cached.info.name.clone());
+                let keep = snap
+                    .pods
+                    .get(&key)
+                    .is_some_and(|p| p.uid == uid && ambient(p));
+                if !keep {
+                    gone.push((uid, key));
+                }
+            }
+        }
+        for (uid, (ns, name)) in gone {
+            if agent.is_inflight(&ns, &name) {
+                continue;
+            }
+            // The snapshot may lag what an ADD just read (Kube: a GET on a watch miss): ask
+            // the source again before taking a pod out.
+            if let Ok(Some((pod, ns_label))) = agent.view.lookup(&ns, &name).await
+                && pod.uid == uid
+                && skip_reason(agent, &pod, ns_label.as_deref()).is_none()
+            {
+                continue;
+            }
+            let removed = agent.state.lock().await.del(&uid).await;
+            if let Some(pod) = removed {
+                agent.snat_remove(&pod.ips);
+                if snap.pods.contains_key(&(ns.clone(), name.clone())) {
+                    let key = meshcore::enrollment::REDIRECTION_ANNOTATION;
+                    agent.view.annotate(&ns, &name, key, None).await;
+                }
+            }
+        }
+        // Ambient and not enrolled: find the netns, add.
+        let mut wanted = Vec::new();
+        {
+            let state = agent.state.lock().await;
+            for pod in snap.pods.values() {
+                if ambient(pod)
+                    && state.get(&pod.uid).is_none()
+                    && !agent.is_inflight(&pod.namespace, &pod.name)
+                    && self.wants(&agent.view, pod)
+                {
+                    wanted.push(pod.clone());
+                }
+            }
+        }
+        let mut fds = find_netns(agent, &wanted).await;
+        self.pending.clear();
+        for pod in wanted {
+            let Some(fd) = fds.remove(&pod.uid) else {
+                tracing::debug!(pod = %format!("{}/{}", pod.namespace, pod.name), "netns not found yet");
+                self.pending.insert(pod.uid.clone());
+                continue;
+            };
+            let cached = CachedPod {
+                uid: pod.uid.clone(),
+                info: WorkloadInfo {
+                    name: pod.name.clone(),
+                    namespace: pod.namespace.clone(),
+                    service_account: pod.service_account.clone(),
+                },
+                netns: fd,
+                ips: pod.ips.clone(),
+                container_id: None,
+            };
+            let result = agent.state.lock().await.add_or_keep(cached).await;
+            match result {
+                Ok(()) => agent.enrolled_side_effects(&pod, &pod.ips).await,
+                Err(e) => {
+                    tracing::warn!(pod = %format!("{}/{}", pod.namespace, pod.name), error = %e, "enrolling a discovered pod failed; will retry");
+                    self.pending.insert(pod.uid.clone());
+                }
+            }
+        }
+        self.last_ambient = snap
+            .pods
+            .values()
+            .map(|p| (p.uid.clone(), ambient(p)))
+            .collect();
+        self.started = true;
+    }
+
+    /// Passes on every view change and every [`RESYNC`], for ever.
+    pub async fn run(mut self, agent: Arc<Agent>) {
+        let mut changes = agent.view.changes();
+        loop {
+            tokio::select! {
+                r = changes.changed() => if r.is_err() { return },
+                _ = tokio::time::sleep(RESYNC) => {}
+            }
+            self.pass(&agent).await;
+        }
+    }
+}
+
+/// Opens the netns of each pod: Directory from its annotation, Kube by one host /proc scan.
+async fn find_netns(
+    agent: &Arc<Agent>,
+    pods: &[PodFacts],
+) -> HashMap<String, std::os::fd::OwnedFd> {
+    if pods.is_empty() {
+        return HashMap::new();
+    }
+    let agent = agent.clone();
+    let pods = pods.to_vec();
+    let found = tokio::task::spawn_blocking(move || match &agent.view {
+        View::Directory(_) => pods
+            .iter()
+            .filter_map(|p| {
+                let path = p.netns_annotation.as_deref()?;
+                match netns::open_annotated(path, &agent.forbidden) {
+                    Ok(fd) => Some((p.uid.clone(), fd)),
+                    Err(e) => {
+                        tracing::warn!(pod = %format!("{}/{}", p.namespace, p.name), error = %e, "pod's netns annotation refused");
+                        None
+                    }
+                }
+            })
+            .collect(),
+        View::Kube(_) => {
+            let uids: Vec<String> = pods.iter().map(|p| p.uid.clone()).collect();
+            netns::find_by_uid(&agent.host_proc, &uids, &agent.forbidden)
+        }
+    })
+    .await;
+    found.unwrap_or_default()
+}

@@ -1,0 +1,78 @@
+//! Uninstall, on request (ConfigMap `mesh-uninstall` in the mesh namespace, or the file
+//! `<state dir>/uninstall` in local mode): take our entry out of the CNI chain, del every pod
+//! (waiting for ztunnel's acks), remove the probe SNAT table, then say so (Kube: annotate the
+//! agent's own pod `mesh.dev/uninstalled: "true"`; local: the file `<state dir>/uninstalled`),
+//! which `meshctl uninstall` waits for on every node. Idempotent: a restarted agent that sees
+//! the request does it again and enrolls nothing. Owns this sequence only.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use super::Agent;
+use super::view::View;
+
+/// Local mode's trigger, in the state dir.
+pub const UNINSTALL_FILE: &str = "uninstall";
+/// Local mode's "done" marker, in the state dir.
+pub const UNINSTALLED_FILE: &str = "uninstalled";
+/// Set on the agent's own pod when done (Kube).
+pub const UNINSTALLED_ANNOTATION: &str = "mesh.dev/uninstalled";
+/// How often the trigger is looked for.
+const POLL: Duration = Duration::from_secs(1);
+
+/// Polls for the trigger; runs the uninstall once.
+pub async fn watch(agent: Arc<Agent>) {
+    while !agent.uninstalling() {
+        tokio::time::sleep(POLL).await;
+        if agent.view.uninstall_requested(&agent.args.state_dir).await {
+            run(&agent).await;
+        }
+    }
+}
+
+pub async fn run(agent: &Arc<Agent>) {
+    if agent.uninstalling.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    tracing::info!("uninstall requested: removing the mesh from this node");
+    if let Some(dir) = &agent.args.cni_conf_dir
+        && let Err(e) = crate::install::remove(dir)
+    {
+        tracing::error!(error = %e, "removing mesh-cni from the CNI chain");
+    }
+    {
+        let mut state = agent.state.lock().await;
+        for uid in state.uids() {
+            state.del(&uid).await;
+        }
+    }
+    if let Some(snat) = &agent.snat
+        && let Err(e) = snat.remove_all()
+    {
+        tracing::error!(error = %e, "removing the probe SNAT table");
+    }
+    match &agent.view {
+        View::Kube(_) => match &agent.args.pod_name {
+            Some(name) => {
+                agent
+                    .view
+                    .annotate(
+                        &agent.args.mesh_namespace,
+                        name,
+                        UNINSTALLED_ANNOTATION,
+                        Some("true"),
+                    )
+                    .await
+            }
+            None => tracing::warn!("no --pod-name/POD_NAME: cannot report the uninstall as done"),
+        },
+        View::Directory(_) => {
+            let marker = agent.args.state_dir.join(UNINSTALLED_FILE);
+            if let Err(e) = std::fs::write(&marker, b"") {
+                tracing::error!(file = %marker.display(), error = %e, "writing the uninstall marker");
+            }
+        }
+    }
+    tracing::info!("uninstall done on this node");
+}
