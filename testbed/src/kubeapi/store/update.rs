@@ -58,6 +58,20 @@ impl State {
             Part::Status => {
                 let mut m = old.clone();
                 m["status"] = new["status"].take();
+                // Kubernetes' pod status strategy resets spec and ownerReferences only: node
+                // agents (Istio's CNI, mesh-cni) annotate pods through pods/status.
+                if kind.kind == "Pod" && kind.group.is_empty() {
+                    for key in ["labels", "annotations"] {
+                        match new["metadata"][key].take() {
+                            Value::Null => {
+                                if let Some(meta) = m["metadata"].as_object_mut() {
+                                    meta.remove(key);
+                                }
+                            }
+                            v => m["metadata"][key] = v,
+                        }
+                    }
+                }
                 m
             }
             Part::Main if kind.status => {
