@@ -263,6 +263,8 @@ impl App {
         }
         if on_exit == OnExit::Unenroll {
             ctx.capture.shutdown();
+        } else {
+            ctx.capture.release_if_idle();
         }
         info!("ztunnel stopped");
         Exit::Stopped

@@ -173,10 +173,7 @@ impl Capture {
             e.unenroll(cookie)?;
         }
         // Declaring the table first makes the delete succeed even if it is already gone.
-        nft(
-            ns,
-            &format!("table inet {NFT_TABLE}\ndelete table inet {NFT_TABLE}\n"),
-        )
+        remove_nft(ns)
     }
 
     /// After the first full reconcile: drops eBPF state of pods an earlier run enrolled and this
@@ -196,6 +193,21 @@ impl Capture {
         }
     }
 
+    /// A stop that keeps capture: removes the node-global eBPF state if no pod is enrolled in
+    /// it and no newer ztunnel shares it ([`Ebpf::remove_if_idle`]); nftables mode keeps
+    /// nothing outside the pods.
+    pub fn release_if_idle(&self) {
+        if let Some(e) = &self.ebpf {
+            match e.remove_if_idle() {
+                Ok(true) => info!("no pod enrolled and no newer ztunnel: eBPF pins removed"),
+                Ok(false) => {}
+                Err(err) => {
+                    warn!(error = %err, "removing idle eBPF pins failed; run `ztunnel cleanup`")
+                }
+            }
+        }
+    }
+
     /// The eBPF loader, when capture runs in eBPF mode (the fast path needs it).
     pub fn ebpf(&self) -> Option<&Ebpf> {
         self.ebpf.as_ref()
@@ -208,6 +220,15 @@ impl Capture {
             None => so_original_dst(stream),
         }
     }
+}
+
+/// Removes ztunnel's nftables table from `ns` (absent is fine): unenrolling, and `ztunnel
+/// cleanup` of pods a stopped ztunnel left captured.
+pub fn remove_nft(ns: &Netns) -> Result<(), CaptureError> {
+    nft(
+        ns,
+        &format!("table inet {NFT_TABLE}\ndelete table inet {NFT_TABLE}\n"),
+    )
 }
 
 /// Removes a (crashed) eBPF instance of this node, e.g. when switching to nftables.

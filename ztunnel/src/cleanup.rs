@@ -9,9 +9,13 @@
 //!   lifetime), so removing them is always safe — also next to live ztunnels, which it leaves
 //!   alone. Local mode and the test suite run it to sweep what a killed run left.
 //!
-//! Owns finding orphans; removing an instance's pins is [`crate::ebpf::remove_dir`]'s job.
+//! `--node` also puts back every pod that instance enrolled ([`restore_pods`], from the
+//! [`pod_record`]s): no nftables table, policy rule/route or changed sysctl stays in a pod.
+//!
+//! Owns finding orphans and restoring recorded pods; removing an instance's pins is
+//! [`crate::ebpf::remove_dir`]'s job.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};
@@ -21,6 +25,8 @@ use std::path::{Path, PathBuf};
 use nix::sched::{CloneFlags, setns};
 
 use crate::ebpf::{self, EbpfError};
+use crate::netns::Netns;
+use crate::{origsrc, pod_record};
 
 /// The instance directories under bpffs whose network namespace is gone.
 pub fn orphaned_instance_dirs() -> io::Result<Vec<PathBuf>> {
@@ -56,9 +62,10 @@ fn instance_cookie(dir: &Path) -> Option<u64> {
     u64::from_str_radix(hex, 16).ok()
 }
 
-/// Cookies of every network namespace that still exists: those some process is in, and those
-/// kept by a name under /run/netns (a namespace with neither is being destroyed).
-fn live_netns_cookies() -> io::Result<HashSet<u64>> {
+/// Every network namespace that still exists, by cookie, with a path that opens it: those some
+/// process is in, and those kept by a name under /run/netns (a namespace with neither is being
+/// destroyed).
+fn live_netns() -> io::Result<HashMap<u64, PathBuf>> {
     let mut paths: Vec<PathBuf> = Vec::new();
     for entry in std::fs::read_dir("/proc")?.flatten() {
         if entry
@@ -81,22 +88,112 @@ fn live_netns_cookies() -> io::Result<HashSet<u64>> {
         let Ok(file) = File::open(&p) else { continue };
         let Ok(meta) = file.metadata() else { continue };
         if seen.insert((meta.dev(), meta.ino())) {
-            handles.push(file);
+            handles.push((file, p));
         }
     }
     // setns moves only the calling thread: do it on a thread of its own that then ends, so no
     // other thread of ours ever runs in a foreign namespace.
     std::thread::spawn(move || {
-        let mut cookies = HashSet::new();
-        for ns in handles {
+        let mut cookies = HashMap::new();
+        for (ns, path) in handles {
             setns(ns.as_fd(), CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
             let s = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)?;
-            cookies.insert(ebpf::netns_cookie(s.as_raw_fd())?);
+            cookies.insert(ebpf::netns_cookie(s.as_raw_fd())?, path);
         }
         Ok(cookies)
     })
     .join()
     .map_err(|_| io::Error::other("netns cookie thread panicked"))?
+}
+
+fn live_netns_cookies() -> io::Result<HashSet<u64>> {
+    live_netns().map(|m| m.into_keys().collect())
+}
+
+/// One pod `ztunnel cleanup` put back as it was before enrollment.
+#[derive(Debug)]
+pub struct RestoredPod {
+    pub netns_cookie: u64,
+    /// Where its namespace was found (`None`: gone, only the record was dropped).
+    pub netns: Option<PathBuf>,
+}
+
+/// Takes back, in every pod the ztunnel instance `instance` enrolled (its [`pod_record`]s),
+/// what enrollment left there: the nftables table, the source-preservation rule and route, and
+/// the sysctls (restored to their recorded pre-enrollment values). Records of namespaces that
+/// are gone are dropped. eBPF state is not touched here ([`crate::ebpf::remove_dir`]). Needs
+/// [`crate::netns::init_host_netns`] first.
+pub fn restore_pods(instance: &str) -> Result<Vec<RestoredPod>, CleanupError> {
+    let records: Vec<_> = pod_record::all()
+        .into_iter()
+        .filter(|(_, r)| r.instance == instance)
+        .collect();
+    if records.is_empty() {
+        return Ok(Vec::new());
+    }
+    let live = live_netns().map_err(CleanupError::Scan)?;
+    let mut done = Vec::new();
+    for (cookie, record) in records {
+        let Some(path) = live.get(&cookie) else {
+            pod_record::forget(cookie);
+            done.push(RestoredPod {
+                netns_cookie: cookie,
+                netns: None,
+            });
+            continue;
+        };
+        let ns = Netns::open(path).map_err(|e| CleanupError::Pod {
+            netns: path.clone(),
+            error: e.to_string(),
+        })?;
+        // A pid may have been reused between the scan and the open: act only on the cookie.
+        if pod_record::cookie_of(&ns).ok() != Some(cookie) {
+            continue;
+        }
+        let pod_err = |error: String| CleanupError::Pod {
+            netns: path.clone(),
+            error,
+        };
+        crate::capture::remove_nft(&ns).map_err(|e| pod_err(e.to_string()))?;
+        origsrc::remove(&ns);
+        for (sysctl, value) in &record.sysctls {
+            ns.swap_sysctl(sysctl, value)
+                .map_err(|e| pod_err(format!("restoring {sysctl}: {e}")))?;
+        }
+        pod_record::forget(cookie);
+        done.push(RestoredPod {
+            netns_cookie: cookie,
+            netns: Some(path.clone()),
+        });
+    }
+    Ok(done)
+}
+
+/// Drops the records of pods whose network namespace no longer exists (any instance).
+pub fn remove_orphan_records() -> io::Result<usize> {
+    let records = pod_record::all();
+    if records.is_empty() {
+        return Ok(0);
+    }
+    let live = live_netns_cookies()?;
+    let mut n = 0;
+    for (cookie, _) in records {
+        if !live.contains(&cookie) {
+            pod_record::forget(cookie);
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CleanupError {
+    #[error("listing the machine's network namespaces (/proc/*/ns/net, /run/netns): {0}")]
+    Scan(io::Error),
+    #[error(
+        "restoring the pod in {netns}: {error} (run again, or remove it by hand: nft table inet ztunnel, ip rule pref 1338, sysctls in /var/run/ztunnel/pods)"
+    )]
+    Pod { netns: PathBuf, error: String },
 }
 
 #[cfg(test)]

@@ -191,6 +191,9 @@ pub struct Spliced {
 
 pub struct Ebpf {
     dir: PathBuf,
+    /// The cgroup link pins this process made, by inode: a newer ztunnel adopting the instance
+    /// replaces them (new inodes), which is how a stopping one knows it is not the last.
+    own_links: Vec<(PathBuf, u64)>,
     /// `AYA_LOG_LEVEL` of every program this process loads.
     log_level: u8,
     /// Where this process pinned its log ring buffer, so the per-pod loads write to it too
@@ -402,6 +405,7 @@ impl Ebpf {
         };
         info!(dir = %dir.display(), cgroup = %cgroup.display(), adopted, fast_path, ebpf_log = ?log, "eBPF capture loaded");
         Ok(Ebpf {
+            own_links: link_pin_inodes(&dir),
             dir,
             log_level,
             logs_pin,
@@ -739,6 +743,37 @@ impl Ebpf {
     pub fn remove_all(&self) -> Result<(), EbpfError> {
         remove_dir(&self.dir)
     }
+
+    /// A stop that keeps capture (restart or uninstall look the same to ztunnel): removes the
+    /// instance when nothing needs it — no pod enrolled in it (on uninstall the agent
+    /// unenrolls every pod first) and no newer ztunnel took it over (the cgroup link pins are
+    /// still the ones this process made; an adopting ztunnel replaces them). Otherwise leaves
+    /// it: enrolled pods fail closed until a ztunnel returns. Returns whether it removed it.
+    pub fn remove_if_idle(&self) -> Result<bool, EbpfError> {
+        let enrolled = {
+            let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            st.netns.keys().next().is_some()
+        };
+        if enrolled || link_pin_inodes(&self.dir) != self.own_links {
+            return Ok(false);
+        }
+        remove_dir(&self.dir)?;
+        Ok(true)
+    }
+}
+
+/// The cgroup link pins in `dir` with their inodes, sorted.
+fn link_pin_inodes(dir: &Path) -> Vec<(PathBuf, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut pins: Vec<(PathBuf, u64)> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("link_"))
+        .filter_map(|e| Some((e.path(), e.metadata().ok()?.ino())))
+        .collect();
+    pins.sort();
+    pins
 }
 
 /// Per-pod destination ports not to capture (host byte order).

@@ -105,7 +105,11 @@ fn set_pod_sysctls(pod: &Pod) -> Vec<(&'static str, String)> {
 /// no captured connection meets a closed port. On error nothing of it is left in the pod.
 pub fn start(ctx: &Arc<Ctx>, w: Arc<Workload>, netns: Netns) -> anyhow::Result<Enrolled> {
     let mut pod = Pod::new(w, netns);
-    let sysctls_before = set_pod_sysctls(&pod);
+    let sysctls_before = crate::pod_record::remember(
+        &pod.netns,
+        &crate::pod_record::instance_name(&ctx.node),
+        set_pod_sysctls(&pod),
+    );
     pod.orig_src = preserve_source(&pod, &sysctls_before);
     let pod = Arc::new(pod);
     match listen_and_capture(ctx, &pod) {
@@ -324,6 +328,7 @@ fn undo_pod_setup(pod: &Pod, sysctls_before: &[(&'static str, String)]) {
     for (path, before) in sysctls_before {
         let _ = pod.netns.swap_sysctl(path, before);
     }
+    crate::pod_record::release(&pod.netns);
 }
 
 #[derive(Clone, Copy)]

@@ -30,6 +30,7 @@ pub mod netns;
 pub mod origsrc;
 pub mod outbound;
 pub mod pod_netns;
+pub mod pod_record;
 pub mod pods;
 pub mod policy;
 pub mod proxy;

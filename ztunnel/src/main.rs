@@ -2,8 +2,8 @@
 //! A stop (SIGTERM/SIGINT) is a restart by default: listeners close but capture and the pinned
 //! eBPF state stay, so enrolled pods fail closed — exactly as after a crash (SIGKILL) — until a
 //! ztunnel returns and adopts them. `--unenroll-on-exit` makes a stop leave nothing behind
-//! instead; `ztunnel cleanup --node NAME` does that after the fact (`--orphans`: every instance
-//! whose network namespace is gone).
+//! instead; `ztunnel cleanup --node NAME` does that after the fact, pods included (`--orphans`:
+//! every instance whose network namespace is gone, and records of pods that are gone).
 
 use anyhow::Context;
 use clap::{CommandFactory, FromArgMatches, Parser};
@@ -52,8 +52,9 @@ fn init_logging(format: &str) -> LogHandle {
 )]
 #[command(group(clap::ArgGroup::new("what").required(true).args(["node", "orphans"])))]
 struct CleanupArgs {
-    /// This node's ztunnel, stopped for good: its eBPF-captured pods stop failing closed and go
-    /// direct (nftables rules live in the pods and go when a ztunnel unenrolls them).
+    /// This node's ztunnel, stopped for good: every pod it enrolled goes back to how it was
+    /// before (no nftables table, policy rule/route or changed sysctl), then its eBPF state
+    /// goes; its pods stop failing closed and go direct.
     #[arg(long, env = "NODE_NAME")]
     node: Option<String>,
     /// Every instance, of any node, whose network namespace no longer exists (always safe:
@@ -71,6 +72,8 @@ fn cleanup(args: CleanupArgs) -> anyhow::Result<()> {
         let dirs = if args.dry_run {
             ztunnel::cleanup::orphaned_instance_dirs().context("finding orphaned eBPF state")?
         } else {
+            ztunnel::cleanup::remove_orphan_records()
+                .context("dropping records of pods that are gone")?;
             ztunnel::cleanup::remove_orphans()?
         };
         for d in &dirs {
@@ -80,11 +83,29 @@ fn cleanup(args: CleanupArgs) -> anyhow::Result<()> {
     }
     let node = args.node.context("--node or --orphans is required")?;
     let dir = ztunnel::ebpf::instance_dir(&node)?;
+    let instance = ztunnel::pod_record::instance_name(&node);
     if args.dry_run {
+        for (cookie, r) in ztunnel::pod_record::all() {
+            if r.instance == instance {
+                println!("pod netns cookie {cookie:x}");
+            }
+        }
         if dir.exists() {
             println!("{}", dir.display());
         }
         return Ok(());
+    }
+    // Pods first: while the eBPF state is still pinned they keep failing closed, so none goes
+    // direct with half of its enrollment still in place.
+    ztunnel::netns::init_host_netns().context("reading this process's network namespace")?;
+    for pod in ztunnel::cleanup::restore_pods(&instance)? {
+        match pod.netns {
+            Some(p) => println!("restored pod netns {}", p.display()),
+            None => println!(
+                "dropped the record of gone pod netns {:x}",
+                pod.netns_cookie
+            ),
+        }
     }
     ztunnel::ebpf::remove_dir(&dir).with_context(|| format!("cleaning up {}", dir.display()))?;
     println!("removed {}", dir.display());
