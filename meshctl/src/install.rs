@@ -75,7 +75,7 @@ pub fn run(
         );
     }
     for name in &applied_crds {
-        established(cluster, name, deadline)?;
+        established(cluster, name, deadline, started)?;
     }
     for obj in m.others() {
         let scoped = cluster.namespaced(api_version(obj), kind(obj))?;
@@ -136,7 +136,12 @@ fn namespace(o: &Value) -> Option<&str> {
 }
 
 /// Waits until the CRD is Established and its kind served.
-fn established(cluster: &Cluster, name: &str, deadline: Instant) -> Result<(), InstallError> {
+fn established(
+    cluster: &Cluster,
+    name: &str,
+    deadline: Instant,
+    started: Instant,
+) -> Result<(), InstallError> {
     loop {
         let crd = cluster.get(
             "apiextensions.k8s.io/v1",
@@ -187,7 +192,7 @@ fn established(cluster: &Cluster, name: &str, deadline: Instant) -> Result<(), I
             };
             return Err(InstallError::CrdNotEstablished {
                 name: name.to_string(),
-                waited: deadline.saturating_duration_since(Instant::now()),
+                waited: started.elapsed(),
                 state,
             });
         }

@@ -139,7 +139,8 @@ fn crd_manifests(dir: &std::path::Path) -> std::path::PathBuf {
     let crd = |group: &str, kind: &str, plural: &str| {
         json!({
             "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
-            "metadata": {"name": format!("{plural}.{group}"), "labels": {"app.kubernetes.io/part-of": "mesh"}},
+            // Ours are verbatim copies: upstream's labels, plus our marker.
+            "metadata": {"name": format!("{plural}.{group}"), "labels": {"app": "istio-pilot", "release": "istio", "app.kubernetes.io/managed-by": "mesh"}},
             "spec": {"group": group, "scope": "Namespaced",
                 "names": {"plural": plural, "singular": kind.to_lowercase(), "kind": kind},
                 "versions": [{"name": "v1", "served": true, "storage": true,
@@ -178,6 +179,10 @@ fn crds_that_are_not_ours_are_never_overwritten_nor_deleted() {
             n,
         )
     };
+    // Istio's, with the labels its chart gives it.
+    let mut theirs = crd(istio).unwrap();
+    theirs["metadata"]["labels"] = json!({"app": "istio-pilot", "release": "istio"});
+    env.api.put(theirs).unwrap();
     let before = crd(istio).unwrap();
     // Istio's waypoint class, as istiod creates it.
     let class = || {
