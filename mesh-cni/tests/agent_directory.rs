@@ -149,6 +149,20 @@ async fn ambient_pod_enrolled_only_on_ztunnel_ack() {
         other => panic!("ADD of a pod not in the view: {other:?}"),
     }
 
+    // CHECK: the enrolled pod is fine; the refused one is ambient but not enrolled.
+    let check1 = event(Cmd::Check, "amb", "p1", "", &p1.path(), "");
+    assert_eq!(call(sock, &check1).await, AgentReply::Done);
+    let check2 = event(Cmd::Check, "amb", "p2", "", &p2.path(), "");
+    assert!(matches!(
+        call(sock, &check2).await,
+        AgentReply::Failed { .. }
+    ));
+    // Only root may talk to the agent.
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(sock).expect("socket").permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+
     let zt2 = FakeZtunnel::connect(&env.zds()).await;
     wait_for("the second snapshot", || zt2.snapshot_done()).await;
     assert!(zt2.added(&uid("amb", "p1")));

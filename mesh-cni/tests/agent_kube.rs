@@ -160,9 +160,9 @@ async fn kube_view_enrolls_annotates_flips_restarts_and_uninstalls() {
     })
     .await;
 
-    // Agent restart: the reconnecting ztunnel's snapshot holds the enrolled pod (found
-    // again through /proc), and nothing is deleted.
-    agent.stop();
+    // Agent crash and restart: its sockets are replaced, the reconnecting ztunnel's snapshot
+    // holds the enrolled pod (found again through /proc), and nothing is deleted.
+    agent.kill();
     wait_for("the session to end", || !zt.is_connected()).await;
     let agent = start_agent(dir.path(), &api).await;
     let zt = FakeZtunnel::connect(&zds).await;
@@ -186,6 +186,13 @@ async fn kube_view_enrolls_annotates_flips_restarts_and_uninstalls() {
     })
     .await;
     assert!(zt.deleted(&uid1));
+    assert!(
+        dir.path()
+            .join("state")
+            .join(mesh_cni::agent::UNINSTALL_FILE)
+            .exists(),
+        "the installer's pause file is written"
+    );
     assert!(matches!(
         call(&agent.plugin_socket, &add).await,
         AgentReply::Skipped { .. }

@@ -36,17 +36,23 @@ pub async fn run(agent: &Arc<Agent>) {
         return;
     }
     tracing::info!("uninstall requested: removing the mesh from this node");
-    if let Some(dir) = &agent.args.cni_conf_dir
-        && let Err(e) = crate::install::remove(dir)
+    // The install sidecar's --pause-file: it stops putting the entry back (local mode's
+    // trigger is the same file, already there).
+    let pause = agent.args.state_dir.join(UNINSTALL_FILE);
+    if let Err(e) =
+        std::fs::create_dir_all(&agent.args.state_dir).and_then(|()| std::fs::write(&pause, b""))
     {
-        tracing::error!(error = %e, "removing mesh-cni from the CNI chain");
+        tracing::error!(file = %pause.display(), error = %e, "writing the installer's pause file");
     }
+    remove_cni_entry(agent);
     {
         let mut state = agent.state.lock().await;
         for uid in state.uids() {
             state.del(&uid).await;
         }
     }
+    // Again: an installer pass that began before the pause file existed may have put it back.
+    remove_cni_entry(agent);
     if let Some(snat) = &agent.snat
         && let Err(e) = snat.remove_all()
     {
@@ -75,4 +81,12 @@ pub async fn run(agent: &Arc<Agent>) {
         }
     }
     tracing::info!("uninstall done on this node");
+}
+
+fn remove_cni_entry(agent: &Agent) {
+    if let Some(dir) = &agent.args.cni_conf_dir
+        && let Err(e) = crate::install::remove(dir)
+    {
+        tracing::error!(error = %e, "removing mesh-cni from the CNI chain");
+    }
 }

@@ -140,6 +140,14 @@ impl AgentProc {
     }
 }
 
+impl AgentProc {
+    /// SIGKILL: a crash, leaving its socket files behind.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 impl Drop for AgentProc {
     fn drop(&mut self) {
         let _ = self.child.kill();
