@@ -325,3 +325,23 @@ fn uninstall_waits_for_every_agent_then_removes_what_install_created() {
         .list("apiextensions.k8s.io/v1", "CustomResourceDefinition");
     assert_eq!(crds_before.len(), crds_after.len());
 }
+
+#[test]
+fn dry_run_changes_nothing() {
+    let env = Env::start(&[("node-a", "6.1.0")]);
+    let rv = env.api.resource_version();
+    let run = env.run(&["install", "--dry-run"]);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(
+        run.stdout
+            .contains("DaemonSet mesh-system/ztunnel: would create"),
+        "{run:?}"
+    );
+    assert!(
+        run.stdout
+            .contains("CRD gateways.gateway.networking.k8s.io: would apply (new)"),
+        "{run:?}"
+    );
+    assert_eq!(env.api.resource_version(), rv, "a dry run wrote to the API");
+    assert!(env.get("v1", "Namespace", None, NS).is_none());
+}

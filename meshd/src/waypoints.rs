@@ -29,8 +29,9 @@ pub const STATUS_PORT: u16 = 15021;
 pub const METRICS_PORT: u16 = 15020;
 /// `command[0]` of the waypoint container; local mode maps it to the waypoint binary.
 pub const WAYPOINT_COMMAND: &str = "mesh-waypoint";
-/// The image a Kubernetes cluster would pull (local mode ignores images).
-pub const WAYPOINT_IMAGE: &str = "ghcr.io/mesh/waypoint:latest";
+/// The image a Kubernetes cluster would pull (local mode ignores images): the one
+/// `cargo xtask images` builds, `mesh/waypoint:<version>`, as the manifests name the others.
+pub const WAYPOINT_IMAGE: &str = concat!("mesh/waypoint:", env!("CARGO_PKG_VERSION"));
 
 /// Which traffic a waypoint takes (`istio.io/waypoint-for`, default `service`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

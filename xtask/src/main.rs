@@ -9,6 +9,9 @@
 //!   ztunnel under load, 10k policies, the waypoint's HTTP engine vs Envoy and nginx: ratios
 //!   from one run; the control plane at 10k pods against the Kubernetes API double
 //! - `fuzz`   the libFuzzer targets in fuzz/ (cargo-fuzz, nightly), each for a while
+//! - `images` OCI image archives of meshd, ztunnel, waypoint and mesh-cni (no container daemon)
+
+mod images;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -79,6 +82,22 @@ enum Cmd {
         /// Seconds per target (the default: 300).
         #[arg(long)]
         seconds: Option<u64>,
+    },
+    /// Build OCI image archives (target/images/<name>-<version>.oci.tar, image mesh/<name>:<version>)
+    /// of meshd, ztunnel, waypoint and mesh-cni from release builds, without a container daemon.
+    Images {
+        /// Use the binaries in this directory instead of building release ones.
+        #[arg(long, value_name = "DIR")]
+        bin_dir: Option<PathBuf>,
+        /// Where the archives go (relative paths: to the workspace root).
+        #[arg(long, value_name = "DIR", default_value = "target/images")]
+        out: PathBuf,
+        /// Only this image (repeatable).
+        #[arg(long, value_name = "NAME", value_parser = images::names())]
+        only: Vec<String>,
+        /// The source revision for the image label (default: git's HEAD, `-dirty` if changed).
+        #[arg(long)]
+        revision: Option<String>,
     },
 }
 
@@ -213,6 +232,21 @@ fn main() -> anyhow::Result<()> {
             };
             fuzz(target.as_deref(), budget)
         }
+        Cmd::Images {
+            bin_dir,
+            out,
+            only,
+            revision,
+        } => images::run(
+            &root,
+            images::Options {
+                bin_dir,
+                out: root.join(out),
+                only,
+                revision,
+            },
+        )
+        .map(|_| ()),
     }
 }
 
