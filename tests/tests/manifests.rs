@@ -409,3 +409,41 @@ fn every_overlay_applies_to_the_api_double_server_side() {
         assert!(!text(&out).contains("configured"), "{}", text(&out));
     }
 }
+
+#[test]
+fn every_containers_arguments_are_accepted_by_its_binary() {
+    let scratch = Scratch::new("args");
+    let bins = localmesh::Bins::locate().expect("built binaries");
+    let file = scratch.write("dev.yaml", &kustomize(&manifests().join("overlays/dev")));
+    let mut checked = 0;
+    for d in docs(&file) {
+        let containers = d["spec"]["template"]["spec"]["containers"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        for c in containers {
+            let image = c["image"].as_str().unwrap_or_default();
+            let name = image
+                .strip_prefix("mesh/")
+                .and_then(|n| n.split(':').next())
+                .unwrap_or_else(|| panic!("image {image}"));
+            let bin = bins.meshd.with_file_name(name);
+            let args: Vec<String> = c["args"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|a| a.as_str().map(str::to_string))
+                .collect();
+            // clap rejects an unknown flag or value before it honours a trailing --help.
+            let out = run(Command::new(&bin).args(&args).arg("--help"));
+            assert!(
+                out.status.success(),
+                "{} {args:?}: {}",
+                bin.display(),
+                text(&out)
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 4, "meshd, ztunnel, mesh-cni agent and install");
+}
