@@ -143,6 +143,18 @@ async fn ambient_pod_enrolled_only_on_ztunnel_ack() {
             other => panic!("ADD with CNI_NETNS={bad}: {other:?}"),
         }
     }
+    let escape = event(
+        Cmd::Add,
+        "amb",
+        "../../api/v1/x",
+        "",
+        &p2.path(),
+        "10.9.0.9",
+    );
+    match call(sock, &escape).await {
+        AgentReply::Failed { error } => assert!(error.contains("not Kubernetes names"), "{error}"),
+        other => panic!("ADD with a path as the pod name: {other:?}"),
+    }
     let ghost = event(Cmd::Add, "amb", "ghost", "", &p2.path(), "10.9.0.9");
     match call(sock, &ghost).await {
         AgentReply::Failed { error } => assert!(error.contains("not found"), "{error}"),

@@ -42,6 +42,21 @@ fn failed(error: impl Into<String>) -> AgentReply {
     }
 }
 
+/// Namespace and name are Kubernetes names (DNS labels / subdomains): anything else is not a
+/// pod, and must never reach a URL path of an API request.
+fn valid_names(ev: &PluginEvent) -> bool {
+    let ok = |s: &str, max: usize, dots: bool| {
+        !s.is_empty()
+            && s.len() <= max
+            && s.bytes().all(|b| {
+                b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || (dots && b == b'.')
+            })
+            && !s.starts_with(['-', '.'])
+            && !s.ends_with(['-', '.'])
+    };
+    ok(&ev.pod_namespace, 63, false) && ok(&ev.pod_name, 253, true)
+}
+
 /// The pod as the view shows it, waiting up to [`LOOKUP_DEADLINE`]; a uid the runtime passed
 /// must match (else the view still shows an older pod of that name).
 async fn find(agent: &Agent, ev: &PluginEvent) -> Result<(PodFacts, Option<String>), String> {
@@ -106,6 +121,9 @@ async fn add(agent: &Arc<Agent>, ev: PluginEvent) -> AgentReply {
     }
     if agent.excluded(&ev.pod_namespace) {
         return skipped(format!("namespace {} is excluded", ev.pod_namespace));
+    }
+    if !valid_names(&ev) {
+        return failed("K8S_POD_NAMESPACE/K8S_POD_NAME are not Kubernetes names");
     }
     let _inflight = agent.inflight(&ev.pod_namespace, &ev.pod_name);
     let (pod, ns_label) = match find(agent, &ev).await {
@@ -177,7 +195,7 @@ async fn del(agent: &Arc<Agent>, ev: PluginEvent) -> AgentReply {
 }
 
 async fn check(agent: &Arc<Agent>, ev: PluginEvent) -> AgentReply {
-    if agent.uninstalling() {
+    if agent.uninstalling() || !valid_names(&ev) {
         return AgentReply::Done;
     }
     if agent
