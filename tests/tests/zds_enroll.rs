@@ -220,7 +220,10 @@ fn zds_agent_enrolls_a_pod_before_acking_and_takes_it_back() {
     // The ack means captured: the pod's very next connection goes over HBONE.
     s.add(&mut agent, POD_UID, &client.netns.path)
         .expect("add acked");
-    assert!(s.reaches(), "connection right after the ack was not captured");
+    assert!(
+        s.reaches(),
+        "connection right after the ack was not captured"
+    );
     let dump = s.dump();
     assert_eq!(dump["enrollment"]["source"], "zds");
     let pod = &dump["pods"][0];
