@@ -25,8 +25,7 @@ enum Mode {
 
 fn main() {
     if std::env::var_os("CNI_COMMAND").is_some() {
-        eprintln!("mesh-cni: the CNI plugin is not built yet");
-        std::process::exit(1);
+        std::process::exit(mesh_cni::plugin::main());
     }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
