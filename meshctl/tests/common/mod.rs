@@ -41,7 +41,6 @@ impl Env {
     /// The double with `nodes` (name, kernel release).
     pub fn start(nodes: &[(&str, &str)]) -> Env {
         let api = ApiServer::start(ApiOptions::default()).unwrap();
-        daemonset_kind(&api);
         for (name, kernel) in nodes {
             api.create(json!({
                 "apiVersion": "v1", "kind": "Node",
@@ -194,27 +193,6 @@ pub enum Readiness {
 
 pub fn name(o: &Value) -> &str {
     o["metadata"]["name"].as_str().unwrap_or("")
-}
-
-/// Until the double serves apps/v1 DaemonSet itself, a CRD stands in for it (same group,
-/// version, kind and status subresource); once it does, the CRD is refused as built-in.
-fn daemonset_kind(api: &ApiServer) {
-    let crd = json!({
-        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
-        "metadata": {"name": "daemonsets.apps"},
-        "spec": {
-            "group": "apps", "scope": "Namespaced",
-            "names": {"plural": "daemonsets", "singular": "daemonset", "kind": "DaemonSet", "listKind": "DaemonSetList"},
-            "versions": [{"name": "v1", "served": true, "storage": true,
-                "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}},
-                "subresources": {"status": {}}}],
-        }
-    });
-    match api.create(crd) {
-        Ok(_) => {}
-        Err(e) if e.to_string().contains("built-in") => {}
-        Err(e) => panic!("registering DaemonSet: {e}"),
-    }
 }
 
 /// Waits for `cond` (polling), panicking with `what` after 30 s.
