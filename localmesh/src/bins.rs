@@ -15,6 +15,8 @@ pub struct Bins {
     pub waypoint: PathBuf,
     /// The user CLI (`meshctl waypoint ...`); checked where used, like the waypoint.
     pub meshctl: PathBuf,
+    /// The CNI plugin, node agent and installer; checked when a mesh enrolls through CNI.
+    pub cni: PathBuf,
 }
 
 impl Bins {
@@ -45,6 +47,7 @@ impl Bins {
             echo: dir.join("mesh-echo"),
             waypoint: dir.join("waypoint"),
             meshctl: dir.join("meshctl"),
+            cni: dir.join("mesh-cni"),
         };
         for b in [&bins.meshd, &bins.ztunnel, &bins.echo] {
             if !b.exists() {

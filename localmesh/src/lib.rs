@@ -9,7 +9,8 @@
 //! `config/` is what meshd watches (rendered manifests), `state/` is meshd's CA and node
 //! secret, `meshd.sock` its API, `meshd-out/` what meshd renders (`objects/`, `status/`),
 //! `node-N.token` each node's credentials, `sa.<ns>.<sa>.token` a waypoint pod's,
-//! `controller.log` what the controller applied, `*.log` every process.
+//! `controller.log` what the controller applied, `cni/<node>/` each node's CNI conf and bin
+//! dirs and its `mesh-cni` agent's sockets (`cni`, `node_cni`), `*.log` every process.
 //! Credentials are root's alone: the run directory and `state/` are 0700, tokens 0600, and
 //! meshd's socket admits only root.
 //! Owns processes and manifests; the network itself is the testbed's.
@@ -22,9 +23,12 @@ pub mod bench_restart;
 pub mod bench_waypoint;
 pub mod bins;
 pub mod client;
+pub mod cni;
 mod controller;
 pub mod demo;
 pub mod deployments;
+mod kubelet;
+mod node_cni;
 pub mod render;
 pub mod wire;
 mod workloads;
@@ -68,6 +72,32 @@ pub struct MeshOptions {
     /// API mode: meshd reads the Kubernetes API double (started with the mesh) instead of
     /// `config/`, and what local mode renders is written there (`api_mode`).
     pub api: bool,
+    /// How ztunnel learns pods' network namespaces ([`Enrollment`]); `$MESH_ENROLLMENT`
+    /// (`cni` or `config`) overrides the default, `cni`.
+    pub enrollment: Enrollment,
+}
+
+/// How pods are enrolled with their node's ztunnel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Enrollment {
+    /// As on Kubernetes: the kubelet runs the node's CNI chain (our veth wiring, then
+    /// `mesh-cni`) before a pod's apps start; each node's `mesh-cni agent` hands the pod's
+    /// netns to ztunnel over ZDS (`ztunnel --enrollment zds`). A pod that cannot be enrolled
+    /// does not start.
+    Cni,
+    /// The pre-CNI path: ztunnel enrolls the pods meshd's config says are captured, finding
+    /// their netns from local mode's `mesh.local/netns` annotation (no agent, no plugin).
+    Config,
+}
+
+impl Enrollment {
+    /// `$MESH_ENROLLMENT`, else [`Enrollment::Cni`].
+    pub fn from_env() -> Enrollment {
+        match std::env::var("MESH_ENROLLMENT").as_deref() {
+            Ok("config") => Enrollment::Config,
+            _ => Enrollment::Cni,
+        }
+    }
 }
 
 /// Where meshd listens when [`MeshOptions::meshd_tls`] is set: node-0's fabric address and
@@ -88,6 +118,7 @@ impl Default for MeshOptions {
             ztunnel_args: Vec::new(),
             meshd_tls: false,
             api: false,
+            enrollment: Enrollment::from_env(),
         }
     }
 }
@@ -99,6 +130,12 @@ pub struct ScheduledPod {
     pub file: String,
     pub pod: testbed::Pod,
     pub node_name: String,
+    /// `metadata.uid` (what the CNI chain gets as K8S_POD_UID).
+    pub uid: String,
+    /// The sandbox as the CNI chain saw it and the chain's ADD result (DEL gets it back);
+    /// `None` until the chain ran.
+    pub sandbox: Option<(cni::Sandbox, Value)>,
+    /// Empty until the chain's ADD succeeded: then its containers.
     pub procs: Vec<Proc>,
     /// Set for a pod of a Deployment (bare Pods are rendered from the user's document).
     pub owner: Option<workloads::Owned>,
@@ -137,6 +174,10 @@ pub struct Mesh {
     meshd_writes: bool,
     meshd: Mutex<Option<Proc>>,
     ztunnels: Mutex<Vec<Option<(Proc, AdminPorts)>>>,
+    /// Each node's CNI dirs and agent sockets, by node index.
+    pub cni: Vec<cni::NodeCni>,
+    /// Each node's `mesh-cni agent` ([`Enrollment::Cni`]).
+    agents: Mutex<Vec<Option<Proc>>>,
     pods: Mutex<HashMap<String, ScheduledPod>>,
     /// Each applied file's documents as rendered (Pods scheduled, Services with VIPs), without
     /// its Deployments' pods: a rollout re-writes the file from these and the current pods.
@@ -191,6 +232,12 @@ impl LocalMesh {
         make_private_dir(&meshd_out)?;
         std::fs::create_dir_all(meshd_out.join("objects"))?;
         let api = api_mode::start_if(&opts, &cluster)?;
+        let cni = cluster
+            .nodes()
+            .iter()
+            .map(|n| cni::NodeCni::create(&dir, &n.name))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let installs = node_cni::start_installs(&bins, &opts, &cni)?;
         let mesh = Arc::new(Mesh {
             socket: dir.join("meshd.sock"),
             cluster,
@@ -202,6 +249,8 @@ impl LocalMesh {
             meshd_writes,
             meshd: Mutex::new(None),
             ztunnels: Mutex::new(Vec::new()),
+            cni,
+            agents: Mutex::new(Vec::new()),
             pods: Mutex::new(HashMap::new()),
             files: Mutex::new(HashMap::new()),
             vips: Mutex::new(HashMap::new()),
@@ -216,8 +265,17 @@ impl LocalMesh {
         mesh.start_meshd()?;
         let n = mesh.cluster.nodes().len();
         *mesh.ztunnels.lock().unwrap_or_else(|p| p.into_inner()) = (0..n).map(|_| None).collect();
+        *mesh.agents.lock().unwrap_or_else(|p| p.into_inner()) = (0..n).map(|_| None).collect();
+        mesh.start_node_cni(installs)?;
+        let mut launched = Vec::new();
         for i in 0..n {
-            mesh.start_ztunnel(i)?;
+            let proc = mesh.spawn_ztunnel(i, ISTIO_ADMIN_PORTS)?;
+            mesh.ztunnels.lock().unwrap_or_else(|p| p.into_inner())[i] =
+                Some((proc, ISTIO_ADMIN_PORTS));
+            launched.push(i);
+        }
+        for i in launched {
+            mesh.wait_ztunnel_connected(i)?;
         }
         let objects = mesh.meshd_out.join("objects");
         let controller = Some(controller::Controller::start(mesh.clone(), objects)?);
@@ -326,12 +384,13 @@ impl Mesh {
         Ok(path)
     }
 
-    /// Starts node `i`'s ztunnel inside the node's network namespace.
+    /// Starts node `i`'s ztunnel inside the node's network namespace ([`Enrollment::Cni`]:
+    /// and waits until it is connected to the node's agent, so pods can be added).
     pub fn start_ztunnel(&self, i: usize) -> anyhow::Result<()> {
         let proc = self.spawn_ztunnel(i, ISTIO_ADMIN_PORTS)?;
         self.ztunnels.lock().unwrap_or_else(|p| p.into_inner())[i] =
             Some((proc, ISTIO_ADMIN_PORTS));
-        Ok(())
+        self.wait_ztunnel_connected(i)
     }
 
     /// A rolling update with surge: starts a second ztunnel for node `i` next to the running
@@ -351,7 +410,12 @@ impl Mesh {
         } else {
             ISTIO_ADMIN_PORTS
         };
-        let proc = self.spawn_ztunnel(i, ports)?;
+        let mut proc = self.spawn_ztunnel(i, ports)?;
+        // Connected before it counts as the node's ztunnel: adds go to the newest connection.
+        if let Err(e) = self.wait_connected_on(i, ports.0) {
+            proc.kill();
+            return Err(e);
+        }
         let old = self.ztunnels.lock().unwrap_or_else(|p| p.into_inner())[i]
             .replace((proc, ports))
             .context("node has no running ztunnel")?;
@@ -391,6 +455,10 @@ impl Mesh {
         }
         if self.opts.unenroll_on_exit {
             cmd.arg("--unenroll-on-exit");
+        }
+        if self.opts.enrollment == Enrollment::Cni {
+            let sock = &self.cni.get(i).context("no such node")?.zds_socket;
+            cmd.args(["--enrollment", "zds", "--zds-socket"]).arg(sock);
         }
         cmd.args(&self.opts.ztunnel_args);
         let (admin, metrics, ready) = ports;
@@ -451,25 +519,32 @@ impl Mesh {
             .unwrap_or_default()
     }
 
-    /// Applies a manifest file: schedules its pods (starting their containers), gives its
-    /// Services VIPs, runs its Deployments' pods, and writes the result where meshd watches.
-    /// Re-applying the same file keeps pods that are still listed and removes those that are
-    /// not; a Deployment scales or rolls out to its new template (new pods up before old ones
-    /// go). An invalid Deployment refuses the whole file and changes nothing.
+    /// Applies a manifest file: schedules its pods (each runs once the node's CNI chain has
+    /// set it up), gives its Services VIPs, runs its Deployments' pods, and writes the result
+    /// where meshd watches. Re-applying the same file keeps pods that are still listed and
+    /// removes those that are not; a Deployment scales or rolls out to its new template (new
+    /// pods up before old ones go). An invalid Deployment refuses the whole file and changes
+    /// nothing. A pod whose CNI chain fails does not run and is left out of the file; the
+    /// rest is applied and the chain's error returned.
     pub fn apply(&self, file: &str, yaml: &str) -> anyhow::Result<()> {
         let _one_at_a_time = self.apply_lock.lock().unwrap_or_else(|p| p.into_inner());
         let mut docs = render::parse_docs(file, yaml)?;
         let deployments = self.validate_deployments(file, &docs)?;
         let mut listed = Vec::new();
         let mut services = Vec::new();
-        for doc in docs.iter_mut() {
+        let mut new_pods: Vec<render::PodDoc> = Vec::new();
+        let rendered = docs.iter_mut().try_for_each(|doc| {
             match render::kind(doc) {
                 "Pod" => {
                     let spec = render::pod_doc(doc).with_context(|| file.to_string())?;
                     let key = format!("{}/{}", spec.namespace, spec.name);
                     listed.push(key.clone());
-                    let (node, ips, netns) = self.schedule(file, &spec, None)?;
-                    render::set_pod_status(doc, &node, &ips, &netns);
+                    let placed = self.create_sandbox(file, &spec, None)?;
+                    render::set_pod_status(doc, &placed.node, &placed.ips, &placed.netns);
+                    render::set_pod_uid(doc, &placed.uid);
+                    if placed.new {
+                        new_pods.push(spec);
+                    }
                 }
                 "Service" => {
                     let key = format!(
@@ -482,6 +557,13 @@ impl Mesh {
                 }
                 _ => {}
             }
+            anyhow::Ok(())
+        });
+        if let Err(e) = rendered {
+            for spec in &new_pods {
+                self.discard(&format!("{}/{}", spec.namespace, spec.name), None);
+            }
+            return Err(e);
         }
         let gone: Vec<String> = {
             let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
@@ -500,7 +582,55 @@ impl Mesh {
             .unwrap_or_else(|p| p.into_inner())
             .insert(file.to_string(), docs);
         self.forget_services(previous.as_deref(), &services);
-        self.reconcile_deployments(file, &deployments)
+        let started = self.run_new_pods(file, &new_pods);
+        let reconciled = self.reconcile_deployments(file, &deployments);
+        started.and(reconciled)
+    }
+
+    /// Runs pods just sandboxed for `file` (already in its documents): the file is written
+    /// first, so the cluster knows them when their CNI chain asks. Pods that fail are taken
+    /// out of the file's documents; the first failure is returned.
+    fn run_new_pods(&self, file: &str, pods: &[render::PodDoc]) -> anyhow::Result<()> {
+        if pods.is_empty() {
+            return Ok(());
+        }
+        let failed = match self.write_file(file) {
+            Ok(()) => self.run_pods(file, pods),
+            Err(e) => {
+                for spec in pods {
+                    self.discard(&format!("{}/{}", spec.namespace, spec.name), None);
+                }
+                pods.iter()
+                    .map(|s| {
+                        (
+                            format!("{}/{}", s.namespace, s.name),
+                            anyhow::anyhow!("{e:#}"),
+                        )
+                    })
+                    .collect()
+            }
+        };
+        let Some((_, first)) = failed.first() else {
+            return Ok(());
+        };
+        let err = anyhow::anyhow!("{first:#}");
+        let keys: Vec<&String> = failed.iter().map(|(k, _)| k).collect();
+        if let Some(docs) = self
+            .files
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(file)
+        {
+            docs.retain(|d| {
+                render::kind(d) != "Pod"
+                    || !keys.contains(&&format!(
+                        "{}/{}",
+                        render::str_at(d, &["metadata", "namespace"]).unwrap_or("default"),
+                        render::str_at(d, &["metadata", "name"]).unwrap_or("")
+                    ))
+            });
+        }
+        Err(err)
     }
 
     /// The VIPs of Service `key` ("ns/name"): those it already has, else new ones.
@@ -641,6 +771,11 @@ impl Mesh {
 
     /// ztunnel's admin config dump on node `i` (its admin port is local to the node's netns).
     pub fn config_dump(&self, node: usize) -> anyhow::Result<serde_json::Value> {
+        self.config_dump_on(node, self.admin_port(node))
+    }
+
+    /// The config dump of the ztunnel serving admin on `admin_port` in node `node`'s netns.
+    fn config_dump_on(&self, node: usize, admin_port: u16) -> anyhow::Result<serde_json::Value> {
         let n = self
             .cluster
             .nodes()
@@ -654,7 +789,7 @@ impl Mesh {
                 "-sf",
                 "--max-time",
                 "5",
-                &format!("http://127.0.0.1:{}/config_dump", self.admin_port(node)),
+                &format!("http://127.0.0.1:{admin_port}/config_dump"),
             ],
         )?;
         anyhow::ensure!(
@@ -679,19 +814,22 @@ impl Mesh {
         Ok(enrolled)
     }
 
-    /// Waits until ztunnel has enrolled the pod (capture installed and HBONE listening).
+    /// Waits until ztunnel has enrolled the pod (capture installed and HBONE listening) and
+    /// every ztunnel's config says it is captured (clients send it HBONE).
     pub fn wait_enrolled(&self, namespace: &str, name: &str) -> anyhow::Result<()> {
         wait_for(
             DEADLINE,
             &format!("{namespace}/{name} to be enrolled"),
             || {
                 Ok(self.captured(namespace, name)?
-                    && self.listening(namespace, name, meshcore::HBONE_PORT)?)
+                    && self.listening(namespace, name, meshcore::HBONE_PORT)?
+                    && self.mesh_says_captured(namespace, name, true)?)
             },
         )
     }
 
-    /// Waits until nothing of ztunnel remains in the pod: not enrolled, no listener, no nft table.
+    /// Waits until nothing of ztunnel remains in the pod (not enrolled, no listener, no nft
+    /// table) and no ztunnel's config says it is captured (clients send it plain TCP).
     pub fn wait_unenrolled(&self, namespace: &str, name: &str) -> anyhow::Result<()> {
         wait_for(
             DEADLINE,
@@ -699,9 +837,29 @@ impl Mesh {
             || {
                 Ok(!self.captured(namespace, name)?
                     && !self.listening(namespace, name, meshcore::HBONE_PORT)?
-                    && !self.nft_table_present(namespace, name)?)
+                    && !self.nft_table_present(namespace, name)?
+                    && self.mesh_says_captured(namespace, name, false)?)
             },
         )
+    }
+
+    /// Whether every running ztunnel's config agrees the workload is (not) captured. With CNI
+    /// enrollment the node's agent may act on a label before meshd's config reaches clients.
+    fn mesh_says_captured(&self, namespace: &str, name: &str, want: bool) -> anyhow::Result<bool> {
+        let uid = format!("{namespace}/{name}");
+        for i in 0..self.cluster.nodes().len() {
+            let Ok(dump) = self.config_dump(i) else {
+                continue; // no ztunnel there (stopped)
+            };
+            let captured = dump["workloads"]
+                .as_array()
+                .and_then(|ws| ws.iter().find(|w| w["uid"] == uid.as_str()))
+                .is_some_and(|w| w["captured"] == true);
+            if captured != want {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// Waits until the pod's app listens on `port`.
@@ -729,6 +887,9 @@ impl Drop for Mesh {
             .len();
         for i in 0..n {
             self.stop_ztunnel(i, true);
+        }
+        for i in 0..self.cni.len() {
+            self.stop_agent(i, true);
         }
         // A stopped ztunnel keeps its pinned eBPF state (so its pods fail closed until it
         // returns): the documented cleanup command removes it.

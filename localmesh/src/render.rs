@@ -146,6 +146,13 @@ fn mapping_at<'a>(doc: &'a mut Value, key: &str) -> Option<&'a mut Map<String, V
     entry.as_object_mut()
 }
 
+/// Sets `metadata.uid` (the kubelet's pod UID, which the CNI chain is given as K8S_POD_UID).
+pub fn set_pod_uid(doc: &mut Value, uid: &str) {
+    if let Some(meta) = mapping_at(doc, "metadata") {
+        meta.insert("uid".into(), uid.into());
+    }
+}
+
 /// Writes a scheduled pod's node, IPs and netns back into its document.
 pub fn set_pod_status(doc: &mut Value, node: &str, ips: &[String], netns: &str) {
     if let Some(spec) = mapping_at(doc, "spec") {

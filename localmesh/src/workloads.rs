@@ -1,6 +1,6 @@
-//! The local kubelet and controller-manager: starts a pod's containers in its own network
-//! namespace, turns each Deployment into pods (scale, rolling update, removal), decides when a
-//! new pod is ready, and writes an applied file back with its Deployments' pods for meshd.
+//! The local controller-manager: turns each Deployment into pods (scale, rolling update,
+//! removal) run by the local kubelet (`kubelet`), decides when a new pod is ready, and writes
+//! an applied file back with its Deployments' pods for meshd.
 //!
 //! Readiness, as a cluster would see it: the containers listen on their declared
 //! `containerPort`s, their HTTP readiness probes pass, and, if meshd says the pod is captured,
@@ -9,12 +9,11 @@
 //! not selected by any Service (Kubernetes leaves unready pods out of endpoints; meshd has no
 //! readiness of its own). A pod that goes is first taken out of the config, then stopped once
 //! every ztunnel has forgotten it and its connections have drained.
-//! Owns pods and their processes; the file's other documents are `apply`'s (lib.rs).
+//! Owns the pod table's Deployment side and the written file; sandboxes and processes are the
+//! kubelet's, the file's other documents `apply`'s (lib.rs).
 
 use std::collections::BTreeSet;
 use std::io::Read;
-use std::path::PathBuf;
-use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -22,7 +21,7 @@ use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
 use crate::deployments::{self, Deployment};
-use crate::{MESHD_TLS_ADDR, Mesh, ScheduledPod, pod_ips, render, write_atomically, write_private};
+use crate::{Mesh, ScheduledPod, pod_ips, render, write_atomically};
 
 /// How long a new pod may take to become ready before its rollout stalls.
 const READY_DEADLINE: Duration = Duration::from_secs(30);
@@ -161,22 +160,51 @@ impl Mesh {
         v.into_iter().map(|(_, k)| k).collect()
     }
 
-    /// Starts `n` new pods of `d` and waits until they are ready.
+    /// Starts `n` new pods of `d` and waits until they are ready: sandboxes first, then the
+    /// file with them (unready), then each pod's CNI chain and containers. A pod whose chain
+    /// fails is gone again and the rollout stops with its error.
     fn start_pods(&self, file: &str, d: &Deployment, n: usize) -> anyhow::Result<()> {
-        let mut started = Vec::new();
+        let mut specs = Vec::new();
         for _ in 0..n {
-            let name = self.new_pod_name(d)?;
-            let doc = d.pod_doc(&name);
-            let spec = render::pod_doc(&doc)?;
-            let owner = Owned {
-                deployment: d.key(),
-                hash: d.hash.clone(),
-                doc,
-                ready: false,
-                serving: false,
-            };
-            self.schedule(file, &spec, Some(owner))?;
-            started.push(format!("{}/{name}", d.namespace));
+            let sandboxed = self.new_pod_name(d).and_then(|name| {
+                let doc = d.pod_doc(&name);
+                let spec = render::pod_doc(&doc)?;
+                let owner = Owned {
+                    deployment: d.key(),
+                    hash: d.hash.clone(),
+                    doc,
+                    ready: false,
+                    serving: false,
+                };
+                self.create_sandbox(file, &spec, Some(owner))?;
+                Ok(spec)
+            });
+            match sandboxed {
+                Ok(spec) => specs.push(spec),
+                Err(e) => {
+                    for s in &specs {
+                        self.discard(&format!("{}/{}", s.namespace, s.name), None);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        if let Err(e) = self.write_file(file) {
+            for s in &specs {
+                self.discard(&format!("{}/{}", s.namespace, s.name), None);
+            }
+            return Err(e);
+        }
+        let failed = self.run_pods(file, &specs);
+        let started: Vec<String> = specs
+            .iter()
+            .map(|s| format!("{}/{}", s.namespace, s.name))
+            .filter(|k| !failed.iter().any(|(f, _)| f == k))
+            .collect();
+        if let Some((_, e)) = failed.into_iter().next() {
+            // The failed pods left the table: the file goes without them.
+            self.write_file(file)?;
+            return Err(e);
         }
         self.make_ready(file, &started)
     }
@@ -384,13 +412,6 @@ impl Mesh {
         }
     }
 
-    pub(crate) fn stop_pod(&self, mut p: ScheduledPod) -> anyhow::Result<()> {
-        for proc in p.procs.iter_mut() {
-            proc.kill();
-        }
-        Ok(self.cluster.remove_pod(&p.pod.name)?)
-    }
-
     /// Writes `file` for meshd: its rendered documents, then its Deployments' pods (oldest
     /// first), unready ones without the labels Services select on.
     pub(crate) fn write_file(&self, file: &str) -> anyhow::Result<()> {
@@ -426,6 +447,7 @@ impl Mesh {
                     &pod_ips(&p.pod),
                     &p.pod.netns.path.display().to_string(),
                 );
+                render::set_pod_uid(&mut doc, &p.uid);
                 if let Some(status) = doc.get_mut("status").and_then(Value::as_object_mut) {
                     let ready = if o.ready { "True" } else { "False" };
                     status.insert(
@@ -489,149 +511,6 @@ impl Mesh {
             bail!("local mesh stopping while waiting for {what}");
         }
         Ok(())
-    }
-
-    /// The local kubelet: a network namespace on the pod's node (its `spec.nodeName`, else
-    /// round-robin) and its containers' processes. Returns (node, IPs, netns path); a pod
-    /// already running is left as it is.
-    pub(crate) fn schedule(
-        &self,
-        file: &str,
-        spec: &render::PodDoc,
-        owner: Option<Owned>,
-    ) -> anyhow::Result<(String, Vec<String>, String)> {
-        let key = format!("{}/{}", spec.namespace, spec.name);
-        let nodes = self.cluster.nodes();
-        if let Some(p) = self
-            .pods
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&key)
-        {
-            return Ok((
-                p.node_name.clone(),
-                pod_ips(&p.pod),
-                p.pod.netns.path.display().to_string(),
-            ));
-        }
-        let node = match &spec.node {
-            Some(name) => nodes.iter().find(|n| &n.name == name)
-                .with_context(|| format!("{file}: pod {key}: spec.nodeName {name:?} is not a node of this cluster ({})",
-                    nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>().join(", ")))?.clone(),
-            None => nodes[self.next_node.fetch_add(1, Ordering::Relaxed) % nodes.len()].clone(),
-        };
-        let pod = self
-            .cluster
-            .add_pod(node.index, &format!("{}-{}", spec.namespace, spec.name))?;
-        let ips = pod_ips(&pod);
-        let mut procs = Vec::new();
-        for (i, argv) in spec.containers.iter().enumerate() {
-            let mut cmd = match argv[0].as_str() {
-                "mesh-echo" => Command::new(&self.bins.echo),
-                WAYPOINT_COMMAND => match self.waypoint_command(spec, &node.name) {
-                    Ok(cmd) => cmd,
-                    Err(e) => {
-                        // One broken waypoint pod must not fail the file it came with.
-                        tracing::error!("pod {key}: not starting its waypoint: {e:#}");
-                        crate::controller::log(
-                            self,
-                            &format!("pod {key}: not starting its waypoint: {e:#}"),
-                        );
-                        continue;
-                    }
-                },
-                other => Command::new(other),
-            };
-            cmd.args(&argv[1..])
-                .env("POD_NAME", &spec.name)
-                .env("POD_NAMESPACE", &spec.namespace)
-                .env("POD_IP", &ips[0]);
-            let label = format!("{}-{}-{i}", spec.namespace, spec.name);
-            match self.cluster.spawn(&pod.netns, cmd, &label) {
-                Ok(p) => procs.push(p),
-                Err(e) => {
-                    for p in procs.iter_mut() {
-                        p.kill();
-                    }
-                    let _ = self.cluster.remove_pod(&pod.name);
-                    return Err(anyhow::Error::new(e)
-                        .context(format!("{file}: pod {key}: starting {:?}", argv[0])));
-                }
-            }
-        }
-        let netns = pod.netns.path.display().to_string();
-        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
-        self.pods.lock().unwrap_or_else(|p| p.into_inner()).insert(
-            key,
-            ScheduledPod {
-                namespace: spec.namespace.clone(),
-                name: spec.name.clone(),
-                file: file.to_string(),
-                pod,
-                node_name: node.name.clone(),
-                procs,
-                owner,
-                seq,
-            },
-        );
-        Ok((node.name, ips, netns))
-    }
-
-    /// The waypoint binary with what it needs to reach meshd as its service account.
-    fn waypoint_command(&self, spec: &render::PodDoc, node: &str) -> anyhow::Result<Command> {
-        anyhow::ensure!(
-            self.bins.waypoint.exists(),
-            "{} is missing: run `cargo build -p waypoint`",
-            self.bins.waypoint.display()
-        );
-        let token = self.workload_token(&spec.namespace, &spec.service_account)?;
-        let mut cmd = Command::new(&self.bins.waypoint);
-        if self.opts.meshd_tls {
-            cmd.env("MESHD_ADDRESS", MESHD_TLS_ADDR)
-                .env("MESHD_CA", self.mesh_root());
-        } else {
-            cmd.env("MESHD_ADDRESS", format!("unix:{}", self.socket.display()));
-        }
-        cmd.env("MESH_TOKEN_FILE", token)
-            .env("NODE_NAME", node)
-            .env("RUST_LOG", &self.opts.log);
-        for (k, v) in self
-            .waypoint_env
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
-            cmd.env(k, v);
-        }
-        Ok(cmd)
-    }
-
-    /// A service-account token from `meshd workload-token`, in a root-only file.
-    fn workload_token(&self, namespace: &str, sa: &str) -> anyhow::Result<PathBuf> {
-        if let Some(api) = &self.api {
-            return api.workload_token(self.dir(), namespace, sa);
-        }
-        let out = Command::new(&self.bins.meshd)
-            .args([
-                "workload-token",
-                "--namespace",
-                namespace,
-                "--service-account",
-                sa,
-                "--state-dir",
-            ])
-            .arg(&self.state_dir)
-            .output()
-            .context("running meshd workload-token")?;
-        if !out.status.success() {
-            bail!(
-                "meshd workload-token --namespace {namespace} --service-account {sa} failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        let path = self.dir().join(format!("sa.{namespace}.{sa}.token"));
-        write_private(&path, &out.stdout)?;
-        Ok(path)
     }
 }
 
