@@ -66,12 +66,19 @@ fn image_archives_are_complete_and_run() {
     }
     let root = workspace();
     let bins = localmesh::Bins::locate().expect("locate the mesh's binaries");
-    let bin_dir = bins
-        .ztunnel
-        .parent()
-        .expect("binary directory")
-        .to_path_buf();
     let scratch = Scratch::new();
+    // The binaries as they are now: both builds below must see the same inputs even if the
+    // target directory is rebuilt meanwhile (a linker replaces files; links keep the old ones).
+    let bin_dir = scratch.0.join("bin");
+    std::fs::create_dir_all(&bin_dir).expect("create the binaries' directory");
+    for e in IMAGES {
+        let src = bins.ztunnel.with_file_name(e.name);
+        let dst = bin_dir.join(e.name);
+        if std::fs::hard_link(&src, &dst).is_err() {
+            std::fs::copy(&src, &dst)
+                .unwrap_or_else(|err| panic!("{}: {err} (cargo build --bins?)", src.display()));
+        }
+    }
     let first = scratch.0.join("first");
     xtask_images(&root, &bin_dir, &first, &[]);
 
