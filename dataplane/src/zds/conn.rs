@@ -39,9 +39,7 @@ impl ZdsConn {
         let fd = seqpacket_socket().map_err(sock_err)?;
         let addr = UnixAddr::new(path).map_err(|e| sock_err(e.into()))?;
         socket::connect(fd.as_raw_fd(), &addr).map_err(|e| sock_err(e.into()))?;
-        Ok(ZdsConn {
-            fd: register(fd)?,
-        })
+        Ok(ZdsConn { fd: register(fd)? })
     }
 
     /// Wraps an already connected unix SOCK_SEQPACKET socket (e.g. one end of a socketpair).
@@ -54,9 +52,7 @@ impl ZdsConn {
             )));
         }
         set_nonblocking(&fd)?;
-        Ok(ZdsConn {
-            fd: register(fd)?,
-        })
+        Ok(ZdsConn { fd: register(fd)? })
     }
 
     /// Sends one message, with `fd` attached if given. A message over [`MAX_MESSAGE`] is
@@ -141,9 +137,7 @@ impl ZdsListener {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(sock_err)?;
         socket::listen(&fd, Backlog::new(128).map_err(|e| sock_err(e.into()))?)
             .map_err(|e| sock_err(e.into()))?;
-        Ok(ZdsListener {
-            fd: register(fd)?,
-        })
+        Ok(ZdsListener { fd: register(fd)? })
     }
 
     pub async fn accept(&self) -> Result<ZdsConn, ZdsError> {
@@ -160,9 +154,7 @@ impl ZdsListener {
                 // SAFETY: accept4 returned a new fd that nothing else owns.
                 Ok(Ok(raw)) => {
                     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-                    return Ok(ZdsConn {
-                        fd: register(fd)?,
-                    });
+                    return Ok(ZdsConn { fd: register(fd)? });
                 }
                 // The peer gave up before we accepted: wait for the next one.
                 Ok(Err(e)) if e.raw_os_error() == Some(libc::ECONNABORTED) => continue,
