@@ -775,7 +775,11 @@ impl Mesh {
     }
 
     /// The config dump of the ztunnel serving admin on `admin_port` in node `node`'s netns.
-    fn config_dump_on(&self, node: usize, admin_port: u16) -> anyhow::Result<serde_json::Value> {
+    pub fn config_dump_on(
+        &self,
+        node: usize,
+        admin_port: u16,
+    ) -> anyhow::Result<serde_json::Value> {
         let n = self
             .cluster
             .nodes()

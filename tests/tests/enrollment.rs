@@ -171,3 +171,63 @@ fn agent_restart_keeps_pods_and_traffic() {
         .unwrap();
     mesh.wait_enrolled("a", "late").unwrap();
 }
+
+/// The uids of the pods the ztunnel serving admin on `port` in node 0 has enrolled.
+fn enrolled_on(mesh: &LocalMesh, port: u16) -> Vec<String> {
+    let dump = mesh.config_dump_on(0, port).unwrap();
+    dump["pods"]
+        .as_array()
+        .map(|ps| {
+            ps.iter()
+                .filter_map(|p| p["uid"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// During a rolling update (a second ztunnel beside the first, as a DaemonSet with surge runs
+/// them), a pod created in the overlap is handed to the newest ztunnel only, and is served.
+#[test]
+fn during_a_rolling_update_new_pods_go_to_the_newest_ztunnel() {
+    if !privileged() {
+        return;
+    }
+    let mesh = mesh();
+    mesh.apply(
+        "10-client.yaml",
+        &echo_pod("a", "client", 0, "client", &[8080]),
+    )
+    .unwrap();
+    mesh.wait_enrolled("a", "client").unwrap();
+    let (old_port, new_port) = (
+        localmesh::ISTIO_ADMIN_PORTS.0,
+        localmesh::BESIDE_ADMIN_PORTS.0,
+    );
+    let mut old = mesh.start_ztunnel_beside(0).unwrap();
+    // The new one adopts the existing pod (the agent's snapshot).
+    wait_for(
+        Duration::from_secs(20),
+        "the new ztunnel to adopt the client",
+        || Ok(enrolled_on(&mesh, new_port).contains(&"a/client".to_string())),
+    )
+    .unwrap();
+    mesh.apply("20-late.yaml", &echo_pod("a", "late", 0, "client", &[8080]))
+        .unwrap();
+    mesh.wait_enrolled("a", "late").unwrap();
+    assert!(
+        enrolled_on(&mesh, new_port).contains(&"a/late".to_string()),
+        "the newest ztunnel does not serve the pod created during the update"
+    );
+    assert!(
+        !enrolled_on(&mesh, old_port).contains(&"a/late".to_string()),
+        "the old ztunnel was handed the pod created during the update"
+    );
+    let server = mesh.pod("a", "server").unwrap();
+    let who = mesh
+        .who("a", "late", &format!("{}:8080", server.ip4), "late")
+        .unwrap();
+    assert_eq!(who.served_by, "server");
+    old.request_stop();
+    old.wait_timeout(Duration::from_secs(30))
+        .expect("the old ztunnel exits");
+}
