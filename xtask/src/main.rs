@@ -432,6 +432,8 @@ fn test(args: &[String]) -> anyhow::Result<()> {
             "hostile",
             "--test",
             "waypoint_binding",
+            "--test",
+            "enrollment",
         ])
         .args(args)
         .env("RUST_TEST_THREADS", "2")
