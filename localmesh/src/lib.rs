@@ -75,6 +75,11 @@ pub struct MeshOptions {
     /// How ztunnel learns pods' network namespaces ([`Enrollment`]); `$MESH_ENROLLMENT`
     /// (`cni` or `config`) overrides the default, `cni`.
     pub enrollment: Enrollment,
+    /// The agents rewrite the node's own connections to enrolled pods to the kubelet-probe
+    /// source (`mesh-cni agent` without `--no-probe-snat`), as on Kubernetes. Off by default:
+    /// local mode's kubelet probes from inside the pod, and tests use the node's netns as an
+    /// outside client that STRICT must refuse.
+    pub probe_snat: bool,
 }
 
 /// How pods are enrolled with their node's ztunnel.
@@ -117,6 +122,7 @@ impl Default for MeshOptions {
             unenroll_on_exit: false,
             ztunnel_args: Vec::new(),
             meshd_tls: false,
+            probe_snat: false,
             api: false,
             enrollment: Enrollment::from_env(),
         }

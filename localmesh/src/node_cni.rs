@@ -127,6 +127,9 @@ impl Mesh {
             .arg(&n.conf_dir)
             .args(["--exclude-namespaces", MESH_NAMESPACE])
             .env("RUST_LOG", &self.opts.log);
+        if !self.opts.probe_snat {
+            cmd.arg("--no-probe-snat");
+        }
         Ok(self
             .cluster
             .spawn(&node.netns, cmd, &format!("mesh-cni-{}", node.name))?)

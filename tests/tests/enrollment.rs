@@ -231,3 +231,57 @@ fn during_a_rolling_update_new_pods_go_to_the_newest_ztunnel() {
     old.wait_timeout(Duration::from_secs(30))
         .expect("the old ztunnel exits");
 }
+
+/// From `netns`, one WHO line to `ip:8080` through bash's /dev/tcp: the reply's JSON, or None.
+fn who_line(mesh: &LocalMesh, netns: &testbed::Netns, ip: &str) -> Option<serde_json::Value> {
+    let script = format!("exec 3<>/dev/tcp/{ip}/8080 && echo 'WHO probe' >&3 && head -1 <&3");
+    let out = mesh
+        .cluster
+        .run(netns, &["timeout", "5", "bash", "-c", &script])
+        .ok()?;
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+/// Kubelet probes, as on Kubernetes: with the agents' probe rewrite on, a connection the node
+/// itself opens to a captured STRICT pod reaches the app, from the probe address; a non-mesh
+/// pod's plaintext is still refused.
+#[test]
+fn the_kubelets_probe_reaches_a_strict_pod() {
+    if !privileged() {
+        return;
+    }
+    let mesh = LocalMesh::start(MeshOptions {
+        enrollment: Enrollment::Cni,
+        probe_snat: true,
+        ..MeshOptions::default()
+    })
+    .expect("start local mesh");
+    let manifests = namespace("a", true)
+        + &echo_pod("a", "server", 1, "server", &[8080])
+        + &namespace("plain", false)
+        + &echo_pod("plain", "outsider", 0, "outsider", &[8080])
+        + "\n---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\n\
+           metadata: {name: strict, namespace: a}\nspec: {mtls: {mode: STRICT}}\n";
+    mesh.apply("00-all.yaml", &manifests).unwrap();
+    mesh.wait_listening("a", "server", 8080).unwrap();
+    mesh.wait_enrolled("a", "server").unwrap();
+    let server = mesh.pod("a", "server").unwrap().ip4.to_string();
+    let outsider = mesh.pod("plain", "outsider").unwrap().netns;
+    wait_for(Duration::from_secs(10), "STRICT in force", || {
+        Ok(who_line(&mesh, &outsider, &server).is_none())
+    })
+    .unwrap();
+    let node = mesh.cluster.nodes()[1].netns.clone();
+    let reply = who_line(&mesh, &node, &server).expect("the node's probe is served");
+    assert_eq!(reply["served_by"], "server", "{reply}");
+    assert!(
+        reply["peer"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("169.254.7.127")),
+        "the app saw the probe from {reply}"
+    );
+    assert!(
+        who_line(&mesh, &outsider, &server).is_none(),
+        "a non-mesh pod's plaintext reached the STRICT pod"
+    );
+}
