@@ -214,7 +214,13 @@ pub const BESIDE_ADMIN_PORTS: AdminPorts = (15100, 15120, 15121);
 
 impl LocalMesh {
     /// Builds the cluster and starts meshd and every node's ztunnel.
-    pub fn start(opts: MeshOptions) -> anyhow::Result<LocalMesh> {
+    pub fn start(mut opts: MeshOptions) -> anyhow::Result<LocalMesh> {
+        // API mode enrolls from meshd's config: the agents' directory view would not see what
+        // is written to the API (label flips), and the double, on the host's loopback, is out
+        // of reach from the nodes' netns for their Kube view.
+        if opts.api {
+            opts.enrollment = Enrollment::Config;
+        }
         let bins = Bins::locate()?;
         testbed::sweep_stale();
         sweep_orphaned_ebpf(&bins);

@@ -23,11 +23,12 @@ fn manifests() -> PathBuf {
     repo().join("manifests")
 }
 
-/// The upstream CRD YAML: `$MESH_SCHEMAS_DIR`, else `../shared/schemas` beside the checkout.
+/// The upstream CRD YAML: `$MESH_SCHEMAS_DIR`, else the copies in `tests/schemas/` (Istio
+/// 1.30.3's and Gateway API v1.6.1's, unmodified, with their licenses).
 fn schemas() -> PathBuf {
     let dir = std::env::var_os("MESH_SCHEMAS_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("../shared/schemas"));
+        .unwrap_or_else(|| repo().join("tests/schemas"));
     assert!(
         dir.join("istio-1.30.3").is_dir() && dir.join("gateway-api-v1.6.1").is_dir(),
         "upstream CRD schemas not found in {} (set MESH_SCHEMAS_DIR)",

@@ -387,7 +387,17 @@ fn client_mesh(presented_sa: &str) -> (LocalMesh, FakeServer) {
     mesh.wait_enrolled("wire", "client").unwrap();
     mesh.wait_enrolled("wire", "fake").unwrap();
     mesh.stop_ztunnel(1, true);
-    mesh.wait_unenrolled("wire", "fake").unwrap();
+    // Nothing of ours left in fake's netns (meshd's config still says it is captured).
+    wait_for(
+        Duration::from_secs(20),
+        "wire/fake to be unenrolled",
+        || {
+            Ok(!mesh.captured("wire", "fake")?
+                && !mesh.listening("wire", "fake", meshcore::HBONE_PORT)?
+                && !mesh.nft_table_present("wire", "fake")?)
+        },
+    )
+    .unwrap();
 
     let td = mesh.opts.trust_domain.clone();
     let ca = mesh_ca(&mesh);

@@ -1,6 +1,6 @@
 //! ZDS interoperates with Istio's definitions at the message level: an independent peer
 //! (tests/python/zds_peer.py) whose message classes protoc generates at test time from Istio's
-//! published zds.proto (../shared/schemas/istio-ztunnel-62d8265/) talks to our sessions over a
+//! published zds.proto (tests/schemas/istio-ztunnel-62d8265/, a copy of upstream) talks to our sessions over a
 //! real SOCK_SEQPACKET socket, each way:
 //!
 //! - Python as the CNI agent → our `ZtunnelSession`: we must decode every field Istio's agent
@@ -31,7 +31,7 @@ fn workspace() -> PathBuf {
 }
 
 fn istio_proto() -> PathBuf {
-    let p = workspace().join("../shared/schemas/istio-ztunnel-62d8265/zds.proto");
+    let p = workspace().join("tests/schemas/istio-ztunnel-62d8265/zds.proto");
     assert!(
         p.exists(),
         "Istio's zds.proto is missing at {}",
