@@ -7,6 +7,8 @@
 use std::collections::BTreeMap;
 
 use serde_json::{Value, json};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
 
 use crate::translate::{MeshView, RouteFindings, RouteRefs};
 use crate::waypoints::Waypoint;
@@ -294,26 +296,13 @@ pub fn route_parent_conditions(
     [accepted, resolved]
 }
 
-/// `unix_secs` as RFC 3339 UTC (`2026-11-30T01:02:03Z`), as Kubernetes writes times.
+/// `unix_secs` as RFC 3339 UTC (`2026-11-30T01:02:03Z`), as Kubernetes writes times; past year
+/// 9999, which RFC 3339 cannot write, the last second of 9999.
 pub fn rfc3339(unix_secs: u64) -> String {
-    let days = i64::try_from(unix_secs / 86_400).unwrap_or(0);
-    let rem = unix_secs % 86_400;
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    const LAST: i64 = 253_402_300_799; // 9999-12-31T23:59:59Z
+    let secs = i64::try_from(unix_secs).map_or(LAST, |s| s.min(LAST));
+    let t = OffsetDateTime::from_unix_timestamp(secs).unwrap_or(OffsetDateTime::UNIX_EPOCH);
+    t.format(&Rfc3339).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -325,5 +314,7 @@ mod tests {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
         assert_eq!(rfc3339(1_795_998_723), "2026-11-30T00:32:03Z");
+        assert_eq!(rfc3339(u64::MAX), "9999-12-31T23:59:59Z");
+        assert_eq!(rfc3339(1 << 40), "9999-12-31T23:59:59Z");
     }
 }

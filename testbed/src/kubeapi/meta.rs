@@ -6,6 +6,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use rand::Rng;
 use serde_json::Value;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
 
 pub(crate) fn now_unix() -> u64 {
     SystemTime::now()
@@ -14,26 +16,13 @@ pub(crate) fn now_unix() -> u64 {
         .unwrap_or(0)
 }
 
-/// `2026-11-30T07:43:47Z` (seconds precision, UTC), as `metav1.Time` serializes.
+/// `2026-11-30T07:43:47Z` (seconds precision, UTC), as `metav1.Time` serializes; past year
+/// 9999, which RFC 3339 cannot write (a client's expirationSeconds may ask), the last second of it.
 pub(crate) fn rfc3339(unix: u64) -> String {
-    let days = (unix / 86_400) as i64;
-    let secs = unix % 86_400;
-    // Civil-from-days (Howard Hinnant's algorithm), valid for every date we will see.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        secs / 3600,
-        (secs / 60) % 60,
-        secs % 60
-    )
+    const LAST: i64 = 253_402_300_799; // 9999-12-31T23:59:59Z
+    let secs = i64::try_from(unix).map_or(LAST, |s| s.min(LAST));
+    let t = OffsetDateTime::from_unix_timestamp(secs).unwrap_or(OffsetDateTime::UNIX_EPOCH);
+    t.format(&Rfc3339).unwrap_or_default()
 }
 
 pub(crate) fn now_rfc3339() -> String {
@@ -117,6 +106,8 @@ mod tests {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339(1_796_024_627), "2026-11-30T07:43:47Z");
         assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(u64::MAX), "9999-12-31T23:59:59Z");
+        assert_eq!(rfc3339(1 << 40), "9999-12-31T23:59:59Z");
     }
 
     #[test]

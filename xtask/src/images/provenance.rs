@@ -5,6 +5,9 @@
 use std::path::Path;
 use std::process::Command;
 
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
 /// HEAD's commit, `-dirty` when tracked files differ from it; `unknown` outside a checkout.
 pub fn git_revision(root: &Path) -> String {
     let git = |args: &[&str]| {
@@ -45,25 +48,13 @@ pub fn source_date(root: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-/// Seconds since the epoch as RFC 3339 UTC (civil-from-days, Howard Hinnant's algorithm).
+/// Seconds since the epoch as RFC 3339 UTC (`2025-11-30T10:53:20Z`); past year 9999, which
+/// RFC 3339 cannot write, the last second of 9999 (`SOURCE_DATE_EPOCH` is the user's).
 pub fn rfc3339(secs: u64) -> String {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    )
+    const LAST: i64 = 253_402_300_799; // 9999-12-31T23:59:59Z
+    let secs = i64::try_from(secs).map_or(LAST, |s| s.min(LAST));
+    let t = OffsetDateTime::from_unix_timestamp(secs).unwrap_or(OffsetDateTime::UNIX_EPOCH);
+    t.format(&Rfc3339).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -73,5 +64,7 @@ mod tests {
         assert_eq!(super::rfc3339(0), "1970-01-01T00:00:00Z");
         assert_eq!(super::rfc3339(951_782_400), "2000-02-29T00:00:00Z");
         assert_eq!(super::rfc3339(1_764_500_000), "2025-11-30T10:53:20Z");
+        assert_eq!(super::rfc3339(u64::MAX), "9999-12-31T23:59:59Z");
+        assert_eq!(super::rfc3339(1 << 40), "9999-12-31T23:59:59Z");
     }
 }
