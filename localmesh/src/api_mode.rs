@@ -25,6 +25,7 @@ use testbed::Cluster;
 use crate::{Mesh, MeshOptions, write_private};
 use services::{adopt_service_ips, service_ips_for_put};
 
+mod agents;
 mod services;
 mod waypoint;
 
@@ -77,10 +78,17 @@ pub struct ApiMode {
 impl ApiMode {
     /// Starts the double and sets up what a cluster with the mesh installed has: the mesh
     /// CRDs, meshd's namespace, ztunnel's service account and one Node per testbed node.
-    pub fn start(opts: &MeshOptions, nodes: &[String]) -> anyhow::Result<ApiMode> {
+    /// With `fabric` (the agents use the Kube view: [`MeshOptions::api_cni`]) the double also
+    /// serves on the fabric, where the nodes' agents reach it.
+    pub fn start(
+        opts: &MeshOptions,
+        nodes: &[String],
+        fabric: Option<&testbed::Netns>,
+    ) -> anyhow::Result<ApiMode> {
         let server = ApiServer::start(ApiOptions {
             service_cidr: SERVICE_CIDR.into(),
             service_cidr_v6: opts.ipv6.then(|| SERVICE_CIDR_V6.to_string()),
+            also_serve_in: fabric.map(|f| (f.clone(), agents::fabric_api_addr())),
             ..ApiOptions::default()
         })
         .context("starting the Kubernetes API double")?;
@@ -313,7 +321,16 @@ pub(crate) fn start_if(opts: &MeshOptions, cluster: &Cluster) -> anyhow::Result<
         "API mode runs meshd on the host (unix socket): it cannot be combined with meshd_tls"
     );
     let nodes: Vec<String> = cluster.nodes().iter().map(|n| n.name.clone()).collect();
-    ApiMode::start(opts, &nodes).map(Some)
+    let fabric = if opts.api_cni {
+        Some(
+            cluster
+                .fabric()
+                .context("the testbed cluster has no fabric namespace")?,
+        )
+    } else {
+        None
+    };
+    ApiMode::start(opts, &nodes, fabric).map(Some)
 }
 
 impl Mesh {

@@ -107,11 +107,29 @@ impl Mesh {
     }
 
     fn run_pod(&self, key: &str, spec: &render::PodDoc) -> anyhow::Result<()> {
-        let (pod, node_name, uid) = {
+        let (pod, node_name, mut uid) = {
             let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
             let p = pods.get(key).context("no sandbox")?;
             (p.pod.clone(), p.node_name.clone(), p.uid.clone())
         };
+        // A kubelet runs the pod the API holds: its UID is the API server's, which the CNI
+        // chain is given (and a Kube-view agent checks).
+        if let Some(api) = self.api() {
+            let held = api
+                .get("v1", "Pod", Some(&spec.namespace), &spec.name)
+                .with_context(|| format!("pod {key} is not in the API"))?;
+            if let Some(api_uid) = held["metadata"]["uid"].as_str() {
+                uid = api_uid.to_string();
+                if let Some(p) = self
+                    .pods
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get_mut(key)
+                {
+                    p.uid = uid.clone();
+                }
+            }
+        }
         let node = self.cni.get(pod.node).context("pod on an unknown node")?;
         let sandbox = cni::Sandbox {
             container_id: cni::new_container_id()?,

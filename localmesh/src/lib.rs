@@ -80,6 +80,13 @@ pub struct MeshOptions {
     /// local mode's kubelet probes from inside the pod, and tests use the node's netns as an
     /// outside client that STRICT must refuse.
     pub probe_snat: bool,
+    /// API mode with CNI enrollment: each node's agent reads the double (`--view kube`, over
+    /// the fabric, as its own mesh-cni pod with that ServiceAccount's token) instead of
+    /// `config/`. Off by default, when API mode enrolls from meshd's config: local mode's pods
+    /// have no cgroup of their own, so a Kube-view agent cannot find a running pod's netns in
+    /// host /proc, and a pod whose namespace is labelled after it started is not enrolled
+    /// (pods created in an ambient namespace are: their CNI ADD carries the netns).
+    pub api_cni: bool,
 }
 
 /// How pods are enrolled with their node's ztunnel.
@@ -124,6 +131,7 @@ impl Default for MeshOptions {
             meshd_tls: false,
             probe_snat: false,
             api: false,
+            api_cni: false,
             enrollment: Enrollment::from_env(),
         }
     }
@@ -215,11 +223,14 @@ pub const BESIDE_ADMIN_PORTS: AdminPorts = (15100, 15120, 15121);
 impl LocalMesh {
     /// Builds the cluster and starts meshd and every node's ztunnel.
     pub fn start(mut opts: MeshOptions) -> anyhow::Result<LocalMesh> {
-        // API mode enrolls from meshd's config: the agents' directory view would not see what
-        // is written to the API (label flips), and the double, on the host's loopback, is out
-        // of reach from the nodes' netns for their Kube view.
+        // API mode enrolls from meshd's config unless asked for its agents ([`MeshOptions::api_cni`]):
+        // the directory view would not see what is written to the API.
         if opts.api {
-            opts.enrollment = Enrollment::Config;
+            opts.enrollment = if opts.api_cni {
+                Enrollment::Cni
+            } else {
+                Enrollment::Config
+            };
         }
         let bins = Bins::locate()?;
         testbed::sweep_stale();

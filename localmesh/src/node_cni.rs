@@ -1,7 +1,8 @@
 //! Each node's half of enrollment in local mode, set up as the mesh-cni DaemonSet sets up a
 //! Kubernetes node: `mesh-cni install` chains our plugin into the node's conflist, and
-//! `mesh-cni agent --view directory` runs in the node's network namespace, reading the config
-//! directory (the same YAML meshd reads) and serving ZDS to the node's ztunnel.
+//! `mesh-cni agent` runs in the node's network namespace, reading the config directory (the
+//! same YAML meshd reads; `--view directory`) or, in API mode with [`MeshOptions::api_cni`],
+//! the API double (`--view kube`), and serving ZDS to the node's ztunnel.
 //! Owns the agent processes and the install step; the chain's execution is `cni`'s, ztunnel's
 //! process is lib.rs's.
 
@@ -112,12 +113,21 @@ impl Mesh {
             let _ = std::fs::remove_file(s);
         }
         let mut cmd = Command::new(&self.bins.cni);
-        cmd.arg("agent")
-            .arg("--node")
-            .arg(&node.name)
-            .args(["--view", "directory", "--config-dir"])
-            .arg(&self.config_dir)
-            .arg("--plugin-socket")
+        cmd.arg("agent").arg("--node").arg(&node.name);
+        match &self.api {
+            // As the DaemonSet runs it: the Kube view, as its own pod.
+            Some(api) => {
+                let (pod, kubeconfig) = api.agent_credentials(&node.name)?;
+                cmd.args(["--view", "kube", "--kubeconfig"])
+                    .arg(kubeconfig)
+                    .args(["--mesh-namespace", MESH_NAMESPACE, "--pod-name", &pod]);
+            }
+            None => {
+                cmd.args(["--view", "directory", "--config-dir"])
+                    .arg(&self.config_dir);
+            }
+        }
+        cmd.arg("--plugin-socket")
             .arg(n.plugin_socket())
             .arg("--zds-socket")
             .arg(&n.zds_socket)
@@ -172,6 +182,22 @@ impl Mesh {
                 p.kill();
             }
         }
+    }
+
+    /// The files of node `i`'s CNI config dir (`/etc/cni/net.d`), sorted.
+    pub fn cni_conf_files(&self, i: usize) -> Vec<std::path::PathBuf> {
+        let Some(n) = self.cni.get(i) else {
+            return Vec::new();
+        };
+        let mut files: Vec<_> = std::fs::read_dir(&n.conf_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.is_file())
+            .collect();
+        files.sort();
+        files
     }
 
     /// Log of node `i`'s agent (all its runs: one file per node).

@@ -4,7 +4,8 @@
 //!
 //! Addressing (node i, pod slot k in 2..=254):
 //! - fabric: node i has `fab0` = 10.254.0.(i+1)/24, fd00:fe::(i+1)/64; the fabric netns bridges
-//!   the peers (`n<i>`) on `br0`.
+//!   the peers (`n<i>`) on `br0`, which holds [`FABRIC_HOST_V4`] (the cluster's services that
+//!   run outside any node, e.g. an API server, listen there).
 //! - pods: 10.(i+1).0.k/32 and fd00:(i+1)::k/128 on the pod's `eth0`; the node side `p<k>`
 //!   holds the gateway 10.(i+1).0.1/32, fd00:(i+1)::1/128 and a host route to the pod.
 //! - nodes route other nodes' pod 10.(j+1).0.0/24 and fd00:(j+1)::/64 via their fabric IPs.
@@ -103,6 +104,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The fabric namespace's own address on `br0`: reachable from every node, never a node's.
+pub const FABRIC_HOST_V4: Ipv4Addr = Ipv4Addr::new(10, 254, 0, 254);
+
 fn node_ip4(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 254, 0, (i + 1) as u8)
 }
@@ -160,6 +164,15 @@ impl Cluster {
             "0",
         ])?;
         ip(&["-n", &fab_name, "link", "set", "br0", "up"])?;
+        ip(&[
+            "-n",
+            &fab_name,
+            "addr",
+            "add",
+            &format!("{FABRIC_HOST_V4}/24"),
+            "dev",
+            "br0",
+        ])?;
 
         for i in 0..self.cfg.nodes {
             let name = self.netns_name(&format!("n{i}"));

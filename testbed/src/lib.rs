@@ -14,7 +14,7 @@ mod netns;
 mod proc;
 mod runs;
 
-pub use cluster::{Cluster, ClusterConfig, Node, Pod};
+pub use cluster::{Cluster, ClusterConfig, FABRIC_HOST_V4, Node, Pod};
 pub use error::TestbedError;
 pub use netns::Netns;
 pub use proc::Proc;

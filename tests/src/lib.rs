@@ -4,6 +4,7 @@
 //! is set, in which case they say so loudly.
 
 pub mod conformance;
+pub mod leftovers;
 pub mod manifests;
 
 use std::io::{BufRead, BufReader, Write};

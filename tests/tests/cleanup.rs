@@ -5,10 +5,10 @@
 //! stays in it, and no bpffs pin, no eBPF link (cgroup or sk_lookup attachment) and no pod
 //! record of that ztunnel stays on the node.
 
-use std::process::Command;
 use std::time::Duration;
 
 use localmesh::{LocalMesh, MeshOptions, wait_for};
+use mesh_tests::leftovers::{ebpf_dir, link_exists, link_ids, pod_leftovers, run_in, sysctl};
 use mesh_tests::manifests::{echo_pod, namespace};
 use mesh_tests::privileged;
 
@@ -22,60 +22,6 @@ const PRE: [(&str, &str); 3] = [
 
 fn manifests(ambient: bool) -> String {
     namespace("c", ambient) + &echo_pod("c", "app", 1, "app", &[8080])
-}
-
-fn run_in(mesh: &LocalMesh, netns: &testbed::Netns, argv: &[&str]) -> (bool, String) {
-    let out = mesh.cluster.run(netns, argv).unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
-    )
-}
-
-fn sysctl(mesh: &LocalMesh, pod: &testbed::Pod, key: &str) -> String {
-    let (ok, out) = run_in(mesh, &pod.netns, &["sysctl", "-n", key]);
-    assert!(ok, "sysctl {key}: {out}");
-    out.trim().to_string()
-}
-
-/// What of ours is in the pod: our nft table, ip rules/routes of table 1338, sysctls that
-/// differ from [`PRE`].
-fn pod_leftovers(mesh: &LocalMesh, pod: &testbed::Pod) -> Vec<String> {
-    let mut left = Vec::new();
-    if run_in(
-        mesh,
-        &pod.netns,
-        &["nft", "list", "table", "inet", "ztunnel"],
-    )
-    .0
-    {
-        left.push("nft table inet ztunnel".to_string());
-    }
-    for fam in ["-4", "-6"] {
-        let (_, rules) = run_in(
-            mesh,
-            &pod.netns,
-            &["ip", fam, "rule", "show", "pref", "1338"],
-        );
-        if !rules.trim().is_empty() {
-            left.push(format!("ip {fam} rule: {}", rules.trim()));
-        }
-        let (_, routes) = run_in(
-            mesh,
-            &pod.netns,
-            &["ip", fam, "route", "show", "table", "1338"],
-        );
-        if !routes.trim().is_empty() {
-            left.push(format!("ip {fam} route table 1338: {}", routes.trim()));
-        }
-    }
-    for (key, want) in PRE {
-        let got = sysctl(mesh, pod, key);
-        if got != want {
-            left.push(format!("{key} = {got} (was {want} before enrollment)"));
-        }
-    }
-    left
 }
 
 /// `ztunnel cleanup --node node-1 [--dry-run]` in node 1's netns; its stdout.
@@ -93,44 +39,6 @@ fn cleanup(mesh: &LocalMesh, dry_run: bool) -> String {
     let (ok, out) = run_in(mesh, &node, &argv);
     assert!(ok, "ztunnel cleanup: {out}");
     out
-}
-
-/// The bpffs dir node 1's ztunnel logged (eBPF mode).
-fn ebpf_dir(mesh: &LocalMesh) -> Option<String> {
-    mesh.ztunnel_log(1)
-        .lines()
-        .rev()
-        .filter(|l| l.contains("eBPF capture loaded"))
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find_map(|v| v["fields"]["dir"].as_str().map(str::to_string))
-}
-
-/// Ids of the eBPF links pinned in `dir` (cgroup hooks and per-pod sk_lookup).
-fn link_ids(dir: &str) -> Vec<u64> {
-    let mut ids = Vec::new();
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if !(name.starts_with("link_") || name.starts_with("sklookup_")) {
-            continue;
-        }
-        let out = Command::new("bpftool")
-            .args(["-j", "link", "show", "pinned"])
-            .arg(e.path())
-            .output()
-            .expect("bpftool");
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        if let Some(id) = v["id"].as_u64() {
-            ids.push(id);
-        }
-    }
-    ids
-}
-
-fn link_exists(id: u64) -> bool {
-    Command::new("bpftool")
-        .args(["link", "show", "id", &id.to_string()])
-        .output()
-        .is_ok_and(|o| o.status.success())
 }
 
 fn nothing_left(capture: &str) {
@@ -167,12 +75,12 @@ fn nothing_left(capture: &str) {
     mesh.apply("00-c.yaml", &manifests(false)).unwrap();
     mesh.wait_unenrolled("c", "app").unwrap();
     wait_for(Duration::from_secs(10), "the pod restored", || {
-        Ok(pod_leftovers(&mesh, &pod).is_empty())
+        Ok(pod_leftovers(&mesh, &pod, &PRE).is_empty())
     })
     .unwrap_or_else(|e| {
         panic!(
             "{capture}: unenroll left {:?}: {e}",
-            pod_leftovers(&mesh, &pod)
+            pod_leftovers(&mesh, &pod, &PRE)
         )
     });
     assert!(
@@ -182,7 +90,7 @@ fn nothing_left(capture: &str) {
 
     // 2. Enrolled again, ztunnel killed, `ztunnel cleanup --node`.
     enroll();
-    let dir = ebpf_dir(&mesh);
+    let dir = ebpf_dir(&mesh, 1);
     assert_eq!(dir.is_some(), capture == "ebpf", "eBPF dir logged");
     let ids = dir.as_deref().map(link_ids).unwrap_or_default();
     if capture == "ebpf" {
@@ -197,11 +105,11 @@ fn nothing_left(capture: &str) {
     );
     mesh.stop_ztunnel(1, false);
     assert!(
-        !pod_leftovers(&mesh, &pod).is_empty(),
+        !pod_leftovers(&mesh, &pod, &PRE).is_empty(),
         "{capture}: a killed ztunnel keeps capture (fails closed)"
     );
     cleanup(&mesh, false);
-    let left = pod_leftovers(&mesh, &pod);
+    let left = pod_leftovers(&mesh, &pod, &PRE);
     assert!(
         left.is_empty(),
         "{capture}: `ztunnel cleanup --node` left in the pod: {left:?}"
@@ -252,7 +160,7 @@ fn stopping_with_no_pod_enrolled_leaves_no_ebpf_state() {
     .expect("start mesh");
     mesh.apply("00-c.yaml", &manifests(true)).unwrap();
     mesh.wait_enrolled("c", "app").unwrap();
-    let dir = ebpf_dir(&mesh).expect("eBPF dir logged");
+    let dir = ebpf_dir(&mesh, 1).expect("eBPF dir logged");
 
     mesh.stop_ztunnel(1, true);
     assert!(

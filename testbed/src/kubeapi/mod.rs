@@ -73,6 +73,10 @@ pub struct ApiOptions {
     pub service_cidr: String,
     /// IPv6 range for dual-stack Services (`ipFamilyPolicy` other than SingleStack).
     pub service_cidr_v6: Option<String>,
+    /// Also serve on this address inside this network namespace (e.g. a testbed fabric's, so
+    /// processes in node namespaces reach the double as pods reach a real API server); the
+    /// serving certificate names the address. [`ApiServer::go_down`] closes it too.
+    pub also_serve_in: Option<(crate::Netns, std::net::SocketAddr)>,
 }
 
 impl Default for ApiOptions {
@@ -82,6 +86,7 @@ impl Default for ApiOptions {
             event_window: 10_000,
             service_cidr: "10.97.0.0/16".into(),
             service_cidr_v6: None,
+            also_serve_in: None,
         }
     }
 }
@@ -132,7 +137,9 @@ pub struct ApiServer {
     port: u16,
     tls: tokio_rustls::TlsAcceptor,
     ca_pem: String,
-    accept: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The accept loops (loopback, then [`ApiOptions::also_serve_in`]'s); empty while down.
+    accept: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    also_serve_in: Option<(crate::Netns, std::net::SocketAddr)>,
     kubeconfig: PathBuf,
     kubeconfigs: AtomicU64,
     // Last: removed after everything that might write into it.
@@ -171,7 +178,8 @@ impl ApiServer {
             .enable_all()
             .build()
             .map_err(start_err)?;
-        let identity = tls::identity().map_err(KubeApiError::Start)?;
+        let extra_ip = opts.also_serve_in.as_ref().map(|(_, addr)| addr.ip());
+        let identity = tls::identity(extra_ip).map_err(KubeApiError::Start)?;
         let ips = defaults::ServiceIps::new(&opts.service_cidr, opts.service_cidr_v6.as_deref());
         if ips.v4.is_none() {
             return Err(KubeApiError::Start(format!(
@@ -190,6 +198,7 @@ impl ApiServer {
                 .create(&ns_kind, &ns_version, None, obj, None)
                 .map_err(|e| start_err(e.message))?;
         }
+        let opts_also = opts.also_serve_in.clone();
         let shared = Arc::new(Shared::new(opts, state, admin_token.clone()));
         let tls = tokio_rustls::TlsAcceptor::from(identity.server_config);
         let listener = {
@@ -197,7 +206,18 @@ impl ApiServer {
             server::bind(0).map_err(|e| start_err(format!("binding 127.0.0.1: {e}")))?
         };
         let port = listener.local_addr().map_err(start_err)?.port();
-        let accept = runtime.spawn(server::accept_loop(shared.clone(), listener, tls.clone()));
+        let mut accept = vec![runtime.spawn(server::accept_loop(
+            shared.clone(),
+            listener,
+            tls.clone(),
+        ))];
+        let also_serve_in = opts_also.clone();
+        if let Some((netns, addr)) = &also_serve_in {
+            let listener = bind_in(netns, *addr)?;
+            let _guard = runtime.enter();
+            let listener = tokio::net::TcpListener::from_std(listener).map_err(start_err)?;
+            accept.push(runtime.spawn(server::accept_loop(shared.clone(), listener, tls.clone())));
+        }
         let dir = tls::PrivateDir::new().map_err(KubeApiError::Start)?;
         let url = format!("https://127.0.0.1:{port}");
         let kubeconfig = dir
@@ -213,7 +233,8 @@ impl ApiServer {
             port,
             tls,
             ca_pem: identity.ca_pem,
-            accept: Mutex::new(Some(accept)),
+            accept: Mutex::new(accept),
+            also_serve_in,
             kubeconfig,
             kubeconfigs: AtomicU64::new(0),
             dir,
@@ -227,15 +248,26 @@ impl ApiServer {
     pub fn kubeconfig(&self) -> &Path {
         &self.kubeconfig
     }
+    /// `https://ADDR` of [`ApiOptions::also_serve_in`], if set.
+    pub fn also_url(&self) -> Option<String> {
+        self.also_serve_in
+            .as_ref()
+            .map(|(_, addr)| format!("https://{addr}"))
+    }
     /// A kubeconfig for a given bearer token (e.g. one from [`ApiServer::issue_token`]).
     pub fn kubeconfig_for(&self, token: &str) -> Result<PathBuf, KubeApiError> {
+        self.kubeconfig_at(&self.url(), token)
+    }
+    /// A kubeconfig for a bearer token at `url` (the loopback [`ApiServer::url`] or
+    /// [`ApiServer::also_url`]).
+    pub fn kubeconfig_at(&self, url: &str, token: &str) -> Result<PathBuf, KubeApiError> {
         if token.is_empty() || !token.chars().all(|c| c.is_ascii_graphic()) {
             return Err(KubeApiError::Start(
                 "a bearer token must be non-empty printable ASCII".into(),
             ));
         }
         let n = self.kubeconfigs.fetch_add(1, Ordering::SeqCst);
-        let text = tls::kubeconfig(&self.url(), &self.ca_pem, "token-user", token);
+        let text = tls::kubeconfig(url, &self.ca_pem, "token-user", token);
         self.dir
             .write(&format!("kubeconfig-{n}"), &text)
             .map_err(KubeApiError::Start)
@@ -365,15 +397,15 @@ impl ApiServer {
     /// Hook: stops listening and cuts every connection (the API is unreachable) until
     /// [`ApiServer::come_back`], which listens again on the same port with the same state.
     pub fn go_down(&self) {
-        let task = self.accept.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(task) = &task {
+        let tasks = std::mem::take(&mut *self.accept.lock().unwrap_or_else(|p| p.into_inner()));
+        for task in &tasks {
             task.abort();
         }
         self.shared.down_tx.send_modify(|n| *n += 1);
         // Down means down when this returns: the listener closed (the aborted task dropped
         // it) and every connection task gone. The runtime's own threads do that promptly.
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while (task.as_ref().is_some_and(|t| !t.is_finished())
+        while (tasks.iter().any(|t| !t.is_finished())
             || self.shared.connections.load(Ordering::SeqCst) > 0)
             && std::time::Instant::now() < deadline
         {
@@ -382,7 +414,7 @@ impl ApiServer {
     }
     pub fn come_back(&self) {
         let mut accept = self.accept.lock().unwrap_or_else(|p| p.into_inner());
-        if accept.is_some() {
+        if !accept.is_empty() {
             return;
         }
         let Some(rt) = &self.runtime else { return };
@@ -402,11 +434,23 @@ impl ApiServer {
                 }
             }
         };
-        *accept = Some(rt.spawn(server::accept_loop(
+        accept.push(rt.spawn(server::accept_loop(
             self.shared.clone(),
             listener,
             self.tls.clone(),
         )));
+        if let Some((netns, addr)) = &self.also_serve_in {
+            match bind_in(netns, *addr).and_then(|l| {
+                tokio::net::TcpListener::from_std(l).map_err(start_err)
+            }) {
+                Ok(l) => accept.push(rt.spawn(server::accept_loop(
+                    self.shared.clone(),
+                    l,
+                    self.tls.clone(),
+                ))),
+                Err(e) => tracing::error!(error = %e, %addr, "kubeapi double: cannot listen again"),
+            }
+        }
     }
     /// Hook: answers matching requests with `code` (e.g. 500, 503, 429) until cleared.
     pub fn fail_requests(&self, m: RequestMatch, code: u16) {
@@ -423,6 +467,33 @@ impl ApiServer {
     /// Every request so far.
     pub fn requests(&self) -> Vec<RequestRecord> {
         self.shared.hooks.records()
+    }
+}
+
+/// A listening socket on `addr` created inside `netns` (it stays there), non-blocking for tokio.
+/// Retries briefly: after [`ApiServer::go_down`] the aborted loop may still hold the port.
+fn bind_in(
+    netns: &crate::Netns,
+    addr: std::net::SocketAddr,
+) -> Result<std::net::TcpListener, KubeApiError> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let bound = netns
+            .enter(move || -> std::io::Result<std::net::TcpListener> {
+                // std sets SO_REUSEADDR on listeners.
+                let l = std::net::TcpListener::bind(addr)?;
+                l.set_nonblocking(true)?;
+                Ok(l)
+            })
+            .map_err(start_err)?;
+        match bound {
+            Ok(l) => return Ok(l),
+            Err(e) if std::time::Instant::now() < deadline => {
+                tracing::debug!(error = %e, %addr, "kubeapi double: binding in a netns");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => return Err(start_err(format!("binding {addr} in {}: {e}", netns.name))),
+        }
     }
 }
 

@@ -21,7 +21,7 @@ fn err(e: impl std::fmt::Display) -> String {
     format!("TLS setup: {e}")
 }
 
-pub(crate) fn identity() -> Result<Identity, String> {
+pub(crate) fn identity(extra_ip: Option<std::net::IpAddr>) -> Result<Identity, String> {
     let ca_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(err)?;
     let mut ca = CertificateParams::default();
     ca.distinguished_name
@@ -38,6 +38,9 @@ pub(crate) fn identity() -> Result<Identity, String> {
     let mut leaf = CertificateParams::new(vec!["localhost".to_string()]).map_err(err)?;
     leaf.subject_alt_names
         .push(SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()));
+    if let Some(ip) = extra_ip {
+        leaf.subject_alt_names.push(SanType::IpAddress(ip));
+    }
     leaf.distinguished_name
         .push(DnType::CommonName, "kube-apiserver");
     let cert = leaf.signed_by(&key, &issuer).map_err(err)?;
