@@ -83,13 +83,9 @@ pub async fn build(config: Config, set_log_level: SetLogLevelFn) -> anyhow::Resu
     // The token file is read again when it changes (kubelet rotates projected tokens).
     let meshd = Meshd::with_token_file(&config.meshd, &config.token_file, meshd_tls)?;
     // Capture first: an explicit mode that cannot run stops us before anything else starts.
-    let capture = Capture::new(
-        config.capture,
-        &config.node,
-        config.fast_path,
-        config.ebpf_log,
-    )
-    .context("setting up capture")?;
+    let instance = crate::ebpf::Instance::new(&config.node, config.ebpf_instance.as_deref())?;
+    let capture = Capture::new(config.capture, &instance, config.fast_path, config.ebpf_log)
+        .context("setting up capture")?;
     if config.fast_path && capture.ebpf().is_none_or(|e| !e.fast_path()) {
         warn!(capture = %capture.mode(), "--fast-path needs eBPF capture; same-node traffic uses HBONE");
     }

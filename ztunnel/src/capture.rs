@@ -26,7 +26,7 @@ use meshcore::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, MESH_SOCKET_MARK, OUTBOUND_PO
 use tokio::net::TcpStream;
 use tracing::{info, warn};
 
-use crate::ebpf::{Ebpf, EbpfError};
+use crate::ebpf::{Ebpf, EbpfError, Instance};
 pub use crate::ebpf::{EbpfLog, Exclusions};
 use crate::netns::{CommandError, Netns};
 
@@ -72,46 +72,53 @@ pub struct Capture {
     mode: CaptureMode,
     fallback: Option<String>,
     ebpf: Option<Ebpf>,
+    /// Whose eBPF state this is, and the name pod records give it.
+    instance: Instance,
 }
 
 impl Capture {
-    /// Sets up capture in `requested` mode for this ztunnel instance (`node`). An explicit mode
+    /// Sets up capture in `requested` mode for this ztunnel `instance`. An explicit mode
     /// that cannot run is an error; `auto` falls back to nftables and says why.
     /// `log` is the kernel programs' decision log level (eBPF mode only).
     pub fn new(
         requested: CaptureMode,
-        node: &str,
+        instance: &Instance,
         fast_path: bool,
         log: EbpfLog,
     ) -> Result<Capture, CaptureError> {
+        let instance = instance.clone();
         match requested {
             CaptureMode::Ebpf => Ok(Capture {
                 mode: CaptureMode::Ebpf,
                 fallback: None,
-                ebpf: Some(Ebpf::load(node, fast_path, log)?),
+                ebpf: Some(Ebpf::load(&instance, fast_path, log)?),
+                instance,
             }),
             CaptureMode::Nftables => {
-                remove_ebpf_instance(node);
+                remove_ebpf_instance(&instance);
                 Ok(Capture {
                     mode: CaptureMode::Nftables,
                     fallback: None,
                     ebpf: None,
+                    instance,
                 })
             }
-            CaptureMode::Auto => match Ebpf::load(node, fast_path, log) {
+            CaptureMode::Auto => match Ebpf::load(&instance, fast_path, log) {
                 Ok(e) => Ok(Capture {
                     mode: CaptureMode::Ebpf,
                     fallback: None,
                     ebpf: Some(e),
+                    instance,
                 }),
                 Err(e) => {
                     let reason = e.to_string();
                     warn!(reason = %reason, "capture auto: eBPF unavailable, falling back to nftables");
-                    remove_ebpf_instance(node);
+                    remove_ebpf_instance(&instance);
                     Ok(Capture {
                         mode: CaptureMode::Nftables,
                         fallback: Some(reason),
                         ebpf: None,
+                        instance,
                     })
                 }
             },
@@ -124,7 +131,15 @@ impl Capture {
             mode: CaptureMode::Nftables,
             fallback: None,
             ebpf: None,
+            instance: Instance::NodeNetns {
+                node: String::new(),
+            },
         }
+    }
+
+    /// The ztunnel instance this capture belongs to.
+    pub fn instance(&self) -> &Instance {
+        &self.instance
     }
 
     /// The effective mode (never `auto`).
@@ -232,8 +247,8 @@ pub fn remove_nft(ns: &Netns) -> Result<(), CaptureError> {
 }
 
 /// Removes a (crashed) eBPF instance of this node, e.g. when switching to nftables.
-fn remove_ebpf_instance(node: &str) {
-    match crate::ebpf::instance_dir(node) {
+fn remove_ebpf_instance(instance: &Instance) {
+    match instance.dir() {
         Ok(dir) if dir.exists() => match crate::ebpf::remove_dir(&dir) {
             Ok(()) => info!(dir = %dir.display(), "removed eBPF capture state of an earlier run"),
             Err(e) => {

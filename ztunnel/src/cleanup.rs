@@ -4,10 +4,15 @@
 //! [`crate::ebpf`]) on purpose: its pods fail closed until it returns. Two ways to end that:
 //! - `--node NAME`, run in the network namespace the stopped ztunnel ran in, removes that
 //!   instance's state — the operator's decision that it will not return.
+//!   `--ebpf-instance NAME` does the same for the named instance a ztunnel started with
+//!   `--ebpf-instance NAME` used (Kubernetes: ztunnel pods have a netns each), from anywhere.
 //! - `--orphans` removes only instances whose network namespace no longer exists. Nothing can
 //!   ever adopt those (the directory name carries the netns cookie, unique for the kernel's
 //!   lifetime), so removing them is always safe — also next to live ztunnels, which it leaves
-//!   alone. Local mode and the test suite run it to sweep what a killed run left.
+//!   alone. Local mode and the test suite run it to sweep what a killed run left. It never
+//!   removes a named instance: nothing tells whether its ztunnel is gone for good or its next
+//!   pod is about to adopt it (a rolling update; the old pod's netns is gone by design), and
+//!   removing it would drop its pods' capture. Only `--ebpf-instance` removes those.
 //!
 //! `--node` also puts back every pod that instance enrolled ([`restore_pods`], from the
 //! [`pod_record`]s): no nftables table, policy rule/route or changed sysctl stays in a pod.
@@ -20,26 +25,34 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use nix::sched::{CloneFlags, setns};
 
-use crate::ebpf::{self, EbpfError};
+use crate::ebpf::{self, DirKind, EbpfError};
 use crate::netns::Netns;
 use crate::{origsrc, pod_record};
 
-/// The instance directories under bpffs whose network namespace is gone.
+/// The netns-keyed instance directories under bpffs whose network namespace is gone (never a
+/// named one).
 pub fn orphaned_instance_dirs() -> io::Result<Vec<PathBuf>> {
     // Directories first, then the live namespaces: an instance created in between belongs to a
     // live process, whose namespace the second step then sees.
-    let dirs = ebpf::instance_dirs()?;
+    let dirs: Vec<(PathBuf, u64)> = ebpf::instance_dirs()?
+        .into_iter()
+        .filter_map(|d| match ebpf::dir_kind(&d)? {
+            DirKind::Netns { cookie } => Some((d, cookie)),
+            DirKind::Named => None,
+        })
+        .collect();
     if dirs.is_empty() {
-        return Ok(dirs);
+        return Ok(Vec::new());
     }
     let live = live_netns_cookies()?;
     Ok(dirs
         .into_iter()
-        .filter(|d| instance_cookie(d).is_some_and(|c| !live.contains(&c)))
+        .filter(|(_, c)| !live.contains(c))
+        .map(|(d, _)| d)
         .collect())
 }
 
@@ -53,13 +66,6 @@ pub fn remove_orphans() -> Result<Vec<PathBuf>, EbpfError> {
         ebpf::remove_dir(d)?;
     }
     Ok(dirs)
-}
-
-/// The netns cookie in an instance directory's name (`ztunnel-<node>-<cookie hex>`).
-fn instance_cookie(dir: &Path) -> Option<u64> {
-    let name = dir.file_name()?.to_str()?;
-    let (_, hex) = name.rsplit_once('-')?;
-    u64::from_str_radix(hex, 16).ok()
 }
 
 /// Every network namespace that still exists, by cookie, with a path that opens it: those some
@@ -96,7 +102,11 @@ fn live_netns() -> io::Result<HashMap<u64, PathBuf>> {
     std::thread::spawn(move || {
         let mut cookies = HashMap::new();
         for (ns, path) in handles {
-            setns(ns.as_fd(), CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
+            // A name under /run/netns that `ip netns del` has unmounted but not yet removed
+            // is a plain file (EINVAL): no namespace, nothing to keep alive.
+            if setns(ns.as_fd(), CloneFlags::CLONE_NEWNET).is_err() {
+                continue;
+            }
             let s = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)?;
             cookies.insert(ebpf::netns_cookie(s.as_raw_fd())?, path);
         }
@@ -194,16 +204,4 @@ pub enum CleanupError {
         "restoring the pod in {netns}: {error} (run again, or remove it by hand: nft table inet ztunnel, ip rule pref 1338, sysctls in /var/run/ztunnel/pods)"
     )]
     Pod { netns: PathBuf, error: String },
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cookie_is_the_last_dash_field_in_hex() {
-        let d = Path::new("/sys/fs/bpf/ztunnel-node-0-a2ef");
-        assert_eq!(instance_cookie(d), Some(0xa2ef));
-        assert_eq!(instance_cookie(Path::new("/sys/fs/bpf/ztunnel-x-zz")), None);
-    }
 }

@@ -1,12 +1,13 @@
 //! The eBPF capture loader: loads `ztunnel-ebpf`, attaches and pins it, and keeps its maps.
 //!
-//! Everything of one ztunnel instance lives under one bpffs directory,
-//! `/sys/fs/bpf/ztunnel-<node>-<netns cookie of ztunnel itself>` (local mode runs several
-//! ztunnels with the same node names on one kernel, each in its own node netns): the maps
+//! Everything of one ztunnel instance lives under one bpffs directory, named by [`Instance`]
+//! (`/sys/fs/bpf/ztunnel-<node>-<netns cookie of ztunnel itself>`, or `ztunnel@<NAME>` with
+//! `--ebpf-instance NAME`, for ztunnel pods that each have a netns of their own): the maps
 //! (pinned by name), one link per cgroup hook (`link_*`), one sk_lookup link per enrolled pod
 //! (`sklookup_<netns cookie>`). Pinned links outlive a crash, so an enrolled pod's connects keep
-//! going to its (then closed) in-pod listener and fail: fail closed. A restarted ztunnel reuses
-//! the pinned maps and replaces the links. [`Ebpf::remove_all`] (graceful stop, `ztunnel
+//! going to its (then closed) in-pod listener and fail: fail closed. A restarted ztunnel (or
+//! the next one of a rolling update, started beside it) reuses the pinned maps and replaces
+//! the links. [`Ebpf::remove_all`] (graceful stop, `ztunnel
 //! cleanup`) deletes the directory's contents and the directory. Owns the kernel objects only;
 //! which pods are enrolled is [`crate::pods`]'s business.
 //!
@@ -44,6 +45,10 @@ use ztunnel_ebpf_common::{
     MAP_LISTEN, MAP_NETNS, MAP_POD_IP, MAP_PORT_DST, MAP_SPLICE_BYTES, MAP_SPLICE_PEER,
     MAP_SPLICE_RX, MAP_SPLICE_TX, NetnsConf, OrigDst, PortKey,
 };
+
+mod instance;
+
+pub use instance::{BadName, DirKind, Instance, dir_kind, instance_dirs, valid_name};
 
 /// The compiled programs, built from `ztunnel-ebpf` by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ztunnel-ebpf"));
@@ -129,6 +134,8 @@ pub enum EbpfError {
     NoBpffs(String),
     #[error("{what}: {source}")]
     Io { what: String, source: io::Error },
+    #[error(transparent)]
+    BadInstance(#[from] instance::BadName),
     #[error("loading the eBPF object: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("eBPF program {name}: {source}")]
@@ -203,36 +210,6 @@ pub struct Ebpf {
     state: Mutex<State>,
     /// Hot path (every captured connection): its own lock.
     port_dst: Mutex<BpfHashMap<MapData, PortKey, OrigDst>>,
-}
-
-/// This ztunnel instance's bpffs directory.
-pub fn instance_dir(node: &str) -> Result<PathBuf, EbpfError> {
-    let cookie = own_netns_cookie()?;
-    let safe: String = node
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    Ok(Path::new(BPFFS).join(format!("ztunnel-{safe}-{cookie:x}")))
-}
-
-/// Every ztunnel instance directory under bpffs (any node, live or not).
-pub fn instance_dirs() -> io::Result<Vec<PathBuf>> {
-    let entries = match std::fs::read_dir(BPFFS) {
-        Ok(e) => e,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e),
-    };
-    Ok(entries
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("ztunnel-"))
-        .map(|e| e.path())
-        .collect())
 }
 
 /// Checks the environment can run eBPF capture, saying why not.
@@ -320,19 +297,13 @@ fn getsockopt_u64(fd: RawFd, option: libc::c_int) -> io::Result<u64> {
     Ok(value)
 }
 
-fn own_netns_cookie() -> Result<u64, EbpfError> {
-    let s = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)
-        .map_err(io_err("socket for SO_NETNS_COOKIE"))?;
-    netns_cookie(s.as_raw_fd()).map_err(io_err("getsockopt(SO_NETNS_COOKIE) (kernel 5.14+)"))
-}
-
 impl Ebpf {
     /// Loads the programs (reusing pinned maps from an earlier run of this instance), attaches
     /// the cgroup hooks at the cgroup2 root and pins their links, replacing earlier links.
-    pub fn load(node: &str, fast_path: bool, log: EbpfLog) -> Result<Ebpf, EbpfError> {
+    pub fn load(instance: &Instance, fast_path: bool, log: EbpfLog) -> Result<Ebpf, EbpfError> {
         preflight()?;
         let cgroup = cgroup2_root()?;
-        let dir = instance_dir(node)?;
+        let dir = instance.dir()?;
         let adopted = dir.exists();
         std::fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
         match Self::load_in(dir.clone(), &cgroup, adopted, fast_path, log) {

@@ -107,7 +107,7 @@ pub fn start(ctx: &Arc<Ctx>, w: Arc<Workload>, netns: Netns) -> anyhow::Result<E
     let mut pod = Pod::new(w, netns);
     let sysctls_before = crate::pod_record::remember(
         &pod.netns,
-        &crate::pod_record::instance_name(&ctx.node),
+        &crate::pod_record::instance_name(ctx.capture.instance()),
         set_pod_sysctls(&pod),
     );
     pod.orig_src = preserve_source(&pod, &sysctls_before);

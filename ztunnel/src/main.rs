@@ -2,8 +2,9 @@
 //! A stop (SIGTERM/SIGINT) is a restart by default: listeners close but capture and the pinned
 //! eBPF state stay, so enrolled pods fail closed — exactly as after a crash (SIGKILL) — until a
 //! ztunnel returns and adopts them. `--unenroll-on-exit` makes a stop leave nothing behind
-//! instead; `ztunnel cleanup --node NAME` does that after the fact, pods included (`--orphans`:
-//! every instance whose network namespace is gone, and records of pods that are gone).
+//! instead; `ztunnel cleanup --node NAME` (`--ebpf-instance NAME` for a named instance) does
+//! that after the fact, pods included (`--orphans`: every netns-keyed instance whose network
+//! namespace is gone, and records of pods that are gone).
 
 use anyhow::Context;
 use clap::{CommandFactory, FromArgMatches, Parser};
@@ -50,15 +51,26 @@ fn init_logging(format: &str) -> LogHandle {
     name = "ztunnel cleanup",
     about = "Remove the eBPF programs, links, pins and maps a stopped ztunnel left behind"
 )]
-#[command(group(clap::ArgGroup::new("what").required(true).args(["node", "orphans"])))]
+#[command(group(
+    clap::ArgGroup::new("what")
+        .required(true)
+        .multiple(true)
+        .args(["node", "orphans", "ebpf_instance"])
+))]
 struct CleanupArgs {
     /// This node's ztunnel, stopped for good: every pod it enrolled goes back to how it was
     /// before (no nftables table, policy rule/route or changed sysctl), then its eBPF state
     /// goes; its pods stop failing closed and go direct.
     #[arg(long, env = "NODE_NAME")]
     node: Option<String>,
+    /// The named instance of a ztunnel started with `--ebpf-instance NAME` (Kubernetes: the
+    /// node name), stopped for good: as --node, from any network namespace.
+    #[arg(long, value_parser = ebpf_instance, conflicts_with = "orphans")]
+    ebpf_instance: Option<String>,
     /// Every instance, of any node, whose network namespace no longer exists (always safe:
-    /// live ztunnels and killed ones that may still return are left alone).
+    /// live ztunnels and killed ones that may still return are left alone). Never a named
+    /// instance: nothing tells whether a new ztunnel is about to adopt it. Ignores --node
+    /// (NODE_NAME is set in ztunnel's pod).
     #[arg(long)]
     orphans: bool,
     /// Only list what would be removed, one path per line.
@@ -81,9 +93,13 @@ fn cleanup(args: CleanupArgs) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    let node = args.node.context("--node or --orphans is required")?;
-    let dir = ztunnel::ebpf::instance_dir(&node)?;
-    let instance = ztunnel::pod_record::instance_name(&node);
+    let node = args.node.unwrap_or_default();
+    let which = ztunnel::ebpf::Instance::new(&node, args.ebpf_instance.as_deref())?;
+    let dir = which.dir()?;
+    let instance = ztunnel::pod_record::instance_name(&which);
+    if args.ebpf_instance.is_none() && !dir.exists() {
+        hint_named(&node);
+    }
     if args.dry_run {
         for (cookie, r) in ztunnel::pod_record::all() {
             if r.instance == instance {
@@ -110,6 +126,26 @@ fn cleanup(args: CleanupArgs) -> anyhow::Result<()> {
     ztunnel::ebpf::remove_dir(&dir).with_context(|| format!("cleaning up {}", dir.display()))?;
     println!("removed {}", dir.display());
     Ok(())
+}
+
+fn ebpf_instance(s: &str) -> Result<String, String> {
+    ztunnel::ebpf::valid_name(s).map_err(|e| e.to_string())
+}
+
+/// `--node NAME` found no instance keyed by this network namespace: if ztunnel ran named (a
+/// Kubernetes pod), say how to reach that one.
+fn hint_named(node: &str) {
+    let Ok(named) = ztunnel::ebpf::Instance::new(node, Some(node)) else {
+        return;
+    };
+    if let Ok(dir) = named.dir()
+        && dir.exists()
+    {
+        eprintln!(
+            "no eBPF instance of node {node} was started in this network namespace, but {} exists: if ztunnel ran with --ebpf-instance {node} (as the DaemonSet starts it), run `ztunnel cleanup --ebpf-instance {node}`",
+            dir.display()
+        );
+    }
 }
 
 fn main() -> anyhow::Result<()> {

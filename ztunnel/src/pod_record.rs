@@ -5,7 +5,7 @@
 //!
 //! One file per pod under [`DIR`], named by the pod's netns cookie (unique for the kernel's
 //! lifetime, so no two meshes on one machine collide, and /var/run is gone with the cookies on
-//! reboot): the ztunnel instance that enrolled it (as [`crate::ebpf::instance_dir`] names it)
+//! reboot): the ztunnel instance that enrolled it (as [`crate::ebpf::Instance`] names it)
 //! and each sysctl's value before enrollment. Records are read as hostile: only
 //! `/proc/sys/net/` paths and short numeric values are ever written back. Owns the records;
 //! not the pods' settings themselves ([`crate::enroll`]) nor their removal ([`crate::cleanup`]).
@@ -22,7 +22,7 @@ pub const DIR: &str = "/var/run/ztunnel/pods";
 /// One pod's record.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Record {
-    /// The enrolling ztunnel's instance name (`ztunnel-<node>-<netns cookie>`).
+    /// The enrolling ztunnel's instance name (`ztunnel-<node>-<netns cookie>`, `ztunnel@<name>`).
     pub instance: String,
     /// (sysctl path, value before enrollment).
     pub sysctls: Vec<(String, String)>,
@@ -73,12 +73,9 @@ fn safe_sysctl(path: &str, value: &str) -> bool {
         && value.bytes().all(|b| b.is_ascii_digit())
 }
 
-/// The name records give the ztunnel instance of `node` running in this network namespace.
-pub fn instance_name(node: &str) -> String {
-    crate::ebpf::instance_dir(node)
-        .ok()
-        .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
-        .unwrap_or_default()
+/// The name records give `instance` (its bpffs directory's).
+pub fn instance_name(instance: &crate::ebpf::Instance) -> String {
+    instance.dir_name().unwrap_or_default()
 }
 
 /// The netns cookie of `ns` (a socket opened inside it).

@@ -42,6 +42,12 @@ pub struct Config {
     /// at this level and above; `off` leaves the logging out of the loaded programs.
     #[arg(long, value_enum, default_value_t = crate::capture::EbpfLog::Off)]
     pub ebpf_log: crate::capture::EbpfLog,
+    /// Name the eBPF state (bpffs directory /sys/fs/bpf/ztunnel@NAME) instead of keying it by
+    /// this process's network namespace: a ztunnel that is not in the host's network namespace
+    /// (a Kubernetes pod) passes its node name, so the next ztunnel of a rolling update adopts
+    /// it. `ztunnel cleanup --orphans` never removes a named instance (`--ebpf-instance` does).
+    #[arg(long, env = "EBPF_INSTANCE", value_parser = ebpf_instance)]
+    pub ebpf_instance: Option<String>,
     /// On SIGTERM/SIGINT, remove capture from every pod and delete the pinned eBPF state:
     /// ztunnel is leaving the node for good and its pods go back to direct traffic. Without it a
     /// stop is a restart: capture stays, pods fail closed until a ztunnel returns and adopts them.
@@ -100,6 +106,10 @@ pub struct Config {
     /// a pod may be enrolled before meshd knows it).
     #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
     pub trust_domain: String,
+}
+
+fn ebpf_instance(s: &str) -> Result<String, String> {
+    crate::ebpf::valid_name(s).map_err(|e| e.to_string())
 }
 
 fn percent(s: &str) -> Result<f64, String> {

@@ -99,6 +99,7 @@ async fn starts_in_process_turns_ready_serves_metrics_and_stops_cleanly() {
         capture: CaptureMode::Nftables,
         fast_path: false,
         ebpf_log: EbpfLog::Off,
+        ebpf_instance: None,
         unenroll_on_exit: true,
         drain_timeout: 5,
         root_namespace: "istio-system".into(),
