@@ -114,6 +114,18 @@ pub fn name_of(doc: &Value) -> Option<&str> {
     str_at(doc, &["metadata", "name"])
 }
 
+/// The kind and name of an object to apply: [`BackendError::Invalid`] when meshctl does not
+/// handle its kind or it has no name.
+pub fn kind_and_name(object: &Value) -> Result<(Kind, &str), BackendError> {
+    let kind = object
+        .get("kind")
+        .and_then(Value::as_str)
+        .and_then(Kind::from_name)
+        .ok_or_else(|| BackendError::Invalid("unknown kind".into()))?;
+    let name = name_of(object).ok_or_else(|| BackendError::Invalid("no name".into()))?;
+    Ok((kind, name))
+}
+
 pub fn str_at<'a>(doc: &'a Value, path: &[&str]) -> Option<&'a str> {
     path.iter()
         .try_fold(doc, |v, p| v.get(*p))

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::backend::{Applied, Backend, BackendError, Kind, name_of, namespace_of};
+use crate::backend::{Applied, Backend, BackendError, Kind, kind_and_name, name_of, namespace_of};
 
 /// Directory levels followed under the config directory (meshd follows as deep; nobody nests
 /// manifests this far).
@@ -113,12 +113,7 @@ impl Backend for LocalBackend {
     }
 
     fn apply(&self, object: &Value) -> Result<Applied, BackendError> {
-        let kind = object
-            .get("kind")
-            .and_then(Value::as_str)
-            .and_then(Kind::from_name)
-            .ok_or_else(|| BackendError::Invalid("unknown kind".into()))?;
-        let name = name_of(object).ok_or_else(|| BackendError::Invalid("no name".into()))?;
+        let (kind, name) = kind_and_name(object)?;
         let namespace = namespace_of(object);
         match self.find(kind, namespace, name)? {
             Some((mut file, i)) => {

@@ -8,7 +8,7 @@
 use serde_json::{Value, json};
 
 use super::{Cluster, ClusterError};
-use crate::backend::{Applied, Backend, BackendError, Kind, name_of, namespace_of};
+use crate::backend::{Applied, Backend, BackendError, Kind, kind_and_name, namespace_of};
 
 impl Backend for Cluster {
     fn describe(&self) -> String {
@@ -26,12 +26,7 @@ impl Backend for Cluster {
     }
 
     fn apply(&self, object: &Value) -> Result<Applied, BackendError> {
-        let kind = object
-            .get("kind")
-            .and_then(Value::as_str)
-            .and_then(Kind::from_name)
-            .ok_or_else(|| BackendError::Invalid("unknown kind".into()))?;
-        let name = name_of(object).ok_or_else(|| BackendError::Invalid("no name".into()))?;
+        let (kind, name) = kind_and_name(object)?;
         let ns = kind.namespaced().then(|| namespace_of(object));
         let live = Cluster::get(self, kind.api_version(), kind.name(), ns, name).map_err(source)?;
         match live {

@@ -249,24 +249,16 @@ impl Cluster {
 
     /// Creates the object (409 if it exists).
     pub fn create(&self, obj: &Value) -> Result<Value, ClusterError> {
-        let (r, ns, name) = self.locate(obj)?;
-        let dyn_obj = from_value(obj)?;
-        let pp = PostParams {
-            field_manager: Some(FIELD_MANAGER.to_string()),
-            ..Default::default()
-        };
-        let api = self.api(&r, ns.as_deref());
-        let what = format!("creating {} {}", r.ar.kind, path(ns.as_deref(), &name));
-        to_value(
-            self.rt
-                .block_on(api.create(&pp, &dyn_obj))
-                .map_err(api_err(what))?,
-        )
+        self.write(obj, Write::Create)
     }
 
     /// Replaces the object; its `metadata.resourceVersion` makes it fail (409) if the object
     /// changed since it was read.
     pub fn replace(&self, obj: &Value) -> Result<Value, ClusterError> {
+        self.write(obj, Write::Replace)
+    }
+
+    fn write(&self, obj: &Value, how: Write) -> Result<Value, ClusterError> {
         let (r, ns, name) = self.locate(obj)?;
         let dyn_obj = from_value(obj)?;
         let pp = PostParams {
@@ -274,8 +266,14 @@ impl Cluster {
             ..Default::default()
         };
         let api = self.api(&r, ns.as_deref());
-        let what = format!("replacing {} {}", r.ar.kind, path(ns.as_deref(), &name));
-        let done = self.rt.block_on(api.replace(&name, &pp, &dyn_obj));
+        let (verb, done) = match how {
+            Write::Create => ("creating", self.rt.block_on(api.create(&pp, &dyn_obj))),
+            Write::Replace => (
+                "replacing",
+                self.rt.block_on(api.replace(&name, &pp, &dyn_obj)),
+            ),
+        };
+        let what = format!("{verb} {} {}", r.ar.kind, path(ns.as_deref(), &name));
         to_value(done.map_err(api_err(what))?)
     }
 
@@ -343,6 +341,13 @@ impl Cluster {
             .then(|| text("/metadata/namespace").unwrap_or("default").to_string());
         Ok((r, ns, name.to_string()))
     }
+}
+
+/// How [`Cluster::write`] sends a whole object.
+#[derive(Clone, Copy)]
+enum Write {
+    Create,
+    Replace,
 }
 
 /// `ns/name`, or `name` for cluster-scoped objects.
