@@ -4,6 +4,8 @@
 //! found in the view, its netns must be a pod's. Owns the answers; the cache and ZDS are
 //! [`super::ztunnels`]'s.
 
+use std::net::IpAddr;
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -89,6 +91,27 @@ async fn find(agent: &Agent, ev: &PluginEvent) -> Result<(PodFacts, Option<Strin
     }
 }
 
+/// The cache entry for `pod` (what ztunnel is told of it: uid, names, service account), by
+/// ADD or by the reconciler's discovery (`container_id` None).
+pub fn cached_pod(
+    pod: &PodFacts,
+    netns: OwnedFd,
+    ips: Vec<IpAddr>,
+    container_id: Option<String>,
+) -> CachedPod {
+    CachedPod {
+        uid: pod.uid.clone(),
+        info: WorkloadInfo {
+            name: pod.name.clone(),
+            namespace: pod.namespace.clone(),
+            service_account: pod.service_account.clone(),
+        },
+        netns,
+        ips,
+        container_id,
+    }
+}
+
 /// Why a pod is not in the mesh, or `None` if it is.
 pub fn skip_reason(agent: &Agent, pod: &PodFacts, ns_label: Option<&str>) -> Option<String> {
     if agent.excluded(&pod.namespace) {
@@ -142,17 +165,8 @@ async fn add(agent: &Arc<Agent>, ev: PluginEvent) -> AgentReply {
     } else {
         ev.ips.clone()
     };
-    let cached = CachedPod {
-        uid: pod.uid.clone(),
-        info: WorkloadInfo {
-            name: pod.name.clone(),
-            namespace: pod.namespace.clone(),
-            service_account: pod.service_account.clone(),
-        },
-        netns: fd,
-        ips: ips.clone(),
-        container_id: Some(ev.container_id.clone()).filter(|c| !c.is_empty()),
-    };
+    let container_id = Some(ev.container_id.clone()).filter(|c| !c.is_empty());
+    let cached = cached_pod(&pod, fd, ips.clone(), container_id);
     let result = {
         let mut state = agent.state.lock().await;
         let r = state.add(cached).await;

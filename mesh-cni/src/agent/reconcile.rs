@@ -8,11 +8,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use dataplane::zds::proto::WorkloadInfo;
-
-use super::handle::skip_reason;
+use super::handle::{cached_pod, skip_reason};
 use super::view::{PodFacts, View};
-use super::ztunnels::CachedPod;
 use super::{Agent, netns};
 
 /// A pass runs at least this often even without view changes (retries of pods whose netns
@@ -119,17 +116,7 @@ impl Reconciler {
                 self.pending.insert(pod.uid.clone());
                 continue;
             };
-            let cached = CachedPod {
-                uid: pod.uid.clone(),
-                info: WorkloadInfo {
-                    name: pod.name.clone(),
-                    namespace: pod.namespace.clone(),
-                    service_account: pod.service_account.clone(),
-                },
-                netns: fd,
-                ips: pod.ips.clone(),
-                container_id: None,
-            };
+            let cached = cached_pod(&pod, fd, pod.ips.clone(), None);
             let result = agent.state.lock().await.add_or_keep(cached).await;
             match result {
                 Ok(()) => agent.enrolled_side_effects(&pod, &pod.ips).await,
