@@ -433,7 +433,7 @@ fn every_containers_arguments_are_accepted_by_its_binary() {
                 .as_array()
                 .into_iter()
                 .flatten()
-                .filter_map(|a| a.as_str().map(str::to_string))
+                .filter_map(|a| a.as_str().map(|a| kubelet_expand(a, &c)))
                 .collect();
             // clap rejects an unknown flag or value before it honours a trailing --help.
             let out = run(Command::new(&bin).args(&args).arg("--help"));
@@ -447,4 +447,38 @@ fn every_containers_arguments_are_accepted_by_its_binary() {
         }
     }
     assert_eq!(checked, 4, "meshd, ztunnel, mesh-cni agent and install");
+}
+
+/// An argument as the kubelet hands it to the container: each `$(NAME)` of a variable in the
+/// container's `env` replaced by its value (`valueFrom` ones by a sample, e.g. a node name),
+/// `$$` by `$`; other references stay as written.
+fn kubelet_expand(arg: &str, container: &serde_json::Value) -> String {
+    let value_of = |name: &str| {
+        let env = container["env"].as_array()?;
+        let e = env.iter().find(|e| e["name"] == name)?;
+        match e["value"].as_str() {
+            Some(v) => Some(v.to_string()),
+            None if e.get("valueFrom").is_some() => Some("node-0".to_string()),
+            None => Some(String::new()),
+        }
+    };
+    let mut out = String::new();
+    let mut rest = arg;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        if let Some(tail) = after.strip_prefix('$') {
+            out.push('$');
+            rest = tail;
+        } else if let Some((name, tail)) = after.strip_prefix('(').and_then(|a| a.split_once(')'))
+            && let Some(v) = value_of(name)
+        {
+            out.push_str(&v);
+            rest = tail;
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out + rest
 }
