@@ -282,11 +282,9 @@ fn rolling_update_between_ztunnel_pods_keeps_one_ebpf_instance() {
         return;
     }
     // The rest of the mesh enrolls from the config: the fake agent is node-0's only one.
-    // SAFETY: set before anything reads the environment on another thread (this binary has
-    // this one test; the mesh starts after).
-    unsafe { std::env::set_var("MESH_ENROLLMENT", "config") };
     let mesh = LocalMesh::start(MeshOptions {
         capture: "ebpf".into(),
+        enrollment: localmesh::Enrollment::Config,
         ..MeshOptions::default()
     })
     .expect("start mesh");
@@ -404,4 +402,45 @@ fn rolling_update_between_ztunnel_pods_keeps_one_ebpf_instance() {
         Ok(links_b.iter().all(|id| !link_exists(*id)))
     })
     .unwrap();
+}
+
+/// `ztunnel cleanup --node NAME` run outside the network namespace the ztunnel ran in (a shell
+/// on the node: the ztunnel pod's netns is gone with it) acts on the instance named after the
+/// node, as the DaemonSet names it, and says so.
+#[test]
+fn cleanup_by_node_finds_the_instance_named_after_the_node() {
+    if !privileged() {
+        return;
+    }
+    let bins = localmesh::Bins::locate().expect("built binaries");
+    sweep_stale_instances(&bins.ztunnel);
+    let node = format!("{NAME_PREFIX}{}-node", std::process::id());
+    let dir = Path::new("/sys/fs/bpf").join(format!("ztunnel@{node}"));
+    std::fs::create_dir(&dir).expect("create a named instance directory");
+    struct Guard<'a>(&'a Path, String);
+    impl Drop for Guard<'_> {
+        fn drop(&mut self) {
+            cleanup_instance(self.0, &self.1);
+        }
+    }
+    let _guard = Guard(&bins.ztunnel, node.clone());
+    let cleanup = |dry_run: bool| {
+        let mut cmd = Command::new(&bins.ztunnel);
+        cmd.args(["cleanup", "--node", &node]);
+        if dry_run {
+            cmd.arg("--dry-run");
+        }
+        let out = cmd.output().expect("run ztunnel cleanup");
+        assert!(out.status.success(), "{out:?}");
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (listed, said) = cleanup(true);
+    assert_eq!(listed.trim(), dir.display().to_string(), "{said}");
+    assert!(said.contains("--ebpf-instance"), "{said}");
+    assert!(dir.exists(), "--dry-run removed {}", dir.display());
+    cleanup(false);
+    assert!(!dir.exists(), "cleanup --node left {}", dir.display());
 }

@@ -5,7 +5,8 @@
 //! - `--node NAME`, run in the network namespace the stopped ztunnel ran in, removes that
 //!   instance's state — the operator's decision that it will not return.
 //!   `--ebpf-instance NAME` does the same for the named instance a ztunnel started with
-//!   `--ebpf-instance NAME` used (Kubernetes: ztunnel pods have a netns each), from anywhere.
+//!   `--ebpf-instance NAME` used (Kubernetes: ztunnel pods have a netns each), from anywhere;
+//!   `--node NAME` falls back to it when nothing of the netns-keyed instance exists here.
 //! - `--orphans` removes only instances whose network namespace no longer exists. Nothing can
 //!   ever adopt those (the directory name carries the netns cookie, unique for the kernel's
 //!   lifetime), so removing them is always safe — also next to live ztunnels, which it leaves

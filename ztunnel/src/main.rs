@@ -15,6 +15,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, reload};
 use ztunnel::admin::SetLogLevelFn;
 use ztunnel::app::{self, Exit};
+use ztunnel::ebpf::Instance;
 use ztunnel::settings::Config;
 
 type LogHandle = reload::Handle<EnvFilter, tracing_subscriber::Registry>;
@@ -60,7 +61,9 @@ fn init_logging(format: &str) -> LogHandle {
 struct CleanupArgs {
     /// This node's ztunnel, stopped for good: every pod it enrolled goes back to how it was
     /// before (no nftables table, policy rule/route or changed sysctl), then its eBPF state
-    /// goes; its pods stop failing closed and go direct.
+    /// goes; its pods stop failing closed and go direct. The instance started in this network
+    /// namespace, or, if there is none, the one named after the node (`--ebpf-instance NAME`,
+    /// as the DaemonSet runs ztunnel).
     #[arg(long, env = "NODE_NAME")]
     node: Option<String>,
     /// The named instance of a ztunnel started with `--ebpf-instance NAME` (Kubernetes: the
@@ -94,12 +97,9 @@ fn cleanup(args: CleanupArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let node = args.node.unwrap_or_default();
-    let which = ztunnel::ebpf::Instance::new(&node, args.ebpf_instance.as_deref())?;
+    let which = instance_to_clean(&node, args.ebpf_instance.as_deref())?;
     let dir = which.dir()?;
     let instance = ztunnel::pod_record::instance_name(&which);
-    if args.ebpf_instance.is_none() && !dir.exists() {
-        hint_named(&node);
-    }
     if args.dry_run {
         for (cookie, r) in ztunnel::pod_record::all() {
             if r.instance == instance {
@@ -132,20 +132,34 @@ fn ebpf_instance(s: &str) -> Result<String, String> {
     ztunnel::ebpf::valid_name(s).map_err(|e| e.to_string())
 }
 
-/// `--node NAME` found no instance keyed by this network namespace: if ztunnel ran named (a
-/// Kubernetes pod), say how to reach that one.
-fn hint_named(node: &str) {
-    let Ok(named) = ztunnel::ebpf::Instance::new(node, Some(node)) else {
-        return;
-    };
-    if let Ok(dir) = named.dir()
-        && dir.exists()
-    {
-        eprintln!(
-            "no eBPF instance of node {node} was started in this network namespace, but {} exists: if ztunnel ran with --ebpf-instance {node} (as the DaemonSet starts it), run `ztunnel cleanup --ebpf-instance {node}`",
-            dir.display()
-        );
+/// The instance `ztunnel cleanup` acts on: the named one with `--ebpf-instance`; with `--node`
+/// only, the one keyed by this network namespace, unless nothing of it exists and the instance
+/// named after the node does (a ztunnel pod ran it; its netns is not this one).
+fn instance_to_clean(node: &str, named: Option<&str>) -> anyhow::Result<Instance> {
+    let here = Instance::new(node, named)?;
+    if named.is_some() {
+        return Ok(here);
     }
+    let Ok(by_node) = Instance::new(node, Some(node)) else {
+        return Ok(here);
+    };
+    if !instance_exists(&here)? && instance_exists(&by_node)? {
+        eprintln!(
+            "no eBPF state or pod record of node {node}'s ztunnel in this network namespace: acting on {} (ztunnel --ebpf-instance {node}, as the DaemonSet runs it)",
+            by_node.dir()?.display()
+        );
+        return Ok(by_node);
+    }
+    Ok(here)
+}
+
+/// Whether `instance` left anything: its bpffs directory or a pod's record.
+fn instance_exists(instance: &Instance) -> anyhow::Result<bool> {
+    let name = instance.dir_name()?;
+    Ok(instance.dir()?.exists()
+        || ztunnel::pod_record::all()
+            .iter()
+            .any(|(_, r)| r.instance == name))
 }
 
 fn main() -> anyhow::Result<()> {
