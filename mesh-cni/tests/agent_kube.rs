@@ -1,7 +1,9 @@
 //! The node agent in Kubernetes mode (`--view kube`) against the API server double: pods
 //! watched by node, a GET on a miss, the redirection annotation through pods/status, label
 //! flips found through host /proc (a fake /proc tree whose cgroup files name the pod UIDs and
-//! whose ns/net links point at real netns), restart recovery, uninstall by ConfigMap.
+//! whose ns/net links point at real netns), restart recovery, uninstall by the annotation on
+//! the agent's own DaemonSet — and by nothing cheaper (the ConfigMap older versions read, another
+//! DaemonSet's annotation, a value other than "true").
 
 mod agent_support;
 
@@ -45,6 +47,28 @@ fn pod(api: &ApiServer, ns: &str, name: &str, ip: &str) -> String {
     obj["status"] = json!({"podIP": ip, "podIPs": [{"ip": ip}]});
     api.put(obj).expect("pod status");
     uid
+}
+
+/// A DaemonSet in mesh-system, created or replaced, with `mesh.dev/uninstall` set to `trigger`.
+fn daemonset(api: &ApiServer, name: &str, trigger: Option<&str>) {
+    let annotations = match trigger {
+        Some(v) => json!({mesh_cni::agent::UNINSTALL_ANNOTATION: v}),
+        None => json!({}),
+    };
+    let mut ds = json!({"apiVersion": "apps/v1", "kind": "DaemonSet",
+        "metadata": {"name": name, "namespace": "mesh-system", "annotations": annotations},
+        "spec": {"selector": {"matchLabels": {"app": name}},
+                 "template": {"metadata": {"labels": {"app": name}},
+                              "spec": {"containers": [{"name": "agent", "image": "mesh/mesh-cni:0.1.0"}]}}}});
+    match api.get("apps/v1", "DaemonSet", Some("mesh-system"), name) {
+        Some(live) => {
+            ds["metadata"]["resourceVersion"] = live["metadata"]["resourceVersion"].clone();
+            api.put(ds).expect("daemonset update");
+        }
+        None => {
+            api.create(ds).expect("daemonset");
+        }
+    }
 }
 
 fn annotation(api: &ApiServer, ns: &str, name: &str, key: &str) -> Option<String> {
@@ -160,8 +184,26 @@ async fn kube_view_enrolls_annotates_flips_restarts_and_uninstalls() {
     })
     .await;
 
+    // Until now there was no DaemonSet at all: not a request. Now only cheaper look-alikes of
+    // the trigger: the ConfigMap older versions obeyed (meshd's ServiceAccount may create
+    // ConfigMaps there), another DaemonSet's annotation, a value other than "true" on ours.
+    api.create(json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "mesh-uninstall", "namespace": "mesh-system"}}))
+        .expect("configmap");
+    daemonset(&api, "other", Some("true"));
+    daemonset(&api, "mesh-cni", Some("yes"));
+    // And a pause file left on the host by an earlier uninstall.
+    let pause = dir
+        .path()
+        .join("state")
+        .join(mesh_cni::agent::UNINSTALL_FILE);
+    std::fs::create_dir_all(dir.path().join("state")).expect("state dir");
+    std::fs::write(&pause, b"").expect("stale pause file");
+
     // Agent crash and restart: its sockets are replaced, the reconnecting ztunnel's snapshot
-    // holds the enrolled pod (found again through /proc), and nothing is deleted.
+    // holds the enrolled pod (found again through /proc), and nothing is deleted. The trigger
+    // is read before the plugin socket is served, so none of the look-alikes started an
+    // uninstall, and the stale pause file no longer holds the installer back.
     agent.kill();
     wait_for("the session to end", || !zt.is_connected()).await;
     let agent = start_agent(dir.path(), &api).await;
@@ -169,11 +211,25 @@ async fn kube_view_enrolls_annotates_flips_restarts_and_uninstalls() {
     wait_for("the snapshot after restart", || zt.snapshot_done()).await;
     assert!(zt.added(&uid1), "{:?}", zt.seen());
     assert!(!zt.seen().iter().any(|s| matches!(s, Seen::Del(_))));
+    assert_eq!(
+        annotation(
+            &api,
+            "mesh-system",
+            "mesh-cni-n1",
+            mesh_cni::agent::UNINSTALLED_ANNOTATION
+        ),
+        None
+    );
+    assert!(!pause.exists(), "the stale pause file is removed");
+    assert_eq!(
+        call(&agent.plugin_socket, &add).await,
+        AgentReply::Enrolled,
+        "still enrolling"
+    );
 
-    // Uninstall: the ConfigMap appears; every pod is handed back, the agent's own pod says so.
-    api.create(json!({"apiVersion": "v1", "kind": "ConfigMap",
-        "metadata": {"name": mesh_cni::agent::UNINSTALL_CONFIGMAP, "namespace": "mesh-system"}}))
-        .expect("configmap");
+    // Uninstall: our DaemonSet says "true"; every pod is handed back, the agent's own pod
+    // says so.
+    daemonset(&api, "mesh-cni", Some("true"));
     wait_for("the uninstalled annotation", || {
         annotation(
             &api,

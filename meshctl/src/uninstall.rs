@@ -1,11 +1,14 @@
-//! `meshctl uninstall`, the protocol of design.md "Uninstall": create the ConfigMap
-//! `mesh-uninstall` in the mesh's namespace; every node agent (mesh-cni pod) then removes its
-//! CNI entry and every pod's capture and annotates its own pod `mesh.dev/uninstalled: "true"`;
-//! once every agent has, delete what install created (reverse apply order; cluster-scoped
-//! objects only if ours; CRDs only with `--crds` and only ours — never Istio's). Agents that do
-//! not answer by the deadline are named with their nodes and nothing is deleted (deleting the
-//! agents would leave those nodes' pods captured with no ztunnel), unless `--force`.
-//! Owns the sequence and its report.
+//! `meshctl uninstall`: annotate the node agents' DaemonSet `mesh-cni` with
+//! `mesh.dev/uninstall: "true"` (a merge patch of its metadata: its pods do not roll); every
+//! node agent watches exactly that DaemonSet, then removes its CNI entry and every pod's capture
+//! and annotates its own pod `mesh.dev/uninstalled: "true"`; once every agent has, delete what
+//! install created (reverse apply order; cluster-scoped objects only if ours; CRDs only with
+//! `--crds` and only ours — never Istio's). The trigger is on the DaemonSet, not an object of
+//! its own, because it strips capture on every node: only who may patch the agent's DaemonSet
+//! (and so could replace the agent anyway) can start it. Agents that do not answer by the
+//! deadline are named with their nodes and nothing is deleted (deleting the agents would leave
+//! those nodes' pods captured with no ztunnel), unless `--force`. Owns the sequence and its
+//! report.
 
 use std::time::{Duration, Instant};
 
@@ -13,10 +16,13 @@ use serde_json::{Value, json};
 
 use crate::backend::str_at;
 use crate::cluster::{Cluster, ClusterError, path};
-use crate::manifests::{Manifests, PART_OF, api_version, is_crd, is_ours, kind};
+use crate::manifests::{Manifests, api_version, is_crd, is_ours, kind};
 use crate::readiness::selector;
 
-pub const UNINSTALL_CONFIGMAP: &str = "mesh-uninstall";
+/// On the agents' DaemonSet: `"true"` asks every node agent to remove capture.
+pub const UNINSTALL_ANNOTATION: &str = "mesh.dev/uninstall";
+/// What meshctl before the DaemonSet trigger created instead; deleted if a cluster still has it.
+pub const OLD_UNINSTALL_CONFIGMAP: &str = "mesh-uninstall";
 pub const UNINSTALLED_ANNOTATION: &str = "mesh.dev/uninstalled";
 /// The node agents' DaemonSet in the manifests.
 pub const AGENT: &str = "mesh-cni";
@@ -56,8 +62,8 @@ pub fn run(
     let mut failed = 0;
     let mut deleted = Vec::new();
     if installed {
-        // Its job is done: every agent answered (or --force).
-        let cm = ("v1", "ConfigMap", Some(ns), UNINSTALL_CONFIGMAP);
+        // An older meshctl's trigger: nothing reads it now, so it goes whatever it says.
+        let cm = ("v1", "ConfigMap", Some(ns), OLD_UNINSTALL_CONFIGMAP);
         if cluster.delete(cm.0, cm.1, cm.2, cm.3)? {
             deleted.push((cm.0.into(), cm.1.into(), Some(ns.to_string()), cm.3.into()));
         }
@@ -127,7 +133,7 @@ fn name(o: &Value) -> &str {
     str_at(o, &["metadata", "name"]).unwrap_or("")
 }
 
-/// Creates the uninstall ConfigMap and waits for every agent pod's annotation.
+/// Annotates the agents' DaemonSet and waits for every agent pod's annotation.
 fn signal_agents(
     cluster: &Cluster,
     m: &Manifests,
@@ -135,27 +141,29 @@ fn signal_agents(
     force: bool,
 ) -> Result<(), UninstallError> {
     let ns = m.namespace.as_str();
-    let cm = json!({
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": {"name": UNINSTALL_CONFIGMAP, "namespace": ns, "labels": {PART_OF: "mesh"}},
-        "data": {"requested-by": "meshctl uninstall"},
-    });
-    cluster.apply(&cm, true)?;
-    println!("ConfigMap {ns}/{UNINSTALL_CONFIGMAP} created: node agents are removing capture");
     let agent = m
         .workloads()
         .find(|w| kind(w) == "DaemonSet" && name(w) == AGENT);
-    let live = match agent {
-        Some(a) => cluster.get(api_version(a), "DaemonSet", Some(ns), AGENT)?,
-        None => None,
+    let av = agent.map_or("apps/v1", api_version);
+    let none = || println!("no {AGENT} DaemonSet: no agents to wait for");
+    let Some(live) = cluster.get(av, "DaemonSet", Some(ns), AGENT)? else {
+        none();
+        return Ok(());
     };
-    let Some(sel) = live
-        .as_ref()
-        .and_then(selector)
-        .or_else(|| agent.and_then(selector))
-    else {
-        println!("no {AGENT} DaemonSet: no agents to wait for");
+    let patch = json!({"metadata": {"annotations": {UNINSTALL_ANNOTATION: "true"}}});
+    match cluster.merge_patch(av, "DaemonSet", Some(ns), AGENT, &patch) {
+        Ok(_) => println!(
+            "DaemonSet {ns}/{AGENT} annotated {UNINSTALL_ANNOTATION}=true: node agents are removing capture"
+        ),
+        // Deleted since it was read.
+        Err(e) if e.is_not_found() => {
+            none();
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let Some(sel) = selector(&live).or_else(|| agent.and_then(selector)) else {
+        none();
         return Ok(());
     };
     let deadline = Instant::now() + timeout;

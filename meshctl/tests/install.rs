@@ -2,7 +2,9 @@
 //! everything in the built-in manifests applied with server-side apply (manager meshctl), the
 //! wait for readiness (the test plays the kubelets and controllers, see `common`), the report
 //! when something is not ready, CRDs that are not ours left alone, and the uninstall protocol
-//! (agents confirm by annotating their pods; a silent one is named and nothing is deleted).
+//! (the request is an annotation on the mesh-cni DaemonSet, never a ConfigMap anyone could
+//! create; agents confirm by annotating their pods; a silent one is named and nothing is
+//! deleted; no DaemonSet, no agents to wait for).
 
 mod common;
 
@@ -257,12 +259,17 @@ fn crds_that_are_not_ours_are_never_overwritten_nor_deleted() {
     );
 }
 
-/// Plays the node agents of `nodes`: once the uninstall ConfigMap exists, each annotates its
-/// own mesh-cni pod as design.md's protocol says.
+/// The agents' DaemonSet, live.
+fn agents_daemonset(env: &Env) -> Option<Value> {
+    env.get("apps/v1", "DaemonSet", Some(NS), "mesh-cni")
+}
+
+/// Plays the node agents of `nodes`: once the mesh-cni DaemonSet carries the request, each
+/// annotates its own mesh-cni pod as the agent does.
 fn agents_answer(env: &Env, nodes: &[&str]) {
-    wait_for("the uninstall ConfigMap", || {
-        env.get("v1", "ConfigMap", Some(NS), "mesh-uninstall")
-            .is_some()
+    wait_for("the uninstall annotation on the mesh-cni DaemonSet", || {
+        agents_daemonset(env)
+            .is_some_and(|ds| ds["metadata"]["annotations"]["mesh.dev/uninstall"] == "true")
     });
     for node in nodes {
         let mut pod = env
@@ -281,12 +288,23 @@ fn uninstall_waits_for_every_agent_then_removes_what_install_created() {
     let crds_before = env
         .api
         .list("apiextensions.k8s.io/v1", "CustomResourceDefinition");
+    let ds_before = agents_daemonset(&env).unwrap();
 
     // node-b's agent never answers: it is named, and nothing is deleted.
     let bg = env.spawn(&["uninstall", "--timeout", "2s"]);
     agents_answer(&env, &["node-a"]);
     let run = bg.wait();
     assert_eq!(run.code, 1, "{run:?}");
+    // The request is on the DaemonSet (kept there for the silent node's agent), its pod
+    // template untouched (no rollout); no ConfigMap, which anyone with ConfigMap rights in
+    // the namespace could forge, is created.
+    let ds = agents_daemonset(&env).unwrap();
+    assert_eq!(ds["metadata"]["annotations"]["mesh.dev/uninstall"], "true");
+    assert_eq!(ds["spec"], ds_before["spec"]);
+    assert!(
+        env.get("v1", "ConfigMap", Some(NS), "mesh-uninstall")
+            .is_none()
+    );
     assert!(
         run.stderr.contains("node node-b (pod mesh-cni-node-b)"),
         "{run:?}"
@@ -302,6 +320,11 @@ fn uninstall_waits_for_every_agent_then_removes_what_install_created() {
         );
     }
 
+    // An older meshctl's trigger, left in the cluster: deleted with the rest.
+    env.api
+        .create(json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "mesh-uninstall", "namespace": NS}}))
+        .unwrap();
     let bg = env.spawn(&["uninstall", "--timeout", "30s"]);
     agents_answer(&env, &["node-b"]);
     let run = bg.wait();
@@ -324,6 +347,31 @@ fn uninstall_waits_for_every_agent_then_removes_what_install_created() {
         .api
         .list("apiextensions.k8s.io/v1", "CustomResourceDefinition");
     assert_eq!(crds_before.len(), crds_after.len());
+}
+
+#[test]
+fn uninstall_without_the_agents_daemonset_waits_for_no_agent() {
+    let env = Env::start(&[("node-a", "6.1.0")]);
+    env.api.install_mesh_crds().unwrap();
+    assert_eq!(install(&env).code, 0);
+    env.api
+        .delete("apps/v1", "DaemonSet", Some(NS), "mesh-cni")
+        .unwrap();
+    let run = env.run(&["uninstall", "--timeout", "30s"]);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(
+        run.stdout
+            .contains("no mesh-cni DaemonSet: no agents to wait for"),
+        "{run:?}"
+    );
+    for o in embedded().others() {
+        assert!(
+            live(&env, o).is_none(),
+            "{} {} left behind",
+            o["kind"],
+            name(o)
+        );
+    }
 }
 
 #[test]

@@ -59,6 +59,16 @@ fn waypoint_apply_list_status_delete_against_the_api() {
         run.stdout.contains("waypoint apps/waypoint unchanged"),
         "{run:?}"
     );
+    // A change replaces the Gateway read (at its resourceVersion), and back again.
+    for for_ in ["service", "all"] {
+        let run = env.run(&["waypoint", "apply", "-n", "apps", "--for", for_]);
+        assert!(
+            run.stdout.contains("waypoint apps/waypoint updated"),
+            "{run:?}"
+        );
+        let gw = gateway(&env, "apps", "waypoint").unwrap();
+        assert_eq!(gw["metadata"]["labels"]["istio.io/waypoint-for"], for_);
+    }
 
     let run = env.run(&["waypoint", "list"]);
     assert_eq!(run.code, 0, "{run:?}");

@@ -2,10 +2,12 @@
 //! component, running for real with its ServiceAccount's token, does what it does without a
 //! single 403 — meshd (`meshd run --kubernetes`: Lease, CA Secret, root ConfigMap, a
 //! waypoint's ServiceAccount/Deployment/Service and Gateway status, TokenReview) and the
-//! mesh-cni agent (its node's pods and namespaces, the uninstall ConfigMap, its pod's
-//! annotation through pods/status) — and a forbidden verb per ServiceAccount gets the real
-//! 403 (ztunnel cannot list pods, mesh-cni cannot read Secrets, meshd cannot delete
-//! namespaces or read other Secrets).
+//! mesh-cni agent (its node's pods and namespaces, a watch of exactly its own DaemonSet whose
+//! annotation is the uninstall trigger, its pod's annotation through pods/status) — and a
+//! forbidden verb per ServiceAccount gets the real 403 (ztunnel cannot list pods, mesh-cni
+//! cannot read Secrets nor other DaemonSets nor patch its own, meshd cannot delete namespaces,
+//! read other Secrets or patch the mesh-cni DaemonSet: it must not be able to start an
+//! uninstall).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -16,6 +18,9 @@ use testbed::kubeapi::{ApiOptions, ApiServer, TokenSpec};
 
 const NS: &str = "mesh-system";
 const WAIT: Duration = Duration::from_secs(30);
+/// The uninstall request, as meshctl patches it onto the mesh-cni DaemonSet.
+const TRIGGER: &str = r#"{"metadata":{"annotations":{"mesh.dev/uninstall":"true"}}}"#;
+const AGENT_DS: &str = "/apis/apps/v1/namespaces/mesh-system/daemonsets/mesh-cni";
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -149,6 +154,37 @@ fn forbidden(kc: &Path, args: &[&str], sa: &str, what: &str) {
     );
 }
 
+/// A PATCH straight to the API (kubectl patch GETs first, and a refused GET would hide
+/// whether the patch itself is): asserts the 403 names `sa` and the patch verb.
+fn patch_forbidden(api: &ApiServer, scratch: &Scratch, token: &str, path: &str, sa: &str) {
+    let ca = scratch.path("ca.pem");
+    std::fs::write(&ca, api.ca_pem()).expect("write CA");
+    let o = Command::new("curl")
+        .args(["-sS", "-X", "PATCH", "--cacert"])
+        .arg(&ca)
+        .arg("-H")
+        .arg(format!("Authorization: Bearer {token}"))
+        .args(["-H", "Content-Type: application/merge-patch+json"])
+        .args(["--data", TRIGGER, "-w", "\n%{http_code}"])
+        .arg(format!("{}{path}", api.url()))
+        .output()
+        .expect("running curl");
+    let t = text(&o);
+    let short: String = t.chars().take(400).collect();
+    assert!(
+        t.trim_end().ends_with("\n403"),
+        "{sa} PATCH {path}: {short}"
+    );
+    let why = format!(
+        "User \"{}\" cannot patch resource \"daemonsets\" in API group \"apps\"",
+        user(sa)
+    );
+    let status: Value = serde_json::from_str(t.trim_end().trim_end_matches("403"))
+        .unwrap_or_else(|e| panic!("{sa} PATCH {path}: not a Status ({e}): {short}"));
+    let message = status["message"].as_str().unwrap_or_default();
+    assert!(message.contains(&why), "{sa} PATCH {path}: {short}");
+}
+
 fn bin(name: &str) -> PathBuf {
     let bins = localmesh::Bins::locate().expect("built binaries");
     let p = bins.meshd.with_file_name(name);
@@ -272,6 +308,14 @@ fn meshd_works_with_its_service_account_and_no_more() {
         "meshd",
         "list resource \"secrets\"",
     );
+    // The uninstall trigger strips capture on every node: meshd cannot set it.
+    let meshd_token = token(
+        &api,
+        "meshd",
+        Some("meshd-0"),
+        "https://kubernetes.default.svc",
+    );
+    patch_forbidden(&api, &scratch, &meshd_token, AGENT_DS, "meshd");
 }
 
 #[test]
@@ -310,13 +354,21 @@ fn the_mesh_cni_agent_works_with_its_service_account_and_no_more() {
             .iter()
             .any(|r| r.user == user("mesh-cni") && r.method == method && r.path.starts_with(path))
     };
-    wait_until("the agent to watch pods and namespaces", || {
-        agent_did("GET", "/api/v1/pods") && agent_did("GET", "/api/v1/namespaces")
-    });
-    // The uninstall protocol: the ConfigMap appears, the agent reports on its pod.
-    api.create(json!({"apiVersion": "v1", "kind": "ConfigMap",
-        "metadata": {"name": "mesh-uninstall", "namespace": NS}}))
-        .expect("uninstall ConfigMap");
+    wait_until(
+        "the agent to watch pods, namespaces and its DaemonSet",
+        || {
+            agent_did("GET", "/api/v1/pods")
+                && agent_did("GET", "/api/v1/namespaces")
+                && agent_did("GET", "/apis/apps/v1/namespaces/mesh-system/daemonsets")
+        },
+    );
+    // The uninstall protocol: the annotation on its DaemonSet (as meshctl sets it), the
+    // agent reports on its pod.
+    let mut ds = api
+        .get("apps/v1", "DaemonSet", Some(NS), "mesh-cni")
+        .expect("the mesh-cni DaemonSet of the dev overlay");
+    ds["metadata"]["annotations"]["mesh.dev/uninstall"] = json!("true");
+    api.put(ds).expect("annotating the DaemonSet");
     wait_until("the agent to mark its pod uninstalled", || {
         api.get("v1", "Pod", Some(NS), pod)
             .is_some_and(|p| p["metadata"]["annotations"]["mesh.dev/uninstalled"] == "true")
@@ -335,6 +387,25 @@ fn the_mesh_cni_agent_works_with_its_service_account_and_no_more() {
         "mesh-cni",
         "delete resource \"pods\"",
     );
+    forbidden(
+        &kc,
+        &["get", "daemonset", "ztunnel", "-n", NS],
+        "mesh-cni",
+        "get resource \"daemonsets\" in API group \"apps\"",
+    );
+    forbidden(
+        &kc,
+        &["get", "daemonsets", "-n", NS],
+        "mesh-cni",
+        "list resource \"daemonsets\" in API group \"apps\"",
+    );
+    let agent_token = token(
+        &api,
+        "mesh-cni",
+        Some(pod),
+        "https://kubernetes.default.svc",
+    );
+    patch_forbidden(&api, &scratch, &agent_token, AGENT_DS, "mesh-cni");
 }
 
 #[test]

@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex};
 use crate::probe_snat::ProbeSnat;
 use view::{PodFacts, View};
 
-pub use kube_view::UNINSTALL_CONFIGMAP;
+pub use kube_view::UNINSTALL_ANNOTATION;
 pub use uninstall::{UNINSTALL_FILE, UNINSTALLED_ANNOTATION, UNINSTALLED_FILE};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -62,9 +62,13 @@ pub struct AgentArgs {
     /// The host's /proc (mounted into the agent's container), to find pods' namespaces.
     #[arg(long, default_value = "/proc")]
     pub host_proc: PathBuf,
-    /// The mesh's namespace (where the uninstall ConfigMap appears).
+    /// The mesh's namespace (where the agent's DaemonSet is).
     #[arg(long, env = "POD_NAMESPACE", default_value = "mesh-system")]
     pub mesh_namespace: String,
+    /// The agent's own DaemonSet: its annotation `mesh.dev/uninstall: "true"` starts the
+    /// uninstall (Kube view).
+    #[arg(long, default_value = "mesh-cni")]
+    pub daemonset: String,
     /// The agent's own pod (annotated when an uninstall is done).
     #[arg(long, env = "POD_NAME")]
     pub pod_name: Option<String>,
@@ -207,8 +211,12 @@ async fn serve(args: AgentArgs) -> anyhow::Result<()> {
     let view = match args.view {
         ViewKind::Kube => {
             let client = client(args.kubeconfig.as_ref()).await?;
-            let v =
-                kube_view::KubeView::start(client, args.node.clone(), args.mesh_namespace.clone());
+            let v = kube_view::KubeView::start(
+                client,
+                args.node.clone(),
+                args.mesh_namespace.clone(),
+                args.daemonset.clone(),
+            );
             View::Kube(v)
         }
         ViewKind::Directory => {
@@ -246,6 +254,7 @@ async fn serve(args: AgentArgs) -> anyhow::Result<()> {
     if agent.view.uninstall_requested(&args.state_dir).await {
         uninstall::run(&agent).await;
     } else {
+        uninstall::clear_stale_pause(&agent);
         // Restart recovery, before ZDS is served.
         reconciler.pass(&agent).await;
     }

@@ -1,5 +1,7 @@
-//! Uninstall, on request (ConfigMap `mesh-uninstall` in the mesh namespace, or the file
-//! `<state dir>/uninstall` in local mode): take our entry out of the CNI chain, del every pod
+//! Uninstall, on request (the annotation `mesh.dev/uninstall: "true"` on the agent's own
+//! DaemonSet — only who may patch that DaemonSet, and so could replace the agent anyway, can
+//! strip every node's capture; or the file `<state dir>/uninstall` in local mode, which only
+//! the node's root can write): take our entry out of the CNI chain, del every pod
 //! (waiting for ztunnel's acks), remove the probe SNAT table, then say so (Kube: annotate the
 //! agent's own pod `mesh.dev/uninstalled: "true"`; local: the file `<state dir>/uninstalled`),
 //! which `meshctl uninstall` waits for on every node. Idempotent: a restarted agent that sees
@@ -21,10 +23,23 @@ pub const UNINSTALLED_ANNOTATION: &str = "mesh.dev/uninstalled";
 /// How often the trigger is looked for.
 const POLL: Duration = Duration::from_secs(1);
 
-/// Polls for the trigger; runs the uninstall once.
+/// Waits for the trigger (Kube: the DaemonSet watch's changes; local: polls the file); runs
+/// the uninstall once.
 pub async fn watch(agent: Arc<Agent>) {
+    let mut changes = match &agent.view {
+        View::Kube(k) => Some(k.trigger_changes()),
+        View::Directory(_) => None,
+    };
     while !agent.uninstalling() {
-        tokio::time::sleep(POLL).await;
+        match &mut changes {
+            Some(rx) => {
+                if rx.changed().await.is_err() {
+                    // The watch task ended (the runtime is stopping): nothing more to wait for.
+                    return;
+                }
+            }
+            None => tokio::time::sleep(POLL).await,
+        }
         if agent.view.uninstall_requested(&agent.args.state_dir).await {
             run(&agent).await;
         }
@@ -81,6 +96,22 @@ pub async fn run(agent: &Arc<Agent>) {
         }
     }
     tracing::info!("uninstall done on this node");
+}
+
+/// At start without a request: a pause file left by an earlier uninstall (the state dir is a
+/// host path that outlives the agent's pods) would keep a re-installed mesh's installer from
+/// ever chaining our plugin, so every new pod would start uncaptured.
+pub fn clear_stale_pause(agent: &Agent) {
+    let pause = agent.args.state_dir.join(UNINSTALL_FILE);
+    match std::fs::remove_file(&pause) {
+        Ok(()) => {
+            tracing::info!(file = %pause.display(), "removed an earlier uninstall's pause file: the installer chains mesh-cni again")
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::error!(file = %pause.display(), error = %e, "removing an earlier uninstall's pause file; the installer stays paused until it is gone")
+        }
+    }
 }
 
 fn remove_cni_entry(agent: &Agent) {

@@ -124,11 +124,11 @@ impl View {
         }
     }
 
-    /// Whether an uninstall was asked for: ConfigMap `mesh-uninstall` in the mesh namespace
-    /// (Kube), or the file `<state dir>/uninstall` (local mode).
+    /// Whether an uninstall was asked for: the annotation `mesh.dev/uninstall: "true"` on the
+    /// agent's own DaemonSet (Kube), or the file `<state dir>/uninstall` (local mode).
     pub async fn uninstall_requested(&self, state_dir: &std::path::Path) -> bool {
         match self {
-            View::Kube(k) => k.uninstall_requested().await,
+            View::Kube(k) => k.uninstall_requested(),
             View::Directory(_) => state_dir.join(super::uninstall::UNINSTALL_FILE).exists(),
         }
     }
