@@ -60,11 +60,21 @@ pub async fn run(agent: &Arc<Agent>) {
         tracing::error!(file = %pause.display(), error = %e, "writing the installer's pause file");
     }
     remove_cni_entry(agent);
-    {
+    let removed = {
         let mut state = agent.state.lock().await;
+        let mut removed = Vec::new();
         for uid in state.uids() {
-            state.del(&uid).await;
+            removed.extend(state.del(&uid).await);
         }
+        removed
+    };
+    // Out of the mesh: the pods no longer say they are captured (as Istio's agent does).
+    for pod in &removed {
+        let key = meshcore::enrollment::REDIRECTION_ANNOTATION;
+        agent
+            .view
+            .annotate(&pod.info.namespace, &pod.info.name, key, None)
+            .await;
     }
     // Again: an installer pass that began before the pause file existed may have put it back.
     remove_cni_entry(agent);
