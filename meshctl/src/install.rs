@@ -109,6 +109,9 @@ pub fn run(
             Some(_) => "configured",
         };
         println!("{what}: {done}");
+        if kind(obj) == "DaemonSet" && name(obj) == crate::uninstall::AGENT {
+            withdraw_uninstall(cluster, obj, &after)?;
+        }
     }
     if dry_run {
         return Ok(());
@@ -118,6 +121,36 @@ pub fn run(
         return Ok(());
     };
     wait_ready(cluster, m, started, deadline, waited)
+}
+
+/// An install over an uninstall that did not finish (a silent node) finds the agents'
+/// DaemonSet still asking for one (`meshctl uninstall`'s annotation is not a field install
+/// applies): take the request back and restart the agents — one that already uninstalled stays
+/// passive until it restarts, and would leave its node's new pods uncaptured.
+fn withdraw_uninstall(cluster: &Cluster, obj: &Value, live: &Value) -> Result<(), ClusterError> {
+    let key = crate::uninstall::UNINSTALL_ANNOTATION;
+    if live
+        .pointer("/metadata/annotations")
+        .and_then(|a| a.get(key))
+        .is_none()
+    {
+        return Ok(());
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let patch = serde_json::json!({
+        "metadata": {"annotations": {key: null}},
+        "spec": {"template": {"metadata": {"annotations": {"mesh.dev/restarted-at": now.to_string()}}}},
+    });
+    let ns = namespace(obj);
+    cluster.merge_patch(api_version(obj), "DaemonSet", ns, name(obj), &patch)?;
+    println!(
+        "DaemonSet {}: withdrew the uninstall request an earlier `meshctl uninstall` left, and restarted its pods",
+        path(ns, name(obj))
+    );
+    Ok(())
 }
 
 /// The live object, None when absent or its kind is not served yet (a dry run before the CRD).

@@ -349,6 +349,55 @@ fn uninstall_waits_for_every_agent_then_removes_what_install_created() {
     assert_eq!(crds_before.len(), crds_after.len());
 }
 
+/// An install over an uninstall that no agent confirmed takes the request back and restarts
+/// the agents (one that already uninstalled would otherwise stay passive, its node's new pods
+/// uncaptured); an install with nothing to withdraw leaves the pod template alone.
+#[test]
+fn install_withdraws_an_unfinished_uninstall_and_restarts_the_agents() {
+    let env = Env::start(&[("node-a", "6.1.0")]);
+    env.api.install_mesh_crds().unwrap();
+    assert_eq!(install(&env).code, 0);
+    let template = |env: &Env| agents_daemonset(env).unwrap()["spec"]["template"].clone();
+    let before = template(&env);
+    assert_eq!(install(&env).code, 0);
+    assert_eq!(
+        template(&env),
+        before,
+        "a plain re-install restarted the agents"
+    );
+
+    let run = env.run(&["uninstall", "--timeout", "1s"]);
+    assert_eq!(run.code, 1, "{run:?}");
+    assert_eq!(
+        agents_daemonset(&env).unwrap()["metadata"]["annotations"]["mesh.dev/uninstall"],
+        "true"
+    );
+    // The restart is a new pod template: the rollout finishes once the kubelet (the double's
+    // stand-in) has seen it.
+    let bg = env.spawn(&["install", "--timeout", "60s"]);
+    wait_for("the agents' pod template to change", || {
+        template(&env) != before
+    });
+    env.kubelet_ready();
+    let run = bg.wait();
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(
+        run.stdout.contains("withdrew the uninstall request"),
+        "{run:?}"
+    );
+    let ds = agents_daemonset(&env).unwrap();
+    assert!(
+        ds["metadata"]["annotations"]
+            .get("mesh.dev/uninstall")
+            .is_none(),
+        "{ds}"
+    );
+    assert!(
+        ds["spec"]["template"]["metadata"]["annotations"]["mesh.dev/restarted-at"].is_string(),
+        "the agents' pods are not restarted: {ds}"
+    );
+}
+
 #[test]
 fn uninstall_without_the_agents_daemonset_waits_for_no_agent() {
     let env = Env::start(&[("node-a", "6.1.0")]);
