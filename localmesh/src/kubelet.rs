@@ -151,6 +151,7 @@ impl Mesh {
                 return Err(anyhow::Error::new(e).context("creating its sandbox (CNI ADD)"));
             }
         };
+        let uid = sandbox.uid.clone();
         if let Some(p) = self
             .pods
             .lock()
@@ -183,7 +184,12 @@ impl Mesh {
                 .env("POD_NAMESPACE", &spec.namespace)
                 .env("POD_IP", &ips[0]);
             let label = format!("{}-{}-{i}", spec.namespace, spec.name);
-            match self.cluster.spawn(&pod.netns, cmd, &label) {
+            // In the pod's cgroup, named by its UID, as a kubelet's containers are: what finds
+            // a running pod in host /proc (the mesh-cni agent) finds this one.
+            match self
+                .cluster
+                .spawn_in_pod_cgroup(&pod.netns, &uid, cmd, &label)
+            {
                 Ok(p) => procs.push(p),
                 Err(e) => {
                     for p in procs.iter_mut() {

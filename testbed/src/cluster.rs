@@ -428,6 +428,23 @@ impl Cluster {
         Ok(proc)
     }
 
+    /// [`Cluster::spawn`] for a container of pod `uid`: the process also starts in the pod's
+    /// cgroup (`.../kubepods/pod<uid>`, made on first use; see `cgroups`).
+    pub fn spawn_in_pod_cgroup(
+        &self,
+        netns: &Netns,
+        uid: &str,
+        cmd: Command,
+        label: &str,
+    ) -> Result<Proc, TestbedError> {
+        let cgroup = crate::cgroups::pod_cgroup(&self.run_id, uid)?;
+        let proc = proc::spawn_in(&self.dir, netns, Some(&cgroup), cmd, label)?;
+        let mut procs = lock(&self.procs);
+        procs.retain(|p| Arc::strong_count(p) > 1 || !matches!(p.try_wait(), Ok(Some(_))));
+        procs.push(proc.shared());
+        Ok(proc)
+    }
+
     /// Runs argv inside netns to completion and returns its Output (error if it cannot start;
     /// a non-zero exit is returned, not an error).
     pub fn run(&self, netns: &Netns, argv: &[&str]) -> Result<Output, TestbedError> {
@@ -472,6 +489,9 @@ impl Drop for Cluster {
             if let Err(e) = netns::delete(&name) {
                 eprintln!("testbed: cleaning up run {}: {e}", self.run_id);
             }
+        }
+        if let Err(e) = crate::cgroups::remove_run(&self.run_id) {
+            eprintln!("testbed: cleaning up run {}: {e}", self.run_id);
         }
         let keep = std::env::var("TESTBED_KEEP").is_ok_and(|v| v == "1");
         if keep || std::thread::panicking() {

@@ -6,6 +6,7 @@
 //!
 //! This file only wires the modules together and re-exports the public API.
 
+mod cgroups;
 pub mod child;
 mod cluster;
 mod error;

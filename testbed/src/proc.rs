@@ -215,11 +215,38 @@ fn enter_in_child(cmd: &mut Command, ns: &File) {
     }
 }
 
+/// Makes the child move itself into the cgroup whose `cgroup.procs` is `procs` (opened before
+/// the fork), before exec: no instruction of the program runs outside it.
+fn join_cgroup_in_child(cmd: &mut Command, procs: &File) {
+    let fd = procs.as_raw_fd();
+    // SAFETY: write(2) of a static buffer and errno: async-signal-safe; `procs` outlives the
+    // spawn (the caller drops it after spawn() returns).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Starts `cmd` in `netns` with stdout+stderr appended to `<dir>/<label>.log`, in its own
 /// process group, and records it in the run's pidfile.
 pub(crate) fn spawn(
     dir: &Path,
     netns: &Netns,
+    cmd: Command,
+    label: &str,
+) -> Result<Proc, TestbedError> {
+    spawn_in(dir, netns, None, cmd, label)
+}
+
+/// [`spawn`], in cgroup directory `cgroup` as well (when given).
+pub(crate) fn spawn_in(
+    dir: &Path,
+    netns: &Netns,
+    cgroup: Option<&Path>,
     mut cmd: Command,
     label: &str,
 ) -> Result<Proc, TestbedError> {
@@ -238,12 +265,25 @@ pub(crate) fn spawn(
         .stderr(log2)
         .process_group(0);
     enter_in_child(&mut cmd, &ns);
+    let procs = match cgroup {
+        Some(cg) => {
+            let path = cg.join("cgroup.procs");
+            let f = OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .map_err(|e| TestbedError::io(format!("opening {}", path.display()), e))?;
+            join_cgroup_in_child(&mut cmd, &f);
+            Some(f)
+        }
+        None => None,
+    };
     let line = command_line(&cmd);
     let child = cmd.spawn().map_err(|source| TestbedError::Spawn {
         cmd: format!("{line} (in netns {})", netns.name),
         source,
     })?;
     drop(ns);
+    drop(procs);
     let pid = child.id();
     let proc = Proc {
         shared: Arc::new(ProcShared {

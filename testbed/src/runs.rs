@@ -159,6 +159,11 @@ pub fn sweep_stale() -> Vec<String> {
             removed.push(format!("netns {name} (run {run_id})"));
         }
     }
+    for run_id in crate::cgroups::runs() {
+        if is_stale(&run_id) && crate::cgroups::remove_run(&run_id).is_ok() {
+            removed.push(format!("cgroups of run {run_id} (run {run_id})"));
+        }
+    }
     removed
 }
 
@@ -177,6 +182,10 @@ pub fn leftovers() -> Vec<String> {
         if !dir.join(KEPT_MARKER).exists() {
             left.push(format!("dir {} (run {run_id})", dir.display()));
         }
+    }
+    for run_id in crate::cgroups::runs() {
+        let dir = crate::cgroups::run_dir(&run_id).unwrap_or_default();
+        left.push(format!("cgroup {} (run {run_id})", dir.display()));
     }
     left
 }
