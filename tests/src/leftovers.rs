@@ -49,12 +49,14 @@ pub fn pod_leftovers(mesh: &LocalMesh, pod: &testbed::Pod, pre: &[(&str, &str)])
         if !rules.trim().is_empty() {
             left.push(format!("ip {fam} rule: {}", rules.trim()));
         }
-        let (_, routes) = run_in(
+        let (ok, routes) = run_in(
             mesh,
             &pod.netns,
             &["ip", fam, "route", "show", "table", "1338"],
         );
-        if !routes.trim().is_empty() {
+        // A table never used does not exist (a pod never enrolled): nothing of ours.
+        let never_made = !ok && routes.contains("FIB table does not exist");
+        if !never_made && !routes.trim().is_empty() {
             left.push(format!("ip {fam} route table 1338: {}", routes.trim()));
         }
     }
