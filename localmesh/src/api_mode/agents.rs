@@ -34,7 +34,9 @@ impl ApiMode {
             .server
             .also_url()
             .context("the double does not serve the fabric (MeshOptions::api_cni is off)")?;
-        let daemonset = match self.server.get("apps/v1", "DaemonSet", Some(MESH_NAMESPACE), AGENT)
+        let daemonset = match self
+            .server
+            .get("apps/v1", "DaemonSet", Some(MESH_NAMESPACE), AGENT)
         {
             Some(d) => d,
             None => {

@@ -206,11 +206,8 @@ impl ApiServer {
             server::bind(0).map_err(|e| start_err(format!("binding 127.0.0.1: {e}")))?
         };
         let port = listener.local_addr().map_err(start_err)?.port();
-        let mut accept = vec![runtime.spawn(server::accept_loop(
-            shared.clone(),
-            listener,
-            tls.clone(),
-        ))];
+        let mut accept =
+            vec![runtime.spawn(server::accept_loop(shared.clone(), listener, tls.clone()))];
         let also_serve_in = opts_also.clone();
         if let Some((netns, addr)) = &also_serve_in {
             let listener = bind_in(netns, *addr)?;
@@ -440,9 +437,9 @@ impl ApiServer {
             self.tls.clone(),
         )));
         if let Some((netns, addr)) = &self.also_serve_in {
-            match bind_in(netns, *addr).and_then(|l| {
-                tokio::net::TcpListener::from_std(l).map_err(start_err)
-            }) {
+            match bind_in(netns, *addr)
+                .and_then(|l| tokio::net::TcpListener::from_std(l).map_err(start_err))
+            {
                 Ok(l) => accept.push(rt.spawn(server::accept_loop(
                     self.shared.clone(),
                     l,
