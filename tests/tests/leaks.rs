@@ -31,6 +31,19 @@ fn nothing_left_behind() {
         pins.is_empty(),
         "eBPF state left of stopped ztunnels:\n{pins}"
     );
+    // Named instances (`--ebpf-instance`, never orphans to `--orphans`): the suite's are
+    // `ztunnel@e2e-<run id>`; one whose run's owner is gone was left behind.
+    let named: Vec<String> = std::fs::read_dir("/sys/fs/bpf")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().map(str::to_string))
+        .filter_map(|n| {
+            let run = n.strip_prefix("ztunnel@e2e-")?.to_string();
+            (!owner_alive(&format!("(run {run})"))).then_some(n)
+        })
+        .collect();
+    assert!(named.is_empty(), "named eBPF instances left: {named:?}");
     // Our binaries must not be running either.
     let mut running = Vec::new();
     for entry in std::fs::read_dir("/proc").expect("read /proc").flatten() {
