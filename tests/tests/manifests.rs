@@ -355,6 +355,72 @@ fn shipped_crds_are_upstreams_verbatim_and_cover_what_meshd_reads() {
     );
 }
 
+/// Built-in kinds without a namespace that an install could ship. Custom kinds' scope comes
+/// from the shipped CRDs; any other kind counts as namespaced.
+const CLUSTER_SCOPED_BUILTINS: [&str; 9] = [
+    "Namespace",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "CustomResourceDefinition",
+    "PriorityClass",
+    "StorageClass",
+    "MutatingWebhookConfiguration",
+    "ValidatingWebhookConfiguration",
+    "ValidatingAdmissionPolicy",
+];
+
+#[test]
+fn cluster_scoped_objects_carry_no_namespace_and_the_rest_are_in_mesh_system() {
+    // kustomize stamps `namespace:` on every kind it does not know to be cluster-scoped
+    // (custom kinds such as GatewayClass): the API server drops it, but GitOps tools and
+    // `kubectl diff` trip on it and it misleads whoever reads the render.
+    let scratch = Scratch::new("scope");
+    let crds = docs(&scratch.write("crds.yaml", &kustomize(&manifests().join("crds"))));
+    let mut cluster_kinds: Vec<String> = crds
+        .iter()
+        .filter(|c| c["spec"]["scope"] == "Cluster")
+        .filter_map(|c| c["spec"]["names"]["kind"].as_str().map(str::to_string))
+        .collect();
+    assert!(
+        cluster_kinds.iter().any(|k| k == "GatewayClass"),
+        "{cluster_kinds:?}"
+    );
+    cluster_kinds.extend(CLUSTER_SCOPED_BUILTINS.iter().map(|k| k.to_string()));
+    let mut renders = vec![("crds".to_string(), crds)];
+    for overlay in OVERLAYS {
+        let file = scratch.write(
+            &format!("{overlay}.yaml"),
+            &kustomize(&manifests().join("overlays").join(overlay)),
+        );
+        renders.push((overlay.to_string(), docs(&file)));
+    }
+    for (render, objects) in renders {
+        let mut cluster_scoped = Vec::new();
+        for o in &objects {
+            let kind = o["kind"].as_str().unwrap_or("?");
+            let name = o["metadata"]["name"].as_str().unwrap_or("?");
+            let ns = &o["metadata"]["namespace"];
+            if cluster_kinds.iter().any(|k| k == kind) {
+                assert!(
+                    ns.is_null(),
+                    "{render}: cluster-scoped {kind} {name} renders with namespace {ns}"
+                );
+                cluster_scoped.push(format!("{kind}/{name}"));
+            } else {
+                assert_eq!(ns, "mesh-system", "{render}: {kind} {name}");
+            }
+        }
+        if render != "crds" {
+            for want in ["Namespace/mesh-system", "GatewayClass/istio-waypoint"] {
+                assert!(
+                    cluster_scoped.iter().any(|c| c == want),
+                    "{render} lacks {want}: {cluster_scoped:?}"
+                );
+            }
+        }
+    }
+}
+
 /// `kubectl apply --server-side` of `file` to the double as its admin.
 pub fn apply(api: &ApiServer, file: &Path) -> Output {
     run(Command::new("kubectl")
