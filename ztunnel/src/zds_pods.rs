@@ -98,7 +98,8 @@ impl ZdsPods {
                 return Ok(());
             }
             info!(pod = %uid, "pod's sandbox was re-created (new netns); replacing its enrollment");
-            self.del(uid);
+            // Not `del`: the pod stays in this session's snapshot.
+            self.unenroll(uid);
         }
         let ips = netns_ips(&netns).map_err(|e| format!("reading the addresses of {what}: {e}"))?;
         if ips.is_empty() {
@@ -136,6 +137,10 @@ impl ZdsPods {
         if let Some(s) = &mut self.snapshot {
             s.remove(uid);
         }
+        self.unenroll(uid);
+    }
+
+    fn unenroll(&mut self, uid: &str) {
         if let Some(p) = self.pods.remove(uid) {
             enroll::stop(&self.ctx, uid, p.e);
         }
