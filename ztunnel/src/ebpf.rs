@@ -28,16 +28,14 @@
 use std::collections::HashSet;
 use std::fs::File;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use aya::maps::{HashMap as BpfHashMap, MapData, SockHash};
-use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SkSkb, SockOps};
-use tokio::io::Interest;
-use tokio::io::unix::AsyncFd;
+use aya::programs::links::FdLink;
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps};
 use tokio::net::TcpStream;
 use tracing::{info, warn};
 use ztunnel_ebpf_common::{
@@ -47,8 +45,20 @@ use ztunnel_ebpf_common::{
 };
 
 mod instance;
+mod kernel_log;
+mod pins;
+mod sock;
+mod splice;
 
 pub use instance::{BadName, DirKind, Instance, dir_kind, instance_dirs, valid_name};
+pub use kernel_log::EbpfLog;
+use kernel_log::{start_log_reader, sweep_log_pins};
+pub use pins::remove_dir;
+use pins::{link_pin_inodes, remove_pin, replace_pin};
+pub use sock::netns_cookie;
+use sock::{decode, ip_key, listener_addr};
+use splice::SpliceMaps;
+pub use splice::Spliced;
 
 /// The compiled programs, built from `ztunnel-ebpf` by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ztunnel-ebpf"));
@@ -58,7 +68,6 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/zt
 pub const REFUSE_ENV: &str = "ZTUNNEL_EBPF_REFUSE";
 
 const BPFFS: &str = "/sys/fs/bpf";
-const SO_NETNS_COOKIE: libc::c_int = 71;
 
 /// The cgroup hooks: (program name in the object, pin name of its link).
 const CGROUP_ADDR_HOOKS: [(&str, &str); 4] = [
@@ -69,8 +78,6 @@ const CGROUP_ADDR_HOOKS: [(&str, &str); 4] = [
 ];
 const SOCKOPS: (&str, &str) = ("zt_sockops", "link_sockops");
 const SK_LOOKUP: &str = "zt_sk_lookup";
-const SPLICE: &str = "zt_splice";
-const SO_COOKIE: libc::c_int = 57;
 /// The ports of ztunnel's in-pod listeners (`ZT_LISTEN` keys).
 const LISTENER_PORTS: [u16; 3] = [
     meshcore::OUTBOUND_PORT,
@@ -88,33 +95,6 @@ const SPLICE_MAPS: [&str; 4] = [
     MAP_SPLICE_PEER,
     MAP_SPLICE_BYTES,
 ];
-
-/// `--ebpf-log`: the least severe kernel decision logged. `debug` shows every redirect and pass
-/// in enrolled pods, `info` redirects of connections to addresses that are not the pod's,
-/// `warn` drops.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
-pub enum EbpfLog {
-    /// Nothing: the logging code is pruned from the loaded programs.
-    #[default]
-    Off,
-    Error,
-    Warn,
-    Info,
-    Debug,
-}
-
-impl EbpfLog {
-    /// The value of aya-log's `AYA_LOG_LEVEL` global (its `Level` numbering; 0 logs nothing).
-    fn level(self) -> u8 {
-        match self {
-            EbpfLog::Off => 0,
-            EbpfLog::Error => aya_log::Level::Error as u8,
-            EbpfLog::Warn => aya_log::Level::Warn as u8,
-            EbpfLog::Info => aya_log::Level::Info as u8,
-            EbpfLog::Debug => aya_log::Level::Debug as u8,
-        }
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum EbpfError {
@@ -179,21 +159,6 @@ struct State {
     enrolled: std::collections::HashMap<u64, (Vec<ExclKey>, Vec<IpKey>)>,
     /// The object: keeps the fast path's program attached to its map.
     _object: aya::Ebpf,
-}
-
-/// The fast path's maps (present only with `--fast-path`).
-struct SpliceMaps {
-    rx: SockHash<MapData, u64>,
-    tx: SockHash<MapData, u64>,
-    peer: BpfHashMap<MapData, u64, u64>,
-    bytes: BpfHashMap<MapData, u64, u64>,
-}
-
-/// Two sockets spliced by [`Ebpf::splice`], by socket cookie.
-#[derive(Clone, Copy, Debug)]
-pub struct Spliced {
-    pub a: u64,
-    pub b: u64,
 }
 
 pub struct Ebpf {
@@ -270,31 +235,6 @@ fn ensure_bpffs() -> Result<(), EbpfError> {
         ));
     }
     Ok(())
-}
-
-/// The netns cookie of a socket (the namespace it was created in).
-pub fn netns_cookie(fd: RawFd) -> io::Result<u64> {
-    getsockopt_u64(fd, SO_NETNS_COOKIE)
-}
-
-/// A `SOL_SOCKET` option whose value is a u64 (the kernel's socket and netns cookies).
-fn getsockopt_u64(fd: RawFd, option: libc::c_int) -> io::Result<u64> {
-    let mut value: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: value is a writable u64 and len says so.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            option,
-            (&mut value as *mut u64).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(value)
 }
 
 impl Ebpf {
@@ -395,102 +335,6 @@ impl Ebpf {
 }
 
 impl Ebpf {
-    fn load_splice(bpf: &mut aya::Ebpf) -> Result<SpliceMaps, EbpfError> {
-        let sockhash = |bpf: &mut aya::Ebpf, name: &'static str| {
-            let m = bpf.take_map(name).ok_or(EbpfError::Missing(name))?;
-            SockHash::<MapData, u64>::try_from(m).map_err(|source| EbpfError::Map {
-                name: name.into(),
-                source,
-            })
-        };
-        let rx = sockhash(bpf, MAP_SPLICE_RX)?;
-        let tx = sockhash(bpf, MAP_SPLICE_TX)?;
-        let peer = take_map(bpf, MAP_SPLICE_PEER)?;
-        let bytes = take_map(bpf, MAP_SPLICE_BYTES)?;
-        let prog: &mut SkSkb = program(bpf, SPLICE)?;
-        prog.load().map_err(prog_err(SPLICE))?;
-        // Attached to the map: lives as long as the map, i.e. this process.
-        prog.attach(rx.fd()).map_err(prog_err(SPLICE))?;
-        Ok(SpliceMaps {
-            rx,
-            tx,
-            peer,
-            bytes,
-        })
-    }
-
-    /// Whether `--fast-path` is on (the splice program is attached).
-    pub fn fast_path(&self) -> bool {
-        self.splice.is_some()
-    }
-
-    /// Splices two connected TCP sockets of ztunnel's: from now on bytes arriving on either are
-    /// sent out of the other by the kernel. Bytes already queued are pushed through at once.
-    pub fn splice(&self, a: RawFd, b: RawFd) -> Result<Spliced, EbpfError> {
-        let maps = self.splice.as_ref().ok_or(EbpfError::Missing(SPLICE))?;
-        let ca = socket_cookie(a).map_err(io_err("getsockopt(SO_COOKIE)"))?;
-        let cb = socket_cookie(b).map_err(io_err("getsockopt(SO_COOKIE)"))?;
-        let spliced = Spliced { a: ca, b: cb };
-        for fd in [a, b] {
-            set_splice_sndbuf(fd).map_err(io_err("setsockopt(SO_SNDBUF)"))?;
-        }
-        let mut m = maps.lock().unwrap_or_else(|p| p.into_inner());
-        let map_err = |name: &str| {
-            let name = name.to_string();
-            move |source| EbpfError::Map { name, source }
-        };
-        let result = (|| {
-            for (me, other) in [(ca, cb), (cb, ca)] {
-                m.bytes
-                    .insert(me, 0, 0)
-                    .map_err(map_err(MAP_SPLICE_BYTES))?;
-                m.peer
-                    .insert(me, other, 0)
-                    .map_err(map_err(MAP_SPLICE_PEER))?;
-            }
-            // Both are redirect targets before either's arriving bytes are redirected.
-            for (c, fd) in [(ca, a), (cb, b)] {
-                m.tx.insert(c, fd, 0).map_err(map_err(MAP_SPLICE_TX))?;
-            }
-            for (c, fd) in [(ca, a), (cb, b)] {
-                m.rx.insert(c, fd, 0).map_err(map_err(MAP_SPLICE_RX))?;
-            }
-            Ok(())
-        })();
-        if let Err(e) = result {
-            remove_splice(&mut m, spliced);
-            return Err(e);
-        }
-        drop(m);
-        // Bytes that arrived before the verdict was attached sit in the receive queue until the
-        // next data-ready; setting SO_RCVLOWAT signals data-ready now.
-        for fd in [a, b] {
-            set_rcvlowat(fd).map_err(io_err("setsockopt(SO_RCVLOWAT)"))?;
-        }
-        Ok(spliced)
-    }
-
-    /// Bytes the kernel forwarded that arrived on the socket with `cookie`.
-    pub fn spliced_bytes(&self, cookie: u64) -> u64 {
-        self.splice
-            .as_ref()
-            .and_then(|m| {
-                m.lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .bytes
-                    .get(&cookie, 0)
-                    .ok()
-            })
-            .unwrap_or(0)
-    }
-
-    /// Undoes [`Ebpf::splice`] (closing the sockets also drops them from the sockhashes).
-    pub fn unsplice(&self, spliced: Spliced) {
-        if let Some(m) = &self.splice {
-            remove_splice(&mut m.lock().unwrap_or_else(|p| p.into_inner()), spliced);
-        }
-    }
-
     pub fn dir(&self) -> &Path {
         &self.dir
     }
@@ -733,127 +577,11 @@ impl Ebpf {
     }
 }
 
-/// The cgroup link pins in `dir` with their inodes, sorted.
-fn link_pin_inodes(dir: &Path) -> Vec<(PathBuf, u64)> {
-    use std::os::unix::fs::MetadataExt;
-    let mut pins: Vec<(PathBuf, u64)> = std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("link_"))
-        .filter_map(|e| Some((e.path(), e.metadata().ok()?.ino())))
-        .collect();
-    pins.sort();
-    pins
-}
-
 /// Per-pod destination ports not to capture (host byte order).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Exclusions {
     pub outbound: Vec<u16>,
     pub inbound: Vec<u16>,
-}
-
-fn ip_key(ip: IpAddr) -> IpKey {
-    match crate::capture::canonical_addr(SocketAddr::new(ip, 0)).ip() {
-        IpAddr::V4(v4) => IpKey {
-            addr: [u32::from_ne_bytes(v4.octets()), 0, 0, 0],
-            family: AF_INET,
-        },
-        IpAddr::V6(v6) => {
-            let o = v6.octets();
-            let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
-            IpKey {
-                addr: [w(0), w(4), w(8), w(12)],
-                family: AF_INET6,
-            }
-        }
-    }
-}
-
-fn remove_splice(m: &mut SpliceMaps, s: Spliced) {
-    for c in [s.a, s.b] {
-        let _ = m.peer.remove(&c);
-        let _ = m.rx.remove(&c);
-        let _ = m.tx.remove(&c);
-        let _ = m.bytes.remove(&c);
-    }
-}
-
-fn socket_cookie(fd: RawFd) -> io::Result<u64> {
-    getsockopt_u64(fd, SO_COOKIE)
-}
-
-/// Send buffer of a spliced leg (the kernel doubles it for overhead).
-///
-/// The kernel's forwarding worker writes into a leg until its send buffer is full, then
-/// reschedules itself one jiffy later (`sk_psock_backlog`: `schedule_delayed_work(.., 1)`; a
-/// write-space wakeup cannot advance a pending delayed work). With the default autotuned
-/// buffer (`tcp_wmem` max, 4 MiB) and HZ=250 that caps a stream at about 8 Gbit/s, less in
-/// practice; the buffer must hold a jiffy's worth of the link. Set with `SO_SNDBUFFORCE`
-/// (ztunnel has CAP_NET_ADMIN), else `SO_SNDBUF` (capped by `net.core.wmem_max`).
-const SPLICE_SNDBUF: libc::c_int = 8 << 20;
-
-fn set_splice_sndbuf(fd: RawFd) -> io::Result<()> {
-    let set = |opt| {
-        // SAFETY: a valid int option value of the stated size.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                opt,
-                (&SPLICE_SNDBUF as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
-    };
-    set(libc::SO_SNDBUFFORCE).or_else(|_| set(libc::SO_SNDBUF))
-}
-
-fn set_rcvlowat(fd: RawFd) -> io::Result<()> {
-    let one: libc::c_int = 1;
-    // SAFETY: a valid int option value of the stated size.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVLOWAT,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-fn decode(d: &OrigDst) -> SocketAddr {
-    let port = u16::from_be(d.port as u16);
-    let ip = if d.family == AF_INET {
-        IpAddr::V4(Ipv4Addr::from(d.addr[0].to_ne_bytes()))
-    } else {
-        let mut b = [0u8; 16];
-        for (i, w) in d.addr.iter().enumerate() {
-            b[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
-        }
-        IpAddr::V6(Ipv6Addr::from(b))
-    };
-    SocketAddr::new(ip, port)
-}
-
-/// The address a listener of ours is bound to.
-fn listener_addr(fd: RawFd) -> io::Result<SocketAddr> {
-    // SAFETY: `fd` is one of the pod's listeners, open for the duration of this call.
-    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-    socket2::SockRef::from(&fd)
-        .local_addr()?
-        .as_socket()
-        .ok_or_else(|| io::Error::other("not an inet socket"))
 }
 
 fn program<'a, T>(bpf: &'a mut aya::Ebpf, name: &'static str) -> Result<&'a mut T, EbpfError>
@@ -891,140 +619,4 @@ where
         name: name.to_string(),
         source,
     })
-}
-
-/// Pins `link` at `path`; an earlier link pinned there (a previous run's) is unpinned after the
-/// new one is attached, so the hook is never missing in between.
-fn replace_pin(link: FdLink, path: &Path) -> Result<(), EbpfError> {
-    remove_pin(path)?;
-    link.pin(path).map_err(|source| EbpfError::Pin {
-        path: path.display().to_string(),
-        source,
-    })?;
-    Ok(())
-}
-
-fn remove_pin(path: &Path) -> Result<(), EbpfError> {
-    match PinnedLink::from_pin(path) {
-        // Dropping the unpinned link detaches it (if nothing else holds it).
-        Ok(old) => {
-            let _ = old.unpin();
-        }
-        Err(_) if !path.exists() => {}
-        Err(_) => remove_if_present(std::fs::remove_file(path), path)?,
-    }
-    Ok(())
-}
-
-/// A removal that lost a race with another remover (a concurrent `cleanup`) still succeeded.
-fn remove_if_present(result: io::Result<()>, path: &Path) -> Result<(), EbpfError> {
-    match result {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(EbpfError::Io {
-            what: format!("removing {}", path.display()),
-            source: e,
-        }),
-        _ => Ok(()),
-    }
-}
-
-/// Removes an instance directory and everything pinned in it.
-pub fn remove_dir(dir: &Path) -> Result<(), EbpfError> {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => {
-            return Err(EbpfError::Io {
-                what: format!("reading {}", dir.display()),
-                source: e,
-            });
-        }
-    };
-    for e in entries.flatten() {
-        let path = e.path();
-        let name = e.file_name().to_string_lossy().into_owned();
-        if name.starts_with("link_") || name.starts_with("sklookup_") {
-            remove_pin(&path)?;
-        } else {
-            remove_if_present(std::fs::remove_file(&path), &path)?;
-        }
-    }
-    remove_if_present(std::fs::remove_dir(dir), dir)?;
-    info!(dir = %dir.display(), "eBPF pins removed");
-    Ok(())
-}
-
-/// Removes the log ring buffer pins (`AYA_LOGS_<pid>`) of processes that are gone.
-fn sweep_log_pins(dir: &Path) {
-    let prefix = format!("{LOGS_MAP}_");
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if let Some(pid) = name.strip_prefix(&prefix)
-                && !Path::new("/proc").join(pid).exists()
-            {
-                let _ = std::fs::remove_file(e.path());
-            }
-        }
-    }
-}
-
-/// Pins this process's aya-log ring buffer in `dir` (per process: two ztunnels side by side
-/// during a handover each read their own) and starts forwarding its records to the log.
-/// Returns the pin, for the per-pod loads.
-fn start_log_reader(bpf: &mut aya::Ebpf, dir: &Path) -> Result<PathBuf, EbpfError> {
-    let pin = dir.join(format!("{LOGS_MAP}_{}", std::process::id()));
-    remove_if_present(std::fs::remove_file(&pin), &pin)?;
-    let map = bpf.map(LOGS_MAP).ok_or(EbpfError::Missing(LOGS_MAP))?;
-    map.pin(&pin).map_err(|source| EbpfError::Pin {
-        path: pin.display().to_string(),
-        source,
-    })?;
-    let logger =
-        aya_log::EbpfLogger::init_with_logger(bpf, KernelLog).map_err(EbpfError::Logger)?;
-    let runtime = tokio::runtime::Handle::try_current()
-        .map_err(|e| io_err("reading the eBPF log")(io::Error::other(e)))?;
-    // SAFETY: the logger owns its ring buffer's fd for its whole life and always returns it.
-    let fd = unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) }
-        .map_err(|e| io_err("watching the eBPF log ring buffer")(e.into()))?;
-    runtime.spawn(async move {
-        let mut fd = fd;
-        loop {
-            match fd.readable_mut().await {
-                Ok(mut ready) => {
-                    ready.get_inner_mut().flush();
-                    ready.clear_ready();
-                }
-                Err(e) => {
-                    warn!(error = %e, "eBPF log reader stopped");
-                    return;
-                }
-            }
-        }
-    });
-    Ok(pin)
-}
-
-/// Forwards the programs' records to ztunnel's log (target `ztunnel::ebpf::kernel`). The kernel
-/// already filtered them by `--ebpf-log`, so debug and info records are logged at info (with
-/// the program's level as `kernel_level`), visible under the default log filter; errors and
-/// warnings (drops) as such.
-struct KernelLog;
-
-impl log::Log for KernelLog {
-    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
-        true
-    }
-
-    fn log(&self, record: &log::Record<'_>) {
-        let msg = record.args();
-        match record.level() {
-            log::Level::Error => tracing::error!(target: "ztunnel::ebpf::kernel", "{msg}"),
-            log::Level::Warn => tracing::warn!(target: "ztunnel::ebpf::kernel", "{msg}"),
-            level => {
-                tracing::info!(target: "ztunnel::ebpf::kernel", kernel_level = %level, "{msg}")
-            }
-        }
-    }
-
-    fn flush(&self) {}
 }

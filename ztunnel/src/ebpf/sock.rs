@@ -1,0 +1,78 @@
+//! Small socket helpers: the kernel's cookies of a socket and of its netns, a listener's bound
+//! address, and addresses in the maps' encodings. Stateless: must not touch maps or pins.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::RawFd;
+
+use ztunnel_ebpf_common::{AF_INET, AF_INET6, IpKey, OrigDst};
+
+const SO_NETNS_COOKIE: libc::c_int = 71;
+const SO_COOKIE: libc::c_int = 57;
+
+/// The netns cookie of a socket (the namespace it was created in).
+pub fn netns_cookie(fd: RawFd) -> io::Result<u64> {
+    getsockopt_u64(fd, SO_NETNS_COOKIE)
+}
+
+/// A `SOL_SOCKET` option whose value is a u64 (the kernel's socket and netns cookies).
+fn getsockopt_u64(fd: RawFd, option: libc::c_int) -> io::Result<u64> {
+    let mut value: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: value is a writable u64 and len says so.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            option,
+            (&mut value as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(value)
+}
+pub(super) fn socket_cookie(fd: RawFd) -> io::Result<u64> {
+    getsockopt_u64(fd, SO_COOKIE)
+}
+pub(super) fn ip_key(ip: IpAddr) -> IpKey {
+    match crate::capture::canonical_addr(SocketAddr::new(ip, 0)).ip() {
+        IpAddr::V4(v4) => IpKey {
+            addr: [u32::from_ne_bytes(v4.octets()), 0, 0, 0],
+            family: AF_INET,
+        },
+        IpAddr::V6(v6) => {
+            let o = v6.octets();
+            let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+            IpKey {
+                addr: [w(0), w(4), w(8), w(12)],
+                family: AF_INET6,
+            }
+        }
+    }
+}
+pub(super) fn decode(d: &OrigDst) -> SocketAddr {
+    let port = u16::from_be(d.port as u16);
+    let ip = if d.family == AF_INET {
+        IpAddr::V4(Ipv4Addr::from(d.addr[0].to_ne_bytes()))
+    } else {
+        let mut b = [0u8; 16];
+        for (i, w) in d.addr.iter().enumerate() {
+            b[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        IpAddr::V6(Ipv6Addr::from(b))
+    };
+    SocketAddr::new(ip, port)
+}
+
+/// The address a listener of ours is bound to.
+pub(super) fn listener_addr(fd: RawFd) -> io::Result<SocketAddr> {
+    // SAFETY: `fd` is one of the pod's listeners, open for the duration of this call.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    socket2::SockRef::from(&fd)
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| io::Error::other("not an inet socket"))
+}
