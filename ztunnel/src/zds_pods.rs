@@ -176,7 +176,10 @@ impl ZdsPods {
             let Some(p) = self.pods.get(&uid) else {
                 continue;
             };
-            let ips: Vec<IpAddr> = p.e.pod.ips.iter().copied().collect();
+            // Sorted as at add (`netns_ips`): a set's order would differ from the enrolled
+            // workload's and redo the pod's listeners at every config update.
+            let mut ips: Vec<IpAddr> = p.e.pod.ips.iter().copied().collect();
+            ips.sort();
             let want = self.workload_for(&p.info, &ips);
             let in_config = self.config_workload(&p.info).is_some();
             let Some(p) = self.pods.get_mut(&uid) else {
