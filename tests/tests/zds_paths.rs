@@ -299,6 +299,11 @@ fn zds_pod_takes_the_configs_trust_domain_and_labels_live_connections_stay() {
         Ok(z.enrolled().is_some_and(|p| p["identity"] == CLIENT_ID))
     })
     .unwrap();
+    // The old listeners close: only one set of ztunnel's sockets stays in the pod.
+    wait_for(DEADLINE, "the pod's old listeners to close", || {
+        Ok(listener_inodes(&z, "client").len() == 6)
+    })
+    .unwrap();
     wait_for(DEADLINE, "the client to reach the STRICT server", || {
         Ok(z.reaches("zb", "client", &server))
     })
