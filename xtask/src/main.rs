@@ -251,6 +251,12 @@ fn test(args: &[String]) -> anyhow::Result<()> {
             "waypoint_binding",
             "--test",
             "enrollment",
+            "--test",
+            "zds_enroll",
+            "--test",
+            "zds_paths",
+            "--test",
+            "zds_exclusions",
         ])
         .args(args)
         .env("RUST_TEST_THREADS", "2")
