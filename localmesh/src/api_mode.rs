@@ -205,6 +205,24 @@ impl ApiMode {
         first_err.map_or(Ok(()), Err)
     }
 
+    /// The object the API holds under `doc`'s kind, namespace and name; `doc` created first if
+    /// there is none (an existing one is left as it is).
+    fn get_or_create(&self, doc: Value) -> anyhow::Result<Value> {
+        let Some(key) = key_of(&doc) else {
+            anyhow::bail!("a document without apiVersion, kind or metadata.name: {doc}");
+        };
+        let api_version = doc["apiVersion"].as_str().unwrap_or("v1");
+        if let Some(held) = self
+            .server
+            .get(api_version, &key.1, key.2.as_deref(), &key.3)
+        {
+            return Ok(held);
+        }
+        self.server
+            .put(doc)
+            .with_context(|| format!("creating {}", show(&key)))
+    }
+
     /// Creates Namespace `name` if the API has none (objects cannot live in a missing one).
     fn ensure_namespace(&self, name: &str) -> anyhow::Result<()> {
         if self.server.get("v1", "Namespace", None, name).is_some() {
@@ -227,24 +245,18 @@ impl ApiMode {
             return Ok(());
         }
         let name = format!("ztunnel-{node}");
-        let pod = match self.server.get("v1", "Pod", Some(MESH_NAMESPACE), &name) {
-            Some(p) => p,
-            None => self
-                .server
-                .put(json!({
-                    "apiVersion": "v1", "kind": "Pod",
-                    "metadata": {
-                        "name": name, "namespace": MESH_NAMESPACE,
-                        "labels": {"app": "ztunnel", "istio.io/dataplane-mode": "none"},
-                    },
-                    "spec": {
-                        "nodeName": node, "serviceAccountName": ZTUNNEL_SA, "hostNetwork": true,
-                        "containers": [{"name": "istio-proxy", "image": "ztunnel"}],
-                    },
-                    "status": {"phase": "Running"},
-                }))
-                .with_context(|| format!("creating ztunnel pod {MESH_NAMESPACE}/{name}"))?,
-        };
+        let pod = self.get_or_create(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {
+                "name": name, "namespace": MESH_NAMESPACE,
+                "labels": {"app": "ztunnel", "istio.io/dataplane-mode": "none"},
+            },
+            "spec": {
+                "nodeName": node, "serviceAccountName": ZTUNNEL_SA, "hostNetwork": true,
+                "containers": [{"name": "istio-proxy", "image": "ztunnel"}],
+            },
+            "status": {"phase": "Running"},
+        }))?;
         let uid = pod["metadata"]["uid"]
             .as_str()
             .unwrap_or_default()

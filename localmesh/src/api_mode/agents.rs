@@ -34,59 +34,41 @@ impl ApiMode {
             .server
             .also_url()
             .context("the double does not serve the fabric (MeshOptions::api_cni is off)")?;
-        let daemonset = match self
-            .server
-            .get("apps/v1", "DaemonSet", Some(MESH_NAMESPACE), AGENT)
-        {
-            Some(d) => d,
-            None => {
-                self.server
-                    .put(json!({
-                        "apiVersion": "v1", "kind": "ServiceAccount",
-                        "metadata": {"name": AGENT, "namespace": MESH_NAMESPACE},
-                    }))
-                    .context("creating mesh-cni's ServiceAccount")?;
-                self.server
-                    .put(json!({
-                        "apiVersion": "apps/v1", "kind": "DaemonSet",
-                        "metadata": {"name": AGENT, "namespace": MESH_NAMESPACE, "labels": {"app": AGENT}},
-                        "spec": {
-                            "selector": {"matchLabels": {"app": AGENT}},
-                            "template": {
-                                "metadata": {"labels": {"app": AGENT, "istio.io/dataplane-mode": "none"}},
-                                "spec": {
-                                    "serviceAccountName": AGENT, "hostNetwork": true,
-                                    "containers": [{"name": "agent", "image": "mesh/mesh-cni:0.1.0"}],
-                                },
-                            },
-                        },
-                    }))
-                    .context("creating the mesh-cni DaemonSet")?
-            }
-        };
-        let name = format!("{AGENT}-{node}");
-        let pod = match self.server.get("v1", "Pod", Some(MESH_NAMESPACE), &name) {
-            Some(p) => p,
-            None => self
-                .server
-                .put(json!({
-                    "apiVersion": "v1", "kind": "Pod",
-                    "metadata": {
-                        "name": name, "namespace": MESH_NAMESPACE,
-                        "labels": {"app": AGENT, "istio.io/dataplane-mode": "none"},
-                        "ownerReferences": [{
-                            "apiVersion": "apps/v1", "kind": "DaemonSet", "name": AGENT,
-                            "uid": daemonset["metadata"]["uid"], "controller": true,
-                        }],
-                    },
+        self.get_or_create(json!({
+            "apiVersion": "v1", "kind": "ServiceAccount",
+            "metadata": {"name": AGENT, "namespace": MESH_NAMESPACE},
+        }))?;
+        let daemonset = self.get_or_create(json!({
+            "apiVersion": "apps/v1", "kind": "DaemonSet",
+            "metadata": {"name": AGENT, "namespace": MESH_NAMESPACE, "labels": {"app": AGENT}},
+            "spec": {
+                "selector": {"matchLabels": {"app": AGENT}},
+                "template": {
+                    "metadata": {"labels": {"app": AGENT, "istio.io/dataplane-mode": "none"}},
                     "spec": {
-                        "nodeName": node, "serviceAccountName": AGENT, "hostNetwork": true,
+                        "serviceAccountName": AGENT, "hostNetwork": true,
                         "containers": [{"name": "agent", "image": "mesh/mesh-cni:0.1.0"}],
                     },
-                    "status": {"phase": "Running"},
-                }))
-                .with_context(|| format!("creating agent pod {MESH_NAMESPACE}/{name}"))?,
-        };
+                },
+            },
+        }))?;
+        let name = format!("{AGENT}-{node}");
+        let pod = self.get_or_create(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {
+                "name": name, "namespace": MESH_NAMESPACE,
+                "labels": {"app": AGENT, "istio.io/dataplane-mode": "none"},
+                "ownerReferences": [{
+                    "apiVersion": "apps/v1", "kind": "DaemonSet", "name": AGENT,
+                    "uid": daemonset["metadata"]["uid"], "controller": true,
+                }],
+            },
+            "spec": {
+                "nodeName": node, "serviceAccountName": AGENT, "hostNetwork": true,
+                "containers": [{"name": "agent", "image": "mesh/mesh-cni:0.1.0"}],
+            },
+            "status": {"phase": "Running"},
+        }))?;
         let uid = pod["metadata"]["uid"].as_str().unwrap_or_default();
         let token = self.server.issue_token(TokenSpec {
             namespace: MESH_NAMESPACE.into(),
