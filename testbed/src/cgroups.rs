@@ -111,3 +111,18 @@ pub(crate) fn runs() -> Vec<String> {
 pub(crate) fn run_dir(run_id: &str) -> Option<PathBuf> {
     run_root(run_id)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_uid_that_is_not_a_plain_name_makes_no_cgroup() {
+        for bad in ["", "../../escape", "a/b", "pod uid", &"x".repeat(65)] {
+            assert!(
+                matches!(pod_cgroup("no-such-run", bad), Err(TestbedError::Invalid(_))),
+                "{bad:?}"
+            );
+        }
+    }
+}
