@@ -363,7 +363,7 @@ impl PoolInner {
 
 type Handshaken = (
     h2::client::SendRequest<Bytes>,
-    h2::client::Connection<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, Bytes>,
+    h2::client::Connection<tokio_rustls::client::TlsStream<super::Wire>, Bytes>,
 );
 
 /// TCP, then TLS, then HTTP/2.
@@ -376,14 +376,18 @@ async fn handshake(
     let tcp = dial(key.dst).await?;
     // Tunnels carry interactive traffic too; don't let Nagle hold back small writes.
     let _ = tcp.set_nodelay(true);
-    let tls = tokio_rustls::TlsConnector::from(config)
-        .connect(tls::dummy_server_name(), tcp)
+    let mut tls = tokio_rustls::TlsConnector::from(config)
+        .connect(tls::dummy_server_name(), super::ReadAhead::new(tcp))
         .await
         .map_err(|e| HboneError::Tls(tls::describe_handshake_error(&e)))?;
+    tls.get_mut()
+        .1
+        .set_buffer_limit(Some(super::TLS_SEND_BUFFER));
     let result = h2::client::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME_SIZE)
+        .max_send_buffer_size(super::STREAM_SEND_BUFFER)
         .max_header_list_size(CLIENT_MAX_HEADER_LIST_SIZE)
         .enable_push(false)
         .handshake::<_, Bytes>(tls)
@@ -397,10 +401,7 @@ async fn drive(
     inner: Arc<PoolInner>,
     key: PoolKey,
     conn: Arc<Conn>,
-    mut connection: h2::client::Connection<
-        tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
-        Bytes,
-    >,
+    mut connection: h2::client::Connection<tokio_rustls::client::TlsStream<super::Wire>, Bytes>,
 ) {
     let keepalive = match connection.ping_pong() {
         Some(pings) => super::keepalive(pings, PING_INTERVAL, PING_TIMEOUT).boxed(),

@@ -18,22 +18,35 @@
 //! unanswered for 20 s.
 
 mod client;
+mod readahead;
 mod server;
 mod stream;
 
 use std::time::Duration;
 
 pub use client::{ConnectRequest, DialFuture, Dialer, Pool, PoolKey, PoolSettings};
+pub use readahead::ReadAhead;
 pub use server::{
     InboundRequest, ServerSettings, serve_connection, serve_connection_limited,
     serve_connection_until,
 };
 pub use stream::H2Stream;
 
+/// The TCP socket under an HBONE connection's TLS: reads buffered ([`ReadAhead`]).
+pub(crate) type Wire = ReadAhead<tokio::net::TcpStream>;
+
+/// Encrypted bytes rustls may hold before a write must wait for the socket (its default is
+/// 64 KiB): a bulk tunnel's 256 KiB chunks go out in one `writev` of sixteen records.
+pub(crate) const TLS_SEND_BUFFER: usize = 512 * 1024;
+
 /// Istio's per-stream flow-control window.
 pub(crate) const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 /// Istio's per-connection flow-control window.
 pub(crate) const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+/// Bytes h2 takes from one stream's writer before the connection has written them out (h2's
+/// default is 400 KiB): room for a few of [`H2Stream`]'s large writes, so the writer is not
+/// parked while the connection task encrypts the previous one.
+pub(crate) const STREAM_SEND_BUFFER: usize = 1024 * 1024;
 /// Istio's maximum HTTP/2 frame size.
 pub(crate) const MAX_FRAME_SIZE: u32 = 1024 * 1024;
 /// How often each end PINGs an otherwise quiet connection.

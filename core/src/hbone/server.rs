@@ -342,18 +342,21 @@ where
     }
 }
 
-type ServerConn =
-    h2::server::Connection<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, Bytes>;
+type ServerConn = h2::server::Connection<tokio_rustls::server::TlsStream<super::Wire>, Bytes>;
 
 async fn handshake(
     tcp: tokio::net::TcpStream,
     tls: Arc<rustls::ServerConfig>,
     settings: &ServerSettings,
 ) -> Result<(Identity, ServerConn), HboneError> {
-    let stream = tokio_rustls::TlsAcceptor::from(tls)
-        .accept(tcp)
+    let mut stream = tokio_rustls::TlsAcceptor::from(tls)
+        .accept(super::ReadAhead::new(tcp))
         .await
         .map_err(|e| HboneError::Tls(tls::describe_handshake_error(&e)))?;
+    stream
+        .get_mut()
+        .1
+        .set_buffer_limit(Some(super::TLS_SEND_BUFFER));
     // The verifier already required a SPIFFE identity; this reads it back.
     let certs = stream.get_ref().1.peer_certificates().unwrap_or_default();
     let peer_identity = tls::peer_identity(certs)?;
@@ -361,6 +364,7 @@ async fn handshake(
         .initial_window_size(settings.stream_window)
         .initial_connection_window_size(settings.connection_window)
         .max_frame_size(settings.max_frame_size)
+        .max_send_buffer_size(super::STREAM_SEND_BUFFER)
         .max_concurrent_streams(settings.max_concurrent_streams)
         .max_header_list_size(settings.max_header_list_size)
         .handshake::<_, Bytes>(stream)
