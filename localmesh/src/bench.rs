@@ -1,15 +1,15 @@
-//! The L4 benchmark: raw TCP versus the mesh over the same cross-node veth path, in one run.
+//! What the benches share: the client/server pair manifests (`bench-raw`, `bench-mesh`: a
+//! server on node-1, a client on node-0), running `mesh-echo`'s load in a pod and reading its
+//! JSON report, and printing two-column tables with ratios. The L4 scenario (raw TCP versus the
+//! mesh, with ztunnel's counters) is [`bench_l4`](crate::bench_l4). Owns the shared pieces;
+//! the load generator is `mesh-echo`.
 //!
-//! Two client/server pairs, identical but for mesh enrollment: `bench-raw` (not ambient) and
-//! `bench-mesh` (ambient). Each pair runs `mesh-echo`'s bulk, request/response and
-//! connection-rate modes; the report gives ratios mesh/raw, the only figures that mean
-//! anything on a shared machine. Owns the scenario; the load generator is `mesh-echo`.
-//!
-//! Two more scenarios compare ztunnel against itself, each with two meshes up at once and
+//! Two scenarios here compare ztunnel against itself, each with two meshes up at once and
 //! measurements interleaved: [`run_capture`] (eBPF vs nftables capture, cross-node: connection
 //! rate and 1 KiB request/response latency) and [`run_fastpath`] (same-node bulk throughput
 //! with and without `--fast-path`).
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -17,7 +17,7 @@ use serde_json::Value;
 
 use crate::{LocalMesh, MeshOptions};
 
-const MANIFEST: &str = r#"
+pub(crate) const MANIFEST: &str = r#"
 apiVersion: v1
 kind: Namespace
 metadata: {name: bench-raw}
@@ -29,7 +29,7 @@ metadata:
   labels: {istio.io/dataplane-mode: ambient}
 "#;
 
-fn pods(ns: &str) -> String {
+pub(crate) fn pods(ns: &str) -> String {
     format!(
         r#"
 apiVersion: v1
@@ -51,6 +51,9 @@ spec:
 
 pub struct BenchOptions {
     pub duration: Duration,
+    /// l4: a directory holding a previous build's `ztunnel`: its mesh pair is measured in the
+    /// same run, interleaved per figure with the current build's ([`L4Report::before_after`]).
+    pub baseline_bins: Option<PathBuf>,
 }
 
 /// One measured figure for both pairs.
@@ -59,42 +62,6 @@ pub struct Row {
     pub unit: &'static str,
     pub raw: f64,
     pub mesh: f64,
-}
-
-pub fn run(opts: BenchOptions) -> anyhow::Result<Vec<Row>> {
-    let mesh = LocalMesh::start(MeshOptions {
-        log: "warn".into(),
-        ..Default::default()
-    })?;
-    mesh.apply("00-ns.yaml", MANIFEST)?;
-    mesh.apply("10-raw.yaml", &pods("bench-raw"))?;
-    mesh.apply("20-mesh.yaml", &pods("bench-mesh"))?;
-    for ns in ["bench-raw", "bench-mesh"] {
-        mesh.wait_listening(ns, "server", 8080)?;
-    }
-    mesh.wait_enrolled("bench-mesh", "client")?;
-    mesh.wait_enrolled("bench-mesh", "server")?;
-    // Interleave raw and mesh per figure so drift on the shared machine hits both alike.
-    let d = opts.duration;
-    let both = |args: &[&str]| -> anyhow::Result<[Value; 2]> {
-        Ok([
-            measure_pair(&mesh, "bench-raw", d, args)?,
-            measure_pair(&mesh, "bench-mesh", d, args)?,
-        ])
-    };
-    let bulk = both(&["bench-bulk"])?;
-    let rr = both(&["bench-rr", "--size", "1024"])?;
-    let conn = both(&["bench-conn", "--concurrency", "8"])?;
-    let errors = num(&conn[1], "errors");
-    if errors > 0.0 {
-        eprintln!("warning: {errors} connection errors through the mesh during bench-conn");
-    }
-    Ok(vec![
-        row("bulk throughput, 1 stream", "Gbit/s", &bulk, "gbit_per_s"),
-        row("1 KiB request/response p50", "µs", &rr, "p50_us"),
-        row("1 KiB request/response p99", "µs", &rr, "p99_us"),
-        row("new connections (8 workers)", "conn/s", &conn, "per_sec"),
-    ])
 }
 
 /// A mesh with one ambient client/server pair (`bench-mesh`); the server on node-1, the client
@@ -123,13 +90,28 @@ pub(crate) fn measure_pair(
     duration: Duration,
     args: &[&str],
 ) -> anyhow::Result<Value> {
+    measure_wrapped(mesh, ns, duration, args, |load| {
+        load.iter().map(|s| s.to_string()).collect()
+    })
+}
+
+/// [`measure_pair`] with the load's argv passed through `wrap` (e.g. under `perf stat`).
+pub(crate) fn measure_wrapped(
+    mesh: &LocalMesh,
+    ns: &str,
+    duration: Duration,
+    args: &[&str],
+    wrap: impl FnOnce(&[&str]) -> Vec<String>,
+) -> anyhow::Result<Value> {
     let server = mesh.pod(ns, "server")?;
     let addr = format!("{}:8080", server.ip4);
     let secs = format!("{}ms", duration.as_millis());
     let echo = mesh.bins.echo.display().to_string();
-    let mut argv = vec![echo.as_str()];
-    argv.extend_from_slice(args);
-    argv.extend_from_slice(&["--addr", &addr, "--duration", &secs]);
+    let mut load = vec![echo.as_str()];
+    load.extend_from_slice(args);
+    load.extend_from_slice(&["--addr", &addr, "--duration", &secs]);
+    let argv = wrap(&load);
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
     let out = mesh.exec(ns, "client", &argv)?;
     if !out.status.success() {
         bail!(
@@ -208,28 +190,36 @@ pub fn run_fastpath(opts: BenchOptions) -> anyhow::Result<Vec<Row>> {
     )])
 }
 
-/// Prints rows under a header naming the two columns; ratios are second/first.
+/// Prints rows under a header naming the two columns; ratios are second/first. A figure that
+/// is not a number (not measured: raw TCP has no ztunnel, perf could not count) prints as `-`.
 pub fn print_table(title: &str, first: &str, second: &str, rows: &[Row]) {
     let ratio = format!(
         "{}/{}",
         second.split_whitespace().next().unwrap_or(second),
         first.split_whitespace().next().unwrap_or(first)
     );
-    println!("{title:<32} {first:>14} {second:>14} {ratio:>10}");
+    println!("{title:<32} {first:>20} {second:>20} {ratio:>10}");
     for r in rows {
+        let ratio = r.mesh / r.raw;
+        let ratio = if ratio.is_finite() {
+            format!("{ratio:>9.2}x")
+        } else {
+            format!("{:>10}", "-")
+        };
         println!(
-            "{:<32} {:>10.2} {:<3} {:>10.2} {:<3} {:>9.2}x",
+            "{:<32} {} {} {ratio}",
             r.name,
-            r.raw,
-            r.unit,
-            r.mesh,
-            r.unit,
-            r.mesh / r.raw
+            cell(r.raw, r.unit),
+            cell(r.mesh, r.unit)
         );
     }
 }
 
-/// Prints the raw-vs-mesh rows of [`run`] with mesh/raw ratios.
-pub fn print(rows: &[Row]) {
-    print_table("L4, cross-node (same run)", "raw TCP", "mesh (HBONE)", rows);
+/// A value and its unit, 20 columns.
+fn cell(v: f64, unit: &str) -> String {
+    if v.is_finite() {
+        format!("{v:>10.2} {unit:<9}")
+    } else {
+        format!("{:>10} {unit:<9}", "-")
+    }
 }

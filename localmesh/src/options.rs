@@ -42,6 +42,11 @@ pub struct MeshOptions {
     /// host /proc, and a pod whose namespace is labelled after it started is not enrolled
     /// (pods created in an ambient namespace are: their CNI ADD carries the netns).
     pub api_cni: bool,
+    /// Run this ztunnel binary instead of the located one (`None`: [`Bins::ztunnel`]): the
+    /// bench's same-run comparison against a previous build (`--baseline-bins`).
+    ///
+    /// [`Bins::ztunnel`]: crate::Bins::ztunnel
+    pub ztunnel_bin: Option<std::path::PathBuf>,
 }
 
 /// How pods are enrolled with their node's ztunnel.
@@ -84,6 +89,7 @@ impl Default for MeshOptions {
             api: false,
             api_cni: false,
             enrollment: Enrollment::from_env(),
+            ztunnel_bin: None,
         }
     }
 }

@@ -64,7 +64,8 @@ impl Mesh {
             .cloned()
             .context("no such node")?;
         let token = self.node_token(&node.name)?;
-        let mut cmd = Command::new(&self.bins.ztunnel);
+        let bin = self.opts.ztunnel_bin.as_ref().unwrap_or(&self.bins.ztunnel);
+        let mut cmd = Command::new(bin);
         cmd.arg("--node").arg(&node.name);
         if self.opts.meshd_tls {
             cmd.arg("--meshd")
@@ -135,6 +136,12 @@ impl Mesh {
         z.get(i)
             .and_then(|z| z.as_ref().map(|(_, ports)| ports.0))
             .unwrap_or(ISTIO_ADMIN_PORTS.0)
+    }
+
+    /// The pid of node `i`'s current ztunnel, if one runs (the bench reads its counters).
+    pub fn ztunnel_pid(&self, i: usize) -> Option<u32> {
+        let z = self.ztunnels.lock().unwrap_or_else(|p| p.into_inner());
+        z.get(i).and_then(|z| z.as_ref().map(|(p, _)| p.pid()))
     }
 
     /// Log of node `i`'s current ztunnel.

@@ -2,23 +2,51 @@
 //! names) against release builds and prints their tables. Owns which scenarios run and how
 //! they are printed; the measuring is `localmesh`'s, installing and building `main`'s.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use anyhow::Context;
+
+/// `cargo xtask bench`'s arguments.
+pub struct Options {
+    pub seconds: u64,
+    pub only: Option<String>,
+    pub scale: usize,
+    /// l4: a previous build's binaries, measured in the same run.
+    pub baseline_bins: Option<PathBuf>,
+}
+
 /// Runs the wanted scenarios; `root` is the workspace (release binaries under target/release).
-pub fn run(root: &Path, seconds: u64, only: Option<&str>, scale: usize) -> anyhow::Result<()> {
+pub fn run(root: &Path, o: Options) -> anyhow::Result<()> {
+    let Options {
+        seconds,
+        only,
+        scale,
+        baseline_bins,
+    } = o;
     // SAFETY: called straight from main: no other thread exists yet that could read the
     // environment concurrently.
     unsafe { std::env::set_var("MESH_BIN_DIR", root.join("target/release")) };
-    let want = |s: &str| only.is_none_or(|o| o == s);
+    let want = |s: &str| only.as_deref().is_none_or(|o| o == s);
+    if baseline_bins.is_some() && !want("l4") {
+        anyhow::bail!("--baseline-bins is for the l4 scenario: drop --only or use --only l4");
+    }
     if want("l4") {
-        let rows = localmesh::bench::run(localmesh::bench::BenchOptions {
+        // Absolute: the meshes run their processes from other directories.
+        let baseline_bins = baseline_bins
+            .map(|d| {
+                std::path::absolute(&d).with_context(|| format!("--baseline-bins {}", d.display()))
+            })
+            .transpose()?;
+        let report = localmesh::bench_l4::run(localmesh::bench::BenchOptions {
             duration: Duration::from_secs(seconds),
+            baseline_bins,
         })?;
-        localmesh::bench::print(&rows);
+        localmesh::bench_l4::print(&report);
     }
     let opts = || localmesh::bench::BenchOptions {
         duration: Duration::from_secs(seconds),
+        baseline_bins: None,
     };
     if want("capture") {
         let rows = localmesh::bench::run_capture(opts())?;
@@ -42,7 +70,7 @@ pub fn run(root: &Path, seconds: u64, only: Option<&str>, scale: usize) -> anyho
             &r.rows,
         );
         println!(
-            "{:<32} {:>10} {:<3} {:>10} {:<3}   (handover took {:.2?})",
+            "{:<32} {:>10} {:<9} {:>10} {:<9}   (handover took {:.2?})",
             "failed connections", r.errors_steady, "", r.errors_during, "", r.handover
         );
     }
@@ -67,7 +95,7 @@ pub fn run(root: &Path, seconds: u64, only: Option<&str>, scale: usize) -> anyho
     let n = 10_000;
     let (without, with) = localmesh::bench_policy::run(Duration::from_secs(seconds), n)?;
     println!(
-        "{:<32} {:>10.2} {:<3} {:>10.2} {:<3} {:>9.2}x   (no policy vs {n} policies)",
+        "{:<32} {:>10.2} {:<9} {:>10.2} {:<9} {:>9.2}x   (no policy vs {n} policies)",
         "L4 authz: new connections",
         without,
         "c/s",

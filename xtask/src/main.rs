@@ -77,6 +77,11 @@ enum Cmd {
         /// control-plane: divide the cluster's size by this (10: 1,000 pods over 10 nodes).
         #[arg(long, default_value_t = 1)]
         scale: usize,
+        /// l4: also measure the mesh pair with the `ztunnel` in this directory (e.g. a copy of
+        /// target/release from the commit before a change), in the same run, interleaved per
+        /// figure: prints before / after / ratio rows.
+        #[arg(long, value_name = "DIR")]
+        baseline_bins: Option<PathBuf>,
     },
     /// Run the fuzz targets in fuzz/ (all, or one), each for a time or a number of runs.
     /// Crashes are saved under fuzz/artifacts/<target>/; new coverage under fuzz/corpus/.
@@ -151,11 +156,18 @@ fn main() -> anyhow::Result<()> {
             seconds,
             only,
             scale,
+            baseline_bins,
         } => {
             need_root()?;
             deps()?;
             build(true)?;
-            bench::run(&root, seconds, only.as_deref(), scale)
+            let opts = bench::Options {
+                seconds,
+                only,
+                scale,
+                baseline_bins,
+            };
+            bench::run(&root, opts)
         }
         Cmd::Fuzz {
             target,

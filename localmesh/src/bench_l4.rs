@@ -1,0 +1,432 @@
+//! The L4 benchmark: raw TCP versus the mesh over the same cross-node veth path, in one run,
+//! with what the ztunnels spent on it; optionally a previous build's ztunnel in the same run.
+//!
+//! Two client/server pairs, identical but for enrollment: `bench-raw` (not ambient) and
+//! `bench-mesh` (ambient). The raw pods get the `net.ipv4.tcp_tw_reuse=1` that ztunnel sets in
+//! enrolled pods, so the connection-rate baseline is not capped by ports in TIME_WAIT. Each
+//! figure (bulk, 1 KiB request/response, connection rate) is measured on every pair in turn
+//! before the next figure, so drift on the shared machine hits all alike. Around the mesh
+//! pairs' bulk and connection-rate runs both ztunnels' CPU time and context switches are read,
+//! and during bulk their syscalls are counted under perf ([`bench_stats`]); their memory is read
+//! idle (enrolled, before any load) and after the load once their fds are back. With
+//! `baseline_bins` a second mesh runs that directory's `ztunnel` and its pair is measured in
+//! the same rounds: "before / after" rows. Owns the scenario; the counters are
+//! [`bench_stats`]', the load generator is `mesh-echo`.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde_json::Value;
+
+use crate::bench::{
+    BenchOptions, MANIFEST, Row, measure_pair, measure_wrapped, num, pair_mesh, pods, print_table,
+};
+use crate::bench_stats::{self, Memory, Perf, Spent};
+use crate::{LocalMesh, MeshOptions, wait_for};
+
+/// The sysctl ztunnel sets in enrolled pods that a plain client/server pair feels (the others
+/// act on marked packets and listener handovers, which the raw pair has none of).
+const TW_REUSE: &str = "net.ipv4.tcp_tw_reuse";
+
+/// fds a ztunnel may hold after the load beyond its idle count: the pooled HBONE connection
+/// (the dialled socket on the client's node, the accepted one on the server's) lives for the
+/// pool's idle timeout (5 min).
+const POOLED_FDS: usize = 2;
+
+/// How long the ztunnels get to close the load's connections before memory is read anyway.
+const SETTLE: Duration = Duration::from_secs(30);
+
+const CONN_LOAD: [&str; 3] = ["bench-conn", "--concurrency", "8"];
+
+/// What the mesh pair of one build measured.
+pub struct MeshFigures {
+    pub bulk: Value,
+    pub bulk_spent: Spent,
+    pub rr: Value,
+    pub conn: Value,
+    pub conn_spent: Spent,
+    /// Per ztunnel (node-0, node-1): enrolled, before any load.
+    pub idle: Vec<Memory>,
+    /// Per ztunnel, after every figure, once the load's connections are closed.
+    pub after: Vec<Memory>,
+    /// Whether every ztunnel's fds were back within [`POOLED_FDS`] of idle when `after` was
+    /// read (else it was read at the deadline).
+    pub settled: bool,
+}
+
+/// The L4 scenario's result.
+pub struct L4Report {
+    pub raw_bulk: Value,
+    pub raw_rr: Value,
+    pub raw_conn: Value,
+    /// The current build.
+    pub mesh: MeshFigures,
+    /// The build in `baseline_bins`, measured in the same rounds.
+    pub baseline: Option<MeshFigures>,
+    /// Why syscalls were not counted, if they were not.
+    pub perf_missing: Option<String>,
+}
+
+/// A mesh pair under measurement, with its ztunnels' pids and idle memory.
+struct Subject<'a> {
+    mesh: &'a LocalMesh,
+    pids: Vec<u32>,
+    idle: Vec<Memory>,
+}
+
+pub fn run(opts: BenchOptions) -> anyhow::Result<L4Report> {
+    let baseline_ztunnel = opts.baseline_bins.as_ref().map(|d| d.join("ztunnel"));
+    if let Some(z) = &baseline_ztunnel
+        && !z.is_file()
+    {
+        bail!(
+            "--baseline-bins: no ztunnel at {}: copy a previous build's target/release there",
+            z.display()
+        );
+    }
+    let mesh = LocalMesh::start(MeshOptions {
+        log: "warn".into(),
+        ..Default::default()
+    })?;
+    mesh.apply("00-ns.yaml", MANIFEST)?;
+    mesh.apply("10-raw.yaml", &pods("bench-raw"))?;
+    mesh.apply("20-mesh.yaml", &pods("bench-mesh"))?;
+    for ns in ["bench-raw", "bench-mesh"] {
+        mesh.wait_listening(ns, "server", 8080)?;
+    }
+    mesh.wait_enrolled("bench-mesh", "client")?;
+    mesh.wait_enrolled("bench-mesh", "server")?;
+    for pod in ["client", "server"] {
+        set_tw_reuse(&mesh, "bench-raw", pod)?;
+    }
+    let before_mesh = baseline_ztunnel
+        .map(|z| {
+            let opts = MeshOptions {
+                ztunnel_bin: Some(z),
+                ..Default::default()
+            };
+            pair_mesh(opts, false).context("starting the mesh with the baseline ztunnel")
+        })
+        .transpose()?;
+    let (perf, perf_missing) = match Perf::probe() {
+        Ok(p) => (Some(p), None),
+        Err(why) => {
+            eprintln!("warning: syscalls not counted: {why}");
+            (None, Some(why))
+        }
+    };
+    // The current build first, then the baseline: the order of every round below.
+    let mut subjects = vec![Subject::new(&mesh)?];
+    if let Some(m) = &before_mesh {
+        subjects.push(Subject::new(m)?);
+    }
+    let d = opts.duration;
+    let raw_bulk = measure_pair(&mesh, "bench-raw", d, &["bench-bulk"])?;
+    let bulk = subjects
+        .iter()
+        .map(|s| s.measure(d, &["bench-bulk"], perf.as_ref()))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let raw_rr = measure_pair(&mesh, "bench-raw", d, &["bench-rr", "--size", "1024"])?;
+    let rr = subjects
+        .iter()
+        .map(|s| measure_pair(s.mesh, "bench-mesh", d, &["bench-rr", "--size", "1024"]))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let raw_conn = measure_pair(&mesh, "bench-raw", d, &CONN_LOAD)?;
+    let conn = subjects
+        .iter()
+        .map(|s| s.measure(d, &CONN_LOAD, None))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    for (c, who) in [(&raw_conn, "raw TCP"), (&conn[0].0, "the mesh")]
+        .into_iter()
+        .chain(conn.get(1).map(|c| (&c.0, "the baseline mesh")))
+    {
+        let errors = num(c, "errors");
+        if errors > 0.0 {
+            eprintln!("warning: {errors} connection errors through {who} during bench-conn");
+        }
+    }
+    let mut figures = Vec::new();
+    for (((s, (bulk, bulk_spent)), rr), (conn, conn_spent)) in
+        subjects.iter().zip(bulk).zip(rr).zip(conn)
+    {
+        let (after, settled) = s.after_load()?;
+        figures.push(MeshFigures {
+            bulk,
+            bulk_spent,
+            rr,
+            conn,
+            conn_spent,
+            idle: s.idle.clone(),
+            after,
+            settled,
+        });
+    }
+    let mut figures = figures.into_iter();
+    let current = figures.next().context("no figures of the current build")?;
+    Ok(L4Report {
+        raw_bulk,
+        raw_rr,
+        raw_conn,
+        mesh: current,
+        baseline: figures.next(),
+        perf_missing,
+    })
+}
+
+/// Sets [`TW_REUSE`] in a pod's netns as ztunnel does for enrolled pods, and checks it held.
+fn set_tw_reuse(mesh: &LocalMesh, ns: &str, pod: &str) -> anyhow::Result<()> {
+    let out = mesh.exec(ns, pod, &["sysctl", "-w", &format!("{TW_REUSE}=1")])?;
+    let now = mesh.exec(ns, pod, &["sysctl", "-n", TW_REUSE])?;
+    if !out.status.success() || String::from_utf8_lossy(&now.stdout).trim() != "1" {
+        bail!(
+            "cannot set {TW_REUSE}=1 in {ns}/{pod}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+impl<'a> Subject<'a> {
+    fn new(mesh: &'a LocalMesh) -> anyhow::Result<Subject<'a>> {
+        let pids = (0..mesh.cluster.nodes().len())
+            .map(|i| {
+                mesh.ztunnel_pid(i)
+                    .with_context(|| format!("node-{i} runs no ztunnel"))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let idle = pids
+            .iter()
+            .map(|&p| bench_stats::memory(p))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(Subject { mesh, pids, idle })
+    }
+
+    /// Runs the load on this mesh's pair and reads what its ztunnels spent meanwhile; under
+    /// `perf` their syscalls too.
+    fn measure(
+        &self,
+        d: Duration,
+        args: &[&str],
+        perf: Option<&Perf>,
+    ) -> anyhow::Result<(Value, Spent)> {
+        static SEQ: AtomicU32 = AtomicU32::new(0);
+        let before = bench_stats::sample(&self.pids)?;
+        let (report, syscalls) = match perf {
+            Some(p) => {
+                let n = SEQ.fetch_add(1, Ordering::Relaxed);
+                let out = self.mesh.dir().join(format!("perf-{n}.csv"));
+                let report = measure_wrapped(self.mesh, "bench-mesh", d, args, |load| {
+                    p.wrap(&self.pids, &out, load)
+                })?;
+                let count = Perf::read(&out)
+                    .inspect_err(|e| eprintln!("warning: syscalls not counted: {e:#}"))
+                    .ok();
+                (report, count)
+            }
+            None => (measure_pair(self.mesh, "bench-mesh", d, args)?, None),
+        };
+        let after = bench_stats::sample(&self.pids)?;
+        Ok((report, Spent::between(before, after, syscalls)))
+    }
+
+    /// Memory once the load's connections are closed (each ztunnel's fds back within
+    /// [`POOLED_FDS`] of idle), or at the deadline; and whether they were.
+    fn after_load(&self) -> anyhow::Result<(Vec<Memory>, bool)> {
+        let back = || -> anyhow::Result<bool> {
+            for (&pid, idle) in self.pids.iter().zip(&self.idle) {
+                if bench_stats::memory(pid)?.fds > idle.fds + POOLED_FDS {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        };
+        let settled = wait_for(SETTLE, "the ztunnels' fds back to idle", back).is_ok();
+        let after = self
+            .pids
+            .iter()
+            .map(|&p| bench_stats::memory(p))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        if !settled {
+            eprintln!(
+                "warning: ztunnel fds still above idle after {SETTLE:?} (idle {:?}, now {:?}): \
+                 memory after load read anyway",
+                self.idle.iter().map(|m| m.fds).collect::<Vec<_>>(),
+                after.iter().map(|m| m.fds).collect::<Vec<_>>()
+            );
+        }
+        Ok((after, settled))
+    }
+}
+
+impl MeshFigures {
+    /// (name, unit, value) of what the ztunnels spent, per unit of work.
+    fn spent_rows(&self) -> Vec<(&'static str, &'static str, f64)> {
+        let gb = num(&self.bulk, "bytes") / 1e9;
+        let mb = gb * 1e3;
+        let kconn = num(&self.conn, "count") / 1e3;
+        let b = &self.bulk_spent;
+        let c = &self.conn_spent;
+        let syscalls = b.syscalls.map_or(f64::NAN, |n| n as f64);
+        vec![
+            ("bulk: ztunnel CPU", "s/GB", b.cpu_secs / gb),
+            ("bulk: ztunnel syscalls", "/MB", syscalls / mb),
+            (
+                "bulk: ztunnel ctx switches",
+                "/MB",
+                b.ctx_switches as f64 / mb,
+            ),
+            ("conn: ztunnel CPU", "s/1k conn", c.cpu_secs / kconn),
+            (
+                "conn: ztunnel ctx switches",
+                "/1k conn",
+                c.ctx_switches as f64 / kconn,
+            ),
+        ]
+    }
+
+    /// (name, unit, value) of each ztunnel's resident memory, idle and after the load.
+    fn memory_rows(&self) -> Vec<(&'static str, &'static str, f64)> {
+        const IDLE: [&str; 2] = ["node-0 ztunnel RSS idle", "node-1 ztunnel RSS idle"];
+        const AFTER: [&str; 2] = [
+            "node-0 ztunnel RSS after load",
+            "node-1 ztunnel RSS after load",
+        ];
+        let mib = |m: &Memory| m.rss_kib as f64 / 1024.0;
+        let idle = self.idle.iter().zip(IDLE).map(|(m, n)| (n, "MiB", mib(m)));
+        let after = self
+            .after
+            .iter()
+            .zip(AFTER)
+            .map(|(m, n)| (n, "MiB", mib(m)));
+        idle.chain(after).collect()
+    }
+}
+
+impl L4Report {
+    /// Raw TCP versus the current build; the ztunnels' figures have no raw counterpart.
+    pub fn rows(&self) -> Vec<Row> {
+        let pair = |raw: &Value, mesh: &Value, key: &str| (num(raw, key), num(mesh, key));
+        let m = &self.mesh;
+        let figures = [
+            (
+                "bulk throughput, 1 stream",
+                "Gbit/s",
+                pair(&self.raw_bulk, &m.bulk, "gbit_per_s"),
+            ),
+            (
+                "1 KiB request/response p50",
+                "µs",
+                pair(&self.raw_rr, &m.rr, "p50_us"),
+            ),
+            (
+                "1 KiB request/response p99",
+                "µs",
+                pair(&self.raw_rr, &m.rr, "p99_us"),
+            ),
+            (
+                "new connections (8 workers)",
+                "conn/s",
+                pair(&self.raw_conn, &m.conn, "per_sec"),
+            ),
+        ];
+        let mut rows: Vec<Row> = figures
+            .into_iter()
+            .map(|(name, unit, (raw, mesh))| Row {
+                name,
+                unit,
+                raw,
+                mesh,
+            })
+            .collect();
+        for (name, unit, mesh) in m.spent_rows().into_iter().chain(m.memory_rows()) {
+            rows.push(Row {
+                name,
+                unit,
+                raw: f64::NAN,
+                mesh,
+            });
+        }
+        rows
+    }
+
+    /// The baseline build (as `raw`) versus the current one (as `mesh`), if measured.
+    pub fn before_after(&self) -> Option<Vec<Row>> {
+        let before = self.baseline.as_ref()?;
+        let after = &self.mesh;
+        let fig = |f: &MeshFigures| {
+            let added = |k| num(&f.rr, k) - num(&self.raw_rr, k);
+            let mut v = vec![
+                (
+                    "bulk throughput, 1 stream",
+                    "Gbit/s",
+                    num(&f.bulk, "gbit_per_s"),
+                ),
+                ("1 KiB request/response p50", "µs", num(&f.rr, "p50_us")),
+                ("1 KiB request/response p99", "µs", num(&f.rr, "p99_us")),
+                ("1 KiB added latency p50", "µs", added("p50_us")),
+                ("1 KiB added latency p99", "µs", added("p99_us")),
+                (
+                    "new connections (8 workers)",
+                    "conn/s",
+                    num(&f.conn, "per_sec"),
+                ),
+            ];
+            v.extend(f.spent_rows());
+            v.extend(f.memory_rows());
+            v
+        };
+        let rows = fig(before)
+            .into_iter()
+            .zip(fig(after))
+            .map(|((name, unit, raw), (_, _, mesh))| Row {
+                name,
+                unit,
+                raw,
+                mesh,
+            })
+            .collect();
+        Some(rows)
+    }
+}
+
+/// Prints the raw-vs-mesh table, the fds behind the memory figures and, if measured, the
+/// before/after table.
+pub fn print(r: &L4Report) {
+    println!(
+        "raw pods run with {TW_REUSE}=1, as ztunnel sets in enrolled pods; ztunnel figures are \
+         both nodes' ztunnels summed"
+    );
+    if let Some(why) = &r.perf_missing {
+        println!("syscalls not counted: {why}");
+    }
+    print_table(
+        "L4, cross-node (same run)",
+        "raw TCP",
+        "mesh (HBONE)",
+        &r.rows(),
+    );
+    let fds = |f: &MeshFigures| {
+        let pairs: Vec<String> = f
+            .idle
+            .iter()
+            .zip(&f.after)
+            .map(|(i, a)| format!("{} -> {}", i.fds, a.fds))
+            .collect();
+        let note = if f.settled {
+            ""
+        } else {
+            " (not back to idle by the deadline)"
+        };
+        format!("{}{note}", pairs.join(", "))
+    };
+    println!(
+        "ztunnel fds idle -> after load (node-0, node-1): {}",
+        fds(&r.mesh)
+    );
+    if let (Some(rows), Some(b)) = (r.before_after(), &r.baseline) {
+        println!();
+        print_table("L4 mesh, previous build vs this", "before", "after", &rows);
+        println!("baseline ztunnel fds idle -> after load: {}", fds(b));
+    }
+}
