@@ -17,6 +17,7 @@ use tracing::{error, info, warn};
 use crate::admin::{self, AdminState, SetLogLevelFn};
 use crate::capture::Capture;
 use crate::certs::CertManager;
+use crate::limits::{Admission, Limits};
 use crate::meshd::Meshd;
 use crate::metrics::Metrics;
 use crate::pods::OnExit;
@@ -37,18 +38,65 @@ pub fn prepare() -> anyhow::Result<()> {
 }
 
 /// Every proxied connection costs ztunnel two or three fds, and the usual soft limit (1024)
-/// would cap a node at a few hundred connections: raise the soft limit to the hard one, as
-/// Istio's ztunnel does. Failure is logged, not fatal.
+/// would cap a node at a few hundred connections; [`crate::limits::Limits`] sizes the node's
+/// connection caps from what this sets. Raised "as needed": with CAP_SYS_RESOURCE (root) both
+/// limits go up to [`FD_LIMIT_TARGET`] (capped by `fs.nr_open`, never lowered), which is what a
+/// container gets from containerd's default; without it, the soft limit goes up to the hard one,
+/// as Istio's ztunnel does. Failure is logged, not fatal.
 fn raise_fd_limit() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    match getrlimit(Resource::RLIMIT_NOFILE) {
-        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+    let (soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok(limits) => limits,
+        Err(e) => {
+            warn!(error = %e, "cannot read the open-files limit");
+            return;
+        }
+    };
+    let target = fd_limit_target(hard, nr_open());
+    if target > hard {
+        match setrlimit(Resource::RLIMIT_NOFILE, target, target) {
+            Ok(()) => {
+                info!(
+                    from_soft = soft,
+                    from_hard = hard,
+                    to = target,
+                    "raised the open-files limit"
+                );
+                return;
+            }
+            // EPERM without CAP_SYS_RESOURCE: the hard limit is all we may have.
+            Err(e) => info!(hard, target, error = %e, "cannot raise the hard open-files limit"),
+        }
+    }
+    if soft < hard {
+        match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
             Ok(()) => info!(from = soft, to = hard, "raised the open-files limit"),
             Err(e) => warn!(soft, hard, error = %e, "cannot raise the open-files limit"),
-        },
-        Ok(_) => {}
-        Err(e) => warn!(error = %e, "cannot read the open-files limit"),
+        }
+    } else {
+        info!(limit = soft, "open-files limit kept");
     }
+}
+
+/// What a privileged ztunnel asks for: 2^20 fds, as many as Kubernetes nodes commonly give a
+/// container; the connection caps of [`crate::limits::Limits`] follow from it (40%: 419,430
+/// connections, 104,857 per source).
+const FD_LIMIT_TARGET: u64 = 1 << 20;
+
+/// The hard limit to ask for: [`FD_LIMIT_TARGET`], no more than the kernel allows a process
+/// (`fs.nr_open`, when known) and never below the present hard limit.
+fn fd_limit_target(hard: u64, nr_open: Option<u64>) -> u64 {
+    let ceiling = nr_open.map_or(FD_LIMIT_TARGET, |n| n.min(FD_LIMIT_TARGET));
+    ceiling.max(hard)
+}
+
+/// `fs.nr_open`: the largest RLIMIT_NOFILE the kernel accepts.
+fn nr_open() -> Option<u64> {
+    std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// A started ztunnel: its background tasks, admin listeners and pod manager are running.
@@ -104,6 +152,16 @@ pub async fn build(config: Config, set_log_level: SetLogLevelFn) -> anyhow::Resu
         }),
         None => None,
     };
+    // Sized from the open-files limit `prepare` raised, unless the flags set them.
+    let limits = Limits::default()
+        .with_connection_caps(config.max_connections, config.max_connections_per_source);
+    info!(
+        max_connections = limits.max_connections,
+        max_connections_per_source = limits.max_connections_per_source,
+        max_handshakes = limits.max_handshakes,
+        max_handshakes_per_source = limits.max_handshakes_per_source,
+        "connection caps"
+    );
     let metrics = Metrics::new();
     metrics.set_capture_mode(&capture.mode().to_string());
     let (config_tx, config_rx) = watch::channel(None);
@@ -157,7 +215,7 @@ pub async fn build(config: Config, set_log_level: SetLogLevelFn) -> anyhow::Resu
         enrolled: Default::default(),
         local_pods: Default::default(),
         drain: Default::default(),
-        admission: Default::default(),
+        admission: Admission::new(&limits),
         waypoints: crate::outbound::Waypoints::new(config.missing_waypoint),
         spans,
         enrollment: match config.enrollment {
@@ -297,5 +355,22 @@ async fn trust_bundle_watch(mut config: config::ConfigRx, certs: Arc<CertManager
         if config.changed().await.is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fd_limit_target_is_capped_by_nr_open_and_never_lowers_the_hard_limit() {
+        assert_eq!(fd_limit_target(20_000, Some(1 << 20)), 1 << 20);
+        assert_eq!(fd_limit_target(20_000, Some(1 << 30)), FD_LIMIT_TARGET);
+        assert_eq!(fd_limit_target(20_000, Some(65_536)), 65_536);
+        assert_eq!(fd_limit_target(20_000, None), FD_LIMIT_TARGET);
+        // A hard limit already above the target is kept, not lowered.
+        assert_eq!(fd_limit_target(1 << 21, Some(1 << 22)), 1 << 21);
+        // So is one above nr_open (it was set before nr_open was lowered).
+        assert_eq!(fd_limit_target(100_000, Some(50_000)), 100_000);
     }
 }

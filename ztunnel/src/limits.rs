@@ -48,6 +48,27 @@ impl Limits {
     }
 }
 
+impl Limits {
+    /// These limits with the connection caps an operator set in place of the sized ones: a
+    /// node cap alone keeps a quarter of it per source; a per-source cap never exceeds the
+    /// node's. Handshake caps stay as sized.
+    pub fn with_connection_caps(self, total: Option<u64>, per_source: Option<u64>) -> Limits {
+        let cap = |v: u64| usize::try_from(v).unwrap_or(usize::MAX).max(1);
+        let max_connections = total.map_or(self.max_connections, cap);
+        let default_per_source = match total {
+            Some(_) => (max_connections / 4).max(1),
+            None => self.max_connections_per_source,
+        };
+        Limits {
+            max_connections,
+            max_connections_per_source: per_source
+                .map_or(default_per_source, cap)
+                .min(max_connections),
+            ..self
+        }
+    }
+}
+
 impl Default for Limits {
     /// [`Limits::for_open_files`] of this process's soft open-files limit (read when called:
     /// after main raised it), or of 1024 if it cannot be read.
@@ -113,5 +134,32 @@ mod tests {
         assert_eq!(l.max_handshakes_per_source, 64);
         let small = Limits::for_open_files(100);
         assert!(small.max_connections >= 256 && small.max_handshakes <= small.max_connections);
+    }
+
+    #[test]
+    fn connection_caps_set_by_the_operator_replace_the_sized_ones() {
+        let sized = Limits::for_open_files(20_000);
+        assert_eq!(sized.clone().with_connection_caps(None, None), sized);
+        let both = sized
+            .clone()
+            .with_connection_caps(Some(16_000), Some(12_000));
+        assert_eq!(
+            (both.max_connections, both.max_connections_per_source),
+            (16_000, 12_000)
+        );
+        assert_eq!(both.max_handshakes, sized.max_handshakes);
+        let total = sized.clone().with_connection_caps(Some(40_000), None);
+        assert_eq!(total.max_connections_per_source, 10_000);
+        let per_source = sized.clone().with_connection_caps(None, Some(5_000));
+        assert_eq!(
+            (
+                per_source.max_connections,
+                per_source.max_connections_per_source
+            ),
+            (8_000, 5_000)
+        );
+        // One source never gets more than the node.
+        let over = sized.with_connection_caps(Some(100), Some(5_000));
+        assert_eq!(over.max_connections_per_source, 100);
     }
 }

@@ -106,6 +106,15 @@ pub struct Config {
     /// a pod may be enrolled before meshd knows it).
     #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
     pub trust_domain: String,
+    /// Accepted connections in flight on all of the node's listeners, past which new ones are
+    /// closed at once [default: 40% of the open-files limit, which ztunnel raises at start].
+    /// For a node whose open-files limit cannot be raised far enough (no CAP_SYS_RESOURCE).
+    #[arg(long, env = "MAX_CONNECTIONS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_connections: Option<u64>,
+    /// Of those, from one source IP [default: a quarter of the node's cap].
+    #[arg(long, env = "MAX_CONNECTIONS_PER_SOURCE",
+        value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_connections_per_source: Option<u64>,
 }
 
 fn ebpf_instance(s: &str) -> Result<String, String> {

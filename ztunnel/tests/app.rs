@@ -114,6 +114,8 @@ async fn starts_in_process_turns_ready_serves_metrics_and_stops_cleanly() {
         enrollment: ztunnel::pods::EnrollmentSource::Config,
         zds_socket: dataplane::zds::DEFAULT_SOCKET.into(),
         trust_domain: "cluster.local".into(),
+        max_connections: None,
+        max_connections_per_source: None,
     };
     let app = app::build(config, Box::new(|_| Ok(()))).await.unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
