@@ -1,13 +1,16 @@
 //! `echo` binary entry point: the clap command line, tracing setup, the tokio
-//! runtime, and dispatch to the `serve`, `who`, `grpc-call`, `ws` and `bench-*` subcommands.
+//! runtime, and dispatch to the `serve`, `who`, `grpc-call`, `ws`, `bench-*` and `hold`
+//! subcommands.
 //! Errors are reported as one `echo: error: ...` line on stderr with exit code 1
 //! (clap usage errors exit 2).
 
 mod bench;
 mod client;
 mod control;
+mod fd_limit;
 mod grpc_call;
 mod grpc_serve;
+mod hold;
 mod http_serve;
 mod istio_client;
 mod serve;
@@ -49,6 +52,9 @@ enum Command {
     BenchConn(bench::ConnArgs),
     /// Benchmark: bulk throughput into SINK mode with byte accounting.
     BenchBulk(bench::BulkArgs),
+    /// Hold N concurrent ECHO connections, each checked with its own payload, until a line on
+    /// stdin; then check each again and close them all. One JSON line per phase.
+    Hold(hold::HoldArgs),
 }
 
 fn main() -> ExitCode {
@@ -91,6 +97,7 @@ fn main() -> ExitCode {
             Command::BenchRr(args) => bench::run_rr(args).await,
             Command::BenchConn(args) => bench::run_conn(args).await,
             Command::BenchBulk(args) => bench::run_bulk(args).await,
+            Command::Hold(args) => hold::run(args).await,
         }
     });
     match result {

@@ -118,6 +118,12 @@ impl AdvancedArgs {
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    // One fd per connection: the usual soft limit (1024) would refuse clients long before
+    // memory runs out (`hold` opens 10,000 at once).
+    match crate::fd_limit::raise() {
+        Ok(limit) => info!(limit, "open-files limit"),
+        Err(err) => warn!(error = %err, "cannot raise the open-files limit"),
+    }
     let name: Arc<str> = match args.name.filter(|n| !n.is_empty()) {
         Some(name) => name.into(),
         None => hostname().unwrap_or_else(|| "unknown".to_owned()).into(),
