@@ -43,6 +43,9 @@ pub const MAP_SPLICE_RX: &str = "ZT_SPLICE_RX";
 pub const MAP_SPLICE_TX: &str = "ZT_SPLICE_TX";
 pub const MAP_SPLICE_PEER: &str = "ZT_SPLICE_PEER";
 pub const MAP_SPLICE_BYTES: &str = "ZT_SPLICE_BYTES";
+/// Fast path backpressure: per receiving leg, the bound on what it may have in flight to its
+/// peer ([`SpliceDir`]).
+pub const MAP_SPLICE_DIR: &str = "ZT_SPLICE_DIR";
 
 /// `ZT_NETNS` value: what ztunnel wants done in one enrolled network namespace.
 #[repr(C)]
@@ -134,6 +137,24 @@ pub struct OwnDialKey {
     pub local_port: u16,
 }
 
+/// `ZT_SPLICE_DIR` value, keyed by the receiving leg's socket cookie: one direction of a
+/// splice. In flight = bytes redirected (`ZT_SPLICE_BYTES`) minus what the peer leg's TCP has
+/// had acknowledged since the splice (its `tcp_sock.bytes_acked` minus `peer_acked_base`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SpliceDir {
+    /// The peer leg's `tcp_sock.bytes_acked` when the splice began.
+    pub peer_acked_base: u64,
+    /// Byte offset of `bytes_acked` in this kernel's `struct tcp_sock` (from its BTF).
+    pub acked_off: u64,
+    /// Most bytes in flight before the direction stops redirecting.
+    pub limit: u64,
+    /// Set (never cleared) by the program when in flight would pass `limit`: from then on this
+    /// leg's bytes stay on it (its own receive buffer, so TCP holds the sender back) and
+    /// ztunnel copies them.
+    pub copy: u64,
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY (all): plain-old-data, repr(C), every bit pattern valid, explicit padding.
@@ -144,4 +165,5 @@ mod user {
     unsafe impl aya::Pod for super::ListenKey {}
     unsafe impl aya::Pod for super::IpKey {}
     unsafe impl aya::Pod for super::OwnDialKey {}
+    unsafe impl aya::Pod for super::SpliceDir {}
 }

@@ -23,6 +23,10 @@
 //!   arriving on one of ztunnel's two legs of an authorized same-node connection are sent
 //!   straight out of the other leg (`ZT_SPLICE_PEER` names it, `ZT_SPLICE_TX` holds it), and
 //!   counted in `ZT_SPLICE_BYTES`. ztunnel alone fills these maps, after its policy check.
+//!   Backpressure (`ZT_SPLICE_DIR`): once a direction would have more than its limit in flight
+//!   (redirected minus what the peer leg's TCP has had acknowledged), it stops redirecting for
+//!   good and passes its bytes to the receiving leg itself, where they are charged to that
+//!   leg's receive buffer (its window closes) until ztunnel copies them.
 //!
 //! Every capture decision in an enrolled netns (redirect, pass, drop, with its reason) can be
 //! logged through aya-log (`ztunnel --ebpf-log LEVEL`). The level is a read-only global fixed
@@ -42,7 +46,10 @@ use core::net::{Ipv4Addr, Ipv6Addr};
 
 use aya_ebpf::bindings::BPF_SK_LOOKUP_F_NO_REUSEPORT;
 use aya_ebpf::bindings::{bpf_sock_addr, sk_action};
-use aya_ebpf::helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sock_ops_cb_flags_set};
+use aya_ebpf::helpers::generated::{bpf_map_lookup_elem, bpf_sk_release, bpf_skc_to_tcp_sock};
+use aya_ebpf::helpers::{
+    bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_probe_read_kernel, bpf_sock_ops_cb_flags_set,
+};
 use aya_ebpf::macros::{cgroup_sock_addr, map, sk_lookup, sock_ops, stream_verdict};
 use aya_ebpf::maps::{HashMap, LruHashMap, SockHash};
 use aya_ebpf::programs::{SkBuffContext, SkLookupContext, SockAddrContext, SockOpsContext};
@@ -51,7 +58,7 @@ use aya_log_ebpf::macro_support::Level;
 use ztunnel_ebpf_common::{
     AF_INET, AF_INET6, DIR_INBOUND, DIR_OUTBOUND, ExclKey, HBONE_PORT, INBOUND_PLAINTEXT_PORT,
     IpKey, ListenKey, MESH_SOCKET_MARK, NetnsConf, ORIG_SRC_MARK, OUTBOUND_PORT, OrigDst,
-    OwnDialKey, PROBE_SNAT_V4, PROBE_SNAT_V6, PortKey,
+    OwnDialKey, PROBE_SNAT_V4, PROBE_SNAT_V6, PortKey, SpliceDir,
 };
 
 const SOCK_STREAM: u32 = 1;
@@ -114,6 +121,8 @@ static ZT_SPLICE_TX: SockHash<u64> = SockHash::with_max_entries(65536, 0);
 static ZT_SPLICE_PEER: HashMap<u64, u64> = HashMap::with_max_entries(65536, 0);
 #[map(name = "ZT_SPLICE_BYTES")]
 static ZT_SPLICE_BYTES: HashMap<u64, u64> = HashMap::with_max_entries(65536, 0);
+#[map(name = "ZT_SPLICE_DIR")]
+static ZT_SPLICE_DIR: HashMap<u64, SpliceDir> = HashMap::with_max_entries(65536, 0);
 
 #[inline(always)]
 fn enrolled(netns: u64) -> bool {
@@ -678,7 +687,10 @@ fn steer(ctx: &SkLookupContext, netns: u64, family: u32, port: u16) -> Result<()
     ZT_LISTEN.redirect_sk_lookup(ctx, key, u64::from(BPF_SK_LOOKUP_F_NO_REUSEPORT))
 }
 
-/// Stream verdict of the same-node fast path: redirect to the egress of the peer leg.
+/// Stream verdict of the same-node fast path: redirect to the egress of the peer leg while the
+/// direction's in-flight bytes stay within its limit; past it, keep the bytes on this leg for
+/// good (`SK_PASS` queues them on its own psock, charged to its receive buffer) for ztunnel
+/// to copy.
 #[stream_verdict]
 pub fn zt_splice(ctx: SkBuffContext) -> u32 {
     // SAFETY: helper valid for sk_skb programs.
@@ -688,17 +700,63 @@ pub fn zt_splice(ctx: SkBuffContext) -> u32 {
         // Not (or no longer) spliced: leave the bytes to ztunnel's own reads.
         return sk_action::SK_PASS;
     };
-    let len = ctx.len();
+    let Some(dir) = ZT_SPLICE_DIR.get_ptr_mut(cookie) else {
+        // ztunnel writes the bound before the peer, and removes the peer first.
+        return sk_action::SK_PASS;
+    };
+    // SAFETY (all `dir` and `p` accesses): live, aligned map values for the duration of the
+    // program. This leg's skbs are verdicted one at a time under its lock: plain updates do
+    // not race, and ztunnel only reads them.
+    if unsafe { read_volatile(addr_of!((*dir).copy)) } != 0 {
+        return sk_action::SK_PASS;
+    }
+    let len = u64::from(ctx.len());
+    let Some(p) = ZT_SPLICE_BYTES.get_ptr_mut(cookie) else {
+        return sk_action::SK_PASS;
+    };
+    let redirected = unsafe { read_volatile(p) };
+    let d = unsafe { read_volatile(dir) };
+    if let Some(acked) = peer_bytes_acked(peer, d.acked_off) {
+        let delivered = acked.wrapping_sub(d.peer_acked_base);
+        if (redirected + len).saturating_sub(delivered) > d.limit {
+            unsafe { write_volatile(addr_of_mut!((*dir).copy), 1) };
+            return sk_action::SK_PASS;
+        }
+    }
+    // No peer socket: the redirect below fails as well and the skb is dropped, as before.
     let verdict = ZT_SPLICE_TX.redirect_skb(&ctx, &mut peer, 0);
-    if verdict == sk_action::SK_PASS as i64
-        && let Some(p) = ZT_SPLICE_BYTES.get_ptr_mut(cookie)
-    {
-        // The key is the receiving socket: its bytes are verdicted one skb at a time under
-        // that socket's lock, so a plain add does not race.
-        // SAFETY: the map value is a live, aligned u64 for the duration of the program.
-        unsafe { write_volatile(p, read_volatile(p) + u64::from(len)) };
+    if verdict == sk_action::SK_PASS as i64 {
+        unsafe { write_volatile(p, redirected + len) };
     }
     verdict as u32
+}
+
+/// `tcp_sock.bytes_acked` of the leg `ZT_SPLICE_TX` holds under `cookie` (sk_skb programs
+/// have no `bpf_tcp_sock`; the offset comes from the kernel's BTF, via ztunnel).
+#[inline(always)]
+fn peer_bytes_acked(cookie: u64, off: u64) -> Option<u64> {
+    if off == 0 || off > 4096 {
+        return None;
+    }
+    // SAFETY: a sockhash lookup returns a referenced socket (or null), released below on
+    // every path; the field is read with probe_read_kernel, which tolerates any address.
+    unsafe {
+        let sk = bpf_map_lookup_elem(
+            addr_of!(ZT_SPLICE_TX).cast_mut().cast(),
+            addr_of!(cookie).cast(),
+        );
+        if sk.is_null() {
+            return None;
+        }
+        let tp = bpf_skc_to_tcp_sock(sk);
+        let v = if tp.is_null() {
+            None
+        } else {
+            bpf_probe_read_kernel((tp as *const u8).wrapping_add(off as usize) as *const u64).ok()
+        };
+        bpf_sk_release(sk);
+        v
+    }
 }
 
 #[cfg(not(test))]

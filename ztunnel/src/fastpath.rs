@@ -10,15 +10,23 @@
 //! (the app's connection to ztunnel, ztunnel's connection to the destination app) go into the
 //! sockhashes of [`crate::ebpf::Ebpf::splice`] and bytes flow app↔app inside the kernel; this
 //! module only watches for FINs (propagating a half-close once the other leg has everything),
-//! resets and cancellation, and reports. Owns that decision and the watch; not the kernel
-//! objects ([`crate::ebpf`]) nor routing ([`crate::outbound`]).
+//! resets and cancellation, and reports. A direction whose in-flight bytes pass the kernel's
+//! bound falls back to a userspace copy ([`fallback`]) for the rest of the connection. Owns
+//! that decision and the watch; not the kernel objects ([`crate::ebpf`]) nor routing
+//! ([`crate::outbound`]).
+
+mod fallback;
+mod sock;
+
+use sock::{TCP_CLOSE, clear_readiness, fin_received, shutdown_write, tcp_info, written};
 
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::{AsRawFd, RawFd};
-use std::pin::pin;
+use std::os::fd::AsRawFd;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use meshcore::policy::Connection;
@@ -176,16 +184,6 @@ fn source_ip(src: &Pod, target: IpAddr) -> IpAddr {
         .unwrap_or(target)
 }
 
-const TCP_CLOSE: u8 = 7;
-/// States in which the peer's FIN (or a reset: CLOSE) has arrived.
-const FIN_RECEIVED: [u8; 5] = [
-    6,  /* TIME_WAIT */
-    7,  /* CLOSE */
-    8,  /* CLOSE_WAIT */
-    9,  /* LAST_ACK */
-    11, /* CLOSING */
-];
-
 /// One leg of the splice, client (`a`, the app's connection to ztunnel) or server (`b`).
 struct Leg<'a> {
     s: &'a TcpStream,
@@ -197,10 +195,13 @@ struct Leg<'a> {
     fin: bool,
     /// That FIN has been passed on (the other leg's write side shut down).
     forwarded: bool,
+    /// The program stopped redirecting this leg's bytes: [`fallback::copy_rest`] carries them
+    /// (and the FIN) instead.
+    copying: bool,
 }
 
 /// Splices `a` and `b` until both directions ended (Completed), `cancel` fires (Cancelled), or
-/// a leg fails. Totals are the bytes the kernel forwarded in each direction.
+/// a leg fails. Totals are the bytes the kernel forwarded plus those copied, in each direction.
 async fn splice_until(
     ebpf: &Ebpf,
     a: &TcpStream,
@@ -214,10 +215,11 @@ async fn splice_until(
     let spliced = ebpf
         .splice(a.as_raw_fd(), b.as_raw_fd())
         .map_err(|e| (e.into(), Totals::default()))?;
-    let r = watch(ebpf, spliced, [(a, bases.0), (b, bases.1)], cancel).await;
+    let copied = [AtomicU64::new(0), AtomicU64::new(0)];
+    let r = watch(ebpf, spliced, [(a, bases.0), (b, bases.1)], &copied, cancel).await;
     let totals = Totals {
-        client_to_server: ebpf.spliced_bytes(spliced.a),
-        server_to_client: ebpf.spliced_bytes(spliced.b),
+        client_to_server: ebpf.spliced_bytes(spliced.a) + copied[0].load(Ordering::Relaxed),
+        server_to_client: ebpf.spliced_bytes(spliced.b) + copied[1].load(Ordering::Relaxed),
     };
     ebpf.unsplice(spliced);
     match r {
@@ -242,11 +244,15 @@ async fn splice_until(
 ///   short backoff while a leg drains: the queue has no event of its own;
 /// - EPIPE on a leg whose other leg has had its FIN is that marker, not a failure;
 /// - the counter is read only after the FIN state: both change in the same softirq under the
-///   receiving socket's lock, which `TCP_INFO` takes, so the count read after it is final.
+///   receiving socket's lock, which `TCP_INFO` takes, so the count read after it is final;
+/// - likewise the program's switch of a direction to the copy (which it makes before the FIN
+///   skb, as the FIN adds nothing in flight): checked after the FIN state, it is final, and a
+///   copying leg's FIN is the copy's to pass on, after the bytes queued on that leg.
 async fn watch<'a>(
-    ebpf: &Ebpf,
+    ebpf: &'a Ebpf,
     spliced: Spliced,
     streams: [(&'a TcpStream, u64); 2],
+    copied: &'a [AtomicU64; 2],
     cancel: impl Future<Output = ()>,
 ) -> io::Result<bool> {
     let mut cancel = pin!(cancel);
@@ -257,20 +263,41 @@ async fn watch<'a>(
         base,
         fin: false,
         forwarded: false,
+        copying: false,
     };
     let mut legs = [leg(streams[0], spliced.a), leg(streams[1], spliced.b)];
+    let mut copies: [Option<CopyTask<'a>>; 2] = [None, None];
     let mut backoff = DRAIN_POLL_MIN;
     loop {
         // FIN (or reset: CLOSE) state first, for both legs: an EPIPE below is judged against it.
-        for l in legs.iter_mut().filter(|l| !l.fin) {
+        for l in legs.iter_mut().filter(|l| !l.fin && !l.copying) {
             l.fin = fin_received(l.s)?;
+        }
+        for i in 0..2 {
+            let l = &mut legs[i];
+            if !l.copying && !l.forwarded && ebpf.splice_copying(l.cookie) {
+                info!(
+                    fast_path = true,
+                    leg = if i == 0 { "client" } else { "server" },
+                    "in-flight bound reached: this direction is copied from now on"
+                );
+                l.copying = true;
+                l.fin = false;
+                let (to, to_base) = streams[1 - i];
+                copies[i] = Some(Box::pin(fallback::copy_rest(
+                    ebpf, l.cookie, l.s, to, to_base, &copied[i],
+                )));
+            }
         }
         for i in 0..2 {
             if let Some(e) = legs[i].s.take_error()? {
                 // The other leg's FIN reached the end of this leg's forwarding queue (see above);
                 // its state is re-read, as it may have changed since the pass above.
                 let other = &mut legs[1 - i];
-                if e.raw_os_error() != Some(libc::EPIPE) || !(other.fin || fin_received(other.s)?) {
+                if e.raw_os_error() != Some(libc::EPIPE)
+                    || other.copying
+                    || !(other.fin || fin_received(other.s)?)
+                {
                     return Err(e);
                 }
                 other.fin = true;
@@ -310,10 +337,16 @@ async fn watch<'a>(
             backoff = DRAIN_POLL_MIN;
             IDLE_POLL
         };
-        let (fa, fb) = (legs[0].fin, legs[1].fin);
+        let (fa, fb) = (
+            legs[0].fin || legs[0].copying,
+            legs[1].fin || legs[1].copying,
+        );
+        let [ca, cb] = &mut copies;
         tokio::select! {
             biased;
             _ = &mut cancel => return Ok(true),
+            r = run(ca) => { r?; *ca = None; legs[0].fin = true; legs[0].forwarded = true; }
+            r = run(cb) => { r?; *cb = None; legs[1].fin = true; legs[1].forwarded = true; }
             r = a.ready(Interest::READABLE), if !fa => { r?; clear_readiness(a); }
             r = b.ready(Interest::READABLE), if !fb => { r?; clear_readiness(b); }
             _ = tokio::time::sleep(pause) => {}
@@ -321,61 +354,16 @@ async fn watch<'a>(
     }
 }
 
+type CopyTask<'a> = Pin<Box<dyn Future<Output = io::Result<()>> + Send + 'a>>;
+
+/// The copy if there is one, else never.
+async fn run(copy: &mut Option<CopyTask<'_>>) -> io::Result<()> {
+    match copy {
+        Some(c) => c.await,
+        None => std::future::pending().await,
+    }
+}
+
 const DRAIN_POLL_MIN: Duration = Duration::from_millis(1);
 const DRAIN_POLL_MAX: Duration = Duration::from_millis(8);
 const IDLE_POLL: Duration = Duration::from_millis(200);
-
-fn fin_received(s: &TcpStream) -> io::Result<bool> {
-    Ok(FIN_RECEIVED.contains(&tcp_info(s.as_raw_fd())?.0))
-}
-
-fn clear_readiness(s: &TcpStream) {
-    let _ = s.try_io(Interest::READABLE, || {
-        Err::<(), _>(io::ErrorKind::WouldBlock.into())
-    });
-}
-
-fn shutdown_write(fd: RawFd) {
-    // SAFETY: shutdown on a socket fd we own; errors (peer already gone) are moot here.
-    unsafe { libc::shutdown(fd, libc::SHUT_WR) };
-}
-
-/// Bytes ever written into this socket's send side: acknowledged (`tcpi_bytes_acked`) plus
-/// still queued (`SIOCOUTQ`), read in that order so that a concurrent ACK can only make the
-/// sum smaller than the truth, never larger. Compared as growth since a baseline taken before
-/// splicing (the handshake may count in `tcpi_bytes_acked`).
-fn written(fd: RawFd) -> io::Result<u64> {
-    let (_, acked) = tcp_info(fd)?;
-    let mut outq: libc::c_int = 0;
-    // SAFETY: SIOCOUTQ (= TIOCOUTQ) writes one int.
-    if unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut outq) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(acked + outq.max(0) as u64)
-}
-
-/// (tcpi_state, tcpi_bytes_acked) of a TCP socket.
-fn tcp_info(fd: RawFd) -> io::Result<(u8, u64)> {
-    // struct tcp_info: tcpi_state at byte 0, tcpi_bytes_acked (u64) at byte 120 (Linux 4.1+).
-    const BYTES_ACKED: usize = 120;
-    let mut buf = [0u64; 32];
-    let mut len = std::mem::size_of_val(&buf) as libc::socklen_t;
-    // SAFETY: buf is writable for len bytes.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            buf.as_mut_ptr().cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if (len as usize) < BYTES_ACKED + 8 {
-        return Err(io::Error::other("TCP_INFO too short (kernel < 4.1)"));
-    }
-    let state = buf[0].to_ne_bytes()[0];
-    Ok((state, buf[BYTES_ACKED / 8]))
-}
