@@ -182,9 +182,10 @@ impl Pool {
     /// [`tls::client_config`]`(cert, &key.dst_identities)` (ALPN h2), then HTTP/2 with Istio's
     /// settings. How connections are shared:
     ///
-    /// - Callers for a key with no usable connection share **one** handshake: a burst of 200
-    ///   concurrent connects opens exactly one connection, and all of them use it (even past
-    ///   `max_streams_per_conn`; h2 queues streams beyond the server's limit).
+    /// - Callers for a key with no usable connection share **one** handshake at a time: a
+    ///   burst of 200 concurrent connects with `max_streams_per_conn` 100 opens exactly two
+    ///   connections, one after the other. A caller never gets a connection past that limit:
+    ///   h2 would queue such a stream until a live one ends, which may be never.
     /// - An established connection carrying `max_streams_per_conn` live streams is full; a
     ///   caller finding only full connections opens a new one.
     /// - Dead connections (GOAWAY, error, PING timeout) leave the pool; connections with no
@@ -271,8 +272,14 @@ impl Pool {
                 Step::Wait(handshake) => {
                     let conn = handshake.await.map_err(|e| e.duplicate())?;
                     let _keys = self.inner.lock();
-                    // The connection may have died (or idled out) between the handshake and now.
-                    if !conn.dead.load(Ordering::Acquire) {
+                    // The connection may have died (or idled out) between the handshake and now,
+                    // or the burst that waited with us filled it: then look again (and make
+                    // another). Streams past the server's limit would queue inside h2 until a
+                    // live one ends, which for long-lived connections is never.
+                    let max = self.inner.settings.max_streams_per_conn.max(1);
+                    if !conn.dead.load(Ordering::Acquire)
+                        && conn.active.load(Ordering::Acquire) < max
+                    {
                         conn.active.fetch_add(1, Ordering::AcqRel);
                         return Ok(conn);
                     }
