@@ -24,7 +24,9 @@ use std::io;
 use std::pin::{Pin, pin};
 use std::task::{Context, Poll, ready};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use bytes::{Buf, Bytes, BytesMut};
+use meshcore::hbone::H2Stream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
 use crate::metrics::ConnMetrics;
 
@@ -80,8 +82,8 @@ pub async fn bidirectional<A, B>(
     metrics: &ConnMetrics,
 ) -> io::Result<(u64, u64)>
 where
-    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    A: Side,
+    B: Side,
 {
     let mut transfer = Transfer::new(client, server, metrics);
     std::future::poll_fn(|cx| transfer.poll(cx)).await?;
@@ -103,8 +105,8 @@ pub async fn bidirectional_until<A, B, C>(
     cancel: C,
 ) -> io::Result<Outcome>
 where
-    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    A: Side,
+    B: Side,
     C: Future<Output = ()>,
 {
     let mut cancel = pin!(cancel);
@@ -131,13 +133,35 @@ enum Way {
     ServerToClient,
 }
 
-/// One direction's state: a reusable buffer and where it is in read → write → shutdown.
+/// One side of a proxied connection: a socket, or an HBONE tunnel.
+///
+/// A tunnel's bytes move as the `Bytes` HTTP/2 received or will send, never through a copy
+/// buffer: a chunk read from a socket goes to h2 as it is, and a chunk h2 received is written
+/// to the socket from h2's own buffer.
+pub trait Side: AsyncRead + AsyncWrite + Unpin {
+    /// The tunnel, if this side is one.
+    fn tunnel(&mut self) -> Option<&mut H2Stream> {
+        None
+    }
+}
+
+impl Side for tokio::net::TcpStream {}
+impl Side for tokio::io::DuplexStream {}
+impl Side for H2Stream {
+    fn tunnel(&mut self) -> Option<&mut H2Stream> {
+        Some(self)
+    }
+}
+
+/// One direction's state: the bytes in hand and where it is in read → write → shutdown.
 struct Direction {
     way: Way,
-    buf: Box<[u8]>,
-    /// `buf[pos..cap]` has been read but not yet written.
-    pos: usize,
-    cap: usize,
+    /// Where socket reads land. Its allocation is reused once the chunks cut from it are gone.
+    buf: BytesMut,
+    /// How much the next socket read asks for: grows with traffic, never shrinks.
+    read_size: usize,
+    /// Read but not yet written.
+    out: Bytes,
     total: u64,
     read_eof: bool,
     /// Written since the last flush (flush before parking on a read, for buffered writers).
@@ -150,9 +174,9 @@ impl Direction {
     fn new(way: Way) -> Direction {
         Direction {
             way,
-            buf: vec![0; INITIAL_BUFFER_SIZE].into_boxed_slice(),
-            pos: 0,
-            cap: 0,
+            buf: BytesMut::new(),
+            read_size: INITIAL_BUFFER_SIZE,
+            out: Bytes::new(),
             total: 0,
             read_eof: false,
             need_flush: false,
@@ -160,38 +184,47 @@ impl Direction {
         }
     }
 
-    fn poll_copy<R, W>(
+    /// Reads the next chunk into `out`: from a tunnel as received, from a socket into `buf`.
+    fn poll_fill<R: Side>(&mut self, cx: &mut Context<'_>, reader: &mut R) -> Poll<io::Result<()>> {
+        if let Some(tunnel) = reader.tunnel() {
+            match ready!(tunnel.poll_chunk(cx))? {
+                Some(chunk) => self.out = chunk,
+                None => self.read_eof = true,
+            }
+            return Poll::Ready(Ok(()));
+        }
+        self.buf.clear();
+        self.buf.reserve(self.read_size);
+        // `read_buf` fills the spare capacity without zeroing it first.
+        let n = ready!(pin!(reader.read_buf(&mut self.buf)).poll(cx))?;
+        if n == 0 {
+            self.read_eof = true;
+            return Poll::Ready(Ok(()));
+        }
+        if n >= self.read_size && self.read_size < BUFFER_SIZE {
+            // The read filled what it asked for: more is waiting, ask for more next time.
+            self.read_size = (self.read_size * GROWTH).min(BUFFER_SIZE);
+        }
+        self.out = self.buf.split().freeze();
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_copy<R: Side, W: Side>(
         &mut self,
         cx: &mut Context<'_>,
-        mut reader: Pin<&mut R>,
-        mut writer: Pin<&mut W>,
+        reader: &mut R,
+        writer: &mut W,
         metrics: &ConnMetrics,
-    ) -> Poll<io::Result<()>>
-    where
-        R: AsyncRead + ?Sized,
-        W: AsyncWrite + ?Sized,
-    {
+    ) -> Poll<io::Result<()>> {
         loop {
-            if self.pos == self.cap && !self.read_eof {
-                if self.cap == self.buf.len() && self.buf.len() < BUFFER_SIZE {
-                    // The last read filled the buffer (and it is all written out): grow.
-                    let size = (self.buf.len() * GROWTH).min(BUFFER_SIZE);
-                    self.buf = vec![0; size].into_boxed_slice();
-                }
-                let mut rb = ReadBuf::new(&mut self.buf);
-                match reader.as_mut().poll_read(cx, &mut rb) {
-                    Poll::Ready(Ok(())) => {
-                        let n = rb.filled().len();
-                        self.pos = 0;
-                        self.cap = n;
-                        self.read_eof = n == 0;
-                    }
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            if self.out.is_empty() && !self.read_eof {
+                match self.poll_fill(cx, reader) {
+                    Poll::Ready(r) => r?,
                     Poll::Pending => {
                         // Nothing more to read for now: push out what a buffered writer holds,
                         // or the peer may wait forever for bytes we already "wrote".
                         if self.need_flush {
-                            ready!(writer.as_mut().poll_flush(cx))?;
+                            ready!(Pin::new(&mut *writer).poll_flush(cx))?;
                             self.need_flush = false;
                         }
                         return Poll::Pending;
@@ -199,19 +232,18 @@ impl Direction {
                 }
             }
 
-            while self.pos < self.cap {
-                let n = ready!(
-                    writer
-                        .as_mut()
-                        .poll_write(cx, &self.buf[self.pos..self.cap])
-                )?;
+            while !self.out.is_empty() {
+                let n = match writer.tunnel() {
+                    Some(tunnel) => ready!(tunnel.poll_send(cx, &self.out))?,
+                    None => ready!(Pin::new(&mut *writer).poll_write(cx, &self.out))?,
+                };
                 if n == 0 {
                     return Poll::Ready(Err(io::Error::new(
                         io::ErrorKind::WriteZero,
                         "peer accepted no bytes",
                     )));
                 }
-                self.pos += n;
+                self.out.advance(n);
                 self.total += n as u64;
                 self.need_flush = true;
                 match self.way {
@@ -223,7 +255,7 @@ impl Direction {
             if self.read_eof {
                 // Propagate the half-close. `poll_shutdown` flushes first. A peer that is already
                 // gone (NotConnected) makes the FIN moot, not the copy a failure.
-                match ready!(writer.as_mut().poll_shutdown(cx)) {
+                match ready!(Pin::new(&mut *writer).poll_shutdown(cx)) {
                     Ok(()) => {}
                     Err(e) if e.kind() == io::ErrorKind::NotConnected => {}
                     Err(e) => return Poll::Ready(Err(e)),
@@ -236,7 +268,7 @@ impl Direction {
 }
 
 /// Both directions of one connection.
-struct Transfer<'a, A: ?Sized, B: ?Sized> {
+struct Transfer<'a, A, B> {
     client: &'a mut A,
     server: &'a mut B,
     metrics: &'a ConnMetrics,
@@ -244,11 +276,7 @@ struct Transfer<'a, A: ?Sized, B: ?Sized> {
     s2c: Direction,
 }
 
-impl<'a, A, B> Transfer<'a, A, B>
-where
-    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
-{
+impl<'a, A: Side, B: Side> Transfer<'a, A, B> {
     fn new(client: &'a mut A, server: &'a mut B, metrics: &'a ConnMetrics) -> Self {
         Transfer {
             client,
@@ -269,23 +297,17 @@ where
     /// Ready(Ok) once both directions are done; Ready(Err) on the first error of either.
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         if !self.c2s.done {
-            let r = self.c2s.poll_copy(
-                cx,
-                Pin::new(&mut *self.client),
-                Pin::new(&mut *self.server),
-                self.metrics,
-            );
+            let r = self
+                .c2s
+                .poll_copy(cx, &mut *self.client, &mut *self.server, self.metrics);
             if let Poll::Ready(Err(e)) = r {
                 return Poll::Ready(Err(e));
             }
         }
         if !self.s2c.done {
-            let r = self.s2c.poll_copy(
-                cx,
-                Pin::new(&mut *self.server),
-                Pin::new(&mut *self.client),
-                self.metrics,
-            );
+            let r = self
+                .s2c
+                .poll_copy(cx, &mut *self.server, &mut *self.client, self.metrics);
             if let Poll::Ready(Err(e)) = r {
                 return Poll::Ready(Err(e));
             }
@@ -311,8 +333,8 @@ mod tests {
         let (mut client, mut client_far) = tokio::io::duplex(1024 * 1024);
         let (mut server, mut server_far) = tokio::io::duplex(1024 * 1024);
         let mut transfer = Transfer::new(&mut client, &mut server, &conn);
-        assert_eq!(transfer.c2s.buf.len(), INITIAL_BUFFER_SIZE);
-        assert_eq!(transfer.s2c.buf.len(), INITIAL_BUFFER_SIZE);
+        assert_eq!(transfer.c2s.read_size, INITIAL_BUFFER_SIZE);
+        assert_eq!(transfer.s2c.read_size, INITIAL_BUFFER_SIZE);
 
         // A small request and reply leave both buffers small.
         client_far.write_all(b"GET\n").await.unwrap();
@@ -323,8 +345,8 @@ mod tests {
         }
         assert_eq!(server_far.read(&mut buf).await.unwrap(), 4);
         assert_eq!(client_far.read(&mut buf).await.unwrap(), 3);
-        assert_eq!(transfer.c2s.buf.len(), INITIAL_BUFFER_SIZE);
-        assert_eq!(transfer.s2c.buf.len(), INITIAL_BUFFER_SIZE);
+        assert_eq!(transfer.c2s.read_size, INITIAL_BUFFER_SIZE);
+        assert_eq!(transfer.s2c.read_size, INITIAL_BUFFER_SIZE);
 
         // A bulk upload grows the upload's buffer to the maximum; the other stays small.
         let bulk = vec![7u8; 800 * 1024];
@@ -335,8 +357,8 @@ mod tests {
             let mut chunk = vec![0u8; 256 * 1024];
             got += server_far.read(&mut chunk).await.unwrap();
         }
-        assert_eq!(transfer.c2s.buf.len(), BUFFER_SIZE);
-        assert_eq!(transfer.s2c.buf.len(), INITIAL_BUFFER_SIZE);
+        assert_eq!(transfer.c2s.read_size, BUFFER_SIZE);
+        assert_eq!(transfer.s2c.read_size, INITIAL_BUFFER_SIZE);
         assert_eq!(transfer.totals().client_to_server, 4 + bulk.len() as u64);
     }
 }

@@ -101,6 +101,74 @@ fn h2_to_io(e: h2::Error) -> io::Error {
     io::Error::new(kind, e)
 }
 
+impl H2Stream {
+    /// The next chunk of received bytes exactly as HTTP/2 delivered it (no copy); `None` once
+    /// the peer ended its side. The chunk's window goes back to the peer as it is handed out,
+    /// so the caller holds at most one frame's worth beyond the stream window.
+    pub fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
+        if self.pending.is_empty() && !self.eof {
+            match ready!(self.recv.poll_data(cx)) {
+                Some(Ok(data)) => self.pending = data,
+                None => self.eof = true,
+                // A reset with NO_ERROR is a peer that is simply done.
+                Some(Err(e)) if e.reason() == Some(Reason::NO_ERROR) => self.eof = true,
+                Some(Err(e)) => return Poll::Ready(Err(h2_to_io(e))),
+            }
+        }
+        if self.pending.is_empty() {
+            // An empty DATA frame is not an end; only `eof` is.
+            return if self.eof {
+                Poll::Ready(Ok(None))
+            } else {
+                Poll::Ready(Ok(Some(Bytes::new())))
+            };
+        }
+        let chunk = std::mem::take(&mut self.pending);
+        // An error here means the stream is gone; the next poll_data reports it.
+        let _ = self.recv.flow_control().release_capacity(chunk.len());
+        Poll::Ready(Ok(Some(chunk)))
+    }
+
+    /// Sends as much of `data` as the peer's window allows now, without copying it; how many
+    /// bytes went. Waits (Pending) while the window is closed, as [`AsyncWrite::poll_write`].
+    pub fn poll_send(&mut self, cx: &mut Context<'_>, data: &Bytes) -> Poll<io::Result<usize>> {
+        if data.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let n = ready!(self.poll_window(cx, data.len()))?;
+        match self.send.send_data(data.slice(..n), false) {
+            Ok(()) => Poll::Ready(Ok(n)),
+            Err(e) => Poll::Ready(Err(h2_to_io(e))),
+        }
+    }
+
+    /// Waits for send window for up to `len` bytes (at most [`MAX_WRITE_CHUNK`]); how much.
+    fn poll_window(&mut self, cx: &mut Context<'_>, len: usize) -> Poll<io::Result<usize>> {
+        if self.shut_down {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "HBONE stream already shut down",
+            )));
+        }
+        let want = len.min(MAX_WRITE_CHUNK);
+        self.send.reserve_capacity(want);
+        loop {
+            match ready!(self.send.poll_capacity(cx)) {
+                // Capacity can be announced as 0 after a window update race; ask again.
+                Some(Ok(0)) => continue,
+                Some(Ok(n)) => return Poll::Ready(Ok(n.min(want))),
+                Some(Err(e)) => return Poll::Ready(Err(h2_to_io(e))),
+                None => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::BrokenPipe,
+                        "HBONE stream closed by peer",
+                    )));
+                }
+            }
+        }
+    }
+}
+
 impl AsyncRead for H2Stream {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -149,36 +217,13 @@ impl AsyncWrite for H2Stream {
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
-        if this.shut_down {
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::BrokenPipe,
-                "HBONE stream already shut down",
-            )));
-        }
-        let want = buf.len().min(MAX_WRITE_CHUNK);
-        this.send.reserve_capacity(want);
-        loop {
-            match ready!(this.send.poll_capacity(cx)) {
-                // Capacity can be announced as 0 after a window update race; ask again.
-                Some(Ok(0)) => continue,
-                Some(Ok(n)) => {
-                    let n = n.min(want);
-                    return match this
-                        .send
-                        .send_data(Bytes::copy_from_slice(&buf[..n]), false)
-                    {
-                        Ok(()) => Poll::Ready(Ok(n)),
-                        Err(e) => Poll::Ready(Err(h2_to_io(e))),
-                    };
-                }
-                Some(Err(e)) => return Poll::Ready(Err(h2_to_io(e))),
-                None => {
-                    return Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::BrokenPipe,
-                        "HBONE stream closed by peer",
-                    )));
-                }
-            }
+        let n = ready!(this.poll_window(cx, buf.len()))?;
+        match this
+            .send
+            .send_data(Bytes::copy_from_slice(&buf[..n]), false)
+        {
+            Ok(()) => Poll::Ready(Ok(n)),
+            Err(e) => Poll::Ready(Err(h2_to_io(e))),
         }
     }
 
