@@ -173,6 +173,7 @@ fn main() -> anyhow::Result<()> {
     let log = init_logging(&config.log_format);
     app::prepare()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(worker_threads(config.worker_threads))
         .enable_all()
         .build()?;
     match runtime.block_on(run(config, log))? {
@@ -180,6 +181,15 @@ fn main() -> anyhow::Result<()> {
         // At once, without dropping the runtime (its tasks must not see a stop).
         Exit::Fatal(code) => std::process::exit(code),
     }
+}
+
+/// `--worker-threads`, else the CPUs this process may run on, at most 2.
+fn worker_threads(flag: Option<u16>) -> usize {
+    flag.map(usize::from).unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get().min(2))
+            .unwrap_or(2)
+    })
 }
 
 async fn run(config: Config, log: LogHandle) -> anyhow::Result<Exit> {

@@ -115,6 +115,10 @@ pub struct Config {
     #[arg(long, env = "MAX_CONNECTIONS_PER_SOURCE",
         value_parser = clap::value_parser!(u64).range(1..))]
     pub max_connections_per_source: Option<u64>,
+    /// Threads running the proxy [default: the CPUs this process may use, at most 2 — as
+    /// Istio's ztunnel]. One connection's work stays on one thread at a time either way.
+    #[arg(long, env = "WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub worker_threads: Option<u16>,
 }
 
 fn ebpf_instance(s: &str) -> Result<String, String> {

@@ -116,6 +116,7 @@ async fn starts_in_process_turns_ready_serves_metrics_and_stops_cleanly() {
         trust_domain: "cluster.local".into(),
         max_connections: None,
         max_connections_per_source: None,
+        worker_threads: None,
     };
     let app = app::build(config, Box::new(|_| Ok(()))).await.unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
