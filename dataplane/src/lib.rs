@@ -20,6 +20,7 @@ pub mod certs;
 pub mod conn_result;
 pub mod drain;
 pub mod hbone_in;
+pub mod memory;
 pub mod meshd;
 pub mod spans;
 pub mod subscription;

@@ -255,6 +255,12 @@ pub async fn build(config: Config, set_log_level: SetLogLevelFn) -> anyhow::Resu
         on_exit,
         config.trust_domain.clone(),
     ));
+    // Start-up (the eBPF load parses the kernel's BTF) freed more than ztunnel keeps; give it
+    // back now, and what load frees from then on, periodically.
+    tasks.spawn(
+        "memory",
+        dataplane::memory::trim_every(dataplane::memory::TRIM_PERIOD),
+    );
     info!(node = %config.node, meshd = %config.meshd, capture = %ctx.capture.mode(), enrollment = %config.enrollment, admin = %config.admin_addr, metrics = %config.metrics_addr, "ztunnel started");
     Ok(App {
         config,
