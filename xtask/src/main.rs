@@ -269,6 +269,8 @@ fn test(args: &[String]) -> anyhow::Result<()> {
             "zds_paths",
             "--test",
             "zds_exclusions",
+            "--test",
+            "conn_hold",
         ])
         .args(args)
         .env("RUST_TEST_THREADS", "2")
