@@ -193,7 +193,9 @@ impl Direction {
             }
             return Poll::Ready(Ok(()));
         }
-        self.buf.clear();
+        // Let go of the last chunk (written out, but still a reference to `buf`'s allocation),
+        // so `reserve` can reuse that allocation instead of making a new one per read.
+        self.out = Bytes::new();
         self.buf.reserve(self.read_size);
         // `read_buf` fills the spare capacity without zeroing it first.
         let n = ready!(pin!(reader.read_buf(&mut self.buf)).poll(cx))?;
