@@ -55,8 +55,8 @@ pub use kernel_log::EbpfLog;
 use kernel_log::{start_log_reader, sweep_log_pins};
 pub use pins::remove_dir;
 use pins::{link_pin_inodes, remove_pin, replace_pin};
-pub use sock::netns_cookie;
 use sock::{decode, ip_key, listener_addr};
+pub use sock::{netns_cookie, tcp_info};
 use splice::SpliceMaps;
 pub use splice::Spliced;
 

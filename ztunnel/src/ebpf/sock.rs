@@ -1,5 +1,6 @@
-//! Small socket helpers: the kernel's cookies of a socket and of its netns, a listener's bound
-//! address, and addresses in the maps' encodings. Stateless: must not touch maps or pins.
+//! Small socket helpers: the kernel's cookies of a socket and of its netns, its `TCP_INFO` state and
+//! bytes acked, a listener's bound address, and addresses in the maps' encodings. Stateless: must not
+//! touch maps or pins.
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -75,4 +76,30 @@ pub(super) fn listener_addr(fd: RawFd) -> io::Result<SocketAddr> {
         .local_addr()?
         .as_socket()
         .ok_or_else(|| io::Error::other("not an inet socket"))
+}
+
+/// (tcpi_state, tcpi_bytes_acked) of a TCP socket.
+pub fn tcp_info(fd: RawFd) -> io::Result<(u8, u64)> {
+    // struct tcp_info: tcpi_state at byte 0, tcpi_bytes_acked (u64) at byte 120 (Linux 4.1+).
+    const BYTES_ACKED: usize = 120;
+    let mut buf = [0u64; 32];
+    let mut len = std::mem::size_of_val(&buf) as libc::socklen_t;
+    // SAFETY: buf is writable for len bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            buf.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if (len as usize) < BYTES_ACKED + 8 {
+        return Err(io::Error::other("TCP_INFO too short (kernel < 4.1)"));
+    }
+    let state = buf[0].to_ne_bytes()[0];
+    Ok((state, buf[BYTES_ACKED / 8]))
 }

@@ -232,27 +232,7 @@ fn set_rcvlowat(fd: RawFd) -> io::Result<()> {
 
 /// `tcpi_bytes_acked` (= `tcp_sock.bytes_acked`) of a TCP socket.
 fn bytes_acked(fd: RawFd) -> io::Result<u64> {
-    // struct tcp_info: tcpi_bytes_acked (u64) at byte 120 (Linux 4.1+).
-    const BYTES_ACKED: usize = 120;
-    let mut buf = [0u64; 32];
-    let mut len = std::mem::size_of_val(&buf) as libc::socklen_t;
-    // SAFETY: buf is writable for len bytes.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            buf.as_mut_ptr().cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if (len as usize) < BYTES_ACKED + 8 {
-        return Err(io::Error::other("TCP_INFO too short (kernel < 4.1)"));
-    }
-    Ok(buf[BYTES_ACKED / 8])
+    super::sock::tcp_info(fd).map(|(_, acked)| acked)
 }
 
 const BTF_VMLINUX: &str = "/sys/kernel/btf/vmlinux";

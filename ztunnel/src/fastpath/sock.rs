@@ -46,28 +46,4 @@ pub(super) fn written(fd: RawFd) -> io::Result<u64> {
     Ok(acked + outq.max(0) as u64)
 }
 
-/// (tcpi_state, tcpi_bytes_acked) of a TCP socket.
-pub(super) fn tcp_info(fd: RawFd) -> io::Result<(u8, u64)> {
-    // struct tcp_info: tcpi_state at byte 0, tcpi_bytes_acked (u64) at byte 120 (Linux 4.1+).
-    const BYTES_ACKED: usize = 120;
-    let mut buf = [0u64; 32];
-    let mut len = std::mem::size_of_val(&buf) as libc::socklen_t;
-    // SAFETY: buf is writable for len bytes.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            buf.as_mut_ptr().cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if (len as usize) < BYTES_ACKED + 8 {
-        return Err(io::Error::other("TCP_INFO too short (kernel < 4.1)"));
-    }
-    let state = buf[0].to_ne_bytes()[0];
-    Ok((state, buf[BYTES_ACKED / 8]))
-}
+pub(super) use crate::ebpf::tcp_info;
