@@ -120,7 +120,10 @@ mod tests {
     fn a_uid_that_is_not_a_plain_name_makes_no_cgroup() {
         for bad in ["", "../../escape", "a/b", "pod uid", &"x".repeat(65)] {
             assert!(
-                matches!(pod_cgroup("no-such-run", bad), Err(TestbedError::Invalid(_))),
+                matches!(
+                    pod_cgroup("no-such-run", bad),
+                    Err(TestbedError::Invalid(_))
+                ),
                 "{bad:?}"
             );
         }

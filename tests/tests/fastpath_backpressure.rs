@@ -206,11 +206,18 @@ fn stalled_then_intact(
     resume_tx.send(()).unwrap();
     s.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
     let total = write_pattern(&mut s, again, again + TAIL);
-    assert_eq!(total, again + TAIL, "the tail stalled after the server resumed");
+    assert_eq!(
+        total,
+        again + TAIL,
+        "the tail stalled after the server resumed"
+    );
     s.shutdown(std::net::Shutdown::Write).unwrap();
     let (received, first_bad) = reader.join().expect("server thread");
     assert_eq!(first_bad, None, "stream corrupted via {dst}");
-    assert_eq!(received, total, "server got {received} of {total} bytes via {dst}");
+    assert_eq!(
+        received, total,
+        "server got {received} of {total} bytes via {dst}"
+    );
     let mut rest = Vec::new();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     // The server's close comes back as our EOF.
