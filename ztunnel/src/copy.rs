@@ -1,10 +1,10 @@
 //! Metered bidirectional copy between a connection's client side and its server side.
 //!
-//! Owns only the byte pump: two buffers per connection (small at first, growing with traffic),
-//! half-close propagation, and
-//! counting into a [`ConnMetrics`] as bytes flow. It does not open, authorize or close
-//! connections (the proxy paths own the streams; dropping them closes them) and does not choose
-//! labels ([`crate::metrics`]).
+//! Owns only the byte pump: a read buffer per direction whose reader is a socket (small at
+//! first, growing with traffic; an HBONE tunnel's bytes pass as HTTP/2's own chunks instead),
+//! half-close propagation, and counting into a [`ConnMetrics`] as bytes flow. It does not
+//! open, authorize or close connections (the proxy paths own the streams; dropping them closes
+//! them) and does not choose labels ([`crate::metrics`]).
 //!
 //! # Counting
 //!

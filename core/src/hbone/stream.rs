@@ -106,7 +106,20 @@ impl H2Stream {
     /// the peer ended its side. The chunk's window goes back to the peer as it is handed out,
     /// so the caller holds at most one frame's worth beyond the stream window.
     pub fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
-        if self.pending.is_empty() && !self.eof {
+        ready!(self.poll_fill(cx))?;
+        if self.pending.is_empty() {
+            return Poll::Ready(Ok(None));
+        }
+        let chunk = std::mem::take(&mut self.pending);
+        // An error here means the stream is gone; the next poll_data reports it.
+        let _ = self.recv.flow_control().release_capacity(chunk.len());
+        Poll::Ready(Ok(Some(chunk)))
+    }
+
+    /// Waits until `pending` holds received bytes or the peer has ended its side (`eof`).
+    /// Empty DATA frames are skipped: only `eof` is an end.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.pending.is_empty() && !self.eof {
             match ready!(self.recv.poll_data(cx)) {
                 Some(Ok(data)) => self.pending = data,
                 None => self.eof = true,
@@ -115,18 +128,7 @@ impl H2Stream {
                 Some(Err(e)) => return Poll::Ready(Err(h2_to_io(e))),
             }
         }
-        if self.pending.is_empty() {
-            // An empty DATA frame is not an end; only `eof` is.
-            return if self.eof {
-                Poll::Ready(Ok(None))
-            } else {
-                Poll::Ready(Ok(Some(Bytes::new())))
-            };
-        }
-        let chunk = std::mem::take(&mut self.pending);
-        // An error here means the stream is gone; the next poll_data reports it.
-        let _ = self.recv.flow_control().release_capacity(chunk.len());
-        Poll::Ready(Ok(Some(chunk)))
+        Poll::Ready(Ok(()))
     }
 
     /// Sends as much of `data` as the peer's window allows now, without copying it; how many
@@ -176,34 +178,18 @@ impl AsyncRead for H2Stream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        loop {
-            if !this.pending.is_empty() {
-                let n = this.pending.len().min(buf.remaining());
-                buf.put_slice(&this.pending[..n]);
-                this.pending.advance(n);
-                // Give the window back only as the application consumes, so HTTP/2 flow
-                // control reflects how fast we really read. An error here means the stream is
-                // gone; the next poll_data reports it.
-                let _ = this.recv.flow_control().release_capacity(n);
-                return Poll::Ready(Ok(()));
-            }
-            if this.eof || buf.remaining() == 0 {
-                return Poll::Ready(Ok(()));
-            }
-            match ready!(this.recv.poll_data(cx)) {
-                Some(Ok(data)) => this.pending = data,
-                None => {
-                    this.eof = true;
-                    return Poll::Ready(Ok(()));
-                }
-                Some(Err(e)) if e.reason() == Some(Reason::NO_ERROR) => {
-                    // A reset with NO_ERROR is a peer that is simply done.
-                    this.eof = true;
-                    return Poll::Ready(Ok(()));
-                }
-                Some(Err(e)) => return Poll::Ready(Err(h2_to_io(e))),
-            }
+        if buf.remaining() == 0 {
+            return Poll::Ready(Ok(()));
         }
+        ready!(this.poll_fill(cx))?;
+        let n = this.pending.len().min(buf.remaining());
+        buf.put_slice(&this.pending[..n]);
+        this.pending.advance(n);
+        // Give the window back only as the application consumes, so HTTP/2 flow control
+        // reflects how fast we really read. An error here means the stream is gone; the next
+        // poll_data reports it.
+        let _ = this.recv.flow_control().release_capacity(n);
+        Poll::Ready(Ok(()))
     }
 }
 
