@@ -387,9 +387,10 @@ async fn handshake(
         .connect(tls::dummy_server_name(), super::ReadAhead::new(tcp))
         .await
         .map_err(|e| HboneError::Tls(tls::describe_handshake_error(&e)))?;
-    tls.get_mut()
-        .1
-        .set_buffer_limit(Some(super::TLS_SEND_BUFFER));
+    // Authenticated: bulk-sized reads and writes from now on.
+    let (wire, session) = tls.get_mut();
+    wire.allow_large_reads();
+    session.set_buffer_limit(Some(super::TLS_SEND_BUFFER));
     let result = h2::client::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)

@@ -6,6 +6,10 @@
 //! whatever the kernel has (up to [`MAX_READ`]) in one syscall and hands rustls its small
 //! pieces with a `memcpy`. Writes pass straight through (vectored, as rustls writes records).
 //!
+//! Before the TLS handshake has proved who the peer is, the buffer stays at [`INITIAL_READ`]:
+//! an unauthenticated peer flooding its handshake slots pins 16 KiB each, not 256 KiB. The
+//! connection's owner calls [`ReadAhead::allow_large_reads`] once the handshake is done.
+//!
 //! Owns: that buffer only. It never interprets the bytes and never reads ahead of a caller's
 //! demand (it reads only when its buffer is empty and someone asked), so a closed or failing
 //! socket is reported to rustls exactly as the socket reported it.
@@ -31,27 +35,26 @@ pub struct ReadAhead<T> {
     /// `buf[pos..end]` has been read from the socket but not yet handed out.
     pos: usize,
     end: usize,
+    /// How far the buffer may grow: [`INITIAL_READ`] until the handshake is done.
+    max: usize,
 }
 
 impl<T> ReadAhead<T> {
-    /// Wraps `io`; nothing is read until the first read.
+    /// Wraps `io`; nothing is read until the first read, and the buffer stays at
+    /// [`INITIAL_READ`] until [`ReadAhead::allow_large_reads`].
     pub fn new(io: T) -> Self {
         ReadAhead {
             io,
             buf: Box::default(),
             pos: 0,
             end: 0,
+            max: INITIAL_READ,
         }
     }
 
-    /// The transport underneath.
-    pub fn get_ref(&self) -> &T {
-        &self.io
-    }
-
-    /// Bytes read from the socket and not yet handed out.
-    pub fn buffered(&self) -> usize {
-        self.end - self.pos
+    /// Lets the buffer grow up to [`MAX_READ`]: call once the peer is authenticated.
+    pub fn allow_large_reads(&mut self) {
+        self.max = MAX_READ;
     }
 }
 
@@ -75,9 +78,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for ReadAhead<T> {
             let n = rb.filled().len();
             this.pos = 0;
             this.end = n;
-            if n == this.buf.len() && n < MAX_READ {
+            if n == this.buf.len() && n < this.max {
                 // A full read means more was waiting: read more at once next time.
-                let grown = (n * 4).min(MAX_READ);
+                let grown = (n * 4).min(this.max);
                 let mut bigger = vec![0; grown].into_boxed_slice();
                 bigger[..n].copy_from_slice(&this.buf[..n]);
                 this.buf = bigger;
@@ -135,6 +138,7 @@ mod tests {
     async fn bytes_in_order_buffer_grows_with_traffic_eof_passes() {
         let (near, mut far) = tokio::io::duplex(1 << 20);
         let mut ra = ReadAhead::new(near);
+        ra.allow_large_reads();
         let data: Vec<u8> = (0..600_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
         far.write_all(&data).await.unwrap();
         far.shutdown().await.unwrap();
@@ -155,6 +159,24 @@ mod tests {
         let mut back = [0u8; 5];
         far.read_exact(&mut back).await.unwrap();
         assert_eq!(&back, b"reply");
+    }
+
+    /// Before the handshake is done a flood does not grow the buffer past [`INITIAL_READ`].
+    #[tokio::test]
+    async fn the_buffer_stays_small_until_large_reads_are_allowed() {
+        let (near, mut far) = tokio::io::duplex(1 << 20);
+        let mut ra = ReadAhead::new(near);
+        far.write_all(&vec![7u8; 512 * 1024]).await.unwrap();
+        let mut b = [0u8; 4096];
+        for _ in 0..64 {
+            assert_eq!(ra.read(&mut b).await.unwrap(), 4096);
+        }
+        assert_eq!(ra.buf.len(), INITIAL_READ);
+        ra.allow_large_reads();
+        for _ in 0..64 {
+            assert_eq!(ra.read(&mut b).await.unwrap(), 4096);
+        }
+        assert!(ra.buf.len() > INITIAL_READ, "{}", ra.buf.len());
     }
 
     #[tokio::test]

@@ -353,10 +353,11 @@ async fn handshake(
         .accept(super::ReadAhead::new(tcp))
         .await
         .map_err(|e| HboneError::Tls(tls::describe_handshake_error(&e)))?;
-    stream
-        .get_mut()
-        .1
-        .set_buffer_limit(Some(super::TLS_SEND_BUFFER));
+    // Authenticated (the verifier required a SPIFFE identity): bulk-sized reads and writes
+    // from now on.
+    let (wire, session) = stream.get_mut();
+    wire.allow_large_reads();
+    session.set_buffer_limit(Some(super::TLS_SEND_BUFFER));
     // The verifier already required a SPIFFE identity; this reads it back.
     let certs = stream.get_ref().1.peer_certificates().unwrap_or_default();
     let peer_identity = tls::peer_identity(certs)?;
