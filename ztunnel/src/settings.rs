@@ -115,8 +115,8 @@ pub struct Config {
     #[arg(long, env = "MAX_CONNECTIONS_PER_SOURCE",
         value_parser = clap::value_parser!(u64).range(1..))]
     pub max_connections_per_source: Option<u64>,
-    /// Threads running the proxy [default: the CPUs this process may use, at most 2 — as
-    /// Istio's ztunnel]. One connection's work stays on one thread at a time either way.
+    /// Threads running the proxy [default: 1 where this process may use at most 2 CPUs, else
+    /// 2 as Istio's ztunnel]. One connection's work stays on one thread at a time either way.
     #[arg(long, env = "WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=256))]
     pub worker_threads: Option<u16>,
 }
