@@ -10,6 +10,9 @@
 //! stays in place (pods fail closed until a ztunnel adopts them) unless told to unenroll
 //! everything ([`OnExit`]). Certificates are prefetched as soon as a pod appears. Owns the
 //! decision of which pods are enrolled; nothing inside a pod.
+//!
+//! Enrollment work runs off the runtime's workers ([`off_workers`]): it blocks on the kernel and
+//! on subprocesses, and the proxy may have a single worker thread.
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -92,7 +95,14 @@ async fn run_config(ctx: Arc<Ctx>, mut shutdown: watch::Receiver<bool>, on_exit:
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     let mut swept = false;
     loop {
-        reconcile(&ctx, &mut enrolled);
+        enrolled = off_workers({
+            let ctx = ctx.clone();
+            move || {
+                reconcile(&ctx, &mut enrolled);
+                enrolled
+            }
+        })
+        .await;
         // Once the first config is applied, whatever an earlier run left enrolled and we did
         // not enroll again belongs to pods that are gone or left the mesh.
         if !swept && ctx.config.borrow().is_some() {
@@ -110,6 +120,25 @@ async fn run_config(ctx: Arc<Ctx>, mut shutdown: watch::Receiver<bool>, on_exit:
             OnExit::Unenroll => enroll::stop(&ctx, &uid, e),
             OnExit::KeepCapture => enroll::close(&uid, e),
         }
+    }
+}
+
+/// Runs enrollment work (`f`) on a blocking thread and returns its result; a panic in it
+/// panics the caller, as if it had run inline.
+///
+/// Enrolling a pod blocks: an eBPF load parses the kernel's BTF (5 MB, ~25 ms here) and waits
+/// for the verifier, nftables mode runs `nft`, and there are sysctls and `setns`. On a runtime
+/// worker that would stall every connection the worker serves, all of the node's with one
+/// worker thread; and the parse's garbage would fragment the worker's malloc arena, which the
+/// proxy's buffers then share (9.6 MiB that `malloc_trim` could not return, measured).
+pub async fn off_workers<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(t) => t,
+        Err(e) => match e.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            // Only a runtime shutting down cancels a blocking task; the caller is going too.
+            Err(e) => panic!("enrollment task did not run: {e}"),
+        },
     }
 }
 
@@ -143,6 +172,7 @@ fn reconcile(ctx: &Arc<Ctx>, enrolled: &mut HashMap<String, Enrolled>) {
             enroll::stop(ctx, &uid, e);
         }
     }
+    let mut enrolled_one = false;
     for (uid, w) in want {
         if let Some(e) = enrolled.get_mut(&uid) {
             enroll::update_exclusions(ctx, &uid, e, &w);
@@ -154,6 +184,7 @@ fn reconcile(ctx: &Arc<Ctx>, enrolled: &mut HashMap<String, Enrolled>) {
             .and_then(|netns| enroll::start(ctx, w, netns));
         match started {
             Ok(e) => {
+                enrolled_one = true;
                 enroll::register(ctx, &uid, &e, serde_json::json!({}));
                 info!(pod = %uid, identity = %e.pod.identity, netns = %e.pod.netns.path().display(), capture = %ctx.capture.mode(), "pod enrolled");
                 enrolled.insert(uid, e);
@@ -163,6 +194,10 @@ fn reconcile(ctx: &Arc<Ctx>, enrolled: &mut HashMap<String, Enrolled>) {
     }
     ctx.certs.retain(&identities);
     prune_metrics(ctx);
+    if enrolled_one {
+        // An eBPF load's BTF parse just freed ~20 MB; give it back now, not at the next trim.
+        dataplane::memory::trim();
+    }
 }
 
 /// Drops the metric series of workloads the config no longer has (pods churn; series must not

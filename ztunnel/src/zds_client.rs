@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::pods::{OnExit, SourceStatus};
+use crate::pods::{OnExit, SourceStatus, off_workers};
 use crate::proxy::Ctx;
 use crate::zds_pods::ZdsPods;
 
@@ -147,7 +147,7 @@ fn lock(pods: &Mutex<ZdsPods>) -> std::sync::MutexGuard<'_, ZdsPods> {
 /// One session: hello, then request → handle → ack until the connection fails.
 async fn session(
     status: &ZdsStatus,
-    pods: &Mutex<ZdsPods>,
+    pods: &Arc<Mutex<ZdsPods>>,
 ) -> Result<std::convert::Infallible, ZdsError> {
     let conn = ZdsConn::connect(&status.socket).await?;
     let mut session = ZtunnelSession::start(conn).await?;
@@ -164,10 +164,18 @@ async fn session(
         status.update(|s| s.pending = true);
         let snapshot = matches!(req, Request::SnapshotSent);
         let what = describe(&req);
-        let (result, uids) = {
-            let mut p = lock(pods);
-            (p.handle(req), p.uids())
-        };
+        let pods = pods.clone();
+        let (result, uids) = off_workers(move || {
+            let add = matches!(req, Request::Add { .. });
+            let mut p = lock(&pods);
+            let out = (p.handle(req), p.uids());
+            if add {
+                // An eBPF load's BTF parse just freed ~20 MB; give it back now.
+                dataplane::memory::trim();
+            }
+            out
+        })
+        .await;
         if let Err(e) = &result {
             warn!(request = %what, error = %e, "CNI agent request refused");
         }
@@ -200,7 +208,8 @@ async fn follow_config(ctx: Arc<Ctx>, pods: Arc<Mutex<ZdsPods>>) {
     let mut config = ctx.config.clone();
     let mut tick = tokio::time::interval(RETRY);
     loop {
-        lock(&pods).on_config();
+        let p = pods.clone();
+        off_workers(move || lock(&p).on_config()).await;
         crate::pods::prune_metrics(&ctx);
         tokio::select! {
             r = config.changed() => if r.is_err() { return },
