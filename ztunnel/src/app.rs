@@ -28,9 +28,10 @@ use crate::supervise::Supervisor;
 use crate::{config, dump, netns, pods, policy};
 
 /// Process-wide setup, once, on the main thread before any runtime thread exists: the
-/// open-files limit, the host network namespace every socket-making thread returns to, and the
-/// TLS crypto provider.
+/// open-files limit, the host network namespace every socket-making thread returns to, the TLS
+/// crypto provider, and malloc's thresholds.
 pub fn prepare() -> anyhow::Result<()> {
+    dataplane::memory::configure();
     raise_fd_limit();
     netns::init_host_netns().context("reading this process's network namespace")?;
     meshcore::tls::install_crypto_provider();
