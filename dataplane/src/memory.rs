@@ -1,11 +1,12 @@
 //! Handing freed heap memory back to the kernel, so a proxy's RSS follows its load down.
 //!
-//! glibc's malloc keeps what a burst freed: each runtime thread allocates from its own arena,
-//! and an arena only shrinks from its top, so RSS ratchets up to the busiest moment (a start-up
-//! that parsed the kernel's BTF, 10,000 connections now closed) and stays there.
-//! `malloc_trim(0)` gives back every whole free page of every arena (`madvise`; nothing moves,
-//! live allocations are untouched). Owns only that call and its schedule; what is allocated is
-//! everyone else's business. A no-op on other C libraries.
+//! glibc's malloc keeps what a burst freed: by default each thread allocates from its own
+//! arena, and an arena only shrinks from its top, so RSS ratchets up to the busiest moment (a
+//! start-up that parsed the kernel's BTF, 10,000 connections now closed) and stays there.
+//! [`configure`] puts every thread on the main arena; `malloc_trim(0)` then gives back its free
+//! top and every whole free page inside it (`madvise`; nothing moves, live allocations are
+//! untouched). Owns those two calls and the trim's schedule; what is allocated is everyone
+//! else's business. A no-op on other C libraries.
 
 use std::time::Duration;
 
