@@ -1,5 +1,6 @@
 //! HBONE end to end over real sockets on 127.0.0.1: mTLS with SPIFFE checks, the CONNECT wire
-//! shape, tunnelled bytes, half-close, pooling (sharing, capacity, idle) and non-200 replies.
+//! shape, tunnelled bytes, half-close, pooling (sharing, capacity, idle), non-200 replies, and a
+//! small write crossing as one TLS record.
 //!
 //! Owns only these tests; touches nothing outside the test process.
 
@@ -953,4 +954,122 @@ async fn silent_unauthenticated_client_is_dropped_at_the_handshake_timeout() {
         .await
         .expect("the socket is closed in time");
     assert!(matches!(read, Ok(0) | Err(_)), "closed: {read:?}");
+}
+
+/// TLS records seen by [`record_tap`] in one direction: the length of each application-data
+/// record (content type 23, which every TLS 1.3 record after the handshake's first is).
+type Records = Arc<std::sync::Mutex<Vec<usize>>>;
+
+/// A TCP relay to `to` that parses the 5-byte TLS record headers passing each way. Returns its
+/// address and the records client → server and server → client.
+async fn record_tap(to: SocketAddr) -> (SocketAddr, Records, Records) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind tap");
+    let addr = listener.local_addr().expect("tap addr");
+    let (up, down) = (Records::default(), Records::default());
+    let (up2, down2) = (up.clone(), down.clone());
+    tokio::spawn(async move {
+        let Ok((client, _)) = listener.accept().await else {
+            return;
+        };
+        let server = tokio::net::TcpStream::connect(to).await.expect("tap dial");
+        client.set_nodelay(true).expect("nodelay");
+        server.set_nodelay(true).expect("nodelay");
+        let (crd, cwr) = client.into_split();
+        let (srd, swr) = server.into_split();
+        tokio::join!(tap_one_way(crd, swr, up2), tap_one_way(srd, cwr, down2));
+    });
+    (addr, up, down)
+}
+
+/// Forwards each read as it came (so record boundaries on the wire are the sender's) and
+/// records the application-data records it completes.
+async fn tap_one_way(
+    mut rd: tokio::net::tcp::OwnedReadHalf,
+    mut wr: tokio::net::tcp::OwnedWriteHalf,
+    records: Records,
+) {
+    let mut pending: Vec<u8> = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match rd.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        pending.extend_from_slice(&buf[..n]);
+        while pending.len() >= 5 {
+            let len = usize::from(u16::from_be_bytes([pending[3], pending[4]]));
+            if pending.len() < 5 + len {
+                break;
+            }
+            if pending[0] == 23 {
+                records.lock().expect("records").push(len);
+            }
+            pending.drain(..5 + len);
+        }
+        if wr.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Waits until `records` holds more than `seen` entries, and returns the new ones.
+async fn records_after(records: &Records, seen: usize) -> Vec<usize> {
+    wait_until("a TLS record", || {
+        records.lock().expect("records").len() > seen
+    })
+    .await;
+    records.lock().expect("records")[seen..].to_vec()
+}
+
+/// A small write through a tunnel leaves as one TLS record holding its whole HTTP/2 DATA frame
+/// (frame header and payload), each way: not a record for the 9-byte frame header and another
+/// for the payload, which would double the records (and the receiver's wake-ups) of every
+/// request and response. TLS 1.3 adds 17 bytes to a record (content type and AEAD tag).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_write_crosses_as_one_tls_record_each_way() {
+    const FRAME_HEADER: usize = 9;
+    const TLS13_OVERHEAD: usize = 17;
+    let f = fixture();
+    let server = start_server(&f.server_cert, Mode::Echo).await;
+    let (tap, up, down) = record_tap(server.addr).await;
+    let pool = Pool::new(PoolSettings::default());
+    let (dial, _) = counting_dialer();
+    let stream = pool
+        .connect(
+            key_for(tap, vec![server_id()]),
+            Arc::clone(&f.client_cert),
+            dial,
+            request("10.0.0.7:8080"),
+        )
+        .await
+        .expect("connect");
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    // A first round trip settles the connection's own frames (SETTINGS acknowledgements).
+    let mut one = [0u8; 1];
+    wr.write_all(b"x").await.expect("write");
+    rd.read_exact(&mut one).await.expect("read");
+
+    let (up_seen, down_seen) = (
+        up.lock().expect("up").len(),
+        down.lock().expect("down").len(),
+    );
+    let request = vec![7u8; 1024];
+    wr.write_all(&request).await.expect("write 1 KiB");
+    let mut echoed = vec![0u8; 1024];
+    tokio::time::timeout(DEADLINE, rd.read_exact(&mut echoed))
+        .await
+        .expect("echo in time")
+        .expect("read echo");
+    assert_eq!(echoed, request);
+    let one_record = vec![1024 + FRAME_HEADER + TLS13_OVERHEAD];
+    assert_eq!(
+        records_after(&up, up_seen).await,
+        one_record,
+        "client → server"
+    );
+    assert_eq!(
+        records_after(&down, down_seen).await,
+        one_record,
+        "server → client"
+    );
 }
