@@ -128,9 +128,8 @@ async fn run_config(ctx: Arc<Ctx>, mut shutdown: watch::Receiver<bool>, on_exit:
 ///
 /// Enrolling a pod blocks: an eBPF load parses the kernel's BTF (5 MB, ~25 ms here) and waits
 /// for the verifier, nftables mode runs `nft`, and there are sysctls and `setns`. On a runtime
-/// worker that would stall every connection the worker serves, all of the node's with one
-/// worker thread; and the parse's garbage would fragment the worker's malloc arena, which the
-/// proxy's buffers then share (9.6 MiB that `malloc_trim` could not return, measured).
+/// worker that would stall every connection the worker serves: all of the node's, with one
+/// worker thread.
 pub async fn off_workers<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     match tokio::task::spawn_blocking(f).await {
         Ok(t) => t,

@@ -164,10 +164,10 @@ async fn session(
         status.update(|s| s.pending = true);
         let snapshot = matches!(req, Request::SnapshotSent);
         let what = describe(&req);
-        let pods = pods.clone();
+        let shared = pods.clone();
         let (result, uids) = off_workers(move || {
             let add = matches!(req, Request::Add { .. });
-            let mut p = lock(&pods);
+            let mut p = lock(&shared);
             let out = (p.handle(req), p.uids());
             if add {
                 // An eBPF load's BTF parse just freed ~20 MB; give it back now.
