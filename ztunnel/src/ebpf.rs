@@ -218,11 +218,23 @@ pub fn cgroup2_root() -> Result<PathBuf, EbpfError> {
     root.ok_or(EbpfError::NoCgroup2)
 }
 
+/// Mounts bpffs at [`BPFFS`] unless it is there.
+///
+/// Check and mount happen under an exclusive lock on the mount point itself: ztunnels starting
+/// together on a node without bpffs (local mode's nodes, a handover) would otherwise each
+/// mount it, and every later mount hides the pins of the ztunnels before it (seen on a freshly
+/// booted machine: four stacked mounts, two ztunnels that never came up). A ztunnel that
+/// waited for the lock opened the directory beneath the new mount, so it waits on the same
+/// inode as the one that mounted; one that opens the path later locks the mount's root and
+/// finds the mount in the re-check.
 fn ensure_bpffs() -> Result<(), EbpfError> {
-    let mounts = std::fs::read_to_string("/proc/mounts").map_err(io_err("reading /proc/mounts"))?;
-    if mounts.lines().any(|l| {
-        l.split_whitespace().nth(1) == Some(BPFFS) && l.split_whitespace().nth(2) == Some("bpf")
-    }) {
+    if bpffs_mounted()? {
+        return Ok(());
+    }
+    let dir = File::open(BPFFS).map_err(|e| EbpfError::NoBpffs(format!("opening {BPFFS}: {e}")))?;
+    let _locked = nix::fcntl::Flock::lock(dir, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| EbpfError::NoBpffs(format!("locking {BPFFS}: {e}")))?;
+    if bpffs_mounted()? {
         return Ok(());
     }
     let out = std::process::Command::new("mount")
@@ -235,6 +247,17 @@ fn ensure_bpffs() -> Result<(), EbpfError> {
         ));
     }
     Ok(())
+}
+
+/// Whether bpffs is mounted at [`BPFFS`] in this thread's mount namespace (the process's, but
+/// for a test that gave one thread a namespace of its own).
+fn bpffs_mounted() -> Result<bool, EbpfError> {
+    let mounts = std::fs::read_to_string("/proc/thread-self/mounts")
+        .map_err(io_err("reading /proc/thread-self/mounts"))?;
+    Ok(mounts.lines().any(|l| {
+        let mut fields = l.split_whitespace().skip(1);
+        fields.next() == Some(BPFFS) && fields.next() == Some("bpf")
+    }))
 }
 
 impl Ebpf {
@@ -619,4 +642,65 @@ where
         name: name.to_string(),
         source,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::process::Command;
+    use std::sync::{Arc, Barrier};
+
+    use super::*;
+
+    fn bpffs_mounts() -> usize {
+        let mounts = std::fs::read_to_string("/proc/thread-self/mounts").unwrap();
+        mounts
+            .lines()
+            .filter(|l| {
+                let mut fields = l.split_whitespace().skip(1);
+                fields.next() == Some(BPFFS) && fields.next() == Some("bpf")
+            })
+            .count()
+    }
+
+    fn sh(args: &[&str]) {
+        let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+    }
+
+    /// Ztunnels starting together on a node without bpffs mount it once: a second mount would
+    /// hide the first one's pins. Runs in a mount namespace of its own (one thread's), with
+    /// bpffs unmounted there, so the machine's mounts and other tests are untouched.
+    #[test]
+    fn concurrent_starts_mount_bpffs_once() {
+        if std::env::var("MESH_SKIP_PRIVILEGED").as_deref() == Ok("1") {
+            eprintln!("!!! SKIPPING privileged test: MESH_SKIP_PRIVILEGED=1 !!!");
+            return;
+        }
+        std::thread::spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
+                .expect("unshare a mount namespace (needs root)");
+            // Children (mount, umount) and the threads spawned below share this namespace.
+            sh(&["mount", "--make-rprivate", "/"]);
+            while bpffs_mounts() > 0 {
+                sh(&["umount", "-l", BPFFS]);
+            }
+            let starts = 8;
+            let barrier = Arc::new(Barrier::new(starts));
+            let threads: Vec<_> = (0..starts)
+                .map(|_| {
+                    let barrier = barrier.clone();
+                    std::thread::spawn(move || {
+                        barrier.wait();
+                        ensure_bpffs()
+                    })
+                })
+                .collect();
+            for t in threads {
+                t.join().unwrap().unwrap();
+            }
+            assert_eq!(bpffs_mounts(), 1, "bpffs mounted more than once");
+        })
+        .join()
+        .unwrap();
+    }
 }
