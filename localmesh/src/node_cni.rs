@@ -228,5 +228,14 @@ impl Mesh {
                 Ok(e["connected"] == true && e["snapshotProcessed"] == true)
             },
         )
+        // What the ztunnel said is usually the reason (it could not load capture, or crashed).
+        .with_context(|| log_tail(&self.ztunnel_log(i), 30))
     }
+}
+
+/// The last `lines` lines of a log, headed for an error's context.
+fn log_tail(log: &str, lines: usize) -> String {
+    let all: Vec<&str> = log.lines().collect();
+    let tail = &all[all.len().saturating_sub(lines)..];
+    format!("the ztunnel's log ends:\n{}", tail.join("\n"))
 }
