@@ -1,7 +1,8 @@
 //! Metered bidirectional copy between a connection's client side and its server side.
 //!
 //! Owns only the byte pump: a read buffer per direction whose reader is a socket (small at
-//! first, growing with traffic; an HBONE tunnel's bytes pass as HTTP/2's own chunks instead),
+//! first, growing with traffic, and while small none at all when the socket is idle; an HBONE
+//! tunnel's bytes pass as HTTP/2's own chunks instead),
 //! half-close propagation, and counting into a [`ConnMetrics`] as bytes flow. It does not
 //! open, authorize or close connections (the proxy paths own the streams; dropping them closes
 //! them) and does not choose labels ([`crate::metrics`]).
@@ -39,6 +40,12 @@ pub const INITIAL_BUFFER_SIZE: usize = 1024;
 /// start). 256 KiB: one read takes what a bulk sender's socket holds, and one HBONE write
 /// goes out as sixteen full TLS records in one `writev` (64 KiB made four times the syscalls).
 pub const BUFFER_SIZE: usize = 256 * 1024;
+
+/// A direction whose reads ask for at most this many bytes holds no buffer while its socket
+/// has nothing to read: thousands of idle connections then cost no buffer each. Larger ones
+/// (a connection that moved bulk) keep theirs, which a read would otherwise allocate and fault
+/// in again each time.
+const RELEASE_WHEN_IDLE: usize = 16 * 1024;
 
 /// A read that fills the buffer means more is waiting: the buffer grows by this factor, up to
 /// [`BUFFER_SIZE`] (1 → 4 → 16 → 64 → 256 KiB), and never shrinks.
@@ -143,9 +150,19 @@ pub trait Side: AsyncRead + AsyncWrite + Unpin {
     fn tunnel(&mut self) -> Option<&mut H2Stream> {
         None
     }
+
+    /// Ready once a read would not block. A socket answers without a buffer, so a direction
+    /// can wait for bytes holding none; the default (always ready) makes it read into one.
+    fn poll_readable(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
 }
 
-impl Side for tokio::net::TcpStream {}
+impl Side for tokio::net::TcpStream {
+    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        tokio::net::TcpStream::poll_read_ready(self, cx)
+    }
+}
 impl Side for tokio::io::DuplexStream {}
 impl Side for H2Stream {
     fn tunnel(&mut self) -> Option<&mut H2Stream> {
@@ -156,7 +173,8 @@ impl Side for H2Stream {
 /// One direction's state: the bytes in hand and where it is in read → write → shutdown.
 struct Direction {
     way: Way,
-    /// Where socket reads land. Its allocation is reused once the chunks cut from it are gone.
+    /// Where socket reads land. Its allocation is reused once the chunks cut from it are gone;
+    /// dropped while the socket is idle, unless `read_size` grew past [`RELEASE_WHEN_IDLE`].
     buf: BytesMut,
     /// How much the next socket read asks for: grows with traffic, never shrinks.
     read_size: usize,
@@ -196,9 +214,21 @@ impl Direction {
         // Let go of the last chunk (written out, but still a reference to `buf`'s allocation),
         // so `reserve` can reuse that allocation instead of making a new one per read.
         self.out = Bytes::new();
+        let release_when_idle = self.read_size <= RELEASE_WHEN_IDLE;
+        if release_when_idle && self.buf.capacity() == 0 {
+            ready!(reader.poll_readable(cx))?;
+        }
         self.buf.reserve(self.read_size);
         // `read_buf` fills the spare capacity without zeroing it first.
-        let n = ready!(pin!(reader.read_buf(&mut self.buf)).poll(cx))?;
+        let n = match pin!(reader.read_buf(&mut self.buf)).poll(cx) {
+            Poll::Ready(n) => n?,
+            Poll::Pending => {
+                if release_when_idle {
+                    self.buf = BytesMut::new();
+                }
+                return Poll::Pending;
+            }
+        };
         if n == 0 {
             self.read_eof = true;
             return Poll::Ready(Ok(()));
@@ -349,6 +379,10 @@ mod tests {
         assert_eq!(client_far.read(&mut buf).await.unwrap(), 3);
         assert_eq!(transfer.c2s.read_size, INITIAL_BUFFER_SIZE);
         assert_eq!(transfer.s2c.read_size, INITIAL_BUFFER_SIZE);
+        // Waiting for the next bytes, neither direction holds a buffer.
+        let _ = futures::poll!(std::future::poll_fn(|cx| transfer.poll(cx)));
+        assert_eq!(transfer.c2s.buf.capacity(), 0);
+        assert_eq!(transfer.s2c.buf.capacity(), 0);
 
         // A bulk upload grows the upload's buffer to the maximum; the other stays small.
         let bulk = vec![7u8; 800 * 1024];
@@ -362,5 +396,40 @@ mod tests {
         assert_eq!(transfer.c2s.read_size, BUFFER_SIZE);
         assert_eq!(transfer.s2c.read_size, INITIAL_BUFFER_SIZE);
         assert_eq!(transfer.totals().client_to_server, 4 + bulk.len() as u64);
+        // Waiting again: the bulk direction keeps its buffer, the other holds none.
+        let _ = futures::poll!(std::future::poll_fn(|cx| transfer.poll(cx)));
+        assert!(transfer.c2s.buf.capacity() >= BUFFER_SIZE);
+        assert_eq!(transfer.s2c.buf.capacity(), 0);
+    }
+
+    /// Idle sockets: a direction waits for bytes holding no buffer, and every byte still
+    /// arrives once they come.
+    #[tokio::test]
+    async fn an_idle_socket_direction_holds_no_buffer() {
+        let m = Metrics::new();
+        let conn = m.open(TcpLabels::unknown("destination"));
+        let pair = || async {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let far = tokio::net::TcpStream::connect(l.local_addr().unwrap());
+            let (far, near) = tokio::join!(far, l.accept());
+            (near.unwrap().0, far.unwrap())
+        };
+        let (mut client, mut client_far) = pair().await;
+        let (mut server, mut server_far) = pair().await;
+        let mut transfer = Transfer::new(&mut client, &mut server, &conn);
+        for round in 0..3u8 {
+            assert!(futures::poll!(std::future::poll_fn(|cx| transfer.poll(cx))).is_pending());
+            assert_eq!(transfer.c2s.buf.capacity(), 0, "round {round}");
+            assert_eq!(transfer.s2c.buf.capacity(), 0, "round {round}");
+            let request = vec![round; 3000];
+            client_far.write_all(&request).await.unwrap();
+            let mut got = vec![0u8; request.len()];
+            let forward = server_far.read_exact(&mut got);
+            tokio::select! {
+                r = forward => { r.unwrap(); }
+                r = std::future::poll_fn(|cx| transfer.poll(cx)) => panic!("copy ended: {r:?}"),
+            }
+            assert_eq!(got, request);
+        }
     }
 }
