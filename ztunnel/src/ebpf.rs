@@ -226,15 +226,14 @@ pub fn cgroup2_root() -> Result<PathBuf, EbpfError> {
 /// booted machine: four stacked mounts, two ztunnels that never came up). A ztunnel that
 /// waited for the lock opened the directory beneath the new mount, so it waits on the same
 /// inode as the one that mounted; one that opens the path later locks the mount's root and
-/// finds the mount in the re-check.
+/// finds the mount in the re-check. The wait is bounded: anyone who can open the directory can
+/// hold the lock.
 fn ensure_bpffs() -> Result<(), EbpfError> {
-    if bpffs_mounted()? {
+    if bpffs_mounts()? > 0 {
         return Ok(());
     }
-    let dir = File::open(BPFFS).map_err(|e| EbpfError::NoBpffs(format!("opening {BPFFS}: {e}")))?;
-    let _locked = nix::fcntl::Flock::lock(dir, nix::fcntl::FlockArg::LockExclusive)
-        .map_err(|(_, e)| EbpfError::NoBpffs(format!("locking {BPFFS}: {e}")))?;
-    if bpffs_mounted()? {
+    let _locked = lock_bpffs_dir(BPFFS_LOCK_WAIT)?;
+    if bpffs_mounts()? > 0 {
         return Ok(());
     }
     let out = std::process::Command::new("mount")
@@ -249,15 +248,42 @@ fn ensure_bpffs() -> Result<(), EbpfError> {
     Ok(())
 }
 
-/// Whether bpffs is mounted at [`BPFFS`] in this thread's mount namespace (the process's, but
-/// for a test that gave one thread a namespace of its own).
-fn bpffs_mounted() -> Result<bool, EbpfError> {
+/// How long [`ensure_bpffs`] waits for the lock on [`BPFFS`].
+const BPFFS_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+fn lock_bpffs_dir(wait: std::time::Duration) -> Result<nix::fcntl::Flock<File>, EbpfError> {
+    use nix::fcntl::{Flock, FlockArg};
+    let deadline = std::time::Instant::now() + wait;
+    let mut dir =
+        File::open(BPFFS).map_err(|e| EbpfError::NoBpffs(format!("opening {BPFFS}: {e}")))?;
+    loop {
+        match Flock::lock(dir, FlockArg::LockExclusiveNonblock) {
+            Ok(locked) => return Ok(locked),
+            Err((file, nix::errno::Errno::EWOULDBLOCK)) if std::time::Instant::now() < deadline => {
+                dir = file;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err((_, e)) => {
+                return Err(EbpfError::NoBpffs(format!(
+                    "locking {BPFFS} to mount it: {e} (another process has held the lock for {wait:?})"
+                )));
+            }
+        }
+    }
+}
+
+/// How many bpffs are mounted at [`BPFFS`] in this thread's mount namespace (the process's,
+/// but for a test that gave one thread a namespace of its own).
+fn bpffs_mounts() -> Result<usize, EbpfError> {
     let mounts = std::fs::read_to_string("/proc/thread-self/mounts")
         .map_err(io_err("reading /proc/thread-self/mounts"))?;
-    Ok(mounts.lines().any(|l| {
-        let mut fields = l.split_whitespace().skip(1);
-        fields.next() == Some(BPFFS) && fields.next() == Some("bpf")
-    }))
+    Ok(mounts
+        .lines()
+        .filter(|l| {
+            let mut fields = l.split_whitespace().skip(1);
+            fields.next() == Some(BPFFS) && fields.next() == Some("bpf")
+        })
+        .count())
 }
 
 impl Ebpf {
@@ -651,17 +677,6 @@ mod tests {
 
     use super::*;
 
-    fn bpffs_mounts() -> usize {
-        let mounts = std::fs::read_to_string("/proc/thread-self/mounts").unwrap();
-        mounts
-            .lines()
-            .filter(|l| {
-                let mut fields = l.split_whitespace().skip(1);
-                fields.next() == Some(BPFFS) && fields.next() == Some("bpf")
-            })
-            .count()
-    }
-
     fn sh(args: &[&str]) {
         let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
         assert!(out.status.success(), "{args:?}: {out:?}");
@@ -681,7 +696,7 @@ mod tests {
                 .expect("unshare a mount namespace (needs root)");
             // Children (mount, umount) and the threads spawned below share this namespace.
             sh(&["mount", "--make-rprivate", "/"]);
-            while bpffs_mounts() > 0 {
+            while bpffs_mounts().unwrap() > 0 {
                 sh(&["umount", "-l", BPFFS]);
             }
             let starts = 8;
@@ -698,7 +713,37 @@ mod tests {
             for t in threads {
                 t.join().unwrap().unwrap();
             }
-            assert_eq!(bpffs_mounts(), 1, "bpffs mounted more than once");
+            assert_eq!(bpffs_mounts().unwrap(), 1, "bpffs mounted more than once");
+        })
+        .join()
+        .unwrap();
+    }
+
+    /// A process holding the lock on the mount point delays a start only so long, then the
+    /// start fails saying why.
+    #[test]
+    fn a_held_bpffs_lock_fails_the_mount_in_bounded_time() {
+        if std::env::var("MESH_SKIP_PRIVILEGED").as_deref() == Ok("1") {
+            eprintln!("!!! SKIPPING privileged test: MESH_SKIP_PRIVILEGED=1 !!!");
+            return;
+        }
+        std::thread::spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
+                .expect("unshare a mount namespace (needs root)");
+            sh(&["mount", "--make-rprivate", "/"]);
+            while bpffs_mounts().unwrap() > 0 {
+                sh(&["umount", "-l", BPFFS]);
+            }
+            let holder = nix::fcntl::Flock::lock(
+                File::open(BPFFS).unwrap(),
+                nix::fcntl::FlockArg::LockExclusive,
+            )
+            .unwrap();
+            let err = lock_bpffs_dir(std::time::Duration::from_millis(100))
+                .expect_err("the lock is held");
+            assert!(err.to_string().contains("held the lock"), "{err}");
+            drop(holder);
+            lock_bpffs_dir(std::time::Duration::from_millis(100)).unwrap();
         })
         .join()
         .unwrap();
