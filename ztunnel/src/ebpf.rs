@@ -682,23 +682,31 @@ mod tests {
         assert!(out.status.success(), "{args:?}: {out:?}");
     }
 
-    /// Ztunnels starting together on a node without bpffs mount it once: a second mount would
-    /// hide the first one's pins. Runs in a mount namespace of its own (one thread's), with
-    /// bpffs unmounted there, so the machine's mounts and other tests are untouched.
-    #[test]
-    fn concurrent_starts_mount_bpffs_once() {
-        if std::env::var("MESH_SKIP_PRIVILEGED").as_deref() == Ok("1") {
-            eprintln!("!!! SKIPPING privileged test: MESH_SKIP_PRIVILEGED=1 !!!");
+    /// Runs `test` on a thread with a mount namespace of its own in which bpffs is not
+    /// mounted, so the machine's mounts and other tests are untouched. Children (mount,
+    /// umount) and threads that `test` spawns share that namespace.
+    fn without_bpffs(test: impl FnOnce() + Send + 'static) {
+        if !crate::test_support::privileged() {
             return;
         }
         std::thread::spawn(|| {
             nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
                 .expect("unshare a mount namespace (needs root)");
-            // Children (mount, umount) and the threads spawned below share this namespace.
             sh(&["mount", "--make-rprivate", "/"]);
             while bpffs_mounts().unwrap() > 0 {
                 sh(&["umount", "-l", BPFFS]);
             }
+            test();
+        })
+        .join()
+        .unwrap();
+    }
+
+    /// Ztunnels starting together on a node without bpffs mount it once: a second mount would
+    /// hide the first one's pins.
+    #[test]
+    fn concurrent_starts_mount_bpffs_once() {
+        without_bpffs(|| {
             let starts = 8;
             let barrier = Arc::new(Barrier::new(starts));
             let threads: Vec<_> = (0..starts)
@@ -714,26 +722,14 @@ mod tests {
                 t.join().unwrap().unwrap();
             }
             assert_eq!(bpffs_mounts().unwrap(), 1, "bpffs mounted more than once");
-        })
-        .join()
-        .unwrap();
+        });
     }
 
     /// A process holding the lock on the mount point delays a start only so long, then the
     /// start fails saying why.
     #[test]
     fn a_held_bpffs_lock_fails_the_mount_in_bounded_time() {
-        if std::env::var("MESH_SKIP_PRIVILEGED").as_deref() == Ok("1") {
-            eprintln!("!!! SKIPPING privileged test: MESH_SKIP_PRIVILEGED=1 !!!");
-            return;
-        }
-        std::thread::spawn(|| {
-            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
-                .expect("unshare a mount namespace (needs root)");
-            sh(&["mount", "--make-rprivate", "/"]);
-            while bpffs_mounts().unwrap() > 0 {
-                sh(&["umount", "-l", BPFFS]);
-            }
+        without_bpffs(|| {
             let holder = nix::fcntl::Flock::lock(
                 File::open(BPFFS).unwrap(),
                 nix::fcntl::FlockArg::LockExclusive,
@@ -744,8 +740,6 @@ mod tests {
             assert!(err.to_string().contains("held the lock"), "{err}");
             drop(holder);
             lock_bpffs_dir(std::time::Duration::from_millis(100)).unwrap();
-        })
-        .join()
-        .unwrap();
+        });
     }
 }

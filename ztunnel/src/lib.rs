@@ -38,3 +38,17 @@ pub mod settings;
 pub mod telemetry;
 pub mod zds_client;
 pub mod zds_pods;
+
+/// What the crate's own privileged unit tests share.
+#[cfg(test)]
+pub(crate) mod test_support {
+    /// Whether a privileged test runs: always (they fail without root), unless told to skip
+    /// with `MESH_SKIP_PRIVILEGED=1`, which it says loudly.
+    pub(crate) fn privileged() -> bool {
+        if std::env::var("MESH_SKIP_PRIVILEGED").as_deref() == Ok("1") {
+            eprintln!("!!! SKIPPING privileged test: MESH_SKIP_PRIVILEGED=1 !!!");
+            return false;
+        }
+        true
+    }
+}

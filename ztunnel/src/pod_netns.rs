@@ -120,6 +120,7 @@ pub fn netns_ips(netns: &Netns) -> std::io::Result<Vec<IpAddr>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::privileged;
 
     #[test]
     fn netns_paths_outside_pod_dirs_are_refused() {
@@ -139,14 +140,6 @@ mod tests {
                 "{path:?} must be refused"
             );
         }
-    }
-
-    fn privileged() -> bool {
-        if std::env::var("MESH_SKIP_PRIVILEGED").as_deref() == Ok("1") {
-            eprintln!("!!! SKIPPING privileged test: MESH_SKIP_PRIVILEGED=1 !!!");
-            return false;
-        }
-        true
     }
 
     struct Rm(String);
