@@ -60,7 +60,7 @@ use testbed::{Cluster, ClusterConfig, Proc};
 use wait::DEADLINE;
 pub use wait::wait_for;
 use ztunnels::sweep_orphaned_ebpf;
-pub use ztunnels::{AdminPorts, BESIDE_ADMIN_PORTS, ISTIO_ADMIN_PORTS};
+pub use ztunnels::{AdminPorts, BESIDE_ADMIN_PORTS, ISTIO_ADMIN_PORTS, orphan_sweep_lock};
 
 /// A pod the local kubelet started.
 pub struct ScheduledPod {

@@ -158,6 +158,10 @@ impl Mesh {
 /// before it could clean up, whose namespaces `sweep_stale` just removed). Never touches a live
 /// mesh's state, so it is safe next to other runs; a failure only leaves the orphans.
 pub(crate) fn sweep_orphaned_ebpf(bins: &Bins) {
+    // Without the lock the sweep still runs: it is safe next to live meshes.
+    let _sweeping = orphan_sweep_lock()
+        .inspect_err(|e| eprintln!("localmesh: {e:#}; sweeping without it"))
+        .ok();
     match Command::new(&bins.ztunnel)
         .args(["cleanup", "--orphans"])
         .output()
@@ -173,4 +177,20 @@ pub(crate) fn sweep_orphaned_ebpf(bins: &Bins) {
         ),
         Err(e) => eprintln!("localmesh: running ztunnel cleanup --orphans: {e}"),
     }
+}
+
+/// Taken by every orphan sweep of a starting mesh. A test that checks what
+/// `ztunnel cleanup --orphans` itself removes holds it meanwhile, so that a mesh starting
+/// beside it cannot sweep the orphan first. Released when the file is dropped.
+pub fn orphan_sweep_lock() -> anyhow::Result<std::fs::File> {
+    let path = std::env::temp_dir().join("localmesh-orphan-sweep.lock");
+    let file = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    file.lock()
+        .with_context(|| format!("locking {}", path.display()))?;
+    Ok(file)
 }

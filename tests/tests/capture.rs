@@ -1148,6 +1148,8 @@ fn orphan_cleanup_removes_only_state_of_vanished_nodes() {
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
+    // A mesh starting in a test beside this one sweeps orphans too: not while we look.
+    let sweeps_wait = localmesh::orphan_sweep_lock().unwrap();
     let listed = cleanup(true);
     assert!(
         listed.lines().any(|l| l == orphan),
@@ -1163,6 +1165,7 @@ fn orphan_cleanup_removes_only_state_of_vanished_nodes() {
     );
 
     assert!(cleanup(false).lines().any(|l| l == orphan));
+    drop(sweeps_wait);
     assert!(!std::path::Path::new(&orphan).exists(), "orphan left");
     for dir in [&live, &killed] {
         assert!(std::path::Path::new(dir).exists(), "cleanup removed {dir}");
