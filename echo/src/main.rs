@@ -1,6 +1,6 @@
 //! `echo` binary entry point: the clap command line, tracing setup, the tokio
-//! runtime, and dispatch to the `serve`, `who`, `grpc-call`, `ws`, `bench-*` and `hold`
-//! subcommands.
+//! runtime, and dispatch to the `serve`, `who`, `grpc-call`, `ws`, `bench-*`, `hold` and
+//! `relay` subcommands.
 //! Errors are reported as one `echo: error: ...` line on stderr with exit code 1
 //! (clap usage errors exit 2).
 
@@ -13,6 +13,7 @@ mod grpc_serve;
 mod hold;
 mod http_serve;
 mod istio_client;
+mod relay;
 mod serve;
 mod who;
 mod ws_call;
@@ -55,6 +56,8 @@ enum Command {
     /// Hold N concurrent ECHO connections, each checked with its own payload, until a line on
     /// stdin; then check each again and close them all. One JSON line per phase.
     Hold(hold::HoldArgs),
+    /// Relay TCP connections to another address, plainly (the bench's user-space ceiling).
+    Relay(relay::RelayArgs),
 }
 
 fn main() -> ExitCode {
@@ -73,10 +76,11 @@ fn main() -> ExitCode {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Command::Relay(args) = &cli.command {
+        builder.worker_threads(args.worker_threads.max(1));
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(err) => {
             eprintln!("mesh-echo: error: starting tokio runtime: {err}");
@@ -98,6 +102,7 @@ fn main() -> ExitCode {
             Command::BenchConn(args) => bench::run_conn(args).await,
             Command::BenchBulk(args) => bench::run_bulk(args).await,
             Command::Hold(args) => hold::run(args).await,
+            Command::Relay(args) => relay::run(args).await,
         }
     });
     match result {

@@ -105,11 +105,23 @@ pub(crate) fn measure_wrapped(
 ) -> anyhow::Result<Value> {
     let server = mesh.pod(ns, "server")?;
     let addr = format!("{}:8080", server.ip4);
+    measure_at(mesh, ns, &addr, duration, args, wrap)
+}
+
+/// Runs `mesh-echo <args>` in namespace `ns`'s client against `addr`; the JSON report.
+pub(crate) fn measure_at(
+    mesh: &LocalMesh,
+    ns: &str,
+    addr: &str,
+    duration: Duration,
+    args: &[&str],
+    wrap: impl FnOnce(&[&str]) -> Vec<String>,
+) -> anyhow::Result<Value> {
     let secs = format!("{}ms", duration.as_millis());
     let echo = mesh.bins.echo.display().to_string();
     let mut load = vec![echo.as_str()];
     load.extend_from_slice(args);
-    load.extend_from_slice(&["--addr", &addr, "--duration", &secs]);
+    load.extend_from_slice(&["--addr", addr, "--duration", &secs]);
     let argv = wrap(&load);
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
     let out = mesh.exec(ns, "client", &argv)?;

@@ -2,7 +2,8 @@
 //! with what the ztunnels spent on it; optionally a previous build's ztunnel in the same run.
 //!
 //! Two client/server pairs, identical but for enrollment: `bench-raw` (not ambient) and
-//! `bench-mesh` (ambient). The raw pods get the `net.ipv4.tcp_tw_reuse=1` that ztunnel sets in
+//! `bench-mesh` (ambient); and a third, [`bench_relay`](crate::bench_relay)'s plaintext relay
+//! chain, the ceiling of any proxy in user space on this path. The raw and relay pods get the `net.ipv4.tcp_tw_reuse=1` that ztunnel sets in
 //! enrolled pods, so the connection-rate baseline is not capped by ports in TIME_WAIT. Each
 //! figure (bulk, 1 KiB request/response, connection rate) is measured on every pair in turn
 //! before the next figure, so drift on the shared machine hits all alike. Around the mesh
@@ -22,6 +23,7 @@ use serde_json::Value;
 use crate::bench::{
     BenchOptions, MANIFEST, Row, measure_pair, measure_wrapped, num, pair_mesh, pods, print_table,
 };
+use crate::bench_relay::{self, RelayChain};
 use crate::bench_stats::{self, Memory, Perf, Spent};
 use crate::{LocalMesh, MeshOptions, wait_for};
 
@@ -60,6 +62,10 @@ pub struct L4Report {
     pub raw_bulk: Value,
     pub raw_rr: Value,
     pub raw_conn: Value,
+    /// Through the plaintext relay chain (the same three figures).
+    pub relay_bulk: Value,
+    pub relay_rr: Value,
+    pub relay_conn: Value,
     /// The current build.
     pub mesh: MeshFigures,
     /// The build in `baseline_bins`, measured in the same rounds.
@@ -97,8 +103,11 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<L4Report> {
     }
     mesh.wait_enrolled("bench-mesh", "client")?;
     mesh.wait_enrolled("bench-mesh", "server")?;
-    for pod in ["client", "server"] {
-        set_tw_reuse(&mesh, "bench-raw", pod)?;
+    let relay = RelayChain::start(&mesh)?;
+    for ns in ["bench-raw", bench_relay::NAMESPACE] {
+        for pod in ["client", "server"] {
+            set_tw_reuse(&mesh, ns, pod)?;
+        }
     }
     let before_mesh = baseline_ztunnel
         .map(|z| {
@@ -123,23 +132,30 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<L4Report> {
     }
     let d = opts.duration;
     let raw_bulk = measure_pair(&mesh, "bench-raw", d, &["bench-bulk"])?;
+    let relay_bulk = relay.measure(d, &["bench-bulk"])?;
     let bulk = subjects
         .iter()
         .map(|s| s.measure(d, &["bench-bulk"], perf.as_ref()))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let raw_rr = measure_pair(&mesh, "bench-raw", d, &["bench-rr", "--size", "1024"])?;
+    let relay_rr = relay.measure(d, &["bench-rr", "--size", "1024"])?;
     let rr = subjects
         .iter()
         .map(|s| measure_pair(s.mesh, "bench-mesh", d, &["bench-rr", "--size", "1024"]))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let raw_conn = measure_pair(&mesh, "bench-raw", d, &CONN_LOAD)?;
+    let relay_conn = relay.measure(d, &CONN_LOAD)?;
     let conn = subjects
         .iter()
         .map(|s| s.measure(d, &CONN_LOAD, None))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    for (c, who) in [(&raw_conn, "raw TCP"), (&conn[0].0, "the mesh")]
-        .into_iter()
-        .chain(conn.get(1).map(|c| (&c.0, "the baseline mesh")))
+    for (c, who) in [
+        (&raw_conn, "raw TCP"),
+        (&relay_conn, "the relay chain"),
+        (&conn[0].0, "the mesh"),
+    ]
+    .into_iter()
+    .chain(conn.get(1).map(|c| (&c.0, "the baseline mesh")))
     {
         let errors = num(c, "errors");
         if errors > 0.0 {
@@ -168,6 +184,9 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<L4Report> {
         raw_bulk,
         raw_rr,
         raw_conn,
+        relay_bulk,
+        relay_rr,
+        relay_conn,
         mesh: current,
         baseline: figures.next(),
         perf_missing,
@@ -350,6 +369,54 @@ impl L4Report {
         rows
     }
 
+    /// The plaintext relay chain (as `raw`) versus the current build (as `mesh`); added latency
+    /// is over raw TCP's.
+    pub fn relay_rows(&self) -> Vec<Row> {
+        let m = &self.mesh;
+        let added = |rr: &Value, k| num(rr, k) - num(&self.raw_rr, k);
+        let figures = [
+            (
+                "bulk throughput, 1 stream",
+                "Gbit/s",
+                num(&self.relay_bulk, "gbit_per_s"),
+                num(&m.bulk, "gbit_per_s"),
+            ),
+            (
+                "1 KiB request/response p50",
+                "µs",
+                num(&self.relay_rr, "p50_us"),
+                num(&m.rr, "p50_us"),
+            ),
+            (
+                "1 KiB added latency p50",
+                "µs",
+                added(&self.relay_rr, "p50_us"),
+                added(&m.rr, "p50_us"),
+            ),
+            (
+                "1 KiB added latency p99",
+                "µs",
+                added(&self.relay_rr, "p99_us"),
+                added(&m.rr, "p99_us"),
+            ),
+            (
+                "new connections (8 workers)",
+                "conn/s",
+                num(&self.relay_conn, "per_sec"),
+                num(&m.conn, "per_sec"),
+            ),
+        ];
+        figures
+            .into_iter()
+            .map(|(name, unit, raw, mesh)| Row {
+                name,
+                unit,
+                raw,
+                mesh,
+            })
+            .collect()
+    }
+
     /// The baseline build (as `raw`) versus the current one (as `mesh`), if measured.
     pub fn before_after(&self) -> Option<Vec<Row>> {
         let before = self.baseline.as_ref()?;
@@ -423,6 +490,21 @@ pub fn print(r: &L4Report) {
     println!(
         "ztunnel fds idle -> after load (node-0, node-1): {}",
         fds(&r.mesh)
+    );
+    println!();
+    print_table(
+        "L4, plaintext relay chain",
+        "relay chain",
+        "mesh (HBONE)",
+        &r.relay_rows(),
+    );
+    let vs_raw = |relay: &Value, raw: &Value, k| num(relay, k) / num(raw, k);
+    println!(
+        "relay chain / raw TCP (the ceiling of a user-space proxy here): bulk {:.2}x, \
+         1 KiB p50 {:.2}x, conn/s {:.2}x",
+        vs_raw(&r.relay_bulk, &r.raw_bulk, "gbit_per_s"),
+        vs_raw(&r.relay_rr, &r.raw_rr, "p50_us"),
+        vs_raw(&r.relay_conn, &r.raw_conn, "per_sec"),
     );
     if let (Some(rows), Some(b)) = (r.before_after(), &r.baseline) {
         println!();

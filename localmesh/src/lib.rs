@@ -20,6 +20,7 @@ pub mod bench;
 pub mod bench_control_plane;
 pub mod bench_l4;
 pub mod bench_policy;
+pub mod bench_relay;
 pub mod bench_restart;
 pub mod bench_stats;
 pub mod bench_waypoint;
