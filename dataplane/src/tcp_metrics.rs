@@ -29,8 +29,9 @@ pub struct TcpMetrics {
     received_bytes: Family<TcpLabels, Counter>,
     sent_bytes: Family<TcpLabels, Counter>,
     /// Every L4 label set that has series, with how many open connections use it: what
-    /// [`TcpMetrics::prune`] may remove (the families cannot be listed).
-    series: Mutex<HashMap<TcpLabels, usize>>,
+    /// [`TcpMetrics::prune`] may remove (the families cannot be listed). Open connections
+    /// share these label sets instead of holding their own (23 strings each).
+    series: Mutex<HashMap<Arc<TcpLabels>, usize>>,
 }
 
 impl std::fmt::Debug for TcpMetrics {
@@ -78,12 +79,15 @@ impl TcpMetrics {
     /// A connection refused before any byte flows (policy `DENY`, upstream `CONNECT` failure)
     /// is still opened and closed: open it with those `response_flags` and drop the guard.
     pub fn open(self: &Arc<Self>, labels: TcpLabels) -> ConnMetrics {
-        *self
-            .series
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(labels.clone())
-            .or_default() += 1;
+        let labels = {
+            let mut series = self.series.lock().unwrap_or_else(|p| p.into_inner());
+            let shared = match series.get_key_value(&labels) {
+                Some((known, _)) => Arc::clone(known),
+                None => Arc::new(labels),
+            };
+            *series.entry(Arc::clone(&shared)).or_default() += 1;
+            shared
+        };
         self.opened.get_or_create(&labels).inc();
         // Resolve the byte counters once; each chunk is then a single atomic add.
         let received = self.received_bytes.get_or_create_owned(&labels);
@@ -116,7 +120,7 @@ impl TcpMetrics {
                     &self.received_bytes,
                     &self.sent_bytes,
                 ] {
-                    family.remove(l);
+                    family.remove(&**l);
                 }
             }
             keep
@@ -135,7 +139,7 @@ impl TcpMetrics {
 #[derive(Debug)]
 pub struct ConnMetrics {
     metrics: Arc<TcpMetrics>,
-    labels: TcpLabels,
+    labels: Arc<TcpLabels>,
     close_flags: Option<String>,
     received: Counter,
     sent: Counter,
@@ -179,15 +183,58 @@ impl Drop for ConnMetrics {
             Some(flags) if flags != self.labels.response_flags => {
                 let labels = TcpLabels {
                     response_flags: flags,
-                    ..self.labels.clone()
+                    ..(*self.labels).clone()
                 };
                 self.metrics.closed.get_or_create(&labels).inc();
                 // Only `closed` has this label set; prune must know of it to remove it.
-                series.entry(labels).or_default();
+                if !series.contains_key(&labels) {
+                    series.insert(Arc::new(labels), 0);
+                }
             }
             _ => {
                 self.metrics.closed.get_or_create(&self.labels).inc();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(workload: &str) -> TcpLabels {
+        TcpLabels {
+            source_workload: workload.to_string(),
+            source_workload_namespace: "ns".to_string(),
+            ..TcpLabels::unknown("destination")
+        }
+    }
+
+    #[test]
+    fn open_connections_share_their_label_set_until_it_is_pruned() {
+        let m = TcpMetrics::register(&mut Registry::default());
+        let a = m.open(labels("a"));
+        let a2 = m.open(labels("a"));
+        let b = m.open(labels("b"));
+        assert!(
+            Arc::ptr_eq(&a.labels, &a2.labels),
+            "one label set for equal labels"
+        );
+        assert!(!Arc::ptr_eq(&a.labels, &b.labels));
+        assert_eq!(
+            m.prune(|_, _| false),
+            0,
+            "open connections keep their series"
+        );
+        drop((a, a2));
+        assert_eq!(
+            m.prune(|_, w| w == "b"),
+            1,
+            "a's series goes once it is closed"
+        );
+        let again = m.open(labels("a"));
+        assert_eq!(again.labels(), &labels("a"));
+        assert_eq!(m.series.lock().unwrap().len(), 2);
+        drop((again, b));
     }
 }
