@@ -76,7 +76,7 @@ pub async fn run_rr(args: RrArgs) -> anyhow::Result<()> {
     let addrs = resolve(&args.addr, IO_TIMEOUT).await?;
     let size = usize::try_from(args.size).context("--size does not fit in memory")?;
     let limit = args.warmup + args.duration + GRACE;
-    let mut samples = tokio::time::timeout(limit, rr_loop(&addrs, size, &args))
+    let (warmup_count, mut samples) = tokio::time::timeout(limit, rr_loop(&addrs, size, &args))
         .await
         .map_err(|_| {
             anyhow!(
@@ -87,6 +87,7 @@ pub async fn run_rr(args: RrArgs) -> anyhow::Result<()> {
     let s = LatencySummary::from_nanos(&mut samples);
     emit_json(&BenchReport::Rr(RrReport {
         count: s.count,
+        warmup_count,
         p50_us: s.p50_us,
         p90_us: s.p90_us,
         p99_us: s.p99_us,
@@ -94,10 +95,15 @@ pub async fn run_rr(args: RrArgs) -> anyhow::Result<()> {
     }))
 }
 
-/// Runs warm-up then the measured loop; returns per-request latencies in ns.
+/// Runs warm-up then the measured loop; returns the warm-up's round trips and the measured
+/// ones' latencies in ns.
 /// The buffers are allocated once; the sample vector is pre-sized from the
 /// warm-up rate so the measured loop normally never allocates.
-async fn rr_loop(addrs: &[SocketAddr], size: usize, args: &RrArgs) -> anyhow::Result<Vec<u64>> {
+async fn rr_loop(
+    addrs: &[SocketAddr],
+    size: usize,
+    args: &RrArgs,
+) -> anyhow::Result<(u64, Vec<u64>)> {
     let mut stream = connect_any(addrs, IO_TIMEOUT)
         .await
         .with_context(|| format!("connecting to {}", args.addr))?;
@@ -135,7 +141,7 @@ async fn rr_loop(addrs: &[SocketAddr], size: usize, args: &RrArgs) -> anyhow::Re
             break;
         }
     }
-    Ok(samples)
+    Ok((warm_count, samples))
 }
 
 async fn round_trip(

@@ -6,7 +6,11 @@ use serde::{Deserialize, Serialize};
 /// `echo bench-rr`: sequential request/response latency on one connection.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RrReport {
+    /// Measured round trips (the percentiles are theirs).
     pub count: u64,
+    /// Round trips in the warm-up before them, on the same connection.
+    #[serde(default)]
+    pub warmup_count: u64,
     pub p50_us: f64,
     pub p90_us: f64,
     pub p99_us: f64,
@@ -125,6 +129,7 @@ mod tests {
     fn tagged_output_deserializes_both_ways() {
         let report = BenchReport::Rr(RrReport {
             count: 5,
+            warmup_count: 2,
             p50_us: 1.5,
             p90_us: 2.0,
             p99_us: 3.0,

@@ -41,11 +41,14 @@ const SETTLE: Duration = Duration::from_secs(30);
 
 const CONN_LOAD: [&str; 3] = ["bench-conn", "--concurrency", "8"];
 
+const RR_LOAD: [&str; 3] = ["bench-rr", "--size", "1024"];
+
 /// What the mesh pair of one build measured.
 pub struct MeshFigures {
     pub bulk: Value,
     pub bulk_spent: Spent,
     pub rr: Value,
+    pub rr_spent: Spent,
     pub conn: Value,
     pub conn_spent: Spent,
     /// Per ztunnel (node-0, node-1): enrolled, before any load.
@@ -137,11 +140,11 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<L4Report> {
         .iter()
         .map(|s| s.measure(d, &["bench-bulk"], perf.as_ref()))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let raw_rr = measure_pair(&mesh, "bench-raw", d, &["bench-rr", "--size", "1024"])?;
-    let relay_rr = relay.measure(d, &["bench-rr", "--size", "1024"])?;
+    let raw_rr = measure_pair(&mesh, "bench-raw", d, &RR_LOAD)?;
+    let relay_rr = relay.measure(d, &RR_LOAD)?;
     let rr = subjects
         .iter()
-        .map(|s| measure_pair(s.mesh, "bench-mesh", d, &["bench-rr", "--size", "1024"]))
+        .map(|s| s.measure(d, &RR_LOAD, None))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let raw_conn = measure_pair(&mesh, "bench-raw", d, &CONN_LOAD)?;
     let relay_conn = relay.measure(d, &CONN_LOAD)?;
@@ -163,7 +166,7 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<L4Report> {
         }
     }
     let mut figures = Vec::new();
-    for (((s, (bulk, bulk_spent)), rr), (conn, conn_spent)) in
+    for (((s, (bulk, bulk_spent)), (rr, rr_spent)), (conn, conn_spent)) in
         subjects.iter().zip(bulk).zip(rr).zip(conn)
     {
         let (after, settled) = s.after_load()?;
@@ -171,6 +174,7 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<L4Report> {
             bulk,
             bulk_spent,
             rr,
+            rr_spent,
             conn,
             conn_spent,
             idle: s.idle.clone(),
@@ -284,7 +288,10 @@ impl MeshFigures {
         let gb = num(&self.bulk, "bytes") / 1e9;
         let mb = gb * 1e3;
         let kconn = num(&self.conn, "count") / 1e3;
+        // The load's CPU includes its warm-up's round trips.
+        let requests = num(&self.rr, "count") + num(&self.rr, "warmup_count");
         let b = &self.bulk_spent;
+        let r = &self.rr_spent;
         let c = &self.conn_spent;
         let syscalls = b.syscalls.map_or(f64::NAN, |n| n as f64);
         vec![
@@ -294,6 +301,16 @@ impl MeshFigures {
                 "bulk: ztunnel ctx switches",
                 "/MB",
                 b.ctx_switches as f64 / mb,
+            ),
+            (
+                "1 KiB rr: ztunnel CPU",
+                "µs/req",
+                r.cpu_secs * 1e6 / requests,
+            ),
+            (
+                "1 KiB rr: ztunnel ctx switches",
+                "/req",
+                r.ctx_switches as f64 / requests,
             ),
             ("conn: ztunnel CPU", "s/1k conn", c.cpu_secs / kconn),
             (
