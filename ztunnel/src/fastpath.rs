@@ -120,6 +120,9 @@ pub async fn handle(
             error = %reason, "connection failed");
         return;
     }
+    // Not needed past the check: a connection that outlives config pushes must not keep every
+    // old snapshot alive.
+    drop((store, service, policies));
     let live = ctx.live.register(dst_pod.clone(), conn);
     // The destination app sees the source pod's address, as through HBONE.
     let src_ip = src

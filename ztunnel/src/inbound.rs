@@ -146,6 +146,9 @@ async fn handle_connect(ctx: Arc<Ctx>, pod: Arc<Pod>, req: InboundRequest) {
             message: "connection denied; 401",
         });
     }
+    // Not needed past the check: a connection that outlives config pushes must not keep every
+    // old snapshot alive.
+    drop((policies, store, src_workload));
     let live = ctx.live.register(pod.clone(), conn);
     let mut app = match pod.dial_app(peer.ip(), target).await {
         Ok(a) => a,
@@ -262,6 +265,7 @@ async fn plaintext(ctx: Arc<Ctx>, pod: Arc<Pod>, mut tcp: TcpStream, peer: Socke
             message: "connection denied; closed",
         });
     }
+    drop((policies, store, src_workload));
     let live = ctx.live.register(pod.clone(), conn);
     let outcome = match pod.dial_app(peer.ip(), dst).await {
         Ok(mut app) => outcome(

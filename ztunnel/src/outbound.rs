@@ -380,6 +380,9 @@ async fn handle(ctx: Arc<Ctx>, pod: Arc<Pod>, mut tcp: TcpStream, peer: SocketAd
         access_log(&pod, peer, dst, &route),
     )
     .traced(ctx.spans.as_ref());
+    // The config snapshot is not needed past this point: a connection that outlives config
+    // pushes must not keep every old snapshot alive.
+    drop(store);
     let outcome = match &route {
         Route::Passthrough(addr) => match pod.netns.connect(*addr).await {
             Ok(mut up) => copied(copy::bidirectional(&mut tcp, &mut up, result.metrics()).await),
