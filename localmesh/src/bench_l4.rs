@@ -3,8 +3,9 @@
 //!
 //! Two client/server pairs, identical but for enrollment: `bench-raw` (not ambient) and
 //! `bench-mesh` (ambient); and a third, [`bench_relay`](crate::bench_relay)'s plaintext relay
-//! chain, the ceiling of any proxy in user space on this path. The raw and relay pods get the `net.ipv4.tcp_tw_reuse=1` that ztunnel sets in
-//! enrolled pods, so the connection-rate baseline is not capped by ports in TIME_WAIT. Each
+//! chain, the ceiling of any proxy in user space on this path. The raw and relay pods get the
+//! `net.ipv4.tcp_tw_reuse=1` that ztunnel sets in enrolled pods, so the connection-rate
+//! baseline is not capped by ports in TIME_WAIT. Each
 //! figure (bulk, 1 KiB request/response, connection rate) is measured on every pair in turn
 //! before the next figure, so drift on the shared machine hits all alike. Around the mesh
 //! pairs' bulk and connection-rate runs both ztunnels' CPU time and context switches are read,
@@ -366,15 +367,7 @@ impl L4Report {
                 pair(&self.raw_conn, &m.conn, "per_sec"),
             ),
         ];
-        let mut rows: Vec<Row> = figures
-            .into_iter()
-            .map(|(name, unit, (raw, mesh))| Row {
-                name,
-                unit,
-                raw,
-                mesh,
-            })
-            .collect();
+        let mut rows = to_rows(figures);
         for (name, unit, mesh) in m.spent_rows().into_iter().chain(m.memory_rows()) {
             rows.push(Row {
                 name,
@@ -389,49 +382,39 @@ impl L4Report {
     /// The plaintext relay chain (as `raw`) versus the current build (as `mesh`); added latency
     /// is over raw TCP's.
     pub fn relay_rows(&self) -> Vec<Row> {
+        let pair = |relay: &Value, mesh: &Value, key: &str| (num(relay, key), num(mesh, key));
+        let added = |key| {
+            (
+                self.added(&self.relay_rr, key),
+                self.added(&self.mesh.rr, key),
+            )
+        };
         let m = &self.mesh;
-        let added = |rr: &Value, k| num(rr, k) - num(&self.raw_rr, k);
-        let figures = [
+        to_rows([
             (
                 "bulk throughput, 1 stream",
                 "Gbit/s",
-                num(&self.relay_bulk, "gbit_per_s"),
-                num(&m.bulk, "gbit_per_s"),
+                pair(&self.relay_bulk, &m.bulk, "gbit_per_s"),
             ),
             (
                 "1 KiB request/response p50",
                 "µs",
-                num(&self.relay_rr, "p50_us"),
-                num(&m.rr, "p50_us"),
+                pair(&self.relay_rr, &m.rr, "p50_us"),
             ),
-            (
-                "1 KiB added latency p50",
-                "µs",
-                added(&self.relay_rr, "p50_us"),
-                added(&m.rr, "p50_us"),
-            ),
-            (
-                "1 KiB added latency p99",
-                "µs",
-                added(&self.relay_rr, "p99_us"),
-                added(&m.rr, "p99_us"),
-            ),
+            ("1 KiB added latency p50", "µs", added("p50_us")),
+            ("1 KiB added latency p99", "µs", added("p99_us")),
             (
                 "new connections (8 workers)",
                 "conn/s",
-                num(&self.relay_conn, "per_sec"),
-                num(&m.conn, "per_sec"),
+                pair(&self.relay_conn, &m.conn, "per_sec"),
             ),
-        ];
-        figures
-            .into_iter()
-            .map(|(name, unit, raw, mesh)| Row {
-                name,
-                unit,
-                raw,
-                mesh,
-            })
-            .collect()
+        ])
+    }
+
+    /// A request/response report's latency `key` (p50_us, p99_us) over raw TCP's in the same
+    /// round.
+    fn added(&self, rr: &Value, key: &str) -> f64 {
+        num(rr, key) - num(&self.raw_rr, key)
     }
 
     /// The baseline build (as `raw`) versus the current one (as `mesh`), if measured.
@@ -439,7 +422,7 @@ impl L4Report {
         let before = self.baseline.as_ref()?;
         let after = &self.mesh;
         let fig = |f: &MeshFigures| {
-            let added = |k| num(&f.rr, k) - num(&self.raw_rr, k);
+            let added = |k| self.added(&f.rr, k);
             let mut v = vec![
                 (
                     "bulk throughput, 1 stream",
@@ -472,6 +455,19 @@ impl L4Report {
             .collect();
         Some(rows)
     }
+}
+
+/// `(name, unit, (raw, mesh))` figures as table rows.
+fn to_rows<const N: usize>(figures: [(&'static str, &'static str, (f64, f64)); N]) -> Vec<Row> {
+    figures
+        .into_iter()
+        .map(|(name, unit, (raw, mesh))| Row {
+            name,
+            unit,
+            raw,
+            mesh,
+        })
+        .collect()
 }
 
 /// Prints the raw-vs-mesh table, the fds behind the memory figures and, if measured, the
