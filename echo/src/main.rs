@@ -78,7 +78,7 @@ fn main() -> ExitCode {
 
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Command::Relay(args) = &cli.command {
-        builder.worker_threads(args.worker_threads.max(1));
+        builder.worker_threads(usize::from(args.worker_threads));
     }
     let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,

@@ -14,6 +14,9 @@ use anyhow::Context;
 use clap::Args;
 use tokio::net::{TcpListener, TcpStream};
 
+/// The largest `--buffer` (per direction, per connection).
+const MAX_BUFFER: i64 = 16 * 1024 * 1024;
+
 #[derive(Debug, Args)]
 pub struct RelayArgs {
     /// Address to accept connections on.
@@ -22,12 +25,13 @@ pub struct RelayArgs {
     /// Address every accepted connection is relayed to, HOST:PORT.
     #[arg(long)]
     pub to: String,
-    /// Bytes of each direction's copy buffer (ztunnel's grow to 256 KiB).
-    #[arg(long, default_value_t = 256 * 1024)]
-    pub buffer: usize,
+    /// Bytes of each direction's copy buffer (ztunnel's grow to 256 KiB). Not 0: a copy into
+    /// an empty buffer reads as end of stream and would cut every connection short.
+    #[arg(long, default_value_t = 256 * 1024, value_parser = clap::value_parser!(u32).range(1..=MAX_BUFFER))]
+    pub buffer: u32,
     /// Runtime worker threads (ztunnel runs one on nodes of up to two CPUs).
-    #[arg(long, default_value_t = 1)]
-    pub worker_threads: usize,
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub worker_threads: u16,
 }
 
 /// Accepts and relays until killed; a failed connection is logged and dropped alone.
@@ -38,7 +42,7 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
     loop {
         let (inbound, peer) = listener.accept().await.context("accepting")?;
         let to = args.to.clone();
-        let buffer = args.buffer;
+        let buffer = args.buffer as usize;
         tokio::spawn(async move {
             if let Err(err) = relay(inbound, &to, buffer).await {
                 tracing::debug!(%peer, %to, "relay ended: {err:#}");
@@ -55,4 +59,38 @@ async fn relay(mut inbound: TcpStream, to: &str, buffer: usize) -> anyhow::Resul
     outbound.set_nodelay(true)?;
     tokio::io::copy_bidirectional_with_sizes(&mut inbound, &mut outbound, buffer, buffer).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        relay: RelayArgs,
+    }
+
+    fn parse(extra: &[&str]) -> Result<RelayArgs, clap::Error> {
+        let base = ["relay", "--listen", "127.0.0.1:1", "--to", "127.0.0.1:2"];
+        Cli::try_parse_from(base.iter().chain(extra)).map(|c| c.relay)
+    }
+
+    #[test]
+    fn an_empty_buffer_or_no_worker_thread_is_refused() {
+        let ok = parse(&[]).unwrap();
+        assert_eq!((ok.buffer, ok.worker_threads), (256 * 1024, 1));
+        for bad in [
+            ["--buffer", "0"],
+            ["--worker-threads", "0"],
+            ["--buffer", "16777217"],
+        ] {
+            let err = parse(&bad)
+                .err()
+                .unwrap_or_else(|| panic!("{bad:?} accepted"));
+            assert!(err.to_string().contains(bad[0]), "{err}");
+        }
+    }
 }
