@@ -841,6 +841,48 @@ async fn drop_watches_ends_streams_cleanly_or_cuts_them() {
     assert_eq!(w.next_or_end().await, Err(End::Cut));
 }
 
+/// Tests drop watches and then change what the client must miss (and re-list to learn): a
+/// dropped watch sends no event and no bookmark made after `drop_watches` returned, however
+/// the stream task and the change interleave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_watch_sends_nothing_made_after_the_drop() {
+    let server = start_with(ApiOptions {
+        bookmark_interval: Duration::from_millis(1),
+        ..ApiOptions::default()
+    });
+    let c = client(&server).await;
+    for i in 0..200 {
+        let rv = server.resource_version();
+        let uri = format!("{CMS}?watch=true&resourceVersion={rv}&allowWatchBookmarks=true");
+        let mut w = Watch::open(&c, &uri).await;
+        // Live events in flight when the drop comes.
+        for j in 0..5 {
+            server.create(cm(&format!("before-{i}-{j}"), json!({}))).unwrap();
+        }
+        let clean = i % 2 == 0;
+        server.drop_watches(clean);
+        let dropped_at = server.resource_version();
+        server.create(cm(&format!("after-{i}"), json!({}))).unwrap();
+        loop {
+            match w.next_or_end().await {
+                Ok(ev) => {
+                    let at = rv_of(&ev["object"]);
+                    assert!(
+                        at <= dropped_at,
+                        "round {i}: {} at version {at}, after the drop at {dropped_at}: {ev}",
+                        ev["type"]
+                    );
+                }
+                Err(end) => {
+                    let want = if clean { End::Clean } else { End::Cut };
+                    assert_eq!(end, want, "round {i}");
+                    break;
+                }
+            }
+        }
+    }
+}
+
 #[tokio::test]
 async fn custom_resources_are_served_in_every_version_with_a_status_subresource() {
     let server = start();

@@ -133,10 +133,10 @@ pub(crate) fn start(shared: Arc<Shared>, req: WatchReq) -> Result<mpsc::Receiver
         return Err(ApiErr::new(429, "TooManyRequests", "too many open watches"));
     }
     let slot = Slot(shared.clone());
-    let (initial, live) = begin(&shared, &req);
-    // Subscribed before the response goes out: a drop_watches after the client sees the
-    // headers must reach this watch.
+    // Subscribed before the first line is taken: a drop_watches from here on reaches this
+    // watch, so none can slip between its start and its live feed.
     let drops = shared.drop_tx.subscribe();
+    let (initial, live) = begin(&shared, &req);
     let (tx, rx) = mpsc::channel::<Chunk>(256);
     tokio::spawn(async move {
         let _slot = slot;
@@ -153,6 +153,10 @@ async fn stream(
     mut drops: tokio::sync::watch::Receiver<(u64, bool)>,
     tx: mpsc::Sender<Chunk>,
 ) {
+    // Dropped while it started: its first lines may be newer than the drop.
+    if drops.has_changed().unwrap_or(true) {
+        return end_dropped(&mut drops, &tx).await;
+    }
     for line in initial {
         if tx.send(Ok(Frame::data(line))).await.is_err() {
             return;
@@ -167,10 +171,19 @@ async fn stream(
         .and_then(|t| tokio::time::Instant::now().checked_add(t));
     let period = shared.opts.bookmark_interval.max(Duration::from_millis(10));
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    // A dropped watch sends nothing after the drop: `drop_watches` is followed at once by
+    // changes the test means the client to miss (and learn of only by re-listing). So the
+    // drop is checked first, and again before anything is sent: an event or bookmark made
+    // after the drop can only be seen after the drop is visible.
     loop {
         tokio::select! {
+            biased;
+            _ = drops.changed() => return end_dropped(&mut drops, &tx).await,
             ev = live.recv() => match ev {
                 Ok(ev) => {
+                    if drops.has_changed().unwrap_or(true) {
+                        return end_dropped(&mut drops, &tx).await;
+                    }
                     if let Some(line) = req.translate(&ev)
                         && tx.send(Ok(Frame::data(line))).await.is_err()
                     {
@@ -181,25 +194,31 @@ async fn stream(
                 Err(_) => return,
             },
             _ = tick.tick(), if req.bookmarks => {
-                if !send_bookmark(&shared, &req, &mut live, &tx).await {
-                    return;
+                if !send_bookmark(&shared, &req, &mut live, &drops, &tx).await {
+                    return end_dropped(&mut drops, &tx).await;
                 }
             }
             _ = sleep_until(deadline) => {
-                if req.bookmarks {
-                    send_bookmark(&shared, &req, &mut live, &tx).await;
-                }
-                return;
-            }
-            changed = drops.changed() => {
-                let clean = changed.is_err() || drops.borrow_and_update().1;
-                if !clean {
-                    let _ = tx.send(Err("watch cut by drop_watches(false)".into())).await;
+                if req.bookmarks && !send_bookmark(&shared, &req, &mut live, &drops, &tx).await {
+                    return end_dropped(&mut drops, &tx).await;
                 }
                 return;
             }
             _ = tx.closed() => return,
         }
+    }
+}
+
+/// Ends a watch that `drop_watches` dropped (or whose stream is done): cleanly, or cut.
+async fn end_dropped(
+    drops: &mut tokio::sync::watch::Receiver<(u64, bool)>,
+    tx: &mpsc::Sender<Chunk>,
+) {
+    let clean = drops.has_changed().is_err() || drops.borrow_and_update().1;
+    if !clean {
+        let _ = tx
+            .send(Err("watch cut by drop_watches(false)".into()))
+            .await;
     }
 }
 
@@ -211,16 +230,22 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
 }
 
 /// Sends events still queued for this watch, then a BOOKMARK at the current RV: under the
-/// store lock no event at or below that RV can still be on its way.
+/// store lock no event at or below that RV can still be on its way. False when the watch
+/// must end: the client is gone, or the watch was dropped (checked under the lock, so the
+/// bookmark never carries a version made after the drop).
 async fn send_bookmark(
     shared: &Shared,
     req: &WatchReq,
     live: &mut broadcast::Receiver<Arc<Event>>,
+    drops: &tokio::sync::watch::Receiver<(u64, bool)>,
     tx: &mpsc::Sender<Chunk>,
 ) -> bool {
     let mut lines = Vec::new();
     {
         let st = shared.lock_state();
+        if drops.has_changed().unwrap_or(true) {
+            return false;
+        }
         loop {
             match live.try_recv() {
                 Ok(ev) => lines.extend(req.translate(&ev)),
