@@ -116,6 +116,7 @@ fn key_for(dst: SocketAddr, expected: Vec<Identity>) -> PoolKey {
         src_identity: client_id(),
         dst_identities: expected,
         dst,
+        dst_instance: String::new(),
     }
 }
 
@@ -492,6 +493,34 @@ async fn burst_of_250_long_lived_connects_shares_connections_up_to_the_cap() {
     assert_eq!(dials.load(Ordering::SeqCst), 3, "one dial per 100 streams");
     assert_eq!(pool.connection_count(), 3);
     assert_eq!(server.requests.load(Ordering::SeqCst), 250);
+}
+
+/// A pod that takes over the address of one that is gone gets its own connection: the old
+/// pod's may be dead without a word, and a stream put on it would stall.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_instance_at_the_same_address_never_shares_a_connection() {
+    let f = fixture();
+    let server = start_server(&f.server_cert, Mode::Echo).await;
+    let pool = Pool::new(PoolSettings::default());
+    let (dial, dials) = counting_dialer();
+    for (instance, want_dials) in [("pod-1", 1), ("pod-1", 1), ("pod-2", 2)] {
+        let key = PoolKey {
+            dst_instance: instance.into(),
+            ..key_for(server.addr, vec![server_id()])
+        };
+        let stream = pool
+            .connect(
+                key,
+                Arc::clone(&f.client_cert),
+                dial.clone(),
+                request("10.0.0.7:80"),
+            )
+            .await
+            .expect("connect");
+        assert_eq!(echo_round_trip(stream, b"hi".to_vec()).await, b"hibye");
+        assert_eq!(dials.load(Ordering::SeqCst), want_dials, "after {instance}");
+    }
+    assert_eq!(pool.connection_count(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

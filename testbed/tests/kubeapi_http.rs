@@ -857,7 +857,9 @@ async fn a_dropped_watch_sends_nothing_made_after_the_drop() {
         let mut w = Watch::open(&c, &uri).await;
         // Live events in flight when the drop comes.
         for j in 0..5 {
-            server.create(cm(&format!("before-{i}-{j}"), json!({}))).unwrap();
+            server
+                .create(cm(&format!("before-{i}-{j}"), json!({})))
+                .unwrap();
         }
         let clean = i % 2 == 0;
         server.drop_watches(clean);

@@ -270,6 +270,8 @@ impl Upstream {
                     src_identity: entry.cert.identity.clone(),
                     dst_identities: vec![identity.clone()],
                     dst: hbone,
+                    // Endpoints carry no pod uid here (see `PoolKey::dst_instance`).
+                    dst_instance: String::new(),
                 };
                 let req = ConnectRequest {
                     authority: ep.addr.to_string(),

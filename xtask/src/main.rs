@@ -271,6 +271,8 @@ fn test(args: &[String]) -> anyhow::Result<()> {
             "zds_exclusions",
             "--test",
             "conn_hold",
+            "--test",
+            "endpoint_retry",
         ])
         .args(args)
         .env("RUST_TEST_THREADS", "2")

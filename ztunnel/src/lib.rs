@@ -6,7 +6,7 @@
 //! [`enroll`] (one pod's listeners and capture; [`pod_netns`] checks its namespace,
 //! [`exclusions`] its port annotations), [`netns`] (sockets in pod namespaces), [`capture`] (redirecting pod traffic; [`ebpf`] loads
 //! its kernel programs; [`cleanup`] removes what a killed one left),
-//! [`outbound`] and [`inbound`] (the proxy paths), [`proxy`] (what those share), [`supervise`] (background tasks that must not die),
+//! [`outbound`] and [`inbound`] (the proxy paths; [`outbound_stream`] opens an outbound HBONE stream, retrying once elsewhere), [`proxy`] (what those share), [`supervise`] (background tasks that must not die),
 //! [`settings`] (the typed flags) and [`app`] (wiring them into a running ztunnel).
 
 // Shared with the waypoint (crate `dataplane`); re-exported under their old names.
@@ -29,6 +29,7 @@ pub mod metrics;
 pub mod netns;
 pub mod origsrc;
 pub mod outbound;
+pub mod outbound_stream;
 pub mod pod_netns;
 pub mod pod_record;
 pub mod pods;

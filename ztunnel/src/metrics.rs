@@ -19,6 +19,9 @@
 //! `mesh_waypoint_bypass_total{destination_service, waypoint, reason}` counts connections sent
 //! direct because the waypoint their destination is bound to cannot be used (Istio's fail-open);
 //! `destination_service` is the service's hostname for a VIP, the pod's `ns/name` for a pod IP.
+//! `mesh_outbound_retries_total{reason}` counts outbound connections whose HBONE stream was
+//! tried a second time on another endpoint (`crate::outbound_stream`): `endpoint_left` (the
+//! first endpoint left the config while its stream was being opened) or `open_failed`.
 
 use std::sync::{Arc, Mutex};
 
@@ -47,6 +50,11 @@ struct BypassLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RetryLabels {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ModeLabels {
     mode: String,
 }
@@ -62,6 +70,7 @@ pub struct Metrics {
     certs_issued: Family<IdentityLabels, Counter>,
     capture_mode: Family<ModeLabels, Gauge>,
     waypoint_bypass: Family<BypassLabels, Counter>,
+    outbound_retries: Family<RetryLabels, Counter>,
     /// Serializes [`Metrics::set_capture_mode`] so the info gauge never holds two modes.
     capture_mode_lock: Mutex<()>,
 }
@@ -80,6 +89,7 @@ impl Metrics {
         let certs_issued = Family::<IdentityLabels, Counter>::default();
         let capture_mode = Family::<ModeLabels, Gauge>::default();
         let waypoint_bypass = Family::<BypassLabels, Counter>::default();
+        let outbound_retries = Family::<RetryLabels, Counter>::default();
 
         // Families are handles (`Arc` inside): the registry and `Metrics` share the same series.
         // Counter names omit `_total`; the encoder appends it.
@@ -104,6 +114,11 @@ impl Metrics {
             "Connections sent direct because their destination's waypoint cannot be used",
             waypoint_bypass.clone(),
         );
+        registry.register(
+            "mesh_outbound_retries",
+            "Outbound connections whose stream was tried again on another endpoint",
+            outbound_retries.clone(),
+        );
 
         Arc::new(Metrics {
             registry,
@@ -112,6 +127,7 @@ impl Metrics {
             certs_issued,
             capture_mode,
             waypoint_bypass,
+            outbound_retries,
             capture_mode_lock: Mutex::new(()),
         })
     }
@@ -185,6 +201,16 @@ impl Metrics {
                 waypoint: waypoint.to_string(),
                 reason: reason.to_string(),
             })
+            .inc();
+    }
+}
+
+impl Metrics {
+    /// Counts one outbound stream tried again elsewhere: `reason` is `endpoint_left` or
+    /// `open_failed`.
+    pub fn outbound_retried(&self, reason: &'static str) {
+        self.outbound_retries
+            .get_or_create(&RetryLabels { reason })
             .inc();
     }
 }

@@ -12,8 +12,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
-use http::{HeaderMap, HeaderValue};
-use meshcore::hbone::{ConnectRequest, Dialer, H2Stream, HboneError, PoolKey};
 use meshcore::proto::config::{WaypointBinding, Workload};
 use meshcore::store::{ConfigStore, canonical, workload_identity};
 use meshcore::{HBONE_PORT, Identity};
@@ -24,6 +22,7 @@ use tracing::{debug, warn};
 use crate::copy;
 use crate::limits::{LOG_PERIOD, Throttle};
 use crate::metrics::{FLAG_CONNECT, FLAG_DENY, Metrics};
+use crate::outbound_stream;
 use crate::proxy::{Ctx, Pod, accept_loop, is_mesh_port};
 use crate::telemetry::{AccessLog, ConnResult, End, Outcome, tcp_labels};
 
@@ -98,6 +97,18 @@ pub fn route(
     dst: SocketAddr,
     missing: MissingWaypoint,
 ) -> Decision {
+    route_avoiding(store, src, dst, missing, None)
+}
+
+/// [`route`], choosing among a Service's endpoints (or a waypoint's pods) any but the workload
+/// `avoid` when there is another: where a connection goes when `avoid` could not take it.
+pub fn route_avoiding(
+    store: &ConfigStore,
+    src: &Workload,
+    dst: SocketAddr,
+    missing: MissingWaypoint,
+    avoid: Option<&str>,
+) -> Decision {
     let dialled = SocketAddr::new(canonical(dst.ip()), dst.port());
     let waypoint = bound(store, dialled).and_then(|(b, destination)| {
         Some(match waypoint_pods(store, b) {
@@ -108,7 +119,7 @@ pub fn route(
                 {
                     return None;
                 }
-                Ok(to_waypoint(&pods, &b.gateway, dialled))
+                Ok(to_waypoint(&pods, &b.gateway, dialled, avoid))
             }
             Err(reason) => Err(Unavailable {
                 destination,
@@ -119,7 +130,7 @@ pub fn route(
     });
     match (waypoint, missing) {
         (None, _) => Decision {
-            route: direct(store, dialled),
+            route: direct(store, dialled, avoid),
             unavailable: None,
         },
         (Some(Ok(route)), _) => Decision {
@@ -134,7 +145,7 @@ pub fn route(
             unavailable: Some(u),
         },
         (Some(Err(u)), MissingWaypoint::Bypass) => Decision {
-            route: direct(store, dialled),
+            route: direct(store, dialled, avoid),
             unavailable: Some(u),
         },
     }
@@ -189,8 +200,13 @@ pub fn waypoint_pods<'a>(
 
 /// HBONE to one of the waypoint's pods (chosen as [`direct`] chooses endpoints), asking for the
 /// dialled address and expecting that pod's identity.
-fn to_waypoint(pods: &[&Workload], gateway: &str, dialled: SocketAddr) -> Route {
-    let w = pods[rand::rng().random_range(0..pods.len())];
+fn to_waypoint(
+    pods: &[&Workload],
+    gateway: &str,
+    dialled: SocketAddr,
+    avoid: Option<&str>,
+) -> Route {
+    let w = *pick(pods, |w| Some(w.uid.as_str()) == avoid);
     match pick_ip(w, dialled.ip()) {
         Some(ip) => Route::Hbone {
             target: dialled,
@@ -206,7 +222,7 @@ fn to_waypoint(pods: &[&Workload], gateway: &str, dialled: SocketAddr) -> Route 
 
 /// The route without waypoints: a mesh pod or a Service VIP with mesh endpoints over HBONE to
 /// the pod's 15008, anything else plain TCP.
-fn direct(store: &ConfigStore, dst: SocketAddr) -> Route {
+fn direct(store: &ConfigStore, dst: SocketAddr, avoid: Option<&str>) -> Route {
     let ip = dst.ip();
     if is_mesh_port(dst.port()) && store.workload_by_ip(ip).is_some() {
         return Route::Refuse(format!("{dst} is a mesh port of a mesh pod"));
@@ -234,7 +250,7 @@ fn direct(store: &ConfigStore, dst: SocketAddr) -> Route {
                 dst.port()
             ));
         }
-        let (w, port) = candidates[rand::rng().random_range(0..candidates.len())];
+        let (w, port) = *pick(&candidates, |(w, _)| Some(w.uid.as_str()) == avoid);
         let Some(ep_ip) = pick_ip(w, ip) else {
             return Route::Refuse(format!("endpoint {} has no usable IP", w.uid));
         };
@@ -244,6 +260,40 @@ fn direct(store: &ConfigStore, dst: SocketAddr) -> Route {
         return to_workload(w, SocketAddr::new(ip, dst.port()));
     }
     Route::Passthrough(SocketAddr::new(ip, dst.port()))
+}
+
+/// Whether `route`, chosen for a connection dialled to `dst`, still leads where the config
+/// `store` would send it: its pod is still in the config and, for a Service VIP reached
+/// directly, still one of the Service's endpoints (a pod that is going, or no longer ready).
+pub fn still_routed(store: &ConfigStore, dst: SocketAddr, route: &Route) -> bool {
+    let Route::Hbone {
+        workload, waypoint, ..
+    } = route
+    else {
+        return true;
+    };
+    if store.workload(workload).is_none() {
+        return false;
+    }
+    match (waypoint, store.service_by_vip(canonical(dst.ip()))) {
+        (None, Some(svc)) => svc.endpoints.iter().any(|ep| ep.workload_uid == *workload),
+        _ => true,
+    }
+}
+
+/// One of `items` (not empty) at random, any but those `avoided` when there are others.
+fn pick<T>(items: &[T], avoided: impl Fn(&T) -> bool) -> &T {
+    let mut rng = rand::rng();
+    let others = items.iter().filter(|i| !avoided(i)).count();
+    if others == 0 {
+        return &items[rng.random_range(0..items.len())];
+    }
+    let n = rng.random_range(0..others);
+    items
+        .iter()
+        .filter(|i| !avoided(i))
+        .nth(n)
+        .unwrap_or(&items[0])
 }
 
 fn to_workload(w: &Workload, target: SocketAddr) -> Route {
@@ -324,11 +374,16 @@ async fn handle(ctx: Arc<Ctx>, pod: Arc<Pod>, mut tcp: TcpStream, peer: SocketAd
         }
     };
     let _ = tcp.set_nodelay(true);
-    let Some(store) = ctx.config.borrow().clone() else {
+    // Marks this snapshot seen: opening the stream watches for the endpoint leaving after it.
+    let mut config = ctx.config.clone();
+    let Some(mut store) = config.borrow_and_update().clone() else {
         warn!(pod = %pod.workload.uid, %dst, "outbound: no config from meshd yet; closing");
         return;
     };
-    let Decision { route, unavailable } = route(&store, &pod.workload, dst, ctx.waypoints.missing);
+    let Decision {
+        mut route,
+        unavailable,
+    } = route(&store, &pod.workload, dst, ctx.waypoints.missing);
     debug!(pod = %pod.workload.uid, %peer, %dst, ?route, ?unavailable, "outbound route");
     if let Some(u) = &unavailable
         && !matches!(route, Route::Deny(_))
@@ -354,6 +409,25 @@ async fn handle(ctx: Arc<Ctx>, pod: Arc<Pod>, mut tcp: TcpStream, peer: SocketAd
         ))
         .await;
     }
+    // The stream is opened before the connection's labels are taken: a retry on another
+    // endpoint (`outbound_stream`) is counted and logged as the endpoint that served it.
+    // Boxed: opening (certificate, pool, perhaps TLS and HTTP/2 handshakes, a retry) needs
+    // kilobytes of future for a moment; inline, they would stay in the connection's task for
+    // its whole life.
+    let opened = match &route {
+        Route::Hbone { .. } => {
+            let (opened, rerouted) =
+                Box::pin(outbound_stream::open(&ctx, &pod, peer, dst, &route, config)).await;
+            if let Some(r) = rerouted {
+                (route, store) = (r.route, r.store);
+            }
+            Some(opened)
+        }
+        _ => {
+            drop(config);
+            None
+        }
+    };
     let src = End {
         workload: Some(&pod.workload),
         principal: None,
@@ -388,33 +462,16 @@ async fn handle(ctx: Arc<Ctx>, pod: Arc<Pod>, mut tcp: TcpStream, peer: SocketAd
             Ok(mut up) => copied(copy::bidirectional(&mut tcp, &mut up, result.metrics()).await),
             Err(e) => Outcome::failed(Some(FLAG_CONNECT), format!("connect {addr}: {e}")),
         },
-        Route::Hbone {
-            target,
-            hbone,
-            identity,
-            ..
-        } => {
-            // Boxed: opening the stream (certificate, pool, perhaps TLS and HTTP/2 handshakes)
-            // needs 1.7 KB of future for a moment; inline, that would stay in the connection's
-            // task for its whole life (7.5 KB per task; 2.5 with this and the fast path boxed).
-            let opened = Box::pin(hbone_out(
-                &ctx,
-                &pod,
-                peer,
-                *target,
-                *hbone,
-                identity.clone(),
-            ));
-            match opened.await {
-                Ok(mut stream) => {
-                    copied(copy::bidirectional(&mut tcp, &mut stream, result.metrics()).await)
-                }
-                Err(e) => Outcome::failed(
-                    Some(if e.denied { FLAG_DENY } else { FLAG_CONNECT }),
-                    e.message,
-                ),
+        Route::Hbone { .. } => match opened {
+            Some(Ok(mut stream)) => {
+                copied(copy::bidirectional(&mut tcp, &mut stream, result.metrics()).await)
             }
-        }
+            Some(Err(e)) => Outcome::failed(
+                Some(if e.denied { FLAG_DENY } else { FLAG_CONNECT }),
+                e.message,
+            ),
+            None => Outcome::failed(Some(FLAG_CONNECT), "no stream was opened".to_string()),
+        },
         Route::Refuse(reason) => Outcome::failed(Some("NR"), reason.clone()),
         Route::Deny(reason) => Outcome::failed(Some(FLAG_DENY), reason.clone()),
     };
@@ -464,82 +521,6 @@ fn copied(r: std::io::Result<(u64, u64)>) -> Outcome {
         Ok((sent, received)) => Outcome::Complete { sent, received },
         Err(e) => Outcome::failed(None, e.to_string()),
     }
-}
-
-/// Opens the HBONE stream for one outbound connection (pooled).
-async fn hbone_out(
-    ctx: &Ctx,
-    pod: &Arc<Pod>,
-    peer: SocketAddr,
-    target: SocketAddr,
-    hbone: SocketAddr,
-    dst_identity: Identity,
-) -> Result<H2Stream, OutError> {
-    let cert = ctx.certs.get(&pod.identity).await.map_err(|e| OutError {
-        message: e.to_string(),
-        denied: false,
-    })?;
-    let key = PoolKey {
-        source: pod.workload.uid.clone(),
-        src_identity: pod.identity.clone(),
-        dst_identities: vec![dst_identity],
-        dst: hbone,
-    };
-    let netns_pod = pod.clone();
-    let dial: Dialer = Arc::new(move |addr| {
-        let pod = netns_pod.clone();
-        Box::pin(async move { pod.netns.connect(addr).await })
-    });
-    let req = ConnectRequest {
-        authority: target.to_string(),
-        headers: connect_headers(pod, peer),
-    };
-    ctx.pool
-        .connect(key, cert.cert.clone(), dial, req)
-        .await
-        .map_err(|e| OutError {
-            denied: matches!(e, HboneError::Status(s) if s == http::StatusCode::UNAUTHORIZED),
-            message: format!("HBONE to {hbone} for {target}: {e}"),
-        })
-}
-
-/// Why an HBONE stream could not be opened; `denied` when the destination's policy said 401.
-struct OutError {
-    message: String,
-    denied: bool,
-}
-
-/// The informational headers Istio's ztunnel sends with CONNECT; receivers require none.
-fn connect_headers(pod: &Pod, peer: SocketAddr) -> HeaderMap {
-    let mut h = HeaderMap::new();
-    let w = &pod.workload;
-    let mut baggage = format!("k8s.namespace.name={},k8s.pod.name={}", w.namespace, w.name);
-    if let Some(app) = w.labels.get("app") {
-        baggage.push_str(&format!(",service.name={app}"));
-    }
-    if let Some(v) = w.labels.get("version") {
-        baggage.push_str(&format!(",service.version={v}"));
-    }
-    let forwarded = match peer {
-        SocketAddr::V4(a) => format!("for=\"{a}\""),
-        SocketAddr::V6(a) => format!("for=\"[{}]:{}\"", a.ip(), a.port()),
-    };
-    let mut rng = rand::rng();
-    let traceparent = format!(
-        "00-{:032x}-{:016x}-01",
-        rng.random::<u128>(),
-        rng.random::<u64>()
-    );
-    for (name, value) in [
-        ("baggage", baggage),
-        ("forwarded", forwarded),
-        ("traceparent", traceparent),
-    ] {
-        if let Ok(v) = HeaderValue::from_str(&value) {
-            h.insert(name, v);
-        }
-    }
-    h
 }
 
 #[cfg(test)]
@@ -677,6 +658,26 @@ mod tests {
         }
     }
 
+    /// The size of the future a connection's task holds for its whole life.
+    fn task_size<F, Fut>(_: F) -> usize
+    where
+        F: Fn(Arc<Ctx>, Arc<Pod>, TcpStream, SocketAddr) -> Fut,
+    {
+        std::mem::size_of::<Fut>()
+    }
+
+    /// Every held connection pays for this future (1.7–1.8 KB in dev and release builds):
+    /// what is needed only while the stream opens (TLS and HTTP/2 handshakes, a retry) is
+    /// boxed, so it does not stay for the connection's life. Inline it would be kilobytes.
+    #[test]
+    fn an_outbound_connection_task_stays_small() {
+        let size = task_size(handle);
+        assert!(
+            size <= 2048,
+            "an outbound connection's future is {size} bytes: box what only the stream's opening needs"
+        );
+    }
+
     #[test]
     fn mesh_pod_goes_over_hbone_to_15008() {
         assert_eq!(
@@ -695,6 +696,78 @@ mod tests {
             go("10.96.0.10:81", MissingWaypoint::Bypass).route,
             Route::Refuse(_)
         ));
+    }
+
+    /// Avoiding an endpoint that could not take a connection picks any other, every time; with
+    /// no other, the same one (the caller then gives up rather than retry it).
+    #[test]
+    fn a_retry_avoids_the_endpoint_that_failed_when_there_is_another() {
+        let mut s = store();
+        s.apply(ConfigUpdate {
+            workloads: vec![wl("a/mesh-2", &["10.1.0.5"], true)],
+            services: vec![svc("a/two", &["10.96.0.50"], &["a/mesh", "a/mesh-2"], None)],
+            ..Default::default()
+        });
+        let src = client(&s);
+        let two: SocketAddr = "10.96.0.50:80".parse().unwrap();
+        let one: SocketAddr = "10.96.0.10:80".parse().unwrap();
+        let (mut seen, m) = (std::collections::BTreeSet::new(), MissingWaypoint::Bypass);
+        for _ in 0..64 {
+            let to = |dst, avoid| match route_avoiding(&s, &src, dst, m, avoid).route {
+                Route::Hbone { workload, .. } => workload,
+                other => panic!("{other:?}"),
+            };
+            assert_eq!(to(two, Some("a/mesh")), "a/mesh-2");
+            assert_eq!(to(two, Some("a/mesh-2")), "a/mesh");
+            assert_eq!(to(one, Some("a/mesh")), "a/mesh");
+            seen.insert(to(two, None));
+        }
+        assert_eq!(seen.len(), 2, "without avoiding, both endpoints are chosen");
+    }
+
+    /// A route stops leading where the config sends traffic when its pod leaves the config or,
+    /// for a VIP reached directly, the Service's endpoints; a waypoint route only with its pod.
+    #[test]
+    fn a_route_is_still_routed_while_its_pod_and_endpoint_remain() {
+        let s = store();
+        let to_vip = go("10.96.0.10:80", MissingWaypoint::Bypass).route;
+        let vip: SocketAddr = "10.96.0.10:80".parse().unwrap();
+        assert!(still_routed(&s, vip, &to_vip));
+        let without = |drop_workload: bool, drop_endpoint: bool| {
+            let mut s = store();
+            let mut u = ConfigUpdate::default();
+            if drop_workload {
+                u.removed_workloads.push("a/mesh".into());
+            }
+            if drop_endpoint {
+                u.services.push(svc("a/svc", &["10.96.0.10"], &[], None));
+            }
+            s.apply(u);
+            s
+        };
+        assert!(
+            !still_routed(&without(true, false), vip, &to_vip),
+            "pod gone"
+        );
+        assert!(
+            !still_routed(&without(false, true), vip, &to_vip),
+            "not an endpoint"
+        );
+        let to_pod = direct_to_mesh("10.1.0.2:8080");
+        let pod_ip: SocketAddr = "10.1.0.2:8080".parse().unwrap();
+        assert!(still_routed(&without(false, true), pod_ip, &to_pod));
+        assert!(!still_routed(&without(true, false), pod_ip, &to_pod));
+        let bound: SocketAddr = "10.96.0.20:80".parse().unwrap();
+        let to_waypoint = go("10.96.0.20:80", MissingWaypoint::Bypass).route;
+        assert!(matches!(
+            to_waypoint,
+            Route::Hbone {
+                waypoint: Some(_),
+                ..
+            }
+        ));
+        assert!(still_routed(&without(true, true), bound, &to_waypoint));
+        assert!(still_routed(&s, bound, &Route::Passthrough(bound)));
     }
 
     #[test]

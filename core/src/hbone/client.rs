@@ -44,8 +44,8 @@ pub type Dialer = Arc<dyn Fn(SocketAddr) -> DialFuture + Send + Sync>;
 /// What makes two tunnels able to share a connection.
 ///
 /// Streams share a connection only if everything here is equal: the same sockets owner, the
-/// same client certificate identity, the same set of acceptable server identities, and the
-/// same destination address.
+/// same client certificate identity, the same set of acceptable server identities, the same
+/// destination address and the same destination instance.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct PoolKey {
     /// Opaque: whose sockets these are (e.g. the source pod's uid), since the dialer may make
@@ -57,6 +57,11 @@ pub struct PoolKey {
     pub dst_identities: Vec<Identity>,
     /// The HBONE address, usually `<pod or waypoint ip>:15008`.
     pub dst: SocketAddr,
+    /// Opaque: which instance holds `dst` (a pod's uid; empty when the caller cannot tell). A
+    /// pod given the address of one that is gone then never inherits that pod's connections,
+    /// which may be dead without a word (its network namespace went with the pod) and would
+    /// stall new streams until the keepalive gave up on them.
+    pub dst_instance: String,
 }
 
 /// Pool tuning. [`Default`] gives Istio's values.

@@ -413,6 +413,7 @@ impl Mesh {
             src_identity: client_id(),
             dst_identities: vec![waypoint_id()],
             dst: self.waypoint.hbone_addr,
+            dst_instance: String::new(),
         };
         let dial: Dialer = Arc::new(|a| Box::pin(tokio::net::TcpStream::connect(a)));
         let req = ConnectRequest {
