@@ -54,7 +54,7 @@ fn server() -> Workload {
 
 fn mtls(ns: &str, sa: &str, src: &str, port: u16) -> Connection {
     Connection {
-        src_identity: Some(Identity::new("cluster.local", ns, sa)),
+        src_identity: Some(Identity::new("cluster.local", ns, sa).into()),
         src_ip: src.parse().unwrap(),
         dst_ip: DST_IP.parse().unwrap(),
         dst_port: port,

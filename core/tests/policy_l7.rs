@@ -86,7 +86,7 @@ fn decide(set: &PolicySet, r: &Req, service: &str) -> meshcore::policy::Verdict 
         );
     }
     let conn = Connection {
-        src_identity: r.identity.clone(),
+        src_identity: r.identity.clone().map(Into::into),
         src_ip: r.src_ip.parse::<IpAddr>().unwrap(),
         dst_ip: r.dst_ip.parse().unwrap(),
         dst_port: r.dst_port,

@@ -10,6 +10,7 @@
 //! [`crate::telemetry`]'s; decides nothing.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use crate::spans::{Attr, Kind, Span, SpanExt, Spans, Status};
@@ -17,16 +18,20 @@ use crate::tcp_metrics::ConnMetrics;
 use crate::telemetry::FLAG_DENY;
 
 /// The facts of one connection's access-log line; `None` is left out of the line.
+///
+/// Names are shared strings: a pod's are the same for every connection it has, and an open
+/// connection holds its log until it closes, so each held connection would otherwise carry
+/// copies of its own.
 #[derive(Debug, Default, Clone)]
 pub struct AccessLog {
     /// `"inbound"` or `"outbound"`.
     pub direction: &'static str,
-    pub src_workload: Option<String>,
-    pub src_namespace: Option<String>,
-    pub src_identity: Option<String>,
-    pub dst_workload: Option<String>,
-    pub dst_namespace: Option<String>,
-    pub dst_identity: Option<String>,
+    pub src_workload: Option<Arc<str>>,
+    pub src_namespace: Option<Arc<str>>,
+    pub src_identity: Option<Arc<str>>,
+    pub dst_workload: Option<Arc<str>>,
+    pub dst_namespace: Option<Arc<str>>,
+    pub dst_identity: Option<Arc<str>>,
     /// The client's address as the reporter saw it.
     pub peer: Option<SocketAddr>,
     /// The original destination the client dialled.
@@ -36,8 +41,8 @@ pub struct AccessLog {
     /// The endpoint chosen (outbound).
     pub endpoint: Option<SocketAddr>,
     /// The waypoint the connection went through: `ns/name` of its Gateway, its pod, its address.
-    pub waypoint: Option<String>,
-    pub waypoint_workload: Option<String>,
+    pub waypoint: Option<Arc<str>>,
+    pub waypoint_workload: Option<Arc<str>>,
     pub waypoint_address: Option<SocketAddr>,
     /// `"HBONE"` or `"TCP"`.
     pub protocol: Option<&'static str>,
@@ -220,17 +225,35 @@ fn end_span(
             attrs.push(Attr::new(k, v));
         }
     };
-    text("src.workload", l.src_workload.clone());
-    text("src.namespace", l.src_namespace.clone());
-    text("src.identity", l.src_identity.clone());
-    text("dst.workload", l.dst_workload.clone());
-    text("dst.namespace", l.dst_namespace.clone());
-    text("dst.identity", l.dst_identity.clone());
+    text(
+        "src.workload",
+        l.src_workload.as_deref().map(str::to_string),
+    );
+    text(
+        "src.namespace",
+        l.src_namespace.as_deref().map(str::to_string),
+    );
+    text(
+        "src.identity",
+        l.src_identity.as_deref().map(str::to_string),
+    );
+    text(
+        "dst.workload",
+        l.dst_workload.as_deref().map(str::to_string),
+    );
+    text(
+        "dst.namespace",
+        l.dst_namespace.as_deref().map(str::to_string),
+    );
+    text(
+        "dst.identity",
+        l.dst_identity.as_deref().map(str::to_string),
+    );
     text("peer.address", l.peer.map(|a| a.to_string()));
     text("dst.address", l.dst.map(|a| a.to_string()));
     text("target", l.target.map(|a| a.to_string()));
     text("endpoint", l.endpoint.map(|a| a.to_string()));
-    text("waypoint", l.waypoint.clone());
+    text("waypoint", l.waypoint.as_deref().map(str::to_string));
     text("protocol", l.protocol.map(str::to_string));
     text("reason", reason.map(str::to_string));
     for (k, v) in [("bytes_sent", sent), ("bytes_received", received)] {

@@ -213,7 +213,7 @@ fn scope<'a>(ctx: &'a Ctx, down: &'a Downstream) -> Option<(Arc<PolicySet>, Wayp
 fn connection(down: &Downstream) -> policy::Connection {
     let (dst_ip, dst_port) = destination(&down.target);
     policy::Connection {
-        src_identity: down.principal.parse::<Identity>().ok(),
+        src_identity: down.principal.parse::<Identity>().ok().map(Arc::new),
         src_ip: down.addr.ip(),
         dst_ip,
         dst_port,

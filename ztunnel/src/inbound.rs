@@ -161,12 +161,12 @@ async fn open(ctx: &Arc<Ctx>, pod: &Arc<Pod>, req: InboundRequest) -> Option<Ope
             src_workload
                 .as_ref()
                 .map_or(UNKNOWN, |w| w.uid.as_str())
-                .to_string(),
+                .into(),
         ),
-        src_identity: Some(principal),
-        dst_workload: Some(pod.workload.uid.clone()),
-        dst_namespace: Some(pod.workload.namespace.clone()),
-        dst_identity: Some(pod.identity.to_string()),
+        src_identity: Some(principal.into()),
+        dst_workload: Some(pod.names.uid.clone()),
+        dst_namespace: Some(pod.names.namespace.clone()),
+        dst_identity: Some(pod.names.identity.clone()),
         peer: Some(peer),
         target: Some(target),
         protocol: Some("HBONE"),
@@ -287,7 +287,7 @@ async fn plaintext(ctx: Arc<Ctx>, pod: Arc<Pod>, mut tcp: TcpStream, peer: Socke
     );
     let log = AccessLog {
         direction: "inbound",
-        dst_workload: Some(pod.workload.uid.clone()),
+        dst_workload: Some(pod.names.uid.clone()),
         peer: Some(peer),
         dst: Some(dst),
         protocol: Some("TCP"),

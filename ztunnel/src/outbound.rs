@@ -482,8 +482,8 @@ async fn handle(ctx: Arc<Ctx>, pod: Arc<Pod>, mut tcp: TcpStream, peer: SocketAd
 fn access_log(pod: &Pod, peer: SocketAddr, dst: SocketAddr, route: &Route) -> AccessLog {
     let mut log = AccessLog {
         direction: "outbound",
-        src_workload: Some(pod.workload.uid.clone()),
-        src_namespace: Some(pod.workload.namespace.clone()),
+        src_workload: Some(pod.names.uid.clone()),
+        src_namespace: Some(pod.names.namespace.clone()),
         peer: Some(peer),
         dst: Some(dst),
         ..AccessLog::default()
@@ -496,17 +496,17 @@ fn access_log(pod: &Pod, peer: SocketAddr, dst: SocketAddr, route: &Route) -> Ac
             workload,
             waypoint,
         } => {
-            log.src_identity = Some(pod.identity.to_string());
+            log.src_identity = Some(pod.names.identity.clone());
             log.endpoint = Some(*target);
-            log.dst_identity = Some(identity.to_string());
+            log.dst_identity = Some(identity.to_string().into());
             log.protocol = Some("HBONE");
             match waypoint {
                 Some(waypoint) => {
-                    log.waypoint = Some(waypoint.clone());
-                    log.waypoint_workload = Some(workload.clone());
+                    log.waypoint = Some(waypoint.as_str().into());
+                    log.waypoint_workload = Some(workload.as_str().into());
                     log.waypoint_address = Some(*hbone);
                 }
-                None => log.dst_workload = Some(workload.clone()),
+                None => log.dst_workload = Some(workload.as_str().into()),
             }
         }
         Route::Passthrough(_) => log.protocol = Some("TCP"),

@@ -158,7 +158,7 @@ async fn hbone_out(
     })?;
     let key = PoolKey {
         source: pod.workload.uid.clone(),
-        src_identity: pod.identity.clone(),
+        src_identity: (*pod.identity).clone(),
         dst_identities: vec![dst_identity],
         dst: hbone,
         dst_instance: dst_workload.to_string(),

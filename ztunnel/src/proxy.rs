@@ -55,25 +55,42 @@ pub struct Ctx {
 /// One enrolled pod, as its listeners see it.
 pub struct Pod {
     pub workload: Arc<Workload>,
-    pub identity: Identity,
+    /// Shared: connections keep it for policy checks while they are open.
+    pub identity: Arc<Identity>,
+    /// The pod's names as every connection's access log carries them (shared, not copied).
+    pub names: PodNames,
     pub ips: HashSet<IpAddr>,
     pub netns: Netns,
     /// Whether the app is dialled from the client's address ([`crate::origsrc`]).
     pub orig_src: bool,
 }
 
+/// A pod's uid ("ns/name"), namespace and SPIFFE identity, as shared strings.
+#[derive(Clone, Debug)]
+pub struct PodNames {
+    pub uid: Arc<str>,
+    pub namespace: Arc<str>,
+    pub identity: Arc<str>,
+}
+
 impl Pod {
     pub fn new(workload: Arc<Workload>, netns: Netns) -> Pod {
-        let identity = workload_identity(&workload);
+        let identity = Arc::new(workload_identity(&workload));
         let ips = workload
             .ips
             .iter()
             .filter_map(|s| s.parse().ok())
             .map(canonical)
             .collect();
+        let names = PodNames {
+            uid: workload.uid.as_str().into(),
+            namespace: workload.namespace.as_str().into(),
+            identity: identity.to_string().into(),
+        };
         Pod {
             workload,
             identity,
+            names,
             ips,
             netns,
             orig_src: false,

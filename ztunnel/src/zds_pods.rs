@@ -235,7 +235,7 @@ impl ZdsPods {
         let ids: HashSet<_> = self
             .pods
             .values()
-            .map(|p| p.e.pod.identity.clone())
+            .map(|p| (*p.e.pod.identity).clone())
             .collect();
         self.ctx.certs.retain(&ids);
     }

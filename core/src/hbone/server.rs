@@ -86,8 +86,9 @@ pub struct InboundRequest {
     pub authority: String,
     /// The request headers (`baggage`, `forwarded`, `traceparent`, ...).
     pub headers: http::HeaderMap,
-    /// Who the client proved to be in the TLS handshake.
-    pub peer_identity: Identity,
+    /// Who the client proved to be in the TLS handshake (shared by every stream of the
+    /// connection).
+    pub peer_identity: Arc<Identity>,
     /// The client's TCP address.
     pub peer_addr: SocketAddr,
     /// The address the client reached us at (the HBONE socket's local address), v4-mapped
@@ -245,6 +246,7 @@ where
         Err(_) => return Err(HboneError::HandshakeTimeout),
     };
     tracing::debug!(%peer_addr, %peer_identity, "HBONE connection accepted");
+    let peer_identity = Arc::new(peer_identity);
 
     let keepalive = match connection.ping_pong() {
         Some(pings) => {

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::{Connection, Decision, PolicySet, Verdict};
 use crate::identity::Identity;
@@ -20,7 +20,7 @@ use crate::store::canonical;
 /// relabelled pod does not reuse a stale verdict even when the policies did not change.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Key {
-    src_identity: Option<Identity>,
+    src_identity: Option<Arc<Identity>>,
     src_ip: IpAddr,
     dst_uid: String,
     dst_fingerprint: u64,

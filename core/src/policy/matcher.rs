@@ -203,7 +203,7 @@ impl<'a> Peer<'a> {
     /// The facts of `conn` (and of its `request`, at a waypoint), in canonical form.
     pub(crate) fn of(conn: &'a super::Connection, request: Option<&'a Request<'a>>) -> Peer<'a> {
         Peer {
-            identity: conn.src_identity.as_ref(),
+            identity: conn.src_identity.as_deref(),
             principal: conn.src_identity.as_ref().map(|i| {
                 format!(
                     "{}/ns/{}/sa/{}",

@@ -27,6 +27,7 @@ mod spec;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
@@ -52,8 +53,10 @@ pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
 /// One inbound connection to a workload of this node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Connection {
-    /// The peer's verified identity; `None` for plaintext.
-    pub src_identity: Option<Identity>,
+    /// The peer's verified identity; `None` for plaintext. Shared: an open connection keeps
+    /// its `Connection` (to be checked again when policy changes), and the identity is the
+    /// same for every stream of an HBONE connection.
+    pub src_identity: Option<Arc<Identity>>,
     pub src_ip: IpAddr,
     pub dst_ip: IpAddr,
     pub dst_port: u16,
