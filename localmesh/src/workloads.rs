@@ -8,7 +8,8 @@
 //! Until then the pod is in the config only with its Istio labels (so ztunnel enrolls it) and
 //! not selected by any Service (Kubernetes leaves unready pods out of endpoints; meshd has no
 //! readiness of its own). A pod that goes is first taken out of the config, then stopped once
-//! every ztunnel has forgotten it and its connections have drained.
+//! every ztunnel has forgotten it and its connections have drained (no ztunnel has one routed
+//! to it, none is open on its app's ports).
 //! Owns the pod table's Deployment side and the written file; sandboxes and processes are the
 //! kubelet's, the file's other documents `apply`'s (lib.rs).
 
@@ -372,8 +373,10 @@ impl Mesh {
             "the ztunnels to forget leaving pods",
             || {
                 for i in 0..self.cluster.nodes().len() {
+                    // A ztunnel that does not answer has not shown it forgot them (until the
+                    // deadline, when they are stopped anyway).
                     let Ok(dump) = self.config_dump(i) else {
-                        continue;
+                        return Ok(false);
                     };
                     let listed = dump["workloads"].as_array().is_some_and(|ws| {
                         ws.iter()
@@ -390,6 +393,20 @@ impl Mesh {
             tracing::warn!("stopping pods anyway: {e:#}");
         }
         let drained = self.wait_until(GRACE, "leaving pods' connections to finish", || {
+            // A connection routed to a leaving pod just before its ztunnel forgot it may still
+            // be on its way (its stream opening, the app not yet dialled): every ztunnel counts
+            // those until they end.
+            for i in 0..self.cluster.nodes().len() {
+                let Ok(dump) = self.config_dump(i) else {
+                    return Ok(false);
+                };
+                let routed = dump["routed"]
+                    .as_object()
+                    .is_some_and(|r| r.keys().any(|uid| keys.contains(uid)));
+                if routed {
+                    return Ok(false);
+                }
+            }
             for p in &pods {
                 let ports = p
                     .owner

@@ -15,7 +15,7 @@
 //!   this test does not wait for. The second round must reuse that memory, and a leak of
 //!   2.5 KiB per connection fails. Printed, not asserted: idle RSS, RSS per 1,000 open idle
 //!   connections (issue 12's target: ≤ 8 MiB; it depends on the build profile; a release
-//!   build measured 7.7 on the client's ztunnel and 9.2 on the server's) and what the first
+//!   build measured 6.95 on the client's ztunnel and 6.85 on the server's) and what the first
 //!   round left behind. Asserting a return toward idle after the next trim would cost ~35 s a
 //!   round.
 //!

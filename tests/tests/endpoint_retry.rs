@@ -3,7 +3,8 @@
 //! answers 503), or the endpoint leaves the Service while the stream is being opened (a pod
 //! that is going or no longer ready; here its 15008 drops every packet, so its answer would
 //! never come). The client sees an answer from the healthy pod, never an error, and node-0's
-//! ztunnel counts each retry by reason. Real traffic from a pod through the Service VIPs.
+//! ztunnel counts each retry by reason, and lists the connection as routed to a pod until it
+//! ends (its config dump's `routed`). Real traffic from a pod through the Service VIPs.
 //!
 //! One mesh for both cases; torn down even when an assertion fails.
 
@@ -182,6 +183,10 @@ fn a_service_connection_is_served_by_another_endpoint_when_its_first_cannot_take
         },
     )
     .unwrap();
+    // Until it ends, node-0 counts the connection as routed to `stuck`: what local mode's
+    // kubelet waits on before it stops a leaving pod.
+    let routed = mesh.config_dump(0).unwrap()["routed"].clone();
+    assert_eq!(routed, serde_json::json!({"b/stuck": 1}), "{routed}");
     mesh.apply("20-services.yaml", &services("{role: good}"))
         .unwrap();
     let answer = asking
@@ -190,4 +195,10 @@ fn a_service_connection_is_served_by_another_endpoint_when_its_first_cannot_take
         .unwrap_or_else(|e| panic!("the connection to {slow}: {e:#}"));
     assert_eq!(served_by(&answer), "good");
     assert_eq!(retries(&mesh, "endpoint_left"), 1);
+    wait_for(
+        Duration::from_secs(10),
+        "node-0 to count no connection routed anywhere",
+        || Ok(mesh.config_dump(0)?["routed"] == serde_json::json!({})),
+    )
+    .unwrap();
 }

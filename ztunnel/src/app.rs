@@ -212,6 +212,7 @@ pub async fn build(config: Config, set_log_level: SetLogLevelFn) -> anyhow::Resu
         policies: policies_rx,
         decisions,
         live,
+        routed: Arc::default(),
         metrics: metrics.clone(),
         enrolled: Default::default(),
         local_pods: Default::default(),

@@ -104,6 +104,8 @@ pub fn config_dump(ctx: &Ctx) -> Value {
         "policies": policies.reports(),
         "policyErrors": policies.errors(),
         "certificates": ctx.certs.status(),
+        // Destination pod uid → connections routed to it and not yet ended.
+        "routed": ctx.routed.snapshot().into_iter().map(|(k, n)| (k, json!(n))).collect::<serde_json::Map<String, Value>>(),
     })
 }
 

@@ -6,7 +6,7 @@
 //! [`enroll`] (one pod's listeners and capture; [`pod_netns`] checks its namespace,
 //! [`exclusions`] its port annotations), [`netns`] (sockets in pod namespaces), [`capture`] (redirecting pod traffic; [`ebpf`] loads
 //! its kernel programs; [`cleanup`] removes what a killed one left),
-//! [`outbound`] and [`inbound`] (the proxy paths; [`outbound_stream`] opens an outbound HBONE stream, retrying once elsewhere), [`proxy`] (what those share), [`supervise`] (background tasks that must not die),
+//! [`outbound`] and [`inbound`] (the proxy paths; [`outbound_stream`] opens an outbound HBONE stream, retrying once elsewhere), [`proxy`] (what those share; [`routed`] counts connections per destination pod), [`supervise`] (background tasks that must not die),
 //! [`settings`] (the typed flags) and [`app`] (wiring them into a running ztunnel).
 
 // Shared with the waypoint (crate `dataplane`); re-exported under their old names.
@@ -35,6 +35,7 @@ pub mod pod_record;
 pub mod pods;
 pub mod policy;
 pub mod proxy;
+pub mod routed;
 pub mod settings;
 pub mod telemetry;
 pub mod zds_client;

@@ -391,6 +391,11 @@ async fn handle(ctx: Arc<Ctx>, pod: Arc<Pod>, mut tcp: TcpStream, peer: SocketAd
         ctx.waypoints
             .bypassed(&ctx.metrics, u, &pod.workload.uid, dst);
     }
+    // Counted from here until the connection ends: a pod leaving the config still owes it.
+    let mut routed = match &route {
+        Route::Hbone { workload, .. } => Some(ctx.routed.enter(workload)),
+        _ => None,
+    };
     // `--fast-path`: an enrolled pod of this node is spliced in the kernel after the same
     // policy check its inbound path would make.
     if let Route::Hbone {
@@ -419,6 +424,9 @@ async fn handle(ctx: Arc<Ctx>, pod: Arc<Pod>, mut tcp: TcpStream, peer: SocketAd
             let (opened, rerouted) =
                 Box::pin(outbound_stream::open(&ctx, &pod, peer, dst, &route, config)).await;
             if let Some(r) = rerouted {
+                if let Route::Hbone { workload, .. } = &r.route {
+                    routed = Some(ctx.routed.enter(workload));
+                }
                 (route, store) = (r.route, r.store);
             }
             Some(opened)
@@ -476,6 +484,7 @@ async fn handle(ctx: Arc<Ctx>, pod: Arc<Pod>, mut tcp: TcpStream, peer: SocketAd
         Route::Deny(reason) => Outcome::failed(Some(FLAG_DENY), reason.clone()),
     };
     result.finish(outcome);
+    drop(routed);
 }
 
 /// The access-log facts of an outbound connection taking `route`.

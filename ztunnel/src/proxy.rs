@@ -34,6 +34,8 @@ pub struct Ctx {
     pub policies: PoliciesRx,
     pub decisions: Arc<DecisionCache>,
     pub live: Arc<LiveConns>,
+    /// Connections routed to each destination pod, until they end (listed in the config dump).
+    pub routed: Arc<crate::routed::Routed>,
     pub metrics: Arc<Metrics>,
     /// What each enrolled pod looks like, for the admin config dump (pod uid → details).
     pub enrolled: std::sync::Mutex<std::collections::BTreeMap<String, serde_json::Value>>,

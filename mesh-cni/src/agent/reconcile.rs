@@ -16,6 +16,14 @@ use super::{Agent, netns};
 /// was not found or that ztunnel refused).
 const RESYNC: Duration = Duration::from_secs(5);
 
+/// Directory view: how long a pod must have been gone from the files before the reconciler
+/// takes it out itself. Local mode's kubelet takes a leaving pod out of the files first and
+/// stops it (with a CNI DEL) only once its connections have drained, which takes at most 15 s
+/// (every ztunnel forgetting it, 10 s; the drain, 5 s). Taking it out at once would tear down
+/// its capture and its apps' reply routes under connections still being served. A Kubernetes
+/// API keeps a terminating pod until its containers stopped, so the Kube view needs no wait.
+const DIRECTORY_GONE_GRACE: Duration = Duration::from_secs(20);
+
 /// What the reconciler remembers between passes.
 #[derive(Default)]
 pub struct Reconciler {
@@ -24,6 +32,8 @@ pub struct Reconciler {
     /// Pods to enroll that could not be yet (netns not found, ztunnel refused).
     pending: HashSet<String>,
     started: bool,
+    /// Directory view: uid → when the pod was first seen gone from the files.
+    gone_since: HashMap<String, std::time::Instant>,
 }
 
 impl Reconciler {
@@ -59,19 +69,29 @@ impl Reconciler {
         let mut gone = Vec::new();
         {
             let state = agent.state.lock().await;
+            let now = std::time::Instant::now();
+            let directory = matches!(agent.view, View::Directory(_));
+            let mut still_gone = HashMap::new();
             for uid in state.uids() {
                 let Some(cached) = state.get(&uid) else {
                     continue;
                 };
                 let key = (cached.info.namespace.clone(), cached.info.name.clone());
-                let keep = snap
-                    .pods
-                    .get(&key)
-                    .is_some_and(|p| p.uid == uid && ambient(p));
-                if !keep {
-                    gone.push((uid, key));
+                let listed = snap.pods.get(&key).filter(|p| p.uid == uid);
+                if listed.is_some_and(&ambient) {
+                    continue;
                 }
+                if directory && listed.is_none() {
+                    // Absent from the files: maybe a pod the kubelet is still draining.
+                    let since = *self.gone_since.get(&uid).unwrap_or(&now);
+                    still_gone.insert(uid.clone(), since);
+                    if now.duration_since(since) < DIRECTORY_GONE_GRACE {
+                        continue;
+                    }
+                }
+                gone.push((uid, key));
             }
+            self.gone_since = still_gone;
         }
         for (uid, (ns, name)) in gone {
             if agent.is_inflight(&ns, &name) {
