@@ -309,7 +309,7 @@ pub fn connection(u: &mut Unstructured<'_>) -> Result<Connection> {
             .unwrap_or(std::net::IpAddr::from([10, 9, 9, 9])))
     };
     Ok(Connection {
-        src_identity,
+        src_identity: src_identity.map(std::sync::Arc::new),
         src_ip: ip(u)?,
         dst_ip: ip(u)?,
         dst_port: *u.choose(PORTS)?,
