@@ -225,30 +225,16 @@ fn end_span(
             attrs.push(Attr::new(k, v));
         }
     };
-    text(
-        "src.workload",
-        l.src_workload.as_deref().map(str::to_string),
-    );
-    text(
-        "src.namespace",
-        l.src_namespace.as_deref().map(str::to_string),
-    );
-    text(
-        "src.identity",
-        l.src_identity.as_deref().map(str::to_string),
-    );
-    text(
-        "dst.workload",
-        l.dst_workload.as_deref().map(str::to_string),
-    );
-    text(
-        "dst.namespace",
-        l.dst_namespace.as_deref().map(str::to_string),
-    );
-    text(
-        "dst.identity",
-        l.dst_identity.as_deref().map(str::to_string),
-    );
+    for (k, v) in [
+        ("src.workload", &l.src_workload),
+        ("src.namespace", &l.src_namespace),
+        ("src.identity", &l.src_identity),
+        ("dst.workload", &l.dst_workload),
+        ("dst.namespace", &l.dst_namespace),
+        ("dst.identity", &l.dst_identity),
+    ] {
+        text(k, v.as_deref().map(str::to_string));
+    }
     text("peer.address", l.peer.map(|a| a.to_string()));
     text("dst.address", l.dst.map(|a| a.to_string()));
     text("target", l.target.map(|a| a.to_string()));

@@ -105,7 +105,7 @@ pub fn config_dump(ctx: &Ctx) -> Value {
         "policyErrors": policies.errors(),
         "certificates": ctx.certs.status(),
         // Destination pod uid → connections routed to it and not yet ended.
-        "routed": ctx.routed.snapshot().into_iter().map(|(k, n)| (k, json!(n))).collect::<serde_json::Map<String, Value>>(),
+        "routed": ctx.routed.snapshot(),
     })
 }
 

@@ -8,7 +8,7 @@
 //!
 //! Owns the counts; not the routing (`crate::outbound`) nor the connections themselves.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
 
 /// Per destination pod (its uid, "ns/name"): connections routed to it and not yet ended.
@@ -39,12 +39,10 @@ impl Routed {
         }
     }
 
-    /// The pods with connections routed to them, and how many.
-    pub fn snapshot(&self) -> Vec<(String, u32)> {
+    /// The pods with connections routed to them, and how many (by uid, sorted).
+    pub fn snapshot(&self) -> BTreeMap<String, u32> {
         let counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut out: Vec<(String, u32)> = counts.iter().map(|(k, n)| (k.to_string(), *n)).collect();
-        out.sort();
-        out
+        counts.iter().map(|(k, n)| (k.to_string(), *n)).collect()
     }
 }
 
@@ -75,13 +73,13 @@ mod tests {
         let a1 = r.enter("ns/a");
         let a2 = r.enter("ns/a");
         let b = r.enter("ns/b");
-        assert_eq!(
-            r.snapshot(),
-            vec![("ns/a".to_string(), 2), ("ns/b".to_string(), 1)]
-        );
+        let counts = |c: &[(&str, u32)]| -> BTreeMap<String, u32> {
+            c.iter().map(|(k, n)| (k.to_string(), *n)).collect()
+        };
+        assert_eq!(r.snapshot(), counts(&[("ns/a", 2), ("ns/b", 1)]));
         drop(a1);
         drop(b);
-        assert_eq!(r.snapshot(), vec![("ns/a".to_string(), 1)]);
+        assert_eq!(r.snapshot(), counts(&[("ns/a", 1)]));
         drop(a2);
         assert!(r.snapshot().is_empty());
     }
