@@ -6,8 +6,10 @@
 mod agent_support;
 
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use agent_support::*;
+use mesh_cni::agent::DIRECTORY_GONE_GRACE;
 use mesh_cni::event::{AgentReply, Command as Cmd};
 
 struct Env {
@@ -208,6 +210,45 @@ async fn label_flips_enroll_and_remove_without_cni_events() {
 
     env.namespace("flip", false);
     wait_for("the flipped pod's del", || zt.deleted(&uid("flip", "web"))).await;
+}
+
+/// Local mode's kubelet takes a leaving pod out of the files first and sends its DEL only once
+/// the pod drained; meanwhile the agent keeps it enrolled (its capture and policy stay under the
+/// connections still served). Without a DEL (a kubelet that died) the agent takes the pod out
+/// itself: never before the grace, counted from the file's removal, and surely after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_gone_from_the_files_without_a_del_is_removed_after_the_grace() {
+    let env = Env::new();
+    env.namespace("gone", true);
+    let (p, kept) = (Ns::new("g"), Ns::new("k"));
+    env.pod("gone", "web", &p, "10.9.2.1");
+    env.pod("gone", "db", &kept, "10.9.2.2");
+    let _agent = env.agent().await;
+    let zt = FakeZtunnel::connect(&env.zds()).await;
+    wait_for("both pods' adds", || {
+        zt.added(&uid("gone", "web")) && zt.added(&uid("gone", "db"))
+    })
+    .await;
+
+    let removed = Instant::now();
+    std::fs::remove_file(env.config().join("pod-gone-web.yaml")).expect("removing the pod file");
+    wait_for_within(
+        "the gone pod's del",
+        DIRECTORY_GONE_GRACE + Duration::from_secs(20),
+        || zt.deleted(&uid("gone", "web")),
+    )
+    .await;
+    // A lower bound the agent enforces, not a timing guess: its clock starts no earlier than
+    // the removal.
+    let waited = removed.elapsed();
+    assert!(
+        waited >= DIRECTORY_GONE_GRACE,
+        "the pod was taken out {waited:?} after leaving the files, before the grace of {DIRECTORY_GONE_GRACE:?}"
+    );
+    assert!(
+        !zt.deleted(&uid("gone", "db")),
+        "a pod still in the files stays enrolled"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

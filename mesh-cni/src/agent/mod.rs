@@ -28,6 +28,7 @@ use crate::probe_snat::ProbeSnat;
 use view::{PodFacts, View};
 
 pub use kube_view::UNINSTALL_ANNOTATION;
+pub use reconcile::DIRECTORY_GONE_GRACE;
 pub use uninstall::{UNINSTALL_FILE, UNINSTALLED_ANNOTATION, UNINSTALLED_FILE};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

@@ -22,7 +22,7 @@ const RESYNC: Duration = Duration::from_secs(5);
 /// (every ztunnel forgetting it, 10 s; the drain, 5 s). Taking it out at once would tear down
 /// its capture and its apps' reply routes under connections still being served. A Kubernetes
 /// API keeps a terminating pod until its containers stopped, so the Kube view needs no wait.
-const DIRECTORY_GONE_GRACE: Duration = Duration::from_secs(20);
+pub const DIRECTORY_GONE_GRACE: Duration = Duration::from_secs(20);
 
 /// What the reconciler remembers between passes.
 #[derive(Default)]

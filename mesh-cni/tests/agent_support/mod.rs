@@ -19,8 +19,14 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 pub const DEADLINE: Duration = Duration::from_secs(20);
 
 /// Waits for `cond` (polled), panicking with `what` at the deadline.
-pub async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    let end = Instant::now() + DEADLINE;
+pub async fn wait_for(what: &str, cond: impl FnMut() -> bool) {
+    wait_for_within(what, DEADLINE, cond).await
+}
+
+/// [`wait_for`] with a deadline of `within`, for what the agent does only after a wait of its
+/// own.
+pub async fn wait_for_within(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
+    let end = Instant::now() + within;
     while !cond() {
         assert!(Instant::now() < end, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
