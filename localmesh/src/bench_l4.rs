@@ -8,8 +8,9 @@
 //! baseline is not capped by ports in TIME_WAIT. Each
 //! figure (bulk, 1 KiB request/response, connection rate) is measured on every pair in turn
 //! before the next figure, so drift on the shared machine hits all alike. Around the mesh
-//! pairs' bulk and connection-rate runs both ztunnels' CPU time and context switches are read,
-//! and during bulk their syscalls are counted under perf ([`bench_stats`]); their memory is read
+//! pairs' runs both ztunnels' CPU time and context switches are read, and their syscalls are
+//! counted under perf ([`bench_stats`]; the same for every build, and a per-thread count costs
+//! well under a microsecond per request, next to a round trip of ~100 µs); their memory is read
 //! idle (enrolled, before any load) and after the load once their fds are back. With
 //! `baseline_bins` a second mesh runs that directory's `ztunnel` and its pair is measured in
 //! the same rounds: "before / after" rows. Owns the scenario; the counters are
@@ -145,13 +146,13 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<L4Report> {
     let relay_rr = relay.measure(d, &RR_LOAD)?;
     let rr = subjects
         .iter()
-        .map(|s| s.measure(d, &RR_LOAD, None))
+        .map(|s| s.measure(d, &RR_LOAD, perf.as_ref()))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let raw_conn = measure_pair(&mesh, "bench-raw", d, &CONN_LOAD)?;
     let relay_conn = relay.measure(d, &CONN_LOAD)?;
     let conn = subjects
         .iter()
-        .map(|s| s.measure(d, &CONN_LOAD, None))
+        .map(|s| s.measure(d, &CONN_LOAD, perf.as_ref()))
         .collect::<anyhow::Result<Vec<_>>>()?;
     for (c, who) in [
         (&raw_conn, "raw TCP"),
@@ -294,10 +295,10 @@ impl MeshFigures {
         let b = &self.bulk_spent;
         let r = &self.rr_spent;
         let c = &self.conn_spent;
-        let syscalls = b.syscalls.map_or(f64::NAN, |n| n as f64);
+        let syscalls = |s: &Spent| s.syscalls.map_or(f64::NAN, |n| n as f64);
         vec![
             ("bulk: ztunnel CPU", "s/GB", b.cpu_secs / gb),
-            ("bulk: ztunnel syscalls", "/MB", syscalls / mb),
+            ("bulk: ztunnel syscalls", "/MB", syscalls(b) / mb),
             (
                 "bulk: ztunnel ctx switches",
                 "/MB",
@@ -308,12 +309,18 @@ impl MeshFigures {
                 "µs/req",
                 r.cpu_secs * 1e6 / requests,
             ),
+            ("1 KiB rr: ztunnel syscalls", "/req", syscalls(r) / requests),
             (
                 "1 KiB rr: ztunnel ctx switches",
                 "/req",
                 r.ctx_switches as f64 / requests,
             ),
             ("conn: ztunnel CPU", "s/1k conn", c.cpu_secs / kconn),
+            (
+                "conn: ztunnel syscalls",
+                "/conn",
+                syscalls(c) / (kconn * 1e3),
+            ),
             (
                 "conn: ztunnel ctx switches",
                 "/1k conn",
