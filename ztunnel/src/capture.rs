@@ -228,10 +228,11 @@ impl Capture {
         self.ebpf.as_ref()
     }
 
-    /// Where a captured connection was originally going.
-    pub fn original_dst(&self, stream: &TcpStream) -> io::Result<SocketAddr> {
+    /// Where a captured connection was originally going; `peer` is the address accept gave
+    /// (asking the socket again would cost a syscall per connection).
+    pub fn original_dst(&self, stream: &TcpStream, peer: SocketAddr) -> io::Result<SocketAddr> {
         match &self.ebpf {
-            Some(e) => e.original_dst(stream),
+            Some(e) => e.original_dst(stream, peer),
             None => so_original_dst(stream),
         }
     }

@@ -576,13 +576,12 @@ impl Ebpf {
 
     /// The original destination of a connection accepted on an in-pod listener: for the
     /// outbound listener, the record connect4/6 left (consumed); for inbound (sk_lookup keeps
-    /// addresses), the accepted socket's own local address.
-    pub fn original_dst(&self, stream: &TcpStream) -> io::Result<SocketAddr> {
+    /// addresses), the accepted socket's own local address. `peer` is the address accept gave.
+    pub fn original_dst(&self, stream: &TcpStream, peer: SocketAddr) -> io::Result<SocketAddr> {
         let local = stream.local_addr()?;
         if !(local.ip().is_loopback() && local.port() == meshcore::OUTBOUND_PORT) {
             return Ok(crate::capture::canonical_addr(local));
         }
-        let peer = stream.peer_addr()?;
         let netns = netns_cookie(stream.as_raw_fd())?;
         let family = if local.is_ipv4() { AF_INET } else { AF_INET6 };
         let key = PortKey {

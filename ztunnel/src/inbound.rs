@@ -250,7 +250,7 @@ pub async fn serve_plaintext(ctx: Arc<Ctx>, pod: Arc<Pod>, listener: TcpListener
 
 async fn plaintext(ctx: Arc<Ctx>, pod: Arc<Pod>, mut tcp: TcpStream, peer: SocketAddr) {
     let start = Instant::now();
-    let dst = match ctx.capture.original_dst(&tcp) {
+    let dst = match ctx.capture.original_dst(&tcp, peer) {
         Ok(d) => d,
         Err(e) => {
             warn!(pod = %pod.workload.uid, %peer, error = %e, "inbound: cannot recover original destination; closing");

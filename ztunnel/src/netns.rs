@@ -130,7 +130,12 @@ impl Netns {
     /// your own address is never captured outbound, so it needs no mesh mark.
     pub fn transparent_socket(&self, src: IpAddr, dst: SocketAddr) -> io::Result<TcpSocket> {
         self.run(|| {
-            let s = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
+            // Non-blocking from creation (SOCK_NONBLOCK): no fcntl pair per connection.
+            let s = Socket::new(
+                Domain::for_address(dst),
+                Type::STREAM.nonblocking(),
+                Some(Protocol::TCP),
+            )?;
             if dst.is_ipv4() {
                 s.set_ip_transparent_v4(true)?;
             } else {
@@ -142,7 +147,6 @@ impl Netns {
             // are reused (tcp_tw_reuse), where a port chosen at bind would exhaust them.
             set_bind_address_no_port(&s)?;
             s.bind(&SockAddr::from(SocketAddr::new(src, 0)))?;
-            s.set_nonblocking(true)?;
             Ok(TcpSocket::from_std_stream(std::net::TcpStream::from(s)))
         })
     }
@@ -198,10 +202,13 @@ impl Netns {
     /// never redirects ztunnel's own traffic.
     pub async fn connect(&self, dst: SocketAddr) -> io::Result<TcpStream> {
         let socket = self.run(|| {
-            let s = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
+            let s = Socket::new(
+                Domain::for_address(dst),
+                Type::STREAM.nonblocking(),
+                Some(Protocol::TCP),
+            )?;
             s.set_mark(meshcore::MESH_SOCKET_MARK)?;
             s.set_tcp_nodelay(true)?;
-            s.set_nonblocking(true)?;
             Ok(TcpSocket::from_std_stream(std::net::TcpStream::from(s)))
         })?;
         socket.connect(dst).await

@@ -366,7 +366,7 @@ pub async fn serve(ctx: Arc<Ctx>, pod: Arc<Pod>, listener: TcpListener) {
 
 async fn handle(ctx: Arc<Ctx>, pod: Arc<Pod>, mut tcp: TcpStream, peer: SocketAddr) {
     let start = Instant::now();
-    let dst = match ctx.capture.original_dst(&tcp) {
+    let dst = match ctx.capture.original_dst(&tcp, peer) {
         Ok(d) => d,
         Err(e) => {
             warn!(pod = %pod.workload.uid, %peer, error = %e, "outbound: cannot recover original destination; closing");
