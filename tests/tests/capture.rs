@@ -194,6 +194,31 @@ fn original_destination_1000_concurrent_connects_v4_v6_mapped() {
         },
     )
     .unwrap();
+    // Each connection's original destination was taken out of the map as it was accepted:
+    // none is left to be mistaken for a later connection's from the same port.
+    for node in 0..2 {
+        let left = port_records(&node_dir(&mesh, node));
+        assert_eq!(
+            left, 0,
+            "node-{node}: {left} unconsumed ZT_PORT_DST records"
+        );
+    }
+}
+
+/// How many original-destination records (client port -> destination) a ztunnel's map holds.
+fn port_records(dir: &str) -> usize {
+    let out = Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(format!("{dir}/ZT_PORT_DST"))
+        .output()
+        .expect("bpftool");
+    assert!(
+        out.status.success(),
+        "bpftool map dump {dir}/ZT_PORT_DST: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool's JSON");
+    v.as_array().map_or(0, Vec::len)
 }
 
 #[test]

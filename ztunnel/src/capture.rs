@@ -228,14 +228,41 @@ impl Capture {
         self.ebpf.as_ref()
     }
 
-    /// Where a captured connection was originally going; `peer` is the address accept gave
-    /// (asking the socket again would cost a syscall per connection).
-    pub fn original_dst(&self, stream: &TcpStream, peer: SocketAddr) -> io::Result<SocketAddr> {
-        match &self.ebpf {
-            Some(e) => e.original_dst(stream, peer),
-            None => so_original_dst(stream),
+    /// What every connection accepted on `listener` shares, asked of the kernel once per
+    /// listener instead of once per connection. A question the kernel does not answer here is
+    /// left `None` and asked of each connection instead.
+    pub fn listener_info(&self, listener: &tokio::net::TcpListener) -> ListenerInfo {
+        ListenerInfo {
+            local: listener.local_addr().ok(),
+            netns_cookie: self
+                .ebpf
+                .as_ref()
+                .and_then(|_| crate::ebpf::netns_cookie(listener.as_raw_fd()).ok()),
         }
     }
+
+    /// Where a captured connection was originally going; `peer` is the address accept gave
+    /// and `at` what its listener told [`Capture::listener_info`] (asking the socket again
+    /// would cost syscalls per connection).
+    pub fn original_dst(
+        &self,
+        stream: &TcpStream,
+        peer: SocketAddr,
+        at: &ListenerInfo,
+    ) -> io::Result<SocketAddr> {
+        match &self.ebpf {
+            Some(e) => e.original_dst(stream, peer, at),
+            None => so_original_dst(stream, peer),
+        }
+    }
+}
+
+/// A listener's bound address and, under eBPF, the cookie of the netns it lives in: the same
+/// for every connection it accepts.
+#[derive(Clone, Copy, Debug)]
+pub struct ListenerInfo {
+    pub local: Option<SocketAddr>,
+    pub netns_cookie: Option<u64>,
 }
 
 /// Removes ztunnel's nftables table from `ns` (absent is fine): unenrolling, and `ztunnel
@@ -331,11 +358,12 @@ fn nft(ns: &Netns, script: &str) -> Result<(), CaptureError> {
     Ok(())
 }
 
-/// conntrack's pre-NAT destination of a REDIRECTed connection.
-fn so_original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
+/// conntrack's pre-NAT destination of a REDIRECTed connection. Its family is the peer's: both
+/// ends of a socket are of one family (v4-mapped on a dual-stack socket).
+fn so_original_dst(stream: &TcpStream, peer: SocketAddr) -> io::Result<SocketAddr> {
     const SO_ORIGINAL_DST: libc::c_int = 80; // same value for IP6T_SO_ORIGINAL_DST
     let fd = stream.as_raw_fd();
-    match stream.local_addr()? {
+    match peer {
         SocketAddr::V4(_) => {
             let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
             let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;

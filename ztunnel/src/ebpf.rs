@@ -32,8 +32,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use aya::maps::{HashMap as BpfHashMap, MapData, SockHash};
+use aya::maps::{HashMap as BpfHashMap, IterableMap, MapData, SockHash};
 use aya::programs::links::FdLink;
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps};
 use tokio::net::TcpStream;
@@ -43,6 +44,8 @@ use ztunnel_ebpf_common::{
     MAP_LISTEN, MAP_NETNS, MAP_POD_IP, MAP_PORT_DST, MAP_SPLICE_BYTES, MAP_SPLICE_PEER,
     MAP_SPLICE_RX, MAP_SPLICE_TX, NetnsConf, OrigDst, PortKey,
 };
+
+use crate::capture::ListenerInfo;
 
 mod instance;
 mod kernel_log;
@@ -55,7 +58,7 @@ pub use kernel_log::EbpfLog;
 use kernel_log::{start_log_reader, sweep_log_pins};
 pub use pins::remove_dir;
 use pins::{link_pin_inodes, remove_pin, replace_pin};
-use sock::{decode, ip_key, listener_addr};
+use sock::{decode, ip_key, listener_addr, take};
 pub use sock::{netns_cookie, tcp_info};
 use splice::SpliceMaps;
 pub use splice::Spliced;
@@ -175,7 +178,13 @@ pub struct Ebpf {
     state: Mutex<State>,
     /// Hot path (every captured connection): its own lock.
     port_dst: Mutex<BpfHashMap<MapData, PortKey, OrigDst>>,
+    /// Whether the kernel takes a record out of `port_dst` in one call (Linux 5.14+); cleared
+    /// at the first refusal.
+    take_supported: AtomicBool,
 }
+
+/// The kernel's "operation not supported" (not in libc: it is not a userspace errno).
+const ENOTSUPP: i32 = 524;
 
 /// Checks the environment can run eBPF capture, saying why not.
 pub fn preflight() -> Result<(), EbpfError> {
@@ -379,6 +388,7 @@ impl Ebpf {
                 _object: bpf,
             }),
             port_dst: Mutex::new(port_dst),
+            take_supported: AtomicBool::new(true),
         })
     }
 }
@@ -576,26 +586,53 @@ impl Ebpf {
 
     /// The original destination of a connection accepted on an in-pod listener: for the
     /// outbound listener, the record connect4/6 left (consumed); for inbound (sk_lookup keeps
-    /// addresses), the accepted socket's own local address. `peer` is the address accept gave.
-    pub fn original_dst(&self, stream: &TcpStream, peer: SocketAddr) -> io::Result<SocketAddr> {
-        let local = stream.local_addr()?;
+    /// addresses), the accepted socket's own local address. `peer` is the address accept gave,
+    /// `at` what its listener is (bound address, netns): on the outbound path the connection
+    /// costs one syscall here, the record's lookup-and-delete.
+    pub fn original_dst(
+        &self,
+        stream: &TcpStream,
+        peer: SocketAddr,
+        at: &ListenerInfo,
+    ) -> io::Result<SocketAddr> {
+        // A listener bound to one address (the outbound one) gives every connection that
+        // address; one bound to a wildcard (inbound) does not: ask the socket.
+        let local = match at.local {
+            Some(l) if !l.ip().is_unspecified() => l,
+            _ => stream.local_addr()?,
+        };
         if !(local.ip().is_loopback() && local.port() == meshcore::OUTBOUND_PORT) {
             return Ok(crate::capture::canonical_addr(local));
         }
-        let netns = netns_cookie(stream.as_raw_fd())?;
+        let netns = match at.netns_cookie {
+            Some(c) => c,
+            None => netns_cookie(stream.as_raw_fd())?,
+        };
         let family = if local.is_ipv4() { AF_INET } else { AF_INET6 };
         let key = PortKey {
             netns,
             port: u32::from(peer.port()),
             family,
         };
-        let mut map = self.port_dst.lock().unwrap_or_else(|p| p.into_inner());
-        let dst = map.get(&key, 0).map_err(|e| {
+        let missing = |e: &dyn std::fmt::Display| {
             io::Error::new(
                 io::ErrorKind::NotFound,
                 format!("no eBPF record for client port {}: {e}", peer.port()),
             )
-        })?;
+        };
+        let mut map = self.port_dst.lock().unwrap_or_else(|p| p.into_inner());
+        if self.take_supported.load(Ordering::Relaxed) {
+            match take(map.map().fd().as_fd(), &key) {
+                Ok(Some(dst)) => return Ok(decode(&dst)),
+                Ok(None) => return Err(missing(&"not found")),
+                // Linux < 5.14 cannot take from a hash map in one call: get, then remove.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | ENOTSUPP)) => {
+                    self.take_supported.store(false, Ordering::Relaxed);
+                }
+                Err(e) => return Err(missing(&e)),
+            }
+        }
+        let dst = map.get(&key, 0).map_err(|e| missing(&e))?;
         let _ = map.remove(&key);
         drop(map);
         Ok(decode(&dst))

@@ -24,6 +24,7 @@ use tracing::warn;
 use meshcore::policy::Connection;
 use meshcore::store::canonical;
 
+use crate::capture::ListenerInfo;
 use crate::copy;
 use crate::metrics::{FLAG_CONNECT, FLAG_DENY, UNKNOWN};
 use crate::policy::check;
@@ -245,12 +246,20 @@ fn response_headers(pod: &Pod) -> HeaderMap {
 
 /// Accepts captured plaintext on one of the pod's 15006 listeners until aborted.
 pub async fn serve_plaintext(ctx: Arc<Ctx>, pod: Arc<Pod>, listener: TcpListener) {
-    accept_loop(ctx, pod, listener, "plaintext", plaintext).await
+    let at = ctx.capture.listener_info(&listener);
+    let handle = move |ctx, pod, tcp, peer| plaintext(ctx, pod, tcp, peer, at);
+    accept_loop(ctx, pod, listener, "plaintext", handle).await
 }
 
-async fn plaintext(ctx: Arc<Ctx>, pod: Arc<Pod>, mut tcp: TcpStream, peer: SocketAddr) {
+async fn plaintext(
+    ctx: Arc<Ctx>,
+    pod: Arc<Pod>,
+    mut tcp: TcpStream,
+    peer: SocketAddr,
+    at: ListenerInfo,
+) {
     let start = Instant::now();
-    let dst = match ctx.capture.original_dst(&tcp, peer) {
+    let dst = match ctx.capture.original_dst(&tcp, peer, &at) {
         Ok(d) => d,
         Err(e) => {
             warn!(pod = %pod.workload.uid, %peer, error = %e, "inbound: cannot recover original destination; closing");

@@ -19,6 +19,7 @@ use rand::Rng;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
+use crate::capture::ListenerInfo;
 use crate::copy;
 use crate::limits::{LOG_PERIOD, Throttle};
 use crate::metrics::{FLAG_CONNECT, FLAG_DENY, Metrics};
@@ -361,12 +362,20 @@ impl Waypoints {
 
 /// Accepts on one of the pod's outbound listeners until the task is aborted.
 pub async fn serve(ctx: Arc<Ctx>, pod: Arc<Pod>, listener: TcpListener) {
+    let at = ctx.capture.listener_info(&listener);
+    let handle = move |ctx, pod, tcp, peer| handle(ctx, pod, tcp, peer, at);
     accept_loop(ctx, pod, listener, "outbound", handle).await
 }
 
-async fn handle(ctx: Arc<Ctx>, pod: Arc<Pod>, mut tcp: TcpStream, peer: SocketAddr) {
+async fn handle(
+    ctx: Arc<Ctx>,
+    pod: Arc<Pod>,
+    mut tcp: TcpStream,
+    peer: SocketAddr,
+    at: ListenerInfo,
+) {
     let start = Instant::now();
-    let dst = match ctx.capture.original_dst(&tcp, peer) {
+    let dst = match ctx.capture.original_dst(&tcp, peer, &at) {
         Ok(d) => d,
         Err(e) => {
             warn!(pod = %pod.workload.uid, %peer, error = %e, "outbound: cannot recover original destination; closing");
@@ -670,7 +679,7 @@ mod tests {
     /// The size of the future a connection's task holds for its whole life.
     fn task_size<F, Fut>(_: F) -> usize
     where
-        F: Fn(Arc<Ctx>, Arc<Pod>, TcpStream, SocketAddr) -> Fut,
+        F: Fn(Arc<Ctx>, Arc<Pod>, TcpStream, SocketAddr, ListenerInfo) -> Fut,
     {
         std::mem::size_of::<Fut>()
     }

@@ -1,10 +1,11 @@
 //! Small socket helpers: the kernel's cookies of a socket and of its netns, its `TCP_INFO` state and
-//! bytes acked, a listener's bound address, and addresses in the maps' encodings. Stateless: must not
-//! touch maps or pins.
+//! bytes acked, a listener's bound address, and addresses in the maps' encodings; and the one map
+//! call aya does not offer for hash maps ([`take`]). Stateless: must not keep maps or touch pins.
 
 use std::io;
+use std::mem::MaybeUninit;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 
 use ztunnel_ebpf_common::{AF_INET, AF_INET6, IpKey, OrigDst};
 
@@ -102,4 +103,49 @@ pub fn tcp_info(fd: RawFd) -> io::Result<(u8, u64)> {
     }
     let state = buf[0].to_ne_bytes()[0];
     Ok((state, buf[BYTES_ACKED / 8]))
+}
+
+/// Takes `key`'s value out of a hash map in one call (`BPF_MAP_LOOKUP_AND_DELETE_ELEM`: hash maps
+/// since Linux 5.14; older kernels refuse with `EINVAL` or `ENOTSUPP`). `Ok(None)`: no such key.
+pub(super) fn take<K: aya::Pod, V: aya::Pod>(
+    map: BorrowedFd<'_>,
+    key: &K,
+) -> io::Result<Option<V>> {
+    const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_int = 21;
+    /// The head of `union bpf_attr` for map element commands; the kernel zero-fills the rest.
+    #[repr(C)]
+    struct ElemAttr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    let mut value = MaybeUninit::<V>::zeroed();
+    let attr = ElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        _pad: 0,
+        key: std::ptr::from_ref(key) as u64,
+        value: value.as_mut_ptr() as u64,
+        flags: 0,
+    };
+    // SAFETY: attr points at key (readable, size_of::<K>() = the map's key size, checked when aya
+    // opened the map as K, V) and value (writable, the value size) for the duration of the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_LOOKUP_AND_DELETE_ELEM,
+            &attr as *const ElemAttr,
+            std::mem::size_of::<ElemAttr>() as libc::c_uint,
+        )
+    };
+    if rc == 0 {
+        // SAFETY: the kernel wrote the whole value; V is Pod, so any bytes are a valid V.
+        return Ok(Some(unsafe { value.assume_init() }));
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::ENOENT) => Ok(None),
+        _ => Err(e),
+    }
 }
