@@ -234,6 +234,8 @@ async fn refresh_loop(
                     .unwrap_or_default();
                 info!(%id, expires_in_s = remaining.as_secs(), "workload certificate issued");
                 tx.send_replace(CertState::Ready(entry));
+                // A key pair, a CSR and a chain's parse were made and dropped.
+                crate::memory::trim_soon();
                 // Renew at half-life counted from receipt: the CA backdates notBefore for clock
                 // skew, so notBefore would make short certificates renew almost at once.
                 let wake = remaining / 2;

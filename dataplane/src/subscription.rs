@@ -101,6 +101,8 @@ async fn subscribe_once(
                 "config snapshot from meshd"
             );
             backoff.reset();
+            // The snapshot's decode and the store's rebuild leave their garbage behind.
+            crate::memory::trim_soon();
         }
         let published = tx.borrow().clone();
         if let Some(s) = Suspicion::of(published.as_deref(), &latest, node)
