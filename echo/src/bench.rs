@@ -5,6 +5,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow, bail, ensure};
@@ -55,6 +56,12 @@ pub struct ConnArgs {
     /// Number of concurrent connect/WHO/close workers.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub concurrency: u32,
+    /// Start connections at this many per second in all (paced, an open loop: a slow one does
+    /// not delay the next start, a free worker takes it; every start scheduled within the run
+    /// time happens, late if the workers are all busy); unset, each worker starts its next as
+    /// soon as its last one closed.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub rate: Option<u32>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -164,9 +171,16 @@ pub async fn run_conn(args: ConnArgs) -> anyhow::Result<()> {
     let addrs: Arc<[SocketAddr]> = resolve(&args.addr, IO_TIMEOUT).await?.into();
     let start = Instant::now();
     let deadline = start + args.duration;
+    let pace = args.rate.map(|r| {
+        Arc::new(Pace {
+            start,
+            interval: Duration::from_secs(1) / r,
+            next: AtomicU64::new(0),
+        })
+    });
     let mut workers = JoinSet::new();
     for _ in 0..args.concurrency {
-        workers.spawn(conn_worker(addrs.clone(), deadline));
+        workers.spawn(conn_worker(addrs.clone(), deadline, pace.clone()));
     }
     let mut samples = Vec::new();
     let mut errors: u64 = 0;
@@ -197,20 +211,53 @@ pub async fn run_conn(args: ConnArgs) -> anyhow::Result<()> {
     }))
 }
 
+/// A shared schedule of connection starts: the `n`th at `start + n × interval`.
+struct Pace {
+    start: Instant,
+    interval: Duration,
+    next: AtomicU64,
+}
+
+impl Pace {
+    /// Waits for the next unclaimed start time; `None` once it is past `deadline`.
+    async fn claim(&self, deadline: Instant) -> Option<()> {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let at = self.start + self.interval.checked_mul(u32::try_from(n).ok()?)?;
+        if at >= deadline {
+            return None;
+        }
+        tokio::time::sleep_until(at.into()).await;
+        Some(())
+    }
+}
+
 struct ConnWorker {
     samples: Vec<u64>,
     errors: u64,
     last_error: Option<String>,
 }
 
-async fn conn_worker(addrs: Arc<[SocketAddr]>, deadline: Instant) -> ConnWorker {
+async fn conn_worker(
+    addrs: Arc<[SocketAddr]>,
+    deadline: Instant,
+    pace: Option<Arc<Pace>>,
+) -> ConnWorker {
     let mut out = ConnWorker {
         samples: Vec::with_capacity(4096),
         errors: 0,
         last_error: None,
     };
     let mut line = Vec::with_capacity(512);
-    while Instant::now() < deadline {
+    loop {
+        // Paced, every start scheduled before the deadline runs, however late; else a worker
+        // stops at the deadline.
+        let go = match &pace {
+            Some(p) => p.claim(deadline).await.is_some(),
+            None => Instant::now() < deadline,
+        };
+        if !go {
+            break;
+        }
         let t0 = Instant::now();
         match tokio::time::timeout(IO_TIMEOUT, one_conn(&addrs, &mut line)).await {
             Ok(Ok(())) => out

@@ -202,6 +202,27 @@ fn bench_conn_reports_rate() {
 }
 
 #[test]
+fn bench_conn_at_a_rate_starts_exactly_the_scheduled_connections() {
+    let server = Server::start();
+    // 200/s for 250 ms: starts at 0, 5, ..., 245 ms. Unpaced, loopback does thousands.
+    let out = run_echo(&[
+        "bench-conn",
+        "--addr",
+        &server.v4(),
+        "--duration",
+        "250ms",
+        "--concurrency",
+        "4",
+        "--rate",
+        "200",
+    ]);
+    let line = single_json_line(&out);
+    let report: ConnReport = serde_json::from_str(&line).unwrap();
+    assert_eq!(report.errors, 0, "{line}");
+    assert_eq!(report.count, 50, "{line}");
+}
+
+#[test]
 fn bench_bulk_reports_verified_bytes() {
     let server = Server::start();
     let out = run_echo(&[

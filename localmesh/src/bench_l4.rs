@@ -7,7 +7,9 @@
 //! `net.ipv4.tcp_tw_reuse=1` that ztunnel sets in enrolled pods, so the connection-rate
 //! baseline is not capped by ports in TIME_WAIT. Each
 //! figure (bulk, 1 KiB request/response, connection rate) is measured on every pair in turn
-//! before the next figure, so drift on the shared machine hits all alike. Around the mesh
+//! before the next figure, so drift on the shared machine hits all alike; the mesh pairs also
+//! run connections paced at 1,000/s, whose cost per connection set beside the saturated run's
+//! shows whether it stays flat with the rate. Around the mesh
 //! pairs' runs both ztunnels' CPU time and context switches are read, and their syscalls are
 //! counted under perf ([`bench_stats`]; the same for every build, and a per-thread count costs
 //! well under a microsecond per request, next to a round trip of ~100 µs); their memory is read
@@ -43,6 +45,12 @@ const SETTLE: Duration = Duration::from_secs(30);
 
 const CONN_LOAD: [&str; 3] = ["bench-conn", "--concurrency", "8"];
 
+/// Connections started at a fixed rate, well under saturation: what a connection costs the
+/// ztunnels when they are not busy, against [`CONN_LOAD`]'s at full load (flat CPU per
+/// connection means the two agree).
+const CONN_PACED_RATE: f64 = 1000.0;
+const CONN_PACED: [&str; 5] = ["bench-conn", "--concurrency", "8", "--rate", "1000"];
+
 const RR_LOAD: [&str; 3] = ["bench-rr", "--size", "1024"];
 
 /// What the mesh pair of one build measured.
@@ -53,6 +61,9 @@ pub struct MeshFigures {
     pub rr_spent: Spent,
     pub conn: Value,
     pub conn_spent: Spent,
+    /// Connections at [`CONN_PACED_RATE`].
+    pub conn_paced: Value,
+    pub conn_paced_spent: Spent,
     /// Per ztunnel (node-0, node-1): enrolled, before any load.
     pub idle: Vec<Memory>,
     /// Per ztunnel, after every figure, once the load's connections are closed.
@@ -154,6 +165,18 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<L4Report> {
         .iter()
         .map(|s| s.measure(d, &CONN_LOAD, perf.as_ref()))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let conn_paced = subjects
+        .iter()
+        .map(|s| s.measure(d, &CONN_PACED, perf.as_ref()))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    for (c, _) in &conn_paced {
+        let rate = num(c, "per_sec");
+        if rate < 0.9 * CONN_PACED_RATE {
+            eprintln!(
+                "warning: the paced connections reached only {rate}/s of {CONN_PACED_RATE}/s"
+            );
+        }
+    }
     for (c, who) in [
         (&raw_conn, "raw TCP"),
         (&relay_conn, "the relay chain"),
@@ -168,9 +191,10 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<L4Report> {
         }
     }
     let mut figures = Vec::new();
-    for (((s, (bulk, bulk_spent)), (rr, rr_spent)), (conn, conn_spent)) in
-        subjects.iter().zip(bulk).zip(rr).zip(conn)
+    for ((((s, (bulk, bulk_spent)), (rr, rr_spent)), (conn, conn_spent)), paced) in
+        subjects.iter().zip(bulk).zip(rr).zip(conn).zip(conn_paced)
     {
+        let (conn_paced, conn_paced_spent) = paced;
         let (after, settled) = s.after_load()?;
         figures.push(MeshFigures {
             bulk,
@@ -179,6 +203,8 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<L4Report> {
             rr_spent,
             conn,
             conn_spent,
+            conn_paced,
+            conn_paced_spent,
             idle: s.idle.clone(),
             after,
             settled,
@@ -295,6 +321,8 @@ impl MeshFigures {
         let b = &self.bulk_spent;
         let r = &self.rr_spent;
         let c = &self.conn_spent;
+        let kpaced = num(&self.conn_paced, "count") / 1e3;
+        let p = &self.conn_paced_spent;
         let syscalls = |s: &Spent| s.syscalls.map_or(f64::NAN, |n| n as f64);
         vec![
             ("bulk: ztunnel CPU", "s/GB", b.cpu_secs / gb),
@@ -325,6 +353,21 @@ impl MeshFigures {
                 "conn: ztunnel ctx switches",
                 "/1k conn",
                 c.ctx_switches as f64 / kconn,
+            ),
+            (
+                "conn at 1k/s: ztunnel CPU",
+                "s/1k conn",
+                p.cpu_secs / kpaced,
+            ),
+            (
+                "conn at 1k/s: ztunnel syscalls",
+                "/conn",
+                syscalls(p) / (kpaced * 1e3),
+            ),
+            (
+                "conn at 1k/s: ztunnel ctx switches",
+                "/1k conn",
+                p.ctx_switches as f64 / kpaced,
             ),
         ]
     }
