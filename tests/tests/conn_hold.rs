@@ -9,15 +9,19 @@
 //! - fds: idle + [`FD_SLACK`] (64), after each round. Pooled HBONE connections outlive their
 //!   streams (idle ones close after 5 minutes): 10,000 streams at 200 per connection leave
 //!   about 50.
-//! - RSS: after the second round, no more than after the first + [`RSS_SLACK_KIB`] (24 MiB):
-//!   no ratchet. Right after the close, RSS has not come back to idle: ztunnel gives freed
-//!   heap back to the system on its periodic trim (`dataplane::memory`, every 30 s), which
-//!   this test does not wait for. The second round must reuse that memory, and a leak of
-//!   2.5 KiB per connection fails. Printed, not asserted: idle RSS, RSS per 1,000 open idle
-//!   connections (issue 12's target: ≤ 8 MiB; it depends on the build profile; a release
-//!   build measured 6.95 on the client's ztunnel and 6.85 on the server's) and what the first
-//!   round left behind. Asserting a return toward idle after the next trim would cost ~35 s a
-//!   round.
+//! - RSS once closed: back within idle + [`RETURN_BOUND_KIB`] (40 MiB) by the next periodic
+//!   trim (`dataplane::memory`, every 30 s) after each round. Right after the close it is
+//!   anywhere between that and the peak: what glibc gives back by itself depends on which
+//!   chunk happens to sit at the heap's top (measured: 59–104 MiB right after a close, 54–59
+//!   after the trim, idle 26–28, debug build). What stays after the trim is mostly the ~50
+//!   pooled HBONE connections, which outlive their streams.
+//! - No ratchet: the second round's peak no more than the first's + [`HELD_SLACK_KIB`]
+//!   (8 MiB; measured +2.7–4.4). It reuses the first round's freed memory, so a leak of
+//!   0.8 KiB per connection fails. (The close-time RSS, which varies by 45 MiB from one
+//!   close to the next, cannot tell a ratchet from glibc's luck.)
+//! - Printed, not asserted: idle RSS and RSS per 1,000 open idle connections (issue 12's
+//!   target: ≤ 8 MiB; it depends on the build profile; a release build measured 6.95 on the
+//!   client's ztunnel and 6.85 on the server's).
 //!
 //! ztunnel's connection caps are set explicitly ([`NODE_CAP`]): see there why.
 
@@ -38,8 +42,12 @@ const COUNT: u32 = 10_000;
 const WARM_UP: u32 = 300;
 /// fds over idle allowed once everything closed (pooled HBONE connections linger).
 const FD_SLACK: usize = 64;
-/// RSS growth allowed from the first round's end to the second's.
-const RSS_SLACK_KIB: u64 = 24 * 1024;
+/// RSS over idle allowed once a round's connections closed and the next trim ran.
+const RETURN_BOUND_KIB: u64 = 40 * 1024;
+/// RSS growth allowed from the first round's peak (all connections held) to the second's.
+const HELD_SLACK_KIB: u64 = 8 * 1024;
+/// Bound on the next periodic trim after a close.
+const TRIM_DEADLINE: Duration = Duration::from_secs(dataplane::memory::TRIM_PERIOD.as_secs() + 15);
 /// Bound on opening (or checking and closing) all connections.
 const PHASE_DEADLINE: Duration = Duration::from_secs(90);
 /// Bound on the ztunnels closing their sockets after the client closed.
@@ -257,6 +265,18 @@ fn round(mesh: &LocalMesh, addr: &str, pids: [u32; 2], idle: [Usage; 2]) -> [[Us
     closed.unwrap_or_else(|e| {
         panic!("{e:#}: idle {idle:?}, after the close {after:?} (slack {FD_SLACK} fds)")
     });
+    let closed = after;
+    let back = wait_for(TRIM_DEADLINE, "ztunnels' memory back near idle", || {
+        after = pids.map(|pid| usage(pid).unwrap());
+        Ok((0..2).all(|n| after[n].rss_kib <= idle[n].rss_kib + RETURN_BOUND_KIB))
+    });
+    back.unwrap_or_else(|e| {
+        panic!(
+            "{e:#}: idle {idle:?}, held {during:?}, right after the close {closed:?}, \
+             now {after:?} (bound: idle + {} MiB after the periodic trim)",
+            RETURN_BOUND_KIB / 1024
+        )
+    });
     [during, after]
 }
 
@@ -312,7 +332,7 @@ fn ten_thousand_connections_held_through_a_ztunnel_pair_then_fds_and_memory_come
         println!(
             "ztunnel node-{node}: idle {:.1} MiB RSS, {} fds; {COUNT} held: {:.1} MiB \
              ({:.2} MiB per 1,000), {} fds; closed: {:.1} MiB (+{:.1} over idle), {} fds; \
-             second round held {:.1} MiB, closed {:.1} MiB ({:+.1} over the first), {} fds",
+             second round held {:.1} MiB ({:+.1} over the first), closed {:.1} MiB, {} fds",
             mib(idle[node].rss_kib),
             idle[node].fds,
             mib(during1[node].rss_kib),
@@ -322,18 +342,18 @@ fn ten_thousand_connections_held_through_a_ztunnel_pair_then_fds_and_memory_come
             growth_mib(idle[node], after1[node]),
             after1[node].fds,
             mib(during2[node].rss_kib),
+            growth_mib(during1[node], during2[node]),
             mib(after2[node].rss_kib),
-            growth_mib(after1[node], after2[node]),
             after2[node].fds,
         );
     }
     for node in 0..2 {
         assert!(
-            after2[node].rss_kib <= after1[node].rss_kib + RSS_SLACK_KIB,
-            "ztunnel node-{node}'s memory grew by {:.1} MiB from the first round of {COUNT} \
-             connections to the second (bound {} MiB): they leave memory behind",
-            growth_mib(after1[node], after2[node]),
-            RSS_SLACK_KIB / 1024
+            during2[node].rss_kib <= during1[node].rss_kib + HELD_SLACK_KIB,
+            "ztunnel node-{node} held {COUNT} connections in {:.1} MiB more the second time \
+             (bound {} MiB): the first round left memory behind",
+            growth_mib(during1[node], during2[node]),
+            HELD_SLACK_KIB / 1024
         );
     }
 }
