@@ -48,8 +48,7 @@ const CONN_LOAD: [&str; 3] = ["bench-conn", "--concurrency", "8"];
 /// Connections started at a fixed rate, well under saturation: what a connection costs the
 /// ztunnels when they are not busy, against [`CONN_LOAD`]'s at full load (flat CPU per
 /// connection means the two agree).
-const CONN_PACED_RATE: f64 = 1000.0;
-const CONN_PACED: [&str; 5] = ["bench-conn", "--concurrency", "8", "--rate", "1000"];
+const CONN_PACED_RATE: u32 = 1000;
 
 const RR_LOAD: [&str; 3] = ["bench-rr", "--size", "1024"];
 
@@ -165,13 +164,15 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<L4Report> {
         .iter()
         .map(|s| s.measure(d, &CONN_LOAD, perf.as_ref()))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let rate_arg = CONN_PACED_RATE.to_string();
+    let conn_paced_load = [CONN_LOAD.as_slice(), &["--rate", &rate_arg]].concat();
     let conn_paced = subjects
         .iter()
-        .map(|s| s.measure(d, &CONN_PACED, perf.as_ref()))
+        .map(|s| s.measure(d, &conn_paced_load, perf.as_ref()))
         .collect::<anyhow::Result<Vec<_>>>()?;
     for (c, _) in &conn_paced {
         let rate = num(c, "per_sec");
-        if rate < 0.9 * CONN_PACED_RATE {
+        if rate < 0.9 * f64::from(CONN_PACED_RATE) {
             eprintln!(
                 "warning: the paced connections reached only {rate}/s of {CONN_PACED_RATE}/s"
             );
@@ -191,10 +192,11 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<L4Report> {
         }
     }
     let mut figures = Vec::new();
-    for ((((s, (bulk, bulk_spent)), (rr, rr_spent)), (conn, conn_spent)), paced) in
-        subjects.iter().zip(bulk).zip(rr).zip(conn).zip(conn_paced)
+    for (
+        (((s, (bulk, bulk_spent)), (rr, rr_spent)), (conn, conn_spent)),
+        (conn_paced, conn_paced_spent),
+    ) in subjects.iter().zip(bulk).zip(rr).zip(conn).zip(conn_paced)
     {
-        let (conn_paced, conn_paced_spent) = paced;
         let (after, settled) = s.after_load()?;
         figures.push(MeshFigures {
             bulk,

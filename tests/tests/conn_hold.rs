@@ -265,14 +265,14 @@ fn round(mesh: &LocalMesh, addr: &str, pids: [u32; 2], idle: [Usage; 2]) -> [[Us
     closed.unwrap_or_else(|e| {
         panic!("{e:#}: idle {idle:?}, after the close {after:?} (slack {FD_SLACK} fds)")
     });
-    let closed = after;
+    let at_close = after;
     let back = wait_for(TRIM_DEADLINE, "ztunnels' memory back near idle", || {
         after = pids.map(|pid| usage(pid).unwrap());
         Ok((0..2).all(|n| after[n].rss_kib <= idle[n].rss_kib + RETURN_BOUND_KIB))
     });
     back.unwrap_or_else(|e| {
         panic!(
-            "{e:#}: idle {idle:?}, held {during:?}, right after the close {closed:?}, \
+            "{e:#}: idle {idle:?}, held {during:?}, right after the close {at_close:?}, \
              now {after:?} (bound: idle + {} MiB after the periodic trim)",
             RETURN_BOUND_KIB / 1024
         )
