@@ -10,6 +10,11 @@
 //! an unauthenticated peer flooding its handshake slots pins 16 KiB each, not 256 KiB. The
 //! connection's owner calls [`ReadAhead::allow_large_reads`] once the handshake is done.
 //!
+//! A grown buffer goes back to [`INITIAL_READ`] at the first small read once no large one has
+//! come for [`SHRINK_QUIET`]: a pooled connection that once carried a burst keeps 16 KiB while
+//! it idles (its keepalive pings are such reads), and a bulk transfer, whose large reads never
+//! pause that long, never sees its buffer shrink and regrow.
+//!
 //! Owns: that buffer only. It never interprets the bytes and never reads ahead of a caller's
 //! demand (it reads only when its buffer is empty and someone asked), so a closed or failing
 //! socket is reported to rustls exactly as the socket reported it.
@@ -19,6 +24,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Duration, Instant};
 
 /// The buffer a connection starts with: a few records. Idle and interactive connections never
 /// need more (thousands of pooled connections should not hold 256 KiB each).
@@ -26,6 +32,11 @@ pub const INITIAL_READ: usize = 16 * 1024;
 
 /// The most one syscall reads. The buffer grows ×4 up to here each time a read fills it.
 pub const MAX_READ: usize = 256 * 1024;
+
+/// How long a grown buffer must go without a large read (over a sixteenth of it) before a small
+/// read shrinks it back to [`INITIAL_READ`]. Longer than any pause inside a transfer; shorter
+/// than the keepalive interval, so an idle connection shrinks at its first ping.
+pub const SHRINK_QUIET: Duration = Duration::from_secs(5);
 
 /// A transport whose reads go through a growing buffer; see the module docs.
 #[derive(Debug)]
@@ -37,6 +48,8 @@ pub struct ReadAhead<T> {
     end: usize,
     /// How far the buffer may grow: [`INITIAL_READ`] until the handshake is done.
     max: usize,
+    /// When the grown buffer last had a large read (only kept while it is grown).
+    last_large: Option<Instant>,
 }
 
 impl<T> ReadAhead<T> {
@@ -49,12 +62,27 @@ impl<T> ReadAhead<T> {
             pos: 0,
             end: 0,
             max: INITIAL_READ,
+            last_large: None,
         }
     }
 
     /// Lets the buffer grow up to [`MAX_READ`]: call once the peer is authenticated.
     pub fn allow_large_reads(&mut self) {
         self.max = MAX_READ;
+    }
+}
+
+impl<T> ReadAhead<T> {
+    /// Replaces the buffer with one of `len` bytes, keeping the unread `buf[pos..end]` (which
+    /// must fit) at its start.
+    fn resize(&mut self, len: usize) {
+        let unread = self.end - self.pos;
+        debug_assert!(unread <= len);
+        let mut fresh = vec![0; len].into_boxed_slice();
+        fresh[..unread].copy_from_slice(&self.buf[self.pos..self.end]);
+        self.buf = fresh;
+        self.pos = 0;
+        self.end = unread;
     }
 }
 
@@ -80,10 +108,15 @@ impl<T: AsyncRead + Unpin> AsyncRead for ReadAhead<T> {
             this.end = n;
             if n == this.buf.len() && n < this.max {
                 // A full read means more was waiting: read more at once next time.
-                let grown = (n * 4).min(this.max);
-                let mut bigger = vec![0; grown].into_boxed_slice();
-                bigger[..n].copy_from_slice(&this.buf[..n]);
-                this.buf = bigger;
+                this.resize((n * 4).min(this.max));
+                this.last_large = Some(Instant::now());
+            } else if this.buf.len() > INITIAL_READ {
+                if n > this.buf.len() / 16 {
+                    this.last_large = Some(Instant::now());
+                } else if this.last_large.is_none_or(|t| t.elapsed() >= SHRINK_QUIET) {
+                    this.resize(INITIAL_READ);
+                    this.last_large = None;
+                }
             }
             if n == 0 {
                 // EOF: nothing to hand out, and `out` stays unfilled, as the socket said.
@@ -177,6 +210,45 @@ mod tests {
             assert_eq!(ra.read(&mut b).await.unwrap(), 4096);
         }
         assert!(ra.buf.len() > INITIAL_READ, "{}", ra.buf.len());
+    }
+
+    /// A grown buffer survives small reads while large ones keep coming, shrinks at the first
+    /// small read after [`SHRINK_QUIET`] without one, and regrows with the next burst.
+    #[tokio::test(start_paused = true)]
+    async fn a_grown_buffer_shrinks_after_a_quiet_spell_not_during_a_burst() {
+        let (near, mut far) = tokio::io::duplex(1 << 20);
+        let mut ra = ReadAhead::new(near);
+        ra.allow_large_reads();
+        type Far = tokio::io::DuplexStream;
+        async fn burst(ra: &mut ReadAhead<Far>, far: &mut Far) {
+            far.write_all(&[1u8; 600 * 1024]).await.unwrap();
+            let (mut b, mut left) = ([0u8; 4096], 600 * 1024);
+            while left > 0 {
+                left -= ra.read(&mut b).await.unwrap();
+            }
+        }
+        async fn small(ra: &mut ReadAhead<Far>, far: &mut Far, i: u8) {
+            far.write_all(&[i; 17]).await.unwrap();
+            let mut p = [0u8; 64];
+            assert_eq!(ra.read(&mut p).await.unwrap(), 17);
+            assert_eq!(p[..17], [i; 17]);
+        }
+        burst(&mut ra, &mut far).await;
+        assert_eq!(ra.buf.len(), MAX_READ);
+        // Small reads within the quiet spell: still grown.
+        for i in 0..10 {
+            tokio::time::advance(SHRINK_QUIET / 20).await;
+            small(&mut ra, &mut far, i).await;
+        }
+        assert_eq!(ra.buf.len(), MAX_READ);
+        // A burst, then quiet for the whole spell: the next small read shrinks it.
+        burst(&mut ra, &mut far).await;
+        tokio::time::advance(SHRINK_QUIET).await;
+        small(&mut ra, &mut far, 42).await;
+        assert_eq!(ra.buf.len(), INITIAL_READ);
+        // And it grows again when traffic does.
+        burst(&mut ra, &mut far).await;
+        assert_eq!(ra.buf.len(), MAX_READ);
     }
 
     #[tokio::test]
