@@ -20,6 +20,9 @@ pub struct MeshOptions {
     pub unenroll_on_exit: bool,
     /// More ztunnel arguments (e.g. `--ebpf-log debug`).
     pub ztunnel_args: Vec<String>,
+    /// More ztunnel environment (e.g. a test hook such as `ZTUNNEL_EBPF_NO_TAKE`), set on
+    /// this mesh's ztunnels only, not on the test process every mesh inherits from.
+    pub ztunnel_env: Vec<(String, String)>,
     /// Run meshd as on a real cluster: in node-0's network namespace, serving gRPC over TLS on
     /// its fabric address ([`MESHD_TLS_ADDR`](crate::MESHD_TLS_ADDR)), every ztunnel verifying
     /// it with `--meshd-ca` (the mesh root). Otherwise meshd listens on a root-only unix socket.
@@ -84,6 +87,7 @@ impl Default for MeshOptions {
             fast_path: false,
             unenroll_on_exit: false,
             ztunnel_args: Vec::new(),
+            ztunnel_env: Vec::new(),
             meshd_tls: false,
             probe_snat: false,
             api: false,

@@ -95,7 +95,8 @@ impl Mesh {
             let sock = &self.cni.get(i).context("no such node")?.zds_socket;
             cmd.args(["--enrollment", "zds", "--zds-socket"]).arg(sock);
         }
-        cmd.args(&self.opts.ztunnel_args);
+        cmd.args(&self.opts.ztunnel_args)
+            .envs(self.opts.ztunnel_env.iter().map(|(k, v)| (k, v)));
         let (admin, metrics, ready) = ports;
         cmd.arg("--admin-addr")
             .arg(format!("127.0.0.1:{admin}"))

@@ -70,6 +70,10 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/zt
 /// (tests of `auto` fallback and of the explicit-mode error).
 pub const REFUSE_ENV: &str = "ZTUNNEL_EBPF_REFUSE";
 
+/// Set (non-empty) to look original destinations up and remove them in two calls, as on
+/// kernels before 5.14 that cannot take from a hash map in one (tests of that fallback).
+pub const NO_TAKE_ENV: &str = "ZTUNNEL_EBPF_NO_TAKE";
+
 const BPFFS: &str = "/sys/fs/bpf";
 
 /// The cgroup hooks: (program name in the object, pin name of its link).
@@ -372,7 +376,8 @@ impl Ebpf {
         } else {
             None
         };
-        info!(dir = %dir.display(), cgroup = %cgroup.display(), adopted, fast_path, ebpf_log = ?log, "eBPF capture loaded");
+        let take_allowed = std::env::var_os(NO_TAKE_ENV).is_none_or(|v| v.is_empty());
+        info!(dir = %dir.display(), cgroup = %cgroup.display(), adopted, fast_path, ebpf_log = ?log, map_take = take_allowed, "eBPF capture loaded");
         Ok(Ebpf {
             own_links: link_pin_inodes(&dir),
             dir,
@@ -388,7 +393,7 @@ impl Ebpf {
                 _object: bpf,
             }),
             port_dst: Mutex::new(port_dst),
-            take_supported: AtomicBool::new(true),
+            take_supported: AtomicBool::new(take_allowed),
         })
     }
 }
