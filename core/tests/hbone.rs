@@ -240,6 +240,7 @@ async fn connect_carries_only_method_and_authority_over_tls13_h2_without_sni() {
             conn.alpn_protocol().map(<[u8]>::to_vec),
             conn.protocol_version(),
             conn.negotiated_cipher_suite().map(|s| s.suite()),
+            conn.negotiated_key_exchange_group().map(|g| g.name()),
             tls::peer_identity(conn.peer_certificates().unwrap_or_default())
                 .expect("peer identity"),
         );
@@ -264,11 +265,13 @@ async fn connect_carries_only_method_and_authority_over_tls13_h2_without_sni() {
         )
         .await
         .expect("connect");
-    let ((sni, alpn, version, suite, peer), req) = seen.await.expect("server task");
+    let ((sni, alpn, version, suite, group, peer), req) = seen.await.expect("server task");
     assert_eq!(sni, None, "HBONE sends no SNI");
     assert_eq!(alpn.as_deref(), Some(&b"h2"[..]));
     assert_eq!(version, Some(rustls::ProtocolVersion::TLSv1_3));
     assert_eq!(suite, Some(rustls::CipherSuite::TLS13_AES_256_GCM_SHA384));
+    // X25519, as Istio's ztunnel: not a post-quantum hybrid it would not offer.
+    assert_eq!(group, Some(rustls::NamedGroup::X25519));
     assert_eq!(peer, client_id());
     assert_eq!(req.method(), http::Method::CONNECT);
     // h2's server refuses a plain CONNECT carrying :scheme or :path as malformed, so getting
