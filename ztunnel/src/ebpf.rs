@@ -633,6 +633,7 @@ impl Ebpf {
                 // Linux < 5.14 cannot take from a hash map in one call: get, then remove.
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | ENOTSUPP)) => {
                     self.take_supported.store(false, Ordering::Relaxed);
+                    info!(error = %e, "the kernel cannot look up and delete in one call: original destinations now take two (map_take=false)");
                 }
                 Err(e) => return Err(missing(&e)),
             }
