@@ -64,7 +64,7 @@ impl MeshdTls {
         if roots.is_empty() {
             return Err(bad("no PEM certificate in it".to_string()));
         }
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut config = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| bad(e.to_string()))?

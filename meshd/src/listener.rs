@@ -346,7 +346,7 @@ fn serving_config(roots: &Roots, name: &str) -> Result<Arc<rustls::ServerConfig>
         .map_err(|e| ListenerError::Pem(e.to_string()))?;
     let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
         .map_err(|e| ListenerError::Pem(e.to_string()))?;
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_no_client_auth()

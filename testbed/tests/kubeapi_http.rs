@@ -30,7 +30,7 @@ fn start() -> ApiServer {
 }
 
 async fn client_for(path: &std::path::Path) -> kube::Client {
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let kc = Kubeconfig::read_from(path).expect("kubeconfig readable");
     let mut cfg = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
         .await

@@ -219,7 +219,7 @@ fn client_config(roots_pem: &str) -> Arc<rustls::ClientConfig> {
     for c in CertificateDer::pem_slice_iter(roots_pem.as_bytes()) {
         roots.add(c.unwrap()).unwrap();
     }
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()

@@ -39,7 +39,7 @@ pub async fn stop(server: ApiServer) {
 }
 
 pub async fn client(server: &ApiServer) -> Client {
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let kc = Kubeconfig::read_from(server.kubeconfig()).expect("kubeconfig readable");
     let cfg = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
         .await
