@@ -1,8 +1,11 @@
 //! Builds the eBPF capture programs (`../ztunnel-ebpf`) for the BPF target with aya-build, so
 //! `src/ebpf.rs` can embed the object. Needs bpf-linker and rust-src (`cargo xtask deps`
-//! installs both). Owns nothing else.
+//! installs both), then strips the object's DWARF. Owns nothing else.
 
 use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Context, bail};
 
 fn main() -> aya_build::Result<()> {
     let manifest = std::env::var("CARGO_MANIFEST_DIR")?;
@@ -28,5 +31,26 @@ fn main() -> aya_build::Result<()> {
             ..Default::default()
         }],
         aya_build::Toolchain::Custom("stable"),
-    )
+    )?;
+    let object = Path::new(&std::env::var("OUT_DIR")?).join("ztunnel-ebpf");
+    strip_debug(&object)
+}
+
+/// Drops the object's DWARF (`.debug_*`): ~1.1 MB of the 1.2 MB object, which `src/ebpf.rs`
+/// embeds in the ztunnel binary and so in every ztunnel's resident pages. The loader needs only
+/// `.BTF` and `.BTF.ext` (CO-RE relocations, map and program types), which `--strip-debug` keeps.
+fn strip_debug(object: &Path) -> anyhow::Result<()> {
+    // bpf-linker's LLVM (installed by `cargo xtask deps`) first; any llvm-objcopy understands BPF.
+    for tool in ["llvm-objcopy-22", "llvm-objcopy"] {
+        let status = match Command::new(tool).arg("--strip-debug").arg(object).status() {
+            Ok(status) => status,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e).with_context(|| format!("running {tool}")),
+        };
+        if !status.success() {
+            bail!("{tool} --strip-debug {} failed: {status}", object.display());
+        }
+        return Ok(());
+    }
+    bail!("llvm-objcopy not found (needed to strip the eBPF object): run `cargo xtask deps`")
 }
