@@ -374,21 +374,36 @@ impl MeshFigures {
         ]
     }
 
-    /// (name, unit, value) of each ztunnel's resident memory, idle and after the load.
+    /// (name, unit, value) of each ztunnel's resident memory, idle and after the load, in all
+    /// and its anonymous part (the rest is mostly the binary's code pages).
     fn memory_rows(&self) -> Vec<(&'static str, &'static str, f64)> {
-        const IDLE: [&str; 2] = ["node-0 ztunnel RSS idle", "node-1 ztunnel RSS idle"];
-        const AFTER: [&str; 2] = [
-            "node-0 ztunnel RSS after load",
-            "node-1 ztunnel RSS after load",
+        const IDLE: [[&str; 2]; 2] = [
+            ["node-0 ztunnel RSS idle", "node-0 ztunnel RSS idle, anon"],
+            ["node-1 ztunnel RSS idle", "node-1 ztunnel RSS idle, anon"],
         ];
-        let mib = |m: &Memory| m.rss_kib as f64 / 1024.0;
-        let idle = self.idle.iter().zip(IDLE).map(|(m, n)| (n, "MiB", mib(m)));
-        let after = self
-            .after
-            .iter()
-            .zip(AFTER)
-            .map(|(m, n)| (n, "MiB", mib(m)));
-        idle.chain(after).collect()
+        const AFTER: [[&str; 2]; 2] = [
+            [
+                "node-0 ztunnel RSS after load",
+                "node-0 ztunnel RSS after load, anon",
+            ],
+            [
+                "node-1 ztunnel RSS after load",
+                "node-1 ztunnel RSS after load, anon",
+            ],
+        ];
+        let mib = |kib: u64| kib as f64 / 1024.0;
+        let rows = |memory: &[Memory], names: [[&'static str; 2]; 2]| {
+            memory
+                .iter()
+                .zip(names)
+                .flat_map(move |(m, [all, anon])| {
+                    [(all, "MiB", mib(m.rss_kib)), (anon, "MiB", mib(m.anon_kib))]
+                })
+                .collect::<Vec<_>>()
+        };
+        let mut v = rows(&self.idle, IDLE);
+        v.extend(rows(&self.after, AFTER));
+        v
     }
 }
 

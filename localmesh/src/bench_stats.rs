@@ -51,6 +51,10 @@ impl Spent {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Memory {
     pub rss_kib: u64,
+    /// The anonymous part of `rss_kib` (heap, stacks): what the process allocated. The rest is
+    /// mostly file pages, the binary's code and read-only data that it has touched, which
+    /// follow the binary's size and not the load.
+    pub anon_kib: u64,
     pub fds: usize,
 }
 
@@ -82,10 +86,16 @@ pub fn memory(pid: u32) -> anyhow::Result<Memory> {
         .with_context(|| format!("reading /proc/{pid}/status (did ztunnel exit?)"))?;
     let rss_kib =
         status_number(&status, "VmRSS").with_context(|| format!("no VmRSS for pid {pid}"))?;
+    let anon_kib =
+        status_number(&status, "RssAnon").with_context(|| format!("no RssAnon for pid {pid}"))?;
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .with_context(|| format!("listing /proc/{pid}/fd"))?
         .count();
-    Ok(Memory { rss_kib, fds })
+    Ok(Memory {
+        rss_kib,
+        anon_kib,
+        fds,
+    })
 }
 
 /// Clock ticks per second (`utime`/`stime` unit).
@@ -248,6 +258,7 @@ mod tests {
         );
         let m = memory(me).unwrap();
         assert!(m.rss_kib > 0 && m.fds >= 3, "{m:?}");
+        assert!(m.anon_kib > 0 && m.anon_kib < m.rss_kib, "{m:?}");
         assert!(sample(&[u32::MAX]).is_err());
     }
 }
