@@ -54,6 +54,9 @@ pub struct BenchOptions {
     /// l4: a directory holding a previous build's `ztunnel`: its mesh pair is measured in the
     /// same run, interleaved per figure with the current build's ([`L4Report::before_after`]).
     pub baseline_bins: Option<PathBuf>,
+    /// l4: how many rounds of every figure; each figure is reported from its median round
+    /// ([`crate::bench_rounds`]).
+    pub rounds: u32,
 }
 
 /// One measured figure for both pairs.

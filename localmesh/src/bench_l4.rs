@@ -15,8 +15,9 @@
 //! well under a microsecond per request, next to a round trip of ~100 µs); their memory is read
 //! idle (enrolled, before any load) and after the load once their fds are back. With
 //! `baseline_bins` a second mesh runs that directory's `ztunnel` and its pair is measured in
-//! the same rounds: "before / after" rows. Owns the scenario; the counters are
-//! [`bench_stats`]', the load generator is `mesh-echo`.
+//! the same rounds: "before / after" rows. With several `rounds`, the whole sequence runs that
+//! many times and each figure is reported from its median round ([`bench_rounds`]). Owns the
+//! scenario; the counters are [`bench_stats`]', the load generator is `mesh-echo`.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
@@ -28,6 +29,7 @@ use crate::bench::{
     BenchOptions, MANIFEST, Row, measure_pair, measure_wrapped, num, pair_mesh, pods, print_table,
 };
 use crate::bench_relay::{self, RelayChain};
+use crate::bench_rounds::{self, Round};
 use crate::bench_stats::{self, Memory, Perf, Spent};
 use crate::{LocalMesh, MeshOptions, wait_for};
 
@@ -87,6 +89,8 @@ pub struct L4Report {
     pub baseline: Option<MeshFigures>,
     /// Why syscalls were not counted, if they were not.
     pub perf_missing: Option<String>,
+    /// How far the rounds spread, when there were several ([`bench_rounds::spread`]).
+    pub spread: Vec<String>,
 }
 
 /// A mesh pair under measurement, with its ztunnels' pids and idle memory.
@@ -145,57 +149,32 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<L4Report> {
     if let Some(m) = &before_mesh {
         subjects.push(Subject::new(m)?);
     }
-    let d = opts.duration;
-    let raw_bulk = measure_pair(&mesh, "bench-raw", d, &["bench-bulk"])?;
-    let relay_bulk = relay.measure(d, &["bench-bulk"])?;
-    let bulk = subjects
-        .iter()
-        .map(|s| s.measure(d, &["bench-bulk"], perf.as_ref()))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let raw_rr = measure_pair(&mesh, "bench-raw", d, &RR_LOAD)?;
-    let relay_rr = relay.measure(d, &RR_LOAD)?;
-    let rr = subjects
-        .iter()
-        .map(|s| s.measure(d, &RR_LOAD, perf.as_ref()))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let raw_conn = measure_pair(&mesh, "bench-raw", d, &CONN_LOAD)?;
-    let relay_conn = relay.measure(d, &CONN_LOAD)?;
-    let conn = subjects
-        .iter()
-        .map(|s| s.measure(d, &CONN_LOAD, perf.as_ref()))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let rate_arg = CONN_PACED_RATE.to_string();
-    let conn_paced_load = [CONN_LOAD.as_slice(), &["--rate", &rate_arg]].concat();
-    let conn_paced = subjects
-        .iter()
-        .map(|s| s.measure(d, &conn_paced_load, perf.as_ref()))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    for (c, _) in &conn_paced {
-        let rate = num(c, "per_sec");
-        if rate < 0.9 * f64::from(CONN_PACED_RATE) {
-            eprintln!(
-                "warning: the paced connections reached only {rate}/s of {CONN_PACED_RATE}/s"
-            );
-        }
+    let mut rounds = Vec::new();
+    for _ in 0..opts.rounds.max(1) {
+        rounds.push(measure_round(
+            &mesh,
+            &relay,
+            &subjects,
+            opts.duration,
+            perf.as_ref(),
+        )?);
     }
-    for (c, who) in [
-        (&raw_conn, "raw TCP"),
-        (&relay_conn, "the relay chain"),
-        (&conn[0].0, "the mesh"),
-    ]
-    .into_iter()
-    .chain(conn.get(1).map(|c| (&c.0, "the baseline mesh")))
-    {
-        let errors = num(c, "errors");
-        if errors > 0.0 {
-            eprintln!("warning: {errors} connection errors through {who} during bench-conn");
-        }
-    }
+    let spread = bench_rounds::spread(&rounds);
+    let Round {
+        raw: [raw_bulk, raw_rr, raw_conn],
+        relay: [relay_bulk, relay_rr, relay_conn],
+        subjects: measured,
+    } = Round::median(&rounds);
     let mut figures = Vec::new();
     for (
-        (((s, (bulk, bulk_spent)), (rr, rr_spent)), (conn, conn_spent)),
-        (conn_paced, conn_paced_spent),
-    ) in subjects.iter().zip(bulk).zip(rr).zip(conn).zip(conn_paced)
+        s,
+        [
+            (bulk, bulk_spent),
+            (rr, rr_spent),
+            (conn, conn_spent),
+            (conn_paced, conn_paced_spent),
+        ],
+    ) in subjects.iter().zip(measured)
     {
         let (after, settled) = s.after_load()?;
         figures.push(MeshFigures {
@@ -224,7 +203,74 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<L4Report> {
         mesh: current,
         baseline: figures.next(),
         perf_missing,
+        spread,
     })
+}
+
+/// One round: each figure (bulk, 1 KiB request/response, connections, paced connections) on
+/// every pair in turn before the next figure, so drift on the shared machine hits all alike.
+fn measure_round(
+    mesh: &LocalMesh,
+    relay: &RelayChain,
+    subjects: &[Subject],
+    d: Duration,
+    perf: Option<&Perf>,
+) -> anyhow::Result<Round> {
+    let rate_arg = CONN_PACED_RATE.to_string();
+    let conn_paced_load = [CONN_LOAD.as_slice(), &["--rate", &rate_arg]].concat();
+    let loads: [&[&str]; 4] = [&["bench-bulk"], &RR_LOAD, &CONN_LOAD, &conn_paced_load];
+    let mut raw = Vec::new();
+    let mut relayed = Vec::new();
+    let mut per_subject: Vec<Vec<(Value, Spent)>> = subjects.iter().map(|_| Vec::new()).collect();
+    for (slot, load) in loads.into_iter().enumerate() {
+        // The paced figure is the mesh's cost at a fixed rate: raw and relay have no counters.
+        if slot != bench_rounds::CONN_PACED {
+            raw.push(measure_pair(mesh, "bench-raw", d, load)?);
+            relayed.push(relay.measure(d, load)?);
+        }
+        for (s, figures) in subjects.iter().zip(&mut per_subject) {
+            figures.push(s.measure(d, load, perf)?);
+        }
+    }
+    for (i, figures) in per_subject.iter().enumerate() {
+        let rate = num(&figures[bench_rounds::CONN_PACED].0, "per_sec");
+        if rate < 0.9 * f64::from(CONN_PACED_RATE) {
+            eprintln!(
+                "warning: the paced connections reached only {rate}/s of {CONN_PACED_RATE}/s"
+            );
+        }
+        let who = if i == 0 {
+            "the mesh"
+        } else {
+            "the baseline mesh"
+        };
+        warn_conn_errors(&figures[bench_rounds::CONN].0, who);
+    }
+    warn_conn_errors(&raw[bench_rounds::CONN], "raw TCP");
+    warn_conn_errors(&relayed[bench_rounds::CONN], "the relay chain");
+    let three = |v: Vec<Value>| -> anyhow::Result<[Value; 3]> {
+        v.try_into()
+            .map_err(|_| anyhow::anyhow!("a round measured the wrong number of figures"))
+    };
+    let four = |v: Vec<(Value, Spent)>| -> anyhow::Result<[(Value, Spent); 4]> {
+        v.try_into()
+            .map_err(|_| anyhow::anyhow!("a round measured the wrong number of figures"))
+    };
+    Ok(Round {
+        raw: three(raw)?,
+        relay: three(relayed)?,
+        subjects: per_subject
+            .into_iter()
+            .map(four)
+            .collect::<anyhow::Result<_>>()?,
+    })
+}
+
+fn warn_conn_errors(report: &Value, who: &str) {
+    let errors = num(report, "errors");
+    if errors > 0.0 {
+        eprintln!("warning: {errors} connection errors through {who} during bench-conn");
+    }
 }
 
 /// Sets [`TW_REUSE`] in a pod's netns as ztunnel does for enrolled pods, and checks it held.
@@ -590,5 +636,11 @@ pub fn print(r: &L4Report) {
         println!();
         print_table("L4 mesh, previous build vs this", "before", "after", &rows);
         println!("baseline ztunnel fds idle -> after load: {}", fds(b));
+    }
+    if !r.spread.is_empty() {
+        println!();
+        for line in &r.spread {
+            println!("{line}");
+        }
     }
 }

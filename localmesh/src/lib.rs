@@ -22,6 +22,7 @@ pub mod bench_l4;
 pub mod bench_policy;
 pub mod bench_relay;
 pub mod bench_restart;
+pub mod bench_rounds;
 pub mod bench_stats;
 pub mod bench_waypoint;
 pub mod bins;

@@ -14,6 +14,8 @@ pub struct Options {
     pub scale: usize,
     /// l4: a previous build's binaries, measured in the same run.
     pub baseline_bins: Option<PathBuf>,
+    /// l4: rounds of every figure (each reported from its median round).
+    pub rounds: u32,
 }
 
 /// Runs the wanted scenarios; `root` is the workspace (release binaries under target/release).
@@ -23,6 +25,7 @@ pub fn run(root: &Path, o: Options) -> anyhow::Result<()> {
         only,
         scale,
         baseline_bins,
+        rounds,
     } = o;
     // SAFETY: called straight from main: no other thread exists yet that could read the
     // environment concurrently.
@@ -41,12 +44,14 @@ pub fn run(root: &Path, o: Options) -> anyhow::Result<()> {
         let report = localmesh::bench_l4::run(localmesh::bench::BenchOptions {
             duration: Duration::from_secs(seconds),
             baseline_bins,
+            rounds,
         })?;
         localmesh::bench_l4::print(&report);
     }
     let opts = || localmesh::bench::BenchOptions {
         duration: Duration::from_secs(seconds),
         baseline_bins: None,
+        rounds: 1,
     };
     if want("capture") {
         let rows = localmesh::bench::run_capture(opts())?;

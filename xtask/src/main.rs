@@ -82,6 +82,10 @@ enum Cmd {
         /// figure: prints before / after / ratio rows.
         #[arg(long, value_name = "DIR")]
         baseline_bins: Option<PathBuf>,
+        /// l4: measure every figure this many times (interleaved rounds) and report each from
+        /// its median round, with the spread and, with --baseline-bins, each round's ratio.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
+        rounds: u32,
     },
     /// Run the fuzz targets in fuzz/ (all, or one), each for a time or a number of runs.
     /// Crashes are saved under fuzz/artifacts/<target>/; new coverage under fuzz/corpus/.
@@ -157,6 +161,7 @@ fn main() -> anyhow::Result<()> {
             only,
             scale,
             baseline_bins,
+            rounds,
         } => {
             need_root()?;
             deps()?;
@@ -166,6 +171,7 @@ fn main() -> anyhow::Result<()> {
                 only,
                 scale,
                 baseline_bins,
+                rounds,
             };
             bench::run(&root, opts)
         }

@@ -1,0 +1,200 @@
+//! Repeated rounds of the L4 bench: which round each figure reports (its median round) and how
+//! far the rounds spread.
+//!
+//! Wall time on a shared 2-core machine moves by 10–20% between interleaved runs of the same
+//! code (two builds differing only in debug sections once measured "1.10×" bulk and "1.23×"
+//! connections/s). With several rounds, each figure is reported from its median round (its
+//! counters from that same round, so per-unit costs stay consistent), and the spread and the
+//! per-round after/before ratios are printed, so one lucky round cannot decide an A/B.
+//!
+//! Owns only that choosing and the spread's text; the measuring is [`crate::bench_l4`]'s.
+
+use serde_json::Value;
+
+use crate::bench::num;
+use crate::bench_stats::Spent;
+
+/// Figure slots of a mesh pair, in [`Round::subjects`] order.
+pub const BULK: usize = 0;
+pub const RR: usize = 1;
+pub const CONN: usize = 2;
+pub const CONN_PACED: usize = 3;
+
+/// What one round measured: every figure on every pair.
+#[derive(Clone)]
+pub struct Round {
+    /// Raw TCP: bulk, 1 KiB request/response, connections.
+    pub raw: [Value; 3],
+    /// The plaintext relay chain: the same three.
+    pub relay: [Value; 3],
+    /// Per mesh pair (the current build first, then the baseline): bulk, request/response,
+    /// connections, paced connections ([`BULK`]…[`CONN_PACED`]), each with what its
+    /// ztunnels spent.
+    pub subjects: Vec<[(Value, Spent); 4]>,
+}
+
+/// The figure a slot's rounds are ranked by (paced connections all run at the same rate:
+/// what differs is their cost).
+fn rank(slot: usize, v: &Value, spent: &Spent) -> f64 {
+    match slot {
+        BULK => num(v, "gbit_per_s"),
+        RR => num(v, "p50_us"),
+        CONN => num(v, "per_sec"),
+        _ => spent.cpu_secs / num(v, "count"),
+    }
+}
+
+/// The index of the median of `values` (the lower one of an even count); NaN sorts last.
+fn median_index(values: &[f64]) -> usize {
+    let mut order: Vec<usize> = (0..values.len()).collect();
+    order.sort_by(|&a, &b| values[a].total_cmp(&values[b]));
+    order[(order.len().saturating_sub(1)) / 2]
+}
+
+impl Round {
+    /// Each figure from its median round. `rounds` must not be empty.
+    pub fn median(rounds: &[Round]) -> Round {
+        let pick3 = |get: &dyn Fn(&Round) -> &[Value; 3], keys: [&str; 3]| -> [Value; 3] {
+            std::array::from_fn(|i| {
+                let values: Vec<f64> = rounds.iter().map(|r| num(&get(r)[i], keys[i])).collect();
+                get(&rounds[median_index(&values)])[i].clone()
+            })
+        };
+        const KEYS: [&str; 3] = ["gbit_per_s", "p50_us", "per_sec"];
+        let subjects = (0..rounds[0].subjects.len())
+            .map(|s| {
+                std::array::from_fn(|slot| {
+                    let values: Vec<f64> = rounds
+                        .iter()
+                        .map(|r| {
+                            let (v, spent) = &r.subjects[s][slot];
+                            rank(slot, v, spent)
+                        })
+                        .collect();
+                    rounds[median_index(&values)].subjects[s][slot].clone()
+                })
+            })
+            .collect();
+        Round {
+            raw: pick3(&|r| &r.raw, KEYS),
+            relay: pick3(&|r| &r.relay, KEYS),
+            subjects,
+        }
+    }
+}
+
+/// Lines saying how far `rounds` spread (nothing for a single round).
+pub fn spread(rounds: &[Round]) -> Vec<String> {
+    if rounds.len() < 2 {
+        return Vec::new();
+    }
+    let range = |values: Vec<f64>| {
+        let lo = values.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        format!("{lo:.1}–{hi:.1}")
+    };
+    let figures = [
+        ("bulk Gbit/s", BULK, "gbit_per_s"),
+        ("1 KiB p50 µs", RR, "p50_us"),
+        ("conn/s", CONN, "per_sec"),
+    ];
+    let mut lines = vec![format!(
+        "over {} rounds (each figure above is its median round's):",
+        rounds.len()
+    )];
+    for (i, (name, slot, key)) in figures.into_iter().enumerate() {
+        let mut line = format!(
+            "  {name}: raw {}, relay chain {}, mesh {}",
+            range(rounds.iter().map(|r| num(&r.raw[i], key)).collect()),
+            range(rounds.iter().map(|r| num(&r.relay[i], key)).collect()),
+            range(
+                rounds
+                    .iter()
+                    .map(|r| num(&r.subjects[0][slot].0, key))
+                    .collect()
+            ),
+        );
+        if rounds[0].subjects.len() > 1 {
+            let ratios: Vec<String> = rounds
+                .iter()
+                .map(|r| {
+                    let ratio = num(&r.subjects[0][slot].0, key) / num(&r.subjects[1][slot].0, key);
+                    format!("{ratio:.2}")
+                })
+                .collect();
+            line.push_str(&format!(
+                ", baseline {}; after/before per round {}",
+                range(
+                    rounds
+                        .iter()
+                        .map(|r| num(&r.subjects[1][slot].0, key))
+                        .collect()
+                ),
+                ratios.join(", ")
+            ));
+        }
+        lines.push(line);
+    }
+    lines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn round(raw_gbit: f64, mesh_gbit: f64, mesh_cpu: f64) -> Round {
+        let spent = Spent {
+            cpu_secs: mesh_cpu,
+            ..Default::default()
+        };
+        let v = |k: &str, x: f64| json!({ k: x, "count": 1000.0 });
+        Round {
+            raw: [
+                v("gbit_per_s", raw_gbit),
+                v("p50_us", 50.0),
+                v("per_sec", 9.0),
+            ],
+            relay: [v("gbit_per_s", 1.0), v("p50_us", 1.0), v("per_sec", 1.0)],
+            subjects: vec![[
+                (v("gbit_per_s", mesh_gbit), spent),
+                (v("p50_us", 1.0), spent),
+                (v("per_sec", 1.0), spent),
+                (v("per_sec", 1.0), spent),
+            ]],
+        }
+    }
+
+    #[test]
+    fn each_figure_comes_from_its_own_median_round_with_that_rounds_counters() {
+        let rounds = [
+            round(12.0, 6.0, 3.0),
+            round(8.0, 7.0, 1.0),
+            round(10.0, 9.0, 2.0),
+        ];
+        let m = Round::median(&rounds);
+        assert_eq!(num(&m.raw[0], "gbit_per_s"), 10.0);
+        assert_eq!(num(&m.subjects[0][BULK].0, "gbit_per_s"), 7.0);
+        // The bulk figure's counters are its round's (the second), not the median CPU.
+        assert_eq!(m.subjects[0][BULK].1.cpu_secs, 1.0);
+        // Paced connections rank by their cost: the median CPU is the third round's.
+        assert_eq!(m.subjects[0][CONN_PACED].1.cpu_secs, 2.0);
+    }
+
+    #[test]
+    fn an_even_count_takes_the_lower_middle_and_nan_sorts_last() {
+        assert_eq!(median_index(&[4.0, 1.0, 3.0, 2.0]), 3);
+        assert_eq!(median_index(&[f64::NAN, 5.0, 1.0]), 1);
+        assert_eq!(median_index(&[7.0]), 0);
+    }
+
+    #[test]
+    fn spread_lists_ranges_and_nothing_for_one_round() {
+        assert!(spread(&[round(1.0, 1.0, 1.0)]).is_empty());
+        let lines = spread(&[round(12.0, 6.0, 1.0), round(8.0, 7.0, 1.0)]);
+        assert!(
+            lines[1].contains("raw 8.0–12.0") && lines[1].contains("mesh 6.0–7.0"),
+            "{lines:?}"
+        );
+    }
+}
