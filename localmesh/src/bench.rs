@@ -138,6 +138,15 @@ pub(crate) fn measure_at(
         .with_context(|| format!("parsing {}", String::from_utf8_lossy(&out.stdout)))
 }
 
+/// The median of `items` ranked by `key` (the upper one of an even count; NaN ranks last), or
+/// `None` when there are none. The benches report a median run, not a mean: one run slowed by
+/// the shared machine should not move the figure.
+pub(crate) fn median_by<T>(items: &[T], key: impl Fn(&T) -> f64) -> Option<&T> {
+    let mut ranked: Vec<&T> = items.iter().collect();
+    ranked.sort_by(|a, b| key(a).total_cmp(&key(b)));
+    ranked.get(ranked.len() / 2).copied()
+}
+
 pub(crate) fn num(v: &Value, k: &str) -> f64 {
     v.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN)
 }

@@ -164,7 +164,7 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<L4Report> {
         raw: [raw_bulk, raw_rr, raw_conn],
         relay: [relay_bulk, relay_rr, relay_conn],
         subjects: measured,
-    } = Round::median(&rounds);
+    } = Round::median(&rounds).context("no rounds measured")?;
     let mut figures = Vec::new();
     for (
         s,
@@ -248,22 +248,22 @@ fn measure_round(
     }
     warn_conn_errors(&raw[bench_rounds::CONN], "raw TCP");
     warn_conn_errors(&relayed[bench_rounds::CONN], "the relay chain");
-    let three = |v: Vec<Value>| -> anyhow::Result<[Value; 3]> {
-        v.try_into()
-            .map_err(|_| anyhow::anyhow!("a round measured the wrong number of figures"))
-    };
-    let four = |v: Vec<(Value, Spent)>| -> anyhow::Result<[(Value, Spent); 4]> {
-        v.try_into()
-            .map_err(|_| anyhow::anyhow!("a round measured the wrong number of figures"))
-    };
     Ok(Round {
-        raw: three(raw)?,
-        relay: three(relayed)?,
+        raw: exactly(raw)?,
+        relay: exactly(relayed)?,
         subjects: per_subject
             .into_iter()
-            .map(four)
+            .map(exactly)
             .collect::<anyhow::Result<_>>()?,
     })
+}
+
+/// A round's figures of one pair as the fixed-size array [`Round`] holds.
+fn exactly<T, const N: usize>(figures: Vec<T>) -> anyhow::Result<[T; N]> {
+    let got = figures.len();
+    figures
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("a round measured {got} figures of a pair, not {N}"))
 }
 
 fn warn_conn_errors(report: &Value, who: &str) {

@@ -11,14 +11,18 @@
 
 use serde_json::Value;
 
-use crate::bench::num;
+use crate::bench::{median_by, num};
 use crate::bench_stats::Spent;
 
-/// Figure slots of a mesh pair, in [`Round::subjects`] order.
+/// Figure slots of a mesh pair, in [`Round::subjects`] order; the first three also index
+/// [`Round::raw`], [`Round::relay`] and [`KEYS`].
 pub const BULK: usize = 0;
 pub const RR: usize = 1;
 pub const CONN: usize = 2;
 pub const CONN_PACED: usize = 3;
+
+/// The report field each of [`BULK`], [`RR`] and [`CONN`] is ranked and spread by.
+const KEYS: [&str; 3] = ["gbit_per_s", "p50_us", "per_sec"];
 
 /// What one round measured: every figure on every pair.
 #[derive(Clone)]
@@ -33,53 +37,37 @@ pub struct Round {
     pub subjects: Vec<[(Value, Spent); 4]>,
 }
 
-/// The figure a slot's rounds are ranked by (paced connections all run at the same rate:
-/// what differs is their cost).
-fn rank(slot: usize, v: &Value, spent: &Spent) -> f64 {
-    match slot {
-        BULK => num(v, "gbit_per_s"),
-        RR => num(v, "p50_us"),
-        CONN => num(v, "per_sec"),
-        _ => spent.cpu_secs / num(v, "count"),
+/// What a mesh pair's figure in `slot` is ranked by: its [`KEYS`] field, but paced
+/// connections, which all run at the same rate, by what differs, their cost.
+fn rank(slot: usize, (v, spent): &(Value, Spent)) -> f64 {
+    match KEYS.get(slot) {
+        Some(key) => num(v, key),
+        None => spent.cpu_secs / num(v, "count"),
     }
 }
 
-/// The index of the median of `values` (the lower one of an even count); NaN sorts last.
-fn median_index(values: &[f64]) -> usize {
-    let mut order: Vec<usize> = (0..values.len()).collect();
-    order.sort_by(|&a, &b| values[a].total_cmp(&values[b]));
-    order[(order.len().saturating_sub(1)) / 2]
-}
-
 impl Round {
-    /// Each figure from its median round. `rounds` must not be empty.
-    pub fn median(rounds: &[Round]) -> Round {
-        let pick3 = |get: &dyn Fn(&Round) -> &[Value; 3], keys: [&str; 3]| -> [Value; 3] {
-            std::array::from_fn(|i| {
-                let values: Vec<f64> = rounds.iter().map(|r| num(&get(r)[i], keys[i])).collect();
-                get(&rounds[median_index(&values)])[i].clone()
-            })
+    /// Each figure from its median round; `None` for no rounds.
+    pub fn median(rounds: &[Round]) -> Option<Round> {
+        let first = rounds.first()?;
+        // The round in the middle when ranked by `key` (never `first` by default: rounds is
+        // not empty here, so there always is one).
+        let middle = |key: &dyn Fn(&Round) -> f64| median_by(rounds, key).unwrap_or(first);
+        let pick3 = |get: fn(&Round) -> &[Value; 3]| -> [Value; 3] {
+            std::array::from_fn(|i| get(middle(&|r| num(&get(r)[i], KEYS[i])))[i].clone())
         };
-        const KEYS: [&str; 3] = ["gbit_per_s", "p50_us", "per_sec"];
-        let subjects = (0..rounds[0].subjects.len())
+        let subjects = (0..first.subjects.len())
             .map(|s| {
                 std::array::from_fn(|slot| {
-                    let values: Vec<f64> = rounds
-                        .iter()
-                        .map(|r| {
-                            let (v, spent) = &r.subjects[s][slot];
-                            rank(slot, v, spent)
-                        })
-                        .collect();
-                    rounds[median_index(&values)].subjects[s][slot].clone()
+                    middle(&|r| rank(slot, &r.subjects[s][slot])).subjects[s][slot].clone()
                 })
             })
             .collect();
-        Round {
-            raw: pick3(&|r| &r.raw, KEYS),
-            relay: pick3(&|r| &r.relay, KEYS),
+        Some(Round {
+            raw: pick3(|r| &r.raw),
+            relay: pick3(|r| &r.relay),
             subjects,
-        }
+        })
     }
 }
 
@@ -93,43 +81,30 @@ pub fn spread(rounds: &[Round]) -> Vec<String> {
         let hi = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         format!("{lo:.1}–{hi:.1}")
     };
-    let figures = [
-        ("bulk Gbit/s", BULK, "gbit_per_s"),
-        ("1 KiB p50 µs", RR, "p50_us"),
-        ("conn/s", CONN, "per_sec"),
-    ];
+    const NAMES: [&str; 3] = ["bulk Gbit/s", "1 KiB p50 µs", "conn/s"];
     let mut lines = vec![format!(
         "over {} rounds (each figure above is its median round's):",
         rounds.len()
     )];
-    for (i, (name, slot, key)) in figures.into_iter().enumerate() {
+    for (slot, (name, key)) in NAMES.into_iter().zip(KEYS).enumerate() {
+        let column = |get: &dyn Fn(&Round) -> &Value| {
+            range(rounds.iter().map(|r| num(get(r), key)).collect())
+        };
+        let subject = |r: &Round, s: usize| num(&r.subjects[s][slot].0, key);
         let mut line = format!(
             "  {name}: raw {}, relay chain {}, mesh {}",
-            range(rounds.iter().map(|r| num(&r.raw[i], key)).collect()),
-            range(rounds.iter().map(|r| num(&r.relay[i], key)).collect()),
-            range(
-                rounds
-                    .iter()
-                    .map(|r| num(&r.subjects[0][slot].0, key))
-                    .collect()
-            ),
+            column(&|r| &r.raw[slot]),
+            column(&|r| &r.relay[slot]),
+            column(&|r| &r.subjects[0][slot].0),
         );
         if rounds[0].subjects.len() > 1 {
             let ratios: Vec<String> = rounds
                 .iter()
-                .map(|r| {
-                    let ratio = num(&r.subjects[0][slot].0, key) / num(&r.subjects[1][slot].0, key);
-                    format!("{ratio:.2}")
-                })
+                .map(|r| format!("{:.2}", subject(r, 0) / subject(r, 1)))
                 .collect();
             line.push_str(&format!(
                 ", baseline {}; after/before per round {}",
-                range(
-                    rounds
-                        .iter()
-                        .map(|r| num(&r.subjects[1][slot].0, key))
-                        .collect()
-                ),
+                column(&|r| &r.subjects[1][slot].0),
                 ratios.join(", ")
             ));
         }
@@ -172,20 +147,23 @@ mod tests {
             round(8.0, 7.0, 1.0),
             round(10.0, 9.0, 2.0),
         ];
-        let m = Round::median(&rounds);
+        let m = Round::median(&rounds).unwrap();
         assert_eq!(num(&m.raw[0], "gbit_per_s"), 10.0);
         assert_eq!(num(&m.subjects[0][BULK].0, "gbit_per_s"), 7.0);
         // The bulk figure's counters are its round's (the second), not the median CPU.
         assert_eq!(m.subjects[0][BULK].1.cpu_secs, 1.0);
         // Paced connections rank by their cost: the median CPU is the third round's.
         assert_eq!(m.subjects[0][CONN_PACED].1.cpu_secs, 2.0);
+        assert!(Round::median(&[]).is_none());
     }
 
     #[test]
-    fn an_even_count_takes_the_lower_middle_and_nan_sorts_last() {
-        assert_eq!(median_index(&[4.0, 1.0, 3.0, 2.0]), 3);
-        assert_eq!(median_index(&[f64::NAN, 5.0, 1.0]), 1);
-        assert_eq!(median_index(&[7.0]), 0);
+    fn an_even_count_takes_the_upper_middle_and_nan_ranks_last() {
+        let id = |x: &f64| *x;
+        assert_eq!(median_by(&[4.0, 1.0, 3.0, 2.0], id), Some(&3.0));
+        assert_eq!(median_by(&[f64::NAN, 5.0, 1.0], id), Some(&5.0));
+        assert_eq!(median_by(&[7.0], id), Some(&7.0));
+        assert_eq!(median_by(&[], id), None);
     }
 
     #[test]

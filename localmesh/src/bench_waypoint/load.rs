@@ -10,6 +10,7 @@ use serde_json::Value;
 use testbed::{Cluster, Netns};
 
 use super::{BACKEND_PORT, CONNECTIONS, Target};
+pub(super) use crate::bench::num;
 use crate::wait_for;
 
 pub(super) fn s(p: &Path) -> String {
@@ -20,10 +21,6 @@ pub(super) fn write(dir: &Path, name: &str, text: &str) -> anyhow::Result<PathBu
     let path = dir.join(name);
     std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
     Ok(path)
-}
-
-pub(super) fn num(v: &Value, k: &str) -> f64 {
-    v.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN)
 }
 
 /// Waits until `url` answers from `netns` with the backend's 1 KiB body.

@@ -18,6 +18,7 @@ use super::load::{
     wait_body, write, wrk,
 };
 use super::{BACKEND_PORT, CONNECTIONS, Figures, ROUNDS, ROWS, Target};
+use crate::bench::median_by;
 use crate::{LocalMesh, MeshOptions, wait_for};
 
 /// (a) through the mesh: Service `bench-shop/web` is bound to waypoint `bench-shop/waypoint`,
@@ -242,11 +243,14 @@ pub fn run_mesh(duration: Duration) -> anyhow::Result<MeshReport> {
         "the waypoint counted {through} requests of the {sent_through} sent to its Services: not bound?"
     );
     let rps = |w: &Value| num(w, "requests") / (num(w, "duration_us") / 1e6);
-    let median = |runs: &mut Vec<Value>| -> Value {
-        runs.sort_by(|a, b| rps(a).total_cmp(&rps(b)));
-        runs[runs.len() / 2].clone()
-    };
-    let med: Vec<Value> = samples.iter_mut().map(median).collect();
+    let med: Vec<Value> = samples
+        .iter()
+        .map(|runs| {
+            median_by(runs, rps)
+                .cloned()
+                .context("no waypoint run measured")
+        })
+        .collect::<anyhow::Result<_>>()?;
     let slowest = rps(&med[0]).min(rps(&med[1]));
     let per_conn = (slowest * 0.5 / f64::from(CONNECTIONS)).max(1.0).floor();
     let mut figures = Vec::new();

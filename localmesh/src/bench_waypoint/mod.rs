@@ -25,6 +25,7 @@ use anyhow::{Context, bail};
 use serde_json::Value;
 use testbed::{Cluster, ClusterConfig, Netns, Proc};
 
+use crate::bench::median_by;
 use crate::{Bins, wait_for};
 
 mod load;
@@ -312,9 +313,7 @@ pub fn run(duration: Duration) -> anyhow::Result<Report> {
     let mut figures = Vec::new();
     for (i, t) in Target::ALL.into_iter().enumerate() {
         let rps = |w: &Value| num(w, "requests") / (num(w, "duration_us") / 1e6);
-        let mut runs = std::mem::take(&mut samples[i]);
-        runs.sort_by(|a, b| rps(a).total_cmp(&rps(b)));
-        let w = &runs[runs.len() / 2];
+        let w = median_by(&samples[i], rps).with_context(|| format!("no run of {t:?} measured"))?;
         let cpu_us_per_req = if pid_of(t).is_some() {
             cpu[i].0 as f64 * 1e6 / clock_ticks() / cpu[i].1
         } else {
