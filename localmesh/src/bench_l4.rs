@@ -10,8 +10,9 @@
 //! before the next figure, so drift on the shared machine hits all alike; the mesh pairs also
 //! run connections paced at 1,000/s, whose cost per connection set beside the saturated run's
 //! shows whether it stays flat with the rate. Around the mesh
-//! pairs' runs both ztunnels' CPU time and context switches are read, and their syscalls are
-//! counted under perf ([`bench_stats`]; the same for every build, and a per-thread count costs
+//! pairs' runs both ztunnels' CPU time and context switches are read (around the relay
+//! chain's, both relays': what HBONE costs over a plain relay, in counters), and their
+//! syscalls are counted under perf ([`bench_stats`]; the same for every build, and a per-thread count costs
 //! well under a microsecond per request, next to a round trip of ~100 µs); their memory is read
 //! idle (enrolled, before any load) and after the load once their fds are back. With
 //! `baseline_bins` a second mesh runs that directory's `ztunnel` and its pair is measured in
@@ -83,6 +84,8 @@ pub struct L4Report {
     pub relay_bulk: Value,
     pub relay_rr: Value,
     pub relay_conn: Value,
+    /// What the chain's two relays spent on each of those three.
+    pub relay_spent: [Spent; 3],
     /// The current build.
     pub mesh: MeshFigures,
     /// The build in `baseline_bins`, measured in the same rounds.
@@ -162,7 +165,12 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<L4Report> {
     let spread = bench_rounds::spread(&rounds);
     let Round {
         raw: [raw_bulk, raw_rr, raw_conn],
-        relay: [relay_bulk, relay_rr, relay_conn],
+        relay:
+            [
+                (relay_bulk, relay_bulk_spent),
+                (relay_rr, relay_rr_spent),
+                (relay_conn, relay_conn_spent),
+            ],
         subjects: measured,
     } = Round::median(&rounds).context("no rounds measured")?;
     let mut figures = Vec::new();
@@ -200,6 +208,7 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<L4Report> {
         relay_bulk,
         relay_rr,
         relay_conn,
+        relay_spent: [relay_bulk_spent, relay_rr_spent, relay_conn_spent],
         mesh: current,
         baseline: figures.next(),
         perf_missing,
@@ -223,10 +232,12 @@ fn measure_round(
     let mut relayed = Vec::new();
     let mut per_subject: Vec<Vec<(Value, Spent)>> = subjects.iter().map(|_| Vec::new()).collect();
     for (slot, load) in loads.into_iter().enumerate() {
-        // The paced figure is the mesh's cost at a fixed rate: raw and relay have no counters.
+        // The paced figure is the mesh's cost at a fixed rate; raw TCP has no proxy to count.
         if slot != bench_rounds::CONN_PACED {
             raw.push(measure_pair(mesh, "bench-raw", d, load)?);
-            relayed.push(relay.measure(d, load)?);
+            relayed.push(counted(mesh, relay.pids(), perf, |wrap| {
+                relay.measure(d, load, wrap)
+            })?);
         }
         for (s, figures) in subjects.iter().zip(&mut per_subject) {
             figures.push(s.measure(d, load, perf)?);
@@ -247,7 +258,7 @@ fn measure_round(
         warn_conn_errors(&figures[bench_rounds::CONN].0, who);
     }
     warn_conn_errors(&raw[bench_rounds::CONN], "raw TCP");
-    warn_conn_errors(&relayed[bench_rounds::CONN], "the relay chain");
+    warn_conn_errors(&relayed[bench_rounds::CONN].0, "the relay chain");
     Ok(Round {
         raw: exactly(raw)?,
         relay: exactly(relayed)?,
@@ -256,6 +267,35 @@ fn measure_round(
             .map(exactly)
             .collect::<anyhow::Result<_>>()?,
     })
+}
+
+/// Runs `load` (which runs its argv through the wrapper it is given) and reads what the
+/// processes `pids` spent meanwhile; under `perf` their syscalls too.
+fn counted(
+    mesh: &LocalMesh,
+    pids: &[u32],
+    perf: Option<&Perf>,
+    load: impl FnOnce(&dyn Fn(&[&str]) -> Vec<String>) -> anyhow::Result<Value>,
+) -> anyhow::Result<(Value, Spent)> {
+    static SEQ: AtomicU32 = AtomicU32::new(0);
+    let before = bench_stats::sample(pids)?;
+    let (report, syscalls) = match perf {
+        Some(p) => {
+            let n = SEQ.fetch_add(1, Ordering::Relaxed);
+            let out = mesh.dir().join(format!("perf-{n}.csv"));
+            let report = load(&|argv| p.wrap(pids, &out, argv))?;
+            let count = Perf::read(&out)
+                .inspect_err(|e| eprintln!("warning: syscalls not counted: {e:#}"))
+                .ok();
+            (report, count)
+        }
+        None => (
+            load(&|argv| argv.iter().map(|s| s.to_string()).collect())?,
+            None,
+        ),
+    };
+    let after = bench_stats::sample(pids)?;
+    Ok((report, Spent::between(before, after, syscalls)))
 }
 
 /// A round's figures of one pair as the fixed-size array [`Round`] holds.
@@ -309,24 +349,9 @@ impl<'a> Subject<'a> {
         args: &[&str],
         perf: Option<&Perf>,
     ) -> anyhow::Result<(Value, Spent)> {
-        static SEQ: AtomicU32 = AtomicU32::new(0);
-        let before = bench_stats::sample(&self.pids)?;
-        let (report, syscalls) = match perf {
-            Some(p) => {
-                let n = SEQ.fetch_add(1, Ordering::Relaxed);
-                let out = self.mesh.dir().join(format!("perf-{n}.csv"));
-                let report = measure_wrapped(self.mesh, "bench-mesh", d, args, |load| {
-                    p.wrap(&self.pids, &out, load)
-                })?;
-                let count = Perf::read(&out)
-                    .inspect_err(|e| eprintln!("warning: syscalls not counted: {e:#}"))
-                    .ok();
-                (report, count)
-            }
-            None => (measure_pair(self.mesh, "bench-mesh", d, args)?, None),
-        };
-        let after = bench_stats::sample(&self.pids)?;
-        Ok((report, Spent::between(before, after, syscalls)))
+        counted(self.mesh, &self.pids, perf, |wrap| {
+            measure_wrapped(self.mesh, "bench-mesh", d, args, wrap)
+        })
     }
 
     /// Memory once the load's connections are closed (each ztunnel's fds back within
@@ -358,66 +383,108 @@ impl<'a> Subject<'a> {
     }
 }
 
+/// Units of [`unit_costs`]' figures: CPU, syscalls and context switches per unit of bulk,
+/// request/response and connection work.
+const COST_UNITS: [&str; 9] = [
+    "s/GB",
+    "/MB",
+    "/MB",
+    "µs/req",
+    "/req",
+    "/req",
+    "s/1k conn",
+    "/conn",
+    "/1k conn",
+];
+
+/// Row names of [`unit_costs`]' figures for the ztunnels.
+const ZTUNNEL_COSTS: [&str; 9] = [
+    "bulk: ztunnel CPU",
+    "bulk: ztunnel syscalls",
+    "bulk: ztunnel ctx switches",
+    "1 KiB rr: ztunnel CPU",
+    "1 KiB rr: ztunnel syscalls",
+    "1 KiB rr: ztunnel ctx switches",
+    "conn: ztunnel CPU",
+    "conn: ztunnel syscalls",
+    "conn: ztunnel ctx switches",
+];
+
+/// Row names of [`unit_costs`]' figures for a pair's two proxies, whichever they are.
+const PROXY_COSTS: [&str; 9] = [
+    "bulk: proxies' CPU",
+    "bulk: proxies' syscalls",
+    "bulk: proxies' ctx switches",
+    "1 KiB rr: proxies' CPU",
+    "1 KiB rr: proxies' syscalls",
+    "1 KiB rr: proxies' ctx switches",
+    "conn: proxies' CPU",
+    "conn: proxies' syscalls",
+    "conn: proxies' ctx switches",
+];
+
+/// What a pair's proxies spent per unit of work on bulk, 1 KiB request/response and
+/// connections, in [`COST_UNITS`] order.
+fn unit_costs([bulk, rr, conn]: [(&Value, &Spent); 3]) -> [f64; 9] {
+    let gb = num(bulk.0, "bytes") / 1e9;
+    let mb = gb * 1e3;
+    // The load's CPU includes its warm-up's round trips.
+    let requests = num(rr.0, "count") + num(rr.0, "warmup_count");
+    let [b, r] = [bulk.1, rr.1];
+    let [c0, c1, c2] = conn_costs(conn.0, conn.1);
+    [
+        b.cpu_secs / gb,
+        syscalls(b) / mb,
+        b.ctx_switches as f64 / mb,
+        r.cpu_secs * 1e6 / requests,
+        syscalls(r) / requests,
+        r.ctx_switches as f64 / requests,
+        c0,
+        c1,
+        c2,
+    ]
+}
+
+/// CPU per 1,000 connections, syscalls per connection, context switches per 1,000.
+fn conn_costs(report: &Value, spent: &Spent) -> [f64; 3] {
+    let kconn = num(report, "count") / 1e3;
+    [
+        spent.cpu_secs / kconn,
+        syscalls(spent) / (kconn * 1e3),
+        spent.ctx_switches as f64 / kconn,
+    ]
+}
+
+/// The syscall count, NaN (printed as "-") when perf could not count.
+fn syscalls(spent: &Spent) -> f64 {
+    spent.syscalls.map_or(f64::NAN, |n| n as f64)
+}
+
 impl MeshFigures {
     /// (name, unit, value) of what the ztunnels spent, per unit of work.
     fn spent_rows(&self) -> Vec<(&'static str, &'static str, f64)> {
-        let gb = num(&self.bulk, "bytes") / 1e9;
-        let mb = gb * 1e3;
-        let kconn = num(&self.conn, "count") / 1e3;
-        // The load's CPU includes its warm-up's round trips.
-        let requests = num(&self.rr, "count") + num(&self.rr, "warmup_count");
-        let b = &self.bulk_spent;
-        let r = &self.rr_spent;
-        let c = &self.conn_spent;
-        let kpaced = num(&self.conn_paced, "count") / 1e3;
-        let p = &self.conn_paced_spent;
-        let syscalls = |s: &Spent| s.syscalls.map_or(f64::NAN, |n| n as f64);
-        vec![
-            ("bulk: ztunnel CPU", "s/GB", b.cpu_secs / gb),
-            ("bulk: ztunnel syscalls", "/MB", syscalls(b) / mb),
-            (
-                "bulk: ztunnel ctx switches",
-                "/MB",
-                b.ctx_switches as f64 / mb,
-            ),
-            (
-                "1 KiB rr: ztunnel CPU",
-                "µs/req",
-                r.cpu_secs * 1e6 / requests,
-            ),
-            ("1 KiB rr: ztunnel syscalls", "/req", syscalls(r) / requests),
-            (
-                "1 KiB rr: ztunnel ctx switches",
-                "/req",
-                r.ctx_switches as f64 / requests,
-            ),
-            ("conn: ztunnel CPU", "s/1k conn", c.cpu_secs / kconn),
-            (
-                "conn: ztunnel syscalls",
-                "/conn",
-                syscalls(c) / (kconn * 1e3),
-            ),
-            (
-                "conn: ztunnel ctx switches",
-                "/1k conn",
-                c.ctx_switches as f64 / kconn,
-            ),
-            (
-                "conn at 1k/s: ztunnel CPU",
-                "s/1k conn",
-                p.cpu_secs / kpaced,
-            ),
-            (
-                "conn at 1k/s: ztunnel syscalls",
-                "/conn",
-                syscalls(p) / (kpaced * 1e3),
-            ),
-            (
-                "conn at 1k/s: ztunnel ctx switches",
-                "/1k conn",
-                p.ctx_switches as f64 / kpaced,
-            ),
-        ]
+        let costs = unit_costs([
+            (&self.bulk, &self.bulk_spent),
+            (&self.rr, &self.rr_spent),
+            (&self.conn, &self.conn_spent),
+        ]);
+        let paced = conn_costs(&self.conn_paced, &self.conn_paced_spent);
+        let paced_names = [
+            "conn at 1k/s: ztunnel CPU",
+            "conn at 1k/s: ztunnel syscalls",
+            "conn at 1k/s: ztunnel ctx switches",
+        ];
+        let mut rows: Vec<_> = ZTUNNEL_COSTS
+            .into_iter()
+            .zip(COST_UNITS)
+            .zip(costs)
+            .map(|((name, unit), v)| (name, unit, v))
+            .collect();
+        // The paced run's units are the connections' (the last three).
+        for ((name, unit), v) in paced_names.into_iter().zip(&COST_UNITS[6..]).zip(paced) {
+            rows.push((name, unit, v));
+        }
+        rows
     }
 
     /// (name, unit, value) of each ztunnel's resident memory, idle and after the load, in all
@@ -493,7 +560,8 @@ impl L4Report {
     }
 
     /// The plaintext relay chain (as `raw`) versus the current build (as `mesh`); added latency
-    /// is over raw TCP's.
+    /// is over raw TCP's. Then what the two relays and the two ztunnels spent per unit of work:
+    /// the mesh's cost over a plain relay in counters, not wall time.
     pub fn relay_rows(&self) -> Vec<Row> {
         let pair = |relay: &Value, mesh: &Value, key: &str| (num(relay, key), num(mesh, key));
         let added = |key| {
@@ -503,7 +571,7 @@ impl L4Report {
             )
         };
         let m = &self.mesh;
-        to_rows([
+        let mut rows = to_rows([
             (
                 "bulk throughput, 1 stream",
                 "Gbit/s",
@@ -521,7 +589,27 @@ impl L4Report {
                 "conn/s",
                 pair(&self.relay_conn, &m.conn, "per_sec"),
             ),
-        ])
+        ]);
+        let [bulk, rr, conn] = &self.relay_spent;
+        let relay = unit_costs([
+            (&self.relay_bulk, bulk),
+            (&self.relay_rr, rr),
+            (&self.relay_conn, conn),
+        ]);
+        let mesh = unit_costs([
+            (&m.bulk, &m.bulk_spent),
+            (&m.rr, &m.rr_spent),
+            (&m.conn, &m.conn_spent),
+        ]);
+        for (i, name) in PROXY_COSTS.into_iter().enumerate() {
+            rows.push(Row {
+                name,
+                unit: COST_UNITS[i],
+                raw: relay[i],
+                mesh: mesh[i],
+            });
+        }
+        rows
     }
 
     /// A request/response report's latency `key` (p50_us, p99_us) over raw TCP's in the same
@@ -642,5 +730,36 @@ pub fn print(r: &L4Report) {
         for line in &r.spread {
             println!("{line}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    /// Each figure's counters are divided by its own work: bytes for bulk, requests with the
+    /// warm-up's for request/response, connections for connections; uncounted syscalls are NaN.
+    #[test]
+    fn unit_costs_divide_each_figure_by_its_own_work() {
+        let spent = |cpu_secs, ctx_switches, syscalls| Spent {
+            cpu_secs,
+            ctx_switches,
+            syscalls,
+        };
+        let bulk = json!({"bytes": 2e9});
+        let rr = json!({"count": 900.0, "warmup_count": 100.0});
+        let conn = json!({"count": 4000.0});
+        let c = unit_costs([
+            (&bulk, &spent(3.0, 8000, Some(40_000))),
+            (&rr, &spent(0.2, 5000, Some(12_000))),
+            (&conn, &spent(1.2, 8000, None)),
+        ]);
+        assert_eq!(&c[..6], &[1.5, 20.0, 4.0, 200.0, 12.0, 5.0]);
+        assert_eq!(c[6], 0.3);
+        assert!(c[7].is_nan());
+        assert_eq!(c[8], 2000.0);
+        assert_eq!(PROXY_COSTS.len(), COST_UNITS.len());
     }
 }

@@ -7,17 +7,21 @@
 //! relay, which hands the bytes to the echo server on its pod's loopback. So every byte takes
 //! the mesh's route — three TCP connections, two user-space copies — without TLS, HTTP/2 or
 //! policy. What the mesh loses to that chain is what HBONE's encryption and framing cost; what
-//! the chain loses to raw TCP no proxy in user space can win back on this machine. (Unlike
+//! the chain loses to raw TCP no proxy in user space can win back on this machine. The two
+//! relays' CPU time, context switches and syscalls are read around each figure as the
+//! ztunnels' are, so the mesh's cost over a plain relay is also stated in counters, which this
+//! machine's noise leaves alone. (Unlike
 //! the mesh, which pools one HBONE connection per node pair, the chain dials across nodes for
 //! each client connection, so its connection rate is a plain proxy's, not a ceiling.) Owns
 //! these pods and measuring through them; the sysctls the raw pods get are the caller's.
 
 use std::time::Duration;
 
+use anyhow::Context;
 use serde_json::Value;
 
-use crate::LocalMesh;
 use crate::bench::measure_at;
+use crate::{DEADLINE, LocalMesh, wait_for};
 
 /// The relay pair's namespace.
 pub(crate) const NAMESPACE: &str = "bench-relay";
@@ -65,6 +69,8 @@ spec:
 /// A running relay chain in a mesh.
 pub(crate) struct RelayChain<'a> {
     mesh: &'a LocalMesh,
+    /// The client pod's relay and the server pod's (whose echo server is not counted).
+    pids: [u32; 2],
 }
 
 impl<'a> RelayChain<'a> {
@@ -78,14 +84,34 @@ impl<'a> RelayChain<'a> {
         let server_ip = mesh.pod(NAMESPACE, "server")?.ip4.to_string();
         mesh.apply("32-relay-client.yaml", &client_pod(&server_ip))?;
         mesh.wait_listening(NAMESPACE, "client", PORT)?;
-        Ok(RelayChain { mesh })
+        // A pod's pids are recorded once all its containers are spawned, which can be just
+        // after one of them listens.
+        let relay_pid = |pod: &str, container: usize| -> anyhow::Result<u32> {
+            let mut pid = None;
+            wait_for(DEADLINE, &format!("{NAMESPACE}/{pod}'s pids"), || {
+                pid = mesh.container_pids(NAMESPACE, pod)?.get(container).copied();
+                Ok(pid.is_some())
+            })?;
+            pid.with_context(|| format!("{NAMESPACE}/{pod} has no container {container}"))
+        };
+        let pids = [relay_pid("client", 0)?, relay_pid("server", 1)?];
+        Ok(RelayChain { mesh, pids })
     }
 
-    /// Runs `mesh-echo <args>` in the client pod through the chain; the JSON report.
-    pub(crate) fn measure(&self, d: Duration, args: &[&str]) -> anyhow::Result<Value> {
+    /// Both relays' pids (client side first), whose counters are the chain's cost.
+    pub(crate) fn pids(&self) -> &[u32] {
+        &self.pids
+    }
+
+    /// Runs `mesh-echo <args>` in the client pod through the chain, its argv passed through
+    /// `wrap` (e.g. under `perf stat`); the JSON report.
+    pub(crate) fn measure(
+        &self,
+        d: Duration,
+        args: &[&str],
+        wrap: impl FnOnce(&[&str]) -> Vec<String>,
+    ) -> anyhow::Result<Value> {
         let addr = format!("127.0.0.1:{PORT}");
-        measure_at(self.mesh, NAMESPACE, &addr, d, args, |load| {
-            load.iter().map(|s| s.to_string()).collect()
-        })
+        measure_at(self.mesh, NAMESPACE, &addr, d, args, wrap)
     }
 }

@@ -29,8 +29,8 @@ const KEYS: [&str; 3] = ["gbit_per_s", "p50_us", "per_sec"];
 pub struct Round {
     /// Raw TCP: bulk, 1 KiB request/response, connections.
     pub raw: [Value; 3],
-    /// The plaintext relay chain: the same three.
-    pub relay: [Value; 3],
+    /// The plaintext relay chain: the same three, each with what its two relays spent.
+    pub relay: [(Value, Spent); 3],
     /// Per mesh pair (the current build first, then the baseline): bulk, request/response,
     /// connections, paced connections ([`BULK`]…[`CONN_PACED`]), each with what its
     /// ztunnels spent.
@@ -53,9 +53,8 @@ impl Round {
         // The round in the middle when ranked by `key` (never `first` by default: rounds is
         // not empty here, so there always is one).
         let middle = |key: &dyn Fn(&Round) -> f64| median_by(rounds, key).unwrap_or(first);
-        let pick3 = |get: fn(&Round) -> &[Value; 3]| -> [Value; 3] {
-            std::array::from_fn(|i| get(middle(&|r| num(&get(r)[i], KEYS[i])))[i].clone())
-        };
+        let raw = std::array::from_fn(|i| middle(&|r| num(&r.raw[i], KEYS[i])).raw[i].clone());
+        let relay = std::array::from_fn(|i| middle(&|r| rank(i, &r.relay[i])).relay[i].clone());
         let subjects = (0..first.subjects.len())
             .map(|s| {
                 std::array::from_fn(|slot| {
@@ -64,8 +63,8 @@ impl Round {
             })
             .collect();
         Some(Round {
-            raw: pick3(|r| &r.raw),
-            relay: pick3(|r| &r.relay),
+            raw,
+            relay,
             subjects,
         })
     }
@@ -94,7 +93,7 @@ pub fn spread(rounds: &[Round]) -> Vec<String> {
         let mut line = format!(
             "  {name}: raw {}, relay chain {}, mesh {}",
             column(&|r| &r.raw[slot]),
-            column(&|r| &r.relay[slot]),
+            column(&|r| &r.relay[slot].0),
             column(&|r| &r.subjects[0][slot].0),
         );
         if rounds[0].subjects.len() > 1 {
@@ -130,7 +129,11 @@ mod tests {
                 v("p50_us", 50.0),
                 v("per_sec", 9.0),
             ],
-            relay: [v("gbit_per_s", 1.0), v("p50_us", 1.0), v("per_sec", 1.0)],
+            relay: [
+                (v("gbit_per_s", 1.0), spent),
+                (v("p50_us", 1.0), spent),
+                (v("per_sec", 1.0), spent),
+            ],
             subjects: vec![[
                 (v("gbit_per_s", mesh_gbit), spent),
                 (v("p50_us", 1.0), spent),

@@ -19,6 +19,17 @@ impl Mesh {
             .with_context(|| format!("no pod {namespace}/{name}"))
     }
 
+    /// The pids of a pod's running containers, in the order its spec lists them (empty until
+    /// its network is set up; the bench reads their counters).
+    pub fn container_pids(&self, namespace: &str, name: &str) -> anyhow::Result<Vec<u32>> {
+        self.pods
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&format!("{namespace}/{name}"))
+            .map(|p| p.procs.iter().map(|c| c.pid()).collect())
+            .with_context(|| format!("no pod {namespace}/{name}"))
+    }
+
     /// Runs a command inside a pod's network namespace.
     pub fn exec(&self, namespace: &str, name: &str, argv: &[&str]) -> anyhow::Result<Output> {
         let pod = self.pod(namespace, name)?;
