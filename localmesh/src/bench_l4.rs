@@ -43,6 +43,10 @@ const TW_REUSE: &str = "net.ipv4.tcp_tw_reuse";
 /// pool's idle timeout (5 min).
 const POOLED_FDS: usize = 2;
 
+/// How old a ztunnel must be before its idle memory is read: past its first periodic trim
+/// (`dataplane::memory::TRIM_PERIOD`, 30 s), with a margin.
+const IDLE_AGE: Duration = Duration::from_secs(35);
+
 /// How long the ztunnels get to close the load's connections before memory is read anyway.
 const SETTLE: Duration = Duration::from_secs(30);
 
@@ -334,6 +338,14 @@ impl<'a> Subject<'a> {
                     .with_context(|| format!("node-{i} runs no ztunnel"))
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
+        // Idle memory once start-up's garbage has met a periodic trim: read right after start
+        // it is a matter of luck (anonymous 3.5 MiB before the first trim, 1.7 after).
+        for &pid in &pids {
+            let age = bench_stats::age(pid)?;
+            if age < IDLE_AGE {
+                std::thread::sleep(IDLE_AGE - age);
+            }
+        }
         let idle = pids
             .iter()
             .map(|&p| bench_stats::memory(p))

@@ -97,14 +97,18 @@ pub fn spread(rounds: &[Round]) -> Vec<String> {
             column(&|r| &r.subjects[0][slot].0),
         );
         if rounds[0].subjects.len() > 1 {
-            let ratios: Vec<String> = rounds
+            let ratios: Vec<f64> = rounds
                 .iter()
-                .map(|r| format!("{:.2}", subject(r, 0) / subject(r, 1)))
+                .map(|r| subject(r, 0) / subject(r, 1))
                 .collect();
+            let listed: Vec<String> = ratios.iter().map(|x| format!("{x:.2}")).collect();
+            // Each round's ratio compares two builds under the same moment's load: their
+            // median is steadier than the ratio of the two builds' median rounds.
+            let median = median_by(&ratios, |x| *x).copied().unwrap_or(f64::NAN);
             line.push_str(&format!(
-                ", baseline {}; after/before per round {}",
+                ", baseline {}; after/before per round {} (median {median:.2})",
                 column(&|r| &r.subjects[1][slot].0),
-                ratios.join(", ")
+                listed.join(", ")
             ));
         }
         lines.push(line);
@@ -175,6 +179,27 @@ mod tests {
         let lines = spread(&[round(12.0, 6.0, 1.0), round(8.0, 7.0, 1.0)]);
         assert!(
             lines[1].contains("raw 8.0–12.0") && lines[1].contains("mesh 6.0–7.0"),
+            "{lines:?}"
+        );
+    }
+
+    /// With a baseline, each round's after/before ratio is listed, and their median.
+    #[test]
+    fn spread_gives_each_rounds_ratio_and_their_median() {
+        let with_baseline = |mesh: f64, baseline: f64| {
+            let mut r = round(10.0, mesh, 1.0);
+            let mut b = r.subjects[0].clone();
+            b[BULK].0 = json!({"gbit_per_s": baseline, "count": 1000.0});
+            r.subjects.push(b);
+            r
+        };
+        let lines = spread(&[
+            with_baseline(6.0, 5.0),
+            with_baseline(4.0, 5.0),
+            with_baseline(9.0, 6.0),
+        ]);
+        assert!(
+            lines[1].contains("after/before per round 1.20, 0.80, 1.50 (median 1.20)"),
             "{lines:?}"
         );
     }

@@ -12,6 +12,7 @@
 
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
 use anyhow::Context;
 
@@ -98,6 +99,23 @@ pub fn memory(pid: u32) -> anyhow::Result<Memory> {
     })
 }
 
+/// How long ago a process started: its `starttime` (field 22 of `/proc/PID/stat`, clock ticks
+/// since boot) against the system's uptime.
+pub fn age(pid: u32) -> anyhow::Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat (did it exit?)"))?;
+    let started = stat_field(&stat, 22)
+        .with_context(|| format!("no starttime in /proc/{pid}/stat"))? as f64
+        / clock_ticks();
+    let uptime = std::fs::read_to_string("/proc/uptime").context("reading /proc/uptime")?;
+    let up: f64 = uptime
+        .split_whitespace()
+        .next()
+        .and_then(|u| u.parse().ok())
+        .with_context(|| format!("no uptime in /proc/uptime: {uptime:?}"))?;
+    Ok(Duration::from_secs_f64((up - started).max(0.0)))
+}
+
 /// Clock ticks per second (`utime`/`stime` unit).
 pub fn clock_ticks() -> f64 {
     // SAFETY: sysconf only reads a constant of the system.
@@ -108,11 +126,15 @@ pub fn clock_ticks() -> f64 {
 /// `utime + stime` (fields 14 and 15) of a `/proc/PID/stat` line. The command name (field 2)
 /// may hold spaces and parentheses, so fields are counted from after its last `)`.
 pub fn stat_cpu_ticks(stat: &str) -> Option<u64> {
+    stat_field(stat, 14)?.checked_add(stat_field(stat, 15)?)
+}
+
+/// Numeric field `n` (1-based, `n` ≥ 3) of a `/proc/PID/stat` line, counted from after the
+/// command name's last `)`.
+fn stat_field(stat: &str, n: usize) -> Option<u64> {
     let (_, rest) = stat.rsplit_once(')')?;
-    let f: Vec<&str> = rest.split_whitespace().collect();
     // `rest` starts at field 3 (state).
-    let field = |n: usize| f.get(n - 3)?.parse::<u64>().ok();
-    field(14)?.checked_add(field(15)?)
+    rest.split_whitespace().nth(n.checked_sub(3)?)?.parse().ok()
 }
 
 /// The number of a `/proc/PID/status` line `Name:   123 [kB]`.
@@ -208,6 +230,7 @@ mod tests {
                     3 0 12345 123456789 3000 18446744073709551615 1 1 0 0 0 0 0 4096 0 0 0 \
                     0 17 1 0 0 0 0 0";
         assert_eq!(stat_cpu_ticks(stat), Some(731 + 268));
+        assert_eq!(stat_field(stat, 22), Some(12345), "starttime");
         assert_eq!(stat_cpu_ticks("4242 (ztunnel) S 1 2"), None);
         assert_eq!(stat_cpu_ticks("no parenthesis 1 2 3"), None);
         let huge = format!("1 (a) S{} {} {} 0", " 0".repeat(10), u64::MAX, u64::MAX);
@@ -260,5 +283,24 @@ mod tests {
         assert!(m.rss_kib > 0 && m.fds >= 3, "{m:?}");
         assert!(m.anon_kib > 0 && m.anon_kib < m.rss_kib, "{m:?}");
         assert!(sample(&[u32::MAX]).is_err());
+        // This test process started before the test and not before the machine did.
+        let uptime: f64 = std::fs::read_to_string("/proc/uptime")
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let mine = age(me).unwrap();
+        assert!(mine.as_secs_f64() <= uptime + 1.0, "{mine:?} of {uptime} s");
+        let mut child = Command::new("sleep").arg("5").spawn().unwrap();
+        let young = age(child.id()).unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(
+            young <= mine && young < Duration::from_secs(5),
+            "{young:?} {mine:?}"
+        );
+        assert!(age(u32::MAX).is_err());
     }
 }
