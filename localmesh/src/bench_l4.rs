@@ -9,11 +9,11 @@
 //! figure (bulk, 1 KiB request/response, connection rate) is measured on every pair in turn
 //! before the next figure, so drift on the shared machine hits all alike; the mesh pairs also
 //! run connections paced at 1,000/s, whose cost per connection set beside the saturated run's
-//! shows whether it stays flat with the rate. Around the mesh
-//! pairs' runs both ztunnels' CPU time and context switches are read (around the relay
-//! chain's, both relays': what HBONE costs over a plain relay, in counters), and their
-//! syscalls are counted under perf ([`bench_stats`]; the same for every build, and a per-thread count costs
-//! well under a microsecond per request, next to a round trip of ~100 µs); their memory is read
+//! shows whether it stays flat with the rate. Around the mesh pairs' runs both ztunnels' CPU
+//! time and context switches are read (around the relay chain's, both relays': what HBONE
+//! costs over a plain relay, in counters), and their syscalls are counted under perf
+//! ([`bench_stats`]; the same for every build, and a per-thread count costs well under a
+//! microsecond per request, next to a round trip of ~100 µs); their memory is read
 //! idle (enrolled, before any load) and after the load once their fds are back. With
 //! `baseline_bins` a second mesh runs that directory's `ztunnel` and its pair is measured in
 //! the same rounds: "before / after" rows. With several `rounds`, the whole sequence runs that
@@ -473,13 +473,19 @@ fn syscalls(spent: &Spent) -> f64 {
 }
 
 impl MeshFigures {
-    /// (name, unit, value) of what the ztunnels spent, per unit of work.
-    fn spent_rows(&self) -> Vec<(&'static str, &'static str, f64)> {
-        let costs = unit_costs([
+    /// What the ztunnels spent per unit of bulk, request/response and connection work, in
+    /// [`COST_UNITS`] order.
+    fn unit_costs(&self) -> [f64; 9] {
+        unit_costs([
             (&self.bulk, &self.bulk_spent),
             (&self.rr, &self.rr_spent),
             (&self.conn, &self.conn_spent),
-        ]);
+        ])
+    }
+
+    /// (name, unit, value) of what the ztunnels spent, per unit of work.
+    fn spent_rows(&self) -> Vec<(&'static str, &'static str, f64)> {
+        let costs = self.unit_costs();
         let paced = conn_costs(&self.conn_paced, &self.conn_paced_spent);
         let paced_names = [
             "conn at 1k/s: ztunnel CPU",
@@ -608,11 +614,7 @@ impl L4Report {
             (&self.relay_rr, rr),
             (&self.relay_conn, conn),
         ]);
-        let mesh = unit_costs([
-            (&m.bulk, &m.bulk_spent),
-            (&m.rr, &m.rr_spent),
-            (&m.conn, &m.conn_spent),
-        ]);
+        let mesh = m.unit_costs();
         for (i, name) in PROXY_COSTS.into_iter().enumerate() {
             rows.push(Row {
                 name,
