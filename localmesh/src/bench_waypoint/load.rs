@@ -23,6 +23,11 @@ pub(super) fn write(dir: &Path, name: &str, text: &str) -> anyhow::Result<PathBu
     Ok(path)
 }
 
+/// Requests per second of a load report (`requests` over `duration_us`).
+pub(super) fn rps(report: &Value) -> f64 {
+    num(report, "requests") / (num(report, "duration_us") / 1e6)
+}
+
 /// Waits until `url` answers from `netns` with the backend's 1 KiB body.
 pub(super) fn wait_body(cluster: &Cluster, netns: &Netns, url: &str) -> anyhow::Result<()> {
     wait_for(

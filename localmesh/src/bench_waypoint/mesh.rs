@@ -14,7 +14,7 @@ use anyhow::Context;
 use serde_json::Value;
 
 use super::load::{
-    WRK_SCRIPT, backend_nginx_conf, clock_ticks, cpu_ticks, h2load_fixed, num, peak_rss_kib,
+    WRK_SCRIPT, backend_nginx_conf, clock_ticks, cpu_ticks, h2load_fixed, num, peak_rss_kib, rps,
     wait_body, write, wrk,
 };
 use super::{BACKEND_PORT, CONNECTIONS, Figures, ROUNDS, ROWS, Target};
@@ -242,7 +242,6 @@ pub fn run_mesh(duration: Duration) -> anyhow::Result<MeshReport> {
         through >= sent_through,
         "the waypoint counted {through} requests of the {sent_through} sent to its Services: not bound?"
     );
-    let rps = |w: &Value| num(w, "requests") / (num(w, "duration_us") / 1e6);
     let med: Vec<Value> = samples
         .iter()
         .map(|runs| {

@@ -33,7 +33,7 @@ mod mesh;
 
 use load::{
     WRK_SCRIPT, backend_nginx_conf, clock_ticks, cpu_ticks, envoy_bootstrap, h2load_fixed, num,
-    peak_rss_kib, proxy_nginx_conf, s, wait_body, write, wrk,
+    peak_rss_kib, proxy_nginx_conf, rps, s, wait_body, write, wrk,
 };
 pub use mesh::{MeshReport, print_mesh, run_mesh};
 
@@ -312,7 +312,6 @@ pub fn run(duration: Duration) -> anyhow::Result<Report> {
     }
     let mut figures = Vec::new();
     for (i, t) in Target::ALL.into_iter().enumerate() {
-        let rps = |w: &Value| num(w, "requests") / (num(w, "duration_us") / 1e6);
         let w = median_by(&samples[i], rps).with_context(|| format!("no run of {t:?} measured"))?;
         let cpu_us_per_req = if pid_of(t).is_some() {
             cpu[i].0 as f64 * 1e6 / clock_ticks() / cpu[i].1
