@@ -4,6 +4,7 @@
 //! - [`ca`]: certificate authority primitives (root, signing CSRs) and CSR generation.
 //! - [`tls`]: rustls configurations for HBONE's mutual TLS, with SPIFFE verification.
 //! - [`hbone`]: the HBONE protocol (HTTP/2 CONNECT over mTLS): client pool and server.
+//! - [`ktls`]: whether the kernel could take over HBONE's record encryption (kTLS).
 //! - [`enrollment`]: who is in the ambient mesh (the label rule meshd and the CNI agent share).
 //! - [`nodeauth`]: how a node agent proves which node it is to meshd.
 //! - [`manifest`]: the limits on reading an operator's YAML manifests (meshd, local mode).
@@ -19,6 +20,7 @@ pub mod ca;
 pub mod enrollment;
 pub mod hbone;
 pub mod identity;
+pub mod ktls;
 pub mod manifest;
 pub mod nodeauth;
 pub mod policy;

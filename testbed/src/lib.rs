@@ -14,6 +14,7 @@ pub mod kubeapi;
 mod netns;
 mod proc;
 mod runs;
+pub mod vm;
 
 pub use cluster::{Cluster, ClusterConfig, FABRIC_HOST_V4, Node, Pod};
 pub use error::TestbedError;

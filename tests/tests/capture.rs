@@ -712,7 +712,19 @@ fn exclusion_mesh(capture: &str) -> LocalMesh {
     }
     mesh.wait_enrolled("a", "client").unwrap();
     mesh.wait_enrolled("a", "server").unwrap();
-    assert_eq!(mesh.config_dump(0).unwrap()["captureMode"], capture);
+    let dump = mesh.config_dump(0).unwrap();
+    assert_eq!(dump["captureMode"], capture);
+    // Records are sealed in user space; the dump says so, and what this kernel could offer
+    // (the same answer the probe gives this test, on the same kernel).
+    assert_eq!(
+        dump["hboneRecordEncryption"]["path"], "userspace (rustls)",
+        "{dump}"
+    );
+    assert_eq!(
+        dump["hboneRecordEncryption"]["kernelTls"],
+        meshcore::ktls::probe().to_string(),
+        "{dump}"
+    );
     mesh
 }
 

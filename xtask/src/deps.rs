@@ -1,5 +1,5 @@
-//! `cargo xtask deps`: the system packages, Python test packages, Envoy and the eBPF
-//! toolchain the mesh and its tests use, each installed only if missing. Owns what is wanted
+//! `cargo xtask deps`: the system packages, Python test packages, Envoy, the eBPF toolchain and
+//! the test guests' kernel the mesh and its tests use, each installed only if missing. Owns what is wanted
 //! and how it is installed.
 
 use std::path::Path;
@@ -47,6 +47,7 @@ pub fn deps() -> anyhow::Result<()> {
             .env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
     ebpf_toolchain()?;
+    guest_kernel()?;
     let h2 = Command::new("python3")
         .args([
             "-c",
@@ -125,5 +126,104 @@ fn ebpf_toolchain() -> anyhow::Result<()> {
             ])
             .env("LLVM_PREFIX", "/usr/lib/llvm-22"))?;
     }
+    Ok(())
+}
+
+/// Where the tests find the guest kernel (testbed's `vm::KERNEL_DIR`).
+const GUEST_KERNEL_DIR: &str = "/var/cache/mesh-test/vm-kernel";
+/// The guest kernel's source: Debian's cloud kernel from trixie-backports (7.x: kTLS with TLS
+/// 1.3 key updates, which this machine's own kernel lacks). Signed by the Debian archive key
+/// this Debian already trusts; fetched with a private apt state, so the machine's own package
+/// sources stay as they are.
+const GUEST_KERNEL_SOURCE: &str = "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie-backports main";
+
+/// QEMU, busybox and a kernel with kTLS for the tests that boot a guest (`testbed::vm`).
+fn guest_kernel() -> anyhow::Result<()> {
+    if !have("qemu-system-x86_64") || !Path::new("/bin/busybox").exists() {
+        eprintln!("xtask: installing qemu-system-x86 and busybox-static (test guests)");
+        run(Command::new("apt-get").args(["update", "-qq"]))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(["qemu-system-x86", "busybox-static", "xz-utils"])
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    let dir = Path::new(GUEST_KERNEL_DIR);
+    if ["vmlinuz", "release", "tls.ko"]
+        .iter()
+        .all(|f| dir.join(f).is_file())
+    {
+        return Ok(());
+    }
+    eprintln!("xtask: fetching the test guests' kernel (Debian trixie-backports, cloud flavour)");
+    let work = Path::new("/var/cache/mesh-test/apt");
+    let _ = std::fs::remove_dir_all(work);
+    for sub in [
+        "lists/partial",
+        "cache/archives/partial",
+        "parts",
+        "debs",
+        "root",
+    ] {
+        std::fs::create_dir_all(work.join(sub))?;
+    }
+    std::fs::write(
+        work.join("sources.list"),
+        format!("{GUEST_KERNEL_SOURCE}\n"),
+    )?;
+    let apt = |tool: &str| {
+        let mut cmd = Command::new(tool);
+        for (key, sub) in [
+            ("Dir::Etc::SourceList", "sources.list"),
+            ("Dir::Etc::SourceParts", "parts"),
+            ("Dir::State::Lists", "lists"),
+            ("Dir::Cache", "cache"),
+            // The download lands in a root-only directory; fetch as root, not as _apt.
+            ("APT::Sandbox::User", "root"),
+        ] {
+            cmd.arg("-o")
+                .arg(format!("{key}={}", work.join(sub).display()));
+        }
+        cmd
+    };
+    run(apt("apt-get").args(["update", "-qq"]))?;
+    // linux-image-cloud-amd64 -> linux-image-<release> -> linux-binary-<release> (vmlinuz) and
+    // linux-modules-<release> (tls.ko).
+    let depends = apt("apt-cache")
+        .args(["depends", "linux-image-cloud-amd64"])
+        .output()?;
+    let depends = String::from_utf8_lossy(&depends.stdout);
+    let release = depends
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("linux-image-"))
+        .find(|r| r.ends_with("-cloud-amd64") && *r != "cloud-amd64")
+        .with_context(|| format!("no kernel release in `apt-cache depends`:\n{depends}"))?
+        .to_string();
+    let binary = format!("linux-binary-{release}");
+    let modules = format!("linux-modules-{release}");
+    run(apt("apt-get")
+        .args(["download", "-qq", &binary, &modules])
+        .current_dir(work.join("debs")))?;
+    for deb in std::fs::read_dir(work.join("debs"))? {
+        run(Command::new("dpkg-deb")
+            .arg("-x")
+            .arg(deb?.path())
+            .arg(work.join("root")))?;
+    }
+    let tree = work.join("root/usr/lib/modules").join(&release);
+    let staged = Path::new("/var/cache/mesh-test/vm-kernel.new");
+    let _ = std::fs::remove_dir_all(staged);
+    std::fs::create_dir_all(staged)?;
+    std::fs::copy(tree.join("vmlinuz"), staged.join("vmlinuz"))
+        .with_context(|| format!("{}/vmlinuz", tree.display()))?;
+    let tls = std::fs::File::create(staged.join("tls.ko"))?;
+    run(Command::new("xz")
+        .arg("-dc")
+        .arg(tree.join("kernel/net/tls/tls.ko.xz"))
+        .stdout(tls))?;
+    std::fs::write(staged.join("release"), format!("{release}\n"))?;
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::rename(staged, dir)?;
+    let _ = std::fs::remove_dir_all(work);
+    eprintln!("xtask: guest kernel {release} in {GUEST_KERNEL_DIR}");
     Ok(())
 }

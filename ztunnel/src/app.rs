@@ -25,6 +25,11 @@ use crate::policy::LiveConns;
 use crate::proxy::Ctx;
 use crate::settings::Config;
 use crate::supervise::Supervisor;
+
+/// How HBONE's TLS records are sealed and opened: rustls, in ztunnel's own threads. The kernel
+/// could take them over where it has kTLS ([`meshcore::ktls`]); that hand-over is not built yet,
+/// so the config dump shows this next to what the kernel offers.
+pub const RECORD_ENCRYPTION: &str = "userspace (rustls)";
 use crate::{config, dump, netns, pods, policy};
 
 /// Process-wide setup, once, on the main thread before any runtime thread exists: the
@@ -163,6 +168,12 @@ pub async fn build(config: Config, set_log_level: SetLogLevelFn) -> anyhow::Resu
         max_handshakes_per_source = limits.max_handshakes_per_source,
         "connection caps"
     );
+    let kernel_tls = meshcore::ktls::probe();
+    info!(
+        path = RECORD_ENCRYPTION,
+        kernel_tls = %kernel_tls,
+        "HBONE record encryption"
+    );
     let metrics = Metrics::new();
     metrics.set_capture_mode(&capture.mode().to_string());
     let (config_tx, config_rx) = watch::channel(None);
@@ -209,6 +220,7 @@ pub async fn build(config: Config, set_log_level: SetLogLevelFn) -> anyhow::Resu
             ..PoolSettings::default()
         }),
         capture,
+        kernel_tls,
         policies: policies_rx,
         decisions,
         live,

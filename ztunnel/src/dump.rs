@@ -92,6 +92,10 @@ pub fn config_dump(ctx: &Ctx) -> Value {
         "configVersion": version,
         "captureMode": ctx.capture.mode().to_string(),
         "captureFallbackReason": ctx.capture.fallback_reason(),
+        "hboneRecordEncryption": {
+            "path": crate::app::RECORD_ENCRYPTION,
+            "kernelTls": ctx.kernel_tls.to_string(),
+        },
         "enrollment": match &ctx.enrollment {
             SourceStatus::Config => json!({"source": "config"}),
             SourceStatus::Zds(zds) => zds.dump(),

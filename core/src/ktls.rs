@@ -1,0 +1,165 @@
+//! Kernel TLS (kTLS): can this kernel take over an HBONE connection's record encryption once
+//! rustls has finished the handshake?
+//!
+//! Owns: [`probe`], which asks the kernel on throwaway loopback sockets of its own, and the
+//! [`KernelTls`] answer that ztunnel logs at start and shows in its config dump. HBONE's records
+//! are encrypted in user space by rustls today whatever the answer; the probe says what a
+//! kernel offload could use here, so an operator can see it without reading kernel configs.
+//!
+//! Must not touch: live connections. Everything it sets is on sockets it opened and closes.
+//!
+//! What "available" takes, for HBONE's two suites (TLS 1.3 AES-128-GCM and AES-256-GCM):
+//! the `tls` upper-layer protocol on TCP (`CONFIG_TLS`; the module loads on first use), a
+//! transmit and a receive key accepted for the suite, and, separately reported, whether the
+//! kernel takes a second key on the same socket: TLS 1.3 peers rotate keys (KeyUpdate) before
+//! AES-GCM's confidentiality limit, and a kernel that cannot follow a rotation would have to
+//! close the connection instead.
+
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+
+use nix::errno::Errno;
+use nix::sys::socket::{setsockopt, sockopt};
+
+/// What the kernel offers for HBONE's records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KernelTls {
+    /// No kTLS for HBONE here; `reason` says what was missing, in words an operator can act on.
+    Unavailable { reason: String },
+    /// Both suites can be handed to the kernel, in both directions.
+    Available {
+        /// Whether a socket's keys can be replaced (TLS 1.3 KeyUpdate followed in the kernel).
+        rekey: bool,
+    },
+}
+
+impl std::fmt::Display for KernelTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KernelTls::Unavailable { reason } => write!(f, "unavailable: {reason}"),
+            KernelTls::Available { rekey: true } => {
+                write!(f, "available (AES-128-GCM, AES-256-GCM; key updates)")
+            }
+            KernelTls::Available { rekey: false } => write!(
+                f,
+                "available (AES-128-GCM, AES-256-GCM; no key updates: this kernel cannot follow a TLS 1.3 KeyUpdate)"
+            ),
+        }
+    }
+}
+
+/// The two TLS 1.3 suites HBONE negotiates ([`crate::tls`]).
+#[derive(Debug, Clone, Copy)]
+enum Suite {
+    Aes128Gcm,
+    Aes256Gcm,
+}
+
+impl Suite {
+    const ALL: [Suite; 2] = [Suite::Aes128Gcm, Suite::Aes256Gcm];
+
+    fn name(self) -> &'static str {
+        match self {
+            Suite::Aes128Gcm => "AES-128-GCM",
+            Suite::Aes256Gcm => "AES-256-GCM",
+        }
+    }
+
+    /// A well-formed TLS 1.3 key for the suite (all zero: the probe's sockets never carry data).
+    fn zero_key(self) -> sockopt::TlsCryptoInfo {
+        const TLS_1_3_VERSION: u16 = 0x0304;
+        match self {
+            Suite::Aes128Gcm => {
+                sockopt::TlsCryptoInfo::Aes128Gcm(libc::tls12_crypto_info_aes_gcm_128 {
+                    info: libc::tls_crypto_info {
+                        version: TLS_1_3_VERSION,
+                        cipher_type: libc::TLS_CIPHER_AES_GCM_128,
+                    },
+                    iv: [0; 8],
+                    key: [0; 16],
+                    salt: [0; 4],
+                    rec_seq: [0; 8],
+                })
+            }
+            Suite::Aes256Gcm => {
+                sockopt::TlsCryptoInfo::Aes256Gcm(libc::tls12_crypto_info_aes_gcm_256 {
+                    info: libc::tls_crypto_info {
+                        version: TLS_1_3_VERSION,
+                        cipher_type: libc::TLS_CIPHER_AES_GCM_256,
+                    },
+                    iv: [0; 8],
+                    key: [0; 32],
+                    salt: [0; 4],
+                    rec_seq: [0; 8],
+                })
+            }
+        }
+    }
+}
+
+/// Asks the kernel, on loopback sockets of its own, what it offers HBONE (see the module docs).
+///
+/// Never fails: anything that stops the probe is the reason kTLS is unavailable. Takes a few
+/// syscalls per suite; call it once at start.
+pub fn probe() -> KernelTls {
+    let mut rekey = true;
+    for suite in Suite::ALL {
+        match probe_suite(suite) {
+            Ok(suite_rekeys) => rekey &= suite_rekeys,
+            Err(reason) => return KernelTls::Unavailable { reason },
+        }
+    }
+    KernelTls::Available { rekey }
+}
+
+/// One suite on a fresh connected pair: the ULP, a receive key on one end, a transmit key on
+/// the other, then a second transmit key. Ok(whether the second key was taken).
+fn probe_suite(suite: Suite) -> Result<bool, String> {
+    let (client, server) = loopback_pair()
+        .map_err(|e| format!("could not open loopback sockets to ask the kernel: {e}"))?;
+    for end in [&client, &server] {
+        setsockopt(end, sockopt::TcpUlp::default(), b"tls").map_err(|e| match e {
+            Errno::ENOENT => "the kernel has no TLS upper-layer protocol (built without \
+                              CONFIG_TLS, or its `tls` module cannot be loaded)"
+                .to_string(),
+            e => format!("TCP_ULP \"tls\" refused: {}", e.desc()),
+        })?;
+    }
+    let key = |what: &str, e: Errno| format!("{} {what} key refused: {}", suite.name(), e.desc());
+    setsockopt(&client, sockopt::TcpTlsTx, &suite.zero_key()).map_err(|e| key("transmit", e))?;
+    setsockopt(&server, sockopt::TcpTlsRx, &suite.zero_key()).map_err(|e| key("receive", e))?;
+    // Kernels without TLS 1.3 rekey answer a second key with EBUSY.
+    Ok(setsockopt(&client, sockopt::TcpTlsTx, &suite.zero_key()).is_ok())
+}
+
+/// A connected TCP pair on 127.0.0.1 (TCP_ULP needs an established socket).
+fn loopback_pair() -> io::Result<(TcpStream, TcpStream)> {
+    let listener = TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))?;
+    let client = TcpStream::connect(listener.local_addr()?)?;
+    let (server, _) = listener.accept()?;
+    // Both ends must be the same connection: a stray connector on the port would not be ours.
+    if server.peer_addr()? != client.local_addr()? {
+        return Err(io::Error::other(
+            "a foreign connection reached the probe's listener",
+        ));
+    }
+    Ok((client, server))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unavailable_says_what_to_fix_and_available_says_what_it_can() {
+        let none = KernelTls::Unavailable {
+            reason: "the kernel has no TLS upper-layer protocol".into(),
+        };
+        assert_eq!(
+            none.to_string(),
+            "unavailable: the kernel has no TLS upper-layer protocol"
+        );
+        let some = KernelTls::Available { rekey: false };
+        assert!(some.to_string().contains("no key updates"), "{some}");
+    }
+}
