@@ -88,6 +88,7 @@ impl VmKernel {
         let image = self.initramfs(program, args, env)?;
         std::fs::create_dir_all(crate::SCRATCH_ROOT)
             .map_err(|e| TestbedError::io(format!("creating {}", crate::SCRATCH_ROOT), e))?;
+        sweep_dead_images();
         let path = Path::new(crate::SCRATCH_ROOT).join(format!(
             "vm-{}-{}.cpio",
             std::process::id(),
@@ -156,6 +157,26 @@ impl VmKernel {
         );
         cpio.file("init", init.as_bytes(), 0o755);
         Ok(cpio.finish())
+    }
+}
+
+/// Removes the images of runs whose process is gone (killed before it could remove its own).
+fn sweep_dead_images() {
+    let Ok(entries) = std::fs::read_dir(crate::SCRATCH_ROOT) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let pid = name
+            .strip_prefix("vm-")
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok());
+        if let Some(pid) = pid
+            && name.ends_with(".cpio")
+            && !Path::new(&format!("/proc/{pid}")).exists()
+        {
+            let _ = std::fs::remove_file(entry.path());
+        }
     }
 }
 
