@@ -146,6 +146,53 @@ fn loopback_pair() -> io::Result<(TcpStream, TcpStream)> {
     Ok((client, server))
 }
 
+/// Sends one record of `content_type` (an alert or a handshake message, not application data)
+/// through a socket whose sending key the kernel holds: `sendmsg` with the record type as a
+/// `TLS_SET_RECORD_TYPE` control message. Non-blocking; `WouldBlock` when the socket is full.
+///
+/// The one piece of unsafe code for kTLS: nix has no safe wrapper for that control message.
+pub(crate) fn send_record(
+    fd: std::os::fd::RawFd,
+    content_type: u8,
+    payload: &[u8],
+) -> io::Result<usize> {
+    const TLS_SET_RECORD_TYPE: libc::c_int = 1;
+    // cmsghdr-aligned room for one control message carrying one byte.
+    let mut control = [0u64; 4];
+    let mut iov = libc::iovec {
+        iov_base: payload.as_ptr().cast_mut().cast(),
+        iov_len: payload.len(),
+    };
+    // SAFETY: `msg` points at `iov` and `control`, which outlive the `sendmsg` call; `control`
+    // is 32 bytes, aligned for `cmsghdr`, and CMSG_SPACE(1) (24 on 64-bit Linux) fits in it,
+    // so CMSG_FIRSTHDR is non-null and its data byte lies inside `control`. The kernel only
+    // reads `payload` through `iov` (sendmsg does not write to it).
+    unsafe {
+        let space = libc::CMSG_SPACE(1) as usize;
+        if space > std::mem::size_of_val(&control) {
+            return Err(io::Error::other("control message buffer too small"));
+        }
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = space as _;
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        if cmsg.is_null() {
+            return Err(io::Error::other("no room for the record type"));
+        }
+        (*cmsg).cmsg_level = libc::SOL_TLS;
+        (*cmsg).cmsg_type = TLS_SET_RECORD_TYPE;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(1) as _;
+        *libc::CMSG_DATA(cmsg) = content_type;
+        let sent = libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL);
+        if sent < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(sent as usize)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -213,6 +213,8 @@ pub fn server_config(cert: &WorkloadCert) -> Result<Arc<rustls::ServerConfig>, T
     // Resumption is off, as in Istio: every connection proves its certificate afresh.
     config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
+    // kTLS ([`crate::hbone`]'s kernel path) takes the traffic keys out of rustls.
+    config.enable_secret_extraction = true;
     Ok(Arc::new(config))
 }
 
@@ -241,6 +243,7 @@ pub fn client_config(
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     config.enable_sni = false;
     config.resumption = rustls::client::Resumption::disabled();
+    config.enable_secret_extraction = true;
     Ok(Arc::new(config))
 }
 

@@ -27,6 +27,8 @@ pub struct Inbound<'a, G> {
     /// The enrolled pod reached (ztunnel); `None` for a proxy's own listener.
     pub pod: Option<&'a str>,
     pub handshakes_failed: &'a Throttle,
+    /// Hand the connection's records to the kernel after the handshake (kTLS), where it can.
+    pub kernel_tls: bool,
 }
 
 /// Serves `tcp` until it ends or the drain stops it, calling `handler` per CONNECT; logs the end.
@@ -39,7 +41,10 @@ where
     let result = meshcore::hbone::serve_connection_limited(
         tcp,
         at.tls,
-        ServerSettings::default(),
+        ServerSettings {
+            kernel_tls: at.kernel_tls,
+            ..ServerSettings::default()
+        },
         handler,
         async move { drain.stopping().await },
         at.handshake_slot,

@@ -271,8 +271,13 @@ fn boot(vmlinuz: &Path, initramfs: &Path, deadline: Duration) -> Result<VmOutput
     let (read, console, errors) = match outcome {
         Ok(output) => output,
         Err(_) => {
+            // Killed: the reader sees EOF now; show what the guest printed until then.
+            let console = finished
+                .recv()
+                .map(|(_, console, _)| String::from_utf8_lossy(&console).replace("\r\n", "\n"))
+                .unwrap_or_default();
             return Err(TestbedError::Invalid(format!(
-                "the guest did not power off within {deadline:?}; qemu killed"
+                "the guest did not power off within {deadline:?}; qemu killed. Console:\n{console}"
             )));
         }
     };

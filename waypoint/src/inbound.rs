@@ -77,6 +77,8 @@ async fn connection(ctx: Arc<Ctx>, tcp: TcpStream, peer: SocketAddr) {
         peer,
         pod: None,
         handshakes_failed: &ctx.admission.handshakes_failed,
+        // The waypoint's records stay in user space: its HBONE ends are not measured on kTLS.
+        kernel_tls: false,
     };
     hbone_in::serve(tcp, handler, at).await;
 }

@@ -26,10 +26,41 @@ use crate::proxy::Ctx;
 use crate::settings::Config;
 use crate::supervise::Supervisor;
 
-/// How HBONE's TLS records are sealed and opened: rustls, in ztunnel's own threads. The kernel
-/// could take them over where it has kTLS ([`meshcore::ktls`]); that hand-over is not built yet,
-/// so the config dump shows this next to what the kernel offers.
-pub const RECORD_ENCRYPTION: &str = "userspace (rustls)";
+/// `--kernel-tls`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum KernelTlsSetting {
+    /// Hand records to the kernel where it has kTLS with key updates.
+    #[default]
+    Auto,
+    /// rustls in user space for every connection.
+    Off,
+}
+
+/// How HBONE's TLS records are sealed and opened here: what the kernel offers
+/// ([`meshcore::ktls::probe`], asked once at start), what `--kernel-tls` allows, and so the path
+/// every new connection takes (a socket that refuses the `tls` ULP still falls back to rustls).
+#[derive(Debug, Clone)]
+pub struct RecordEncryption {
+    pub setting: KernelTlsSetting,
+    pub kernel: meshcore::ktls::KernelTls,
+}
+
+impl RecordEncryption {
+    /// Whether new HBONE connections go to the kernel.
+    pub fn in_use(&self) -> bool {
+        self.setting == KernelTlsSetting::Auto
+            && self.kernel == (meshcore::ktls::KernelTls::Available { rekey: true })
+    }
+
+    /// The path new connections take, as the config dump and start log name it.
+    pub fn path(&self) -> &'static str {
+        if self.in_use() {
+            "kernel (kTLS)"
+        } else {
+            "userspace (rustls)"
+        }
+    }
+}
 use crate::{config, dump, netns, pods, policy};
 
 /// Process-wide setup, once, on the main thread before any runtime thread exists: the
@@ -168,10 +199,14 @@ pub async fn build(config: Config, set_log_level: SetLogLevelFn) -> anyhow::Resu
         max_handshakes_per_source = limits.max_handshakes_per_source,
         "connection caps"
     );
-    let kernel_tls = meshcore::ktls::probe();
+    let kernel_tls = RecordEncryption {
+        setting: config.kernel_tls,
+        kernel: meshcore::ktls::probe(),
+    };
     info!(
-        path = RECORD_ENCRYPTION,
-        kernel_tls = %kernel_tls,
+        path = kernel_tls.path(),
+        kernel_tls = %kernel_tls.kernel,
+        setting = ?kernel_tls.setting,
         "HBONE record encryption"
     );
     let metrics = Metrics::new();
@@ -217,6 +252,7 @@ pub async fn build(config: Config, set_log_level: SetLogLevelFn) -> anyhow::Resu
         // (and ours) advertise 200 concurrent streams.
         pool: Pool::new(PoolSettings {
             max_streams_per_conn: 200,
+            kernel_tls: kernel_tls.in_use(),
             ..PoolSettings::default()
         }),
         capture,

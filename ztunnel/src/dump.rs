@@ -93,8 +93,10 @@ pub fn config_dump(ctx: &Ctx) -> Value {
         "captureMode": ctx.capture.mode().to_string(),
         "captureFallbackReason": ctx.capture.fallback_reason(),
         "hboneRecordEncryption": {
-            "path": crate::app::RECORD_ENCRYPTION,
-            "kernelTls": ctx.kernel_tls.to_string(),
+            "path": ctx.kernel_tls.path(),
+            "kernelTls": ctx.kernel_tls.kernel.to_string(),
+            "setting": format!("{:?}", ctx.kernel_tls.setting).to_lowercase(),
+            "connectionsHandedToKernel": meshcore::hbone::kernel_tls_connections(),
         },
         "enrollment": match &ctx.enrollment {
             SourceStatus::Config => json!({"source": "config"}),

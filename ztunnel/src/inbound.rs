@@ -67,6 +67,7 @@ async fn hbone_connection(ctx: Arc<Ctx>, pod: Arc<Pod>, tcp: TcpStream, peer: So
         peer,
         pod: Some(&pod.workload.uid),
         handshakes_failed: &ctx.admission.handshakes_failed,
+        kernel_tls: ctx.kernel_tls.in_use(),
     };
     hbone_in::serve(tcp, handler, at).await;
 }

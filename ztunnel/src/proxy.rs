@@ -31,9 +31,8 @@ pub struct Ctx {
     pub certs: Arc<CertManager>,
     pub pool: Pool,
     pub capture: Capture,
-    /// What the kernel could do for HBONE's records ([`meshcore::ktls::probe`], once at start);
-    /// they are encrypted in user space ([`crate::app::RECORD_ENCRYPTION`]) whatever it says.
-    pub kernel_tls: meshcore::ktls::KernelTls,
+    /// Where HBONE's records are sealed: what the kernel offers and what `--kernel-tls` allows.
+    pub kernel_tls: crate::app::RecordEncryption,
     pub policies: PoliciesRx,
     pub decisions: Arc<DecisionCache>,
     pub live: Arc<LiveConns>,

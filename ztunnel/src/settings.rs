@@ -87,6 +87,12 @@ pub struct Config {
     /// (fail closed), counted as a connection with response_flags="DENY".
     #[arg(long, value_enum, default_value_t = crate::outbound::MissingWaypoint::Bypass)]
     pub missing_waypoint: crate::outbound::MissingWaypoint,
+    /// Whether HBONE's TLS records are handed to the kernel (kTLS) after each handshake.
+    /// `auto` does so where the kernel has the `tls` ULP with both HBONE suites and key updates
+    /// (asked once at start; the config dump's hboneRecordEncryption says what it found and
+    /// what is in use); `off` keeps rustls in user space for every connection.
+    #[arg(long, value_enum, default_value_t = crate::app::KernelTlsSetting::Auto)]
+    pub kernel_tls: crate::app::KernelTlsSetting,
     /// Export a span per connection to this OTLP/gRPC collector (`host:port` or
     /// `http://host:port`); none without it. Istio's ztunnel makes no spans; ours does.
     #[arg(long, env = "TRACE_COLLECTOR")]

@@ -73,6 +73,10 @@ pub struct PoolSettings {
     pub idle_timeout: Duration,
     /// Limit for TCP connect + TLS handshake + HTTP/2 handshake.
     pub connect_timeout: Duration,
+    /// Hand each connection's records to the kernel after the handshake (kTLS). Set it only
+    /// where [`crate::ktls::probe`] found key updates; a socket that refuses the `tls` ULP
+    /// still falls back to rustls in user space.
+    pub kernel_tls: bool,
 }
 
 impl Default for PoolSettings {
@@ -81,6 +85,7 @@ impl Default for PoolSettings {
             max_streams_per_conn: 100,
             idle_timeout: Duration::from_secs(5 * 60),
             connect_timeout: Duration::from_secs(10),
+            kernel_tls: false,
         }
     }
 }
@@ -299,7 +304,13 @@ impl Pool {
         let inner = Arc::clone(&self.inner);
         let task = tokio::spawn(async move {
             let timeout = inner.settings.connect_timeout;
-            let result = match tokio::time::timeout(timeout, handshake(&key, &cert, &dial)).await {
+            let kernel_tls = inner.settings.kernel_tls;
+            let result = match tokio::time::timeout(
+                timeout,
+                handshake(&key, &cert, &dial, kernel_tls),
+            )
+            .await
+            {
                 Ok(r) => r,
                 Err(_) => Err(HboneError::Timeout),
             };
@@ -375,27 +386,43 @@ impl PoolInner {
 
 type Handshaken = (
     h2::client::SendRequest<Bytes>,
-    h2::client::Connection<tokio_rustls::client::TlsStream<super::Wire>, Bytes>,
+    h2::client::Connection<super::Transport, Bytes>,
 );
 
-/// TCP, then TLS, then HTTP/2.
+/// TCP, then TLS (records sealed by the kernel where `kernel_tls` and the socket allow it),
+/// then HTTP/2.
 async fn handshake(
     key: &PoolKey,
     cert: &WorkloadCert,
     dial: &Dialer,
+    kernel_tls: bool,
 ) -> Result<Handshaken, HboneError> {
     let config = tls::client_config(cert, &key.dst_identities)?;
     let tcp = dial(key.dst).await?;
     // Tunnels carry interactive traffic too; don't let Nagle hold back small writes.
     let _ = tcp.set_nodelay(true);
-    let mut tls = tokio_rustls::TlsConnector::from(config)
-        .connect(tls::dummy_server_name(), super::ReadAhead::new(tcp))
-        .await
-        .map_err(|e| HboneError::Tls(tls::describe_handshake_error(&e)))?;
-    // Authenticated: bulk-sized reads and writes from now on.
-    let (wire, session) = tls.get_mut();
-    wire.allow_large_reads();
-    session.set_buffer_limit(Some(super::TLS_SEND_BUFFER));
+    let transport = if kernel_tls && super::kernel::attach(&tcp).is_ok() {
+        let session =
+            rustls::client::UnbufferedClientConnection::new(config, tls::dummy_server_name())
+                .map_err(|e| HboneError::Tls(e.to_string()))?;
+        let (stream, _) = super::kernel::handshake(tcp, session)
+            .await
+            .map_err(|e| HboneError::Tls(tls::describe_handshake_error(&e)))?;
+        let mut wire = super::ReadAhead::new(stream);
+        wire.allow_large_reads();
+        super::Transport::Kernel(Box::new(wire))
+    } else {
+        let mut tls = tokio_rustls::TlsConnector::from(config)
+            .connect(tls::dummy_server_name(), super::ReadAhead::new(tcp))
+            .await
+            .map_err(|e| HboneError::Tls(tls::describe_handshake_error(&e)))?;
+        // Authenticated: bulk-sized reads and writes from now on.
+        let (wire, session) = tls.get_mut();
+        wire.allow_large_reads();
+        session.set_buffer_limit(Some(super::TLS_SEND_BUFFER));
+        super::Transport::User(Box::new(tokio_rustls::TlsStream::Client(tls)))
+    };
+    tracing::debug!(dst = %key.dst, records = transport.path(), "HBONE connection established");
     let result = h2::client::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
@@ -403,7 +430,7 @@ async fn handshake(
         .max_send_buffer_size(super::STREAM_SEND_BUFFER)
         .max_header_list_size(CLIENT_MAX_HEADER_LIST_SIZE)
         .enable_push(false)
-        .handshake::<_, Bytes>(tls)
+        .handshake::<_, Bytes>(transport)
         .await?;
     Ok(result)
 }
@@ -414,7 +441,7 @@ async fn drive(
     inner: Arc<PoolInner>,
     key: PoolKey,
     conn: Arc<Conn>,
-    mut connection: h2::client::Connection<tokio_rustls::client::TlsStream<super::Wire>, Bytes>,
+    mut connection: h2::client::Connection<super::Transport, Bytes>,
 ) {
     let keepalive = match connection.ping_pong() {
         Some(pings) => super::keepalive(pings, PING_INTERVAL, PING_TIMEOUT).boxed(),

@@ -56,6 +56,9 @@ pub struct ServerSettings {
     /// a little longer than our client pool's 5 min idle timeout, so a well-behaved client
     /// closes first and never races our GOAWAY).
     pub idle_timeout: Duration,
+    /// Hand each connection's records to the kernel after the handshake (kTLS); see
+    /// [`super::PoolSettings::kernel_tls`].
+    pub kernel_tls: bool,
 }
 
 impl Default for ServerSettings {
@@ -70,6 +73,7 @@ impl Default for ServerSettings {
             handshake_timeout: Duration::from_secs(10),
             max_header_list_size: MAX_HEADER_LIST_SIZE,
             idle_timeout: Duration::from_secs(5 * 60 + 30),
+            kernel_tls: false,
         }
     }
 }
@@ -344,25 +348,38 @@ where
     }
 }
 
-type ServerConn = h2::server::Connection<tokio_rustls::server::TlsStream<super::Wire>, Bytes>;
+type ServerConn = h2::server::Connection<super::Transport, Bytes>;
 
 async fn handshake(
     tcp: tokio::net::TcpStream,
     tls: Arc<rustls::ServerConfig>,
     settings: &ServerSettings,
 ) -> Result<(Identity, ServerConn), HboneError> {
-    let mut stream = tokio_rustls::TlsAcceptor::from(tls)
-        .accept(super::ReadAhead::new(tcp))
-        .await
-        .map_err(|e| HboneError::Tls(tls::describe_handshake_error(&e)))?;
-    // Authenticated (the verifier required a SPIFFE identity): bulk-sized reads and writes
-    // from now on.
-    let (wire, session) = stream.get_mut();
-    wire.allow_large_reads();
-    session.set_buffer_limit(Some(super::TLS_SEND_BUFFER));
-    // The verifier already required a SPIFFE identity; this reads it back.
-    let certs = stream.get_ref().1.peer_certificates().unwrap_or_default();
-    let peer_identity = tls::peer_identity(certs)?;
+    // The verifier already required a SPIFFE identity; each path reads it back.
+    let (peer_identity, transport) = if settings.kernel_tls && super::kernel::attach(&tcp).is_ok() {
+        let session = rustls::server::UnbufferedServerConnection::new(tls)
+            .map_err(|e| HboneError::Tls(e.to_string()))?;
+        let (stream, certs) = super::kernel::handshake(tcp, session)
+            .await
+            .map_err(|e| HboneError::Tls(tls::describe_handshake_error(&e)))?;
+        let peer_identity = tls::peer_identity(certs.as_deref().unwrap_or_default())?;
+        let mut wire = super::ReadAhead::new(stream);
+        wire.allow_large_reads();
+        (peer_identity, super::Transport::Kernel(Box::new(wire)))
+    } else {
+        let mut stream = tokio_rustls::TlsAcceptor::from(tls)
+            .accept(super::ReadAhead::new(tcp))
+            .await
+            .map_err(|e| HboneError::Tls(tls::describe_handshake_error(&e)))?;
+        // Authenticated: bulk-sized reads and writes from now on.
+        let (wire, session) = stream.get_mut();
+        wire.allow_large_reads();
+        session.set_buffer_limit(Some(super::TLS_SEND_BUFFER));
+        let certs = stream.get_ref().1.peer_certificates().unwrap_or_default();
+        let peer_identity = tls::peer_identity(certs)?;
+        let transport = tokio_rustls::TlsStream::Server(stream);
+        (peer_identity, super::Transport::User(Box::new(transport)))
+    };
     let connection = h2::server::Builder::new()
         .initial_window_size(settings.stream_window)
         .initial_connection_window_size(settings.connection_window)
@@ -370,7 +387,7 @@ async fn handshake(
         .max_send_buffer_size(super::STREAM_SEND_BUFFER)
         .max_concurrent_streams(settings.max_concurrent_streams)
         .max_header_list_size(settings.max_header_list_size)
-        .handshake::<_, Bytes>(stream)
+        .handshake::<_, Bytes>(transport)
         .await?;
     Ok((peer_identity, connection))
 }

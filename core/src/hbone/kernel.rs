@@ -1,0 +1,1037 @@
+//! HBONE over kernel TLS: rustls makes the handshake, the kernel seals and opens the records.
+//!
+//! Owns: the handshake in rustls' unbuffered API (reading whole records only, so no byte of the
+//! connection after the handshake is taken from the kernel), the hand-over of the traffic keys
+//! to the socket, and [`KernelStream`], the plaintext byte stream h2 reads and writes after it:
+//! control records (alerts, KeyUpdate, session tickets) come out of the kernel one by one with
+//! their type and are handled here; key updates each way (the peer's, and ours before the
+//! suite's confidentiality limit) go through rustls' `KernelConnection`, which derives the next
+//! keys.
+//!
+//! Must not touch: policy, h2, the pool. Which connections come here is decided by the callers
+//! ([`super::client`], [`super::server`]): only where [`crate::ktls::probe`] found both suites
+//! and key updates, and only once the socket took the `tls` ULP (else the user-space path).
+
+use std::io::{self, IoSliceMut};
+use std::os::fd::{AsRawFd, RawFd};
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use nix::sys::socket::{
+    ControlMessageOwned, MsgFlags, TlsGetRecordType, recv, recvmsg, setsockopt, sockopt,
+};
+use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
+use rustls::kernel::KernelConnection;
+use rustls::pki_types::CertificateDer;
+use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
+use rustls::unbuffered::{ConnectionState, EncodeError, UnbufferedStatus};
+use rustls::{ConnectionTrafficSecrets, ExtractedSecrets};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
+use tokio::net::TcpStream;
+
+/// Connections handed to the kernel since the process started (both ends).
+static HANDED_OVER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many HBONE connections (client and server) this process has handed to kernel TLS.
+pub fn handed_over() -> u64 {
+    HANDED_OVER.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// The largest TLS 1.3 record on the wire: 5-byte header, 2^14 bytes of plaintext, 256 of
+/// expansion (RFC 8446 §5.2).
+const MAX_RECORD: usize = 5 + (1 << 14) + 256;
+/// The most handshake bytes held before rustls has a whole message (certificate chains span
+/// records).
+const MAX_HANDSHAKE_BUFFER: usize = 64 * 1024;
+/// The most post-handshake handshake bytes (session tickets) held while a message completes.
+const MAX_CONTROL_BUFFER: usize = 16 * 1024;
+
+const CONTENT_ALERT: u8 = 21;
+const CONTENT_HANDSHAKE: u8 = 22;
+const HANDSHAKE_NEW_SESSION_TICKET: u8 = 4;
+const HANDSHAKE_KEY_UPDATE: u8 = 24;
+
+fn tls_error(what: &str, e: impl std::fmt::Display) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("kernel TLS: {what}: {e}"),
+    )
+}
+
+/// Attaches the kernel's `tls` upper-layer protocol to a connected socket. Until keys are set
+/// it passes bytes through, so a refusal here leaves the socket as it was (the caller then uses
+/// the user-space path).
+pub(crate) fn attach(tcp: &TcpStream) -> io::Result<()> {
+    setsockopt(tcp, sockopt::TcpUlp::default(), b"tls").map_err(io::Error::from)
+}
+
+/// The two ends' unbuffered connections, driven alike.
+pub(crate) trait Handshake: Send {
+    fn process<'c, 'i>(&'c mut self, incoming: &'i mut [u8]) -> Status<'c, 'i>;
+    fn into_kernel(self) -> Result<(ExtractedSecrets, Keys), rustls::Error>;
+    fn peer_certificates(&self) -> Option<Vec<CertificateDer<'static>>>;
+}
+
+/// What [`Handshake::process`] says, with the end's type erased where the driver needs no more.
+pub(crate) enum Status<'c, 'i> {
+    Client(UnbufferedStatus<'c, 'i, ClientConnectionData>),
+    Server(UnbufferedStatus<'c, 'i, ServerConnectionData>),
+}
+
+/// The key schedule after the handshake: derives the next keys on a KeyUpdate.
+pub(crate) enum Keys {
+    Client(KernelConnection<ClientConnectionData>),
+    Server(KernelConnection<ServerConnectionData>),
+}
+
+impl Keys {
+    fn next_tx(&mut self) -> Result<(u64, ConnectionTrafficSecrets), rustls::Error> {
+        match self {
+            Keys::Client(k) => k.update_tx_secret(),
+            Keys::Server(k) => k.update_tx_secret(),
+        }
+    }
+
+    fn next_rx(&mut self) -> Result<(u64, ConnectionTrafficSecrets), rustls::Error> {
+        match self {
+            Keys::Client(k) => k.update_rx_secret(),
+            Keys::Server(k) => k.update_rx_secret(),
+        }
+    }
+
+    fn confidentiality_limit(&self) -> u64 {
+        let suite = match self {
+            Keys::Client(k) => k.negotiated_cipher_suite(),
+            Keys::Server(k) => k.negotiated_cipher_suite(),
+        };
+        // HBONE is TLS 1.3 only; AES-GCM's limit (2^23 records in rustls) otherwise.
+        suite
+            .tls13()
+            .map_or(1 << 23, |s| s.common.confidentiality_limit)
+    }
+}
+
+impl Handshake for UnbufferedClientConnection {
+    fn process<'c, 'i>(&'c mut self, incoming: &'i mut [u8]) -> Status<'c, 'i> {
+        Status::Client(self.process_tls_records(incoming))
+    }
+    fn into_kernel(self) -> Result<(ExtractedSecrets, Keys), rustls::Error> {
+        let (secrets, keys) = self.dangerous_into_kernel_connection()?;
+        Ok((secrets, Keys::Client(keys)))
+    }
+    fn peer_certificates(&self) -> Option<Vec<CertificateDer<'static>>> {
+        (**self).peer_certificates().map(<[_]>::to_vec)
+    }
+}
+
+impl Handshake for UnbufferedServerConnection {
+    fn process<'c, 'i>(&'c mut self, incoming: &'i mut [u8]) -> Status<'c, 'i> {
+        Status::Server(self.process_tls_records(incoming))
+    }
+    fn into_kernel(self) -> Result<(ExtractedSecrets, Keys), rustls::Error> {
+        let (secrets, keys) = self.dangerous_into_kernel_connection()?;
+        Ok((secrets, Keys::Server(keys)))
+    }
+    fn peer_certificates(&self) -> Option<Vec<CertificateDer<'static>>> {
+        (**self).peer_certificates().map(<[_]>::to_vec)
+    }
+}
+
+/// One step of the handshake driver, out of either end's state.
+enum Step {
+    /// Encoded handshake bytes to send (already appended to the outgoing buffer).
+    Encoded,
+    Transmit,
+    NeedMore,
+    /// Decrypted application data (the client's first frames can ride with its Finished).
+    Data,
+    Done,
+}
+
+macro_rules! step {
+    ($status:expr, $out:expr, $plain:expr) => {{
+        let UnbufferedStatus { discard, state } = $status;
+        // rustls' own error stays inside, so `tls::describe_handshake_error` finds it.
+        let step = match state.map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))? {
+            ConnectionState::EncodeTlsData(mut enc) => {
+                let mut chunk = vec![0; 4096];
+                loop {
+                    match enc.encode(&mut chunk) {
+                        Ok(n) => {
+                            $out.extend_from_slice(&chunk[..n]);
+                            break;
+                        }
+                        Err(EncodeError::InsufficientSize(e)) => chunk.resize(e.required_size, 0),
+                        Err(e) => return Err(tls_error("encoding the handshake", e)),
+                    }
+                }
+                Step::Encoded
+            }
+            ConnectionState::TransmitTlsData(t) => {
+                t.done();
+                Step::Transmit
+            }
+            ConnectionState::BlockedHandshake => Step::NeedMore,
+            ConnectionState::ReadTraffic(mut r) => {
+                while let Some(record) = r.next_record() {
+                    let record = record.map_err(|e| tls_error("reading", e))?;
+                    $plain.extend_from_slice(record.payload);
+                }
+                Step::Data
+            }
+            ConnectionState::WriteTraffic(_) => Step::Done,
+            ConnectionState::ReadEarlyData(_) => {
+                return Err(tls_error("handshake", "early data (0-RTT) is not accepted"));
+            }
+            ConnectionState::PeerClosed | ConnectionState::Closed => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "kernel TLS: the peer closed during the handshake",
+                ));
+            }
+            _ => return Err(tls_error("handshake", "unexpected connection state")),
+        };
+        (discard, step)
+    }};
+}
+
+/// Runs the handshake on `tcp` (which already has the `tls` ULP, see [`attach`]), hands the
+/// record layer to the kernel and returns the stream h2 uses, with the peer's certificates.
+pub(crate) async fn handshake<H: Handshake>(
+    mut tcp: TcpStream,
+    mut conn: H,
+) -> io::Result<(KernelStream, Option<Vec<CertificateDer<'static>>>)> {
+    // One record's room to start with (an unauthenticated peer pins no more than on the user
+    // path); grown a record at a time, up to MAX_HANDSHAKE_BUFFER, for long chains.
+    let mut incoming = vec![0u8; MAX_RECORD];
+    let mut filled = 0;
+    let mut outgoing = Vec::new();
+    let mut plain = Vec::new();
+    loop {
+        let (discard, step) = match conn.process(&mut incoming[..filled]) {
+            Status::Client(status) => step!(status, outgoing, plain),
+            Status::Server(status) => step!(status, outgoing, plain),
+        };
+        incoming.copy_within(discard..filled, 0);
+        filled -= discard;
+        match step {
+            Step::Encoded | Step::Data => {}
+            Step::Transmit => {
+                tcp.write_all(&outgoing).await?;
+                outgoing.clear();
+            }
+            Step::NeedMore => read_whole_records(&tcp, &mut incoming, &mut filled).await?,
+            Step::Done if filled == 0 => break,
+            // Whole records already read past the handshake: process them (they become
+            // `plain`) before the kernel takes over; a `Done` that consumed nothing of them
+            // would loop forever, and cannot happen with whole records.
+            Step::Done if discard > 0 => {}
+            Step::Done => {
+                return Err(tls_error(
+                    "hand-over",
+                    "a partial record was read past the handshake",
+                ));
+            }
+        }
+    }
+    let peer = conn.peer_certificates();
+    let (secrets, keys) = conn.into_kernel().map_err(|e| tls_error("hand-over", e))?;
+    set_key(&tcp, Direction::Tx, secrets.tx)?;
+    set_key(&tcp, Direction::Rx, secrets.rx)?;
+    let limit = keys.confidentiality_limit();
+    HANDED_OVER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    Ok((
+        KernelStream {
+            tcp,
+            keys,
+            plain,
+            plain_pos: 0,
+            control: Vec::new(),
+            read_closed: false,
+            write_closed: false,
+            owed: None,
+            records_sent: 0,
+            rekey_at: limit / 2,
+        },
+        peer,
+    ))
+}
+
+/// Reads from `tcp` into `buf[filled..]` only whole TLS records (at least one): peeks, then
+/// takes up to the end of the last complete record seen. Waits for more when not even one is
+/// complete. The bytes after them stay in the kernel, for its TLS receive path.
+async fn read_whole_records(
+    tcp: &TcpStream,
+    buf: &mut Vec<u8>,
+    filled: &mut usize,
+) -> io::Result<()> {
+    loop {
+        if buf.len() - *filled < MAX_RECORD {
+            if buf.len() >= MAX_HANDSHAKE_BUFFER {
+                return Err(tls_error("handshake", "handshake messages too large"));
+            }
+            buf.resize(buf.len() + MAX_RECORD, 0);
+        }
+        tcp.readable().await?;
+        let fd = tcp.as_raw_fd();
+        let room = &mut buf[*filled..];
+        let taken = tcp.try_io(Interest::READABLE, || {
+            let seen = recv(fd, room, MsgFlags::MSG_PEEK).map_err(io::Error::from)?;
+            if seen == 0 {
+                return Ok(0);
+            }
+            let whole = whole_records(&room[..seen])?;
+            if whole == 0 {
+                // Not one complete record yet: wait for the next arrival.
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            recv(fd, &mut room[..whole], MsgFlags::empty()).map_err(io::Error::from)
+        });
+        match taken {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "kernel TLS: the peer closed during the handshake",
+                ));
+            }
+            Ok(n) => {
+                *filled += n;
+                return Ok(());
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The length of the complete records at the start of `bytes`.
+fn whole_records(bytes: &[u8]) -> io::Result<usize> {
+    let mut at = 0;
+    while let Some(header) = bytes.get(at..at + 5) {
+        let len = usize::from(u16::from_be_bytes([header[3], header[4]]));
+        if 5 + len > MAX_RECORD {
+            return Err(tls_error("handshake", "the peer sent an oversized record"));
+        }
+        if at + 5 + len > bytes.len() {
+            break;
+        }
+        at += 5 + len;
+    }
+    Ok(at)
+}
+
+#[derive(Clone, Copy)]
+enum Direction {
+    Tx,
+    Rx,
+}
+
+/// Gives the socket the key for one direction (TLS 1.3; the record sequence number is where
+/// rustls left off, or 0 after a key update).
+fn set_key(
+    tcp: &TcpStream,
+    direction: Direction,
+    (seq, secrets): (u64, ConnectionTrafficSecrets),
+) -> io::Result<()> {
+    const TLS_1_3_VERSION: u16 = 0x0304;
+    let info = match secrets {
+        ConnectionTrafficSecrets::Aes128Gcm { key, iv } => {
+            let (salt, iv) = split_iv(iv.as_ref())?;
+            sockopt::TlsCryptoInfo::Aes128Gcm(libc::tls12_crypto_info_aes_gcm_128 {
+                info: libc::tls_crypto_info {
+                    version: TLS_1_3_VERSION,
+                    cipher_type: libc::TLS_CIPHER_AES_GCM_128,
+                },
+                iv,
+                key: key
+                    .as_ref()
+                    .try_into()
+                    .map_err(|_| tls_error("key", "AES-128 key is not 16 bytes"))?,
+                salt,
+                rec_seq: seq.to_be_bytes(),
+            })
+        }
+        ConnectionTrafficSecrets::Aes256Gcm { key, iv } => {
+            let (salt, iv) = split_iv(iv.as_ref())?;
+            sockopt::TlsCryptoInfo::Aes256Gcm(libc::tls12_crypto_info_aes_gcm_256 {
+                info: libc::tls_crypto_info {
+                    version: TLS_1_3_VERSION,
+                    cipher_type: libc::TLS_CIPHER_AES_GCM_256,
+                },
+                iv,
+                key: key
+                    .as_ref()
+                    .try_into()
+                    .map_err(|_| tls_error("key", "AES-256 key is not 32 bytes"))?,
+                salt,
+                rec_seq: seq.to_be_bytes(),
+            })
+        }
+        _ => return Err(tls_error("key", "a suite HBONE does not negotiate")),
+    };
+    let set = match direction {
+        Direction::Tx => setsockopt(tcp, sockopt::TcpTlsTx, &info),
+        Direction::Rx => setsockopt(tcp, sockopt::TcpTlsRx, &info),
+    };
+    set.map_err(|e| tls_error("the kernel refused a key", e))
+}
+
+/// TLS 1.3's 12-byte IV as the kernel wants it: 4 bytes of salt, 8 of IV.
+fn split_iv(iv: &[u8]) -> io::Result<([u8; 4], [u8; 8])> {
+    let bad = || tls_error("key", "the IV is not 12 bytes");
+    let salt = iv.get(..4).ok_or_else(bad)?.try_into().map_err(|_| bad())?;
+    let rest = iv
+        .get(4..12)
+        .ok_or_else(bad)?
+        .try_into()
+        .map_err(|_| bad())?;
+    Ok((salt, rest))
+}
+
+/// A connection whose records the kernel seals and opens; reads and writes are plaintext.
+pub struct KernelStream {
+    tcp: TcpStream,
+    keys: Keys,
+    /// Application data rustls decrypted during the handshake, handed out first.
+    plain: Vec<u8>,
+    plain_pos: usize,
+    /// Post-handshake handshake bytes until a message is whole.
+    control: Vec<u8>,
+    read_closed: bool,
+    write_closed: bool,
+    /// A KeyUpdate we owe the peer (sent before any more data, then our sending key changes).
+    owed: Option<KeyUpdate>,
+    /// Records sent under the current key (an upper bound: ⌈write / 16 KiB⌉ per write).
+    records_sent: u64,
+    rekey_at: u64,
+}
+
+#[derive(Clone, Copy)]
+enum KeyUpdate {
+    /// Ours, because the key is wearing out; the peer need not answer.
+    Ours,
+    /// The answer to a peer that asked for one.
+    Answer,
+}
+
+impl KernelStream {
+    /// Handles one non-data record the kernel handed up.
+    fn control_record(&mut self, kind: TlsGetRecordType, bytes: &[u8]) -> io::Result<()> {
+        match kind {
+            TlsGetRecordType::Alert => match bytes {
+                [_, 0] => {
+                    self.read_closed = true;
+                    Ok(())
+                }
+                [level, description] => Err(tls_error(
+                    "the peer sent an alert",
+                    format!("level {level}, description {description}"),
+                )),
+                _ => Err(tls_error("the peer sent an alert", "malformed")),
+            },
+            TlsGetRecordType::Handshake => {
+                self.control.extend_from_slice(bytes);
+                if self.control.len() > MAX_CONTROL_BUFFER {
+                    return Err(tls_error("post-handshake message", "too large"));
+                }
+                while let [kind, a, b, c, ..] = self.control[..] {
+                    let len = u32::from_be_bytes([0, a, b, c]) as usize;
+                    if self.control.len() < 4 + len {
+                        break;
+                    }
+                    let message: Vec<u8> = self.control.drain(..4 + len).collect();
+                    self.handshake_message(kind, &message[4..])?;
+                }
+                Ok(())
+            }
+            other => Err(tls_error(
+                "the peer sent a record of an unexpected type",
+                format!("{other:?}"),
+            )),
+        }
+    }
+
+    fn handshake_message(&mut self, kind: u8, body: &[u8]) -> io::Result<()> {
+        match (kind, body) {
+            // Resumption is off at both ends of HBONE; a peer's tickets are dropped.
+            (HANDSHAKE_NEW_SESSION_TICKET, _) if matches!(self.keys, Keys::Client(_)) => Ok(()),
+            (HANDSHAKE_KEY_UPDATE, [request]) if *request <= 1 => {
+                let next = self
+                    .keys
+                    .next_rx()
+                    .map_err(|e| tls_error("key update", e))?;
+                set_key(&self.tcp, Direction::Rx, next)?;
+                if *request == 1 {
+                    self.owed = Some(KeyUpdate::Answer);
+                }
+                Ok(())
+            }
+            (kind, _) => Err(tls_error(
+                "the peer sent an unexpected handshake message",
+                format!("type {kind}"),
+            )),
+        }
+    }
+
+    /// Sends what this end owes before more data: a KeyUpdate, then switches its sending key.
+    fn poll_owed(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let Some(update) = self.owed else {
+            return Poll::Ready(Ok(()));
+        };
+        let request = match update {
+            KeyUpdate::Ours | KeyUpdate::Answer => 0u8,
+        };
+        let message = [HANDSHAKE_KEY_UPDATE, 0, 0, 1, request];
+        loop {
+            ready!(self.tcp.poll_write_ready(cx))?;
+            let fd = self.tcp.as_raw_fd();
+            match self.tcp.try_io(Interest::WRITABLE, || {
+                crate::ktls::send_record(fd, CONTENT_HANDSHAKE, &message)
+            }) {
+                Ok(n) if n == message.len() => break,
+                Ok(_) => return Poll::Ready(Err(tls_error("key update", "sent in part"))),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+        let next = self
+            .keys
+            .next_tx()
+            .map_err(|e| tls_error("key update", e))?;
+        set_key(&self.tcp, Direction::Tx, next)?;
+        self.owed = None;
+        self.records_sent = 0;
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// One `recvmsg` on a kTLS socket: bytes of one record, and the record's type.
+fn recv_record(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, TlsGetRecordType)> {
+    let mut iov = [IoSliceMut::new(buf)];
+    let mut cmsg = nix::cmsg_space!(u8);
+    let msg =
+        recvmsg::<()>(fd, &mut iov, Some(&mut cmsg), MsgFlags::empty()).map_err(io::Error::from)?;
+    let kind = msg
+        .cmsgs()
+        .map_err(io::Error::from)?
+        .find_map(|c| match c {
+            ControlMessageOwned::TlsGetRecordType(t) => Some(t),
+            _ => None,
+        })
+        .unwrap_or(TlsGetRecordType::ApplicationData);
+    Ok((msg.bytes, kind))
+}
+
+impl AsyncRead for KernelStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.plain_pos < this.plain.len() {
+            let n = (this.plain.len() - this.plain_pos).min(out.remaining());
+            out.put_slice(&this.plain[this.plain_pos..this.plain_pos + n]);
+            this.plain_pos += n;
+            if this.plain_pos == this.plain.len() {
+                this.plain = Vec::new();
+                this.plain_pos = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            if this.read_closed || out.remaining() == 0 {
+                return Poll::Ready(Ok(()));
+            }
+            ready!(this.tcp.poll_read_ready(cx))?;
+            let fd = this.tcp.as_raw_fd();
+            let unfilled = out.initialize_unfilled();
+            match this
+                .tcp
+                .try_io(Interest::READABLE, || recv_record(fd, unfilled))
+            {
+                Ok((0, _)) => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "kernel TLS: the peer closed the connection without close_notify",
+                    )));
+                }
+                Ok((n, TlsGetRecordType::ApplicationData)) => {
+                    out.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Ok((n, kind)) => {
+                    let bytes = out.initialize_unfilled()[..n].to_vec();
+                    this.control_record(kind, &bytes)?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for KernelStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        if this.write_closed {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
+        ready!(this.poll_owed(cx))?;
+        let n = ready!(Pin::new(&mut this.tcp).poll_write(cx, buf))?;
+        this.records_sent += n.div_ceil(1 << 14) as u64;
+        if this.records_sent >= this.rekey_at && this.owed.is_none() {
+            this.owed = Some(KeyUpdate::Ours);
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        if this.write_closed {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
+        ready!(this.poll_owed(cx))?;
+        let n = ready!(Pin::new(&mut this.tcp).poll_write_vectored(cx, bufs))?;
+        // Each write makes at least one record; a large one, one per 16 KiB.
+        this.records_sent += (n.div_ceil(1 << 14) as u64).max(1);
+        if this.records_sent >= this.rekey_at && this.owed.is_none() {
+            this.owed = Some(KeyUpdate::Ours);
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        ready!(this.poll_owed(cx))?;
+        Pin::new(&mut this.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if !this.write_closed {
+            ready!(this.poll_owed(cx))?;
+            // close_notify (warning level, description 0), then the TCP FIN.
+            loop {
+                ready!(this.tcp.poll_write_ready(cx))?;
+                let fd = this.tcp.as_raw_fd();
+                match this.tcp.try_io(Interest::WRITABLE, || {
+                    crate::ktls::send_record(fd, CONTENT_ALERT, &[1, 0])
+                }) {
+                    Ok(2) => break,
+                    Ok(_) => return Poll::Ready(Err(tls_error("close_notify", "sent in part"))),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Poll::Ready(Err(e)),
+                }
+            }
+            this.write_closed = true;
+        }
+        Pin::new(&mut this.tcp).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn whole_records_stops_at_the_last_complete_record() {
+        let record = |len: u16| {
+            let mut r = vec![23, 3, 3];
+            r.extend_from_slice(&len.to_be_bytes());
+            r.extend(std::iter::repeat_n(0u8, usize::from(len)));
+            r
+        };
+        let mut bytes = record(10);
+        bytes.extend(record(3));
+        assert_eq!(whole_records(&bytes).unwrap(), 15 + 8);
+        let partial = record(100);
+        bytes.extend_from_slice(&partial[..50]);
+        assert_eq!(whole_records(&bytes).unwrap(), 15 + 8);
+        assert_eq!(whole_records(&bytes[..4]).unwrap(), 0, "a header cut short");
+        let huge = [23, 3, 3, 0xff, 0xff];
+        assert!(whole_records(&huge).is_err(), "oversized record");
+    }
+
+    /// Set in the guest: the test runs its checks there instead of booting another guest.
+    const IN_GUEST: &str = "MESH_KTLS_IN_GUEST";
+
+    /// Everything the kernel path must do, under a kernel that has kTLS with key updates
+    /// (Debian's 7.x, booted by `testbed::vm`; this machine's own kernel has no kTLS).
+    #[test]
+    fn under_a_kernel_with_ktls() {
+        if std::env::var_os(IN_GUEST).is_none() {
+            let kernel = testbed::vm::VmKernel::installed().expect("the guest kernel");
+            let exe = std::env::current_exe().expect("this test's path");
+            let out = kernel
+                .run(
+                    &exe,
+                    &[
+                        "--exact",
+                        "hbone::kernel::tests::under_a_kernel_with_ktls",
+                        "--nocapture",
+                        "--test-threads=1",
+                    ],
+                    &[(IN_GUEST, "1")],
+                    std::time::Duration::from_secs(600),
+                )
+                .expect("booting the guest");
+            assert_eq!(
+                out.exit,
+                Some(0),
+                "under {}, console:\n{}",
+                kernel.release,
+                out.console
+            );
+            assert!(
+                out.console.contains("kernel TLS checks passed"),
+                "{}",
+                out.console
+            );
+            assert!(out.console.contains("1 passed"), "{}", out.console);
+            if std::env::var_os("MESH_SHOW_GUEST").is_some() {
+                println!("{}", out.console);
+            }
+            return;
+        }
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(guest::checks());
+    }
+
+    mod guest {
+        use std::sync::Arc;
+
+        use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+        use tokio::net::{TcpListener, TcpStream};
+
+        use super::super::*;
+        use crate::Identity;
+        use crate::ca::CertAuthority;
+        use crate::tls::{self, WorkloadCert};
+
+        struct Certs {
+            server: WorkloadCert,
+            client: WorkloadCert,
+        }
+
+        fn server_id() -> Identity {
+            Identity::new("td", "srv", "server")
+        }
+
+        fn certs() -> Certs {
+            let ca = CertAuthority::new_in_memory("td").expect("ca");
+            let day = std::time::Duration::from_secs(86400);
+            Certs {
+                server: ca.mint(&server_id(), day).expect("server cert"),
+                client: ca
+                    .mint(&Identity::new("td", "cli", "client"), day)
+                    .expect("client cert"),
+            }
+        }
+
+        fn random(n: usize) -> Vec<u8> {
+            (0..n).map(|_| rand::random::<u8>()).collect()
+        }
+
+        async fn pair() -> (TcpStream, TcpStream) {
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let client = TcpStream::connect(listener.local_addr().expect("addr"))
+                .await
+                .expect("connect");
+            let (server, _) = listener.accept().await.expect("accept");
+            (client, server)
+        }
+
+        /// Writes `data` on `w` while reading as many bytes from `r`; returns what was read.
+        async fn exchange<W, R>(w: &mut W, r: &mut R, data: &[u8]) -> Vec<u8>
+        where
+            W: AsyncWrite + Unpin,
+            R: AsyncRead + Unpin,
+        {
+            let mut got = vec![0; data.len()];
+            let (written, read) = tokio::join!(
+                async {
+                    w.write_all(data).await?;
+                    w.flush().await
+                },
+                r.read_exact(&mut got)
+            );
+            written.expect("write");
+            read.expect("read");
+            got
+        }
+
+        pub async fn checks() {
+            assert_eq!(
+                crate::ktls::probe(),
+                crate::ktls::KernelTls::Available { rekey: true }
+            );
+            let certs = certs();
+            // Generous for QEMU's software CPU; a hang names its check instead of stalling.
+            async fn bounded(what: &str, check: impl std::future::Future<Output = ()>) {
+                let limit = std::time::Duration::from_secs(120);
+                if tokio::time::timeout(limit, check).await.is_err() {
+                    panic!("{what}: no result in {limit:?}");
+                }
+            }
+            bounded(
+                "kernel client, rustls server",
+                kernel_client_against_rustls_server(&certs),
+            )
+            .await;
+            bounded(
+                "rustls client, kernel server",
+                rustls_client_against_kernel_server(&certs),
+            )
+            .await;
+            bounded(
+                "our key rotations",
+                our_key_wears_out_and_is_replaced(&certs),
+            )
+            .await;
+            for (client, server) in [(true, true), (true, false), (false, true)] {
+                let what = format!("HBONE tunnel, client kernel {client}, server kernel {server}");
+                bounded(&what, hbone_tunnel(&certs, client, server)).await;
+            }
+            println!("kernel TLS checks passed");
+        }
+
+        async fn kernel_client(certs: &Certs, tcp: TcpStream) -> KernelStream {
+            attach(&tcp).expect("tls ULP");
+            let config = tls::client_config(&certs.client, &[server_id()]).expect("config");
+            let session =
+                rustls::client::UnbufferedClientConnection::new(config, tls::dummy_server_name())
+                    .expect("session");
+            let before = handed_over();
+            let (stream, peer) = handshake(tcp, session).await.expect("handshake");
+            assert!(peer.is_some_and(|p| !p.is_empty()), "the server's chain");
+            assert_eq!(handed_over(), before + 1);
+            stream
+        }
+
+        async fn kernel_client_against_rustls_server(certs: &Certs) {
+            let (client, server) = pair().await;
+            let acceptor = tokio_rustls::TlsAcceptor::from(
+                tls::server_config(&certs.server).expect("server config"),
+            );
+            let (mut ours, theirs) =
+                tokio::join!(kernel_client(certs, client), acceptor.accept(server));
+            let mut theirs = theirs.expect("rustls accept");
+            let data = random(1 << 20);
+            assert!(
+                exchange(&mut ours, &mut theirs, &data).await == data,
+                "client → server"
+            );
+            assert!(
+                exchange(&mut theirs, &mut ours, &data).await == data,
+                "server → client"
+            );
+            // The peer rotates its keys and asks us to rotate ours: our receive key must follow
+            // (else the next records fail to decrypt), and what we send next must be under our
+            // new key (else rustls rejects it).
+            theirs
+                .get_mut()
+                .1
+                .refresh_traffic_keys()
+                .expect("key update");
+            let more = random(200 << 10);
+            assert!(
+                exchange(&mut theirs, &mut ours, &more).await == more,
+                "after their update"
+            );
+            assert!(
+                exchange(&mut ours, &mut theirs, &more).await == more,
+                "after our answer"
+            );
+            // close_notify each way: a clean end of stream, not a truncation.
+            ours.shutdown().await.expect("our close_notify");
+            let mut rest = Vec::new();
+            theirs
+                .read_to_end(&mut rest)
+                .await
+                .expect("rustls sees close_notify");
+            assert!(rest.is_empty());
+            theirs.shutdown().await.expect("their close_notify");
+            let mut rest = Vec::new();
+            ours.read_to_end(&mut rest)
+                .await
+                .expect("we see close_notify");
+            assert!(rest.is_empty());
+        }
+
+        async fn rustls_client_against_kernel_server(certs: &Certs) {
+            let (client, server) = pair().await;
+            attach(&server).expect("tls ULP");
+            let session = rustls::server::UnbufferedServerConnection::new(
+                tls::server_config(&certs.server).expect("server config"),
+            )
+            .expect("session");
+            let connector = tokio_rustls::TlsConnector::from(
+                tls::client_config(&certs.client, &[server_id()]).expect("client config"),
+            );
+            // The client writes as soon as its handshake is done: those records can reach us
+            // with its Finished, and must come out first, in order.
+            let first = random(100 << 10);
+            let client_side = async {
+                let mut tls = connector
+                    .connect(tls::dummy_server_name(), client)
+                    .await
+                    .expect("rustls connect");
+                tls.write_all(&first).await.expect("early write");
+                tls.flush().await.expect("flush");
+                tls
+            };
+            let (theirs, ours) = tokio::join!(client_side, handshake(server, session));
+            let mut theirs = theirs;
+            let (mut ours, peer) = ours.expect("kernel handshake");
+            let peer = peer.expect("client chain");
+            assert_eq!(
+                tls::peer_identity(&peer).expect("identity").to_string(),
+                "spiffe://td/ns/cli/sa/client"
+            );
+            let mut got = vec![0; first.len()];
+            ours.read_exact(&mut got).await.expect("first bytes");
+            assert!(got == first, "the first bytes, in order");
+            let data = random(1 << 20);
+            assert!(
+                exchange(&mut ours, &mut theirs, &data).await == data,
+                "server → client"
+            );
+            theirs
+                .get_mut()
+                .1
+                .refresh_traffic_keys()
+                .expect("key update");
+            assert!(
+                exchange(&mut theirs, &mut ours, &data).await == data,
+                "after their update"
+            );
+            assert!(
+                exchange(&mut ours, &mut theirs, &data).await == data,
+                "after our answer"
+            );
+        }
+
+        /// A tunnel through our HBONE client and server, each end on the kernel path or not.
+        async fn hbone_tunnel(certs: &Certs, client_kernel: bool, server_kernel: bool) {
+            use crate::hbone::{
+                ConnectRequest, Dialer, InboundRequest, Pool, PoolKey, PoolSettings,
+                ServerSettings, serve_connection,
+            };
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            let tls = tls::server_config(&certs.server).expect("server config");
+            let settings = ServerSettings {
+                kernel_tls: server_kernel,
+                ..ServerSettings::default()
+            };
+            let before = handed_over();
+            let server = tokio::spawn(async move {
+                let (tcp, _) = listener.accept().await.expect("accept");
+                let echo = |req: InboundRequest| async move {
+                    let Ok(stream) = req.accept(http::HeaderMap::new()) else {
+                        return;
+                    };
+                    let (mut rd, mut wr) = tokio::io::split(stream);
+                    if tokio::io::copy(&mut rd, &mut wr).await.is_ok() {
+                        let _ = wr.write_all(b"bye").await;
+                        let _ = wr.shutdown().await;
+                    }
+                };
+                serve_connection(tcp, tls, settings, echo).await
+            });
+            let pool = Pool::new(PoolSettings {
+                kernel_tls: client_kernel,
+                ..PoolSettings::default()
+            });
+            let dial: Dialer = Arc::new(|a| Box::pin(TcpStream::connect(a)));
+            let key = PoolKey {
+                source: "pod".into(),
+                src_identity: Identity::new("td", "cli", "client"),
+                dst_identities: vec![server_id()],
+                dst: addr,
+                dst_instance: String::new(),
+            };
+            let stream = pool
+                .connect(
+                    key,
+                    Arc::new(certs.client.clone()),
+                    dial,
+                    ConnectRequest {
+                        authority: "10.0.0.7:8080".into(),
+                        headers: http::HeaderMap::new(),
+                    },
+                )
+                .await
+                .expect("connect");
+            let data = random(1 << 20);
+            let (mut rd, mut wr) = tokio::io::split(stream);
+            let sent = data.clone();
+            let writer = tokio::spawn(async move {
+                wr.write_all(&sent).await.expect("write");
+                wr.shutdown().await.expect("half-close");
+            });
+            let mut got = Vec::new();
+            rd.read_to_end(&mut got).await.expect("read");
+            writer.await.expect("writer");
+            let what = format!("client kernel {client_kernel}, server kernel {server_kernel}");
+            assert_eq!(got.len(), data.len() + 3, "{what}");
+            assert!(got[..data.len()] == data[..], "{what}: echoed bytes differ");
+            assert_eq!(&got[data.len()..], b"bye", "{what}");
+            assert_eq!(
+                handed_over(),
+                before + u64::from(client_kernel) + u64::from(server_kernel),
+                "{what}: connections on the kernel path"
+            );
+            // The pool keeps its connection open (idle timeout): the server's end is not awaited.
+            drop(pool);
+            server.abort();
+        }
+
+        async fn our_key_wears_out_and_is_replaced(certs: &Certs) {
+            let (client, server) = pair().await;
+            let acceptor = tokio_rustls::TlsAcceptor::from(
+                tls::server_config(&certs.server).expect("server config"),
+            );
+            let (mut ours, theirs) =
+                tokio::join!(kernel_client(certs, client), acceptor.accept(server));
+            let mut theirs = theirs.expect("rustls accept");
+            // A limit of a few records instead of millions: several rotations in 1 MiB.
+            ours.rekey_at = 16;
+            let data = random(1 << 20);
+            assert!(
+                exchange(&mut ours, &mut theirs, &data).await == data,
+                "across rotations"
+            );
+            assert!(
+                exchange(&mut theirs, &mut ours, &data).await == data,
+                "and back"
+            );
+        }
+    }
+
+    #[test]
+    fn the_iv_splits_into_salt_and_iv() {
+        let iv: Vec<u8> = (0..12).collect();
+        let (salt, rest) = split_iv(&iv).unwrap();
+        assert_eq!(salt, [0, 1, 2, 3]);
+        assert_eq!(rest, [4, 5, 6, 7, 8, 9, 10, 11]);
+        assert!(split_iv(&iv[..11]).is_err());
+    }
+}
