@@ -308,6 +308,12 @@ async fn read_whole_records(
 fn whole_records(bytes: &[u8]) -> io::Result<usize> {
     let mut at = 0;
     while let Some(header) = bytes.get(at..at + 5) {
+        // Content type (change_cipher_spec, alert, handshake, application data) and version
+        // 3.x, as rustls checks them before it waits for a body: a peer that is not speaking
+        // TLS fails at once, not after the handshake timeout.
+        if !(20..=23).contains(&header[0]) || header[1] != 3 {
+            return Err(tls_error("handshake", "the peer is not speaking TLS"));
+        }
         let len = usize::from(u16::from_be_bytes([header[3], header[4]]));
         if 5 + len > MAX_RECORD {
             return Err(tls_error("handshake", "the peer sent an oversized record"));
@@ -663,6 +669,7 @@ mod tests {
         assert_eq!(whole_records(&bytes[..4]).unwrap(), 0, "a header cut short");
         let huge = [23, 3, 3, 0xff, 0xff];
         assert!(whole_records(&huge).is_err(), "oversized record");
+        assert!(whole_records(b"GET / HTTP/1.1\r\n").is_err(), "not TLS");
     }
 
     /// Set in the guest: the test runs its checks there instead of booting another guest.
@@ -685,7 +692,7 @@ mod tests {
                         "--test-threads=1",
                     ],
                     &[(IN_GUEST, "1")],
-                    std::time::Duration::from_secs(600),
+                    std::time::Duration::from_secs(1200),
                 )
                 .expect("booting the guest");
             assert_eq!(
@@ -785,7 +792,7 @@ mod tests {
             let certs = certs();
             // Generous for QEMU's software CPU; a hang names its check instead of stalling.
             async fn bounded(what: &str, check: impl std::future::Future<Output = ()>) {
-                let limit = std::time::Duration::from_secs(120);
+                let limit = std::time::Duration::from_secs(300);
                 if tokio::time::timeout(limit, check).await.is_err() {
                     panic!("{what}: no result in {limit:?}");
                 }
@@ -803,6 +810,16 @@ mod tests {
             bounded(
                 "our key rotations",
                 our_key_wears_out_and_is_replaced(&certs),
+            )
+            .await;
+            bounded(
+                "hostile handshakes",
+                hostile_bytes_fail_the_handshake(&certs),
+            )
+            .await;
+            bounded(
+                "truncation",
+                an_end_without_close_notify_is_an_error(&certs),
             )
             .await;
             for (client, server) in [(true, true), (true, false), (false, true)] {
@@ -1002,6 +1019,50 @@ mod tests {
             // The pool keeps its connection open (idle timeout): the server's end is not awaited.
             drop(pool);
             server.abort();
+        }
+
+        /// Bytes that are not TLS, or a record header announcing more than TLS allows, end the
+        /// kernel-path handshake with an error, promptly and without a hang.
+        async fn hostile_bytes_fail_the_handshake(certs: &Certs) {
+            for (what, bytes) in [
+                ("oversized record", vec![22, 3, 1, 0xff, 0xff]),
+                ("plain HTTP", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec()),
+            ] {
+                let (mut client, server) = pair().await;
+                attach(&server).expect("tls ULP");
+                let session = rustls::server::UnbufferedServerConnection::new(
+                    tls::server_config(&certs.server).expect("server config"),
+                )
+                .expect("session");
+                client.write_all(&bytes).await.expect("write");
+                let Err(e) = handshake(server, session).await else {
+                    panic!("{what}: the handshake succeeded");
+                };
+                println!("{what}: {e}");
+            }
+        }
+
+        /// A peer that drops the TCP connection without close_notify: the read fails as a
+        /// truncation, it is not a clean end of stream.
+        async fn an_end_without_close_notify_is_an_error(certs: &Certs) {
+            let (client, server) = pair().await;
+            let acceptor = tokio_rustls::TlsAcceptor::from(
+                tls::server_config(&certs.server).expect("server config"),
+            );
+            let (mut ours, theirs) =
+                tokio::join!(kernel_client(certs, client), acceptor.accept(server));
+            let mut theirs = theirs.expect("rustls accept");
+            let data = random(64 << 10);
+            assert!(exchange(&mut theirs, &mut ours, &data).await == data);
+            let (tcp, _) = theirs.into_inner();
+            drop(tcp);
+            let mut rest = Vec::new();
+            let end = ours.read_to_end(&mut rest).await;
+            assert_eq!(
+                end.map_err(|e| e.kind()).err(),
+                Some(std::io::ErrorKind::UnexpectedEof),
+                "a truncated stream"
+            );
         }
 
         async fn our_key_wears_out_and_is_replaced(certs: &Certs) {
