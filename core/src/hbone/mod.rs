@@ -22,6 +22,7 @@ mod kernel;
 mod readahead;
 mod server;
 mod stream;
+mod transport;
 
 use std::time::Duration;
 
@@ -33,90 +34,10 @@ pub use server::{
     serve_connection_until,
 };
 pub use stream::H2Stream;
+pub(crate) use transport::Transport;
 
 /// The TCP socket under an HBONE connection's TLS: reads buffered ([`ReadAhead`]).
 pub(crate) type Wire = ReadAhead<tokio::net::TcpStream>;
-
-/// What h2 reads and writes: TLS records sealed by rustls in user space, or by the kernel
-/// ([`kernel`], where the settings allow it and the socket took the `tls` ULP).
-pub(crate) enum Transport {
-    User(Box<tokio_rustls::TlsStream<Wire>>),
-    Kernel(Box<ReadAhead<kernel::KernelStream>>),
-}
-
-impl Transport {
-    /// Which of the two this connection uses, as the config dump and logs name it.
-    pub(crate) fn path(&self) -> &'static str {
-        match self {
-            Transport::User(_) => "userspace",
-            Transport::Kernel(_) => "kernel",
-        }
-    }
-}
-
-impl tokio::io::AsyncRead for Transport {
-    fn poll_read(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Transport::User(s) => std::pin::Pin::new(s.as_mut()).poll_read(cx, buf),
-            Transport::Kernel(s) => std::pin::Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl tokio::io::AsyncWrite for Transport {
-    fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            Transport::User(s) => std::pin::Pin::new(s.as_mut()).poll_write(cx, buf),
-            Transport::Kernel(s) => std::pin::Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            Transport::User(s) => std::pin::Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-            Transport::Kernel(s) => std::pin::Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            Transport::User(s) => s.is_write_vectored(),
-            Transport::Kernel(s) => s.is_write_vectored(),
-        }
-    }
-
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Transport::User(s) => std::pin::Pin::new(s.as_mut()).poll_flush(cx),
-            Transport::Kernel(s) => std::pin::Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Transport::User(s) => std::pin::Pin::new(s.as_mut()).poll_shutdown(cx),
-            Transport::Kernel(s) => std::pin::Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
-    }
-}
 
 /// Encrypted bytes rustls may hold before a write must wait for the socket (its default is
 /// 64 KiB): a bulk tunnel's 256 KiB chunks go out in one `writev` of sixteen records.
