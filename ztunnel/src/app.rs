@@ -429,4 +429,28 @@ mod tests {
         // So is one above nr_open (it was set before nr_open was lowered).
         assert_eq!(fd_limit_target(100_000, Some(50_000)), 100_000);
     }
+
+    #[test]
+    fn the_kernel_path_needs_auto_and_a_kernel_with_key_updates() {
+        use meshcore::ktls::KernelTls;
+        let with = |setting, kernel| RecordEncryption { setting, kernel };
+        let full = KernelTls::Available { rekey: true };
+        let no_rekey = KernelTls::Available { rekey: false };
+        let none = KernelTls::Unavailable {
+            reason: "no CONFIG_TLS".into(),
+        };
+        assert_eq!(
+            with(KernelTlsSetting::Auto, full.clone()).path(),
+            "kernel (kTLS)"
+        );
+        for (setting, kernel) in [
+            (KernelTlsSetting::Off, full),
+            (KernelTlsSetting::Auto, no_rekey),
+            (KernelTlsSetting::Auto, none),
+        ] {
+            let encryption = with(setting, kernel);
+            assert!(!encryption.in_use(), "{encryption:?}");
+            assert_eq!(encryption.path(), "userspace (rustls)");
+        }
+    }
 }
