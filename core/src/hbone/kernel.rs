@@ -249,7 +249,7 @@ pub(crate) async fn handshake<H: Handshake>(
             control: Vec::new(),
             read_closed: false,
             write_closed: false,
-            owed: None,
+            key_update_owed: false,
             records_sent: 0,
             rekey_at: limit / 2,
         },
@@ -405,19 +405,12 @@ pub struct KernelStream {
     control: Vec<u8>,
     read_closed: bool,
     write_closed: bool,
-    /// A KeyUpdate we owe the peer (sent before any more data, then our sending key changes).
-    owed: Option<KeyUpdate>,
+    /// A KeyUpdate we owe the peer (asked for, or our key is worn): sent before any more data,
+    /// then our sending key changes.
+    key_update_owed: bool,
     /// Records sent under the current key (an upper bound: ⌈write / 16 KiB⌉ per write).
     records_sent: u64,
     rekey_at: u64,
-}
-
-#[derive(Clone, Copy)]
-enum KeyUpdate {
-    /// Ours, because the key is wearing out; the peer need not answer.
-    Ours,
-    /// The answer to a peer that asked for one.
-    Answer,
 }
 
 impl KernelStream {
@@ -468,7 +461,7 @@ impl KernelStream {
                     .map_err(|e| tls_error("key update", e))?;
                 set_key(&self.tcp, Direction::Rx, next)?;
                 if *request == 1 {
-                    self.owed = Some(KeyUpdate::Answer);
+                    self.key_update_owed = true;
                 }
                 Ok(())
             }
@@ -481,33 +474,51 @@ impl KernelStream {
 
     /// Sends what this end owes before more data: a KeyUpdate, then switches its sending key.
     fn poll_owed(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let Some(update) = self.owed else {
+        if !self.key_update_owed {
             return Poll::Ready(Ok(()));
-        };
-        let request = match update {
-            KeyUpdate::Ours | KeyUpdate::Answer => 0u8,
-        };
-        let message = [HANDSHAKE_KEY_UPDATE, 0, 0, 1, request];
-        loop {
-            ready!(self.tcp.poll_write_ready(cx))?;
-            let fd = self.tcp.as_raw_fd();
-            match self.tcp.try_io(Interest::WRITABLE, || {
-                crate::ktls::send_record(fd, CONTENT_HANDSHAKE, &message)
-            }) {
-                Ok(n) if n == message.len() => break,
-                Ok(_) => return Poll::Ready(Err(tls_error("key update", "sent in part"))),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Poll::Ready(Err(e)),
-            }
         }
+        // KeyUpdate, update_not_requested: whether it answers the peer or rotates our worn
+        // key, the peer need not answer it.
+        let message = [HANDSHAKE_KEY_UPDATE, 0, 0, 1, 0];
+        ready!(self.poll_send_record(cx, CONTENT_HANDSHAKE, &message))?;
         let next = self
             .keys
             .next_tx()
             .map_err(|e| tls_error("key update", e))?;
         set_key(&self.tcp, Direction::Tx, next)?;
-        self.owed = None;
+        self.key_update_owed = false;
         self.records_sent = 0;
         Poll::Ready(Ok(()))
+    }
+
+    /// Sends one non-data record whole (see [`crate::ktls::send_record`]), waiting for room.
+    fn poll_send_record(
+        &mut self,
+        cx: &mut Context<'_>,
+        content_type: u8,
+        payload: &[u8],
+    ) -> Poll<io::Result<()>> {
+        loop {
+            ready!(self.tcp.poll_write_ready(cx))?;
+            let fd = self.tcp.as_raw_fd();
+            match self.tcp.try_io(Interest::WRITABLE, || {
+                crate::ktls::send_record(fd, content_type, payload)
+            }) {
+                Ok(n) if n == payload.len() => return Poll::Ready(Ok(())),
+                Ok(_) => return Poll::Ready(Err(tls_error("a control record", "sent in part"))),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    /// Counts a write's records against the key's limit (at least one; one per 16 KiB) and
+    /// owes a key update once half the limit is used.
+    fn count_written(&mut self, n: usize) {
+        self.records_sent += (n.div_ceil(1 << 14) as u64).max(1);
+        if self.records_sent >= self.rekey_at {
+            self.key_update_owed = true;
+        }
     }
 }
 
@@ -589,10 +600,7 @@ impl AsyncWrite for KernelStream {
         }
         ready!(this.poll_owed(cx))?;
         let n = ready!(Pin::new(&mut this.tcp).poll_write(cx, buf))?;
-        this.records_sent += n.div_ceil(1 << 14) as u64;
-        if this.records_sent >= this.rekey_at && this.owed.is_none() {
-            this.owed = Some(KeyUpdate::Ours);
-        }
+        this.count_written(n);
         Poll::Ready(Ok(n))
     }
 
@@ -607,11 +615,7 @@ impl AsyncWrite for KernelStream {
         }
         ready!(this.poll_owed(cx))?;
         let n = ready!(Pin::new(&mut this.tcp).poll_write_vectored(cx, bufs))?;
-        // Each write makes at least one record; a large one, one per 16 KiB.
-        this.records_sent += (n.div_ceil(1 << 14) as u64).max(1);
-        if this.records_sent >= this.rekey_at && this.owed.is_none() {
-            this.owed = Some(KeyUpdate::Ours);
-        }
+        this.count_written(n);
         Poll::Ready(Ok(n))
     }
 
@@ -630,18 +634,7 @@ impl AsyncWrite for KernelStream {
         if !this.write_closed {
             ready!(this.poll_owed(cx))?;
             // close_notify (warning level, description 0), then the TCP FIN.
-            loop {
-                ready!(this.tcp.poll_write_ready(cx))?;
-                let fd = this.tcp.as_raw_fd();
-                match this.tcp.try_io(Interest::WRITABLE, || {
-                    crate::ktls::send_record(fd, CONTENT_ALERT, &[1, 0])
-                }) {
-                    Ok(2) => break,
-                    Ok(_) => return Poll::Ready(Err(tls_error("close_notify", "sent in part"))),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                    Err(e) => return Poll::Ready(Err(e)),
-                }
-            }
+            ready!(this.poll_send_record(cx, CONTENT_ALERT, &[1, 0]))?;
             this.write_closed = true;
         }
         Pin::new(&mut this.tcp).poll_shutdown(cx)
