@@ -104,10 +104,10 @@ impl Keys {
             Keys::Client(k) => k.negotiated_cipher_suite(),
             Keys::Server(k) => k.negotiated_cipher_suite(),
         };
-        // HBONE is TLS 1.3 only; AES-GCM's limit (2^23 records in rustls) otherwise.
+        // HBONE is TLS 1.3 only (rustls: 2^24 records for AES-GCM); the same if it ever is not.
         suite
             .tls13()
-            .map_or(1 << 23, |s| s.common.confidentiality_limit)
+            .map_or(1 << 24, |s| s.common.confidentiality_limit)
     }
 }
 
@@ -459,6 +459,11 @@ impl KernelStream {
                     .keys
                     .next_rx()
                     .map_err(|e| tls_error("key update", e))?;
+                // The next record is under the new key: nothing may follow in this one
+                // (RFC 8446 §5.1, handshake messages must not span a key change).
+                if !self.control.is_empty() {
+                    return Err(tls_error("key update", "more handshake data in its record"));
+                }
                 set_key(&self.tcp, Direction::Rx, next)?;
                 if *request == 1 {
                     self.key_update_owed = true;
