@@ -202,7 +202,7 @@ mod guest {
         let (mut ours, theirs) =
             tokio::join!(kernel_client(certs, client), acceptor.accept(server));
         let mut theirs = theirs.expect("rustls accept");
-        let data = random(1 << 20);
+        let data = random(256 << 10);
         assert!(
             exchange(&mut ours, &mut theirs, &data).await == data,
             "client → server"
@@ -219,7 +219,7 @@ mod guest {
             .1
             .refresh_traffic_keys()
             .expect("key update");
-        let more = random(200 << 10);
+        let more = random(100 << 10);
         assert!(
             exchange(&mut theirs, &mut ours, &more).await == more,
             "after their update"
@@ -277,7 +277,7 @@ mod guest {
         let mut got = vec![0; first.len()];
         ours.read_exact(&mut got).await.expect("first bytes");
         assert!(got == first, "the first bytes, in order");
-        let data = random(1 << 20);
+        let data = random(256 << 10);
         assert!(
             exchange(&mut ours, &mut theirs, &data).await == data,
             "server → client"
@@ -349,7 +349,7 @@ mod guest {
             )
             .await
             .expect("connect");
-        let data = random(1 << 20);
+        let data = random(256 << 10);
         let (mut rd, mut wr) = tokio::io::split(stream);
         let sent = data.clone();
         let writer = tokio::spawn(async move {
@@ -425,9 +425,9 @@ mod guest {
         let (mut ours, theirs) =
             tokio::join!(kernel_client(certs, client), acceptor.accept(server));
         let mut theirs = theirs.expect("rustls accept");
-        // A limit of a few records instead of millions: several rotations in 1 MiB.
-        ours.rekey_at = 16;
-        let data = random(1 << 20);
+        // A limit of a few records instead of millions: several rotations in 256 KiB.
+        ours.rekey_at = 4;
+        let data = random(256 << 10);
         assert!(
             exchange(&mut ours, &mut theirs, &data).await == data,
             "across rotations"
