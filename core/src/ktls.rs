@@ -50,7 +50,7 @@ impl std::fmt::Display for KernelTls {
 
 /// The two TLS 1.3 suites HBONE negotiates ([`crate::tls`]).
 #[derive(Debug, Clone, Copy)]
-enum Suite {
+pub(crate) enum Suite {
     Aes128Gcm,
     Aes256Gcm,
 }
@@ -65,36 +65,58 @@ impl Suite {
         }
     }
 
-    /// A well-formed TLS 1.3 key for the suite (all zero: the probe's sockets never carry data).
-    fn zero_key(self) -> sockopt::TlsCryptoInfo {
-        const TLS_1_3_VERSION: u16 = 0x0304;
+    fn key_len(self) -> usize {
         match self {
-            Suite::Aes128Gcm => {
-                sockopt::TlsCryptoInfo::Aes128Gcm(libc::tls12_crypto_info_aes_gcm_128 {
-                    info: libc::tls_crypto_info {
-                        version: TLS_1_3_VERSION,
-                        cipher_type: libc::TLS_CIPHER_AES_GCM_128,
-                    },
-                    iv: [0; 8],
-                    key: [0; 16],
-                    salt: [0; 4],
-                    rec_seq: [0; 8],
-                })
-            }
-            Suite::Aes256Gcm => {
-                sockopt::TlsCryptoInfo::Aes256Gcm(libc::tls12_crypto_info_aes_gcm_256 {
-                    info: libc::tls_crypto_info {
-                        version: TLS_1_3_VERSION,
-                        cipher_type: libc::TLS_CIPHER_AES_GCM_256,
-                    },
-                    iv: [0; 8],
-                    key: [0; 32],
-                    salt: [0; 4],
-                    rec_seq: [0; 8],
-                })
-            }
+            Suite::Aes128Gcm => 16,
+            Suite::Aes256Gcm => 32,
         }
     }
+}
+
+/// One direction's TLS 1.3 key as the kernel takes it (`TLS_TX` / `TLS_RX`): the suite's `key`,
+/// TLS 1.3's 12-byte `iv` (the kernel wants 4 bytes of salt, then 8 of IV) and the sequence
+/// number of the next record. An error names the length that was wrong.
+pub(crate) fn crypto_info(
+    suite: Suite,
+    key: &[u8],
+    iv: &[u8],
+    seq: u64,
+) -> Result<sockopt::TlsCryptoInfo, String> {
+    const TLS_1_3_VERSION: u16 = 0x0304;
+    let wrong = |what: &str, len: usize| format!("{} {what} of {len} bytes", suite.name());
+    if iv.len() != 12 {
+        return Err(wrong("IV", iv.len()));
+    }
+    let (salt, iv) = iv.split_at(4);
+    let salt: [u8; 4] = salt.try_into().map_err(|_| wrong("salt", salt.len()))?;
+    let iv: [u8; 8] = iv.try_into().map_err(|_| wrong("IV", iv.len()))?;
+    let rec_seq = seq.to_be_bytes();
+    Ok(match suite {
+        Suite::Aes128Gcm => {
+            sockopt::TlsCryptoInfo::Aes128Gcm(libc::tls12_crypto_info_aes_gcm_128 {
+                info: libc::tls_crypto_info {
+                    version: TLS_1_3_VERSION,
+                    cipher_type: libc::TLS_CIPHER_AES_GCM_128,
+                },
+                iv,
+                key: key.try_into().map_err(|_| wrong("key", key.len()))?,
+                salt,
+                rec_seq,
+            })
+        }
+        Suite::Aes256Gcm => {
+            sockopt::TlsCryptoInfo::Aes256Gcm(libc::tls12_crypto_info_aes_gcm_256 {
+                info: libc::tls_crypto_info {
+                    version: TLS_1_3_VERSION,
+                    cipher_type: libc::TLS_CIPHER_AES_GCM_256,
+                },
+                iv,
+                key: key.try_into().map_err(|_| wrong("key", key.len()))?,
+                salt,
+                rec_seq,
+            })
+        }
+    })
 }
 
 /// Asks the kernel, on loopback sockets of its own, what it offers HBONE (see the module docs).
@@ -126,10 +148,12 @@ fn probe_suite(suite: Suite) -> Result<bool, String> {
         })?;
     }
     let key = |what: &str, e: Errno| format!("{} {what} key refused: {}", suite.name(), e.desc());
-    setsockopt(&client, sockopt::TcpTlsTx, &suite.zero_key()).map_err(|e| key("transmit", e))?;
-    setsockopt(&server, sockopt::TcpTlsRx, &suite.zero_key()).map_err(|e| key("receive", e))?;
+    // A well-formed key, all zero: the probe's sockets never carry data.
+    let zero = crypto_info(suite, &[0; 32][..suite.key_len()], &[0; 12], 0)?;
+    setsockopt(&client, sockopt::TcpTlsTx, &zero).map_err(|e| key("transmit", e))?;
+    setsockopt(&server, sockopt::TcpTlsRx, &zero).map_err(|e| key("receive", e))?;
     // Kernels without TLS 1.3 rekey answer a second key with EBUSY.
-    Ok(setsockopt(&client, sockopt::TcpTlsTx, &suite.zero_key()).is_ok())
+    Ok(setsockopt(&client, sockopt::TcpTlsTx, &zero).is_ok())
 }
 
 /// A connected TCP pair on 127.0.0.1 (TCP_ULP needs an established socket).
@@ -208,5 +232,23 @@ mod tests {
         );
         let some = KernelTls::Available { rekey: false };
         assert!(some.to_string().contains("no key updates"), "{some}");
+    }
+
+    #[test]
+    fn crypto_info_takes_salt_then_iv_and_checks_lengths() {
+        let iv: Vec<u8> = (0..12).collect();
+        let Ok(sockopt::TlsCryptoInfo::Aes256Gcm(info)) =
+            crypto_info(Suite::Aes256Gcm, &[7; 32], &iv, 0x0102)
+        else {
+            panic!("an AES-256-GCM key");
+        };
+        assert_eq!(info.salt, [0, 1, 2, 3]);
+        assert_eq!(info.iv, [4, 5, 6, 7, 8, 9, 10, 11]);
+        assert_eq!(info.rec_seq, [0, 0, 0, 0, 0, 0, 1, 2]);
+        assert_eq!(info.key, [7; 32]);
+        let short_key = crypto_info(Suite::Aes128Gcm, &[0; 32], &iv, 0).err();
+        assert_eq!(short_key.as_deref(), Some("AES-128-GCM key of 32 bytes"));
+        let short_iv = crypto_info(Suite::Aes128Gcm, &[0; 16], &iv[..11], 0).err();
+        assert_eq!(short_iv.as_deref(), Some("AES-128-GCM IV of 11 bytes"));
     }
 }

@@ -339,59 +339,19 @@ fn set_key(
     direction: Direction,
     (seq, secrets): (u64, ConnectionTrafficSecrets),
 ) -> io::Result<()> {
-    const TLS_1_3_VERSION: u16 = 0x0304;
-    let info = match secrets {
-        ConnectionTrafficSecrets::Aes128Gcm { key, iv } => {
-            let (salt, iv) = split_iv(iv.as_ref())?;
-            sockopt::TlsCryptoInfo::Aes128Gcm(libc::tls12_crypto_info_aes_gcm_128 {
-                info: libc::tls_crypto_info {
-                    version: TLS_1_3_VERSION,
-                    cipher_type: libc::TLS_CIPHER_AES_GCM_128,
-                },
-                iv,
-                key: key
-                    .as_ref()
-                    .try_into()
-                    .map_err(|_| tls_error("key", "AES-128 key is not 16 bytes"))?,
-                salt,
-                rec_seq: seq.to_be_bytes(),
-            })
-        }
-        ConnectionTrafficSecrets::Aes256Gcm { key, iv } => {
-            let (salt, iv) = split_iv(iv.as_ref())?;
-            sockopt::TlsCryptoInfo::Aes256Gcm(libc::tls12_crypto_info_aes_gcm_256 {
-                info: libc::tls_crypto_info {
-                    version: TLS_1_3_VERSION,
-                    cipher_type: libc::TLS_CIPHER_AES_GCM_256,
-                },
-                iv,
-                key: key
-                    .as_ref()
-                    .try_into()
-                    .map_err(|_| tls_error("key", "AES-256 key is not 32 bytes"))?,
-                salt,
-                rec_seq: seq.to_be_bytes(),
-            })
-        }
+    use crate::ktls::Suite;
+    let (suite, key, iv) = match &secrets {
+        ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (Suite::Aes128Gcm, key, iv),
+        ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (Suite::Aes256Gcm, key, iv),
         _ => return Err(tls_error("key", "a suite HBONE does not negotiate")),
     };
+    let info = crate::ktls::crypto_info(suite, key.as_ref(), iv.as_ref(), seq)
+        .map_err(|e| tls_error("key", e))?;
     let set = match direction {
         Direction::Tx => setsockopt(tcp, sockopt::TcpTlsTx, &info),
         Direction::Rx => setsockopt(tcp, sockopt::TcpTlsRx, &info),
     };
     set.map_err(|e| tls_error("the kernel refused a key", e))
-}
-
-/// TLS 1.3's 12-byte IV as the kernel wants it: 4 bytes of salt, 8 of IV.
-fn split_iv(iv: &[u8]) -> io::Result<([u8; 4], [u8; 8])> {
-    let bad = || tls_error("key", "the IV is not 12 bytes");
-    let salt = iv.get(..4).ok_or_else(bad)?.try_into().map_err(|_| bad())?;
-    let rest = iv
-        .get(4..12)
-        .ok_or_else(bad)?
-        .try_into()
-        .map_err(|_| bad())?;
-    Ok((salt, rest))
 }
 
 /// A connection whose records the kernel seals and opens; reads and writes are plaintext.

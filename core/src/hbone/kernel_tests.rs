@@ -438,12 +438,3 @@ mod guest {
         );
     }
 }
-
-#[test]
-fn the_iv_splits_into_salt_and_iv() {
-    let iv: Vec<u8> = (0..12).collect();
-    let (salt, rest) = split_iv(&iv).unwrap();
-    assert_eq!(salt, [0, 1, 2, 3]);
-    assert_eq!(rest, [4, 5, 6, 7, 8, 9, 10, 11]);
-    assert!(split_iv(&iv[..11]).is_err());
-}
