@@ -244,8 +244,7 @@ pub(crate) async fn handshake<H: Handshake>(
         KernelStream {
             tcp,
             keys,
-            plain,
-            plain_pos: 0,
+            plain: plain.into(),
             control: Vec::new(),
             read_closed: false,
             write_closed: false,
@@ -359,8 +358,7 @@ pub struct KernelStream {
     tcp: TcpStream,
     keys: Keys,
     /// Application data rustls decrypted during the handshake, handed out first.
-    plain: Vec<u8>,
-    plain_pos: usize,
+    plain: bytes::Bytes,
     /// Post-handshake handshake bytes until a message is whole.
     control: Vec<u8>,
     read_closed: bool,
@@ -511,14 +509,9 @@ impl AsyncRead for KernelStream {
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        if this.plain_pos < this.plain.len() {
-            let n = (this.plain.len() - this.plain_pos).min(out.remaining());
-            out.put_slice(&this.plain[this.plain_pos..this.plain_pos + n]);
-            this.plain_pos += n;
-            if this.plain_pos == this.plain.len() {
-                this.plain = Vec::new();
-                this.plain_pos = 0;
-            }
+        if !this.plain.is_empty() {
+            let n = this.plain.len().min(out.remaining());
+            out.put_slice(&this.plain.split_to(n));
             return Poll::Ready(Ok(()));
         }
         loop {
