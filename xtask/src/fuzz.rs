@@ -2,8 +2,8 @@
 //! each with its libFuzzer limits, seeds, regressions and dictionary, and a summary of the
 //! runs. Owns running the targets; the targets themselves are fuzz/'s.
 
-use std::path::Path;
-use std::process::Command;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
 
 use anyhow::{Context, bail};
 
@@ -28,10 +28,80 @@ fn fuzz_limits(target: &str) -> (u64, u64) {
     }
 }
 
+/// The fuzz targets' build, running in the background at the lowest CPU priority.
+///
+/// Their sanitized release build takes ~7 minutes of a 2-core machine; `cargo xtask test` starts
+/// it first so that it runs on what the suite leaves idle (a mesh test mostly waits on sockets
+/// and namespaces; `nice 19` yields the CPU whenever a test or the workspace build wants it),
+/// and `fuzz` waits for it instead of building. Dropped unfinished (the suite failed to build,
+/// Ctrl-C), it kills the build.
+pub struct BackgroundBuild {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl BackgroundBuild {
+    pub fn start() -> anyhow::Result<Self> {
+        fuzz_toolchain()?;
+        std::fs::create_dir_all("fuzz/target")?;
+        let log = Path::new("fuzz/target").join("build.log");
+        let log_file =
+            std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let mut cmd = nightly_cargo_niced();
+        cmd.args(["fuzz", "build", "--fuzz-dir", "fuzz"])
+            .stdin(std::process::Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file);
+        let child = cmd.spawn().context("starting the fuzz targets' build")?;
+        eprintln!(
+            "xtask: building the fuzz targets in the background (nice 19; log {})",
+            log.display()
+        );
+        Ok(Self {
+            child: Some(child),
+            log,
+        })
+    }
+
+    /// Waits for the build; on failure the error carries the log's tail (cargo's reason).
+    fn wait(mut self) -> anyhow::Result<()> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        let status = child
+            .wait()
+            .context("waiting for the fuzz targets' build")?;
+        if !status.success() {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            bail!(
+                "building the fuzz targets failed with {status} ({}):\n{}",
+                self.log.display(),
+                lines[lines.len().saturating_sub(60)..].join("\n")
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Drop for BackgroundBuild {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 /// Runs the cargo-fuzz targets under fuzz/ with nightly (installing cargo-fuzz and the
 /// toolchain if missing). Each run starts from fuzz/seeds/<t> and fuzz/regressions/<t> (inputs
-/// that once failed, kept so they never fail again) and grows fuzz/corpus/<t>.
-pub fn fuzz(only: Option<&str>, budget: FuzzBudget) -> anyhow::Result<()> {
+/// that once failed, kept so they never fail again) and grows fuzz/corpus/<t>. The targets are
+/// built here unless `built` is a build already under way.
+pub fn fuzz(
+    only: Option<&str>,
+    budget: FuzzBudget,
+    built: Option<BackgroundBuild>,
+) -> anyhow::Result<()> {
     fuzz_toolchain()?;
     let targets: Vec<String> = match only {
         Some(t) => vec![t.to_string()],
@@ -53,7 +123,10 @@ pub fn fuzz(only: Option<&str>, budget: FuzzBudget) -> anyhow::Result<()> {
                 .collect()
         }
     };
-    run(nightly_cargo().args(["fuzz", "build", "--fuzz-dir", "fuzz"]))?;
+    match built {
+        Some(build) => build.wait()?,
+        None => run(nightly_cargo().args(["fuzz", "build", "--fuzz-dir", "fuzz"]))?,
+    }
     let mut failed = Vec::new();
     let mut summary = Vec::new();
     for t in &targets {
@@ -135,6 +208,22 @@ fn nightly_cargo() -> Command {
         .env_remove("RUSTUP_TOOLCHAIN")
         .env_remove("RUSTC")
         .env_remove("RUSTDOC");
+    cmd
+}
+
+/// `nightly_cargo` at the lowest CPU priority (coreutils' `nice`).
+fn nightly_cargo_niced() -> Command {
+    let plain = nightly_cargo();
+    let mut cmd = Command::new("nice");
+    cmd.args(["-n", "19"])
+        .arg(plain.get_program())
+        .args(plain.get_args());
+    for (key, value) in plain.get_envs() {
+        match value {
+            Some(v) => cmd.env(key, v),
+            None => cmd.env_remove(key),
+        };
+    }
     cmd
 }
 

@@ -26,7 +26,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 
 use deps::deps;
-use fuzz::{FuzzBudget, fuzz};
+use fuzz::{BackgroundBuild, FuzzBudget, fuzz};
 
 #[derive(Parser)]
 #[command(about = "Project commands for the mesh")]
@@ -184,7 +184,7 @@ fn main() -> anyhow::Result<()> {
                 (Some(n), _) => FuzzBudget::Runs(n),
                 (None, s) => FuzzBudget::Seconds(s.unwrap_or(300)),
             };
-            fuzz(target.as_deref(), budget)
+            fuzz(target.as_deref(), budget, None)
         }
         Cmd::Images {
             bin_dir,
@@ -234,6 +234,8 @@ fn build(release: bool) -> anyhow::Result<()> {
 fn test(args: &[String]) -> anyhow::Result<()> {
     need_root()?;
     deps()?;
+    // The fuzz smoke's build (the longest single step) overlaps everything below.
+    let fuzz_build = BackgroundBuild::start()?;
     build(false)?;
     // Two mesh tests at a time keep a 2-core machine responsive.
     let mut cmd = Command::new(env!("CARGO"));
@@ -303,7 +305,7 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     let leak_check = run(&mut leaks);
     // A short run of each fuzz target, so they keep building and the regression inputs keep
     // passing; `cargo xtask fuzz` is the real run.
-    let fuzz_smoke = fuzz(None, FuzzBudget::Runs(2000));
+    let fuzz_smoke = fuzz(None, FuzzBudget::Runs(2000), Some(fuzz_build));
     suite.context("test suite failed")?;
     leak_check.context("leak check failed")?;
     fuzz_smoke.context("fuzz smoke failed")
