@@ -37,9 +37,11 @@ pub fn handed_over() -> u64 {
     HANDED_OVER.load(std::sync::atomic::Ordering::Relaxed)
 }
 
-/// The largest TLS 1.3 record on the wire: 5-byte header, 2^14 bytes of plaintext, 256 of
+/// The most plaintext one record carries (RFC 8446 §5.1).
+const RECORD_PLAINTEXT: usize = 1 << 14;
+/// The largest TLS 1.3 record on the wire: 5-byte header, the plaintext, 256 bytes of
 /// expansion (RFC 8446 §5.2).
-const MAX_RECORD: usize = 5 + (1 << 14) + 256;
+const MAX_RECORD: usize = 5 + RECORD_PLAINTEXT + 256;
 /// The most handshake bytes held before rustls has a whole message (certificate chains span
 /// records).
 const MAX_HANDSHAKE_BUFFER: usize = 64 * 1024;
@@ -478,7 +480,7 @@ impl KernelStream {
     /// Counts a write's records against the key's limit (at least one; one per 16 KiB) and
     /// owes a key update once half the limit is used.
     fn count_written(&mut self, n: usize) {
-        self.records_sent += (n.div_ceil(1 << 14) as u64).max(1);
+        self.records_sent += (n.div_ceil(RECORD_PLAINTEXT) as u64).max(1);
         if self.records_sent >= self.rekey_at {
             self.key_update_owed = true;
         }
@@ -520,23 +522,48 @@ impl AsyncRead for KernelStream {
             }
             ready!(this.tcp.poll_read_ready(cx))?;
             let fd = this.tcp.as_raw_fd();
-            let unfilled = out.initialize_unfilled();
-            match this
-                .tcp
-                .try_io(Interest::READABLE, || recv_record(fd, unfilled))
-            {
+            // The kernel hands out a record in pieces when the buffer is short, and a control
+            // record must be judged whole (half an alert is not a malformed one), so a read
+            // with less room than a record goes through a record-sized buffer, its data kept
+            // in `plain`. (h2 reads through `ReadAhead`, whose reads are never that small.)
+            let small = out.remaining() < RECORD_PLAINTEXT;
+            let mut scratch = if small {
+                vec![0; RECORD_PLAINTEXT]
+            } else {
+                Vec::new()
+            };
+            let got = if small {
+                this.tcp
+                    .try_io(Interest::READABLE, || recv_record(fd, &mut scratch))
+            } else {
+                let unfilled = out.initialize_unfilled();
+                this.tcp
+                    .try_io(Interest::READABLE, || recv_record(fd, unfilled))
+            };
+            match got {
                 Ok((0, _)) => {
                     return Poll::Ready(Err(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
                         "kernel TLS: the peer closed the connection without close_notify",
                     )));
                 }
+                Ok((n, TlsGetRecordType::ApplicationData)) if small => {
+                    scratch.truncate(n);
+                    this.plain = scratch.into();
+                    let n = this.plain.len().min(out.remaining());
+                    out.put_slice(&this.plain.split_to(n));
+                    return Poll::Ready(Ok(()));
+                }
                 Ok((n, TlsGetRecordType::ApplicationData)) => {
                     out.advance(n);
                     return Poll::Ready(Ok(()));
                 }
                 Ok((n, kind)) => {
-                    let bytes = out.initialize_unfilled()[..n].to_vec();
+                    let bytes = if small {
+                        scratch[..n].to_vec()
+                    } else {
+                        out.initialize_unfilled()[..n].to_vec()
+                    };
                     this.control_record(kind, &bytes)?;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,

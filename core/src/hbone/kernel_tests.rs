@@ -174,6 +174,7 @@ mod guest {
             an_end_without_close_notify_is_an_error(&certs),
         )
         .await;
+        bounded("hostile records", hostile_records_end_the_read(&certs)).await;
         for (client, server) in [(true, true), (true, false), (false, true)] {
             let what = format!("HBONE tunnel, client kernel {client}, server kernel {server}");
             bounded(&what, hbone_tunnel(&certs, client, server)).await;
@@ -436,5 +437,169 @@ mod guest {
             exchange(&mut theirs, &mut ours, &data).await == data,
             "and back"
         );
+    }
+
+    async fn kernel_server(certs: &Certs, tcp: TcpStream) -> KernelStream {
+        attach(&tcp).expect("tls ULP");
+        let session = rustls::server::UnbufferedServerConnection::new(
+            tls::server_config(&certs.server).expect("server config"),
+        )
+        .expect("session");
+        let (stream, peer) = handshake(tcp, session).await.expect("handshake");
+        assert!(peer.is_some(), "the client's chain");
+        stream
+    }
+
+    /// Sends one record of `content_type` as it is, sealed under the current key.
+    async fn send_raw(from: &mut KernelStream, content_type: u8, payload: &[u8]) {
+        std::future::poll_fn(|cx| from.poll_send_record(cx, content_type, payload))
+            .await
+            .expect("send a crafted record");
+    }
+
+    /// Reads until an error, in `chunk`-sized reads; what came before it, and the error.
+    async fn read_until_error(from: &mut KernelStream, chunk: usize) -> (Vec<u8>, String) {
+        let mut got = Vec::new();
+        let mut buf = vec![0; chunk];
+        loop {
+            match from.read(&mut buf).await {
+                Ok(0) => panic!("a clean end of stream after {} bytes", got.len()),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) => return (got, e.to_string()),
+            }
+        }
+    }
+
+    /// Records a peer may not send, each sealed under the session's keys (the attacker is the
+    /// other end of a real session, sending with the kernel's record-type control message):
+    /// the reading end fails with an error that names the record, after handing out every byte
+    /// of data sent before it, whether it reads in large buffers or in small ones (a record
+    /// the kernel hands out in pieces must be judged whole).
+    async fn hostile_records_end_the_read(certs: &Certs) {
+        let mut ticket = vec![HANDSHAKE_NEW_SESSION_TICKET, 0, 0x4e, 0x20];
+        ticket.resize(4 + 20_000, 7);
+        // (what, the server attacks (else the client), record type, payload, expected error)
+        let cases: [(&str, bool, u8, Vec<u8>, &str); 8] = [
+            (
+                "a fatal alert",
+                true,
+                CONTENT_ALERT,
+                vec![2, 40],
+                "the peer sent an alert: level 2, description 40",
+            ),
+            (
+                "a one-byte alert",
+                true,
+                CONTENT_ALERT,
+                vec![2],
+                "the peer sent an alert: malformed",
+            ),
+            (
+                "a session ticket from the client",
+                false,
+                CONTENT_HANDSHAKE,
+                vec![HANDSHAKE_NEW_SESSION_TICKET, 0, 0, 4, 1, 2, 3, 4],
+                "unexpected handshake message: type 4",
+            ),
+            (
+                "a KeyUpdate with more handshake bytes in its record",
+                true,
+                CONTENT_HANDSHAKE,
+                vec![
+                    HANDSHAKE_KEY_UPDATE,
+                    0,
+                    0,
+                    1,
+                    0,
+                    HANDSHAKE_KEY_UPDATE,
+                    0,
+                    0,
+                    1,
+                    0,
+                ],
+                "more handshake data in its record",
+            ),
+            (
+                "a KeyUpdate with an undefined request",
+                false,
+                CONTENT_HANDSHAKE,
+                vec![HANDSHAKE_KEY_UPDATE, 0, 0, 1, 2],
+                "unexpected handshake message: type 24",
+            ),
+            (
+                "a handshake message of another kind (Finished)",
+                true,
+                CONTENT_HANDSHAKE,
+                vec![20, 0, 0, 2, 0, 0],
+                "unexpected handshake message: type 20",
+            ),
+            (
+                "a record type TLS does not define",
+                false,
+                99,
+                vec![1, 2, 3],
+                "a record of an unexpected type: Unknown(99)",
+            ),
+            (
+                "a 20,000-byte session ticket (two records)",
+                true,
+                CONTENT_HANDSHAKE,
+                ticket,
+                "post-handshake message: too large",
+            ),
+        ];
+        for (what, server_attacks, content_type, payload, expected) in cases {
+            for chunk in [64 << 10, 1] {
+                let (client, server) = pair().await;
+                let (mut client, mut server) =
+                    tokio::join!(kernel_client(certs, client), kernel_server(certs, server));
+                let (attacker, victim) = if server_attacks {
+                    (&mut server, &mut client)
+                } else {
+                    (&mut client, &mut server)
+                };
+                let before = random(if chunk == 1 { 3000 } else { 40 << 10 });
+                attacker.write_all(&before).await.expect("data");
+                send_raw(attacker, content_type, &payload).await;
+                let (got, error) = read_until_error(victim, chunk).await;
+                assert!(
+                    got == before,
+                    "{what} (reads of {chunk}): the data before it, {} of {} bytes",
+                    got.len(),
+                    before.len()
+                );
+                assert!(
+                    error.contains(expected),
+                    "{what} (reads of {chunk}): {error:?} does not say {expected:?}"
+                );
+                println!("{what} (reads of {chunk}): {error}");
+            }
+        }
+        // What a client may receive: the server's session ticket (dropped, resumption is
+        // off) and a close_notify, each judged whole in small reads as in large ones.
+        for chunk in [64 << 10, 1] {
+            let (client, server) = pair().await;
+            let (mut client, mut server) =
+                tokio::join!(kernel_client(certs, client), kernel_server(certs, server));
+            let data = random(5000);
+            send_raw(
+                &mut server,
+                CONTENT_HANDSHAKE,
+                &[HANDSHAKE_NEW_SESSION_TICKET, 0, 0, 4, 1, 2, 3, 4],
+            )
+            .await;
+            server.write_all(&data).await.expect("data");
+            server.shutdown().await.expect("close_notify");
+            let mut got = Vec::new();
+            let mut buf = vec![0; chunk];
+            loop {
+                match client.read(&mut buf).await {
+                    Ok(0) => break,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                    Err(e) => panic!("a ticket, data and close_notify (reads of {chunk}): {e}"),
+                }
+            }
+            assert!(got == data, "the data after a ticket (reads of {chunk})");
+        }
     }
 }
