@@ -11,6 +11,7 @@
 //! - [`telemetry`]: Istio's labels for both ends of a connection; [`tcp_metrics`]: Istio's
 //!   L4 metric families; [`conn_result`]: one result per connection, logged and counted together.
 //! - [`backoff`]: capped, jittered exponential retry delays.
+//! - [`record_encryption`]: `--kernel-tls` and whether HBONE's records go to the kernel.
 //!
 //! Nothing here captures traffic, proxies bytes or makes policy decisions.
 
@@ -22,6 +23,7 @@ pub mod drain;
 pub mod hbone_in;
 pub mod memory;
 pub mod meshd;
+pub mod record_encryption;
 pub mod spans;
 pub mod subscription;
 pub mod supervise;

@@ -10,6 +10,7 @@ use std::time::Duration;
 use dataplane::certs::CertManager;
 use dataplane::drain::Drain;
 use dataplane::meshd::{Meshd, MeshdTls};
+use dataplane::record_encryption::RecordEncryption;
 use dataplane::subscription::{self, ConfigRx};
 use dataplane::supervise::{Supervisor, TaskExit};
 use meshcore::admission::{Gate, Throttle};
@@ -93,6 +94,8 @@ pub struct Ctx {
     pub tracing: Option<crate::trace::Tracing>,
     /// L7 policy compiled per config version, and the JWKS cache.
     pub authz: crate::authz::Authz,
+    /// Whether HBONE's records go to the kernel (inbound and to upstreams).
+    pub kernel_tls: RecordEncryption,
 }
 
 impl Ctx {
@@ -127,6 +130,7 @@ impl Ctx {
             "circuitBreakers": self.upstream.dump(),
             "balancer": self.balancer.dump(&self.router.borrow()),
             "authz": store.as_ref().map(|s| self.authz.dump(s, &self.gateway)),
+            "hboneRecordEncryption": self.kernel_tls.dump(),
         })
     }
 }
@@ -224,7 +228,8 @@ pub fn build(config: Config) -> Result<App, AppError> {
         None => None,
     };
     let (router_tx, router_rx) = watch::channel(Router::default());
-    let authz = crate::authz::Authz::start(config_rx.clone(), cert.clone());
+    let kernel_tls = RecordEncryption::probe(config.kernel_tls);
+    let authz = crate::authz::Authz::start(config_rx.clone(), cert.clone(), kernel_tls.in_use());
     let ctx = Arc::new(Ctx {
         gateway: config.gateway.clone(),
         config: config_rx,
@@ -232,6 +237,7 @@ pub fn build(config: Config) -> Result<App, AppError> {
         upstream: Upstream::new(
             Pool::new(PoolSettings {
                 max_streams_per_conn: 200,
+                kernel_tls: kernel_tls.in_use(),
                 ..PoolSettings::default()
             }),
             cert.clone(),
@@ -245,6 +251,7 @@ pub fn build(config: Config) -> Result<App, AppError> {
         plain_backend: config.plain_http.as_ref().map(|p| p.backend),
         tracing,
         authz,
+        kernel_tls,
     });
     Ok(App {
         config,

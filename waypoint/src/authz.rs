@@ -43,14 +43,16 @@ pub struct Authz {
 }
 
 impl Authz {
-    /// Needs a tokio runtime (starts the JWKS refresher).
+    /// Needs a tokio runtime (starts the JWKS refresher, whose HBONE connections go to kernel
+    /// TLS if `kernel_tls`).
     pub fn start(
         config: dataplane::subscription::ConfigRx,
         cert: crate::own_cert::OwnCert,
+        kernel_tls: bool,
     ) -> Authz {
         Authz {
             compiled: Mutex::new(None),
-            jwks: Jwks::start(config, cert),
+            jwks: Jwks::start(config, cert, kernel_tls),
         }
     }
 

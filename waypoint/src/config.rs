@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use dataplane::record_encryption::KernelTlsSetting;
 use meshcore::store::ConfigStore;
 use meshcore::tls::WorkloadCert;
 
@@ -41,6 +42,8 @@ pub struct Config {
     pub tracing: Option<TraceSettings>,
     /// Where the JSON access log goes (one line per request).
     pub access_log: AccessLog,
+    /// Whether HBONE's records (inbound and to upstreams) go to the kernel where it has kTLS.
+    pub kernel_tls: KernelTlsSetting,
 }
 
 /// A plain-HTTP listener with one static route to `backend`.
@@ -104,6 +107,7 @@ impl Config {
             plain_http: None,
             tracing: None,
             access_log: AccessLog::Off,
+            kernel_tls: KernelTlsSetting::Auto,
         }
     }
 

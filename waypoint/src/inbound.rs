@@ -77,8 +77,7 @@ async fn connection(ctx: Arc<Ctx>, tcp: TcpStream, peer: SocketAddr) {
         peer,
         pod: None,
         handshakes_failed: &ctx.admission.handshakes_failed,
-        // The waypoint's records stay in user space: its HBONE ends are not measured on kTLS.
-        kernel_tls: false,
+        kernel_tls: ctx.kernel_tls.in_use(),
     };
     hbone_in::serve(tcp, handler, at).await;
 }

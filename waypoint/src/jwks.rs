@@ -79,11 +79,12 @@ impl Drop for Jwks {
 impl Jwks {
     /// Starts the refresh task (needs a tokio runtime). It fetches with its own upstream pools
     /// (same code and identity as requests), so a JWKS fetch never waits behind traffic limits.
-    pub fn start(config: ConfigRx, cert: OwnCert) -> Jwks {
+    pub fn start(config: ConfigRx, cert: OwnCert, kernel_tls: bool) -> Jwks {
         let cache = Arc::new(Mutex::new(HashMap::new()));
         let upstream = Upstream::new(
             Pool::new(PoolSettings {
                 max_streams_per_conn: 200,
+                kernel_tls,
                 ..PoolSettings::default()
             }),
             cert,

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use dataplane::record_encryption::KernelTlsSetting;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
@@ -81,6 +82,12 @@ struct Args {
     /// Milliseconds finished spans wait to be sent in a batch.
     #[arg(long, default_value_t = 1000)]
     trace_flush_ms: u64,
+    /// Whether HBONE's TLS records are handed to the kernel (kTLS) after each handshake, as
+    /// ztunnel's flag: `auto` where the kernel has the `tls` ULP with both HBONE suites and key
+    /// updates (asked once at start; /config_dump's hboneRecordEncryption says what it found
+    /// and what is in use); `off` keeps rustls in user space.
+    #[arg(long, value_enum, default_value_t = KernelTlsSetting::Auto)]
+    kernel_tls: KernelTlsSetting,
 }
 
 fn sampling(s: &str) -> Result<f64, String> {
@@ -135,6 +142,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     config.metrics_addr = SocketAddr::new(args.pod_ip, args.metrics_port);
     config.sniff_timeout = Duration::from_millis(args.sniff_timeout_ms);
     config.drain_timeout = Duration::from_secs(args.drain_timeout);
+    config.kernel_tls = args.kernel_tls;
     if let (Some(listen), Some(backend)) = (args.http_listen, args.http_backend) {
         config.plain_http = Some(PlainHttp { listen, backend });
     }

@@ -36,6 +36,23 @@ async fn http1_keep_alive_reuses_one_upstream_connection_with_the_waypoints_iden
         1,
         "two requests, one upstream connection"
     );
+    // Where the waypoint's HBONE records are sealed: what this kernel offers (the probe's
+    // answer to this test, on the same kernel) decides, with `--kernel-tls` at its default.
+    let kernel = meshcore::ktls::probe();
+    let dump = m.config_dump().await;
+    let encryption = &dump["hboneRecordEncryption"];
+    assert_eq!(encryption["kernelTls"], kernel.to_string(), "{dump}");
+    assert_eq!(encryption["setting"], "auto", "{dump}");
+    let kernel_path = kernel == (meshcore::ktls::KernelTls::Available { rekey: true });
+    assert_eq!(
+        encryption["path"],
+        if kernel_path {
+            "kernel (kTLS)"
+        } else {
+            "userspace (rustls)"
+        },
+        "{dump}"
+    );
     let peers = m.seen.peers.lock().unwrap().clone();
     assert_eq!(
         peers,

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use dataplane::record_encryption::RecordEncryption;
 use meshcore::hbone::{Pool, PoolSettings};
 use meshcore::policy::{DecisionCache, PolicySet};
 use tokio::sync::watch;
@@ -26,41 +27,6 @@ use crate::proxy::Ctx;
 use crate::settings::Config;
 use crate::supervise::Supervisor;
 
-/// `--kernel-tls`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
-pub enum KernelTlsSetting {
-    /// Hand records to the kernel where it has kTLS with key updates.
-    #[default]
-    Auto,
-    /// rustls in user space for every connection.
-    Off,
-}
-
-/// How HBONE's TLS records are sealed and opened here: what the kernel offers
-/// ([`meshcore::ktls::probe`], asked once at start), what `--kernel-tls` allows, and so the path
-/// every new connection takes (a socket that refuses the `tls` ULP still falls back to rustls).
-#[derive(Debug, Clone)]
-pub struct RecordEncryption {
-    pub setting: KernelTlsSetting,
-    pub kernel: meshcore::ktls::KernelTls,
-}
-
-impl RecordEncryption {
-    /// Whether new HBONE connections go to the kernel.
-    pub fn in_use(&self) -> bool {
-        self.setting == KernelTlsSetting::Auto
-            && self.kernel == (meshcore::ktls::KernelTls::Available { rekey: true })
-    }
-
-    /// The path new connections take, as the config dump and start log name it.
-    pub fn path(&self) -> &'static str {
-        if self.in_use() {
-            "kernel (kTLS)"
-        } else {
-            "userspace (rustls)"
-        }
-    }
-}
 use crate::{config, dump, netns, pods, policy};
 
 /// Process-wide setup, once, on the main thread before any runtime thread exists: the
@@ -199,16 +165,7 @@ pub async fn build(config: Config, set_log_level: SetLogLevelFn) -> anyhow::Resu
         max_handshakes_per_source = limits.max_handshakes_per_source,
         "connection caps"
     );
-    let kernel_tls = RecordEncryption {
-        setting: config.kernel_tls,
-        kernel: meshcore::ktls::probe(),
-    };
-    info!(
-        path = kernel_tls.path(),
-        kernel_tls = %kernel_tls.kernel,
-        setting = ?kernel_tls.setting,
-        "HBONE record encryption"
-    );
+    let kernel_tls = RecordEncryption::probe(config.kernel_tls);
     let metrics = Metrics::new();
     metrics.set_capture_mode(&capture.mode().to_string());
     let (config_tx, config_rx) = watch::channel(None);
@@ -428,29 +385,5 @@ mod tests {
         assert_eq!(fd_limit_target(1 << 21, Some(1 << 22)), 1 << 21);
         // So is one above nr_open (it was set before nr_open was lowered).
         assert_eq!(fd_limit_target(100_000, Some(50_000)), 100_000);
-    }
-
-    #[test]
-    fn the_kernel_path_needs_auto_and_a_kernel_with_key_updates() {
-        use meshcore::ktls::KernelTls;
-        let with = |setting, kernel| RecordEncryption { setting, kernel };
-        let full = KernelTls::Available { rekey: true };
-        let no_rekey = KernelTls::Available { rekey: false };
-        let none = KernelTls::Unavailable {
-            reason: "no CONFIG_TLS".into(),
-        };
-        assert_eq!(
-            with(KernelTlsSetting::Auto, full.clone()).path(),
-            "kernel (kTLS)"
-        );
-        for (setting, kernel) in [
-            (KernelTlsSetting::Off, full),
-            (KernelTlsSetting::Auto, no_rekey),
-            (KernelTlsSetting::Auto, none),
-        ] {
-            let encryption = with(setting, kernel);
-            assert!(!encryption.in_use(), "{encryption:?}");
-            assert_eq!(encryption.path(), "userspace (rustls)");
-        }
     }
 }

@@ -92,12 +92,7 @@ pub fn config_dump(ctx: &Ctx) -> Value {
         "configVersion": version,
         "captureMode": ctx.capture.mode().to_string(),
         "captureFallbackReason": ctx.capture.fallback_reason(),
-        "hboneRecordEncryption": {
-            "path": ctx.kernel_tls.path(),
-            "kernelTls": ctx.kernel_tls.kernel.to_string(),
-            "setting": format!("{:?}", ctx.kernel_tls.setting).to_lowercase(),
-            "connectionsHandedToKernel": meshcore::hbone::kernel_tls_connections(),
-        },
+        "hboneRecordEncryption": ctx.kernel_tls.dump(),
         "enrollment": match &ctx.enrollment {
             SourceStatus::Config => json!({"source": "config"}),
             SourceStatus::Zds(zds) => zds.dump(),

@@ -32,7 +32,7 @@ pub struct Ctx {
     pub pool: Pool,
     pub capture: Capture,
     /// Where HBONE's records are sealed: what the kernel offers and what `--kernel-tls` allows.
-    pub kernel_tls: crate::app::RecordEncryption,
+    pub kernel_tls: dataplane::record_encryption::RecordEncryption,
     pub policies: PoliciesRx,
     pub decisions: Arc<DecisionCache>,
     pub live: Arc<LiveConns>,

@@ -91,8 +91,8 @@ pub struct Config {
     /// `auto` does so where the kernel has the `tls` ULP with both HBONE suites and key updates
     /// (asked once at start; the config dump's hboneRecordEncryption says what it found and
     /// what is in use); `off` keeps rustls in user space for every connection.
-    #[arg(long, value_enum, default_value_t = crate::app::KernelTlsSetting::Auto)]
-    pub kernel_tls: crate::app::KernelTlsSetting,
+    #[arg(long, value_enum, default_value_t = dataplane::record_encryption::KernelTlsSetting::Auto)]
+    pub kernel_tls: dataplane::record_encryption::KernelTlsSetting,
     /// Export a span per connection to this OTLP/gRPC collector (`host:port` or
     /// `http://host:port`); none without it. Istio's ztunnel makes no spans; ours does.
     #[arg(long, env = "TRACE_COLLECTOR")]

@@ -109,7 +109,7 @@ async fn starts_in_process_turns_ready_serves_metrics_and_stops_cleanly() {
         log_format: "text".into(),
         mass_removal_hold: 10,
         missing_waypoint: MissingWaypoint::Bypass,
-        kernel_tls: ztunnel::app::KernelTlsSetting::Auto,
+        kernel_tls: dataplane::record_encryption::KernelTlsSetting::Auto,
         trace_collector: None,
         trace_sampling: 100.0,
         enrollment: ztunnel::pods::EnrollmentSource::Config,
