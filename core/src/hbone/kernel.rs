@@ -532,15 +532,12 @@ impl AsyncRead for KernelStream {
             } else {
                 Vec::new()
             };
-            let got = if small {
-                this.tcp
-                    .try_io(Interest::READABLE, || recv_record(fd, &mut scratch))
+            let buf: &mut [u8] = if small {
+                &mut scratch
             } else {
-                let unfilled = out.initialize_unfilled();
-                this.tcp
-                    .try_io(Interest::READABLE, || recv_record(fd, unfilled))
+                out.initialize_unfilled()
             };
-            match got {
+            match this.tcp.try_io(Interest::READABLE, || recv_record(fd, buf)) {
                 Ok((0, _)) => {
                     return Poll::Ready(Err(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
@@ -558,14 +555,7 @@ impl AsyncRead for KernelStream {
                     out.advance(n);
                     return Poll::Ready(Ok(()));
                 }
-                Ok((n, kind)) => {
-                    let bytes = if small {
-                        scratch[..n].to_vec()
-                    } else {
-                        out.initialize_unfilled()[..n].to_vec()
-                    };
-                    this.control_record(kind, &bytes)?;
-                }
+                Ok((n, kind)) => this.control_record(kind, &buf[..n])?,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Poll::Ready(Err(e)),
             }
