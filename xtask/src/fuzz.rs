@@ -202,28 +202,23 @@ pub fn fuzz(
 
 /// `cargo +nightly …` through rustup's proxy: cargo-fuzz needs nightly (sanitizers, -Z flags).
 fn nightly_cargo() -> Command {
-    let mut cmd = Command::new("cargo");
+    nightly(Command::new("cargo"))
+}
+
+/// [`nightly_cargo`] at the lowest CPU priority (coreutils' `nice`).
+fn nightly_cargo_niced() -> Command {
+    let mut cmd = Command::new("nice");
+    cmd.args(["-n", "19", "cargo"]);
+    nightly(cmd)
+}
+
+/// Appends `+nightly` to a command that runs cargo, and unpins the toolchain.
+fn nightly(mut cmd: Command) -> Command {
     // Set by the stable cargo that runs xtask; they would pin the fuzz build to stable.
     cmd.arg("+nightly")
         .env_remove("RUSTUP_TOOLCHAIN")
         .env_remove("RUSTC")
         .env_remove("RUSTDOC");
-    cmd
-}
-
-/// `nightly_cargo` at the lowest CPU priority (coreutils' `nice`).
-fn nightly_cargo_niced() -> Command {
-    let plain = nightly_cargo();
-    let mut cmd = Command::new("nice");
-    cmd.args(["-n", "19"])
-        .arg(plain.get_program())
-        .args(plain.get_args());
-    for (key, value) in plain.get_envs() {
-        match value {
-            Some(v) => cmd.env(key, v),
-            None => cmd.env_remove(key),
-        };
-    }
     cmd
 }
 
